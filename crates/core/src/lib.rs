@@ -1,0 +1,10 @@
+//! The words every part of vMatrix shares: the ids and names that cross process boundaries,
+//! with the validation that makes them safe to use as file names, SMBIOS strings and URL parts.
+//!
+//! This crate must never do I/O, start an async runtime or depend on another vMatrix crate:
+//! everything else depends on it, so it stays small, pure and fast to compile.
+#![forbid(unsafe_code)]
+
+mod names;
+
+pub use names::{InstanceId, NameError, ServiceName};

@@ -1,0 +1,351 @@
+//! Live migration of RAM *and* disk between two QEMU processes (two machines).
+//!
+//! The source's overlay is mirrored into the destination's over NBD before the RAM switch-over;
+//! both overlays sit on the same base image, so only the overlay's own clusters travel
+//! (`sync: top`). The mirror runs in `write-blocking` mode, so once it is ready every guest
+//! write reaches the destination before it completes, and the migration pauses before the
+//! switch-over so the mirror is ended while the guest is stopped — the flow libvirt uses.
+//!
+//! ```text
+//!  source (running)                          destination (-S -incoming defer)
+//!  ----------------                          --------------------------------
+//!                                            nbd-server-start HOST:NBD_PORT
+//!                                            block-export-add disk0 (writable)
+//!                                            migrate-incoming tcp:HOST:MIG_PORT
+//!  blockdev-add nbd://HOST:NBD_PORT/disk0 ─────────▶ (NBD client connects)
+//!  blockdev-mirror disk0 → target (top, write-blocking)
+//!  … wait until the job is ready …
+//!  migrate-set-capabilities pause-before-switchover
+//!  migrate tcp:HOST:MIG_PORT ══════ RAM ═══════▶ (loads RAM)
+//!  … status pre-switchover (guest stopped) …
+//!  block-job-cancel (ready mirror: final sync, detach)
+//!  migrate-continue ═══ last pages + devices ══▶ status paused
+//!  quit                                      nbd-server-stop
+//!                                            cont  → the guest runs here
+//! ```
+//!
+//! If anything fails before the switch-over, the mirror is cancelled and its target removed;
+//! the source keeps running and is handed back to the caller.
+
+use std::net::{IpAddr, SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::error::{Result, VmmError};
+use crate::qmp::commands::*;
+use crate::vm::{run_tool, StartMode, Vm, VmDir, VmSpec, DISK_NODE, UNTHROTTLED};
+
+const MIRROR_JOB: &str = "vmatrix-mirror";
+const MIRROR_TARGET: &str = "vmatrix-mirror-target";
+const EXPORT_ID: &str = "vmatrix-export";
+
+/// Where a source sends a migrating VM: the destination's NBD export and migration listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MigrationTarget {
+    /// The destination's NBD server.
+    pub nbd: SocketAddr,
+    /// The NBD export name of the destination's disk.
+    pub export: String,
+    /// The destination's migration listener.
+    pub migration: SocketAddr,
+}
+
+/// QEMU's figures for a finished live migration.
+#[derive(Debug, Clone, Default)]
+pub struct MigrationReport {
+    /// QEMU's total migration time (RAM phase), milliseconds.
+    pub total_ms: u64,
+    /// Time the guest was stopped, milliseconds.
+    pub downtime_ms: u64,
+    /// RAM bytes sent.
+    pub ram_bytes: u64,
+    /// Disk bytes mirrored.
+    pub disk_bytes: u64,
+    /// Wall time of the whole move, disk mirror included.
+    pub wall: Duration,
+}
+
+/// A failed migration: the error and the source VM, still running.
+#[derive(Debug)]
+pub struct MigrationFailure {
+    /// What failed.
+    pub error: VmmError,
+    /// The source, back in the caller's hands.
+    pub source: Box<Vm>,
+}
+
+impl std::fmt::Display for MigrationFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "migration failed; the source still runs: {}", self.error)
+    }
+}
+
+impl std::error::Error for MigrationFailure {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.error)
+    }
+}
+
+/// A destination QEMU waiting, paused, for an incoming migration.
+#[derive(Debug)]
+pub struct IncomingVm {
+    vm: Vm,
+    target: MigrationTarget,
+}
+
+impl IncomingVm {
+    /// Starts the destination in `dir` with a fresh overlay on the same base, exports its disk
+    /// over NBD and listens for the migration stream, both on `listen`.
+    pub async fn start(spec: VmSpec, dir: impl Into<PathBuf>, listen: IpAddr) -> Result<Self> {
+        let dir = VmDir::new(dir);
+        std::fs::create_dir_all(dir.root())
+            .map_err(crate::error::io_err("create directory", dir.root()))?;
+        let base = std::fs::canonicalize(&spec.base_image)
+            .map_err(crate::error::io_err("open", &spec.base_image))?;
+        let _ = std::fs::remove_file(dir.disk());
+        run_tool(
+            "qemu-img",
+            &[
+                "create".into(),
+                "-q".into(),
+                "-f".into(),
+                "qcow2".into(),
+                "-F".into(),
+                match spec.base_format {
+                    crate::vm::ImageFormat::Raw => "raw".into(),
+                    crate::vm::ImageFormat::Qcow2 => "qcow2".into(),
+                },
+                "-b".into(),
+                base.display().to_string(),
+                dir.disk().display().to_string(),
+            ],
+        )
+        .await?;
+        let mut vm = Vm::start(spec, dir, StartMode::Incoming).await?;
+        let nbd = SocketAddr::new(listen, free_port(listen)?);
+        let migration = SocketAddr::new(listen, free_port(listen)?);
+        vm.qmp
+            .execute(&NbdServerStart {
+                addr: SocketAddress::Inet {
+                    host: nbd.ip().to_string(),
+                    port: nbd.port().to_string(),
+                },
+            })
+            .await?;
+        vm.qmp
+            .execute(&BlockExportAdd {
+                kind: "nbd",
+                id: EXPORT_ID.into(),
+                node_name: DISK_NODE.into(),
+                writable: true,
+                name: DISK_NODE.into(),
+            })
+            .await?;
+        vm.qmp
+            .execute(&MigrateIncoming {
+                uri: format!("tcp:{migration}"),
+            })
+            .await?;
+        Ok(Self {
+            vm,
+            target: MigrationTarget {
+                nbd,
+                export: DISK_NODE.into(),
+                migration,
+            },
+        })
+    }
+
+    /// Where the source should send the VM.
+    pub fn target(&self) -> &MigrationTarget {
+        &self.target
+    }
+
+    /// After the source reported success: waits for the state to be loaded, ends the NBD
+    /// export and lets the guest run here.
+    pub async fn finish(mut self, limit: Duration) -> Result<Vm> {
+        self.vm.wait_incoming(limit).await?;
+        self.vm.qmp.execute(&NbdServerStop {}).await?;
+        self.vm.cont().await?;
+        Ok(self.vm)
+    }
+
+    /// Gives up on the migration: the destination QEMU is killed.
+    pub async fn abort(self) {
+        self.vm.kill().await;
+    }
+}
+
+impl Vm {
+    /// Moves this VM, RAM and disk, to the destination behind `target`, then stops this QEMU.
+    /// On failure the source keeps running and is returned inside the error.
+    pub async fn migrate_out(
+        mut self,
+        target: &MigrationTarget,
+    ) -> std::result::Result<MigrationReport, MigrationFailure> {
+        let started = Instant::now();
+        match self.migrate_steps(target, started).await {
+            Ok(report) => {
+                self.quit().await;
+                Ok(report)
+            }
+            Err(error) => {
+                self.clean_up_failed_migration().await;
+                Err(MigrationFailure {
+                    error,
+                    source: Box::new(self),
+                })
+            }
+        }
+    }
+
+    async fn migrate_steps(
+        &mut self,
+        target: &MigrationTarget,
+        started: Instant,
+    ) -> Result<MigrationReport> {
+        self.qmp
+            .execute(&BlockdevAddNbd {
+                driver: "nbd",
+                node_name: MIRROR_TARGET.into(),
+                server: SocketAddress::Inet {
+                    host: target.nbd.ip().to_string(),
+                    port: target.nbd.port().to_string(),
+                },
+                export: target.export.clone(),
+            })
+            .await?;
+        self.qmp
+            .execute(&BlockdevMirror {
+                job_id: MIRROR_JOB.into(),
+                device: DISK_NODE.into(),
+                target: MIRROR_TARGET.into(),
+                sync: "top",
+                copy_mode: "write-blocking",
+            })
+            .await?;
+        let limit = Duration::from_secs(300);
+        let deadline = Instant::now() + limit;
+        loop {
+            let jobs = self.qmp.execute(&QueryBlockJobs {}).await?;
+            match jobs.iter().find(|j| j.device == MIRROR_JOB) {
+                Some(j) if j.ready => break,
+                Some(_) => {}
+                None => {
+                    return Err(VmmError::Migration {
+                        instance: self.spec.instance.clone(),
+                        operation: "disk mirror",
+                        detail: "the mirror job ended before it was ready".into(),
+                    })
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(self.timeout("the disk mirror becoming ready", limit));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.qmp
+            .execute(&MigrateSetCapabilities {
+                capabilities: vec![MigrationCapability {
+                    capability: "pause-before-switchover",
+                    state: true,
+                }],
+            })
+            .await?;
+        self.qmp
+            .execute(&MigrateSetParameters {
+                max_bandwidth: Some(UNTHROTTLED),
+                ..Default::default()
+            })
+            .await?;
+        self.qmp
+            .execute(&Migrate {
+                uri: format!("tcp:{}", target.migration),
+            })
+            .await?;
+        self.wait_migration_status("live migration", limit, &["pre-switchover"])
+            .await?;
+        // The guest is stopped now: end the mirror (a final sync), then switch over.
+        let disk_bytes = self
+            .qmp
+            .execute(&QueryBlockJobs {})
+            .await?
+            .iter()
+            .find(|j| j.device == MIRROR_JOB)
+            .map_or(0, |j| j.offset);
+        self.qmp
+            .execute(&BlockJobCancel {
+                device: MIRROR_JOB.into(),
+            })
+            .await?;
+        self.wait_job_gone(MIRROR_JOB, Duration::from_secs(60))
+            .await?;
+        self.qmp
+            .execute(&MigrateContinue {
+                state: "pre-switchover",
+            })
+            .await?;
+        let info = self.wait_migration("live migration", limit).await?;
+        Ok(MigrationReport {
+            total_ms: info.total_time.unwrap_or(0),
+            downtime_ms: info.downtime.unwrap_or(0),
+            ram_bytes: info.ram.map_or(0, |r| r.transferred),
+            disk_bytes,
+            wall: started.elapsed(),
+        })
+    }
+
+    async fn wait_job_gone(&mut self, job: &str, limit: Duration) -> Result<()> {
+        let deadline = Instant::now() + limit;
+        while self
+            .qmp
+            .execute(&QueryBlockJobs {})
+            .await?
+            .iter()
+            .any(|j| j.device == job)
+        {
+            if Instant::now() >= deadline {
+                return Err(self.timeout("the disk mirror finishing", limit));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(())
+    }
+
+    async fn clean_up_failed_migration(&mut self) {
+        let _ = self
+            .qmp
+            .execute(&BlockJobCancel {
+                device: MIRROR_JOB.into(),
+            })
+            .await;
+        let _ = self.wait_job_gone(MIRROR_JOB, Duration::from_secs(10)).await;
+        let _ = self
+            .qmp
+            .execute(&BlockdevDel {
+                node_name: MIRROR_TARGET.into(),
+            })
+            .await;
+        // A migration that failed after the guest stopped leaves it paused.
+        if let Ok(s) = self.status().await {
+            if !s.running {
+                let _ = self.cont().await;
+            }
+        }
+    }
+}
+
+/// A port that is free on `ip` right now (the kernel picks it).
+fn free_port(ip: IpAddr) -> Result<u16> {
+    let listener = TcpListener::bind((ip, 0)).map_err(|e| {
+        VmmError::Invalid(format!(
+            "cannot listen on {ip}: {e}; is this the machine's own address?"
+        ))
+    })?;
+    listener
+        .local_addr()
+        .map(|a| a.port())
+        .map_err(|e| VmmError::Invalid(format!("no local address on {ip}: {e}")))
+}

@@ -1,0 +1,645 @@
+//! One server VM = one QEMU process, with its own directory:
+//!
+//! ```text
+//! DIR/disk.qcow2   the instance's overlay; its backing (the base image) is never written
+//! DIR/qmp.sock     the QMP socket
+//! DIR/serial.log   the guest's console
+//! DIR/qemu.log     QEMU's own output
+//! ```
+//!
+//! Suspend writes the complete device and memory state to a file through QEMU's migration
+//! stream (`exec:cat > FILE`) and exits; resume starts a new QEMU with `-incoming defer -S`,
+//! feeds it the file and continues. Together with the overlay, the two files are the whole
+//! instance, so it can resume in another directory, as another machine would.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio::time::Instant;
+use vmatrix_core::InstanceId;
+
+use crate::accel::Accelerator;
+use crate::error::{io_err, Result, VmmError};
+use crate::http;
+use crate::process::{tail, QemuProcess};
+use crate::qmp::commands::*;
+use crate::qmp::Qmp;
+
+/// The QEMU binary.
+pub const QEMU: &str = "qemu-system-x86_64";
+/// The guest's disk as QEMU knows it (node name), also the NBD export name in migrations.
+pub(crate) const DISK_NODE: &str = "disk0";
+/// Longest unix socket path the kernel accepts (sun_path is 108 bytes with the NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+/// The format of a base image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImageFormat {
+    /// Raw bytes.
+    Raw,
+    /// qcow2.
+    Qcow2,
+}
+
+impl ImageFormat {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Raw => "raw",
+            Self::Qcow2 => "qcow2",
+        }
+    }
+}
+
+/// Everything that defines a VM's hardware and its place on a machine.
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    /// The instance id, passed to the guest as SMBIOS serial.
+    pub instance: InstanceId,
+    /// The base disk image; read only.
+    pub base_image: PathBuf,
+    /// The base image's format.
+    pub base_format: ImageFormat,
+    /// Guest RAM in MiB.
+    pub memory_mib: u32,
+    /// Virtual CPUs.
+    pub vcpus: u32,
+    /// Host address and port forwarded to the guest's service port.
+    pub forward: SocketAddr,
+    /// The guest's service port.
+    pub guest_port: u16,
+    /// The accelerator.
+    pub accel: Accelerator,
+}
+
+impl VmSpec {
+    /// A spec with the reference guest's defaults: 256 MiB, 1 vCPU, guest port 80.
+    pub fn new(
+        instance: InstanceId,
+        base_image: impl Into<PathBuf>,
+        forward: SocketAddr,
+        accel: Accelerator,
+    ) -> Self {
+        Self {
+            instance,
+            base_image: base_image.into(),
+            base_format: ImageFormat::Raw,
+            memory_mib: 256,
+            vcpus: 1,
+            forward,
+            guest_port: 80,
+            accel,
+        }
+    }
+
+    /// The same VM on another host address and port (a migration or resume destination).
+    pub fn with_forward(&self, forward: SocketAddr) -> Self {
+        Self {
+            forward,
+            ..self.clone()
+        }
+    }
+}
+
+/// The files of one VM directory.
+#[derive(Debug, Clone)]
+pub struct VmDir {
+    root: PathBuf,
+}
+
+impl VmDir {
+    /// The layout under `root`.
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+    /// The directory itself.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+    /// The instance's qcow2 overlay.
+    pub fn disk(&self) -> PathBuf {
+        self.root.join("disk.qcow2")
+    }
+    /// The QMP socket.
+    pub fn qmp(&self) -> PathBuf {
+        self.root.join("qmp.sock")
+    }
+    /// The guest console log.
+    pub fn serial(&self) -> PathBuf {
+        self.root.join("serial.log")
+    }
+    /// QEMU's own output.
+    pub fn qemu_log(&self) -> PathBuf {
+        self.root.join("qemu.log")
+    }
+}
+
+/// How QEMU should start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StartMode {
+    /// Boot the guest.
+    Boot,
+    /// Wait paused for an incoming migration stream.
+    Incoming,
+}
+
+/// A running (or paused) VM.
+#[derive(Debug)]
+pub struct Vm {
+    pub(crate) spec: VmSpec,
+    pub(crate) dir: VmDir,
+    pub(crate) process: QemuProcess,
+    pub(crate) qmp: Qmp,
+}
+
+/// The files a suspended instance consists of.
+#[derive(Debug, Clone)]
+pub struct SuspendedVm {
+    /// The saved device and memory state.
+    pub state_file: PathBuf,
+    /// The instance's disk overlay.
+    pub disk: PathBuf,
+    /// Size of the state file.
+    pub state_bytes: u64,
+    /// Time from the suspend request until QEMU exited.
+    pub elapsed: Duration,
+}
+
+/// How a stop ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopOutcome {
+    /// The guest shut down after the power button.
+    Graceful,
+    /// The guest ignored it and QEMU was made to quit.
+    Forced,
+}
+
+impl Vm {
+    /// Creates the overlay over the base image and boots the VM. Returns once QEMU answers on
+    /// QMP; use [`Vm::wait_ready`] to wait for the guest's service.
+    pub async fn boot(spec: VmSpec, dir: impl Into<PathBuf>) -> Result<Self> {
+        let dir = VmDir::new(dir);
+        prepare_dir(&dir)?;
+        create_overlay(&spec, &dir.disk()).await?;
+        Self::start(spec, dir, StartMode::Boot).await
+    }
+
+    pub(crate) async fn start(spec: VmSpec, dir: VmDir, mode: StartMode) -> Result<Self> {
+        let _ = std::fs::remove_file(dir.qmp());
+        let args = qemu_args(&spec, &dir, mode)?;
+        tracing::debug!(instance = %spec.instance, ?args, "starting QEMU");
+        let process = QemuProcess::spawn(QEMU, &args, &dir.qemu_log())?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let qmp = match Qmp::connect(&dir.qmp(), deadline).await {
+            Ok(q) => q,
+            Err(e) => {
+                let mut process = process;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                if let Some(status) = process.exit_status() {
+                    return Err(VmmError::Exited {
+                        instance: spec.instance.clone(),
+                        status,
+                        serial_tail: tail(&dir.serial(), 20),
+                        qemu_tail: tail(&dir.qemu_log(), 20),
+                    });
+                }
+                return Err(e);
+            }
+        };
+        Ok(Self {
+            spec,
+            dir,
+            process,
+            qmp,
+        })
+    }
+
+    /// The VM's spec.
+    pub fn spec(&self) -> &VmSpec {
+        &self.spec
+    }
+    /// The VM's directory layout.
+    pub fn dir(&self) -> &VmDir {
+        &self.dir
+    }
+    /// The QEMU process id.
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+    /// Where the guest's service answers on the host.
+    pub fn url(&self) -> String {
+        format!("http://{}/", self.spec.forward)
+    }
+
+    /// Direct access to QMP, for operations this driver does not wrap yet.
+    pub fn qmp(&mut self) -> &mut Qmp {
+        &mut self.qmp
+    }
+
+    /// An error describing the QEMU process's exit, if it has exited.
+    pub(crate) fn exited(&mut self) -> Option<VmmError> {
+        let status = self.process.exit_status()?;
+        Some(VmmError::Exited {
+            instance: self.spec.instance.clone(),
+            status,
+            serial_tail: tail(&self.dir.serial(), 20),
+            qemu_tail: tail(&self.dir.qemu_log(), 20),
+        })
+    }
+
+    pub(crate) fn timeout(&self, what: &'static str, waited: Duration) -> VmmError {
+        VmmError::Timeout {
+            instance: self.spec.instance.clone(),
+            what,
+            seconds: waited.as_secs_f64(),
+            serial_tail: tail(&self.dir.serial(), 20),
+        }
+    }
+
+    /// Polls the guest's `/health` until it answers 200 or `timeout` passes. Returns the
+    /// time waited.
+    pub async fn wait_ready(&mut self, timeout: Duration) -> Result<Duration> {
+        let started = Instant::now();
+        let deadline = started + timeout;
+        loop {
+            if let Some(e) = self.exited() {
+                return Err(e);
+            }
+            let probe = http::request(
+                self.spec.forward,
+                "GET",
+                "/health",
+                &[],
+                Duration::from_secs(2),
+            )
+            .await;
+            if matches!(probe, Ok(ref r) if r.status == 200) {
+                return Ok(started.elapsed());
+            }
+            if Instant::now() >= deadline {
+                return Err(self.timeout("the guest answering GET /health", timeout));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The run state as QEMU reports it.
+    pub async fn status(&mut self) -> Result<StatusInfo> {
+        self.qmp.execute(&QueryStatus {}).await
+    }
+
+    /// Pauses the vCPUs.
+    pub async fn pause(&mut self) -> Result<()> {
+        self.qmp.execute(&Stop {}).await.map(drop)
+    }
+
+    /// Continues paused vCPUs.
+    pub async fn cont(&mut self) -> Result<()> {
+        self.qmp.execute(&Cont {}).await.map(drop)
+    }
+
+    /// Stops the VM: presses the power button and waits up to `grace` for the guest to shut
+    /// down, then makes QEMU quit (and kills it if even that hangs).
+    pub async fn stop(mut self, grace: Duration) -> Result<StopOutcome> {
+        if self.qmp.execute(&SystemPowerdown {}).await.is_ok()
+            && self.process.wait_exit(Instant::now() + grace).await
+        {
+            return Ok(StopOutcome::Graceful);
+        }
+        self.quit().await;
+        Ok(StopOutcome::Forced)
+    }
+
+    /// Discards the VM at once: QEMU is killed, the overlay is left for the caller to delete.
+    pub async fn kill(mut self) {
+        self.process.kill().await;
+    }
+
+    /// Asks QEMU to quit, then kills it if it has not exited within two seconds.
+    pub(crate) async fn quit(&mut self) {
+        let _ = self.qmp.execute(&Quit {}).await;
+        if !self
+            .process
+            .wait_exit(Instant::now() + Duration::from_secs(2))
+            .await
+        {
+            self.process.kill().await;
+        }
+    }
+
+    /// Saves the complete memory and device state to `state_file` and stops QEMU. The result
+    /// names the files from which [`Vm::resume`] brings the instance back.
+    pub async fn suspend(mut self, state_file: &Path) -> Result<SuspendedVm> {
+        let started = Instant::now();
+        if let Some(parent) = state_file.parent() {
+            std::fs::create_dir_all(parent).map_err(io_err("create directory", parent))?;
+        }
+        self.pause().await?;
+        self.qmp
+            .execute(&MigrateSetParameters {
+                max_bandwidth: Some(UNTHROTTLED),
+                ..Default::default()
+            })
+            .await?;
+        self.qmp
+            .execute(&Migrate {
+                uri: format!("exec:cat > {}", shell_quote(state_file)),
+            })
+            .await?;
+        self.wait_migration("suspend", Duration::from_secs(120))
+            .await?;
+        self.quit().await;
+        let state_bytes = std::fs::metadata(state_file)
+            .map_err(io_err("read the size of", state_file))?
+            .len();
+        Ok(SuspendedVm {
+            state_file: state_file.to_owned(),
+            disk: self.dir.disk(),
+            state_bytes,
+            elapsed: started.elapsed(),
+        })
+    }
+
+    /// Polls `query-migrate` until it completes; errors if it fails or takes longer than
+    /// `limit`.
+    pub(crate) async fn wait_migration(
+        &mut self,
+        operation: &'static str,
+        limit: Duration,
+    ) -> Result<MigrationInfo> {
+        self.wait_migration_status(operation, limit, &["completed"])
+            .await
+    }
+
+    pub(crate) async fn wait_migration_status(
+        &mut self,
+        operation: &'static str,
+        limit: Duration,
+        wanted: &[&str],
+    ) -> Result<MigrationInfo> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let info = self.qmp.execute(&QueryMigrate {}).await?;
+            match info.status.as_deref() {
+                Some(s) if wanted.contains(&s) => return Ok(info),
+                Some("failed") | Some("cancelled") => {
+                    return Err(VmmError::Migration {
+                        instance: self.spec.instance.clone(),
+                        operation,
+                        detail: info
+                            .error_desc
+                            .unwrap_or_else(|| "no reason given".to_owned()),
+                    })
+                }
+                _ => {}
+            }
+            if Instant::now() >= deadline {
+                return Err(self.timeout(operation, limit));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Starts a new QEMU in `dir` from a suspended instance: its disk overlay is copied into
+    /// `dir` (unless it is already there) and its state loaded; the VM runs when this returns.
+    pub async fn resume(
+        spec: VmSpec,
+        dir: impl Into<PathBuf>,
+        suspended: &SuspendedVm,
+    ) -> Result<(Self, Duration)> {
+        let started = Instant::now();
+        let dir = VmDir::new(dir);
+        prepare_dir(&dir)?;
+        if suspended.disk != dir.disk() {
+            std::fs::copy(&suspended.disk, dir.disk()).map_err(io_err("copy", &suspended.disk))?;
+        }
+        let mut vm = Self::start(spec, dir, StartMode::Incoming).await?;
+        vm.qmp
+            .execute(&MigrateIncoming {
+                uri: format!("exec:cat {}", shell_quote(&suspended.state_file)),
+            })
+            .await?;
+        vm.wait_incoming(Duration::from_secs(120)).await?;
+        vm.cont().await?;
+        Ok((vm, started.elapsed()))
+    }
+
+    /// Waits until an incoming migration stream has been loaded (the VM is then paused).
+    pub(crate) async fn wait_incoming(&mut self, limit: Duration) -> Result<()> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(e) = self.exited() {
+                return Err(e);
+            }
+            // QEMU exits if the incoming stream is bad; a closed socket means it is going.
+            match self.qmp.execute(&QueryStatus {}).await {
+                Ok(s) if s.status != "inmigrate" => return Ok(()),
+                Ok(_) => {}
+                Err(e) => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    return Err(self.exited().unwrap_or(e));
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(self.timeout("loading the incoming state", limit));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+/// Migration bandwidth when we do not want QEMU's default throttle (bytes/s).
+pub(crate) const UNTHROTTLED: u64 = 100 * 1024 * 1024 * 1024;
+
+fn prepare_dir(dir: &VmDir) -> Result<()> {
+    std::fs::create_dir_all(dir.root()).map_err(io_err("create directory", dir.root()))?;
+    let sock = dir.qmp();
+    if sock.as_os_str().len() > MAX_SOCKET_PATH {
+        return Err(VmmError::Invalid(format!(
+            "VM directory {} is too deep: its QMP socket path would exceed {MAX_SOCKET_PATH} bytes; use a shorter data directory",
+            dir.root().display()
+        )));
+    }
+    Ok(())
+}
+
+async fn create_overlay(spec: &VmSpec, overlay: &Path) -> Result<()> {
+    let base = std::fs::canonicalize(&spec.base_image).map_err(io_err("open", &spec.base_image))?;
+    let _ = std::fs::remove_file(overlay);
+    let args = vec![
+        "create".to_owned(),
+        "-q".into(),
+        "-f".into(),
+        "qcow2".into(),
+        "-F".into(),
+        spec.base_format.as_str().into(),
+        "-b".into(),
+        base.display().to_string(),
+        overlay.display().to_string(),
+    ];
+    run_tool("qemu-img", &args).await
+}
+
+pub(crate) async fn run_tool(program: &str, args: &[String]) -> Result<()> {
+    let out = tokio::process::Command::new(program)
+        .args(args)
+        .output()
+        .await
+        .map_err(|source| VmmError::Spawn {
+            program: program.to_owned(),
+            source,
+        })?;
+    if !out.status.success() {
+        return Err(VmmError::Tool {
+            program: program.to_owned(),
+            args: args.join(" "),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
+    }
+    Ok(())
+}
+
+/// Quotes a path for the `/bin/sh` that runs QEMU's `exec:` migration commands.
+fn shell_quote(path: &Path) -> String {
+    format!("'{}'", path.display().to_string().replace('\'', r"'\''"))
+}
+
+/// A stable MAC per instance, so the guest sees the same NIC after every move.
+fn mac_for(instance: &InstanceId) -> String {
+    let h = instance
+        .as_str()
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+        });
+    format!(
+        "52:54:00:{:02x}:{:02x}:{:02x}",
+        (h >> 16) as u8,
+        (h >> 8) as u8,
+        h as u8
+    )
+}
+
+/// QEMU's command line. Both ends of a migration must describe identical hardware, so this is
+/// the only place that builds it.
+pub(crate) fn qemu_args(spec: &VmSpec, dir: &VmDir, mode: StartMode) -> Result<Vec<String>> {
+    for p in [dir.qmp(), dir.serial()] {
+        if p.to_string_lossy().contains(',') {
+            return Err(VmmError::Invalid(format!(
+                "path {} contains ',', which QEMU's option syntax cannot take; use another directory",
+                p.display()
+            )));
+        }
+    }
+    let file_node = serde_json::json!({
+        "driver": "file", "filename": dir.disk(), "node-name": "disk0-file",
+    });
+    let disk_node = serde_json::json!({
+        "driver": "qcow2", "file": "disk0-file", "node-name": DISK_NODE,
+    });
+    let mut args: Vec<String> = vec![
+        "-name".into(),
+        format!("vmatrix-{}", spec.instance),
+        "-nodefaults".into(),
+        "-no-user-config".into(),
+        "-display".into(),
+        "none".into(),
+        "-machine".into(),
+        format!("pc,accel={}", spec.accel.as_str()),
+    ];
+    if spec.accel == Accelerator::Kvm {
+        args.extend(["-cpu".into(), "host".into()]);
+    }
+    args.extend([
+        "-m".into(),
+        spec.memory_mib.to_string(),
+        "-smp".into(),
+        spec.vcpus.to_string(),
+        "-smbios".into(),
+        format!("type=1,serial={}", spec.instance),
+        "-blockdev".into(),
+        file_node.to_string(),
+        "-blockdev".into(),
+        disk_node.to_string(),
+        "-device".into(),
+        format!("virtio-blk-pci,drive={DISK_NODE},id=vdisk0,bootindex=1"),
+        "-netdev".into(),
+        format!(
+            "user,id=net0,restrict=on,hostfwd=tcp:{}:{}-:{}",
+            spec.forward.ip(),
+            spec.forward.port(),
+            spec.guest_port
+        ),
+        "-device".into(),
+        format!("virtio-net-pci,netdev=net0,id=nic0,mac={}", mac_for(&spec.instance)),
+        "-qmp".into(),
+        format!("unix:{},server=on,wait=off", dir.qmp().display()),
+        "-serial".into(),
+        format!("file:{}", dir.serial().display()),
+    ]);
+    if mode == StartMode::Incoming {
+        args.extend(["-S".into(), "-incoming".into(), "defer".into()]);
+    }
+    Ok(args)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> VmSpec {
+        VmSpec::new(
+            InstanceId::new("web-1").unwrap(),
+            "/img/base.img",
+            "127.0.0.2:20001".parse().unwrap(),
+            Accelerator::Tcg,
+        )
+    }
+
+    #[test]
+    fn command_line_is_safe_and_complete() {
+        let args = qemu_args(&spec(), &VmDir::new("/d/web-1"), StartMode::Boot).unwrap();
+        let joined = args.join(" ");
+        assert!(joined.contains("restrict=on"), "user networking must be restricted");
+        assert!(joined.contains("hostfwd=tcp:127.0.0.2:20001-:80"));
+        assert!(joined.contains("type=1,serial=web-1"));
+        assert!(joined.contains("accel=tcg"));
+        assert!(!joined.contains("-incoming"));
+        assert!(!joined.contains("-cpu host"));
+        let incoming = qemu_args(&spec(), &VmDir::new("/d/x"), StartMode::Incoming).unwrap();
+        assert!(incoming.join(" ").ends_with("-S -incoming defer"));
+    }
+
+    #[test]
+    fn both_ends_of_a_move_have_the_same_hardware() {
+        let a = qemu_args(&spec(), &VmDir::new("/a"), StartMode::Boot).unwrap();
+        let moved = spec().with_forward("127.0.0.3:20002".parse().unwrap());
+        let b = qemu_args(&moved, &VmDir::new("/a"), StartMode::Incoming).unwrap();
+        let hw = |v: &[String]| {
+            v.iter()
+                .filter(|a| !a.contains("hostfwd") && !a.starts_with("-S") && !a.contains("incoming") && *a != "defer")
+                .cloned()
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(hw(&a), hw(&b));
+    }
+
+    #[test]
+    fn commas_in_paths_are_refused() {
+        let err = qemu_args(&spec(), &VmDir::new("/d/a,b"), StartMode::Boot).unwrap_err();
+        assert!(err.to_string().contains("','"), "{err}");
+    }
+
+    #[test]
+    fn shell_quoting_survives_quotes() {
+        assert_eq!(shell_quote(Path::new("/a/it's")), r"'/a/it'\''s'");
+    }
+
+    #[test]
+    fn mac_is_stable_and_local() {
+        let id = InstanceId::new("web-1").unwrap();
+        assert_eq!(mac_for(&id), mac_for(&id));
+        assert!(mac_for(&id).starts_with("52:54:00:"));
+        assert_ne!(mac_for(&id), mac_for(&InstanceId::new("web-2").unwrap()));
+    }
+}
