@@ -128,7 +128,7 @@ impl IncomingVm {
         let migration = SocketAddr::new(listen, free_port(listen)?);
         vm.qmp
             .execute(&NbdServerStart {
-                addr: SocketAddress::Inet {
+                addr: SocketAddressLegacy::Inet {
                     host: nbd.ip().to_string(),
                     port: nbd.port().to_string(),
                 },

@@ -329,11 +329,30 @@ pub mod commands {
         },
     }
 
+    /// The older, nested socket address form (`{"type": …, "data": {…}}`) that
+    /// `nbd-server-start` still takes.
+    #[derive(Debug, Clone, Serialize)]
+    #[serde(tag = "type", content = "data", rename_all = "lowercase")]
+    pub enum SocketAddressLegacy {
+        /// TCP host and port.
+        Inet {
+            /// Host or IP address.
+            host: String,
+            /// Port as a string.
+            port: String,
+        },
+        /// A unix socket path.
+        Unix {
+            /// Socket path.
+            path: String,
+        },
+    }
+
     /// Starts the built-in NBD server.
     #[derive(Debug, Serialize)]
     pub struct NbdServerStart {
         /// Where to listen.
-        pub addr: SocketAddress,
+        pub addr: SocketAddressLegacy,
     }
     command!(NbdServerStart, "nbd-server-start", Empty);
 
@@ -537,5 +556,14 @@ mod tests {
         assert_eq!(v["node-name"], "target");
         assert_eq!(v["server"]["type"], "inet");
         assert_eq!(v["server"]["port"], "10809");
+        let legacy = serde_json::to_value(NbdServerStart {
+            addr: SocketAddressLegacy::Inet {
+                host: "127.0.0.1".into(),
+                port: "10809".into(),
+            },
+        })
+        .unwrap();
+        assert_eq!(legacy["addr"]["type"], "inet");
+        assert_eq!(legacy["addr"]["data"]["port"], "10809");
     }
 }
