@@ -111,14 +111,18 @@ async fn auto_detect(probe: Option<ProbeBoot>) -> Accelerator {
         return Accelerator::Tcg;
     };
     match probe_kvm(&probe).await {
-        Ok(true) => {
+        Ok(ProbeOutcome::Booted) => {
             tracing::info!("accelerator: kvm (a probe guest reached user space)");
             Accelerator::Kvm
         }
-        Ok(false) => {
+        Ok(ProbeOutcome::TimedOut) => {
             tracing::info!(
                 "accelerator: tcg (/dev/kvm opens, but a probe guest did not boot on it within {PROBE_DEADLINE:?})"
             );
+            Accelerator::Tcg
+        }
+        Ok(ProbeOutcome::Exited(why)) => {
+            tracing::info!("accelerator: tcg (QEMU under KVM exited before the guest booted: {why})");
             Accelerator::Tcg
         }
         Err(e) => {
@@ -128,7 +132,13 @@ async fn auto_detect(probe: Option<ProbeBoot>) -> Accelerator {
     }
 }
 
-async fn probe_kvm(probe: &ProbeBoot) -> Result<bool> {
+enum ProbeOutcome {
+    Booted,
+    TimedOut,
+    Exited(String),
+}
+
+async fn probe_kvm(probe: &ProbeBoot) -> Result<ProbeOutcome> {
     let dir = std::env::temp_dir().join(format!("vmatrix-kvm-probe-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(crate::error::io_err("create", &dir))?;
     let serial = dir.join("serial.log");
@@ -161,20 +171,22 @@ async fn probe_kvm(probe: &ProbeBoot) -> Result<bool> {
     .collect();
     let mut qemu = QemuProcess::spawn("qemu-system-x86_64", &args, &dir.join("qemu.log"))?;
     let deadline = Instant::now() + PROBE_DEADLINE;
-    let mut booted = false;
+    let mut outcome = ProbeOutcome::TimedOut;
     while Instant::now() < deadline {
         if std::fs::read_to_string(&serial).is_ok_and(|s| s.contains(PROBE_MARKER)) {
-            booted = true;
+            outcome = ProbeOutcome::Booted;
             break;
         }
-        if qemu.exit_status().is_some() {
+        if let Some(status) = qemu.exit_status() {
+            let said = crate::process::tail(qemu.log(), 1);
+            outcome = ProbeOutcome::Exited(format!("{status}: {}", said.trim()));
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     qemu.kill().await;
     let _ = std::fs::remove_dir_all(&dir);
-    Ok(booted)
+    Ok(outcome)
 }
 
 #[cfg(test)]
