@@ -11,7 +11,11 @@ use vmatrix_core::InstanceId;
 use vmatrix_vmm::{AccelChoice, ProbeBoot, Vm, VmSpec};
 
 #[derive(Parser)]
-#[command(name = "vmatrix", version, about = "Run Internet services as VMs over a shared pool of machines")]
+#[command(
+    name = "vmatrix",
+    version,
+    about = "Run Internet services as VMs over a shared pool of machines"
+)]
 struct Cli {
     /// Accelerator: auto (KVM only where a guest really boots on it), kvm or tcg.
     #[arg(long, global = true, env = "VMATRIX_ACCEL", default_value = "auto")]
@@ -80,9 +84,9 @@ fn parse_size(s: &str) -> Result<u64, String> {
         }
         _ => (s, 1),
     };
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size: use a whole number with K, M, G or T (e.g. 4G)"))?;
+    let n: u64 = num.parse().map_err(|_| {
+        format!("{s:?} is not a size: use a whole number with K, M, G or T (e.g. 4G)")
+    })?;
     n.checked_mul(mult)
         .ok_or_else(|| format!("{s:?} is too large"))
 }
@@ -123,8 +127,9 @@ fn main() -> Result<()> {
                 service,
                 version,
             };
-            let image = vmatrix_guest::build(&opts)
-                .with_context(|| format!("building the reference guest at {}", opts.out.display()))?;
+            let image = vmatrix_guest::build(&opts).with_context(|| {
+                format!("building the reference guest at {}", opts.out.display())
+            })?;
             println!(
                 "{} {} in {:.2}s ({} bytes)",
                 if image.built { "built" } else { "up to date:" },
@@ -142,7 +147,8 @@ fn default_data_dir() -> Result<PathBuf> {
     if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
         return Ok(PathBuf::from(x).join("vmatrix"));
     }
-    let home = std::env::var_os("HOME").context("neither XDG_DATA_HOME nor HOME is set: pass --data DIR")?;
+    let home = std::env::var_os("HOME")
+        .context("neither XDG_DATA_HOME nor HOME is set: pass --data DIR")?;
     Ok(PathBuf::from(home).join(".local/share/vmatrix"))
 }
 
@@ -188,7 +194,9 @@ async fn up(
     )
     .await;
     if std::net::TcpListener::bind(forward).is_err() {
-        bail!("{forward} is in use or not a local address: pass --forward ADDR:PORT with a free port");
+        bail!(
+            "{forward} is in use or not a local address: pass --forward ADDR:PORT with a free port"
+        );
     }
     let mut spec = VmSpec::new(InstanceId::new("reference-1")?, &disk, forward, accel);
     spec.memory_mib = memory;
@@ -204,7 +212,11 @@ async fn up(
             return Ok(());
         }
     };
-    println!("reference guest serving at {} (booted in {:.1}s); Ctrl-C stops it", vm.url(), waited.as_secs_f64());
+    println!(
+        "reference guest serving at {} (booted in {:.1}s); Ctrl-C stops it",
+        vm.url(),
+        waited.as_secs_f64()
+    );
     shutdown_signal().await;
     tracing::info!("stopping {}", vm.spec().instance);
     let outcome = vm.stop(Duration::from_secs(10)).await?;

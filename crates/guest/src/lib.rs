@@ -61,10 +61,7 @@ const TOOLS: &[(&str, &str)] = &[
 pub enum GuestError {
     /// A tool or file from a Debian package is not installed.
     #[error("{what} is missing (Debian package {package}); run scripts/install-deps.sh as root")]
-    Missing {
-        what: String,
-        package: &'static str,
-    },
+    Missing { what: String, package: &'static str },
     /// No Debian kernel was found.
     #[error("no kernel found under /boot (vmlinuz-*) with modules in /lib/modules; install linux-image-amd64 (scripts/install-deps.sh)")]
     NoKernel,
@@ -147,6 +144,12 @@ pub struct GuestImage {
 /// unchanged.
 pub fn build(opts: &BuildOptions) -> Result<GuestImage> {
     let started = Instant::now();
+    if opts.size < DEFAULT_SIZE {
+        return Err(GuestError::SizeTooSmall {
+            requested: opts.size,
+            minimum: DEFAULT_SIZE,
+        });
+    }
     check_tools()?;
     let inputs = Inputs::gather(opts)?;
     let parts = parts_dir(&opts.out);
@@ -226,7 +229,10 @@ fn check_tools() -> Result<()> {
             });
         }
     }
-    for (file, package) in [(BUSYBOX, "busybox-static"), (SYSLINUX_MBR, "syslinux-common")] {
+    for (file, package) in [
+        (BUSYBOX, "busybox-static"),
+        (SYSLINUX_MBR, "syslinux-common"),
+    ] {
         if !Path::new(file).is_file() {
             return Err(GuestError::Missing {
                 what: format!("file {file}"),
@@ -419,7 +425,11 @@ fn build_in(opts: &BuildOptions, inputs: &Inputs, scratch: &Path) -> Result<()> 
         .arg(&boot)
         .arg((boot_size / 1024).to_string()))?;
     run(Command::new("syslinux").arg("--install").arg(&boot))?;
-    for (file, name) in [(&kernel, "vmlinuz"), (&initrd, "initrd.gz"), (&cfg, "syslinux.cfg")] {
+    for (file, name) in [
+        (&kernel, "vmlinuz"),
+        (&initrd, "initrd.gz"),
+        (&cfg, "syslinux.cfg"),
+    ] {
         run(Command::new("mcopy")
             .arg("-o")
             .arg("-i")
@@ -447,7 +457,10 @@ fn build_in(opts: &BuildOptions, inputs: &Inputs, scratch: &Path) -> Result<()> 
         .env("E2FSPROGS_FAKE_TIME", "1700000000")
         .args(["-q", "-F", "-t", "ext2", "-L", "vmxdata", "-m", "0"])
         .args(["-U", "6d617472-6978-4775-8573-742d64617461"])
-        .args(["-E", "root_owner=0:0,hash_seed=6d617472-6978-4775-8573-742d68617368"])
+        .args([
+            "-E",
+            "root_owner=0:0,hash_seed=6d617472-6978-4775-8573-742d68617368",
+        ])
         .arg("-d")
         .arg(&data_root)
         .arg(&data)
@@ -517,8 +530,19 @@ fn copy_at(src: &Path, dst: &mut fs::File, offset: u64, dst_path: &Path) -> Resu
 fn write_initrd(opts: &BuildOptions, inputs: &Inputs, path: &Path) -> Result<()> {
     let mut w = CpioWriter::new();
     for d in [
-        "bin", "dev", "etc", "etc/vmatrix", "etc/acpi", "etc/acpi/PWRF", "lib", "lib/modules",
-        "proc", "sys", "run", "tmp", "data",
+        "bin",
+        "dev",
+        "etc",
+        "etc/vmatrix",
+        "etc/acpi",
+        "etc/acpi/PWRF",
+        "lib",
+        "lib/modules",
+        "proc",
+        "sys",
+        "run",
+        "tmp",
+        "data",
     ] {
         w.dir(d);
     }
@@ -540,7 +564,11 @@ fn write_initrd(opts: &BuildOptions, inputs: &Inputs, path: &Path) -> Result<()>
         load_list.push('\n');
     }
     for (rel, bytes) in &inputs.modules {
-        w.file(&format!("lib/modules/{}", rel.replace('/', "_")), 0o644, bytes);
+        w.file(
+            &format!("lib/modules/{}", rel.replace('/', "_")),
+            0o644,
+            bytes,
+        );
     }
     w.file("etc/modules-load", 0o644, load_list.as_bytes());
 
@@ -587,7 +615,7 @@ fn write_padding(dir: &Path, bytes: u64) -> Result<()> {
     for i in 0..bytes / FILE {
         let path = dir.join(format!("{i:05}.bin"));
         let mut data = vec![0u8; FILE as usize];
-        if i % 2 == 0 {
+        if i.is_multiple_of(2) {
             let mut xof = blake3::Hasher::new()
                 .update(&i.to_le_bytes())
                 .finalize_xof();

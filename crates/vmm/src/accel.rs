@@ -122,7 +122,9 @@ async fn auto_detect(probe: Option<ProbeBoot>) -> Accelerator {
             Accelerator::Tcg
         }
         Ok(ProbeOutcome::Exited(why)) => {
-            tracing::info!("accelerator: tcg (QEMU under KVM exited before the guest booted: {why})");
+            tracing::info!(
+                "accelerator: tcg (QEMU under KVM exited before the guest booted: {why})"
+            );
             Accelerator::Tcg
         }
         Err(e) => {

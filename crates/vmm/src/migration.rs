@@ -321,7 +321,9 @@ impl Vm {
                 device: MIRROR_JOB.into(),
             })
             .await;
-        let _ = self.wait_job_gone(MIRROR_JOB, Duration::from_secs(10)).await;
+        let _ = self
+            .wait_job_gone(MIRROR_JOB, Duration::from_secs(10))
+            .await;
         let _ = self
             .qmp
             .execute(&BlockdevDel {

@@ -518,7 +518,10 @@ mod tests {
             .await
             .unwrap_err();
         let text = err.to_string();
-        assert!(text.contains("block-job-cancel") && text.contains("no such job"), "{text}");
+        assert!(
+            text.contains("block-job-cancel") && text.contains("no such job"),
+            "{text}"
+        );
         let info = qmp.execute(&QueryMigrate {}).await.unwrap();
         assert_eq!(info.downtime, Some(33));
         assert_eq!(info.ram.unwrap().transferred, 1000);
@@ -528,7 +531,10 @@ mod tests {
         let seen = server.await.unwrap();
         assert_eq!(seen[0]["execute"], "qmp_capabilities");
         assert_eq!(seen[2]["arguments"]["device"], "mirror");
-        assert!(seen[1].get("arguments").is_none(), "no empty arguments object");
+        assert!(
+            seen[1].get("arguments").is_none(),
+            "no empty arguments object"
+        );
     }
 
     #[tokio::test]

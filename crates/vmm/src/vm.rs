@@ -571,7 +571,10 @@ pub(crate) fn qemu_args(spec: &VmSpec, dir: &VmDir, mode: StartMode) -> Result<V
             spec.guest_port
         ),
         "-device".into(),
-        format!("virtio-net-pci,netdev=net0,id=nic0,mac={}", mac_for(&spec.instance)),
+        format!(
+            "virtio-net-pci,netdev=net0,id=nic0,mac={}",
+            mac_for(&spec.instance)
+        ),
         "-qmp".into(),
         format!("unix:{},server=on,wait=off", dir.qmp().display()),
         "-serial".into(),
@@ -600,7 +603,10 @@ mod tests {
     fn command_line_is_safe_and_complete() {
         let args = qemu_args(&spec(), &VmDir::new("/d/web-1"), StartMode::Boot).unwrap();
         let joined = args.join(" ");
-        assert!(joined.contains("restrict=on"), "user networking must be restricted");
+        assert!(
+            joined.contains("restrict=on"),
+            "user networking must be restricted"
+        );
         assert!(joined.contains("hostfwd=tcp:127.0.0.2:20001-:80"));
         assert!(joined.contains("type=1,serial=web-1"));
         assert!(joined.contains("accel=tcg"));
@@ -617,7 +623,12 @@ mod tests {
         let b = qemu_args(&moved, &VmDir::new("/a"), StartMode::Incoming).unwrap();
         let hw = |v: &[String]| {
             v.iter()
-                .filter(|a| !a.contains("hostfwd") && !a.starts_with("-S") && !a.contains("incoming") && *a != "defer")
+                .filter(|a| {
+                    !a.contains("hostfwd")
+                        && !a.starts_with("-S")
+                        && !a.contains("incoming")
+                        && *a != "defer"
+                })
                 .cloned()
                 .collect::<Vec<_>>()
         };

@@ -26,12 +26,17 @@ async fn boots_from_its_own_disk_and_serves_every_route() {
     let started = Instant::now();
     let mut vm = Vm::boot(spec.clone(), dir.path()).await.expect("boot");
     vm.wait_ready(READY).await.expect("guest serves /health");
-    eprintln!("boot to HTTP: {:.2}s ({:?})", started.elapsed().as_secs_f64(), spec.accel);
+    eprintln!(
+        "boot to HTTP: {:.2}s ({:?})",
+        started.elapsed().as_secs_f64(),
+        spec.accel
+    );
     let addr = spec.forward;
 
     let root = get(addr, "/").await;
     assert_eq!(root.status, 200);
-    let info: serde_json::Value = serde_json::from_slice(&root.body).expect("JSON from /");
+    let info: serde_json::Value = serde_json::from_slice(&root.body)
+        .unwrap_or_else(|e| panic!("JSON from /: {e}: {:?}", root.text()));
     assert_eq!(info["instance"], "route-test", "{info}");
     assert_eq!(info["service"], "reference");
     assert_eq!(info["version"], "1");
@@ -44,11 +49,25 @@ async fn boots_from_its_own_disk_and_serves_every_route() {
     assert_eq!(get(addr, "/work?ms=x").await.status, 400);
 
     for space in ["kv", "disk"] {
-        assert_eq!(get(addr, &format!("/{space}/never-written")).await.status, 404);
-        assert_eq!(put(addr, &format!("/{space}/k1"), b"value \x00\xff").await.status, 200);
+        assert_eq!(
+            get(addr, &format!("/{space}/never-written")).await.status,
+            404
+        );
+        assert_eq!(
+            put(addr, &format!("/{space}/k1"), b"value \x00\xff")
+                .await
+                .status,
+            200
+        );
         let back = get(addr, &format!("/{space}/k1")).await;
-        assert_eq!((back.status, back.body.as_slice()), (200, &b"value \x00\xff"[..]));
-        assert_eq!(put(addr, &format!("/{space}/.hidden"), b"x").await.status, 400);
+        assert_eq!(
+            (back.status, back.body.as_slice()),
+            (200, &b"value \x00\xff"[..])
+        );
+        assert_eq!(
+            put(addr, &format!("/{space}/.hidden"), b"x").await.status,
+            400
+        );
     }
     assert_eq!(get(addr, "/nope").await.status, 404);
 
@@ -63,9 +82,17 @@ async fn boots_from_its_own_disk_and_serves_every_route() {
     let pid = vm.pid();
     let outcome = vm.stop(Duration::from_secs(5)).await.expect("stop");
     eprintln!("stop: {outcome:?}");
-    assert_eq!(outcome, StopOutcome::Graceful, "the guest ignored the power button");
+    assert_eq!(
+        outcome,
+        StopOutcome::Graceful,
+        "the guest ignored the power button"
+    );
     assert!(!alive(pid), "QEMU {pid} still runs after stop");
-    assert_eq!(base_before, file_hash(&guest().disk), "the base image was written");
+    assert_eq!(
+        base_before,
+        file_hash(&guest().disk),
+        "the base image was written"
+    );
 }
 
 #[tokio::test]
@@ -74,7 +101,9 @@ async fn suspend_then_resume_elsewhere_keeps_identity_ram_and_disk() {
     let machine_a = scratch();
     let machine_b = scratch();
     let spec = spec("suspend-test").await;
-    let mut vm = Vm::boot(spec.clone(), machine_a.path()).await.expect("boot");
+    let mut vm = Vm::boot(spec.clone(), machine_a.path())
+        .await
+        .expect("boot");
     vm.wait_ready(READY).await.expect("ready");
     let a = spec.forward;
     assert_eq!(put(a, "/kv/memo", b"in RAM").await.status, 200);
@@ -121,10 +150,17 @@ async fn live_migration_under_load_keeps_ram_and_disk() {
     let machine_a = scratch();
     let machine_b = scratch();
     let spec = spec("migrate-test").await;
-    let mut source = Vm::boot(spec.clone(), machine_a.path()).await.expect("boot");
+    let mut source = Vm::boot(spec.clone(), machine_a.path())
+        .await
+        .expect("boot");
     source.wait_ready(READY).await.expect("ready");
     let a = spec.forward;
-    assert_eq!(put(a, "/disk/before", b"written before the move").await.status, 200);
+    assert_eq!(
+        put(a, "/disk/before", b"written before the move")
+            .await
+            .status,
+        200
+    );
     assert_eq!(put(a, "/kv/before", b"kept in RAM").await.status, 200);
 
     let moved = spec.with_forward(free_addr());
@@ -146,7 +182,8 @@ async fn live_migration_under_load_keeps_ram_and_disk() {
             while !stop.load(Ordering::Relaxed) {
                 let next = (n + 1).to_string();
                 let t = Duration::from_secs(3);
-                let ok = match http::request(target, "PUT", "/kv/counter", next.as_bytes(), t).await {
+                let ok = match http::request(target, "PUT", "/kv/counter", next.as_bytes(), t).await
+                {
                     Ok(r) if r.status == 200 => {
                         matches!(http::request(target, "PUT", "/disk/counter", next.as_bytes(), t).await, Ok(r) if r.status == 200)
                     }
@@ -165,7 +202,9 @@ async fn live_migration_under_load_keeps_ram_and_disk() {
         })
     };
     assert!(
-        wait_until(Duration::from_secs(30), || acked.load(Ordering::SeqCst) >= 3).await,
+        wait_until(Duration::from_secs(30), || acked.load(Ordering::SeqCst)
+            >= 3)
+        .await,
         "the client made no progress before the move"
     );
 
@@ -174,7 +213,10 @@ async fn live_migration_under_load_keeps_ram_and_disk() {
         Ok(r) => r,
         Err(failure) => panic!("{failure}"),
     };
-    let mut dest = incoming.finish(Duration::from_secs(60)).await.expect("destination runs");
+    let mut dest = incoming
+        .finish(Duration::from_secs(60))
+        .await
+        .expect("destination runs");
     eprintln!(
         "live migration (256 MiB guest): total {} ms, downtime {} ms, RAM {} bytes, disk {} bytes, wall {:.3}s",
         report.total_ms,
@@ -188,7 +230,9 @@ async fn live_migration_under_load_keeps_ram_and_disk() {
 
     let at_move = acked.load(Ordering::SeqCst);
     assert!(
-        wait_until(Duration::from_secs(30), || acked.load(Ordering::SeqCst) >= at_move + 3).await,
+        wait_until(Duration::from_secs(30), || acked.load(Ordering::SeqCst)
+            >= at_move + 3)
+        .await,
         "the client made no progress on the destination"
     );
     stop.store(true, Ordering::Relaxed);
@@ -196,7 +240,9 @@ async fn live_migration_under_load_keeps_ram_and_disk() {
     let last = acked.load(Ordering::SeqCst);
     eprintln!("client: {last} increments acknowledged, {errors} failed attempts around the move");
 
-    dest.wait_ready(Duration::from_secs(10)).await.expect("destination serves");
+    dest.wait_ready(Duration::from_secs(10))
+        .await
+        .expect("destination serves");
     for space in ["kv", "disk"] {
         let value: u64 = get(b, &format!("/{space}/counter"))
             .await
@@ -210,7 +256,10 @@ async fn live_migration_under_load_keeps_ram_and_disk() {
             "/{space}/counter is {value}, {last} acknowledged"
         );
     }
-    assert_eq!(get(b, "/disk/before").await.body, b"written before the move");
+    assert_eq!(
+        get(b, "/disk/before").await.body,
+        b"written before the move"
+    );
     assert_eq!(get(b, "/kv/before").await.body, b"kept in RAM");
     let info: serde_json::Value = serde_json::from_slice(&get(b, "/").await.body).unwrap();
     assert_eq!(info["instance"], "migrate-test");
@@ -229,7 +278,9 @@ async fn child_owner_of_a_vm() {
     };
     let pid_file = std::env::var("VMATRIX_TEST_PID_FILE").expect("pid file");
     let dir = scratch();
-    let vm = Vm::boot(spec("orphan-test").await, dir.path()).await.expect("boot");
+    let vm = Vm::boot(spec("orphan-test").await, dir.path())
+        .await
+        .expect("boot");
     std::fs::write(&pid_file, vm.pid().to_string()).expect("write pid");
     if mode == "panic" {
         panic!("deliberate panic while owning QEMU {}", vm.pid());
@@ -247,7 +298,12 @@ async fn no_qemu_outlives_its_owner() {
         let dir = scratch();
         let pid_file = dir.path().join("qemu.pid");
         let mut child = tokio::process::Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "child_owner_of_a_vm", "--include-ignored", "--nocapture"])
+            .args([
+                "--exact",
+                "child_owner_of_a_vm",
+                "--include-ignored",
+                "--nocapture",
+            ])
             .env(CHILD_ENV, mode)
             .env("VMATRIX_TEST_PID_FILE", &pid_file)
             .stdout(std::process::Stdio::null())
@@ -260,13 +316,20 @@ async fn no_qemu_outlives_its_owner() {
             "{mode}: the child never started QEMU"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
-        let pid: u32 = std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
+        let pid: u32 = std::fs::read_to_string(&pid_file)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
         if mode == "sigkill" {
             assert!(alive(pid), "QEMU {pid} died before its owner");
             child.start_kill().expect("SIGKILL the owner");
         }
         let status = child.wait().await.expect("child exit");
-        assert!(!status.success(), "{mode}: the child should fail or be killed");
+        assert!(
+            !status.success(),
+            "{mode}: the child should fail or be killed"
+        );
         assert!(
             wait_until(Duration::from_secs(10), || !alive(pid)).await,
             "{mode}: QEMU {pid} outlived its owner"
