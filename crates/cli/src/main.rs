@@ -1,6 +1,8 @@
 //! The `vmatrix` command: the one binary of vMatrix. It parses arguments, sets up logging and
 //! hands each subcommand to the library crates; it holds no logic of its own beyond printing.
 
+mod bench;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -45,9 +47,28 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         vcpus: u32,
     },
+    /// Measure parts of vMatrix on this machine and print the figures.
+    #[command(subcommand)]
+    Bench(BenchCommand),
     /// Build and inspect the reference guest.
     #[command(subcommand)]
     Guest(GuestCommand),
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Boot, suspend, resume and live-migrate real guests; print a table of timings.
+    Vmm {
+        /// How many times to repeat each measurement.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Guest memory in MiB.
+        #[arg(long, default_value_t = 256)]
+        memory: u32,
+        /// Where to put scratch files (removed afterwards).
+        #[arg(long, default_value = "/tmp")]
+        work: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -114,6 +135,13 @@ fn main() -> Result<()> {
                 .build()
                 .context("starting the async runtime")?;
             runtime.block_on(up(accel, data, forward, image, memory, vcpus))?;
+        }
+        Command::Bench(BenchCommand::Vmm { runs, memory, work }) => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            runtime.block_on(bench::vmm(accel, runs, memory, &work))?;
         }
         Command::Guest(GuestCommand::Build {
             out,
