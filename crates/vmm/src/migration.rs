@@ -35,7 +35,9 @@ use tokio::time::Instant;
 
 use crate::error::{Result, VmmError};
 use crate::qmp::commands::*;
-use crate::vm::{run_tool, StartMode, Vm, VmDir, VmSpec, DISK_NODE, UNTHROTTLED};
+use crate::vm::{
+    create_overlay, prepare_dir, StartMode, Vm, VmDir, VmSpec, DISK_NODE, UNTHROTTLED,
+};
 
 const MIRROR_JOB: &str = "vmatrix-mirror";
 const MIRROR_TARGET: &str = "vmatrix-mirror-target";
@@ -100,29 +102,8 @@ impl IncomingVm {
     /// over NBD and listens for the migration stream, both on `listen`.
     pub async fn start(spec: VmSpec, dir: impl Into<PathBuf>, listen: IpAddr) -> Result<Self> {
         let dir = VmDir::new(dir);
-        std::fs::create_dir_all(dir.root())
-            .map_err(crate::error::io_err("create directory", dir.root()))?;
-        let base = std::fs::canonicalize(&spec.base_image)
-            .map_err(crate::error::io_err("open", &spec.base_image))?;
-        let _ = std::fs::remove_file(dir.disk());
-        run_tool(
-            "qemu-img",
-            &[
-                "create".into(),
-                "-q".into(),
-                "-f".into(),
-                "qcow2".into(),
-                "-F".into(),
-                match spec.base_format {
-                    crate::vm::ImageFormat::Raw => "raw".into(),
-                    crate::vm::ImageFormat::Qcow2 => "qcow2".into(),
-                },
-                "-b".into(),
-                base.display().to_string(),
-                dir.disk().display().to_string(),
-            ],
-        )
-        .await?;
+        prepare_dir(&dir)?;
+        create_overlay(&spec, &dir.disk()).await?;
         let mut vm = Vm::start(spec, dir, StartMode::Incoming).await?;
         let nbd = SocketAddr::new(listen, free_port(listen)?);
         let migration = SocketAddr::new(listen, free_port(listen)?);

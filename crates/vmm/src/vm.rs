@@ -451,7 +451,7 @@ impl Vm {
 /// Migration bandwidth when we do not want QEMU's default throttle (bytes/s).
 pub(crate) const UNTHROTTLED: u64 = 100 * 1024 * 1024 * 1024;
 
-fn prepare_dir(dir: &VmDir) -> Result<()> {
+pub(crate) fn prepare_dir(dir: &VmDir) -> Result<()> {
     std::fs::create_dir_all(dir.root()).map_err(io_err("create directory", dir.root()))?;
     let sock = dir.qmp();
     if sock.as_os_str().len() > MAX_SOCKET_PATH {
@@ -463,7 +463,8 @@ fn prepare_dir(dir: &VmDir) -> Result<()> {
     Ok(())
 }
 
-async fn create_overlay(spec: &VmSpec, overlay: &Path) -> Result<()> {
+/// Creates `overlay` as a fresh qcow2 over the spec's base image.
+pub(crate) async fn create_overlay(spec: &VmSpec, overlay: &Path) -> Result<()> {
     let base = std::fs::canonicalize(&spec.base_image).map_err(io_err("open", &spec.base_image))?;
     let _ = std::fs::remove_file(overlay);
     let args = vec![
