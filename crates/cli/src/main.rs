@@ -2,6 +2,7 @@
 //! hands each subcommand to the library crates; it holds no logic of its own beyond printing.
 
 mod bench;
+mod image;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -53,6 +54,17 @@ enum Command {
     /// Build and inspect the reference guest.
     #[command(subcommand)]
     Guest(GuestCommand),
+    /// The dormant repository: import, export, tags, verify, gc.
+    Image {
+        /// Repository: file:///path (or a plain path). Default: DATA/repo.
+        #[arg(long, env = "VMATRIX_REPO", global = true)]
+        repo: Option<String>,
+        /// Data directory (default repository and scratch space).
+        #[arg(long, env = "VMATRIX_DATA", global = true)]
+        data: Option<PathBuf>,
+        #[command(subcommand)]
+        command: image::ImageCommand,
+    },
 }
 
 #[derive(Subcommand)]
@@ -112,7 +124,18 @@ fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{s:?} is too large"))
 }
 
-fn main() -> Result<()> {
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // The whole chain once, on one line; no backtrace for users.
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("VMATRIX_LOG")
@@ -135,6 +158,18 @@ fn main() -> Result<()> {
                 .build()
                 .context("starting the async runtime")?;
             runtime.block_on(up(accel, data, forward, image, memory, vcpus))?;
+        }
+        Command::Image {
+            repo,
+            data,
+            command,
+        } => {
+            let data = match data {
+                Some(d) => d,
+                None => default_data_dir()?,
+            };
+            let url = image::repo_url(repo, &data)?;
+            image::run(command, &url, &data)?;
         }
         Command::Bench(BenchCommand::Vmm { runs, memory, work }) => {
             let runtime = tokio::runtime::Builder::new_multi_thread()

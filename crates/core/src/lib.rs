@@ -5,6 +5,8 @@
 //! everything else depends on it, so it stays small, pure and fast to compile.
 #![forbid(unsafe_code)]
 
+mod image;
 mod names;
 
+pub use image::{ImageName, ImageRef, ImageRefError, Tag};
 pub use names::{InstanceId, NameError, ServiceName};

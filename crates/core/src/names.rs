@@ -21,7 +21,7 @@ pub struct NameError {
     pub reason: &'static str,
 }
 
-fn check_name(kind: &'static str, value: &str) -> Result<(), NameError> {
+pub(crate) fn check_name(kind: &'static str, value: &str) -> Result<(), NameError> {
     let fail = |reason| {
         Err(NameError {
             kind,

@@ -1,0 +1,301 @@
+//! `vmatrix image …`: the dormant repository from the command line.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Subcommand;
+use indicatif::{ProgressBar, ProgressStyle};
+use vmatrix_core::ImageRef;
+use vmatrix_store::{ExportFormat, Repository};
+
+#[derive(Subcommand)]
+pub enum ImageCommand {
+    /// Import a disk image (raw, qcow2, vmdk, vdi, vhdx) as NAME:TAG.
+    Import {
+        /// NAME:TAG to publish.
+        image: String,
+        /// The disk image file.
+        file: PathBuf,
+        /// Print the summary as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write the exact bytes of NAME:TAG to FILE.
+    Export {
+        /// NAME:TAG.
+        image: String,
+        /// Output file.
+        file: PathBuf,
+        /// raw or qcow2.
+        #[arg(long, default_value = "raw")]
+        format: String,
+    },
+    /// List tagged images.
+    Ls {
+        /// JSON for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one image version.
+    Show {
+        /// NAME:TAG.
+        image: String,
+        /// JSON for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Point TARGET (NAME:TAG) at the version SOURCE points at.
+    Tag {
+        /// Existing NAME:TAG.
+        source: String,
+        /// New or moved NAME:TAG.
+        target: String,
+    },
+    /// Remove a tag (the data goes at the next gc if nothing else uses it).
+    Rm {
+        /// NAME:TAG.
+        image: String,
+    },
+    /// Re-read and re-hash every chunk (of one image, or of all); exit 1 if anything is wrong.
+    Verify {
+        /// NAME:TAG; all images when omitted.
+        image: Option<String>,
+    },
+    /// Remove unreferenced versions and chunks (safe while imports run).
+    Gc {
+        /// Keep unreferenced objects younger than this many seconds.
+        #[arg(long, default_value_t = 3600)]
+        grace_seconds: u64,
+    },
+}
+
+/// `$VMATRIX_REPO`, `--repo`, or `DATA/repo`; a plain path becomes `file://`.
+pub fn repo_url(repo: Option<String>, data: &Path) -> Result<String> {
+    let raw = match repo {
+        Some(r) => r,
+        None => return Ok(format!("file://{}", data.join("repo").display())),
+    };
+    if raw.contains("://") {
+        return Ok(raw);
+    }
+    let path = PathBuf::from(&raw);
+    let abs = if path.is_absolute() {
+        path
+    } else {
+        std::env::current_dir()
+            .context("reading the current directory")?
+            .join(path)
+    };
+    Ok(format!("file://{}", abs.display()))
+}
+
+fn parse_ref(s: &str) -> Result<ImageRef> {
+    Ok(ImageRef::parse(s)?)
+}
+
+fn bar(len: u64, what: &str) -> ProgressBar {
+    let bar = ProgressBar::new(len);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    bar.set_message(what.to_owned());
+    bar
+}
+
+fn human(bytes: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < units.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", units[u])
+    }
+}
+
+pub fn run(cmd: ImageCommand, url: &str, data: &Path) -> Result<()> {
+    match cmd {
+        ImageCommand::Import { image, file, json } => {
+            let image = parse_ref(&image)?;
+            let size = vmatrix_store::repo::inspect(&file)?.virtual_size;
+            let repo = Repository::open_or_init(url)?;
+            let bar = bar(size, &format!("importing {image}"));
+            let report = repo.import(&file, &image, &data.join("tmp"), &|done| {
+                bar.set_position(done)
+            })?;
+            bar.finish_and_clear();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+                return Ok(());
+            }
+            if report.published {
+                println!(
+                    "imported {} as version {}",
+                    report.image,
+                    &report.version[..16]
+                );
+            } else {
+                println!(
+                    "{} is unchanged (version {}); nothing published",
+                    report.image,
+                    &report.version[..16]
+                );
+            }
+            println!(
+                "  logical {}  zero {}  new {} in {} chunks (stored {})  reused {} chunks",
+                human(report.logical_bytes),
+                human(report.zero_bytes),
+                human(report.new_raw_bytes),
+                report.new_chunks,
+                human(report.new_stored_bytes),
+                report.reused_chunks
+            );
+            println!(
+                "  dedup {:.2}x  compression {:.2}x  {:.2}s  {}/s",
+                report.dedup_ratio(),
+                report.compression_ratio(),
+                report.seconds,
+                human(report.throughput() as u64)
+            );
+        }
+        ImageCommand::Export {
+            image,
+            file,
+            format,
+        } => {
+            let image = parse_ref(&image)?;
+            let format = match format.as_str() {
+                "raw" => ExportFormat::Raw,
+                "qcow2" => ExportFormat::Qcow2,
+                other => bail!("unknown export format {other:?}: use raw or qcow2"),
+            };
+            let repo = Repository::open(url)?;
+            let (_, m) = repo.resolve(&image)?;
+            let bar = bar(m.virtual_size, &format!("exporting {image}"));
+            let n = repo.export(&image, &file, format, &|done| bar.set_position(done))?;
+            bar.finish_and_clear();
+            println!("exported {image} to {} ({})", file.display(), human(n));
+        }
+        ImageCommand::Ls { json } => {
+            let repo = Repository::open(url)?;
+            let list = repo.list()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+                return Ok(());
+            }
+            println!(
+                "{:<32} {:<16} {:>10} {:>8}",
+                "IMAGE", "VERSION", "SIZE", "CHUNKS"
+            );
+            for e in list {
+                println!(
+                    "{:<32} {:<16} {:>10} {:>8}",
+                    e.image,
+                    &e.version[..16],
+                    human(e.virtual_size),
+                    e.chunks
+                );
+            }
+        }
+        ImageCommand::Show { image, json } => {
+            let image = parse_ref(&image)?;
+            let repo = Repository::open(url)?;
+            let (id, m) = repo.resolve(&image)?;
+            if json {
+                let mut v = serde_json::to_value(&m)?;
+                v["version"] = serde_json::Value::String(id);
+                if let Some(o) = v.as_object_mut() {
+                    o.remove("chunks");
+                }
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(());
+            }
+            let stored = m.chunks.iter().filter(|c| c.is_some()).count();
+            println!("image:        {image}");
+            println!("version:      {id}");
+            println!("kind:         {:?}", m.kind);
+            println!(
+                "virtual size: {} ({} bytes)",
+                human(m.virtual_size),
+                m.virtual_size
+            );
+            println!(
+                "chunks:       {} of {} KiB ({} all-zero, not stored)",
+                m.chunks.len(),
+                m.chunk_size / 1024,
+                m.chunks.len() - stored
+            );
+            println!("created:      {} (unix) by {}", m.created, m.created_by);
+            println!("parent:       {}", m.parent.as_deref().unwrap_or("-"));
+            println!("source:       {}", m.source_format);
+        }
+        ImageCommand::Tag { source, target } => {
+            let (from, to) = (parse_ref(&source)?, parse_ref(&target)?);
+            let id = Repository::open(url)?.tag(&from, &to)?;
+            println!("{to} -> {}", &id[..16]);
+        }
+        ImageCommand::Rm { image } => {
+            let image = parse_ref(&image)?;
+            let id = Repository::open(url)?.remove(&image)?;
+            println!(
+                "removed tag {image} (version {}; `vmatrix image gc` frees unused data)",
+                &id[..16]
+            );
+        }
+        ImageCommand::Verify { image } => {
+            let image = image.as_deref().map(parse_ref).transpose()?;
+            let repo = Repository::open(url)?;
+            let spinner = ProgressBar::new_spinner();
+            spinner.set_message("verifying chunks");
+            let report = repo.verify(image.as_ref(), &|n| spinner.set_position(n))?;
+            spinner.finish_and_clear();
+            for (chunk, who) in &report.missing {
+                println!("MISSING chunk {chunk} (needed by {})", who.join(", "));
+            }
+            for (chunk, why, who) in &report.corrupt {
+                println!(
+                    "CORRUPT chunk {chunk}: {why} (needed by {})",
+                    who.join(", ")
+                );
+            }
+            for m in &report.bad_manifests {
+                println!("BAD manifest: {m}");
+            }
+            println!(
+                "checked {} version(s), {} chunk(s): {} missing, {} corrupt, {} bad manifest(s)",
+                report.manifests,
+                report.chunks,
+                report.missing.len(),
+                report.corrupt.len(),
+                report.bad_manifests.len()
+            );
+            if !report.is_clean() {
+                bail!("the repository {url} is damaged; re-import or pull the affected images");
+            }
+        }
+        ImageCommand::Gc { grace_seconds } => {
+            let repo = Repository::open(url)?;
+            let r = repo.gc(Duration::from_secs(grace_seconds))?;
+            println!(
+                "gc: removed {} version(s) and {} chunk(s), freed {}; kept {} live and {} young chunk(s); {} writer(s) running; {:.2}s",
+                r.removed_manifests,
+                r.removed_chunks,
+                human(r.freed_bytes),
+                r.live_chunks,
+                r.young_chunks,
+                r.active_leases,
+                r.seconds
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,308 @@
+//! Where repository objects live. Objects are immutable byte strings under `/`-separated keys;
+//! a put is atomic (readers see the old object, or none, or the whole new one).
+//!
+//! `file://` is a local directory or a shared mount (NFS: the paper's SAN). Puts write a
+//! temporary file and rename it; chunk puts skip the per-file fsync and [`Backend::sync`]
+//! makes them durable in one `syncfs` before anything refers to them; manifests and tags are
+//! fsynced with their directory (`put_durable`).
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::SystemTime;
+
+use crate::error::{Result, StoreError};
+
+/// Size and modification time of a stored object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ObjectMeta {
+    /// Bytes.
+    pub size: u64,
+    /// Last write or touch.
+    pub modified: SystemTime,
+}
+
+/// A repository backend.
+#[derive(Debug)]
+pub enum Backend {
+    /// A local or mounted directory.
+    File(FileBackend),
+}
+
+impl Backend {
+    /// Opens the backend named by `url` (`file:///absolute/path`).
+    pub fn open(url: &str) -> Result<Self> {
+        if let Some(path) = url.strip_prefix("file://") {
+            if !path.starts_with('/') {
+                return Err(StoreError::BadUrl { url: url.into() });
+            }
+            return Ok(Self::File(FileBackend::new(PathBuf::from(path))));
+        }
+        Err(StoreError::BadUrl { url: url.into() })
+    }
+
+    /// The URL, for messages.
+    pub fn location(&self) -> String {
+        match self {
+            Self::File(f) => format!("file://{}", f.root.display()),
+        }
+    }
+
+    /// Reads an object; `None` if it does not exist.
+    pub fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        match self {
+            Self::File(f) => f.get(key),
+        }
+    }
+
+    /// Writes an object atomically (durable only after [`Backend::sync`]).
+    pub fn put(&self, key: &str, data: &[u8]) -> Result<()> {
+        match self {
+            Self::File(f) => f.put(key, data, false),
+        }
+    }
+
+    /// Writes an object atomically and durably.
+    pub fn put_durable(&self, key: &str, data: &[u8]) -> Result<()> {
+        match self {
+            Self::File(f) => f.put(key, data, true),
+        }
+    }
+
+    /// Size and time of an object; `None` if it does not exist.
+    pub fn head(&self, key: &str) -> Result<Option<ObjectMeta>> {
+        match self {
+            Self::File(f) => f.head(key),
+        }
+    }
+
+    /// Every object under `prefix` (a directory-like prefix ending in `/`), with its metadata.
+    pub fn list(&self, prefix: &str) -> Result<Vec<(String, ObjectMeta)>> {
+        match self {
+            Self::File(f) => f.list(prefix),
+        }
+    }
+
+    /// Deletes an object; deleting a missing object is not an error.
+    pub fn delete(&self, key: &str) -> Result<()> {
+        match self {
+            Self::File(f) => f.delete(key),
+        }
+    }
+
+    /// Marks an object as just used (its modification time becomes now); false if missing.
+    pub fn touch(&self, key: &str) -> Result<bool> {
+        match self {
+            Self::File(f) => f.touch(key),
+        }
+    }
+
+    /// Makes every earlier put durable.
+    pub fn sync(&self) -> Result<()> {
+        match self {
+            Self::File(f) => f.sync(),
+        }
+    }
+}
+
+/// A directory holding one object per file.
+#[derive(Debug)]
+pub struct FileBackend {
+    root: PathBuf,
+    counter: AtomicU64,
+}
+
+impl FileBackend {
+    fn new(root: PathBuf) -> Self {
+        Self {
+            root,
+            counter: AtomicU64::new(0),
+        }
+    }
+
+    fn path(&self, key: &str) -> Result<PathBuf> {
+        if key.is_empty()
+            || key.starts_with('/')
+            || key
+                .split('/')
+                .any(|p| p.is_empty() || p == "." || p == "..")
+        {
+            return Err(self.err("use", key, std::io::Error::other("invalid object key")));
+        }
+        Ok(self.root.join(key))
+    }
+
+    fn err(&self, action: &'static str, key: &str, source: std::io::Error) -> StoreError {
+        StoreError::Backend {
+            location: format!("file://{}", self.root.display()),
+            action,
+            key: key.to_owned(),
+            source,
+        }
+    }
+
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        match fs::read(self.path(key)?) {
+            Ok(d) => Ok(Some(d)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(self.err("read", key, e)),
+        }
+    }
+
+    fn put(&self, key: &str, data: &[u8], durable: bool) -> Result<()> {
+        let path = self.path(key)?;
+        let dir = path.parent().unwrap_or(&self.root).to_owned();
+        fs::create_dir_all(&dir).map_err(|e| self.err("create directory for", key, e))?;
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let tmp = dir.join(format!(".tmp-{}-{n}", std::process::id()));
+        let write = || -> std::io::Result<()> {
+            let mut f = fs::File::create(&tmp)?;
+            f.write_all(data)?;
+            if durable {
+                f.sync_all()?;
+            }
+            drop(f);
+            fs::rename(&tmp, &path)?;
+            if durable {
+                fs::File::open(&dir)?.sync_all()?;
+            }
+            Ok(())
+        };
+        write().map_err(|e| {
+            let _ = fs::remove_file(&tmp);
+            self.err("write", key, e)
+        })
+    }
+
+    fn head(&self, key: &str) -> Result<Option<ObjectMeta>> {
+        match fs::metadata(self.path(key)?) {
+            Ok(m) => Ok(Some(meta(&m))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(self.err("stat", key, e)),
+        }
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<(String, ObjectMeta)>> {
+        let mut out = Vec::new();
+        let start = self.root.join(prefix.trim_end_matches('/'));
+        if !start.exists() {
+            return Ok(out);
+        }
+        let mut stack = vec![start];
+        while let Some(dir) = stack.pop() {
+            let entries = fs::read_dir(&dir).map_err(|e| self.err("list", prefix, e))?;
+            for entry in entries {
+                let entry = entry.map_err(|e| self.err("list", prefix, e))?;
+                let name = entry.file_name();
+                if name.to_string_lossy().starts_with(".tmp-") {
+                    continue;
+                }
+                let path = entry.path();
+                let m = match entry.metadata() {
+                    Ok(m) => m,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(self.err("list", prefix, e)),
+                };
+                if m.is_dir() {
+                    stack.push(path);
+                } else if let Ok(rel) = path.strip_prefix(&self.root) {
+                    out.push((rel.to_string_lossy().into_owned(), meta(&m)));
+                }
+            }
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+
+    fn delete(&self, key: &str) -> Result<()> {
+        match fs::remove_file(self.path(key)?) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(self.err("delete", key, e)),
+        }
+    }
+
+    fn touch(&self, key: &str) -> Result<bool> {
+        let path = self.path(key)?;
+        match fs::File::options().write(true).open(&path) {
+            Ok(f) => {
+                f.set_modified(SystemTime::now())
+                    .map_err(|e| self.err("touch", key, e))?;
+                Ok(true)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(self.err("touch", key, e)),
+        }
+    }
+
+    fn sync(&self) -> Result<()> {
+        let f = fs::File::open(&self.root).map_err(|e| self.err("sync", "", e))?;
+        sync_filesystem(&f).map_err(|e| self.err("sync", "", e))
+    }
+
+    /// The directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+}
+
+fn meta(m: &fs::Metadata) -> ObjectMeta {
+    ObjectMeta {
+        size: m.len(),
+        modified: m.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+    }
+}
+
+fn sync_filesystem(f: &fs::File) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: syncfs takes a valid open descriptor, which `f` holds for the whole call.
+    let rc = unsafe { libc::syncfs(f.as_raw_fd()) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backend() -> (tempfile::TempDir, Backend) {
+        let dir = tempfile::tempdir().unwrap();
+        let b = Backend::open(&format!("file://{}", dir.path().display())).unwrap();
+        (dir, b)
+    }
+
+    #[test]
+    fn put_get_list_delete() {
+        let (_d, b) = backend();
+        b.put("chunks/ab/abc", b"one").unwrap();
+        b.put_durable("tags/web/v1", b"two").unwrap();
+        assert_eq!(b.get("chunks/ab/abc").unwrap().unwrap(), b"one");
+        assert_eq!(b.get("chunks/ab/none").unwrap(), None);
+        let keys: Vec<String> = b
+            .list("chunks/")
+            .unwrap()
+            .into_iter()
+            .map(|k| k.0)
+            .collect();
+        assert_eq!(keys, vec!["chunks/ab/abc".to_string()]);
+        assert!(b.touch("chunks/ab/abc").unwrap());
+        assert!(!b.touch("chunks/ab/none").unwrap());
+        b.delete("chunks/ab/abc").unwrap();
+        b.delete("chunks/ab/abc").unwrap();
+        assert_eq!(b.head("chunks/ab/abc").unwrap(), None);
+        b.sync().unwrap();
+    }
+
+    #[test]
+    fn refuses_escaping_keys_and_odd_urls() {
+        let (_d, b) = backend();
+        assert!(b.put("../x", b"").is_err());
+        assert!(b.get("a//b").is_err());
+        assert!(Backend::open("file://relative").is_err());
+        assert!(Backend::open("ftp://x").is_err());
+    }
+}

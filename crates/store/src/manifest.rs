@@ -1,0 +1,184 @@
+//! Manifests: the immutable description of one version of an image.
+//!
+//! A manifest is JSON stored under `manifests/<id>.json`, where `<id>` is the BLAKE3 hash of
+//! its bytes: the name is its checksum, and a version can never change. Tags
+//! (`tags/<name>/<tag>`) hold a version id and move.
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use vmatrix_core::ImageName;
+
+use crate::chunk::ChunkId;
+use crate::error::{Result, StoreError};
+
+/// The `format` field of every manifest.
+pub const MANIFEST_FORMAT: &str = "vmatrix-manifest";
+/// The version of the manifest format this code writes and reads.
+pub const MANIFEST_VERSION: u32 = 1;
+/// Largest manifest we read (a 1 TiB image at 64 KiB chunks is ~1.1 GB of JSON; we stop well
+/// before that and say so).
+pub const MAX_MANIFEST: usize = 512 * 1024 * 1024;
+
+/// What a manifest describes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ManifestKind {
+    /// A bootable disk image.
+    Disk,
+    /// A saved memory and device state (from a suspend).
+    State,
+}
+
+/// How the image boots.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(tag = "mode", rename_all = "kebab-case")]
+pub enum Boot {
+    /// Through the disk's own boot loader.
+    #[default]
+    Bios,
+}
+
+/// One version of an image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Always [`MANIFEST_FORMAT`].
+    pub format: String,
+    /// Always [`MANIFEST_VERSION`] for this code.
+    pub format_version: u32,
+    /// Disk or state.
+    pub kind: ManifestKind,
+    /// The image name.
+    pub name: ImageName,
+    /// Creation time, seconds since the Unix epoch.
+    pub created: u64,
+    /// Who or what made it (command, user, host).
+    pub created_by: String,
+    /// The version this one replaced under the same tag, if any.
+    pub parent: Option<String>,
+    /// Size of the virtual disk (or state) in bytes.
+    pub virtual_size: u64,
+    /// Chunk size in bytes; every chunk but the last has exactly this size.
+    pub chunk_size: u32,
+    /// Boot settings.
+    #[serde(default)]
+    pub boot: Boot,
+    /// The format of the imported file.
+    pub source_format: String,
+    /// One entry per chunk: its id, or null for an all-zero chunk (not stored).
+    #[serde(serialize_with = "ser_chunks", deserialize_with = "de_chunks")]
+    pub chunks: Vec<Option<ChunkId>>,
+}
+
+fn ser_chunks<S: Serializer>(chunks: &[Option<ChunkId>], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(chunks.iter().map(|c| c.map(|id| id.to_hex())))
+}
+
+fn de_chunks<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Option<ChunkId>>, D::Error> {
+    let raw: Vec<Option<String>> = Vec::deserialize(d)?;
+    raw.into_iter()
+        .map(|c| match c {
+            None => Ok(None),
+            Some(h) => ChunkId::from_hex(&h)
+                .map(Some)
+                .ok_or_else(|| serde::de::Error::custom(format!("bad chunk id {h:?}"))),
+        })
+        .collect()
+}
+
+impl Manifest {
+    /// Serialises the manifest and returns its version id with the bytes.
+    pub fn to_bytes(&self) -> (String, Vec<u8>) {
+        let bytes = serde_json::to_vec(self).expect("a manifest always serialises");
+        (blake3::hash(&bytes).to_hex().to_string(), bytes)
+    }
+
+    /// Parses and checks a manifest read from `manifests/<id>.json`.
+    pub fn from_bytes(id: &str, bytes: &[u8]) -> Result<Self> {
+        let corrupt = |reason: String| StoreError::Corrupt {
+            what: format!("manifest {id}"),
+            reason,
+        };
+        if bytes.len() > MAX_MANIFEST {
+            return Err(corrupt(format!(
+                "{} bytes is more than we read",
+                bytes.len()
+            )));
+        }
+        if blake3::hash(bytes).to_hex().as_str() != id {
+            return Err(corrupt("content does not match its id".into()));
+        }
+        let m: Manifest =
+            serde_json::from_slice(bytes).map_err(|e| corrupt(format!("bad JSON: {e}")))?;
+        if m.format != MANIFEST_FORMAT {
+            return Err(corrupt(format!("format is {:?}", m.format)));
+        }
+        if m.format_version != MANIFEST_VERSION {
+            return Err(corrupt(format!(
+                "format version {} is not {MANIFEST_VERSION}: a newer vmatrix wrote it",
+                m.format_version
+            )));
+        }
+        let expected = m.virtual_size.div_ceil(u64::from(m.chunk_size.max(1)));
+        if m.chunk_size == 0 || m.chunks.len() as u64 != expected {
+            return Err(corrupt(format!(
+                "{} chunks for {} bytes of {}-byte chunks",
+                m.chunks.len(),
+                m.virtual_size,
+                m.chunk_size
+            )));
+        }
+        Ok(m)
+    }
+
+    /// The object key of a version.
+    pub fn key(id: &str) -> String {
+        format!("manifests/{id}.json")
+    }
+
+    /// Bytes of chunk `index` (the last chunk may be short).
+    pub fn chunk_len(&self, index: usize) -> usize {
+        let start = index as u64 * u64::from(self.chunk_size);
+        (self.virtual_size - start).min(u64::from(self.chunk_size)) as usize
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Manifest {
+        Manifest {
+            format: MANIFEST_FORMAT.into(),
+            format_version: MANIFEST_VERSION,
+            kind: ManifestKind::Disk,
+            name: ImageName::new("web").unwrap(),
+            created: 1,
+            created_by: "test".into(),
+            parent: None,
+            virtual_size: 65536 + 512,
+            chunk_size: 65536,
+            boot: Boot::Bios,
+            source_format: "raw".into(),
+            chunks: vec![Some(ChunkId::of(b"a")), None],
+        }
+    }
+
+    #[test]
+    fn round_trip_and_checksum() {
+        let m = sample();
+        let (id, bytes) = m.to_bytes();
+        assert_eq!(Manifest::from_bytes(&id, &bytes).unwrap(), m);
+        assert_eq!(m.chunk_len(1), 512);
+        let mut bad = bytes.clone();
+        bad[10] ^= 1;
+        assert!(Manifest::from_bytes(&id, &bad).is_err());
+    }
+
+    #[test]
+    fn refuses_inconsistent_chunk_counts() {
+        let mut m = sample();
+        m.chunks.pop();
+        let (id, bytes) = m.to_bytes();
+        let err = Manifest::from_bytes(&id, &bytes).unwrap_err().to_string();
+        assert!(err.contains("chunks for"), "{err}");
+    }
+}
