@@ -91,6 +91,15 @@ impl Backend {
         }
     }
 
+    /// Deletes an object only if it was last modified before `cutoff`, deciding on its time
+    /// *after* taking it out of reach, so a concurrent [`Backend::touch`] either fails (and the
+    /// writer writes the object again) or wins (and the object stays). Returns the size freed.
+    pub fn delete_if_older(&self, key: &str, cutoff: SystemTime) -> Result<Option<u64>> {
+        match self {
+            Self::File(f) => f.delete_if_older(key, cutoff),
+        }
+    }
+
     /// Marks an object as just used (its modification time becomes now); false if missing.
     pub fn touch(&self, key: &str) -> Result<bool> {
         match self {
@@ -221,6 +230,27 @@ impl FileBackend {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(self.err("delete", key, e)),
         }
+    }
+
+    fn delete_if_older(&self, key: &str, cutoff: SystemTime) -> Result<Option<u64>> {
+        let path = self.path(key)?;
+        let mut aside = path.clone().into_os_string();
+        aside.push(format!(".gc-{}", std::process::id()));
+        let aside = PathBuf::from(aside);
+        match fs::rename(&path, &aside) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(self.err("move aside", key, e)),
+        }
+        let m = fs::metadata(&aside).map_err(|e| self.err("stat", key, e))?;
+        if meta(&m).modified >= cutoff {
+            // Touched since it was listed: a writer relies on it. Put it back (if the writer
+            // already wrote it anew, the content is identical).
+            fs::rename(&aside, &path).map_err(|e| self.err("restore", key, e))?;
+            return Ok(None);
+        }
+        fs::remove_file(&aside).map_err(|e| self.err("delete", key, e))?;
+        Ok(Some(m.len()))
     }
 
     fn touch(&self, key: &str) -> Result<bool> {

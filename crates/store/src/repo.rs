@@ -18,7 +18,10 @@
 //! GC computes `cutoff = min(its own start, oldest live lease's start) − grace`, marks every
 //! chunk referenced by a tagged manifest or by any manifest younger than the cutoff, then deletes
 //! unmarked chunks and untagged manifests **older than the cutoff**. A chunk a writer relies on
-//! is never older than the cutoff, so GC cannot take it.
+//! is never older than the cutoff, so GC cannot take it. Because the listing GC works from is a
+//! little stale, each candidate is first moved aside and its time read *after* the move
+//! ([`Backend::delete_if_older`]): a writer's touch that lands before the move makes GC put the
+//! chunk back; one that lands after it fails, and the writer writes the chunk again.
 //!
 //! | operation | concurrent with import | with verify | with gc | with export/serve |
 //! | --- | --- | --- | --- | --- |
@@ -480,9 +483,19 @@ impl Repository {
     ) -> Result<String> {
         self.backend.sync()?;
         for id in touched {
-            match self.backend.head(&id.key())? {
-                Some(m) if chunk::plausible_size(m.size) => {}
-                _ => return Err(StoreError::ChunkVanished { chunk: id.to_hex() }),
+            // GC moves a candidate aside for a moment before deciding; look again briefly.
+            let mut present = false;
+            for attempt in 0..5 {
+                if let Some(m) = self.backend.head(&id.key())? {
+                    if chunk::plausible_size(m.size) {
+                        present = true;
+                        break;
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(10 << attempt));
+            }
+            if !present {
+                return Err(StoreError::ChunkVanished { chunk: id.to_hex() });
             }
         }
         let (id, bytes) = manifest.to_bytes();
@@ -856,10 +869,11 @@ impl Repository {
                 report.live_chunks += 1;
             } else if meta.modified >= cutoff {
                 report.young_chunks += 1;
-            } else {
-                self.backend.delete(&key)?;
+            } else if let Some(size) = self.backend.delete_if_older(&key, cutoff)? {
                 report.removed_chunks += 1;
-                report.freed_bytes += meta.size;
+                report.freed_bytes += size;
+            } else {
+                report.young_chunks += 1;
             }
         }
         report.seconds = started.elapsed().as_secs_f64();

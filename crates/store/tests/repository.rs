@@ -1,0 +1,302 @@
+//! The repository against real files and `qemu-img`: exact round trips for raw and qcow2,
+//! what a slightly changed second version costs, damage found by verify, and GC racing an
+//! import.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use vmatrix_core::ImageRef;
+use vmatrix_store::{ExportFormat, Repository};
+
+const MIB: usize = 1024 * 1024;
+
+fn repo(dir: &Path) -> Repository {
+    Repository::open_or_init(&format!("file://{}", dir.join("repo").display())).unwrap()
+}
+
+fn r(s: &str) -> ImageRef {
+    ImageRef::parse(s).unwrap()
+}
+
+/// A disk-like file: runs of incompressible data, text and zeros, 4 KiB aligned.
+fn disk_like(path: &Path, size: usize, seed: u64) {
+    let mut data = vec![0u8; size];
+    let mut block = 0;
+    for (i, b) in data.chunks_mut(256 * 1024).enumerate() {
+        match i % 4 {
+            0 => blake3::Hasher::new()
+                .update(&(seed + i as u64).to_le_bytes())
+                .finalize_xof()
+                .fill(b),
+            1 => {
+                let line = format!("log line {i} of the guest, status=200 bytes={}\n", i * 7);
+                for (j, byte) in b.iter_mut().enumerate() {
+                    *byte = line.as_bytes()[j % line.len()];
+                }
+            }
+            2 => {}
+            _ => blake3::Hasher::new()
+                .update(&(seed * 31 + i as u64).to_le_bytes())
+                .finalize_xof()
+                .fill(b),
+        }
+        block += 1;
+    }
+    assert!(block > 0);
+    fs::write(path, data).unwrap();
+}
+
+/// Overwrites `fraction` of the 4 KiB blocks that hold data, either scattered evenly or in
+/// clustered runs of 64 blocks.
+fn change_blocks(src: &Path, dst: &Path, fraction: f64, clustered: bool) -> usize {
+    let mut data = fs::read(src).unwrap();
+    let blocks = data.len() / 4096;
+    let want = (blocks as f64 * fraction) as usize;
+    let mut changed = 0;
+    let stride = if clustered { 64 } else { 1 };
+    let step = (blocks / (want / stride).max(1)).max(1);
+    let mut b = 0;
+    while changed < want && b < blocks {
+        for k in 0..stride {
+            let idx = b + k;
+            if idx >= blocks || changed >= want {
+                break;
+            }
+            let block = &mut data[idx * 4096..(idx + 1) * 4096];
+            blake3::Hasher::new()
+                .update(&(idx as u64 ^ 0xdead).to_le_bytes())
+                .finalize_xof()
+                .fill(block);
+            changed += 1;
+        }
+        b += step * if clustered { 1 } else { 1 };
+        if clustered {
+            b += stride;
+        }
+    }
+    fs::write(dst, data).unwrap();
+    changed
+}
+
+#[test]
+fn raw_and_qcow2_come_back_byte_for_byte() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = repo(dir.path());
+    let raw = dir.path().join("disk.raw");
+    disk_like(&raw, 24 * MIB + 512 * 3, 1);
+    let qcow2 = dir.path().join("disk.qcow2");
+    let st = std::process::Command::new("qemu-img")
+        .args(["convert", "-O", "qcow2"])
+        .arg(&raw)
+        .arg(&qcow2)
+        .status()
+        .unwrap();
+    assert!(st.success());
+
+    let first = repo
+        .import(&raw, &r("disk:raw"), dir.path(), &|_| {})
+        .unwrap();
+    assert!(first.published);
+    assert!(first.zero_bytes > 0, "zero runs are skipped");
+    let again = repo
+        .import(&raw, &r("disk:raw"), dir.path(), &|_| {})
+        .unwrap();
+    assert!(!again.published, "the same file twice publishes nothing");
+    assert_eq!(again.new_stored_bytes, 0, "and stores nothing");
+    let from_qcow2 = repo
+        .import(&qcow2, &r("disk:qcow2"), dir.path(), &|_| {})
+        .unwrap();
+    assert_eq!(
+        from_qcow2.new_chunks, 0,
+        "same content from qcow2 dedups fully"
+    );
+
+    for tag in ["raw", "qcow2"] {
+        let out = dir.path().join(format!("out-{tag}.raw"));
+        repo.export(&r(&format!("disk:{tag}")), &out, ExportFormat::Raw, &|_| {})
+            .unwrap();
+        assert_eq!(fs::read(&out).unwrap(), fs::read(&raw).unwrap(), "{tag}");
+    }
+    let out = dir.path().join("out.qcow2");
+    repo.export(&r("disk:raw"), &out, ExportFormat::Qcow2, &|_| {})
+        .unwrap();
+    let cmp = std::process::Command::new("qemu-img")
+        .arg("compare")
+        .arg(&out)
+        .arg(&raw)
+        .status()
+        .unwrap();
+    assert!(cmp.success(), "qcow2 export differs from the source");
+    assert!(repo.verify(None, &|_| {}).unwrap().is_clean());
+}
+
+#[test]
+fn a_version_with_three_percent_changed_adds_about_that_much() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = repo(dir.path());
+    let v1 = dir.path().join("v1.raw");
+    disk_like(&v1, 64 * MIB, 7);
+    let base = repo.import(&v1, &r("app:v1"), dir.path(), &|_| {}).unwrap();
+    for (tag, clustered) in [("clustered", true), ("scattered", false)] {
+        let v2 = dir.path().join(format!("{tag}.raw"));
+        let changed = change_blocks(&v1, &v2, 0.03, clustered);
+        let rep = repo
+            .import(&v2, &r(&format!("app:{tag}")), dir.path(), &|_| {})
+            .unwrap();
+        let added = rep.new_raw_bytes as f64 / rep.logical_bytes as f64;
+        eprintln!(
+            "{tag}: {changed} blocks of 4 KiB changed ({:.1}% of the image); the new version added {:.1}% of the image ({} raw bytes, {} stored; first version stored {})",
+            changed as f64 * 4096.0 * 100.0 / rep.logical_bytes as f64,
+            added * 100.0,
+            rep.new_raw_bytes,
+            rep.new_stored_bytes,
+            base.new_stored_bytes
+        );
+        if clustered {
+            assert!(
+                added < 0.06,
+                "clustered 3% change added {:.1}%",
+                added * 100.0
+            );
+        } else {
+            // 64 KiB chunks: a scattered 4 KiB change taints its whole chunk.
+            assert!(
+                added < 0.6,
+                "scattered 3% change added {:.1}%",
+                added * 100.0
+            );
+        }
+        let out = dir.path().join(format!("{tag}.out"));
+        repo.export(&r(&format!("app:{tag}")), &out, ExportFormat::Raw, &|_| {})
+            .unwrap();
+        assert_eq!(fs::read(&out).unwrap(), fs::read(&v2).unwrap());
+    }
+}
+
+fn chunk_files(repo_dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for d in fs::read_dir(repo_dir.join("repo/chunks")).unwrap() {
+        for f in fs::read_dir(d.unwrap().path()).unwrap() {
+            out.push(f.unwrap().path());
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn verify_names_corrupt_and_missing_chunks() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = repo(dir.path());
+    let raw = dir.path().join("disk.raw");
+    disk_like(&raw, 8 * MIB, 3);
+    repo.import(&raw, &r("disk:v1"), dir.path(), &|_| {})
+        .unwrap();
+    assert!(repo.verify(None, &|_| {}).unwrap().is_clean());
+
+    let files = chunk_files(dir.path());
+    let corrupt = &files[0];
+    let mut bytes = fs::read(corrupt).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x55;
+    fs::write(corrupt, bytes).unwrap();
+    let missing = &files[1];
+    fs::remove_file(missing).unwrap();
+
+    let report = repo.verify(Some(&r("disk:v1")), &|_| {}).unwrap();
+    assert!(!report.is_clean());
+    let name = |p: &Path| p.file_name().unwrap().to_string_lossy().into_owned();
+    assert_eq!(report.corrupt.len(), 1, "{report:?}");
+    assert_eq!(report.corrupt[0].0, name(corrupt));
+    assert_eq!(report.corrupt[0].2, vec!["disk:v1".to_string()]);
+    assert_eq!(report.missing.len(), 1, "{report:?}");
+    assert_eq!(report.missing[0].0, name(missing));
+    let out = dir.path().join("out.raw");
+    let err = repo
+        .export(&r("disk:v1"), &out, ExportFormat::Raw, &|_| {})
+        .unwrap_err();
+    assert!(err.to_string().contains("chunk"), "{err}");
+    assert!(!out.exists(), "a failed export left a file behind");
+}
+
+fn backdate(paths: &[PathBuf], by: Duration) {
+    let when = SystemTime::now() - by;
+    for p in paths {
+        fs::File::options()
+            .write(true)
+            .open(p)
+            .unwrap()
+            .set_modified(when)
+            .unwrap();
+    }
+}
+
+#[test]
+fn gc_frees_unreferenced_data_and_keeps_tagged_versions() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = repo(dir.path());
+    let a = dir.path().join("a.raw");
+    let b = dir.path().join("b.raw");
+    disk_like(&a, 8 * MIB, 11);
+    disk_like(&b, 8 * MIB, 12);
+    repo.import(&a, &r("a:v1"), dir.path(), &|_| {}).unwrap();
+    repo.import(&b, &r("b:v1"), dir.path(), &|_| {}).unwrap();
+    repo.remove(&r("b:v1")).unwrap();
+    let young = repo.gc(Duration::from_secs(3600)).unwrap();
+    assert_eq!(young.removed_chunks, 0, "young data is kept: {young:?}");
+    backdate(&chunk_files(dir.path()), Duration::from_secs(7200));
+    let manifests: Vec<PathBuf> = fs::read_dir(dir.path().join("repo/manifests"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    backdate(&manifests, Duration::from_secs(7200));
+    let old = repo.gc(Duration::from_secs(3600)).unwrap();
+    assert!(old.removed_chunks > 0, "{old:?}");
+    assert_eq!(old.removed_manifests, 1, "{old:?}");
+    assert!(repo.verify(None, &|_| {}).unwrap().is_clean());
+    let out = dir.path().join("a.out");
+    repo.export(&r("a:v1"), &out, ExportFormat::Raw, &|_| {})
+        .unwrap();
+    assert_eq!(fs::read(&out).unwrap(), fs::read(&a).unwrap());
+}
+
+#[test]
+fn gc_racing_an_import_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = repo(dir.path());
+    let v1 = dir.path().join("v1.raw");
+    disk_like(&v1, 48 * MIB, 21);
+    repo.import(&v1, &r("svc:v1"), dir.path(), &|_| {}).unwrap();
+    // v1 becomes garbage, old enough for gc with no grace at all…
+    repo.remove(&r("svc:v1")).unwrap();
+    backdate(&chunk_files(dir.path()), Duration::from_secs(86_000));
+    let manifests: Vec<PathBuf> = fs::read_dir(dir.path().join("repo/manifests"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    backdate(&manifests, Duration::from_secs(86_000));
+    // …while an import of a v2 that shares almost all of v1's chunks runs.
+    let v2 = dir.path().join("v2.raw");
+    change_blocks(&v1, &v2, 0.01, true);
+
+    let mut rounds = 0;
+    std::thread::scope(|s| {
+        let import = s.spawn(|| repo.import(&v2, &r("svc:v2"), dir.path(), &|_| {}));
+        while !import.is_finished() {
+            repo.gc(Duration::ZERO).unwrap();
+            rounds += 1;
+        }
+        let report = import.join().unwrap().expect("the import succeeds");
+        assert!(report.published);
+    });
+    repo.gc(Duration::ZERO).unwrap();
+    eprintln!("gc ran {rounds} time(s) during the import");
+    assert!(rounds > 0);
+    let verify = repo.verify(None, &|_| {}).unwrap();
+    assert!(verify.is_clean(), "{verify:?}");
+    let out = dir.path().join("v2.out");
+    repo.export(&r("svc:v2"), &out, ExportFormat::Raw, &|_| {})
+        .unwrap();
+    assert_eq!(fs::read(&out).unwrap(), fs::read(&v2).unwrap());
+}
