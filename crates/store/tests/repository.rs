@@ -22,7 +22,6 @@ fn r(s: &str) -> ImageRef {
 /// A disk-like file: runs of incompressible data, text and zeros, 4 KiB aligned.
 fn disk_like(path: &Path, size: usize, seed: u64) {
     let mut data = vec![0u8; size];
-    let mut block = 0;
     for (i, b) in data.chunks_mut(256 * 1024).enumerate() {
         match i % 4 {
             0 => blake3::Hasher::new()
@@ -41,9 +40,7 @@ fn disk_like(path: &Path, size: usize, seed: u64) {
                 .finalize_xof()
                 .fill(b),
         }
-        block += 1;
     }
-    assert!(block > 0);
     fs::write(path, data).unwrap();
 }
 
@@ -70,7 +67,7 @@ fn change_blocks(src: &Path, dst: &Path, fraction: f64, clustered: bool) -> usiz
                 .fill(block);
             changed += 1;
         }
-        b += step * if clustered { 1 } else { 1 };
+        b += step;
         if clustered {
             b += stride;
         }
