@@ -1,5 +1,4 @@
-//! End-to-end tests of the `vmatrix` binary: the main command boots a real guest and stops it
-//! cleanly on Ctrl-C, and bad input gets a clear error.
+//! `vmatrix up` boots a real guest and stops it cleanly on Ctrl-C; bad input gets a clear error.
 
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -7,20 +6,8 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::Command;
 
-fn vmatrix() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vmatrix"));
-    cmd.kill_on_drop(true);
-    cmd
-}
-
-fn data_dir() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("vmx-e2e-")
-        .tempdir_in("/tmp")
-        .expect("temp dir")
-}
+use crate::support::{data_dir, vmatrix};
 
 #[tokio::test]
 #[ignore = "boots real QEMU; run by scripts/test"]

@@ -1,0 +1,146 @@
+//! `vmatrix image`: one-line errors that leave the repository untouched, and a repository that
+//! verifies clean after an import is killed with SIGKILL.
+
+use std::path::Path;
+use std::time::Duration;
+
+use crate::support::{data_dir, snapshot, vmatrix};
+
+async fn run(args: &[&str], repo: &Path) -> (bool, String, String) {
+    let out = vmatrix()
+        .args(["image", "--repo"])
+        .arg(repo)
+        .args(args)
+        .output()
+        .await
+        .expect("run vmatrix");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn write_disk(path: &Path, mib: usize, seed: u8) {
+    let mut data = vec![0u8; mib * 1024 * 1024];
+    let mut h = blake3::Hasher::new();
+    h.update(&[seed]);
+    // Half random (incompressible), half zeros: a small but honest disk.
+    h.finalize_xof().fill(&mut data[..mib * 512 * 1024]);
+    std::fs::write(path, data).expect("write disk");
+}
+
+#[tokio::test]
+async fn bad_input_gets_one_line_and_leaves_the_repository_alone() {
+    let dir = data_dir();
+    let repo = dir.path().join("repo");
+    let disk = dir.path().join("disk.raw");
+    write_disk(&disk, 4, 1);
+    let (ok, _, err) = run(&["import", "good:v1", disk.to_str().unwrap()], &repo).await;
+    assert!(ok, "{err}");
+    let before = snapshot(&repo);
+
+    let text = dir.path().join("notes.txt");
+    std::fs::write(&text, "not a disk\n").unwrap();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["import", "x:v1", text.to_str().unwrap()],
+            "not a disk image",
+        ),
+        (
+            vec!["import", "../x:v1", disk.to_str().unwrap()],
+            "invalid image name",
+        ),
+        (
+            vec!["import", "x", disk.to_str().unwrap()],
+            "write NAME:TAG",
+        ),
+        (
+            vec!["import", "x:v1", "/nonexistent/disk.img"],
+            "No such file",
+        ),
+        (vec!["show", "good:v9"], "not found"),
+        (
+            vec!["export", "good:v9", "/tmp/never-written.raw"],
+            "not found",
+        ),
+        (vec!["tag", "good:v9", "good:v10"], "not found"),
+        (vec!["rm", "nothing:here"], "not found"),
+    ];
+    for (args, expect) in cases {
+        let (ok, _, err) = run(&args, &repo).await;
+        assert!(!ok, "{args:?} succeeded");
+        assert!(err.contains(expect), "{args:?}: {err}");
+        assert_eq!(
+            err.trim().lines().count(),
+            1,
+            "{args:?}: not one line: {err}"
+        );
+        assert!(err.starts_with("error: "), "{err}");
+        assert_eq!(snapshot(&repo), before, "{args:?} changed the repository");
+    }
+    let elsewhere = dir.path().join("no-repo-here");
+    let (ok, _, err) = run(&["ls"], &elsewhere).await;
+    assert!(!ok);
+    assert!(
+        err.contains("no vMatrix repository") && err.contains("--repo"),
+        "{err}"
+    );
+    assert!(!elsewhere.exists(), "ls created a repository");
+    let (ok, _, err) = vmatrix()
+        .args(["image", "--repo", "ftp://host/x", "ls"])
+        .output()
+        .await
+        .map(|o| {
+            (
+                o.status.success(),
+                (),
+                String::from_utf8_lossy(&o.stderr).into_owned(),
+            )
+        })
+        .unwrap();
+    assert!(!ok);
+    assert!(err.contains("file:///absolute/path or s3://"), "{err}");
+}
+
+#[tokio::test]
+async fn an_import_killed_midway_leaves_a_clean_repository() {
+    let dir = data_dir();
+    let repo = dir.path().join("repo");
+    let disk = dir.path().join("big.raw");
+    write_disk(&disk, 384, 2);
+    let mut child = vmatrix()
+        .args(["image", "--repo"])
+        .arg(&repo)
+        .args(["import", "big:v1"])
+        .arg(&disk)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Kill it once it has written some chunks but (very likely) not all.
+    let chunks = repo.join("chunks");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let n = std::fs::read_dir(&chunks).map(|d| d.count()).unwrap_or(0);
+        if n >= 20 || tokio::time::Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    child.start_kill().unwrap();
+    let status = child.wait().await.unwrap();
+    eprintln!("import killed: {status}");
+
+    let (ok, out, err) = run(&["verify"], &repo).await;
+    assert!(ok, "verify after kill -9: {out}{err}");
+    let (ok, out, err) = run(&["import", "big:v1", disk.to_str().unwrap()], &repo).await;
+    assert!(ok, "re-import: {err}");
+    eprintln!("re-import after the kill: {out}");
+    let (ok, out, err) = run(&["verify", "big:v1"], &repo).await;
+    assert!(ok, "{out}{err}");
+    let back = dir.path().join("back.raw");
+    let (ok, _, err) = run(&["export", "big:v1", back.to_str().unwrap()], &repo).await;
+    assert!(ok, "{err}");
+    assert!(std::fs::read(&back).unwrap() == std::fs::read(&disk).unwrap());
+}
