@@ -62,6 +62,20 @@ pub enum ImageCommand {
         /// NAME:TAG; all images when omitted.
         image: Option<String>,
     },
+    /// Export NAME:TAG read-only over NBD, fetching chunks on demand (lazy activation).
+    Serve {
+        /// NAME:TAG.
+        image: String,
+        /// Where to listen: unix:/path/to.sock.
+        #[arg(long)]
+        nbd: String,
+        /// Chunk cache directory (default DATA/cache).
+        #[arg(long)]
+        cache: Option<PathBuf>,
+        /// Cache size bound, e.g. 2G.
+        #[arg(long, default_value = "2G", value_parser = crate::parse_size)]
+        cache_size: u64,
+    },
     /// Remove unreferenced versions and chunks (safe while imports run).
     Gc {
         /// Keep unreferenced objects younger than this many seconds.
@@ -281,6 +295,53 @@ pub fn run(cmd: ImageCommand, url: &str, data: &Path) -> Result<()> {
             if !report.is_clean() {
                 bail!("the repository {url} is damaged; re-import or pull the affected images");
             }
+        }
+        ImageCommand::Serve {
+            image,
+            nbd,
+            cache,
+            cache_size,
+        } => {
+            let image = parse_ref(&image)?;
+            let Some(socket) = nbd.strip_prefix("unix:") else {
+                bail!("--nbd {nbd:?}: use unix:/path/to.sock");
+            };
+            let repo = std::sync::Arc::new(Repository::open(url)?);
+            let (id, manifest) = repo.resolve(&image)?;
+            let cache_dir = cache.unwrap_or_else(|| data.join("cache"));
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            runtime.block_on(async {
+                let cache = std::sync::Arc::new(vmatrix_store::cache::ChunkCache::new(
+                    repo.clone(),
+                    &cache_dir,
+                    cache_size,
+                )?);
+                let export = vmatrix_store::nbd::Export::new(
+                    image.name.as_str(),
+                    manifest,
+                    cache.clone(),
+                );
+                let server = vmatrix_store::nbd::NbdServer::start(export.clone(), Path::new(socket))?;
+                println!(
+                    "serving {image} (version {}) at {} ; Ctrl-C stops",
+                    &id[..16],
+                    server.url(image.name.as_str())
+                );
+                crate::shutdown_signal().await;
+                let st = &cache.stats;
+                use std::sync::atomic::Ordering::Relaxed;
+                println!(
+                    "served {} to clients; fetched {} chunks ({}) from the repository; {} cache hits",
+                    human(export.served_bytes.load(Relaxed)),
+                    st.fetches.load(Relaxed),
+                    human(st.fetched_bytes.load(Relaxed)),
+                    st.hits.load(Relaxed)
+                );
+                anyhow::Ok(())
+            })?;
         }
         ImageCommand::Gc { grace_seconds } => {
             let repo = Repository::open(url)?;

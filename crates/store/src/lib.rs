@@ -10,9 +10,11 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod backend;
+pub mod cache;
 pub mod chunk;
 pub mod error;
 pub mod manifest;
+pub mod nbd;
 pub mod repo;
 
 pub use backend::Backend;

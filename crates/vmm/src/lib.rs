@@ -19,4 +19,4 @@ pub mod vm;
 pub use accel::{AccelChoice, Accelerator, ProbeBoot};
 pub use error::{Result, VmmError};
 pub use migration::{IncomingVm, MigrationFailure, MigrationReport, MigrationTarget};
-pub use vm::{ImageFormat, StopOutcome, SuspendedVm, Vm, VmDir, VmSpec};
+pub use vm::{BaseImage, ImageFormat, StopOutcome, SuspendedVm, Vm, VmDir, VmSpec};

@@ -51,15 +51,52 @@ impl ImageFormat {
     }
 }
 
+/// The read-only disk an instance's overlay sits on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BaseImage {
+    /// A local file.
+    File {
+        /// The image file.
+        path: PathBuf,
+        /// Its format.
+        format: ImageFormat,
+    },
+    /// A raw export served over NBD, e.g. the repository's lazy export
+    /// (`nbd+unix:///NAME?socket=PATH`).
+    Nbd {
+        /// The NBD URL.
+        url: String,
+    },
+}
+
+impl From<PathBuf> for BaseImage {
+    fn from(path: PathBuf) -> Self {
+        Self::File {
+            path,
+            format: ImageFormat::Raw,
+        }
+    }
+}
+
+impl From<&PathBuf> for BaseImage {
+    fn from(path: &PathBuf) -> Self {
+        path.clone().into()
+    }
+}
+
+impl From<&Path> for BaseImage {
+    fn from(path: &Path) -> Self {
+        path.to_owned().into()
+    }
+}
+
 /// Everything that defines a VM's hardware and its place on a machine.
 #[derive(Debug, Clone)]
 pub struct VmSpec {
     /// The instance id, passed to the guest as SMBIOS serial.
     pub instance: InstanceId,
-    /// The base disk image; read only.
-    pub base_image: PathBuf,
-    /// The base image's format.
-    pub base_format: ImageFormat,
+    /// The base disk image; never written.
+    pub base: BaseImage,
     /// Guest RAM in MiB.
     pub memory_mib: u32,
     /// Virtual CPUs.
@@ -76,14 +113,13 @@ impl VmSpec {
     /// A spec with the reference guest's defaults: 256 MiB, 1 vCPU, guest port 80.
     pub fn new(
         instance: InstanceId,
-        base_image: impl Into<PathBuf>,
+        base: impl Into<BaseImage>,
         forward: SocketAddr,
         accel: Accelerator,
     ) -> Self {
         Self {
             instance,
-            base_image: base_image.into(),
-            base_format: ImageFormat::Raw,
+            base: base.into(),
             memory_mib: 256,
             vcpus: 1,
             forward,
@@ -465,7 +501,16 @@ pub(crate) fn prepare_dir(dir: &VmDir) -> Result<()> {
 
 /// Creates `overlay` as a fresh qcow2 over the spec's base image.
 pub(crate) async fn create_overlay(spec: &VmSpec, overlay: &Path) -> Result<()> {
-    let base = std::fs::canonicalize(&spec.base_image).map_err(io_err("open", &spec.base_image))?;
+    let (format, backing) = match &spec.base {
+        BaseImage::File { path, format } => (
+            format.as_str(),
+            std::fs::canonicalize(path)
+                .map_err(io_err("open", path))?
+                .display()
+                .to_string(),
+        ),
+        BaseImage::Nbd { url } => ("raw", url.clone()),
+    };
     let _ = std::fs::remove_file(overlay);
     let args = vec![
         "create".to_owned(),
@@ -473,9 +518,9 @@ pub(crate) async fn create_overlay(spec: &VmSpec, overlay: &Path) -> Result<()> 
         "-f".into(),
         "qcow2".into(),
         "-F".into(),
-        spec.base_format.as_str().into(),
+        format.into(),
         "-b".into(),
-        base.display().to_string(),
+        backing,
         overlay.display().to_string(),
     ];
     run_tool("qemu-img", &args).await
@@ -594,7 +639,7 @@ mod tests {
     fn spec() -> VmSpec {
         VmSpec::new(
             InstanceId::new("web-1").unwrap(),
-            "/img/base.img",
+            Path::new("/img/base.img"),
             "127.0.0.2:20001".parse().unwrap(),
             Accelerator::Tcg,
         )
