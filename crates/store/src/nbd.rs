@@ -335,7 +335,7 @@ async fn serve_connection(mut s: UnixStream, export: Arc<Export>) -> Io<()> {
                         Ok(d) => (0, d),
                         Err(e) => (e, Vec::new()),
                     };
-                    let _ = simple_reply(&mut *w, handle, err, &data).await;
+                    let _ = simple_reply(&mut w, handle, err, &data).await;
                 });
             }
             CMD_WRITE => {
@@ -348,16 +348,16 @@ async fn serve_connection(mut s: UnixStream, export: Arc<Export>) -> Io<()> {
                     left -= n as u64;
                 }
                 let mut w = writer.lock().await;
-                simple_reply(&mut *w, handle, EPERM, &[]).await?;
+                simple_reply(&mut w, handle, EPERM, &[]).await?;
             }
             CMD_FLUSH => {
                 let mut w = writer.lock().await;
-                simple_reply(&mut *w, handle, 0, &[]).await?;
+                simple_reply(&mut w, handle, 0, &[]).await?;
             }
             CMD_DISC => return Ok(()),
             _ => {
                 let mut w = writer.lock().await;
-                simple_reply(&mut *w, handle, EINVAL, &[]).await?;
+                simple_reply(&mut w, handle, EINVAL, &[]).await?;
             }
         }
     }
