@@ -28,11 +28,24 @@ pub struct ObjectMeta {
 pub enum Backend {
     /// A local or mounted directory.
     File(FileBackend),
+    /// An S3-compatible object store.
+    S3(crate::s3::S3Backend),
 }
 
 impl Backend {
-    /// Opens the backend named by `url` (`file:///absolute/path`).
+    /// Opens the backend named by `url` (`file:///absolute/path` or `s3://bucket/prefix`; for
+    /// S3 the endpoint, region and credentials come from the usual `AWS_*` variables).
     pub fn open(url: &str) -> Result<Self> {
+        if let Some(rest) = url.strip_prefix("s3://") {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            if bucket.is_empty() {
+                return Err(StoreError::BadUrl { url: url.into() });
+            }
+            return Ok(Self::S3(crate::s3::S3Backend::new(
+                bucket,
+                prefix.trim_matches('/'),
+            )?));
+        }
         if let Some(path) = url.strip_prefix("file://") {
             if !path.starts_with('/') {
                 return Err(StoreError::BadUrl { url: url.into() });
@@ -46,6 +59,7 @@ impl Backend {
     pub fn location(&self) -> String {
         match self {
             Self::File(f) => format!("file://{}", f.root.display()),
+            Self::S3(b) => b.location(),
         }
     }
 
@@ -53,6 +67,7 @@ impl Backend {
     pub fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
         match self {
             Self::File(f) => f.get(key),
+            Self::S3(b) => b.get(key),
         }
     }
 
@@ -60,6 +75,7 @@ impl Backend {
     pub fn put(&self, key: &str, data: &[u8]) -> Result<()> {
         match self {
             Self::File(f) => f.put(key, data, false),
+            Self::S3(b) => b.put(key, data),
         }
     }
 
@@ -67,6 +83,7 @@ impl Backend {
     pub fn put_durable(&self, key: &str, data: &[u8]) -> Result<()> {
         match self {
             Self::File(f) => f.put(key, data, true),
+            Self::S3(b) => b.put(key, data),
         }
     }
 
@@ -74,6 +91,7 @@ impl Backend {
     pub fn head(&self, key: &str) -> Result<Option<ObjectMeta>> {
         match self {
             Self::File(f) => f.head(key),
+            Self::S3(b) => b.head(key),
         }
     }
 
@@ -81,6 +99,7 @@ impl Backend {
     pub fn list(&self, prefix: &str) -> Result<Vec<(String, ObjectMeta)>> {
         match self {
             Self::File(f) => f.list(prefix),
+            Self::S3(b) => b.list(prefix),
         }
     }
 
@@ -88,6 +107,7 @@ impl Backend {
     pub fn delete(&self, key: &str) -> Result<()> {
         match self {
             Self::File(f) => f.delete(key),
+            Self::S3(b) => b.delete(key),
         }
     }
 
@@ -97,6 +117,7 @@ impl Backend {
     pub fn delete_if_older(&self, key: &str, cutoff: SystemTime) -> Result<Option<u64>> {
         match self {
             Self::File(f) => f.delete_if_older(key, cutoff),
+            Self::S3(b) => b.delete_if_older(key, cutoff),
         }
     }
 
@@ -104,6 +125,7 @@ impl Backend {
     pub fn touch(&self, key: &str) -> Result<bool> {
         match self {
             Self::File(f) => f.touch(key),
+            Self::S3(b) => b.touch(key),
         }
     }
 
@@ -111,6 +133,8 @@ impl Backend {
     pub fn sync(&self) -> Result<()> {
         match self {
             Self::File(f) => f.sync(),
+            // A successful S3 PUT is durable.
+            Self::S3(_) => Ok(()),
         }
     }
 }

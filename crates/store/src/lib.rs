@@ -16,6 +16,7 @@ pub mod error;
 pub mod manifest;
 pub mod nbd;
 pub mod repo;
+pub mod s3;
 
 pub use backend::Backend;
 pub use error::{Result, StoreError};

@@ -10,9 +10,9 @@
 //! 2. For every chunk it needs, a writer either writes it (new, so its time is now) or
 //!    **touches** the existing one (its time becomes now). Either way, every chunk a running
 //!    writer relies on is younger than that writer's start.
-//! 3. Before publishing its manifest the writer syncs, then checks that every chunk it touched
-//!    still exists; if GC removed one in the instant between GC's look and the touch, the import
-//!    fails without publishing anything (and can simply be run again).
+//! 3. Before publishing its manifest the writer syncs, then checks (twice, 0.2 s apart) that
+//!    every chunk it touched still exists; one that GC removed in the instant between GC's look
+//!    and the touch is read again from the source and written back.
 //! 4. The manifest is published (durably), then the tag.
 //!
 //! GC computes `cutoff = min(its own start, oldest live lease's start) − grace`, marks every
@@ -278,15 +278,23 @@ pub fn inspect(path: &Path) -> Result<SourceImage> {
 impl Repository {
     /// Opens an existing repository.
     pub fn open(url: &str) -> Result<Self> {
-        let backend = Backend::open(url)?;
+        Self::open_backend(Backend::open(url)?)
+    }
+
+    /// Opens the repository at `url`, creating it if there is none.
+    pub fn open_or_init(url: &str) -> Result<Self> {
+        Self::open_or_init_backend(Backend::open(url)?)
+    }
+
+    /// Opens an existing repository on `backend`.
+    pub fn open_backend(backend: Backend) -> Result<Self> {
         let repo = Self { backend };
         repo.check_config()?;
         Ok(repo)
     }
 
-    /// Opens the repository at `url`, creating it if there is none.
-    pub fn open_or_init(url: &str) -> Result<Self> {
-        let backend = Backend::open(url)?;
+    /// Opens the repository on `backend`, creating it if there is none.
+    pub fn open_or_init_backend(backend: Backend) -> Result<Self> {
         let repo = Self { backend };
         match repo.backend.get(CONFIG_KEY)? {
             Some(_) => repo.check_config()?,
@@ -467,35 +475,46 @@ impl Repository {
             source_format: source.format,
             chunks: chunks.ids,
         };
-        report.version = self.publish(image, &manifest, &chunks.touched)?;
+        report.version = self.publish(image, &manifest, &raw_path, &chunks.touched)?;
         report.published = true;
         report.seconds = started.elapsed().as_secs_f64();
         Ok(report)
     }
 
-    /// Makes the chunks durable, checks the ones we only touched, then publishes the manifest
-    /// and moves the tag.
+    /// Makes the chunks durable, makes sure the ones we only touched are still there (writing
+    /// back from `raw` any that a concurrent GC took), then publishes the manifest and moves the
+    /// tag.
     fn publish(
         &self,
         image: &ImageRef,
         manifest: &Manifest,
-        touched: &[ChunkId],
+        raw: &Path,
+        touched: &[(usize, ChunkId)],
     ) -> Result<String> {
         self.backend.sync()?;
-        for id in touched {
-            // GC moves a candidate aside for a moment before deciding; look again briefly.
-            let mut present = false;
-            for attempt in 0..5 {
-                if let Some(m) = self.backend.head(&id.key())? {
-                    if chunk::plausible_size(m.size) {
-                        present = true;
-                        break;
-                    }
+        let mut pending: Vec<(usize, ChunkId)> = touched.to_vec();
+        // Look twice: the second look, a moment later, also sees GC deletions that were
+        // already in flight during the first.
+        for round in 0..4 {
+            let missing = self.missing_of(&pending)?;
+            if missing.is_empty() {
+                if round >= 1 {
+                    break;
                 }
-                std::thread::sleep(Duration::from_millis(10 << attempt));
+                std::thread::sleep(Duration::from_millis(200));
+                continue;
             }
-            if !present {
-                return Err(StoreError::ChunkVanished { chunk: id.to_hex() });
+            tracing::info!(
+                "{} reused chunk(s) vanished during the import (gc); writing them again",
+                missing.len()
+            );
+            self.write_back(raw, manifest, &missing)?;
+            self.backend.sync()?;
+            pending = missing;
+            if round == 3 {
+                if let Some((_, id)) = self.missing_of(&pending)?.first() {
+                    return Err(StoreError::ChunkVanished { chunk: id.to_hex() });
+                }
             }
         }
         let (id, bytes) = manifest.to_bytes();
@@ -503,6 +522,43 @@ impl Repository {
         self.backend
             .put_durable(&Self::tag_key(image), id.as_bytes())?;
         Ok(id)
+    }
+
+    fn missing_of(&self, chunks: &[(usize, ChunkId)]) -> Result<Vec<(usize, ChunkId)>> {
+        let mut missing = Vec::new();
+        for &(index, id) in chunks {
+            match self.backend.head(&id.key())? {
+                Some(m) if chunk::plausible_size(m.size) => {}
+                _ => missing.push((index, id)),
+            }
+        }
+        Ok(missing)
+    }
+
+    /// Re-reads chunks from the source and writes them again.
+    fn write_back(
+        &self,
+        raw: &Path,
+        manifest: &Manifest,
+        chunks: &[(usize, ChunkId)],
+    ) -> Result<()> {
+        let mut f = fs::File::open(raw).map_err(io_err("open", raw))?;
+        for &(index, id) in chunks {
+            let mut data = vec![0u8; manifest.chunk_len(index)];
+            f.seek(SeekFrom::Start(
+                index as u64 * u64::from(manifest.chunk_size),
+            ))
+            .map_err(io_err("seek in", raw))?;
+            f.read_exact(&mut data).map_err(io_err("read", raw))?;
+            if ChunkId::of(&data) != id {
+                return Err(StoreError::BadInput {
+                    path: raw.to_owned(),
+                    reason: "the file changed while it was being imported; import it again".into(),
+                });
+            }
+            self.backend.put(&id.key(), &chunk::encode(&data))?;
+        }
+        Ok(())
     }
 
     /// Cuts `raw` into chunks on all cores: zero chunks are skipped, existing chunks touched,
@@ -569,7 +625,7 @@ impl Repository {
                             ChunkOutcome::Zero(len) => out.zero_bytes += len as u64,
                             ChunkOutcome::Reused(id) => {
                                 out.reused += 1;
-                                out.touched.push(id);
+                                out.touched.push((index, id));
                                 out.ids[index] = Some(id);
                             }
                             ChunkOutcome::New(id, raw_len, stored_len) => {
@@ -819,8 +875,13 @@ impl Repository {
     /// Removes untagged versions and unreferenced chunks older than the cutoff (see the module
     /// docs for the protocol that makes this safe while imports run).
     pub fn gc(&self, grace: Duration) -> Result<GcReport> {
+        self.gc_at(SystemTime::now(), grace)
+    }
+
+    /// [`Repository::gc`] as if the time were `now` (time is an input, so tests and tools can
+    /// look at the repository from the future instead of waiting).
+    pub fn gc_at(&self, now: SystemTime, grace: Duration) -> Result<GcReport> {
         let started = Instant::now();
-        let now = SystemTime::now();
         let mut report = GcReport::default();
         let mut oldest = now;
         for (key, meta) in self.backend.list("leases/")? {
@@ -836,7 +897,12 @@ impl Repository {
             report.active_leases += 1;
             oldest = oldest.min(started_at).min(meta.modified);
         }
-        let cutoff = oldest.checked_sub(grace).unwrap_or(UNIX_EPOCH);
+        // Whole seconds: object stores keep modification times to the second, and a touch must
+        // never look older than the cutoff of a writer that started in the same second.
+        let oldest_secs = oldest.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let cutoff = (UNIX_EPOCH + Duration::from_secs(oldest_secs))
+            .checked_sub(grace)
+            .unwrap_or(UNIX_EPOCH);
 
         let tagged = self.tagged_versions()?;
         let mut live: HashSet<ChunkId> = HashSet::new();
@@ -884,7 +950,8 @@ impl Repository {
 #[derive(Debug, Default)]
 struct StoredChunks {
     ids: Vec<Option<ChunkId>>,
-    touched: Vec<ChunkId>,
+    /// Chunks that already existed and were only touched, with their index.
+    touched: Vec<(usize, ChunkId)>,
     zero_bytes: u64,
     reused: u64,
     new_chunks: u64,
