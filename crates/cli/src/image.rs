@@ -62,6 +62,22 @@ pub enum ImageCommand {
         /// NAME:TAG; all images when omitted.
         image: Option<String>,
     },
+    /// Copy NAME:TAG to another repository, sending only the chunks it lacks.
+    Push {
+        /// NAME:TAG.
+        image: String,
+        /// Destination repository URL (file:///path, a path, or s3://bucket/prefix).
+        #[arg(long)]
+        to: String,
+    },
+    /// Copy NAME:TAG from another repository, fetching only the chunks this one lacks.
+    Pull {
+        /// NAME:TAG.
+        image: String,
+        /// Source repository URL.
+        #[arg(long)]
+        from: String,
+    },
     /// Export NAME:TAG read-only over NBD, fetching chunks on demand (lazy activation).
     Serve {
         /// NAME:TAG.
@@ -134,6 +150,36 @@ fn human(bytes: u64) -> String {
     } else {
         format!("{v:.1} {}", units[u])
     }
+}
+
+fn copy(source: &Repository, dest: &Repository, image: &ImageRef) -> Result<()> {
+    let (_, m) = source.resolve(image)?;
+    let mut unique: Vec<_> = m.chunks.iter().flatten().collect();
+    unique.sort();
+    unique.dedup();
+    let bar = ProgressBar::new(unique.len() as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} chunks eta {eta}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_message(format!(
+        "{image}: {} → {}",
+        source.backend().location(),
+        dest.backend().location()
+    ));
+    let r = dest.copy_from(source, image, &|n| bar.set_position(n))?;
+    bar.finish_and_clear();
+    println!(
+        "copied {} (version {}): {} of {} chunks sent ({}), the rest already there; {:.2}s",
+        r.image,
+        &r.version[..16],
+        r.copied_chunks,
+        r.chunks,
+        human(r.copied_bytes),
+        r.seconds
+    );
+    Ok(())
 }
 
 pub fn run(cmd: ImageCommand, url: &str, data: &Path) -> Result<()> {
@@ -295,6 +341,18 @@ pub fn run(cmd: ImageCommand, url: &str, data: &Path) -> Result<()> {
             if !report.is_clean() {
                 bail!("the repository {url} is damaged; re-import or pull the affected images");
             }
+        }
+        ImageCommand::Push { image, to } => {
+            let image = parse_ref(&image)?;
+            let source = Repository::open(url)?;
+            let dest = Repository::open_or_init(&repo_url(Some(to), data)?)?;
+            copy(&source, &dest, &image)?;
+        }
+        ImageCommand::Pull { image, from } => {
+            let image = parse_ref(&image)?;
+            let source = Repository::open(&repo_url(Some(from), data)?)?;
+            let dest = Repository::open_or_init(url)?;
+            copy(&source, &dest, &image)?;
         }
         ImageCommand::Serve {
             image,

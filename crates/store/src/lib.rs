@@ -20,4 +20,6 @@ pub mod s3;
 
 pub use backend::Backend;
 pub use error::{Result, StoreError};
-pub use repo::{ExportFormat, GcReport, ImageEntry, ImportReport, Repository, VerifyReport};
+pub use repo::{
+    CopyReport, ExportFormat, GcReport, ImageEntry, ImportReport, Repository, VerifyReport,
+};

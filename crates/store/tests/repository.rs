@@ -311,3 +311,59 @@ fn gc_racing_an_import_loses_nothing(kind: Kind) {
         .unwrap();
     assert_eq!(fs::read(&out).unwrap(), fs::read(&v2).unwrap());
 }
+
+#[test]
+#[ignore = "needs the s3s-fs server; run by scripts/test"]
+fn push_and_pull_send_only_missing_chunks() {
+    let local = Fixture::new(Kind::File);
+    let remote = Fixture::new(Kind::S3);
+    let v1 = local.path().join("v1.raw");
+    disk_like(&v1, 8 * MIB, 41);
+    local
+        .repo
+        .import(&v1, &r("web:v1"), local.path(), &|_| {})
+        .unwrap();
+    let first = remote
+        .repo
+        .copy_from(&local.repo, &r("web:v1"), &|_| {})
+        .unwrap();
+    assert_eq!(
+        first.copied_chunks, first.chunks,
+        "everything is new to the remote"
+    );
+    let again = remote
+        .repo
+        .copy_from(&local.repo, &r("web:v1"), &|_| {})
+        .unwrap();
+    assert_eq!(again.copied_chunks, 0, "a second push sends nothing");
+    assert_eq!(
+        again.version, first.version,
+        "the same version id on both sides"
+    );
+
+    let v2 = local.path().join("v2.raw");
+    change_blocks(&v1, &v2, 0.03, true);
+    local
+        .repo
+        .import(&v2, &r("web:v2"), local.path(), &|_| {})
+        .unwrap();
+    let second = remote
+        .repo
+        .copy_from(&local.repo, &r("web:v2"), &|_| {})
+        .unwrap();
+    assert!(second.copied_chunks * 10 < second.chunks, "{second:?}");
+
+    // Pull back into a third, empty repository and compare bytes.
+    let other = Fixture::new(Kind::File);
+    other
+        .repo
+        .copy_from(&remote.repo, &r("web:v2"), &|_| {})
+        .unwrap();
+    assert!(other.repo.verify(None, &|_| {}).unwrap().is_clean());
+    let out = other.path().join("v2.out");
+    other
+        .repo
+        .export(&r("web:v2"), &out, ExportFormat::Raw, &|_| {})
+        .unwrap();
+    assert_eq!(fs::read(&out).unwrap(), fs::read(&v2).unwrap());
+}
