@@ -446,8 +446,60 @@ impl Repository {
             _converted = tmp;
             _converted.0.clone()
         };
+        self.import_raw(
+            &raw_path,
+            source.virtual_size,
+            image,
+            ManifestKind::Disk,
+            &source.format,
+            &format!("vmatrix image import {}", path.display()),
+            started,
+            progress,
+        )
+    }
+
+    /// Stores a saved memory and device state (a suspend's output) as `image`, chunked and
+    /// deduplicated like a disk, so a VM suspended on one machine resumes on any other.
+    pub fn import_state(
+        &self,
+        path: &Path,
+        image: &ImageRef,
+        progress: Progress<'_>,
+    ) -> Result<ImportReport> {
+        let started = Instant::now();
+        let size = fs::metadata(path).map_err(io_err("open", path))?.len();
+        if size == 0 {
+            return Err(StoreError::BadInput {
+                path: path.to_owned(),
+                reason: "the saved state is empty".into(),
+            });
+        }
+        self.import_raw(
+            path,
+            size,
+            image,
+            ManifestKind::State,
+            "qemu-migration-stream",
+            &format!("saved state {}", path.display()),
+            started,
+            progress,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn import_raw(
+        &self,
+        raw_path: &Path,
+        size: u64,
+        image: &ImageRef,
+        kind: ManifestKind,
+        source_format: &str,
+        what: &str,
+        started: Instant,
+        progress: Progress<'_>,
+    ) -> Result<ImportReport> {
         let _lease = self.take_lease(&format!("import {image}"))?;
-        let chunks = self.store_chunks(&raw_path, source.virtual_size, progress)?;
+        let chunks = self.store_chunks(raw_path, size, progress)?;
 
         let previous = match self.resolve(image) {
             Ok((id, m)) => Some((id, m)),
@@ -458,7 +510,7 @@ impl Repository {
             image: image.to_string(),
             version: String::new(),
             published: false,
-            logical_bytes: source.virtual_size,
+            logical_bytes: size,
             zero_bytes: chunks.zero_bytes,
             new_chunks: chunks.new_chunks,
             new_raw_bytes: chunks.new_raw_bytes,
@@ -467,7 +519,7 @@ impl Repository {
             seconds: 0.0,
         };
         if let Some((id, old)) = &previous {
-            if old.chunks == chunks.ids && old.virtual_size == source.virtual_size {
+            if old.chunks == chunks.ids && old.virtual_size == size && old.kind == kind {
                 report.version = id.clone();
                 report.seconds = started.elapsed().as_secs_f64();
                 return Ok(report);
@@ -476,23 +528,18 @@ impl Repository {
         let manifest = Manifest {
             format: MANIFEST_FORMAT.into(),
             format_version: MANIFEST_VERSION,
-            kind: ManifestKind::Disk,
+            kind,
             name: image.name.clone(),
             created: unix_now(),
-            created_by: format!(
-                "vmatrix image import {} (pid {} on {})",
-                path.display(),
-                std::process::id(),
-                host_name()
-            ),
+            created_by: format!("{what} (pid {} on {})", std::process::id(), host_name()),
             parent: previous.map(|(id, _)| id),
-            virtual_size: source.virtual_size,
+            virtual_size: size,
             chunk_size: CHUNK_SIZE as u32,
             boot: Boot::Bios,
-            source_format: source.format,
+            source_format: source_format.to_owned(),
             chunks: chunks.ids,
         };
-        report.version = self.publish(image, &manifest, &raw_path, &chunks.touched)?;
+        report.version = self.publish(image, &manifest, raw_path, &chunks.touched)?;
         report.published = true;
         report.seconds = started.elapsed().as_secs_f64();
         Ok(report)
