@@ -7,7 +7,7 @@ use std::net::{SocketAddr, TcpListener};
 use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use vmatrix_core::InstanceId;
 use vmatrix_vmm::{AccelChoice, IncomingVm, ProbeBoot, Vm, VmSpec};
 
@@ -187,5 +187,216 @@ fn qemu_version() -> String {
                 .nth(3)
                 .map(str::to_owned)
         })
+        .unwrap_or_else(|| "?".into())
+}
+
+/// Makes `dst`: a copy of `src` with `fraction` of its 4 KiB blocks rewritten, in clustered runs
+/// of 64 blocks (how files change on a real disk), deterministically.
+fn changed_copy(src: &Path, dst: &Path, fraction: f64) -> Result<u64> {
+    use std::io::{Seek, SeekFrom, Write};
+    std::fs::copy(src, dst).with_context(|| format!("copying {}", src.display()))?;
+    let len = std::fs::metadata(dst)?.len();
+    let blocks = len / 4096;
+    let runs = ((blocks as f64 * fraction) / 64.0).ceil() as u64;
+    let stride = (blocks / runs.max(1)).max(64);
+    let mut f = std::fs::OpenOptions::new().write(true).open(dst)?;
+    let mut buf = vec![0u8; 64 * 4096];
+    let mut changed = 0;
+    for r in 0..runs {
+        let start = r * stride;
+        if start + 64 > blocks {
+            break;
+        }
+        blake3::Hasher::new()
+            .update(&r.to_le_bytes())
+            .finalize_xof()
+            .fill(&mut buf);
+        f.seek(SeekFrom::Start(start * 4096))?;
+        f.write_all(&buf)?;
+        changed += 64;
+    }
+    f.sync_all()?;
+    Ok(changed)
+}
+
+fn dir_bytes(dir: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        for e in entries.flatten() {
+            match e.metadata() {
+                Ok(m) if m.is_dir() => stack.push(e.path()),
+                Ok(m) => total += m.len(),
+                Err(_) => {}
+            }
+        }
+    }
+    total
+}
+
+fn restic(repo: &Path, args: &[&str]) -> Result<std::time::Duration> {
+    let started = std::time::Instant::now();
+    let out = std::process::Command::new("restic")
+        .arg("--repo")
+        .arg(repo)
+        .args(["--no-cache", "--quiet"])
+        .args(args)
+        .env("RESTIC_PASSWORD", "vmatrix-bench")
+        .output()
+        .context("running restic (apt-get install restic)")?;
+    if !out.status.success() {
+        bail!("restic {args:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(started.elapsed())
+}
+
+/// `vmatrix bench store`: the repository against restic, and lazy activation against a small
+/// image and against copy-then-boot.
+pub async fn store(accel: AccelChoice, size: u64, work: &Path) -> Result<()> {
+    use std::sync::Arc;
+    use vmatrix_core::ImageRef;
+    use vmatrix_store::{cache::ChunkCache, nbd, ExportFormat, Repository};
+
+    let root = work.join("vmatrix-bench-store");
+    std::fs::create_dir_all(&root)?;
+    eprintln!("building guests (cached) …");
+    let big = vmatrix_guest::build(&vmatrix_guest::BuildOptions {
+        size,
+        ..vmatrix_guest::BuildOptions::new(root.join("guest-big.img"))
+    })?;
+    let small = vmatrix_guest::build(&vmatrix_guest::BuildOptions::new(root.join("guest-64m.img")))?;
+    let v2 = root.join("guest-big-v2.img");
+    let changed = changed_copy(&big.disk, &v2, 0.03)?;
+
+    for d in ["repo", "restic", "cache-small", "cache-big", "vms", "copy"] {
+        let _ = std::fs::remove_dir_all(root.join(d));
+    }
+    let repo = Arc::new(Repository::open_or_init(&format!("file://{}", root.join("repo").display()))?);
+    let r = |s: &str| ImageRef::parse(s).expect("valid ref");
+    let mib = |b: u64| b as f64 / 1048576.0;
+    let mut rows: Vec<[String; 4]> = Vec::new();
+
+    eprintln!("(a) ingest {} MiB …", size >> 20);
+    let scratch = root.join("tmp");
+    let ours = tokio::task::block_in_place(|| repo.import(&big.disk, &r("big:v1"), &scratch, &|_| {}))?;
+    let ours_v1_bytes = dir_bytes(&root.join("repo"));
+    restic(&root.join("restic"), &["init", "--repository-version", "2"])?;
+    let restic_v1 = restic(&root.join("restic"), &["backup", big.disk.to_str().unwrap_or_default()])?;
+    let restic_v1_bytes = dir_bytes(&root.join("restic"));
+    let tput = |secs: f64| format!("{:.0} MiB/s", mib(size) / secs);
+    rows.push([
+        format!("(a) ingest {} MiB image: throughput", size >> 20),
+        tput(ours.seconds),
+        tput(restic_v1.as_secs_f64()),
+        String::new(),
+    ]);
+    rows.push([
+        "(a) stored bytes".into(),
+        format!("{:.1} MiB", mib(ours_v1_bytes)),
+        format!("{:.1} MiB", mib(restic_v1_bytes)),
+        String::new(),
+    ]);
+
+    eprintln!("(b) second version, {changed} blocks of 4 KiB changed …");
+    let ours2 = tokio::task::block_in_place(|| repo.import(&v2, &r("big:v2"), &scratch, &|_| {}))?;
+    let ours_added = dir_bytes(&root.join("repo")) - ours_v1_bytes;
+    let restic_v2 = restic(&root.join("restic"), &["backup", v2.to_str().unwrap_or_default()])?;
+    let restic_added = dir_bytes(&root.join("restic")) - restic_v1_bytes;
+    let pct = |b: u64| format!("{:.1} MiB ({:.1}% of the image)", mib(b), b as f64 * 100.0 / size as f64);
+    rows.push([
+        format!("(b) v2 with {:.1}% of blocks changed: added", changed as f64 * 4096.0 * 100.0 / size as f64),
+        pct(ours_added),
+        pct(restic_added),
+        String::new(),
+    ]);
+    rows.push([
+        "(b) v2 time".into(),
+        format!("{:.2} s", ours2.seconds),
+        format!("{:.2} s", restic_v2.as_secs_f64()),
+        String::new(),
+    ]);
+
+    eprintln!("(c) activation to first HTTP answer …");
+    tokio::task::block_in_place(|| repo.import(&small.disk, &r("small:v1"), &scratch, &|_| {}))?;
+    let accel = vmatrix_vmm::accel::resolve(
+        accel,
+        Some(&ProbeBoot {
+            kernel: small.kernel.clone(),
+            initrd: small.initrd.clone(),
+        }),
+    )
+    .await;
+    let mut activation = Vec::new();
+    for (label, image, cache_dir) in [
+        ("lazy NBD, 64 MiB image", "small:v1", "cache-small"),
+        ("lazy NBD, big image", "big:v1", "cache-big"),
+    ] {
+        let (_, manifest) = repo.resolve(&r(image))?;
+        let cache = Arc::new(ChunkCache::new(repo.clone(), &root.join(cache_dir), 4 << 30)?);
+        let export = nbd::Export::new("disk", manifest, cache.clone());
+        let server = nbd::NbdServer::start(export, &root.join(format!("{cache_dir}.sock")))?;
+        let spec = VmSpec::new(
+            InstanceId::new(format!("bench-{cache_dir}"))?,
+            vmatrix_vmm::BaseImage::Nbd { url: server.url("disk") },
+            free_addr()?,
+            accel,
+        );
+        let started = tokio::time::Instant::now();
+        let mut vm = Vm::boot(spec, root.join("vms").join(cache_dir)).await?;
+        vm.wait_ready(Duration::from_secs(120)).await?;
+        let took = started.elapsed().as_secs_f64();
+        let fetched = cache.stats.fetched_bytes.load(std::sync::atomic::Ordering::Relaxed);
+        vm.kill().await;
+        drop(server);
+        activation.push((label, took, fetched));
+    }
+    let started = tokio::time::Instant::now();
+    let copy = root.join("copy/big.raw");
+    std::fs::create_dir_all(root.join("copy"))?;
+    tokio::task::block_in_place(|| repo.export(&r("big:v1"), &copy, ExportFormat::Raw, &|_| {}))?;
+    let copied_in = started.elapsed().as_secs_f64();
+    let spec = VmSpec::new(InstanceId::new("bench-copy")?, &copy, free_addr()?, accel);
+    let mut vm = Vm::boot(spec, root.join("vms/copy")).await?;
+    vm.wait_ready(Duration::from_secs(120)).await?;
+    let copy_boot = started.elapsed().as_secs_f64();
+    vm.kill().await;
+    let small_t = activation[0].1;
+    for (label, took, fetched) in &activation {
+        rows.push([
+            format!("(c) activate → HTTP, {label}"),
+            format!("{took:.2} s ({:.1} MiB fetched)", mib(*fetched)),
+            String::new(),
+            format!("{:.2}x the 64 MiB image", took / small_t),
+        ]);
+    }
+    rows.push([
+        "(c) activate → HTTP, copy-then-boot big image".into(),
+        format!("{copy_boot:.2} s (copy {copied_in:.2} s)"),
+        String::new(),
+        format!("{:.2}x the 64 MiB image", copy_boot / small_t),
+    ]);
+    let _ = std::fs::remove_file(&copy);
+
+    println!(
+        "\nstore benchmark: image {} MiB, accelerator {}, restic {}\n",
+        size >> 20,
+        accel.as_str(),
+        restic_version()
+    );
+    println!("| measure | vmatrix | restic | note |");
+    println!("| --- | --- | --- | --- |");
+    for row in rows {
+        println!("| {} | {} | {} | {} |", row[0], row[1], row[2], row[3]);
+    }
+    Ok(())
+}
+
+fn restic_version() -> String {
+    std::process::Command::new("restic")
+        .arg("version")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).split_whitespace().nth(1).map(str::to_owned))
         .unwrap_or_else(|| "?".into())
 }

@@ -81,6 +81,16 @@ enum BenchCommand {
         #[arg(long, default_value = "/tmp")]
         work: PathBuf,
     },
+    /// The repository against restic (ingest, second version) and lazy activation against a
+    /// 64 MiB image and copy-then-boot.
+    Store {
+        /// Size of the big image.
+        #[arg(long, default_value = "4G", value_parser = parse_size)]
+        size: u64,
+        /// Where to keep the images and repositories (reused between runs).
+        #[arg(long, default_value = "/tmp")]
+        work: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -177,6 +187,13 @@ fn run() -> Result<()> {
                 .build()
                 .context("starting the async runtime")?;
             runtime.block_on(bench::vmm(accel, runs, memory, &work))?;
+        }
+        Command::Bench(BenchCommand::Store { size, work }) => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            runtime.block_on(bench::store(accel, size, &work))?;
         }
         Command::Guest(GuestCommand::Build {
             out,

@@ -39,6 +39,8 @@ pub struct ChunkCache {
     dir: PathBuf,
     limit: u64,
     lru: Mutex<Lru>,
+    /// Makes temporary names unique: a read and a read-ahead may fetch one chunk at once.
+    tmp_counter: AtomicU64,
     /// What the cache did so far.
     pub stats: CacheStats,
 }
@@ -68,6 +70,7 @@ impl ChunkCache {
             dir: dir.to_owned(),
             limit,
             lru: Mutex::new(lru),
+            tmp_counter: AtomicU64::new(0),
             stats: CacheStats::default(),
         })
     }
@@ -179,5 +182,47 @@ impl ChunkCache {
     /// Bytes currently cached.
     pub fn cached_bytes(&self) -> u64 {
         self.lru.lock().map(|l| l.bytes).unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmatrix_core::ImageRef;
+
+    #[test]
+    fn fills_on_demand_and_evicts_the_least_recently_used() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Arc::new(
+            Repository::open_or_init(&format!("file://{}", dir.path().join("repo").display()))
+                .unwrap(),
+        );
+        // Four distinct, incompressible 64 KiB chunks.
+        let mut disk = vec![0u8; 4 * 65536];
+        blake3::Hasher::new().finalize_xof().fill(&mut disk);
+        let raw = dir.path().join("d.raw");
+        std::fs::write(&raw, &disk).unwrap();
+        let image = ImageRef::parse("d:v1").unwrap();
+        repo.import(&raw, &image, dir.path(), &|_| {}).unwrap();
+        let (_, m) = repo.resolve(&image).unwrap();
+        let ids: Vec<ChunkId> = m.chunks.iter().flatten().copied().collect();
+
+        let cache = ChunkCache::new(repo.clone(), &dir.path().join("cache"), 3 * 65536).unwrap();
+        for id in &ids[..3] {
+            assert_eq!(ChunkId::of(&cache.get(id).unwrap()), *id);
+        }
+        assert_eq!(cache.stats.fetches.load(Ordering::Relaxed), 3);
+        cache.get(&ids[0]).unwrap(); // 0 is now the most recently used
+        assert_eq!(cache.stats.hits.load(Ordering::Relaxed), 1);
+        cache.get(&ids[3]).unwrap(); // over the bound: 1 is the least recently used
+        assert!(cache.cached_bytes() <= 3 * 65536);
+        assert!(!cache.contains(&ids[1]), "the least recently used chunk stays");
+        assert!(cache.contains(&ids[0]) && cache.contains(&ids[3]));
+        assert_eq!(cache.stats.evictions.load(Ordering::Relaxed), 1);
+
+        // A new cache over the same directory reuses what is there.
+        let again = ChunkCache::new(repo, &dir.path().join("cache"), 3 * 65536).unwrap();
+        again.get(&ids[3]).unwrap();
+        assert_eq!(again.stats.fetches.load(Ordering::Relaxed), 0);
     }
 }
