@@ -223,7 +223,9 @@ fn dir_bytes(dir: &Path) -> u64 {
     let mut total = 0;
     let mut stack = vec![dir.to_owned()];
     while let Some(d) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
         for e in entries.flatten() {
             match e.metadata() {
                 Ok(m) if m.is_dir() => stack.push(e.path()),
@@ -246,7 +248,10 @@ fn restic(repo: &Path, args: &[&str]) -> Result<std::time::Duration> {
         .output()
         .context("running restic (apt-get install restic)")?;
     if !out.status.success() {
-        bail!("restic {args:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "restic {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(started.elapsed())
 }
@@ -265,24 +270,33 @@ pub async fn store(accel: AccelChoice, size: u64, work: &Path) -> Result<()> {
         size,
         ..vmatrix_guest::BuildOptions::new(root.join("guest-big.img"))
     })?;
-    let small = vmatrix_guest::build(&vmatrix_guest::BuildOptions::new(root.join("guest-64m.img")))?;
+    let small = vmatrix_guest::build(&vmatrix_guest::BuildOptions::new(
+        root.join("guest-64m.img"),
+    ))?;
     let v2 = root.join("guest-big-v2.img");
     let changed = changed_copy(&big.disk, &v2, 0.03)?;
 
     for d in ["repo", "restic", "cache-small", "cache-big", "vms", "copy"] {
         let _ = std::fs::remove_dir_all(root.join(d));
     }
-    let repo = Arc::new(Repository::open_or_init(&format!("file://{}", root.join("repo").display()))?);
+    let repo = Arc::new(Repository::open_or_init(&format!(
+        "file://{}",
+        root.join("repo").display()
+    ))?);
     let r = |s: &str| ImageRef::parse(s).expect("valid ref");
     let mib = |b: u64| b as f64 / 1048576.0;
     let mut rows: Vec<[String; 4]> = Vec::new();
 
     eprintln!("(a) ingest {} MiB …", size >> 20);
     let scratch = root.join("tmp");
-    let ours = tokio::task::block_in_place(|| repo.import(&big.disk, &r("big:v1"), &scratch, &|_| {}))?;
+    let ours =
+        tokio::task::block_in_place(|| repo.import(&big.disk, &r("big:v1"), &scratch, &|_| {}))?;
     let ours_v1_bytes = dir_bytes(&root.join("repo"));
     restic(&root.join("restic"), &["init", "--repository-version", "2"])?;
-    let restic_v1 = restic(&root.join("restic"), &["backup", big.disk.to_str().unwrap_or_default()])?;
+    let restic_v1 = restic(
+        &root.join("restic"),
+        &["backup", big.disk.to_str().unwrap_or_default()],
+    )?;
     let restic_v1_bytes = dir_bytes(&root.join("restic"));
     let tput = |secs: f64| format!("{:.0} MiB/s", mib(size) / secs);
     rows.push([
@@ -301,11 +315,23 @@ pub async fn store(accel: AccelChoice, size: u64, work: &Path) -> Result<()> {
     eprintln!("(b) second version, {changed} blocks of 4 KiB changed …");
     let ours2 = tokio::task::block_in_place(|| repo.import(&v2, &r("big:v2"), &scratch, &|_| {}))?;
     let ours_added = dir_bytes(&root.join("repo")) - ours_v1_bytes;
-    let restic_v2 = restic(&root.join("restic"), &["backup", v2.to_str().unwrap_or_default()])?;
+    let restic_v2 = restic(
+        &root.join("restic"),
+        &["backup", v2.to_str().unwrap_or_default()],
+    )?;
     let restic_added = dir_bytes(&root.join("restic")) - restic_v1_bytes;
-    let pct = |b: u64| format!("{:.1} MiB ({:.1}% of the image)", mib(b), b as f64 * 100.0 / size as f64);
+    let pct = |b: u64| {
+        format!(
+            "{:.1} MiB ({:.1}% of the image)",
+            mib(b),
+            b as f64 * 100.0 / size as f64
+        )
+    };
     rows.push([
-        format!("(b) v2 with {:.1}% of blocks changed: added", changed as f64 * 4096.0 * 100.0 / size as f64),
+        format!(
+            "(b) v2 with {:.1}% of blocks changed: added",
+            changed as f64 * 4096.0 * 100.0 / size as f64
+        ),
         pct(ours_added),
         pct(restic_added),
         String::new(),
@@ -333,12 +359,18 @@ pub async fn store(accel: AccelChoice, size: u64, work: &Path) -> Result<()> {
         ("lazy NBD, big image", "big:v1", "cache-big"),
     ] {
         let (_, manifest) = repo.resolve(&r(image))?;
-        let cache = Arc::new(ChunkCache::new(repo.clone(), &root.join(cache_dir), 4 << 30)?);
+        let cache = Arc::new(ChunkCache::new(
+            repo.clone(),
+            &root.join(cache_dir),
+            4 << 30,
+        )?);
         let export = nbd::Export::new("disk", manifest, cache.clone());
         let server = nbd::NbdServer::start(export, &root.join(format!("{cache_dir}.sock")))?;
         let spec = VmSpec::new(
             InstanceId::new(format!("bench-{cache_dir}"))?,
-            vmatrix_vmm::BaseImage::Nbd { url: server.url("disk") },
+            vmatrix_vmm::BaseImage::Nbd {
+                url: server.url("disk"),
+            },
             free_addr()?,
             accel,
         );
@@ -346,7 +378,10 @@ pub async fn store(accel: AccelChoice, size: u64, work: &Path) -> Result<()> {
         let mut vm = Vm::boot(spec, root.join("vms").join(cache_dir)).await?;
         vm.wait_ready(Duration::from_secs(120)).await?;
         let took = started.elapsed().as_secs_f64();
-        let fetched = cache.stats.fetched_bytes.load(std::sync::atomic::Ordering::Relaxed);
+        let fetched = cache
+            .stats
+            .fetched_bytes
+            .load(std::sync::atomic::Ordering::Relaxed);
         vm.kill().await;
         drop(server);
         activation.push((label, took, fetched));
@@ -397,6 +432,11 @@ fn restic_version() -> String {
         .arg("version")
         .output()
         .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).split_whitespace().nth(1).map(str::to_owned))
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .split_whitespace()
+                .nth(1)
+                .map(str::to_owned)
+        })
         .unwrap_or_else(|| "?".into())
 }

@@ -121,6 +121,15 @@ impl Backend {
         }
     }
 
+    /// Removes temporary files that writers killed mid-write left behind, if older than
+    /// `cutoff`; returns how many. (S3 puts leave none.)
+    pub fn sweep_temporaries(&self, cutoff: SystemTime) -> Result<u64> {
+        match self {
+            Self::File(f) => f.sweep_temporaries(cutoff),
+            Self::S3(_) => Ok(0),
+        }
+    }
+
     /// Marks an object as just used (its modification time becomes now); false if missing.
     pub fn touch(&self, key: &str) -> Result<bool> {
         match self {
@@ -275,6 +284,28 @@ impl FileBackend {
         }
         fs::remove_file(&aside).map_err(|e| self.err("delete", key, e))?;
         Ok(Some(m.len()))
+    }
+
+    fn sweep_temporaries(&self, cutoff: SystemTime) -> Result<u64> {
+        let mut removed = 0;
+        let mut stack = vec![self.root.clone()];
+        while let Some(dir) = stack.pop() {
+            let Ok(entries) = fs::read_dir(&dir) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                let Ok(m) = e.metadata() else { continue };
+                if m.is_dir() {
+                    stack.push(e.path());
+                } else if e.file_name().to_string_lossy().starts_with(".tmp-")
+                    && meta(&m).modified < cutoff
+                    && fs::remove_file(e.path()).is_ok()
+                {
+                    removed += 1;
+                }
+            }
+        }
+        Ok(removed)
     }
 
     fn touch(&self, key: &str) -> Result<bool> {

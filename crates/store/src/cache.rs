@@ -145,9 +145,10 @@ impl ChunkCache {
 
     fn insert(&self, id: &ChunkId, data: &[u8]) -> Result<()> {
         let path = self.path(id);
+        let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
         let tmp = self
             .dir
-            .join(format!(".tmp-{}-{}", id.to_hex(), std::process::id()));
+            .join(format!(".tmp-{}-{}-{n}", id.to_hex(), std::process::id()));
         std::fs::write(&tmp, data).map_err(io_err("write", &tmp))?;
         std::fs::rename(&tmp, &path).map_err(io_err("rename", &path))?;
         let mut victims = Vec::new();
@@ -216,7 +217,10 @@ mod tests {
         assert_eq!(cache.stats.hits.load(Ordering::Relaxed), 1);
         cache.get(&ids[3]).unwrap(); // over the bound: 1 is the least recently used
         assert!(cache.cached_bytes() <= 3 * 65536);
-        assert!(!cache.contains(&ids[1]), "the least recently used chunk stays");
+        assert!(
+            !cache.contains(&ids[1]),
+            "the least recently used chunk stays"
+        );
         assert!(cache.contains(&ids[0]) && cache.contains(&ids[3]));
         assert_eq!(cache.stats.evictions.load(Ordering::Relaxed), 1);
 

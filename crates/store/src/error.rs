@@ -14,7 +14,7 @@ pub enum StoreError {
     #[error("no vMatrix repository at {location}: {detail}")]
     NotARepository { location: String, detail: String },
     /// The backend could not be reached or an object operation failed.
-    #[error("repository {location}: {action} {key} failed")]
+    #[error("repository {location}: {action} {key} failed (is it reachable? check --repo and, for s3://, AWS_ENDPOINT_URL and the credentials)")]
     Backend {
         location: String,
         action: &'static str,

@@ -186,6 +186,10 @@ pub struct GcReport {
     pub freed_bytes: u64,
     /// Writers running when GC started.
     pub active_leases: usize,
+    /// Leases of writers that died more than a day ago, removed.
+    pub stale_leases_removed: usize,
+    /// Temporary files of killed writers, removed.
+    pub temporaries_removed: u64,
     /// Seconds.
     pub seconds: f64,
 }
@@ -1044,6 +1048,9 @@ impl Repository {
                 .map(|l| UNIX_EPOCH + Duration::from_secs(l.started))
                 .unwrap_or(meta.modified);
             if now.duration_since(started_at).unwrap_or_default() > LEASE_MAX_AGE {
+                // A writer that died long ago (kill -9, power loss).
+                self.backend.delete(&key)?;
+                report.stale_leases_removed += 1;
                 continue;
             }
             report.active_leases += 1;
@@ -1094,6 +1101,7 @@ impl Repository {
                 report.young_chunks += 1;
             }
         }
+        report.temporaries_removed = self.backend.sweep_temporaries(cutoff)?;
         report.seconds = started.elapsed().as_secs_f64();
         Ok(report)
     }

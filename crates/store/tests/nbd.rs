@@ -11,7 +11,10 @@ use vmatrix_store::Repository;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_reads_exactly_the_image_through_the_export() {
-    let dir = tempfile::Builder::new().prefix("vmx-nbd-").tempdir_in("/tmp").unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix("vmx-nbd-")
+        .tempdir_in("/tmp")
+        .unwrap();
     let repo = Arc::new(
         Repository::open_or_init(&format!("file://{}", dir.path().join("repo").display())).unwrap(),
     );
@@ -19,8 +22,14 @@ async fn qemu_reads_exactly_the_image_through_the_export() {
     let mut disk = vec![0u8; 16 * 1024 * 1024 + 4096];
     for (i, part) in disk.chunks_mut(1 << 20).enumerate() {
         match i % 3 {
-            0 => blake3::Hasher::new().update(&[i as u8]).finalize_xof().fill(part),
-            1 => part.iter_mut().enumerate().for_each(|(j, b)| *b = b"vmatrix "[j % 8]),
+            0 => blake3::Hasher::new()
+                .update(&[i as u8])
+                .finalize_xof()
+                .fill(part),
+            1 => part
+                .iter_mut()
+                .enumerate()
+                .for_each(|(j, b)| *b = b"vmatrix "[j % 8]),
             _ => {}
         }
     }
@@ -31,7 +40,8 @@ async fn qemu_reads_exactly_the_image_through_the_export() {
     let (_, manifest) = repo.resolve(&image).unwrap();
 
     // A cache of 2 MiB for a 16 MiB image: eviction happens while QEMU reads.
-    let cache = Arc::new(ChunkCache::new(repo.clone(), &dir.path().join("cache"), 2 << 20).unwrap());
+    let cache =
+        Arc::new(ChunkCache::new(repo.clone(), &dir.path().join("cache"), 2 << 20).unwrap());
     let export = Export::new("disk", manifest, cache.clone());
     let server = NbdServer::start(export.clone(), &dir.path().join("nbd.sock")).unwrap();
     let url = server.url("disk");
@@ -43,23 +53,41 @@ async fn qemu_reads_exactly_the_image_through_the_export() {
         .output()
         .await
         .unwrap();
-    assert!(convert.status.success(), "{}", String::from_utf8_lossy(&convert.stderr));
-    assert!(std::fs::read(&out).unwrap() == disk, "qemu-img read different bytes");
+    assert!(
+        convert.status.success(),
+        "{}",
+        String::from_utf8_lossy(&convert.stderr)
+    );
+    assert!(
+        std::fs::read(&out).unwrap() == disk,
+        "qemu-img read different bytes"
+    );
     let cmp = tokio::process::Command::new("qemu-img")
         .args(["compare", "-f", "raw", "-F", "raw", &url])
         .arg(&raw)
         .output()
         .await
         .unwrap();
-    assert!(cmp.status.success(), "{}", String::from_utf8_lossy(&cmp.stdout));
+    assert!(
+        cmp.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cmp.stdout)
+    );
 
     let writes = tokio::process::Command::new("qemu-io")
         .args(["-f", "raw", "-c", "write 0 4096", &url])
         .output()
         .await;
     if let Ok(w) = writes {
-        let text = format!("{}{}", String::from_utf8_lossy(&w.stdout), String::from_utf8_lossy(&w.stderr));
-        assert!(!text.contains("wrote 4096"), "a write to the read-only export succeeded: {text}");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&w.stdout),
+            String::from_utf8_lossy(&w.stderr)
+        );
+        assert!(
+            !text.contains("wrote 4096"),
+            "a write to the read-only export succeeded: {text}"
+        );
     }
     assert!(cache.stats.evictions.load(Ordering::Relaxed) > 0);
     assert!(cache.cached_bytes() <= 2 << 20);

@@ -101,6 +101,35 @@ async fn bad_input_gets_one_line_and_leaves_the_repository_alone() {
         .unwrap();
     assert!(!ok);
     assert!(err.contains("file:///absolute/path or s3://"), "{err}");
+
+    // An S3 repository nobody answers for: a prompt one-line error, nothing written locally.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let out = vmatrix()
+        .args(["image", "--repo", "s3://images/repo", "import", "x:v1"])
+        .arg(&disk)
+        .env("AWS_ENDPOINT_URL", format!("http://{closed}"))
+        .env("AWS_ACCESS_KEY_ID", "k")
+        .env("AWS_SECRET_ACCESS_KEY", "s")
+        .output()
+        .await
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("s3://images/repo") && err.contains("reachable"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "not one line: {err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(snapshot(&repo), before);
 }
 
 #[tokio::test]
@@ -134,6 +163,9 @@ async fn an_import_killed_midway_leaves_a_clean_repository() {
 
     let (ok, out, err) = run(&["verify"], &repo).await;
     assert!(ok, "verify after kill -9: {out}{err}");
+    let (ok, out, err) = run(&["gc", "--grace-seconds", "0"], &repo).await;
+    assert!(ok, "gc after kill -9: {out}{err}");
+    eprintln!("{out}");
     let (ok, out, err) = run(&["import", "big:v1", disk.to_str().unwrap()], &repo).await;
     assert!(ok, "re-import: {err}");
     eprintln!("re-import after the kill: {out}");
