@@ -79,7 +79,7 @@ fn change_blocks(src: &Path, dst: &Path, fraction: f64, clustered: bool) -> usiz
     let want = (blocks as f64 * fraction) as usize;
     let mut changed = 0;
     let stride = if clustered { 64 } else { 1 };
-    let step = (blocks / (want / stride).max(1)).max(1);
+    let step = (blocks / want.div_ceil(stride).max(1)).max(1);
     let mut b = 0;
     while changed < want && b < blocks {
         for k in 0..stride {
@@ -95,9 +95,6 @@ fn change_blocks(src: &Path, dst: &Path, fraction: f64, clustered: bool) -> usiz
             changed += 1;
         }
         b += step;
-        if clustered {
-            b += stride;
-        }
     }
     fs::write(dst, data).unwrap();
     changed
