@@ -5,8 +5,13 @@
 //! everything else depends on it, so it stays small, pure and fast to compile.
 #![forbid(unsafe_code)]
 
+pub mod api;
 mod image;
 mod names;
+mod spec;
+mod state;
 
 pub use image::{ImageName, ImageRef, ImageRefError, Tag};
 pub use names::{InstanceId, NameError, ServiceName};
+pub use spec::{parse_services, ServiceSpec, SpecError};
+pub use state::{IllegalTransition, InstanceState, Transition};

@@ -1,0 +1,263 @@
+//! The bodies that cross process boundaries: the controller's REST API and the agent protocol.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{ImageRef, InstanceId, InstanceState, ServiceName, ServiceSpec};
+
+/// Whether a machine takes live load or only maintenance work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MachineRole {
+    /// Runs live instances.
+    Dedicated,
+    /// Runs instances under maintenance, never live load.
+    Shared,
+}
+
+/// A real machine as the API shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MachineInfo {
+    /// `rm1`, `rm2`, …
+    pub name: String,
+    /// The agent's API address (`host:port`).
+    pub address: String,
+    /// Dedicated or shared.
+    pub role: MachineRole,
+    /// vCPUs it offers.
+    pub vcpus: u32,
+    /// Memory it offers, MiB.
+    pub memory_mib: u32,
+    /// `up`, `down` (no heartbeat) or `draining`.
+    pub state: String,
+}
+
+/// An instance as the API shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InstanceInfo {
+    /// Instance id.
+    pub id: InstanceId,
+    /// Its service.
+    pub service: ServiceName,
+    /// The image version it runs (first 16 hex digits of the version id).
+    pub version: String,
+    /// The machine it is on (empty when suspended).
+    pub machine: String,
+    /// Its state.
+    pub state: InstanceState,
+    /// `host:port` where it serves (empty when not running).
+    pub endpoint: String,
+    /// Fencing generation: bumped on every placement change.
+    pub generation: u64,
+}
+
+/// One entry of the event log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// Sequence number.
+    pub id: u64,
+    /// Unix milliseconds.
+    pub at_ms: u64,
+    /// Who acted (`controller`, `cli`, an agent).
+    pub who: String,
+    /// What was done.
+    pub what: String,
+    /// Why.
+    pub why: String,
+    /// `ok`, `failed: …`, `started`.
+    pub outcome: String,
+}
+
+/// `POST /api/v1/services` body.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApplyRequest {
+    /// The full desired set: services not listed are removed.
+    pub services: Vec<ServiceSpec>,
+}
+
+/// A manual operation on an instance or service.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case")]
+pub enum Operation {
+    /// Start one more instance of a service.
+    Activate {
+        /// The service.
+        service: ServiceName,
+        /// A machine to put it on.
+        on: Option<String>,
+    },
+    /// Suspend an instance into the repository.
+    Suspend {
+        /// The instance.
+        instance: InstanceId,
+    },
+    /// Resume a suspended instance.
+    Resume {
+        /// The instance.
+        instance: InstanceId,
+        /// A machine to resume it on.
+        on: Option<String>,
+    },
+    /// Live-migrate an instance.
+    Migrate {
+        /// The instance.
+        instance: InstanceId,
+        /// The destination machine.
+        to: String,
+    },
+    /// Throw an instance away.
+    Discard {
+        /// The instance.
+        instance: InstanceId,
+    },
+    /// Move every instance off a machine and stop placing new ones there.
+    Drain {
+        /// The machine.
+        machine: String,
+    },
+}
+
+/// An agent's self-description when it registers and on every heartbeat.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AgentReport {
+    /// Machine name.
+    pub name: String,
+    /// The agent's API address.
+    pub address: String,
+    /// Role.
+    pub role: MachineRole,
+    /// vCPUs offered.
+    pub vcpus: u32,
+    /// Memory offered, MiB.
+    pub memory_mib: u32,
+    /// What runs there now.
+    pub instances: Vec<AgentInstance>,
+}
+
+/// One instance as its agent sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentInstance {
+    /// Instance id.
+    pub id: InstanceId,
+    /// The generation the agent last acted on.
+    pub generation: u64,
+    /// `activating`, `running`, `failed`, `migrating`, `suspending`.
+    pub state: InstanceState,
+    /// `host:port`.
+    pub endpoint: String,
+    /// CPU seconds used by its QEMU so far.
+    pub cpu_seconds: f64,
+    /// Why it failed, if it did.
+    pub error: Option<String>,
+}
+
+/// Everything an agent needs to run an instance.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InstancePlan {
+    /// Instance id.
+    pub id: InstanceId,
+    /// Fencing generation.
+    pub generation: u64,
+    /// Its service.
+    pub service: ServiceName,
+    /// The disk image.
+    pub image: ImageRef,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Memory, MiB.
+    pub memory_mib: u32,
+    /// Guest port.
+    pub port: u16,
+    /// Health path.
+    pub health: String,
+}
+
+/// A command from the controller to an agent. Every command carries the instance's generation;
+/// an agent refuses one older than what it has seen (fencing).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "kebab-case")]
+pub enum AgentCommand {
+    /// Boot from the repository image (or resume the saved state `state` if given).
+    Activate {
+        /// What to run.
+        plan: InstancePlan,
+        /// Saved state and overlay in the repository, to resume instead of booting.
+        state: Option<SavedState>,
+    },
+    /// Suspend into the repository.
+    Suspend {
+        /// Instance.
+        id: InstanceId,
+        /// Generation.
+        generation: u64,
+    },
+    /// Start a paused destination for an incoming migration.
+    PrepareIncoming {
+        /// What will arrive.
+        plan: InstancePlan,
+    },
+    /// Send a running instance to a destination prepared with `PrepareIncoming`.
+    MigrateOut {
+        /// Instance.
+        id: InstanceId,
+        /// Generation.
+        generation: u64,
+        /// Where to.
+        target: MigrationTargetBody,
+    },
+    /// Let a migrated instance run on the destination.
+    FinishIncoming {
+        /// Instance.
+        id: InstanceId,
+        /// Generation.
+        generation: u64,
+    },
+    /// Stop and throw the instance away.
+    Discard {
+        /// Instance.
+        id: InstanceId,
+        /// Generation.
+        generation: u64,
+    },
+}
+
+/// The two repository objects that hold a suspended instance.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SavedState {
+    /// The memory and device state.
+    pub state: ImageRef,
+    /// The disk overlay.
+    pub overlay: ImageRef,
+}
+
+/// Where a migrating instance goes (the destination agent's answer to `PrepareIncoming`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MigrationTargetBody {
+    /// NBD server `host:port`.
+    pub nbd: String,
+    /// NBD export name.
+    pub export: String,
+    /// Migration listener `host:port`.
+    pub migration: String,
+    /// The endpoint the instance will serve on there.
+    pub endpoint: String,
+}
+
+/// An agent's answer to a command.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AgentReply {
+    /// Where the instance serves (activate, prepare).
+    pub endpoint: Option<String>,
+    /// Migration target (prepare).
+    pub target: Option<MigrationTargetBody>,
+    /// Saved state (suspend).
+    pub saved: Option<SavedState>,
+    /// QEMU's migration figures (migrate-out): total ms, downtime ms.
+    pub migration_ms: Option<(u64, u64)>,
+}
+
+/// An error body: what failed and what to do.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// The message.
+    pub error: String,
+}
