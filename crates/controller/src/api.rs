@@ -1,0 +1,176 @@
+//! The REST API under `/api/v1/`, `/openapi.json` and `/metrics`. Transports only parse: each
+//! handler turns the request into a call on the [`Controller`]. Every mutating call and all
+//! agent traffic need the bearer token.
+
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use vmatrix_core::api::{AgentReport, ApplyRequest, ErrorBody, Operation};
+
+use crate::control::{ControlError, Controller};
+
+#[derive(Clone)]
+struct Ctx {
+    c: Arc<Controller>,
+    token: Arc<String>,
+}
+
+fn err(status: StatusCode, msg: impl Into<String>) -> Response {
+    (status, Json(ErrorBody { error: msg.into() })).into_response()
+}
+
+fn check(headers: &HeaderMap, token: &str) -> Result<(), Response> {
+    let ok = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|t| t == token);
+    if ok {
+        Ok(())
+    } else {
+        Err(err(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong bearer token: pass --api/VMATRIX_TOKEN, or run the CLI on the controller's machine (it reads DATA/controller/token)",
+        ))
+    }
+}
+
+fn fail(e: ControlError) -> Response {
+    let status = match e {
+        ControlError::NotFound(_) => StatusCode::NOT_FOUND,
+        ControlError::Conflict(_) => StatusCode::CONFLICT,
+        ControlError::Agent { .. } => StatusCode::BAD_GATEWAY,
+        ControlError::Db(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    err(status, e.to_string())
+}
+
+fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Response> {
+    serde_json::from_slice(body).map_err(|e| err(StatusCode::BAD_REQUEST, format!("bad request body: {e}")))
+}
+
+async fn services(State(x): State<Ctx>) -> Response {
+    match x.c.services() {
+        Ok(s) => Json(serde_json::json!({ "services": s })).into_response(),
+        Err(e) => fail(e),
+    }
+}
+
+async fn apply(State(x): State<Ctx>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
+    if let Err(r) = check(&headers, &x.token) {
+        return r;
+    }
+    let req: ApplyRequest = match parse(&body) {
+        Ok(r) => r,
+        Err(r) => return r,
+    };
+    match x.c.apply(req.services) {
+        Ok(()) => Json(serde_json::json!({ "applied": true })).into_response(),
+        Err(e) => fail(e),
+    }
+}
+
+async fn machines(State(x): State<Ctx>) -> Response {
+    match x.c.machines() {
+        Ok(m) => Json(serde_json::json!({ "machines": m })).into_response(),
+        Err(e) => fail(e),
+    }
+}
+
+async fn instances(State(x): State<Ctx>) -> Response {
+    match x.c.instances() {
+        Ok(i) => Json(serde_json::json!({ "instances": i })).into_response(),
+        Err(e) => fail(e),
+    }
+}
+
+#[derive(Deserialize)]
+struct EventsQuery {
+    after: Option<u64>,
+    limit: Option<u32>,
+}
+
+async fn events(State(x): State<Ctx>, Query(q): Query<EventsQuery>) -> Response {
+    match x.c.events(q.after.unwrap_or(0), q.limit.unwrap_or(1000).min(10_000)) {
+        Ok(e) => Json(serde_json::json!({ "events": e })).into_response(),
+        Err(e) => fail(e),
+    }
+}
+
+async fn operate(State(x): State<Ctx>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
+    if let Err(r) = check(&headers, &x.token) {
+        return r;
+    }
+    let op: Operation = match parse(&body) {
+        Ok(o) => o,
+        Err(r) => return r,
+    };
+    match x.c.operate(op).await {
+        Ok(msg) => Json(serde_json::json!({ "result": msg })).into_response(),
+        Err(e) => fail(e),
+    }
+}
+
+async fn heartbeat(State(x): State<Ctx>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
+    if let Err(r) = check(&headers, &x.token) {
+        return r;
+    }
+    let report: AgentReport = match parse(&body) {
+        Ok(r) => r,
+        Err(r) => return r,
+    };
+    match x.c.heartbeat(report).await {
+        Ok(()) => Json(serde_json::json!({ "ok": true })).into_response(),
+        Err(e) => fail(e),
+    }
+}
+
+async fn metrics(State(x): State<Ctx>) -> Response {
+    let mut out = String::new();
+    out.push_str("# HELP vmatrix_machines Machines by state.\n# TYPE vmatrix_machines gauge\n");
+    if let Ok(ms) = x.c.machines() {
+        for state in ["up", "down", "draining"] {
+            let n = ms.iter().filter(|m| m.state == state).count();
+            out.push_str(&format!("vmatrix_machines{{state=\"{state}\"}} {n}\n"));
+        }
+    }
+    out.push_str("# HELP vmatrix_instances Instances by service and state.\n# TYPE vmatrix_instances gauge\n");
+    if let Ok(is) = x.c.instances() {
+        let mut counts = std::collections::BTreeMap::new();
+        for i in is {
+            *counts.entry((i.service.to_string(), i.state.as_str())).or_insert(0u64) += 1;
+        }
+        for ((service, state), n) in counts {
+            out.push_str(&format!("vmatrix_instances{{service=\"{service}\",state=\"{state}\"}} {n}\n"));
+        }
+    }
+    ([("content-type", "text/plain; version=0.0.4")], out).into_response()
+}
+
+async fn openapi() -> Response {
+    Json(serde_json::from_str::<serde_json::Value>(OPENAPI).unwrap_or_default()).into_response()
+}
+
+const OPENAPI: &str = include_str!("openapi.json");
+
+/// The controller's router.
+pub fn router(c: Arc<Controller>, token: String) -> Router {
+    let ctx = Ctx { c, token: Arc::new(token) };
+    Router::new()
+        .route("/api/v1/services", get(services).post(apply))
+        .route("/api/v1/machines", get(machines))
+        .route("/api/v1/instances", get(instances))
+        .route("/api/v1/events", get(events))
+        .route("/api/v1/operations", post(operate))
+        .route("/api/v1/agents/heartbeat", post(heartbeat))
+        .route("/api/v1/health", get(|| async { "ok" }))
+        .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi))
+        .layer(DefaultBodyLimit::max(1 << 20))
+        .with_state(ctx)
+}

@@ -1,0 +1,611 @@
+//! The controller's brain: desired state (services), observed state (agent heartbeats), and the
+//! level-triggered reconcile loop that turns differences into agent commands. Manual operations
+//! (activate, suspend, resume, migrate, discard, drain) run through the same code. An instance
+//! is never acted on by two operations at once (the busy set).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use vmatrix_core::api::{
+    AgentCommand, AgentReply, AgentReport, ErrorBody, InstancePlan, MachineInfo, MachineRole,
+    MigrationTargetBody, Operation,
+};
+use vmatrix_core::api::InstanceInfo;
+use vmatrix_core::{InstanceId, InstanceState, ServiceSpec};
+
+use crate::db::{Db, DbError, InstanceRow};
+
+/// A machine with no heartbeat for this long is down.
+pub const DOWN_AFTER_MS: u64 = 5_000;
+
+/// Why an operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// The state database failed.
+    #[error(transparent)]
+    Db(#[from] DbError),
+    /// The request names something that does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// The request is not possible now.
+    #[error("{0}")]
+    Conflict(String),
+    /// An agent failed or could not be reached.
+    #[error("agent {machine}: {message}")]
+    Agent { machine: String, message: String },
+}
+
+type Result<T> = std::result::Result<T, ControlError>;
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The controller.
+pub struct Controller {
+    db: Mutex<Db>,
+    http: reqwest::Client,
+    token: String,
+    busy: Mutex<HashSet<InstanceId>>,
+    started: Instant,
+    /// Machines heard from since this process started, with the time.
+    heard: Mutex<HashMap<String, Instant>>,
+}
+
+impl std::fmt::Debug for Controller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Controller")
+    }
+}
+
+/// Releases an instance from the busy set when an operation ends.
+struct BusyGuard<'a> {
+    c: &'a Controller,
+    id: InstanceId,
+}
+
+impl Drop for BusyGuard<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut b) = self.c.busy.lock() {
+            b.remove(&self.id);
+        }
+    }
+}
+
+impl Controller {
+    /// A controller over `db`, using `token` for agents.
+    pub fn new(db: Db, token: String) -> Arc<Self> {
+        Arc::new(Self {
+            db: Mutex::new(db),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(300))
+                .build()
+                .expect("a plain HTTP client builds"),
+            token,
+            busy: Mutex::new(HashSet::new()),
+            started: Instant::now(),
+            heard: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn db<T>(&self, f: impl FnOnce(&Db) -> std::result::Result<T, DbError>) -> Result<T> {
+        let db = self
+            .db
+            .lock()
+            .map_err(|_| ControlError::Conflict("state database lock poisoned".into()))?;
+        Ok(f(&db)?)
+    }
+
+    /// Appends to the event log (and the process log).
+    pub fn event(&self, who: &str, what: &str, why: &str, outcome: &str) {
+        tracing::info!(who, what, why, outcome, "event");
+        let _ = self.db(|d| d.event(now_ms(), who, what, why, outcome));
+    }
+
+    fn claim(&self, id: &InstanceId) -> Result<BusyGuard<'_>> {
+        let mut b = self
+            .busy
+            .lock()
+            .map_err(|_| ControlError::Conflict("busy set poisoned".into()))?;
+        if !b.insert(id.clone()) {
+            return Err(ControlError::Conflict(format!(
+                "instance {id} is busy with another operation; try again when it finishes"
+            )));
+        }
+        Ok(BusyGuard { c: self, id: id.clone() })
+    }
+
+    fn is_busy(&self, id: &InstanceId) -> bool {
+        self.busy.lock().map(|b| b.contains(id)).unwrap_or(true)
+    }
+
+    /// Desired services.
+    pub fn services(&self) -> Result<Vec<ServiceSpec>> {
+        self.db(|d| d.services())
+    }
+
+    /// Replaces the desired services.
+    pub fn apply(&self, services: Vec<ServiceSpec>) -> Result<()> {
+        let names: Vec<String> = services.iter().map(|s| s.name.to_string()).collect();
+        self.db(|d| d.set_services(&services))?;
+        self.event("api", "apply", &format!("services: {}", names.join(", ")), "ok");
+        Ok(())
+    }
+
+    /// Machines.
+    pub fn machines(&self) -> Result<Vec<MachineInfo>> {
+        self.db(|d| d.machines(now_ms(), DOWN_AFTER_MS))
+    }
+
+    /// Instances that exist (not discarded).
+    pub fn instances(&self) -> Result<Vec<InstanceInfo>> {
+        Ok(self.db(|d| d.instances())?.into_iter().map(|r| r.info).collect())
+    }
+
+    /// The event log after `after`.
+    pub fn events(&self, after: u64, limit: u32) -> Result<Vec<vmatrix_core::api::Event>> {
+        self.db(|d| d.events(after, limit))
+    }
+
+    async fn send(&self, machine: &MachineInfo, cmd: &AgentCommand) -> Result<AgentReply> {
+        let url = format!("http://{}/agent/v1/command", machine.address);
+        let fail = |message: String| ControlError::Agent {
+            machine: machine.name.clone(),
+            message,
+        };
+        let resp = self
+            .http
+            .post(&url)
+            .bearer_auth(&self.token)
+            .json(cmd)
+            .send()
+            .await
+            .map_err(|e| fail(format!("unreachable: {e}")))?;
+        let status = resp.status();
+        if status.is_success() {
+            resp.json().await.map_err(|e| fail(format!("bad reply: {e}")))
+        } else {
+            let body: Option<ErrorBody> = resp.json().await.ok();
+            Err(fail(format!(
+                "{status}: {}",
+                body.map_or_else(|| "no details".into(), |b| b.error)
+            )))
+        }
+    }
+
+    fn machine(&self, name: &str) -> Result<MachineInfo> {
+        self.db(|d| d.machine(name, now_ms(), DOWN_AFTER_MS))?
+            .ok_or_else(|| ControlError::NotFound(format!("no machine {name}; `vmatrix machines` lists them")))
+    }
+
+    fn spec_of(&self, service: &vmatrix_core::ServiceName) -> Result<ServiceSpec> {
+        self.services()?
+            .into_iter()
+            .find(|s| s.name == *service)
+            .ok_or_else(|| ControlError::NotFound(format!("no service {service}; `vmatrix services` lists them")))
+    }
+
+    fn plan(spec: &ServiceSpec, id: &InstanceId, generation: u64) -> InstancePlan {
+        InstancePlan {
+            id: id.clone(),
+            generation,
+            service: spec.name.clone(),
+            image: spec.image.clone(),
+            vcpus: spec.vcpus,
+            memory_mib: spec.memory_mib,
+            port: spec.port,
+            health: spec.health.clone(),
+        }
+    }
+
+    /// Picks a machine for one instance of `spec`: an up, dedicated, non-draining machine with
+    /// room, preferring fewer instances of the same service (spread), then the most free memory.
+    fn place(&self, spec: &ServiceSpec, exclude: Option<&str>) -> Result<MachineInfo> {
+        let machines = self.machines()?;
+        let instances = self.db(|d| d.instances())?;
+        let services: HashMap<_, _> = self.services()?.into_iter().map(|s| (s.name.clone(), s)).collect();
+        let mut best: Option<(u32, i64, MachineInfo)> = None;
+        let mut reasons = Vec::new();
+        for m in machines {
+            if m.state != "up" || m.role != MachineRole::Dedicated || Some(m.name.as_str()) == exclude {
+                reasons.push(format!("{}: {} {:?}", m.name, m.state, m.role));
+                continue;
+            }
+            let here: Vec<&InstanceRow> = instances
+                .iter()
+                .filter(|r| r.info.machine == m.name && r.info.state.is_placed())
+                .collect();
+            let (mut cpu, mut mem) = (0u32, 0u32);
+            for r in &here {
+                if let Some(s) = services.get(&r.info.service) {
+                    cpu += s.vcpus;
+                    mem += s.memory_mib;
+                }
+            }
+            if cpu + spec.vcpus > m.vcpus || mem + spec.memory_mib > m.memory_mib {
+                reasons.push(format!("{}: full ({cpu}/{} vCPU, {mem}/{} MiB)", m.name, m.vcpus, m.memory_mib));
+                continue;
+            }
+            let same = here.iter().filter(|r| r.info.service == spec.name).count() as u32;
+            let free = i64::from(m.memory_mib) - i64::from(mem);
+            let better = match &best {
+                None => true,
+                Some((s, f, _)) => same < *s || (same == *s && free > *f),
+            };
+            if better {
+                best = Some((same, free, m));
+            }
+        }
+        best.map(|b| b.2).ok_or_else(|| {
+            ControlError::Conflict(format!(
+                "no machine can take an instance of {} ({} vCPU, {} MiB): {}",
+                spec.name,
+                spec.vcpus,
+                spec.memory_mib,
+                if reasons.is_empty() { "no machines registered".into() } else { reasons.join("; ") }
+            ))
+        })
+    }
+
+    /// Starts a new instance of `service` (on `on`, or where placement says).
+    pub async fn activate(&self, service: &vmatrix_core::ServiceName, on: Option<&str>, why: &str) -> Result<InstanceInfo> {
+        let spec = self.spec_of(service)?;
+        let machine = match on {
+            Some(name) => self.machine(name)?,
+            None => self.place(&spec, None)?,
+        };
+        let seq = self.db(|d| d.next_seq(service))?;
+        let id = InstanceId::new(format!("{service}-{seq}"))
+            .map_err(|e| ControlError::Conflict(e.to_string()))?;
+        let _busy = self.claim(&id)?;
+        let mut row = InstanceRow {
+            info: InstanceInfo {
+                id: id.clone(),
+                service: service.clone(),
+                version: spec.image.to_string(),
+                machine: machine.name.clone(),
+                state: InstanceState::Activating,
+                endpoint: String::new(),
+                generation: 1,
+            },
+            saved: None,
+            seq,
+        };
+        self.db(|d| d.put_instance(&row))?;
+        let cmd = AgentCommand::Activate { plan: Self::plan(&spec, &id, 1), state: None };
+        match self.send(&machine, &cmd).await {
+            Ok(reply) => {
+                row.info.endpoint = reply.endpoint.unwrap_or_default();
+                self.db(|d| d.put_instance(&row))?;
+                self.event("controller", &format!("activate {id} on {}", machine.name), why, "started");
+                Ok(row.info)
+            }
+            Err(e) => {
+                row.info.state = InstanceState::Failed;
+                self.db(|d| d.put_instance(&row))?;
+                self.event("controller", &format!("activate {id} on {}", machine.name), why, &format!("failed: {e}"));
+                Err(e)
+            }
+        }
+    }
+
+    fn row(&self, id: &InstanceId) -> Result<InstanceRow> {
+        self.db(|d| d.instance(id))?
+            .ok_or_else(|| ControlError::NotFound(format!("no instance {id}; `vmatrix ps` lists them")))
+    }
+
+    /// Live-migrates a running instance to machine `to`.
+    pub async fn migrate(&self, id: &InstanceId, to: &str, why: &str) -> Result<String> {
+        let _busy = self.claim(id)?;
+        let mut row = self.row(id)?;
+        if row.info.state != InstanceState::Running {
+            return Err(ControlError::Conflict(format!("instance {id} is {}; only a running instance migrates", row.info.state.as_str())));
+        }
+        if row.info.machine == to {
+            return Err(ControlError::Conflict(format!("instance {id} already runs on {to}")));
+        }
+        let spec = self.spec_of(&row.info.service)?;
+        let source = self.machine(&row.info.machine)?;
+        let dest = self.machine(to)?;
+        if dest.state != "up" {
+            return Err(ControlError::Conflict(format!("machine {to} is {}", dest.state)));
+        }
+        let started = Instant::now();
+        let what = format!("migrate {id} {} → {to}", source.name);
+        let next_gen = row.info.generation + 1;
+        row.info.state = InstanceState::Migrating;
+        self.db(|d| d.put_instance(&row))?;
+        self.event("controller", &what, why, "started");
+        let result: Result<(MigrationTargetBody, AgentReply)> = async {
+            let prep = self.send(&dest, &AgentCommand::PrepareIncoming { plan: Self::plan(&spec, id, next_gen) }).await?;
+            let target = prep.target.ok_or_else(|| ControlError::Agent { machine: dest.name.clone(), message: "no migration target in the reply".into() })?;
+            let out = self.send(&source, &AgentCommand::MigrateOut { id: id.clone(), generation: row.info.generation, target: target.clone() }).await;
+            if let Err(e) = out {
+                let _ = self.send(&dest, &AgentCommand::Discard { id: id.clone(), generation: next_gen }).await;
+                return Err(e);
+            }
+            let out = out?;
+            self.send(&dest, &AgentCommand::FinishIncoming { id: id.clone(), generation: next_gen }).await?;
+            Ok((target, out))
+        }
+        .await;
+        match result {
+            Ok((target, out)) => {
+                row.info.machine = dest.name.clone();
+                row.info.generation = next_gen;
+                row.info.endpoint = target.endpoint;
+                row.info.state = InstanceState::Running;
+                self.db(|d| d.put_instance(&row))?;
+                let (total, down) = out.migration_ms.unwrap_or((0, 0));
+                let outcome = format!("ok in {:.2}s (QEMU total {total} ms, downtime {down} ms)", started.elapsed().as_secs_f64());
+                self.event("controller", &what, why, &outcome);
+                Ok(outcome)
+            }
+            Err(e) => {
+                row.info.state = InstanceState::Running;
+                self.db(|d| d.put_instance(&row))?;
+                self.event("controller", &what, why, &format!("failed: {e}"));
+                Err(e)
+            }
+        }
+    }
+
+    /// Suspends a running instance into the repository.
+    pub async fn suspend(&self, id: &InstanceId, why: &str) -> Result<String> {
+        let _busy = self.claim(id)?;
+        let mut row = self.row(id)?;
+        if row.info.state != InstanceState::Running {
+            return Err(ControlError::Conflict(format!("instance {id} is {}; only a running instance suspends", row.info.state.as_str())));
+        }
+        let machine = self.machine(&row.info.machine)?;
+        let what = format!("suspend {id} on {}", machine.name);
+        row.info.state = InstanceState::Suspending;
+        self.db(|d| d.put_instance(&row))?;
+        let started = Instant::now();
+        match self.send(&machine, &AgentCommand::Suspend { id: id.clone(), generation: row.info.generation }).await {
+            Ok(reply) => {
+                row.saved = reply.saved;
+                row.info.state = InstanceState::Suspended;
+                row.info.machine = String::new();
+                row.info.endpoint = String::new();
+                self.db(|d| d.put_instance(&row))?;
+                let outcome = format!("ok in {:.2}s", started.elapsed().as_secs_f64());
+                self.event("controller", &what, why, &outcome);
+                Ok(outcome)
+            }
+            Err(e) => {
+                row.info.state = InstanceState::Failed;
+                self.db(|d| d.put_instance(&row))?;
+                self.event("controller", &what, why, &format!("failed: {e}"));
+                Err(e)
+            }
+        }
+    }
+
+    /// Resumes a suspended instance (on `on`, or where placement says).
+    pub async fn resume(&self, id: &InstanceId, on: Option<&str>, why: &str) -> Result<String> {
+        let _busy = self.claim(id)?;
+        let mut row = self.row(id)?;
+        let Some(saved) = row.saved.clone().filter(|_| row.info.state == InstanceState::Suspended) else {
+            return Err(ControlError::Conflict(format!("instance {id} is {}; only a suspended instance resumes", row.info.state.as_str())));
+        };
+        let spec = self.spec_of(&row.info.service)?;
+        let machine = match on {
+            Some(n) => self.machine(n)?,
+            None => self.place(&spec, None)?,
+        };
+        let what = format!("resume {id} on {}", machine.name);
+        row.info.generation += 1;
+        row.info.machine = machine.name.clone();
+        row.info.state = InstanceState::Activating;
+        self.db(|d| d.put_instance(&row))?;
+        let started = Instant::now();
+        let cmd = AgentCommand::Activate { plan: Self::plan(&spec, id, row.info.generation), state: Some(saved) };
+        match self.send(&machine, &cmd).await {
+            Ok(reply) => {
+                row.info.endpoint = reply.endpoint.unwrap_or_default();
+                self.db(|d| d.put_instance(&row))?;
+                let outcome = format!("ok in {:.2}s", started.elapsed().as_secs_f64());
+                self.event("controller", &what, why, &outcome);
+                Ok(outcome)
+            }
+            Err(e) => {
+                // The saved state is still in the repository: stay suspended.
+                row.info.state = InstanceState::Suspended;
+                row.info.machine = String::new();
+                self.db(|d| d.put_instance(&row))?;
+                self.event("controller", &what, why, &format!("failed: {e}"));
+                Err(e)
+            }
+        }
+    }
+
+    /// Throws an instance away.
+    pub async fn discard(&self, id: &InstanceId, why: &str) -> Result<String> {
+        let _busy = self.claim(id)?;
+        let mut row = self.row(id)?;
+        if !row.info.machine.is_empty() {
+            if let Ok(machine) = self.machine(&row.info.machine) {
+                if let Err(e) = self.send(&machine, &AgentCommand::Discard { id: id.clone(), generation: row.info.generation }).await {
+                    tracing::warn!("discard {id}: {e}");
+                }
+            }
+        }
+        row.info.state = InstanceState::Discarded;
+        self.db(|d| d.put_instance(&row))?;
+        self.event("controller", &format!("discard {id}"), why, "ok");
+        Ok("discarded".into())
+    }
+
+    /// Moves every instance off a machine and stops placing there.
+    pub async fn drain(&self, machine: &str, why: &str) -> Result<String> {
+        if !self.db(|d| d.set_draining(machine, true))? {
+            return Err(ControlError::NotFound(format!("no machine {machine}")));
+        }
+        let mut moved = 0;
+        for row in self.db(|d| d.instances())? {
+            if row.info.machine == machine && row.info.state == InstanceState::Running {
+                let spec = self.spec_of(&row.info.service)?;
+                let dest = self.place(&spec, Some(machine))?;
+                self.migrate(&row.info.id, &dest.name, why).await?;
+                moved += 1;
+            }
+        }
+        self.event("controller", &format!("drain {machine}"), why, &format!("ok, {moved} moved"));
+        Ok(format!("{moved} instance(s) moved off {machine}"))
+    }
+
+    /// Runs a manual operation to completion.
+    pub async fn operate(&self, op: Operation) -> Result<String> {
+        let why = "operator request";
+        match op {
+            Operation::Activate { service, on } => self.activate(&service, on.as_deref(), why).await.map(|i| format!("{} activating on {}", i.id, i.machine)),
+            Operation::Suspend { instance } => self.suspend(&instance, why).await,
+            Operation::Resume { instance, on } => self.resume(&instance, on.as_deref(), why).await,
+            Operation::Migrate { instance, to } => self.migrate(&instance, &to, why).await,
+            Operation::Discard { instance } => self.discard(&instance, why).await,
+            Operation::Drain { machine } => self.drain(&machine, why).await,
+        }
+    }
+
+    /// Takes in an agent's heartbeat: the machine's capacity and what really runs there.
+    pub async fn heartbeat(self: &Arc<Self>, report: AgentReport) -> Result<()> {
+        let info = MachineInfo {
+            name: report.name.clone(),
+            address: report.address.clone(),
+            role: report.role,
+            vcpus: report.vcpus,
+            memory_mib: report.memory_mib,
+            state: "up".into(),
+        };
+        let first = self
+            .heard
+            .lock()
+            .map(|mut h| h.insert(report.name.clone(), Instant::now()).is_none())
+            .unwrap_or(false);
+        self.db(|d| d.upsert_machine(&info, now_ms()))?;
+        if first {
+            self.event(&report.name, "register", &format!("agent at {}", report.address), "ok");
+        }
+        let rows: HashMap<InstanceId, InstanceRow> = self.db(|d| d.instances())?.into_iter().map(|r| (r.info.id.clone(), r)).collect();
+        let mut reported = HashSet::new();
+        for inst in &report.instances {
+            reported.insert(inst.id.clone());
+            if self.is_busy(&inst.id) {
+                continue;
+            }
+            match rows.get(&inst.id) {
+                Some(row) if row.info.machine == report.name && row.info.generation == inst.generation => {
+                    let next = match (row.info.state, inst.state) {
+                        (InstanceState::Activating, InstanceState::Running) => Some(InstanceState::Running),
+                        (s, InstanceState::Failed) if s != InstanceState::Failed => Some(InstanceState::Failed),
+                        _ => None,
+                    };
+                    if let Some(state) = next {
+                        let mut row = row.clone();
+                        row.info.state = state;
+                        row.info.endpoint = inst.endpoint.clone();
+                        self.db(|d| d.put_instance(&row))?;
+                        let outcome = inst.error.clone().map_or("ok".into(), |e| format!("failed: {e}"));
+                        self.event(&report.name, &format!("{} {}", inst.id, state.as_str()), "agent report", &outcome);
+                    }
+                }
+                Some(row) if row.info.state == InstanceState::Migrating && inst.generation > row.info.generation && inst.state == InstanceState::Running => {
+                    // A migration finished while no controller watched: adopt where it runs.
+                    let mut row = row.clone();
+                    row.info.machine = report.name.clone();
+                    row.info.generation = inst.generation;
+                    row.info.endpoint = inst.endpoint.clone();
+                    row.info.state = InstanceState::Running;
+                    self.db(|d| d.put_instance(&row))?;
+                    self.event("controller", &format!("adopt {} on {}", inst.id, report.name), "found running after a restart", "ok");
+                }
+                _ => {
+                    // Not wanted here (unknown, discarded, moved away, or an older generation).
+                    let machine = info.clone();
+                    let cmd = AgentCommand::Discard { id: inst.id.clone(), generation: inst.generation };
+                    let me = self.clone();
+                    let id = inst.id.clone();
+                    tokio::spawn(async move {
+                        let outcome = match me.send(&machine, &cmd).await {
+                            Ok(_) => "ok".to_string(),
+                            Err(e) => format!("failed: {e}"),
+                        };
+                        me.event("controller", &format!("stop unwanted {id} on {}", machine.name), "the controller does not want it there", &outcome);
+                    });
+                }
+            }
+        }
+        // Instances the controller placed here that the agent no longer has are lost.
+        for row in rows.values() {
+            if row.info.machine == report.name
+                && matches!(row.info.state, InstanceState::Running | InstanceState::Activating)
+                && !reported.contains(&row.info.id)
+                && !self.is_busy(&row.info.id)
+            {
+                let mut row = row.clone();
+                row.info.state = InstanceState::Failed;
+                self.db(|d| d.put_instance(&row))?;
+                self.event(&report.name, &format!("{} failed", row.info.id), "its machine no longer runs it", "lost");
+            }
+        }
+        Ok(())
+    }
+
+    /// One reconcile pass: replace failed instances, keep every service's `min` running, and
+    /// remove instances of services no longer declared. Level-triggered: it only compares the
+    /// desired and the observed state, whatever happened before.
+    pub async fn reconcile(self: &Arc<Self>) -> Result<()> {
+        let services = self.services()?;
+        let rows = self.db(|d| d.instances())?;
+        let machines = self.machines()?;
+        let grace = self.started.elapsed() > Duration::from_millis(DOWN_AFTER_MS * 2);
+        for row in &rows {
+            if self.is_busy(&row.info.id) {
+                continue;
+            }
+            let on_down_machine = row.info.state.is_placed()
+                && grace
+                && machines.iter().any(|m| m.name == row.info.machine && m.state == "down");
+            if on_down_machine {
+                let mut r = row.clone();
+                r.info.state = InstanceState::Failed;
+                self.db(|d| d.put_instance(&r))?;
+                self.event("controller", &format!("{} failed", r.info.id), &format!("machine {} is down", r.info.machine), "lost");
+                continue;
+            }
+            let declared = services.iter().any(|s| s.name == row.info.service);
+            if row.info.state == InstanceState::Failed || !declared {
+                let why = if declared { "replace a failed instance" } else { "its service was removed" };
+                let _ = self.discard(&row.info.id, why).await;
+            }
+        }
+        let rows = self.db(|d| d.instances())?;
+        for spec in &services {
+            let live = rows
+                .iter()
+                .filter(|r| r.info.service == spec.name && matches!(r.info.state, InstanceState::Activating | InstanceState::Running | InstanceState::Migrating))
+                .count() as u32;
+            for _ in live..spec.min {
+                if let Err(e) = self.activate(&spec.name, None, &format!("keep min {} of {}", spec.min, spec.name)).await {
+                    tracing::warn!("cannot keep {} at min {}: {e}", spec.name, spec.min);
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs [`Controller::reconcile`] every `period` until the process ends.
+    pub async fn run_loop(self: Arc<Self>, period: Duration) {
+        loop {
+            if let Err(e) = self.reconcile().await {
+                tracing::warn!("reconcile: {e}");
+            }
+            tokio::time::sleep(period).await;
+        }
+    }
+}

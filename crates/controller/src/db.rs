@@ -1,0 +1,246 @@
+//! The controller's embedded state: SQLite, with numbered schema migrations. Everything the
+//! controller knows survives a `kill -9`: services (desired), machines and instances
+//! (observed and placed), and the event log.
+
+use std::path::Path;
+
+use rusqlite::{params, Connection};
+use vmatrix_core::api::{Event, InstanceInfo, MachineInfo, MachineRole, SavedState};
+use vmatrix_core::{InstanceId, InstanceState, ServiceName, ServiceSpec};
+
+/// Errors of the state store.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    /// SQLite failed.
+    #[error("state database: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// A stored row does not parse.
+    #[error("state database holds a bad row: {0}")]
+    Bad(String),
+}
+
+type Result<T> = std::result::Result<T, DbError>;
+
+const MIGRATIONS: &[&str] = &[
+    // 1: the first schema.
+    "CREATE TABLE services (name TEXT PRIMARY KEY, spec TEXT NOT NULL);
+     CREATE TABLE machines (name TEXT PRIMARY KEY, address TEXT NOT NULL, role TEXT NOT NULL,
+        vcpus INTEGER NOT NULL, memory_mib INTEGER NOT NULL, last_seen_ms INTEGER NOT NULL,
+        draining INTEGER NOT NULL DEFAULT 0);
+     CREATE TABLE instances (id TEXT PRIMARY KEY, service TEXT NOT NULL, machine TEXT NOT NULL,
+        state TEXT NOT NULL, generation INTEGER NOT NULL, endpoint TEXT NOT NULL,
+        version TEXT NOT NULL, saved TEXT, seq INTEGER NOT NULL);
+     CREATE TABLE events (id INTEGER PRIMARY KEY AUTOINCREMENT, at_ms INTEGER NOT NULL,
+        who TEXT NOT NULL, what TEXT NOT NULL, why TEXT NOT NULL, outcome TEXT NOT NULL);",
+];
+
+/// One instance row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InstanceRow {
+    /// The API view.
+    pub info: InstanceInfo,
+    /// Where its suspended state is.
+    pub saved: Option<SavedState>,
+    /// Per-service sequence number used in its id.
+    pub seq: u64,
+}
+
+/// The state database.
+pub struct Db {
+    conn: Connection,
+}
+
+impl Db {
+    /// Opens (creating if needed) and migrates the database at `path`.
+    pub fn open(path: &Path) -> Result<Self> {
+        let conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.execute_batch("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")?;
+        let current: i64 = conn
+            .query_row("SELECT COALESCE(MAX(version), 0) FROM schema_version", [], |r| r.get(0))?;
+        for (i, m) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+            let tx = conn.unchecked_transaction()?;
+            tx.execute_batch(m)?;
+            tx.execute("INSERT INTO schema_version (version) VALUES (?1)", params![i as i64 + 1])?;
+            tx.commit()?;
+        }
+        Ok(Self { conn })
+    }
+
+    /// Replaces the desired services.
+    pub fn set_services(&self, services: &[ServiceSpec]) -> Result<()> {
+        let tx = self.conn.unchecked_transaction()?;
+        tx.execute("DELETE FROM services", [])?;
+        for s in services {
+            let spec = serde_json::to_string(s).map_err(|e| DbError::Bad(e.to_string()))?;
+            tx.execute("INSERT INTO services (name, spec) VALUES (?1, ?2)", params![s.name.as_str(), spec])?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The desired services.
+    pub fn services(&self) -> Result<Vec<ServiceSpec>> {
+        let mut st = self.conn.prepare("SELECT spec FROM services ORDER BY name")?;
+        let rows = st.query_map([], |r| r.get::<_, String>(0))?;
+        rows.map(|r| {
+            let s = r?;
+            serde_json::from_str(&s).map_err(|e| DbError::Bad(e.to_string()))
+        })
+        .collect()
+    }
+
+    /// Records a heartbeat.
+    pub fn upsert_machine(&self, m: &MachineInfo, now_ms: u64) -> Result<()> {
+        let role = match m.role {
+            MachineRole::Dedicated => "dedicated",
+            MachineRole::Shared => "shared",
+        };
+        self.conn.execute(
+            "INSERT INTO machines (name, address, role, vcpus, memory_mib, last_seen_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT(name) DO UPDATE SET address = ?2, role = ?3, vcpus = ?4, memory_mib = ?5, last_seen_ms = ?6",
+            params![m.name, m.address, role, m.vcpus, m.memory_mib, now_ms as i64],
+        )?;
+        Ok(())
+    }
+
+    /// Marks a machine as draining (no new placements).
+    pub fn set_draining(&self, name: &str, draining: bool) -> Result<bool> {
+        Ok(self.conn.execute("UPDATE machines SET draining = ?2 WHERE name = ?1", params![name, draining as i64])? > 0)
+    }
+
+    /// Every machine, with `state` computed from its last heartbeat.
+    pub fn machines(&self, now_ms: u64, down_after_ms: u64) -> Result<Vec<MachineInfo>> {
+        let mut st = self.conn.prepare(
+            "SELECT name, address, role, vcpus, memory_mib, last_seen_ms, draining FROM machines ORDER BY name",
+        )?;
+        let rows = st.query_map([], |r| {
+            let last: i64 = r.get(5)?;
+            let draining: i64 = r.get(6)?;
+            let role: String = r.get(2)?;
+            Ok(MachineInfo {
+                name: r.get(0)?,
+                address: r.get(1)?,
+                role: if role == "shared" { MachineRole::Shared } else { MachineRole::Dedicated },
+                vcpus: r.get(3)?,
+                memory_mib: r.get(4)?,
+                state: if now_ms.saturating_sub(last as u64) > down_after_ms {
+                    "down".into()
+                } else if draining != 0 {
+                    "draining".into()
+                } else {
+                    "up".into()
+                },
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Every instance that is not discarded.
+    pub fn instances(&self) -> Result<Vec<InstanceRow>> {
+        let mut st = self.conn.prepare(
+            "SELECT id, service, machine, state, generation, endpoint, version, saved, seq FROM instances
+             WHERE state != 'discarded' ORDER BY service, seq",
+        )?;
+        let rows = st.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, i64>(4)?,
+                r.get::<_, String>(5)?,
+                r.get::<_, String>(6)?,
+                r.get::<_, Option<String>>(7)?,
+                r.get::<_, i64>(8)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, service, machine, state, generation, endpoint, version, saved, seq) = row?;
+            let bad = |what: &str| DbError::Bad(format!("instance {id}: {what}"));
+            out.push(InstanceRow {
+                info: InstanceInfo {
+                    id: InstanceId::new(id.clone()).map_err(|_| bad("id"))?,
+                    service: ServiceName::new(service).map_err(|_| bad("service"))?,
+                    version,
+                    machine,
+                    state: InstanceState::parse(&state).ok_or_else(|| bad("state"))?,
+                    endpoint,
+                    generation: generation as u64,
+                },
+                saved: saved
+                    .map(|s| serde_json::from_str(&s))
+                    .transpose()
+                    .map_err(|_| bad("saved state"))?,
+                seq: seq as u64,
+            });
+        }
+        Ok(out)
+    }
+
+    /// One instance.
+    pub fn instance(&self, id: &InstanceId) -> Result<Option<InstanceRow>> {
+        Ok(self.instances()?.into_iter().find(|r| r.info.id == *id))
+    }
+
+    /// Inserts or replaces an instance row.
+    pub fn put_instance(&self, row: &InstanceRow) -> Result<()> {
+        let saved = row
+            .saved
+            .as_ref()
+            .map(serde_json::to_string)
+            .transpose()
+            .map_err(|e| DbError::Bad(e.to_string()))?;
+        let i = &row.info;
+        self.conn.execute(
+            "INSERT OR REPLACE INTO instances (id, service, machine, state, generation, endpoint, version, saved, seq)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            params![i.id.as_str(), i.service.as_str(), i.machine, i.state.as_str(), i.generation as i64, i.endpoint, i.version, saved, row.seq as i64],
+        )?;
+        Ok(())
+    }
+
+    /// The next per-service sequence number (ids are never reused).
+    pub fn next_seq(&self, service: &ServiceName) -> Result<u64> {
+        let n: i64 = self.conn.query_row(
+            "SELECT COALESCE(MAX(seq), 0) FROM instances WHERE service = ?1",
+            params![service.as_str()],
+            |r| r.get(0),
+        )?;
+        Ok(n as u64 + 1)
+    }
+
+    /// Appends to the event log.
+    pub fn event(&self, at_ms: u64, who: &str, what: &str, why: &str, outcome: &str) -> Result<u64> {
+        self.conn.execute(
+            "INSERT INTO events (at_ms, who, what, why, outcome) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![at_ms as i64, who, what, why, outcome],
+        )?;
+        Ok(self.conn.last_insert_rowid() as u64)
+    }
+
+    /// Events after `after`, oldest first, at most `limit`.
+    pub fn events(&self, after: u64, limit: u32) -> Result<Vec<Event>> {
+        let mut st = self.conn.prepare(
+            "SELECT id, at_ms, who, what, why, outcome FROM events WHERE id > ?1 ORDER BY id LIMIT ?2",
+        )?;
+        let rows = st.query_map(params![after as i64, limit], |r| {
+            Ok(Event {
+                id: r.get::<_, i64>(0)? as u64,
+                at_ms: r.get::<_, i64>(1)? as u64,
+                who: r.get(2)?,
+                what: r.get(3)?,
+                why: r.get(4)?,
+                outcome: r.get(5)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// A machine by name.
+    pub fn machine(&self, name: &str, now_ms: u64, down_after_ms: u64) -> Result<Option<MachineInfo>> {
+        Ok(self.machines(now_ms, down_after_ms)?.into_iter().find(|m| m.name == name))
+    }
+}

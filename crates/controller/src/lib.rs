@@ -1,0 +1,69 @@
+//! The controller: the matrix's brain. It holds what should run (services) and what does run
+//! (instances on machines, from agent heartbeats), reconciles the two in a level-triggered loop,
+//! carries out manual operations, logs every action with its reason, and serves the REST API.
+//! State lives in an embedded SQLite database, so a restarted controller rebuilds its view from
+//! it and from the agents' heartbeats.
+//!
+//! The controller must never talk to QEMU or guests directly — only to agents — and never make a
+//! placement decision outside the reconcile loop or an operator's explicit request.
+
+mod api;
+mod control;
+mod db;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use api::router;
+pub use control::{ControlError, Controller};
+pub use db::{Db, DbError};
+
+/// How the controller is set up.
+#[derive(Debug, Clone)]
+pub struct ControllerConfig {
+    /// API address.
+    pub listen: SocketAddr,
+    /// The SQLite database file.
+    pub state: PathBuf,
+    /// The bearer token.
+    pub token: String,
+}
+
+/// Reads the token in `dir/token`, or creates one (mode 0600). Returns it and whether it is new.
+pub fn load_or_create_token(dir: &Path) -> std::io::Result<(String, bool)> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join("token");
+    if let Ok(t) = std::fs::read_to_string(&path) {
+        let t = t.trim().to_owned();
+        if !t.is_empty() {
+            return Ok((t, false));
+        }
+    }
+    std::fs::create_dir_all(dir)?;
+    let mut seed = [0u8; 32];
+    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut seed)?;
+    let token = blake3::hash(&seed).to_hex()[..40].to_string();
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)?;
+    f.write_all(token.as_bytes())?;
+    f.sync_all()?;
+    Ok((token, true))
+}
+
+/// Opens the state, starts the reconcile loop and serves the API until the process ends.
+pub async fn serve(config: ControllerConfig) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let db = Db::open(&config.state)?;
+    let controller = Controller::new(db, config.token.clone());
+    controller.event("controller", "start", &format!("state {}", config.state.display()), "ok");
+    tokio::spawn(controller.clone().run_loop(Duration::from_secs(1)));
+    let listener = tokio::net::TcpListener::bind(config.listen).await?;
+    tracing::info!("controller API on http://{}", config.listen);
+    axum::serve(listener, router(controller, config.token)).await?;
+    Ok(())
+}
