@@ -33,11 +33,19 @@ fn error(status: StatusCode, msg: String) -> Response {
 
 async fn command(State(ctx): State<Ctx>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
     if !authorized(&headers, &ctx.token) {
-        return error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token".into());
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong bearer token".into(),
+        );
     }
     let cmd: AgentCommand = match serde_json::from_slice(&body) {
         Ok(c) => c,
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("not an agent command: {e}")),
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("not an agent command: {e}"),
+            )
+        }
     };
     tracing::info!(machine = %ctx.agent.config.name, ?cmd, "command");
     match ctx.agent.handle(cmd).await {
@@ -56,7 +64,10 @@ async fn command(State(ctx): State<Ctx>, headers: HeaderMap, body: axum::body::B
 
 async fn status(State(ctx): State<Ctx>, headers: HeaderMap) -> Response {
     if !authorized(&headers, &ctx.token) {
-        return error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token".into());
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong bearer token".into(),
+        );
     }
     Json(ctx.agent.report().await).into_response()
 }
@@ -84,11 +95,20 @@ async fn heartbeat(agent: Arc<Agent>, controller: String, token: String) {
         .timeout(Duration::from_secs(5))
         .build()
         .expect("a plain HTTP client builds");
-    let url = format!("{}/api/v1/agents/heartbeat", controller.trim_end_matches('/'));
+    let url = format!(
+        "{}/api/v1/agents/heartbeat",
+        controller.trim_end_matches('/')
+    );
     let mut warned = false;
     loop {
         let report = agent.report().await;
-        match client.post(&url).bearer_auth(&token).json(&report).send().await {
+        match client
+            .post(&url)
+            .bearer_auth(&token)
+            .json(&report)
+            .send()
+            .await
+        {
             Ok(r) if r.status().is_success() => warned = false,
             Ok(r) if !warned => {
                 tracing::warn!("controller refused the heartbeat: {}", r.status());

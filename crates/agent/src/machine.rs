@@ -174,7 +174,12 @@ impl Agent {
         let url = self.export(&plan.image).await?;
         let ip = self.config.listen.ip();
         let forward = SocketAddr::new(ip, free_port(ip)?);
-        let mut spec = VmSpec::new(plan.id.clone(), BaseImage::Nbd { url }, forward, self.config.accel);
+        let mut spec = VmSpec::new(
+            plan.id.clone(),
+            BaseImage::Nbd { url },
+            forward,
+            self.config.accel,
+        );
         spec.memory_mib = plan.memory_mib;
         spec.vcpus = plan.vcpus;
         spec.guest_port = plan.port;
@@ -221,7 +226,10 @@ impl Agent {
                     incoming: None,
                     error: None,
                 }));
-                self.slots.lock().await.insert(plan.id.clone(), slot.clone());
+                self.slots
+                    .lock()
+                    .await
+                    .insert(plan.id.clone(), slot.clone());
                 tokio::spawn(wait_ready(slot));
                 reply.endpoint = Some(endpoint.to_string());
             }
@@ -230,7 +238,11 @@ impl Agent {
                 let slot = self.slot(&id).await?;
                 let mut s = slot.lock().await;
                 let Some(vm) = s.vm.take() else {
-                    return Err(AgentError::Busy { id, state: s.state, what: "suspend" });
+                    return Err(AgentError::Busy {
+                        id,
+                        state: s.state,
+                        what: "suspend",
+                    });
                 };
                 s.state = InstanceState::Suspending;
                 let dir = vm.dir().root().to_owned();
@@ -249,7 +261,11 @@ impl Agent {
                         .map_err(|e| AgentError::Other(e.to_string()))?,
                 };
                 let repo = self.repo.clone();
-                let (st, ov, files) = (saved.state.clone(), saved.overlay.clone(), suspended.clone());
+                let (st, ov, files) = (
+                    saved.state.clone(),
+                    saved.overlay.clone(),
+                    suspended.clone(),
+                );
                 tokio::task::spawn_blocking(move || -> vmatrix_store::Result<()> {
                     repo.import_state(&files.state_file, &st, &|_| {})?;
                     repo.import_state(&files.disk, &ov, &|_| {})?;
@@ -285,18 +301,31 @@ impl Agent {
                 }));
                 self.slots.lock().await.insert(plan.id.clone(), slot);
             }
-            AgentCommand::MigrateOut { id, generation, target } => {
+            AgentCommand::MigrateOut {
+                id,
+                generation,
+                target,
+            } => {
                 // The source keeps the generation it runs under; the destination has the new one.
                 let slot = self.slot(&id).await?;
                 let mut s = slot.lock().await;
                 if generation < s.plan.generation {
-                    return Err(AgentError::Stale { id, got: generation, seen: s.plan.generation });
+                    return Err(AgentError::Stale {
+                        id,
+                        got: generation,
+                        seen: s.plan.generation,
+                    });
                 }
                 let Some(vm) = s.vm.take() else {
-                    return Err(AgentError::Busy { id, state: s.state, what: "migrate" });
+                    return Err(AgentError::Busy {
+                        id,
+                        state: s.state,
+                        what: "migrate",
+                    });
                 };
                 let parse = |a: &str| -> Result<SocketAddr> {
-                    a.parse().map_err(|e| AgentError::Other(format!("bad address {a:?}: {e}")))
+                    a.parse()
+                        .map_err(|e| AgentError::Other(format!("bad address {a:?}: {e}")))
                 };
                 let t = MigrationTarget {
                     nbd: parse(&target.nbd)?,
@@ -324,7 +353,11 @@ impl Agent {
                 let slot = self.slot(&id).await?;
                 let mut s = slot.lock().await;
                 let Some(incoming) = s.incoming.take() else {
-                    return Err(AgentError::Busy { id, state: s.state, what: "finish a migration" });
+                    return Err(AgentError::Busy {
+                        id,
+                        state: s.state,
+                        what: "finish a migration",
+                    });
                 };
                 let vm = incoming.finish(Duration::from_secs(120)).await?;
                 s.vm = Some(vm);
@@ -351,7 +384,12 @@ impl Agent {
         Ok(reply)
     }
 
-    async fn resume_from(&self, saved: &SavedState, spec: VmSpec, dir: &std::path::Path) -> Result<Vm> {
+    async fn resume_from(
+        &self,
+        saved: &SavedState,
+        spec: VmSpec,
+        dir: &std::path::Path,
+    ) -> Result<Vm> {
         let incoming = dir.with_extension("in");
         std::fs::create_dir_all(&incoming)
             .map_err(|e| AgentError::Other(format!("creating {}: {e}", incoming.display())))?;
@@ -434,7 +472,9 @@ async fn wait_ready(slot: Arc<Mutex<Slot>>) {
             if alive.is_none() {
                 return;
             }
-            let probe = vmatrix_vmm::http::request(endpoint, "GET", &health, &[], Duration::from_secs(2)).await;
+            let probe =
+                vmatrix_vmm::http::request(endpoint, "GET", &health, &[], Duration::from_secs(2))
+                    .await;
             if matches!(probe, Ok(ref r) if r.status == 200) {
                 s.state = InstanceState::Running;
                 return;
@@ -454,7 +494,12 @@ fn cpu_seconds(pid: u32) -> f64 {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return 0.0;
     };
-    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
     let ticks: f64 = [11, 12]
         .iter()
         .filter_map(|i| fields.get(*i).and_then(|v| v.parse::<f64>().ok()))

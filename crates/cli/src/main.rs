@@ -2,16 +2,17 @@
 //! hands each subcommand to the library crates; it holds no logic of its own beyond printing.
 
 mod bench;
+mod cluster;
 mod image;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use vmatrix_core::InstanceId;
-use vmatrix_vmm::{AccelChoice, ProbeBoot, Vm, VmSpec};
+use vmatrix_core::api::Operation;
+use vmatrix_core::{InstanceId, ServiceName};
+use vmatrix_vmm::AccelChoice;
 
 #[derive(Parser)]
 #[command(
@@ -23,30 +24,141 @@ struct Cli {
     /// Accelerator: auto (KVM only where a guest really boots on it), kvm or tcg.
     #[arg(long, global = true, env = "VMATRIX_ACCEL", default_value = "auto")]
     accel: String,
+    /// Data directory (default $XDG_DATA_HOME/vmatrix or ~/.local/share/vmatrix).
+    #[arg(long, global = true, env = "VMATRIX_DATA")]
+    data: Option<PathBuf>,
+    /// The controller's API URL (default: the one `vmatrix up` wrote in the data directory).
+    #[arg(long, global = true, env = "VMATRIX_API")]
+    api: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the matrix on this machine. For now: boot the reference guest (or --image) and
-    /// serve it on --forward until Ctrl-C.
+    /// Run the whole matrix on this machine: a controller and N agents on 127.0.0.2…, with the
+    /// reference guest imported as guest:v1. Ctrl-C stops everything.
     Up {
-        /// Data directory (guest image cache, VM directories).
-        #[arg(long, env = "VMATRIX_DATA")]
-        data: Option<PathBuf>,
-        /// Host address and port forwarded to the guest's HTTP port.
-        #[arg(long, default_value = "127.0.0.1:8080")]
-        forward: SocketAddr,
-        /// Boot this disk image (raw) instead of the reference guest.
-        #[arg(long)]
-        image: Option<PathBuf>,
-        /// Guest memory in MiB.
-        #[arg(long, default_value_t = 256)]
-        memory: u32,
-        /// Guest vCPUs.
-        #[arg(long, default_value_t = 1)]
+        /// How many real machines (agents) to simulate.
+        #[arg(long, default_value_t = 3)]
+        machines: u32,
+        /// The API address.
+        #[arg(long, default_value = "127.0.0.1:7070")]
+        listen: SocketAddr,
+        /// vCPUs each machine offers.
+        #[arg(long, default_value_t = 4)]
         vcpus: u32,
+        /// Memory each machine offers, MiB.
+        #[arg(long, default_value_t = 2048)]
+        memory: u32,
+    },
+    /// Run the controller (desired state, reconcile loop, API).
+    Controller {
+        /// The API address.
+        #[arg(long, default_value = "127.0.0.1:7070")]
+        listen: SocketAddr,
+        /// State database: sqlite:PATH (default DATA/controller/state.db).
+        #[arg(long)]
+        state: Option<String>,
+    },
+    /// Run an agent for one real machine.
+    Agent {
+        /// The controller's URL.
+        #[arg(long)]
+        controller: String,
+        /// Where the agent listens; its IP is also where guests are forwarded.
+        #[arg(long)]
+        listen: SocketAddr,
+        /// Machine name (default from the address).
+        #[arg(long)]
+        name: Option<String>,
+        /// dedicated (live load) or shared (maintenance only).
+        #[arg(long, default_value = "dedicated")]
+        role: String,
+        /// vCPUs offered.
+        #[arg(long, default_value_t = 4)]
+        vcpus: u32,
+        /// Memory offered, MiB.
+        #[arg(long, default_value_t = 2048)]
+        memory: u32,
+        /// Repository URL (default file://DATA/repo).
+        #[arg(long)]
+        repo: Option<String>,
+        /// Chunk cache bound.
+        #[arg(long, default_value = "2G", value_parser = parse_size)]
+        cache_size: u64,
+    },
+    /// Declare the services (replaces the previous set).
+    Apply {
+        /// The services file (TOML, see examples/services.toml).
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+    },
+    /// List the declared services.
+    Services {
+        /// JSON for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the real machines.
+    Machines {
+        /// JSON for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The matrix: one row per instance.
+    Ps {
+        /// JSON for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The event log.
+    Events {
+        /// Keep printing new events.
+        #[arg(long)]
+        follow: bool,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Start one more instance of a service.
+    Activate {
+        /// The service.
+        service: ServiceName,
+        /// The machine to use.
+        #[arg(long)]
+        on: Option<String>,
+    },
+    /// Suspend an instance into the repository.
+    Suspend {
+        /// The instance.
+        instance: InstanceId,
+    },
+    /// Resume a suspended instance.
+    Resume {
+        /// The instance.
+        instance: InstanceId,
+        /// The machine to resume on.
+        #[arg(long)]
+        on: Option<String>,
+    },
+    /// Live-migrate an instance to another machine.
+    Migrate {
+        /// The instance.
+        instance: InstanceId,
+        /// The destination machine.
+        #[arg(long)]
+        to: String,
+    },
+    /// Throw an instance away.
+    Discard {
+        /// The instance.
+        instance: InstanceId,
+    },
+    /// Move every instance off a machine.
+    Drain {
+        /// The machine.
+        machine: String,
     },
     /// Measure parts of vMatrix on this machine and print the figures.
     #[command(subcommand)]
@@ -56,12 +168,9 @@ enum Command {
     Guest(GuestCommand),
     /// The dormant repository: import, export, tags, verify, gc.
     Image {
-        /// Repository: file:///path (or a plain path). Default: DATA/repo.
+        /// Repository: file:///path (or a plain path) or s3://bucket/prefix. Default: DATA/repo.
         #[arg(long, env = "VMATRIX_REPO", global = true)]
         repo: Option<String>,
-        /// Data directory (default repository and scratch space).
-        #[arg(long, env = "VMATRIX_DATA", global = true)]
-        data: Option<PathBuf>,
         #[command(subcommand)]
         command: image::ImageCommand,
     },
@@ -145,6 +254,23 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// `$XDG_DATA_HOME/vmatrix`, else `~/.local/share/vmatrix`.
+fn default_data_dir() -> Result<PathBuf> {
+    if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
+        return Ok(PathBuf::from(x).join("vmatrix"));
+    }
+    let home = std::env::var_os("HOME")
+        .context("neither XDG_DATA_HOME nor HOME is set: pass --data DIR")?;
+    Ok(PathBuf::from(home).join(".local/share/vmatrix"))
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
 fn run() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -155,45 +281,88 @@ fn run() -> Result<()> {
         .init();
     let cli = Cli::parse();
     let accel: AccelChoice = cli.accel.parse()?;
+    let data = match cli.data {
+        Some(d) => d,
+        None => default_data_dir()?,
+    };
+    let client = || cluster::Client::new(cli.api.clone(), &data);
+    let op = |o: Operation| -> Result<()> {
+        let c = client()?;
+        let msg = runtime()?.block_on(c.operate(o))?;
+        println!("{msg}");
+        Ok(())
+    };
     match cli.command {
         Command::Up {
-            data,
-            forward,
-            image,
-            memory,
+            machines,
+            listen,
             vcpus,
-        } => {
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .context("starting the async runtime")?;
-            runtime.block_on(up(accel, data, forward, image, memory, vcpus))?;
+            memory,
+        } => runtime()?.block_on(cluster::up(
+            cluster::UpArgs {
+                machines,
+                listen,
+                vcpus,
+                memory,
+            },
+            &data,
+            accel,
+        ))?,
+        Command::Controller { listen, state } => {
+            runtime()?.block_on(cluster::controller(listen, state, &data))?
         }
-        Command::Image {
+        Command::Agent {
+            controller,
+            listen,
+            name,
+            role,
+            vcpus,
+            memory,
             repo,
-            data,
-            command,
-        } => {
-            let data = match data {
-                Some(d) => d,
-                None => default_data_dir()?,
-            };
+            cache_size,
+        } => runtime()?.block_on(cluster::agent(
+            cluster::AgentArgs {
+                controller,
+                listen,
+                name,
+                role,
+                vcpus,
+                memory,
+                repo,
+                cache_size,
+            },
+            &data,
+            accel,
+        ))?,
+        Command::Apply { file } => {
+            // Validate before looking for a controller: a bad file is reported either way.
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            let services = vmatrix_core::parse_services(&file.display().to_string(), &text)?;
+            let c = client()?;
+            runtime()?.block_on(cluster::apply(&c, services))?
+        }
+        Command::Services { json } => runtime()?.block_on(cluster::services(&client()?, json))?,
+        Command::Machines { json } => runtime()?.block_on(cluster::machines(&client()?, json))?,
+        Command::Ps { json } => runtime()?.block_on(cluster::ps(&client()?, json))?,
+        Command::Events { follow, json } => {
+            runtime()?.block_on(cluster::events(&client()?, follow, json))?
+        }
+        Command::Activate { service, on } => op(Operation::Activate { service, on })?,
+        Command::Suspend { instance } => op(Operation::Suspend { instance })?,
+        Command::Resume { instance, on } => op(Operation::Resume { instance, on })?,
+        Command::Migrate { instance, to } => op(Operation::Migrate { instance, to })?,
+        Command::Discard { instance } => op(Operation::Discard { instance })?,
+        Command::Drain { machine } => op(Operation::Drain { machine })?,
+        Command::Image { repo, command } => {
             let url = image::repo_url(repo, &data)?;
             image::run(command, &url, &data)?;
         }
         Command::Bench(BenchCommand::Vmm { runs, memory, work }) => {
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .context("starting the async runtime")?;
-            runtime.block_on(bench::vmm(accel, runs, memory, &work))?;
+            runtime()?.block_on(bench::vmm(accel, runs, memory, &work))?
         }
         Command::Bench(BenchCommand::Store { size, work }) => {
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .context("starting the async runtime")?;
-            runtime.block_on(bench::store(accel, size, &work))?;
+            runtime()?.block_on(bench::store(accel, size, &work))?
         }
         Command::Guest(GuestCommand::Build {
             out,
@@ -219,89 +388,6 @@ fn run() -> Result<()> {
             );
         }
     }
-    Ok(())
-}
-
-/// `$XDG_DATA_HOME/vmatrix`, else `~/.local/share/vmatrix`.
-fn default_data_dir() -> Result<PathBuf> {
-    if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
-        return Ok(PathBuf::from(x).join("vmatrix"));
-    }
-    let home = std::env::var_os("HOME")
-        .context("neither XDG_DATA_HOME nor HOME is set: pass --data DIR")?;
-    Ok(PathBuf::from(home).join(".local/share/vmatrix"))
-}
-
-async fn up(
-    accel: AccelChoice,
-    data: Option<PathBuf>,
-    forward: SocketAddr,
-    image: Option<PathBuf>,
-    memory: u32,
-    vcpus: u32,
-) -> Result<()> {
-    let data = match data {
-        Some(d) => d,
-        None => default_data_dir()?,
-    };
-    std::fs::create_dir_all(&data)
-        .with_context(|| format!("creating the data directory {}", data.display()))?;
-    let guest = vmatrix_guest::build(&vmatrix_guest::BuildOptions::new(
-        data.join("guest/reference.img"),
-    ))
-    .context("building the reference guest")?;
-    tracing::info!(
-        image = %guest.disk.display(),
-        "reference guest {} in {:.2}s",
-        if guest.built { "built" } else { "up to date" },
-        guest.elapsed.as_secs_f64()
-    );
-    let disk = match image {
-        Some(path) => {
-            if !path.is_file() {
-                bail!("--image {} is not a file", path.display());
-            }
-            path
-        }
-        None => guest.disk.clone(),
-    };
-    let accel = vmatrix_vmm::accel::resolve(
-        accel,
-        Some(&ProbeBoot {
-            kernel: guest.kernel.clone(),
-            initrd: guest.initrd.clone(),
-        }),
-    )
-    .await;
-    if std::net::TcpListener::bind(forward).is_err() {
-        bail!(
-            "{forward} is in use or not a local address: pass --forward ADDR:PORT with a free port"
-        );
-    }
-    let mut spec = VmSpec::new(InstanceId::new("reference-1")?, &disk, forward, accel);
-    spec.memory_mib = memory;
-    spec.vcpus = vcpus;
-    let dir = data.join("vms").join(spec.instance.as_str());
-    tracing::info!(accel = accel.as_str(), dir = %dir.display(), "booting {}", spec.instance);
-    let mut vm = Vm::boot(spec, &dir).await?;
-    let waited = tokio::select! {
-        r = vm.wait_ready(Duration::from_secs(120)) => r?,
-        _ = shutdown_signal() => {
-            tracing::info!("interrupted while booting; stopping");
-            vm.kill().await;
-            return Ok(());
-        }
-    };
-    println!(
-        "reference guest serving at {} (booted in {:.1}s); Ctrl-C stops it",
-        vm.url(),
-        waited.as_secs_f64()
-    );
-    shutdown_signal().await;
-    tracing::info!("stopping {}", vm.spec().instance);
-    let outcome = vm.stop(Duration::from_secs(10)).await?;
-    tracing::info!("stopped ({outcome:?})");
-    let _ = std::fs::remove_file(dir.join("qmp.sock"));
     Ok(())
 }
 

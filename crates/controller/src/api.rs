@@ -51,7 +51,8 @@ fn fail(e: ControlError) -> Response {
 }
 
 fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Response> {
-    serde_json::from_slice(body).map_err(|e| err(StatusCode::BAD_REQUEST, format!("bad request body: {e}")))
+    serde_json::from_slice(body)
+        .map_err(|e| err(StatusCode::BAD_REQUEST, format!("bad request body: {e}")))
 }
 
 async fn services(State(x): State<Ctx>) -> Response {
@@ -96,7 +97,10 @@ struct EventsQuery {
 }
 
 async fn events(State(x): State<Ctx>, Query(q): Query<EventsQuery>) -> Response {
-    match x.c.events(q.after.unwrap_or(0), q.limit.unwrap_or(1000).min(10_000)) {
+    match x
+        .c
+        .events(q.after.unwrap_or(0), q.limit.unwrap_or(1000).min(10_000))
+    {
         Ok(e) => Json(serde_json::json!({ "events": e })).into_response(),
         Err(e) => fail(e),
     }
@@ -143,10 +147,14 @@ async fn metrics(State(x): State<Ctx>) -> Response {
     if let Ok(is) = x.c.instances() {
         let mut counts = std::collections::BTreeMap::new();
         for i in is {
-            *counts.entry((i.service.to_string(), i.state.as_str())).or_insert(0u64) += 1;
+            *counts
+                .entry((i.service.to_string(), i.state.as_str()))
+                .or_insert(0u64) += 1;
         }
         for ((service, state), n) in counts {
-            out.push_str(&format!("vmatrix_instances{{service=\"{service}\",state=\"{state}\"}} {n}\n"));
+            out.push_str(&format!(
+                "vmatrix_instances{{service=\"{service}\",state=\"{state}\"}} {n}\n"
+            ));
         }
     }
     ([("content-type", "text/plain; version=0.0.4")], out).into_response()
@@ -160,7 +168,10 @@ const OPENAPI: &str = include_str!("openapi.json");
 
 /// The controller's router.
 pub fn router(c: Arc<Controller>, token: String) -> Router {
-    let ctx = Ctx { c, token: Arc::new(token) };
+    let ctx = Ctx {
+        c,
+        token: Arc::new(token),
+    };
     Router::new()
         .route("/api/v1/services", get(services).post(apply))
         .route("/api/v1/machines", get(machines))

@@ -7,11 +7,11 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use vmatrix_core::api::InstanceInfo;
 use vmatrix_core::api::{
     AgentCommand, AgentReply, AgentReport, ErrorBody, InstancePlan, MachineInfo, MachineRole,
     MigrationTargetBody, Operation,
 };
-use vmatrix_core::api::InstanceInfo;
 use vmatrix_core::{InstanceId, InstanceState, ServiceSpec};
 
 use crate::db::{Db, DbError, InstanceRow};
@@ -115,7 +115,10 @@ impl Controller {
                 "instance {id} is busy with another operation; try again when it finishes"
             )));
         }
-        Ok(BusyGuard { c: self, id: id.clone() })
+        Ok(BusyGuard {
+            c: self,
+            id: id.clone(),
+        })
     }
 
     fn is_busy(&self, id: &InstanceId) -> bool {
@@ -131,7 +134,12 @@ impl Controller {
     pub fn apply(&self, services: Vec<ServiceSpec>) -> Result<()> {
         let names: Vec<String> = services.iter().map(|s| s.name.to_string()).collect();
         self.db(|d| d.set_services(&services))?;
-        self.event("api", "apply", &format!("services: {}", names.join(", ")), "ok");
+        self.event(
+            "api",
+            "apply",
+            &format!("services: {}", names.join(", ")),
+            "ok",
+        );
         Ok(())
     }
 
@@ -142,7 +150,11 @@ impl Controller {
 
     /// Instances that exist (not discarded).
     pub fn instances(&self) -> Result<Vec<InstanceInfo>> {
-        Ok(self.db(|d| d.instances())?.into_iter().map(|r| r.info).collect())
+        Ok(self
+            .db(|d| d.instances())?
+            .into_iter()
+            .map(|r| r.info)
+            .collect())
     }
 
     /// The event log after `after`.
@@ -166,7 +178,9 @@ impl Controller {
             .map_err(|e| fail(format!("unreachable: {e}")))?;
         let status = resp.status();
         if status.is_success() {
-            resp.json().await.map_err(|e| fail(format!("bad reply: {e}")))
+            resp.json()
+                .await
+                .map_err(|e| fail(format!("bad reply: {e}")))
         } else {
             let body: Option<ErrorBody> = resp.json().await.ok();
             Err(fail(format!(
@@ -178,14 +192,20 @@ impl Controller {
 
     fn machine(&self, name: &str) -> Result<MachineInfo> {
         self.db(|d| d.machine(name, now_ms(), DOWN_AFTER_MS))?
-            .ok_or_else(|| ControlError::NotFound(format!("no machine {name}; `vmatrix machines` lists them")))
+            .ok_or_else(|| {
+                ControlError::NotFound(format!("no machine {name}; `vmatrix machines` lists them"))
+            })
     }
 
     fn spec_of(&self, service: &vmatrix_core::ServiceName) -> Result<ServiceSpec> {
         self.services()?
             .into_iter()
             .find(|s| s.name == *service)
-            .ok_or_else(|| ControlError::NotFound(format!("no service {service}; `vmatrix services` lists them")))
+            .ok_or_else(|| {
+                ControlError::NotFound(format!(
+                    "no service {service}; `vmatrix services` lists them"
+                ))
+            })
     }
 
     fn plan(spec: &ServiceSpec, id: &InstanceId, generation: u64) -> InstancePlan {
@@ -206,11 +226,18 @@ impl Controller {
     fn place(&self, spec: &ServiceSpec, exclude: Option<&str>) -> Result<MachineInfo> {
         let machines = self.machines()?;
         let instances = self.db(|d| d.instances())?;
-        let services: HashMap<_, _> = self.services()?.into_iter().map(|s| (s.name.clone(), s)).collect();
+        let services: HashMap<_, _> = self
+            .services()?
+            .into_iter()
+            .map(|s| (s.name.clone(), s))
+            .collect();
         let mut best: Option<(u32, i64, MachineInfo)> = None;
         let mut reasons = Vec::new();
         for m in machines {
-            if m.state != "up" || m.role != MachineRole::Dedicated || Some(m.name.as_str()) == exclude {
+            if m.state != "up"
+                || m.role != MachineRole::Dedicated
+                || Some(m.name.as_str()) == exclude
+            {
                 reasons.push(format!("{}: {} {:?}", m.name, m.state, m.role));
                 continue;
             }
@@ -226,7 +253,10 @@ impl Controller {
                 }
             }
             if cpu + spec.vcpus > m.vcpus || mem + spec.memory_mib > m.memory_mib {
-                reasons.push(format!("{}: full ({cpu}/{} vCPU, {mem}/{} MiB)", m.name, m.vcpus, m.memory_mib));
+                reasons.push(format!(
+                    "{}: full ({cpu}/{} vCPU, {mem}/{} MiB)",
+                    m.name, m.vcpus, m.memory_mib
+                ));
                 continue;
             }
             let same = here.iter().filter(|r| r.info.service == spec.name).count() as u32;
@@ -245,13 +275,22 @@ impl Controller {
                 spec.name,
                 spec.vcpus,
                 spec.memory_mib,
-                if reasons.is_empty() { "no machines registered".into() } else { reasons.join("; ") }
+                if reasons.is_empty() {
+                    "no machines registered".into()
+                } else {
+                    reasons.join("; ")
+                }
             ))
         })
     }
 
     /// Starts a new instance of `service` (on `on`, or where placement says).
-    pub async fn activate(&self, service: &vmatrix_core::ServiceName, on: Option<&str>, why: &str) -> Result<InstanceInfo> {
+    pub async fn activate(
+        &self,
+        service: &vmatrix_core::ServiceName,
+        on: Option<&str>,
+        why: &str,
+    ) -> Result<InstanceInfo> {
         let spec = self.spec_of(service)?;
         let machine = match on {
             Some(name) => self.machine(name)?,
@@ -275,26 +314,40 @@ impl Controller {
             seq,
         };
         self.db(|d| d.put_instance(&row))?;
-        let cmd = AgentCommand::Activate { plan: Self::plan(&spec, &id, 1), state: None };
+        let cmd = AgentCommand::Activate {
+            plan: Self::plan(&spec, &id, 1),
+            state: None,
+        };
         match self.send(&machine, &cmd).await {
             Ok(reply) => {
                 row.info.endpoint = reply.endpoint.unwrap_or_default();
                 self.db(|d| d.put_instance(&row))?;
-                self.event("controller", &format!("activate {id} on {}", machine.name), why, "started");
+                self.event(
+                    "controller",
+                    &format!("activate {id} on {}", machine.name),
+                    why,
+                    "started",
+                );
                 Ok(row.info)
             }
             Err(e) => {
                 row.info.state = InstanceState::Failed;
                 self.db(|d| d.put_instance(&row))?;
-                self.event("controller", &format!("activate {id} on {}", machine.name), why, &format!("failed: {e}"));
+                self.event(
+                    "controller",
+                    &format!("activate {id} on {}", machine.name),
+                    why,
+                    &format!("failed: {e}"),
+                );
                 Err(e)
             }
         }
     }
 
     fn row(&self, id: &InstanceId) -> Result<InstanceRow> {
-        self.db(|d| d.instance(id))?
-            .ok_or_else(|| ControlError::NotFound(format!("no instance {id}; `vmatrix ps` lists them")))
+        self.db(|d| d.instance(id))?.ok_or_else(|| {
+            ControlError::NotFound(format!("no instance {id}; `vmatrix ps` lists them"))
+        })
     }
 
     /// Live-migrates a running instance to machine `to`.
@@ -302,16 +355,24 @@ impl Controller {
         let _busy = self.claim(id)?;
         let mut row = self.row(id)?;
         if row.info.state != InstanceState::Running {
-            return Err(ControlError::Conflict(format!("instance {id} is {}; only a running instance migrates", row.info.state.as_str())));
+            return Err(ControlError::Conflict(format!(
+                "instance {id} is {}; only a running instance migrates",
+                row.info.state.as_str()
+            )));
         }
         if row.info.machine == to {
-            return Err(ControlError::Conflict(format!("instance {id} already runs on {to}")));
+            return Err(ControlError::Conflict(format!(
+                "instance {id} already runs on {to}"
+            )));
         }
         let spec = self.spec_of(&row.info.service)?;
         let source = self.machine(&row.info.machine)?;
         let dest = self.machine(to)?;
         if dest.state != "up" {
-            return Err(ControlError::Conflict(format!("machine {to} is {}", dest.state)));
+            return Err(ControlError::Conflict(format!(
+                "machine {to} is {}",
+                dest.state
+            )));
         }
         let started = Instant::now();
         let what = format!("migrate {id} {} → {to}", source.name);
@@ -320,15 +381,49 @@ impl Controller {
         self.db(|d| d.put_instance(&row))?;
         self.event("controller", &what, why, "started");
         let result: Result<(MigrationTargetBody, AgentReply)> = async {
-            let prep = self.send(&dest, &AgentCommand::PrepareIncoming { plan: Self::plan(&spec, id, next_gen) }).await?;
-            let target = prep.target.ok_or_else(|| ControlError::Agent { machine: dest.name.clone(), message: "no migration target in the reply".into() })?;
-            let out = self.send(&source, &AgentCommand::MigrateOut { id: id.clone(), generation: row.info.generation, target: target.clone() }).await;
+            let prep = self
+                .send(
+                    &dest,
+                    &AgentCommand::PrepareIncoming {
+                        plan: Self::plan(&spec, id, next_gen),
+                    },
+                )
+                .await?;
+            let target = prep.target.ok_or_else(|| ControlError::Agent {
+                machine: dest.name.clone(),
+                message: "no migration target in the reply".into(),
+            })?;
+            let out = self
+                .send(
+                    &source,
+                    &AgentCommand::MigrateOut {
+                        id: id.clone(),
+                        generation: row.info.generation,
+                        target: target.clone(),
+                    },
+                )
+                .await;
             if let Err(e) = out {
-                let _ = self.send(&dest, &AgentCommand::Discard { id: id.clone(), generation: next_gen }).await;
+                let _ = self
+                    .send(
+                        &dest,
+                        &AgentCommand::Discard {
+                            id: id.clone(),
+                            generation: next_gen,
+                        },
+                    )
+                    .await;
                 return Err(e);
             }
             let out = out?;
-            self.send(&dest, &AgentCommand::FinishIncoming { id: id.clone(), generation: next_gen }).await?;
+            self.send(
+                &dest,
+                &AgentCommand::FinishIncoming {
+                    id: id.clone(),
+                    generation: next_gen,
+                },
+            )
+            .await?;
             Ok((target, out))
         }
         .await;
@@ -340,7 +435,10 @@ impl Controller {
                 row.info.state = InstanceState::Running;
                 self.db(|d| d.put_instance(&row))?;
                 let (total, down) = out.migration_ms.unwrap_or((0, 0));
-                let outcome = format!("ok in {:.2}s (QEMU total {total} ms, downtime {down} ms)", started.elapsed().as_secs_f64());
+                let outcome = format!(
+                    "ok in {:.2}s (QEMU total {total} ms, downtime {down} ms)",
+                    started.elapsed().as_secs_f64()
+                );
                 self.event("controller", &what, why, &outcome);
                 Ok(outcome)
             }
@@ -358,14 +456,26 @@ impl Controller {
         let _busy = self.claim(id)?;
         let mut row = self.row(id)?;
         if row.info.state != InstanceState::Running {
-            return Err(ControlError::Conflict(format!("instance {id} is {}; only a running instance suspends", row.info.state.as_str())));
+            return Err(ControlError::Conflict(format!(
+                "instance {id} is {}; only a running instance suspends",
+                row.info.state.as_str()
+            )));
         }
         let machine = self.machine(&row.info.machine)?;
         let what = format!("suspend {id} on {}", machine.name);
         row.info.state = InstanceState::Suspending;
         self.db(|d| d.put_instance(&row))?;
         let started = Instant::now();
-        match self.send(&machine, &AgentCommand::Suspend { id: id.clone(), generation: row.info.generation }).await {
+        match self
+            .send(
+                &machine,
+                &AgentCommand::Suspend {
+                    id: id.clone(),
+                    generation: row.info.generation,
+                },
+            )
+            .await
+        {
             Ok(reply) => {
                 row.saved = reply.saved;
                 row.info.state = InstanceState::Suspended;
@@ -389,8 +499,15 @@ impl Controller {
     pub async fn resume(&self, id: &InstanceId, on: Option<&str>, why: &str) -> Result<String> {
         let _busy = self.claim(id)?;
         let mut row = self.row(id)?;
-        let Some(saved) = row.saved.clone().filter(|_| row.info.state == InstanceState::Suspended) else {
-            return Err(ControlError::Conflict(format!("instance {id} is {}; only a suspended instance resumes", row.info.state.as_str())));
+        let Some(saved) = row
+            .saved
+            .clone()
+            .filter(|_| row.info.state == InstanceState::Suspended)
+        else {
+            return Err(ControlError::Conflict(format!(
+                "instance {id} is {}; only a suspended instance resumes",
+                row.info.state.as_str()
+            )));
         };
         let spec = self.spec_of(&row.info.service)?;
         let machine = match on {
@@ -403,7 +520,10 @@ impl Controller {
         row.info.state = InstanceState::Activating;
         self.db(|d| d.put_instance(&row))?;
         let started = Instant::now();
-        let cmd = AgentCommand::Activate { plan: Self::plan(&spec, id, row.info.generation), state: Some(saved) };
+        let cmd = AgentCommand::Activate {
+            plan: Self::plan(&spec, id, row.info.generation),
+            state: Some(saved),
+        };
         match self.send(&machine, &cmd).await {
             Ok(reply) => {
                 row.info.endpoint = reply.endpoint.unwrap_or_default();
@@ -429,7 +549,16 @@ impl Controller {
         let mut row = self.row(id)?;
         if !row.info.machine.is_empty() {
             if let Ok(machine) = self.machine(&row.info.machine) {
-                if let Err(e) = self.send(&machine, &AgentCommand::Discard { id: id.clone(), generation: row.info.generation }).await {
+                if let Err(e) = self
+                    .send(
+                        &machine,
+                        &AgentCommand::Discard {
+                            id: id.clone(),
+                            generation: row.info.generation,
+                        },
+                    )
+                    .await
+                {
                     tracing::warn!("discard {id}: {e}");
                 }
             }
@@ -454,7 +583,12 @@ impl Controller {
                 moved += 1;
             }
         }
-        self.event("controller", &format!("drain {machine}"), why, &format!("ok, {moved} moved"));
+        self.event(
+            "controller",
+            &format!("drain {machine}"),
+            why,
+            &format!("ok, {moved} moved"),
+        );
         Ok(format!("{moved} instance(s) moved off {machine}"))
     }
 
@@ -462,7 +596,10 @@ impl Controller {
     pub async fn operate(&self, op: Operation) -> Result<String> {
         let why = "operator request";
         match op {
-            Operation::Activate { service, on } => self.activate(&service, on.as_deref(), why).await.map(|i| format!("{} activating on {}", i.id, i.machine)),
+            Operation::Activate { service, on } => self
+                .activate(&service, on.as_deref(), why)
+                .await
+                .map(|i| format!("{} activating on {}", i.id, i.machine)),
             Operation::Suspend { instance } => self.suspend(&instance, why).await,
             Operation::Resume { instance, on } => self.resume(&instance, on.as_deref(), why).await,
             Operation::Migrate { instance, to } => self.migrate(&instance, &to, why).await,
@@ -488,9 +625,18 @@ impl Controller {
             .unwrap_or(false);
         self.db(|d| d.upsert_machine(&info, now_ms()))?;
         if first {
-            self.event(&report.name, "register", &format!("agent at {}", report.address), "ok");
+            self.event(
+                &report.name,
+                "register",
+                &format!("agent at {}", report.address),
+                "ok",
+            );
         }
-        let rows: HashMap<InstanceId, InstanceRow> = self.db(|d| d.instances())?.into_iter().map(|r| (r.info.id.clone(), r)).collect();
+        let rows: HashMap<InstanceId, InstanceRow> = self
+            .db(|d| d.instances())?
+            .into_iter()
+            .map(|r| (r.info.id.clone(), r))
+            .collect();
         let mut reported = HashSet::new();
         for inst in &report.instances {
             reported.insert(inst.id.clone());
@@ -498,10 +644,17 @@ impl Controller {
                 continue;
             }
             match rows.get(&inst.id) {
-                Some(row) if row.info.machine == report.name && row.info.generation == inst.generation => {
+                Some(row)
+                    if row.info.machine == report.name
+                        && row.info.generation == inst.generation =>
+                {
                     let next = match (row.info.state, inst.state) {
-                        (InstanceState::Activating, InstanceState::Running) => Some(InstanceState::Running),
-                        (s, InstanceState::Failed) if s != InstanceState::Failed => Some(InstanceState::Failed),
+                        (InstanceState::Activating, InstanceState::Running) => {
+                            Some(InstanceState::Running)
+                        }
+                        (s, InstanceState::Failed) if s != InstanceState::Failed => {
+                            Some(InstanceState::Failed)
+                        }
                         _ => None,
                     };
                     if let Some(state) = next {
@@ -509,11 +662,23 @@ impl Controller {
                         row.info.state = state;
                         row.info.endpoint = inst.endpoint.clone();
                         self.db(|d| d.put_instance(&row))?;
-                        let outcome = inst.error.clone().map_or("ok".into(), |e| format!("failed: {e}"));
-                        self.event(&report.name, &format!("{} {}", inst.id, state.as_str()), "agent report", &outcome);
+                        let outcome = inst
+                            .error
+                            .clone()
+                            .map_or("ok".into(), |e| format!("failed: {e}"));
+                        self.event(
+                            &report.name,
+                            &format!("{} {}", inst.id, state.as_str()),
+                            "agent report",
+                            &outcome,
+                        );
                     }
                 }
-                Some(row) if row.info.state == InstanceState::Migrating && inst.generation > row.info.generation && inst.state == InstanceState::Running => {
+                Some(row)
+                    if row.info.state == InstanceState::Migrating
+                        && inst.generation > row.info.generation
+                        && inst.state == InstanceState::Running =>
+                {
                     // A migration finished while no controller watched: adopt where it runs.
                     let mut row = row.clone();
                     row.info.machine = report.name.clone();
@@ -521,12 +686,20 @@ impl Controller {
                     row.info.endpoint = inst.endpoint.clone();
                     row.info.state = InstanceState::Running;
                     self.db(|d| d.put_instance(&row))?;
-                    self.event("controller", &format!("adopt {} on {}", inst.id, report.name), "found running after a restart", "ok");
+                    self.event(
+                        "controller",
+                        &format!("adopt {} on {}", inst.id, report.name),
+                        "found running after a restart",
+                        "ok",
+                    );
                 }
                 _ => {
                     // Not wanted here (unknown, discarded, moved away, or an older generation).
                     let machine = info.clone();
-                    let cmd = AgentCommand::Discard { id: inst.id.clone(), generation: inst.generation };
+                    let cmd = AgentCommand::Discard {
+                        id: inst.id.clone(),
+                        generation: inst.generation,
+                    };
                     let me = self.clone();
                     let id = inst.id.clone();
                     tokio::spawn(async move {
@@ -534,7 +707,12 @@ impl Controller {
                             Ok(_) => "ok".to_string(),
                             Err(e) => format!("failed: {e}"),
                         };
-                        me.event("controller", &format!("stop unwanted {id} on {}", machine.name), "the controller does not want it there", &outcome);
+                        me.event(
+                            "controller",
+                            &format!("stop unwanted {id} on {}", machine.name),
+                            "the controller does not want it there",
+                            &outcome,
+                        );
                     });
                 }
             }
@@ -542,14 +720,22 @@ impl Controller {
         // Instances the controller placed here that the agent no longer has are lost.
         for row in rows.values() {
             if row.info.machine == report.name
-                && matches!(row.info.state, InstanceState::Running | InstanceState::Activating)
+                && matches!(
+                    row.info.state,
+                    InstanceState::Running | InstanceState::Activating
+                )
                 && !reported.contains(&row.info.id)
                 && !self.is_busy(&row.info.id)
             {
                 let mut row = row.clone();
                 row.info.state = InstanceState::Failed;
                 self.db(|d| d.put_instance(&row))?;
-                self.event(&report.name, &format!("{} failed", row.info.id), "its machine no longer runs it", "lost");
+                self.event(
+                    &report.name,
+                    &format!("{} failed", row.info.id),
+                    "its machine no longer runs it",
+                    "lost",
+                );
             }
         }
         Ok(())
@@ -569,17 +755,28 @@ impl Controller {
             }
             let on_down_machine = row.info.state.is_placed()
                 && grace
-                && machines.iter().any(|m| m.name == row.info.machine && m.state == "down");
+                && machines
+                    .iter()
+                    .any(|m| m.name == row.info.machine && m.state == "down");
             if on_down_machine {
                 let mut r = row.clone();
                 r.info.state = InstanceState::Failed;
                 self.db(|d| d.put_instance(&r))?;
-                self.event("controller", &format!("{} failed", r.info.id), &format!("machine {} is down", r.info.machine), "lost");
+                self.event(
+                    "controller",
+                    &format!("{} failed", r.info.id),
+                    &format!("machine {} is down", r.info.machine),
+                    "lost",
+                );
                 continue;
             }
             let declared = services.iter().any(|s| s.name == row.info.service);
             if row.info.state == InstanceState::Failed || !declared {
-                let why = if declared { "replace a failed instance" } else { "its service was removed" };
+                let why = if declared {
+                    "replace a failed instance"
+                } else {
+                    "its service was removed"
+                };
                 let _ = self.discard(&row.info.id, why).await;
             }
         }
@@ -587,10 +784,25 @@ impl Controller {
         for spec in &services {
             let live = rows
                 .iter()
-                .filter(|r| r.info.service == spec.name && matches!(r.info.state, InstanceState::Activating | InstanceState::Running | InstanceState::Migrating))
+                .filter(|r| {
+                    r.info.service == spec.name
+                        && matches!(
+                            r.info.state,
+                            InstanceState::Activating
+                                | InstanceState::Running
+                                | InstanceState::Migrating
+                        )
+                })
                 .count() as u32;
             for _ in live..spec.min {
-                if let Err(e) = self.activate(&spec.name, None, &format!("keep min {} of {}", spec.min, spec.name)).await {
+                if let Err(e) = self
+                    .activate(
+                        &spec.name,
+                        None,
+                        &format!("keep min {} of {}", spec.min, spec.name),
+                    )
+                    .await
+                {
                     tracing::warn!("cannot keep {} at min {}: {e}", spec.name, spec.min);
                     break;
                 }

@@ -57,12 +57,18 @@ impl Db {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.execute_batch("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")?;
-        let current: i64 = conn
-            .query_row("SELECT COALESCE(MAX(version), 0) FROM schema_version", [], |r| r.get(0))?;
+        let current: i64 = conn.query_row(
+            "SELECT COALESCE(MAX(version), 0) FROM schema_version",
+            [],
+            |r| r.get(0),
+        )?;
         for (i, m) in MIGRATIONS.iter().enumerate().skip(current as usize) {
             let tx = conn.unchecked_transaction()?;
             tx.execute_batch(m)?;
-            tx.execute("INSERT INTO schema_version (version) VALUES (?1)", params![i as i64 + 1])?;
+            tx.execute(
+                "INSERT INTO schema_version (version) VALUES (?1)",
+                params![i as i64 + 1],
+            )?;
             tx.commit()?;
         }
         Ok(Self { conn })
@@ -74,7 +80,10 @@ impl Db {
         tx.execute("DELETE FROM services", [])?;
         for s in services {
             let spec = serde_json::to_string(s).map_err(|e| DbError::Bad(e.to_string()))?;
-            tx.execute("INSERT INTO services (name, spec) VALUES (?1, ?2)", params![s.name.as_str(), spec])?;
+            tx.execute(
+                "INSERT INTO services (name, spec) VALUES (?1, ?2)",
+                params![s.name.as_str(), spec],
+            )?;
         }
         tx.commit()?;
         Ok(())
@@ -82,7 +91,9 @@ impl Db {
 
     /// The desired services.
     pub fn services(&self) -> Result<Vec<ServiceSpec>> {
-        let mut st = self.conn.prepare("SELECT spec FROM services ORDER BY name")?;
+        let mut st = self
+            .conn
+            .prepare("SELECT spec FROM services ORDER BY name")?;
         let rows = st.query_map([], |r| r.get::<_, String>(0))?;
         rows.map(|r| {
             let s = r?;
@@ -107,7 +118,10 @@ impl Db {
 
     /// Marks a machine as draining (no new placements).
     pub fn set_draining(&self, name: &str, draining: bool) -> Result<bool> {
-        Ok(self.conn.execute("UPDATE machines SET draining = ?2 WHERE name = ?1", params![name, draining as i64])? > 0)
+        Ok(self.conn.execute(
+            "UPDATE machines SET draining = ?2 WHERE name = ?1",
+            params![name, draining as i64],
+        )? > 0)
     }
 
     /// Every machine, with `state` computed from its last heartbeat.
@@ -122,7 +136,11 @@ impl Db {
             Ok(MachineInfo {
                 name: r.get(0)?,
                 address: r.get(1)?,
-                role: if role == "shared" { MachineRole::Shared } else { MachineRole::Dedicated },
+                role: if role == "shared" {
+                    MachineRole::Shared
+                } else {
+                    MachineRole::Dedicated
+                },
                 vcpus: r.get(3)?,
                 memory_mib: r.get(4)?,
                 state: if now_ms.saturating_sub(last as u64) > down_after_ms {
@@ -213,7 +231,14 @@ impl Db {
     }
 
     /// Appends to the event log.
-    pub fn event(&self, at_ms: u64, who: &str, what: &str, why: &str, outcome: &str) -> Result<u64> {
+    pub fn event(
+        &self,
+        at_ms: u64,
+        who: &str,
+        what: &str,
+        why: &str,
+        outcome: &str,
+    ) -> Result<u64> {
         self.conn.execute(
             "INSERT INTO events (at_ms, who, what, why, outcome) VALUES (?1, ?2, ?3, ?4, ?5)",
             params![at_ms as i64, who, what, why, outcome],
@@ -240,7 +265,15 @@ impl Db {
     }
 
     /// A machine by name.
-    pub fn machine(&self, name: &str, now_ms: u64, down_after_ms: u64) -> Result<Option<MachineInfo>> {
-        Ok(self.machines(now_ms, down_after_ms)?.into_iter().find(|m| m.name == name))
+    pub fn machine(
+        &self,
+        name: &str,
+        now_ms: u64,
+        down_after_ms: u64,
+    ) -> Result<Option<MachineInfo>> {
+        Ok(self
+            .machines(now_ms, down_after_ms)?
+            .into_iter()
+            .find(|m| m.name == name))
     }
 }

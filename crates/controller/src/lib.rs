@@ -57,10 +57,17 @@ pub fn load_or_create_token(dir: &Path) -> std::io::Result<(String, bool)> {
 }
 
 /// Opens the state, starts the reconcile loop and serves the API until the process ends.
-pub async fn serve(config: ControllerConfig) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+pub async fn serve(
+    config: ControllerConfig,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let db = Db::open(&config.state)?;
     let controller = Controller::new(db, config.token.clone());
-    controller.event("controller", "start", &format!("state {}", config.state.display()), "ok");
+    controller.event(
+        "controller",
+        "start",
+        &format!("state {}", config.state.display()),
+        "ok",
+    );
     tokio::spawn(controller.clone().run_loop(Duration::from_secs(1)));
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     tracing::info!("controller API on http://{}", config.listen);
