@@ -50,6 +50,8 @@ pub struct Controller {
     http: reqwest::Client,
     token: String,
     busy: Mutex<HashSet<InstanceId>>,
+    /// When each instance's last operation ended: a heartbeat sent before that is stale for it.
+    settled: Mutex<HashMap<InstanceId, Instant>>,
     started: Instant,
     /// Machines heard from since this process started, with the time.
     heard: Mutex<HashMap<String, Instant>>,
@@ -69,11 +71,18 @@ struct BusyGuard<'a> {
 
 impl Drop for BusyGuard<'_> {
     fn drop(&mut self) {
+        if let Ok(mut s) = self.c.settled.lock() {
+            s.insert(self.id.clone(), Instant::now());
+        }
         if let Ok(mut b) = self.c.busy.lock() {
             b.remove(&self.id);
         }
     }
 }
+
+/// A heartbeat can be in flight for this long after an operation ended; until then it may
+/// describe the machine as it was before the operation.
+const STALE_HEARTBEAT: Duration = Duration::from_secs(3);
 
 impl Controller {
     /// A controller over `db`, using `token` for agents.
@@ -86,6 +95,7 @@ impl Controller {
                 .expect("a plain HTTP client builds"),
             token,
             busy: Mutex::new(HashSet::new()),
+            settled: Mutex::new(HashMap::new()),
             started: Instant::now(),
             heard: Mutex::new(HashMap::new()),
         })
@@ -123,6 +133,16 @@ impl Controller {
 
     fn is_busy(&self, id: &InstanceId) -> bool {
         self.busy.lock().map(|b| b.contains(id)).unwrap_or(true)
+    }
+
+    /// Busy, or changed so recently that a heartbeat may not reflect it yet.
+    fn is_unsettled(&self, id: &InstanceId) -> bool {
+        self.is_busy(id)
+            || self
+                .settled
+                .lock()
+                .map(|s| s.get(id).is_some_and(|t| t.elapsed() < STALE_HEARTBEAT))
+                .unwrap_or(true)
     }
 
     /// Desired services.
@@ -643,6 +663,7 @@ impl Controller {
             if self.is_busy(&inst.id) {
                 continue;
             }
+            let unsettled = self.is_unsettled(&inst.id);
             match rows.get(&inst.id) {
                 Some(row)
                     if row.info.machine == report.name
@@ -693,6 +714,7 @@ impl Controller {
                         "ok",
                     );
                 }
+                _ if unsettled => {}
                 _ => {
                     // Not wanted here (unknown, discarded, moved away, or an older generation).
                     let machine = info.clone();
@@ -725,7 +747,7 @@ impl Controller {
                     InstanceState::Running | InstanceState::Activating
                 )
                 && !reported.contains(&row.info.id)
-                && !self.is_busy(&row.info.id)
+                && !self.is_unsettled(&row.info.id)
             {
                 let mut row = row.clone();
                 row.info.state = InstanceState::Failed;

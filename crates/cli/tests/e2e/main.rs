@@ -1,5 +1,6 @@
 //! End-to-end tests of the `vmatrix` binary, in one place with shared helpers.
 
+mod cluster;
 mod image;
 mod support;
 mod up;
