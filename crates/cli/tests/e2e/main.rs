@@ -2,5 +2,6 @@
 
 mod cluster;
 mod image;
+mod netns;
 mod support;
 mod up;
