@@ -344,6 +344,7 @@ impl Agent {
                     Err(failure) => {
                         s.vm = Some(*failure.source);
                         s.state = InstanceState::Running;
+                        tokio::spawn(wait_ready(slot.clone()));
                         return Err(AgentError::Vmm(failure.error));
                     }
                 }
@@ -363,6 +364,7 @@ impl Agent {
                 s.vm = Some(vm);
                 s.state = InstanceState::Running;
                 reply.endpoint = Some(s.endpoint.to_string());
+                tokio::spawn(wait_ready(slot.clone()));
             }
             AgentCommand::Discard { id, generation } => {
                 self.fence(&id, generation)?;
@@ -457,35 +459,68 @@ impl Agent {
     }
 }
 
-/// Waits for a freshly activated instance to serve, then marks it running (or failed).
+/// Health probes in a row that may fail before a running instance counts as failed.
+const UNHEALTHY_AFTER: u32 = 5;
+
+/// Waits for a freshly activated instance to serve and marks it running, then keeps probing its
+/// health: a QEMU that exited, or a guest that stops answering, marks the instance failed so
+/// the controller can replace it.
 async fn wait_ready(slot: Arc<Mutex<Slot>>) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
+    let mut misses = 0;
     loop {
-        {
-            let mut s = slot.lock().await;
-            if s.state != InstanceState::Activating {
+        let probe_at = {
+            let s = slot.lock().await;
+            if !matches!(s.state, InstanceState::Activating | InstanceState::Running)
+                || s.vm.is_none()
+            {
+                // Moving, suspending or gone: whoever changed it watches it now.
                 return;
             }
-            let endpoint = s.endpoint;
-            let health = s.plan.health.clone();
-            let alive = s.vm.as_mut().map(|vm| vm.pid());
-            if alive.is_none() {
-                return;
-            }
-            let probe =
-                vmatrix_vmm::http::request(endpoint, "GET", &health, &[], Duration::from_secs(2))
-                    .await;
-            if matches!(probe, Ok(ref r) if r.status == 200) {
-                s.state = InstanceState::Running;
-                return;
-            }
-            if tokio::time::Instant::now() > deadline {
+            (s.endpoint, s.plan.health.clone(), s.state)
+        };
+        let (endpoint, health, state) = probe_at;
+        let probe =
+            vmatrix_vmm::http::request(endpoint, "GET", &health, &[], Duration::from_secs(2)).await;
+        let healthy = matches!(probe, Ok(ref r) if r.status == 200);
+        let mut s = slot.lock().await;
+        if s.state != state {
+            continue;
+        }
+        let exited = match s.vm.as_mut() {
+            Some(vm) => vm.exit_status(),
+            None => return,
+        };
+        if let Some(status) = exited {
+            s.state = InstanceState::Failed;
+            s.error = Some(format!("QEMU exited ({status})"));
+            return;
+        }
+        match (state, healthy) {
+            (InstanceState::Activating, true) => s.state = InstanceState::Running,
+            (InstanceState::Activating, false) if tokio::time::Instant::now() > deadline => {
                 s.state = InstanceState::Failed;
                 s.error = Some(format!("no answer on {health} within 180 s"));
                 return;
             }
+            (InstanceState::Running, true) => misses = 0,
+            (InstanceState::Running, false) => {
+                misses += 1;
+                if misses >= UNHEALTHY_AFTER {
+                    s.state = InstanceState::Failed;
+                    s.error = Some(format!("{health} failed {misses} times in a row"));
+                    return;
+                }
+            }
+            _ => {}
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        drop(s);
+        let pause = if state == InstanceState::Activating {
+            200
+        } else {
+            2000
+        };
+        tokio::time::sleep(Duration::from_millis(pause)).await;
     }
 }
 

@@ -267,6 +267,11 @@ impl Vm {
         format!("http://{}/", self.spec.forward)
     }
 
+    /// `Some(status)` once the QEMU process has exited.
+    pub fn exit_status(&mut self) -> Option<String> {
+        self.process.exit_status()
+    }
+
     /// Direct access to QMP, for operations this driver does not wrap yet.
     pub fn qmp(&mut self) -> &mut Qmp {
         &mut self.qmp

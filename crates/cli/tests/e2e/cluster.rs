@@ -278,10 +278,57 @@ async fn up_apply_migrate_suspend_resume_and_survive_a_controller_crash() {
         "one QEMU per instance, none duplicated: {after:?}"
     );
 
+    // Recovery: a broken instance (its QEMU killed) is thrown away and replaced.
+    let victim = instance(&after_list(d).await, "sports-2").clone();
+    let qemu = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .find_map(|e| {
+            let c = String::from_utf8_lossy(&std::fs::read(e.path().join("cmdline")).ok()?)
+                .replace('\0', " ");
+            (c.contains("qemu-system") && c.contains("serial=sports-2"))
+                .then(|| e.file_name().to_string_lossy().into_owned())
+        })
+        .expect("sports-2's QEMU");
+    assert!(std::process::Command::new("kill")
+        .args(["-9", &qemu])
+        .status()
+        .unwrap()
+        .success());
+    let t = Instant::now();
+    let replaced = wait_for("sports-2 replaced", Duration::from_secs(120), async || {
+        let l = ps(d).await;
+        let gone = !l.iter().any(|i| i["id"] == "sports-2");
+        let running = l
+            .iter()
+            .filter(|i| i["service"] == "sports" && i["state"] == "running")
+            .count();
+        (gone && running >= 2).then_some(l)
+    })
+    .await;
+    eprintln!(
+        "recovery: sports-2 (on {}) replaced in {:.1}s: {:?}",
+        victim["machine"],
+        t.elapsed().as_secs_f64(),
+        replaced
+            .iter()
+            .map(|i| i["id"].to_string())
+            .collect::<Vec<_>>()
+    );
+    let (_, events, _) = cli(d, &["events"]).await;
+    assert!(
+        events.contains("sports-2 failed") && events.contains("discard sports-2"),
+        "{events}"
+    );
+
     let _ = controller.start_kill();
     let _ = controller.wait().await;
     let _ = up.start_kill();
     let _ = up.wait().await;
+}
+
+async fn after_list(d: &Path) -> Vec<Value> {
+    ps(d).await
 }
 
 #[tokio::test]

@@ -17,7 +17,11 @@ struct Net {
 
 fn ip(args: &[&str]) {
     let out = Command::new("ip").args(args).output().expect("run ip");
-    assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 impl Net {
@@ -25,7 +29,10 @@ impl Net {
     fn new(n: u8, hosts: usize) -> Self {
         let tag = std::process::id() % 10_000;
         let bridge = format!("vmxbr{tag}");
-        let net = Net { bridge: bridge.clone(), namespaces: Vec::new() };
+        let net = Net {
+            bridge: bridge.clone(),
+            namespaces: Vec::new(),
+        };
         ip(&["link", "add", &bridge, "type", "bridge"]);
         ip(&["addr", "add", &format!("10.77.{n}.1/24"), "dev", &bridge]);
         ip(&["link", "set", &bridge, "up"]);
@@ -35,9 +42,19 @@ impl Net {
             let outer = format!("vmx{tag}v{h}");
             ip(&["netns", "add", &ns]);
             net.namespaces.push(ns.clone());
-            ip(&["link", "add", &outer, "type", "veth", "peer", "name", "eth0", "netns", &ns]);
+            ip(&[
+                "link", "add", &outer, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+            ]);
             ip(&["link", "set", &outer, "master", &bridge, "up"]);
-            ip(&["-n", &ns, "addr", "add", &format!("10.77.{n}.{}/24", h + 2), "dev", "eth0"]);
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("10.77.{n}.{}/24", h + 2),
+                "dev",
+                "eth0",
+            ]);
             ip(&["-n", &ns, "link", "set", "eth0", "up"]);
             ip(&["-n", &ns, "link", "set", "lo", "up"]);
         }
@@ -50,7 +67,9 @@ impl Drop for Net {
         for ns in &self.namespaces {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }
-        let _ = Command::new("ip").args(["link", "del", &self.bridge]).status();
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.bridge])
+            .status();
     }
 }
 
@@ -73,7 +92,10 @@ async fn cli(data: &Path, api: &str, args: &[&str]) -> (bool, String, String) {
 async fn ps(data: &Path, api: &str) -> Vec<Value> {
     let (ok, out, err) = cli(data, api, &["ps", "--json"]).await;
     assert!(ok, "{err}");
-    serde_json::from_str::<Value>(&out).unwrap()["instances"].as_array().cloned().unwrap_or_default()
+    serde_json::from_str::<Value>(&out).unwrap()["instances"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
 }
 
 #[tokio::test]
@@ -86,10 +108,32 @@ async fn an_instance_migrates_between_hosts_in_network_namespaces() {
     let exe = env!("CARGO_BIN_EXE_vmatrix");
 
     // The repository with the reference guest, on the shared file system.
-    let out = vmatrix().arg("--data").arg(d).args(["guest", "build", "--out"]).arg(d.join("guest/reference.img")).output().await.unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let out = vmatrix().arg("--data").arg(d).args(["image", "import", "guest:v1"]).arg(d.join("guest/reference.img")).output().await.unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = vmatrix()
+        .arg("--data")
+        .arg(d)
+        .args(["guest", "build", "--out"])
+        .arg(d.join("guest/reference.img"))
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = vmatrix()
+        .arg("--data")
+        .arg(d)
+        .args(["image", "import", "guest:v1"])
+        .arg(d.join("guest/reference.img"))
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let api_addr = format!("10.77.{n}.1:7070");
     let api = format!("http://{api_addr}");
@@ -111,7 +155,15 @@ async fn an_instance_migrates_between_hosts_in_network_namespaces() {
         let child = tokio::process::Command::new("ip")
             .args(["netns", "exec", ns, exe, "--data"])
             .arg(d)
-            .args(["agent", "--name", &format!("host{h}"), "--listen", &format!("10.77.{n}.{}:7071", h + 2), "--controller", &api])
+            .args([
+                "agent",
+                "--name",
+                &format!("host{h}"),
+                "--listen",
+                &format!("10.77.{n}.{}:7071", h + 2),
+                "--controller",
+                &api,
+            ])
             .env_remove("RUST_BACKTRACE")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -123,7 +175,14 @@ async fn an_instance_migrates_between_hosts_in_network_namespaces() {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let (_, out, _) = cli(d, &api, &["machines", "--json"]).await;
-        let up = serde_json::from_str::<Value>(&out).ok().and_then(|v| v["machines"].as_array().map(|m| m.iter().filter(|m| m["state"] == "up").count())).unwrap_or(0);
+        let up = serde_json::from_str::<Value>(&out)
+            .ok()
+            .and_then(|v| {
+                v["machines"]
+                    .as_array()
+                    .map(|m| m.iter().filter(|m| m["state"] == "up").count())
+            })
+            .unwrap_or(0);
         if up == 2 {
             break;
         }
@@ -132,7 +191,11 @@ async fn an_instance_migrates_between_hosts_in_network_namespaces() {
     }
 
     let services = d.join("one.toml");
-    std::fs::write(&services, "[[service]]\nname = \"web\"\nimage = \"guest:v1\"\n").unwrap();
+    std::fs::write(
+        &services,
+        "[[service]]\nname = \"web\"\nimage = \"guest:v1\"\n",
+    )
+    .unwrap();
     let (ok, _, err) = cli(d, &api, &["apply", "-f", services.to_str().unwrap()]).await;
     assert!(ok, "{err}");
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -145,18 +208,40 @@ async fn an_instance_migrates_between_hosts_in_network_namespaces() {
         tokio::time::sleep(Duration::from_millis(250)).await;
     };
     let ep: std::net::SocketAddr = inst["endpoint"].as_str().unwrap().parse().unwrap();
-    let put = vmatrix_vmm::http::request(ep, "PUT", "/disk/k", b"crossed the link", Duration::from_secs(10)).await.unwrap();
+    let put = vmatrix_vmm::http::request(
+        ep,
+        "PUT",
+        "/disk/k",
+        b"crossed the link",
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
     assert_eq!(put.status, 200);
     let from = inst["machine"].as_str().unwrap().to_owned();
     let to = if from == "host0" { "host1" } else { "host0" };
-    let (ok, out, err) = cli(d, &api, &["migrate", inst["id"].as_str().unwrap(), "--to", to]).await;
+    let (ok, out, err) = cli(
+        d,
+        &api,
+        &["migrate", inst["id"].as_str().unwrap(), "--to", to],
+    )
+    .await;
     assert!(ok, "migrate across namespaces: {err}");
     eprintln!("migrate {from} → {to} across the veth link: {}", out.trim());
-    let moved = ps(d, &api).await.into_iter().find(|i| i["id"] == inst["id"]).unwrap();
+    let moved = ps(d, &api)
+        .await
+        .into_iter()
+        .find(|i| i["id"] == inst["id"])
+        .unwrap();
     assert_eq!(moved["machine"], to);
     let ep: std::net::SocketAddr = moved["endpoint"].as_str().unwrap().parse().unwrap();
-    assert!(ep.ip().to_string().starts_with(&format!("10.77.{n}.")), "{ep}");
-    let got = vmatrix_vmm::http::request(ep, "GET", "/disk/k", &[], Duration::from_secs(10)).await.unwrap();
+    assert!(
+        ep.ip().to_string().starts_with(&format!("10.77.{n}.")),
+        "{ep}"
+    );
+    let got = vmatrix_vmm::http::request(ep, "GET", "/disk/k", &[], Duration::from_secs(10))
+        .await
+        .unwrap();
     assert_eq!(got.body, b"crossed the link");
 
     for mut a in agents {

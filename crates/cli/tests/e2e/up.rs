@@ -13,11 +13,21 @@ use crate::support::{data_dir, vmatrix};
 #[ignore = "boots real QEMU; run by scripts/test"]
 async fn up_stops_every_process_it_started_on_ctrl_c() {
     let data = data_dir();
-    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let mut child = vmatrix()
         .arg("--data")
         .arg(data.path())
-        .args(["up", "--machines", "1", "--listen", &format!("127.0.0.1:{port}")])
+        .args([
+            "up",
+            "--machines",
+            "1",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -34,7 +44,11 @@ async fn up_stops_every_process_it_started_on_ctrl_c() {
         }
     }
     let services = data.path().join("one.toml");
-    std::fs::write(&services, "[[service]]\nname = \"web\"\nimage = \"guest:v1\"\n").unwrap();
+    std::fs::write(
+        &services,
+        "[[service]]\nname = \"web\"\nimage = \"guest:v1\"\n",
+    )
+    .unwrap();
     let out = vmatrix()
         .arg("--data")
         .arg(data.path())
@@ -43,18 +57,34 @@ async fn up_stops_every_process_it_started_on_ctrl_c() {
         .output()
         .await
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     let marker = data.path().display().to_string();
-    while processes_mentioning(&marker).iter().filter(|c| c.contains("qemu-system")).count() == 0 {
+    while processes_mentioning(&marker)
+        .iter()
+        .filter(|c| c.contains("qemu-system"))
+        .count()
+        == 0
+    {
         assert!(std::time::Instant::now() < deadline, "no QEMU started");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert!(processes_mentioning(&marker).len() >= 3, "controller, agent and QEMU run");
+    assert!(
+        processes_mentioning(&marker).len() >= 3,
+        "controller, agent and QEMU run"
+    );
 
     // Ctrl-C, as a terminal would send it.
     let pid = child.id().expect("pid").to_string();
-    assert!(std::process::Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
+    assert!(std::process::Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap()
+        .success());
     let exit = tokio::time::timeout(Duration::from_secs(30), child.wait())
         .await
         .expect("vmatrix up did not stop within 30s of Ctrl-C")
@@ -73,12 +103,19 @@ async fn up_stops_every_process_it_started_on_ctrl_c() {
 
 /// Command lines of live (not zombie) processes that mention `needle`.
 fn processes_mentioning(needle: &str) -> Vec<String> {
-    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
     dir.flatten()
         .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
         .filter(|e| {
             std::fs::read_to_string(e.path().join("stat"))
-                .map(|s| s.rsplit(')').next().and_then(|r| r.split_whitespace().next()) != Some("Z"))
+                .map(|s| {
+                    s.rsplit(')')
+                        .next()
+                        .and_then(|r| r.split_whitespace().next())
+                        != Some("Z")
+                })
                 .unwrap_or(false)
         })
         .filter_map(|e| {
