@@ -399,6 +399,44 @@ pub struct UpArgs {
     pub listen: SocketAddr,
     pub vcpus: u32,
     pub memory: u32,
+    pub switch_listen: SocketAddr,
+}
+
+pub async fn switch(
+    controller: Option<String>,
+    listen: SocketAddr,
+    hold: u64,
+    max_held: usize,
+    data: &Path,
+) -> Result<()> {
+    let controller = match controller {
+        Some(c) => c,
+        None => std::fs::read_to_string(data.join("controller/api"))
+            .map(|s| s.trim().to_owned())
+            .map_err(|_| anyhow!("no controller URL: pass --controller URL"))?,
+    };
+    let token = std::env::var("VMATRIX_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string(data.join("controller/token"))
+                .ok()
+                .map(|t| t.trim().to_owned())
+        })
+        .ok_or_else(|| anyhow!("no token: set VMATRIX_TOKEN to the controller's token"))?;
+    let config = vmatrix_switch::SwitchConfig {
+        listen,
+        controller,
+        token,
+        hold_timeout: Duration::from_secs(hold),
+        max_held,
+        retry_window: Duration::from_secs(10),
+    };
+    tokio::select! {
+        r = vmatrix_switch::serve(config) => r.context("switch")?,
+        _ = crate::shutdown_signal() => tracing::info!("switch stopping"),
+    }
+    Ok(())
 }
 
 pub async fn up(args: UpArgs, data: &Path, accel: vmatrix_vmm::AccelChoice) -> Result<()> {
@@ -489,6 +527,15 @@ pub async fn up(args: UpArgs, data: &Path, accel: vmatrix_vmm::AccelChoice) -> R
             accel.as_str().into(),
         ])?);
     }
+    children.push(spawn_self(&[
+        "switch".into(),
+        "--listen".into(),
+        args.switch_listen.to_string(),
+        "--controller".into(),
+        api.clone(),
+        "--data".into(),
+        data_s.clone(),
+    ])?);
     let client = Client::new(Some(api.clone()), data)?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
@@ -508,14 +555,16 @@ pub async fn up(args: UpArgs, data: &Path, accel: vmatrix_vmm::AccelChoice) -> R
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     println!(
-        "vMatrix is up: API {api}, {} machines (rm1..rm{}), accelerator {}, data {}",
+        "vMatrix is up: API {api}, switch http://{}, {} machines (rm1..rm{}), accelerator {}, data {}",
+        args.switch_listen,
         args.machines,
         args.machines,
         accel.as_str(),
         data.display()
     );
     println!(
-        "try: vmatrix apply -f examples/services.toml && vmatrix ps   (Ctrl-C stops everything)"
+        "try: vmatrix apply -f examples/services.toml && curl http://{}/s/sports/   (Ctrl-C stops everything)",
+        args.switch_listen
     );
     crate::shutdown_signal().await;
     tracing::info!("stopping the agents and the controller");

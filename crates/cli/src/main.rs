@@ -51,6 +51,63 @@ enum Command {
         /// Memory each machine offers, MiB.
         #[arg(long, default_value_t = 2048)]
         memory: u32,
+        /// The switch's address (the front door of every service).
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        switch_listen: SocketAddr,
+    },
+    /// Run the switch: the front door that follows VMs.
+    Switch {
+        /// The controller's URL (default: the one in the data directory).
+        #[arg(long)]
+        controller: Option<String>,
+        /// Where clients connect.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        /// Seconds a request may wait for a dormant service to wake.
+        #[arg(long, default_value_t = 60)]
+        hold_timeout: u64,
+        /// Most requests held per waking service.
+        #[arg(long, default_value_t = 1000)]
+        max_held: usize,
+    },
+    /// Send load: a constant rate or a trace (CSV t_seconds,value), and report what came back.
+    Load {
+        /// URL to request, e.g. http://127.0.0.1:8080/s/sports/
+        #[arg(long)]
+        target: String,
+        /// Requests per second (constant).
+        #[arg(long, conflicts_with = "trace")]
+        rate: Option<f64>,
+        /// Seconds to run at --rate.
+        #[arg(long, default_value_t = 10.0)]
+        duration: f64,
+        /// A trace: CSV t_seconds,value.
+        #[arg(long)]
+        trace: Option<PathBuf>,
+        /// Trace seconds per real second.
+        #[arg(long, default_value_t = 1.0)]
+        speed: f64,
+        /// Requests per second per trace unit.
+        #[arg(long, default_value_t = 1.0)]
+        scale: f64,
+        /// JSON for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Mark a service dropped: the switch refuses its requests at once (503).
+    Drop {
+        /// The service.
+        service: ServiceName,
+    },
+    /// Clear a service's dropped mark.
+    Undrop {
+        /// The service.
+        service: ServiceName,
+    },
+    /// Bring a dormant service back.
+    Wake {
+        /// The service.
+        service: ServiceName,
     },
     /// Run the controller (desired state, reconcile loop, API).
     Controller {
@@ -298,16 +355,72 @@ fn run() -> Result<()> {
             listen,
             vcpus,
             memory,
+            switch_listen,
         } => runtime()?.block_on(cluster::up(
             cluster::UpArgs {
                 machines,
                 listen,
                 vcpus,
                 memory,
+                switch_listen,
             },
             &data,
             accel,
         ))?,
+        Command::Switch {
+            controller,
+            listen,
+            hold_timeout,
+            max_held,
+        } => runtime()?.block_on(cluster::switch(
+            controller,
+            listen,
+            hold_timeout,
+            max_held,
+            &data,
+        ))?,
+        Command::Load {
+            target,
+            rate,
+            duration,
+            trace,
+            speed,
+            scale,
+            json,
+        } => {
+            let opts = match (rate, trace) {
+                (Some(r), None) => vmatrix_switch::LoadOptions::constant(
+                    target,
+                    r,
+                    std::time::Duration::from_secs_f64(duration),
+                ),
+                (None, Some(f)) => {
+                    vmatrix_switch::LoadOptions::from_trace(target, &f, speed, scale)
+                        .map_err(anyhow::Error::msg)?
+                }
+                _ => anyhow::bail!("give --rate R or --trace FILE"),
+            };
+            let r = runtime()?.block_on(vmatrix_switch::run_load(&opts));
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!(
+                    "sent {} in {:.1}s: {} ok, {} failed {:?}; achieved {:.1} req/s; latency p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+                    r.sent, r.seconds, r.ok, r.failed(), r.errors, r.achieved_rps, r.p50_ms, r.p90_ms, r.p99_ms, r.max_ms
+                );
+                if r.max_ms > 1000.0 {
+                    let s: Vec<String> = r
+                        .slowest
+                        .iter()
+                        .map(|(at, ms)| format!("{ms:.0} ms at +{at:.2}s"))
+                        .collect();
+                    println!("slowest: {}", s.join(", "));
+                }
+            }
+        }
+        Command::Drop { service } => op(Operation::Drop { service })?,
+        Command::Undrop { service } => op(Operation::Undrop { service })?,
+        Command::Wake { service } => op(Operation::Wake { service })?,
         Command::Controller { listen, state } => {
             runtime()?.block_on(cluster::controller(listen, state, &data))?
         }

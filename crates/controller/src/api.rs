@@ -138,6 +138,55 @@ async fn heartbeat(State(x): State<Ctx>, headers: HeaderMap, body: axum::body::B
     }
 }
 
+#[derive(Deserialize)]
+struct RoutesQuery {
+    version: Option<String>,
+    wait: Option<u64>,
+}
+
+/// The route table; with `version`, waits (up to `wait` seconds) until it differs — a
+/// long-poll watch.
+async fn routes(
+    State(x): State<Ctx>,
+    headers: HeaderMap,
+    Query(q): Query<RoutesQuery>,
+) -> Response {
+    if let Err(r) = check(&headers, &x.token) {
+        return r;
+    }
+    let deadline =
+        tokio::time::Instant::now() + std::time::Duration::from_secs(q.wait.unwrap_or(0).min(60));
+    loop {
+        let table = match x.c.routes() {
+            Ok(t) => t,
+            Err(e) => return fail(e),
+        };
+        if q.version.as_deref() != Some(table.version.as_str())
+            || tokio::time::Instant::now() >= deadline
+        {
+            return Json(table).into_response();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+async fn post_load(State(x): State<Ctx>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
+    if let Err(r) = check(&headers, &x.token) {
+        return r;
+    }
+    match parse(&body) {
+        Ok(report) => {
+            x.c.set_load(report);
+            Json(serde_json::json!({ "ok": true })).into_response()
+        }
+        Err(r) => r,
+    }
+}
+
+async fn get_load(State(x): State<Ctx>) -> Response {
+    Json(x.c.load()).into_response()
+}
+
 async fn metrics(State(x): State<Ctx>) -> Response {
     let mut out = String::new();
     out.push_str("# HELP vmatrix_machines Machines by state.\n# TYPE vmatrix_machines gauge\n");
@@ -183,6 +232,8 @@ pub fn router(c: Arc<Controller>, token: String) -> Router {
         .route("/api/v1/events", get(events))
         .route("/api/v1/operations", post(operate))
         .route("/api/v1/agents/heartbeat", post(heartbeat))
+        .route("/api/v1/routes", get(routes))
+        .route("/api/v1/load", get(get_load).post(post_load))
         .route("/api/v1/health", get(|| async { "ok" }))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi))

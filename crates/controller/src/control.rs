@@ -55,6 +55,8 @@ pub struct Controller {
     started: Instant,
     /// Machines heard from since this process started, with the time.
     heard: Mutex<HashMap<String, Instant>>,
+    /// The switch's latest load report.
+    load: Mutex<Option<vmatrix_core::api::LoadReport>>,
 }
 
 impl std::fmt::Debug for Controller {
@@ -98,6 +100,7 @@ impl Controller {
             settled: Mutex::new(HashMap::new()),
             started: Instant::now(),
             heard: Mutex::new(HashMap::new()),
+            load: Mutex::new(None),
         })
     }
 
@@ -612,6 +615,101 @@ impl Controller {
         Ok(format!("{moved} instance(s) moved off {machine}"))
     }
 
+    /// The switch's route table: running instances per service, dropped marks, and a version
+    /// that changes whenever any of it does.
+    pub fn routes(&self) -> Result<vmatrix_core::api::RouteTable> {
+        let services = self.services()?;
+        let rows = self.db(|d| d.instances())?;
+        let dropped = self.db(|d| d.dropped())?;
+        let mut out = vmatrix_core::api::RouteTable::default();
+        for s in services {
+            let backends = rows
+                .iter()
+                // A migrating instance serves from its source until the switch-over; requests
+                // that hit the gap are retried by the switch.
+                .filter(|r| {
+                    r.info.service == s.name
+                        && matches!(
+                            r.info.state,
+                            InstanceState::Running | InstanceState::Migrating
+                        )
+                        && !r.info.endpoint.is_empty()
+                })
+                .map(|r| (r.info.id.clone(), r.info.endpoint.clone()))
+                .collect();
+            out.services.push(vmatrix_core::api::ServiceRoute {
+                dropped: dropped.iter().any(|d| d == s.name.as_str()),
+                service: s.name,
+                priority: s.priority,
+                backends,
+            });
+        }
+        let bytes = serde_json::to_vec(&out.services).unwrap_or_default();
+        out.version = blake3::hash(&bytes).to_hex()[..16].to_string();
+        Ok(out)
+    }
+
+    /// Stores the switch's load report (the policy's demand input).
+    pub fn set_load(&self, report: vmatrix_core::api::LoadReport) {
+        if let Ok(mut l) = self.load.lock() {
+            *l = Some(report);
+        }
+    }
+
+    /// The latest load report.
+    pub fn load(&self) -> vmatrix_core::api::LoadReport {
+        self.load
+            .lock()
+            .ok()
+            .and_then(|l| l.clone())
+            .unwrap_or_default()
+    }
+
+    /// Brings a dormant service back: resumes a suspended instance, or starts one.
+    pub async fn wake(&self, service: &vmatrix_core::ServiceName) -> Result<String> {
+        self.spec_of(service)?;
+        let rows = self.db(|d| d.instances())?;
+        let mine: Vec<&InstanceRow> = rows.iter().filter(|r| r.info.service == *service).collect();
+        if mine.iter().any(|r| {
+            matches!(
+                r.info.state,
+                InstanceState::Activating | InstanceState::Running | InstanceState::Migrating
+            )
+        }) {
+            return Ok(format!("{service} is already awake or waking"));
+        }
+        let why = "a request arrived for a dormant service";
+        if let Some(r) = mine
+            .iter()
+            .find(|r| r.info.state == InstanceState::Suspended)
+        {
+            return self.resume(&r.info.id, None, why).await;
+        }
+        self.activate(service, None, why)
+            .await
+            .map(|i| format!("{} activating on {}", i.id, i.machine))
+    }
+
+    fn set_dropped(&self, service: &vmatrix_core::ServiceName, dropped: bool) -> Result<String> {
+        self.spec_of(service)?;
+        self.db(|d| d.set_dropped(service, dropped))?;
+        let what = if dropped { "drop" } else { "undrop" };
+        self.event(
+            "controller",
+            &format!("{what} {service}"),
+            "operator request",
+            "ok",
+        );
+        Ok(format!(
+            "{service} {}",
+            if dropped {
+                "dropped: the switch refuses its requests"
+            } else {
+                "no longer dropped"
+            }
+        ))
+    }
+
     /// Runs a manual operation to completion.
     pub async fn operate(&self, op: Operation) -> Result<String> {
         let why = "operator request";
@@ -625,6 +723,9 @@ impl Controller {
             Operation::Migrate { instance, to } => self.migrate(&instance, &to, why).await,
             Operation::Discard { instance } => self.discard(&instance, why).await,
             Operation::Drain { machine } => self.drain(&machine, why).await,
+            Operation::Wake { service } => self.wake(&service).await,
+            Operation::Drop { service } => self.set_dropped(&service, true),
+            Operation::Undrop { service } => self.set_dropped(&service, false),
         }
     }
 

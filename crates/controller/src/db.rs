@@ -32,6 +32,8 @@ const MIGRATIONS: &[&str] = &[
         version TEXT NOT NULL, saved TEXT, seq INTEGER NOT NULL);
      CREATE TABLE events (id INTEGER PRIMARY KEY AUTOINCREMENT, at_ms INTEGER NOT NULL,
         who TEXT NOT NULL, what TEXT NOT NULL, why TEXT NOT NULL, outcome TEXT NOT NULL);",
+    // 2: services marked dropped (the switch refuses their requests).
+    "CREATE TABLE dropped (service TEXT PRIMARY KEY);",
 ];
 
 /// One instance row.
@@ -100,6 +102,31 @@ impl Db {
             serde_json::from_str(&s).map_err(|e| DbError::Bad(e.to_string()))
         })
         .collect()
+    }
+
+    /// Marks or clears a service as dropped.
+    pub fn set_dropped(&self, service: &ServiceName, dropped: bool) -> Result<()> {
+        if dropped {
+            self.conn.execute(
+                "INSERT OR IGNORE INTO dropped (service) VALUES (?1)",
+                params![service.as_str()],
+            )?;
+        } else {
+            self.conn.execute(
+                "DELETE FROM dropped WHERE service = ?1",
+                params![service.as_str()],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Services marked dropped.
+    pub fn dropped(&self) -> Result<Vec<String>> {
+        let mut st = self
+            .conn
+            .prepare("SELECT service FROM dropped ORDER BY service")?;
+        let rows = st.query_map([], |r| r.get::<_, String>(0))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
     /// Records a heartbeat.

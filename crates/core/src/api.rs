@@ -114,6 +114,21 @@ pub enum Operation {
         /// The machine.
         machine: String,
     },
+    /// Bring a dormant service back (resume a suspended instance, or start one).
+    Wake {
+        /// The service.
+        service: ServiceName,
+    },
+    /// Mark a service dropped: the switch refuses its requests at once.
+    Drop {
+        /// The service.
+        service: ServiceName,
+    },
+    /// Clear the dropped mark.
+    Undrop {
+        /// The service.
+        service: ServiceName,
+    },
 }
 
 /// An agent's self-description when it registers and on every heartbeat.
@@ -260,4 +275,54 @@ pub struct AgentReply {
 pub struct ErrorBody {
     /// The message.
     pub error: String,
+}
+
+/// Where a service's traffic goes now: the switch's route table, versioned.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RouteTable {
+    /// Changes whenever any route changes.
+    pub version: String,
+    /// One entry per declared service.
+    pub services: Vec<ServiceRoute>,
+}
+
+/// One service's routes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServiceRoute {
+    /// The service.
+    pub service: ServiceName,
+    /// Priority (for dropped-request accounting).
+    pub priority: i32,
+    /// Running instances: `(instance id, host:port)`.
+    pub backends: Vec<(InstanceId, String)>,
+    /// Dropped: refuse its requests at once with 503.
+    pub dropped: bool,
+}
+
+/// One service's measured load, as the switch reports it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ServiceLoad {
+    /// Requests per second over the last window.
+    pub rps: f64,
+    /// Requests in flight now.
+    pub concurrency: u64,
+    /// Median latency, ms.
+    pub p50_ms: f64,
+    /// 99th percentile latency, ms.
+    pub p99_ms: f64,
+    /// Requests since start.
+    pub requests: u64,
+    /// Failed requests (5xx from the switch, backend errors) since start.
+    pub errors: u64,
+    /// Requests held while the service woke up, since start.
+    pub held: u64,
+    /// Requests refused because the service is dropped or its queue is full, since start.
+    pub dropped: u64,
+}
+
+/// The switch's load report: per service.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LoadReport {
+    /// Service name → load.
+    pub services: std::collections::BTreeMap<String, ServiceLoad>,
 }

@@ -12,7 +12,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 
 use crate::support::{data_dir, vmatrix};
 
-async fn cli(data: &Path, args: &[&str]) -> (bool, String, String) {
+pub(crate) async fn cli(data: &Path, args: &[&str]) -> (bool, String, String) {
     let out = vmatrix()
         .arg("--data")
         .arg(data)
@@ -27,14 +27,18 @@ async fn cli(data: &Path, args: &[&str]) -> (bool, String, String) {
     )
 }
 
-async fn ps(data: &Path) -> Vec<Value> {
+pub(crate) async fn ps(data: &Path) -> Vec<Value> {
     let (ok, out, err) = cli(data, &["ps", "--json"]).await;
     assert!(ok, "ps: {err}");
     let v: Value = serde_json::from_str(&out).expect("ps --json");
     v["instances"].as_array().cloned().unwrap_or_default()
 }
 
-async fn wait_for<T>(what: &str, timeout: Duration, mut f: impl AsyncFnMut() -> Option<T>) -> T {
+pub(crate) async fn wait_for<T>(
+    what: &str,
+    timeout: Duration,
+    mut f: impl AsyncFnMut() -> Option<T>,
+) -> T {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(v) = f().await {
@@ -59,7 +63,7 @@ async fn http(endpoint: &str, method: &str, path: &str, body: &[u8]) -> (u16, St
     (r.status, r.text())
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

@@ -4,4 +4,5 @@ mod cluster;
 mod image;
 mod netns;
 mod support;
+mod switch;
 mod up;

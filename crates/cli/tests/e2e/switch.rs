@@ -1,0 +1,212 @@
+//! The switch with real QEMU behind it: a live migration under steady load without a failed
+//! request, a dormant service woken by its first request, a dropped service refused at once
+//! while another keeps serving, and the controller seeing the load the generator sent.
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use vmatrix_switch::{run_load, LoadOptions};
+
+use crate::cluster::{cli, free_port, ps, wait_for};
+use crate::support::{data_dir, vmatrix};
+
+#[tokio::test]
+#[ignore = "boots real QEMU; run by scripts/test"]
+async fn the_switch_hides_moves_wakes_dormant_services_and_drops_fast() {
+    let data = data_dir();
+    let d = data.path();
+    let api = format!("127.0.0.1:{}", free_port());
+    let front = format!("127.0.0.1:{}", free_port());
+    let mut up = vmatrix()
+        .arg("--data")
+        .arg(d)
+        .args([
+            "up",
+            "--machines",
+            "3",
+            "--listen",
+            &api,
+            "--switch-listen",
+            &front,
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start vmatrix up");
+    let mut lines = BufReader::new(up.stdout.take().unwrap()).lines();
+    loop {
+        let line = tokio::time::timeout(Duration::from_secs(120), lines.next_line())
+            .await
+            .expect("up within 120 s")
+            .unwrap()
+            .expect("vmatrix up exited");
+        if line.contains("vMatrix is up") {
+            break;
+        }
+    }
+    let services = d.join("services.toml");
+    std::fs::write(
+        &services,
+        "[[service]]\nname = \"web\"\nimage = \"guest:v1\"\npriority = 10\n\n\
+         [[service]]\nname = \"batch\"\nimage = \"guest:v1\"\npriority = 1\n\n\
+         [[service]]\nname = \"sleepy\"\nimage = \"guest:v1\"\nmin = 0\n",
+    )
+    .unwrap();
+    let (ok, _, err) = cli(d, &["apply", "-f", services.to_str().unwrap()]).await;
+    assert!(ok, "{err}");
+    wait_for(
+        "web and batch running",
+        Duration::from_secs(180),
+        async || {
+            let l = ps(d).await;
+            (l.iter().filter(|i| i["state"] == "running").count() == 2).then_some(())
+        },
+    )
+    .await;
+    let http = reqwest::Client::new();
+    wait_for(
+        "the switch routing web",
+        Duration::from_secs(30),
+        async || {
+            let r = http
+                .get(format!("http://{front}/s/web/health"))
+                .send()
+                .await
+                .ok()?;
+            r.status().is_success().then_some(())
+        },
+    )
+    .await;
+
+    // 1. A live migration under 60 requests/s: no failed request.
+    let web = ps(d)
+        .await
+        .into_iter()
+        .find(|i| i["service"] == "web")
+        .unwrap();
+    let to = if web["machine"] == "rm1" {
+        "rm2"
+    } else {
+        "rm1"
+    };
+    let load = tokio::spawn({
+        let target = format!("http://{front}/s/web/health");
+        async move { run_load(&LoadOptions::constant(target, 60.0, Duration::from_secs(8))).await }
+    });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (ok, out, err) = cli(d, &["migrate", web["id"].as_str().unwrap(), "--to", to]).await;
+    assert!(ok, "migrate: {err}");
+    let r = load.await.unwrap();
+    eprintln!(
+        "migration under load ({}): {} sent, {} ok, {} failed; p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        out.trim(), r.sent, r.ok, r.failed(), r.p50_ms, r.p99_ms, r.max_ms
+    );
+    assert!(r.sent >= 400, "the load ran: {r:?}");
+    assert_eq!(
+        r.failed(),
+        0,
+        "requests failed during the move: {:?}",
+        r.errors
+    );
+
+    // 2. A dormant service: the first request is held, the service wakes, the request is answered.
+    assert!(
+        ps(d).await.iter().all(|i| i["service"] != "sleepy"),
+        "sleepy starts dormant"
+    );
+    let t = Instant::now();
+    let resp = reqwest::Client::builder()
+        .timeout(Duration::from_secs(120))
+        .build()
+        .unwrap()
+        .get(format!("http://{front}/s/sleepy/"))
+        .send()
+        .await
+        .expect("the held request is answered");
+    let held = t.elapsed();
+    assert_eq!(resp.status(), 200);
+    let body: Value = resp.json().await.unwrap();
+    assert!(
+        body["instance"].as_str().unwrap().starts_with("sleepy-"),
+        "{body}"
+    );
+    eprintln!(
+        "dormant service woken by its first request: held {:.2}s",
+        held.as_secs_f64()
+    );
+
+    // 3. A dropped service is refused at once while another keeps serving.
+    let (ok, _, err) = cli(d, &["drop", "batch"]).await;
+    assert!(ok, "{err}");
+    let refused = wait_for("batch refused", Duration::from_secs(10), async || {
+        let t = Instant::now();
+        let r = http
+            .get(format!("http://{front}/s/batch/"))
+            .send()
+            .await
+            .ok()?;
+        (r.status() == 503).then(|| (t.elapsed(), r.headers().get("retry-after").cloned()))
+    })
+    .await;
+    assert!(refused.1.is_some(), "503 carries Retry-After");
+    let t = Instant::now();
+    let mut refusals = Vec::new();
+    for _ in 0..20 {
+        let t1 = Instant::now();
+        let r = http
+            .get(format!("http://{front}/s/batch/"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 503);
+        refusals.push(t1.elapsed().as_secs_f64() * 1000.0);
+        let ok = http
+            .get(format!("http://{front}/s/web/health"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(ok.status(), 200, "web keeps serving while batch is dropped");
+    }
+    refusals.sort_by(f64::total_cmp);
+    eprintln!(
+        "dropped service refused in {:.2} ms median, {:.2} ms max ({} pairs in {:.2}s)",
+        refusals[10],
+        refusals[19],
+        refusals.len(),
+        t.elapsed().as_secs_f64()
+    );
+    let (ok, _, err) = cli(d, &["undrop", "batch"]).await;
+    assert!(ok, "{err}");
+
+    // 4. The controller sees the rate the generator sent, within 5%.
+    let r = run_load(&LoadOptions::constant(
+        format!("http://{front}/s/web/health"),
+        40.0,
+        Duration::from_secs(9),
+    ))
+    .await;
+    assert_eq!(r.failed(), 0, "{r:?}");
+    let seen: Value = http
+        .get(format!("http://{api}/api/v1/load"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let rps = seen["services"]["web"]["rps"].as_f64().unwrap_or(0.0);
+    eprintln!(
+        "load generator achieved {:.1} req/s; the controller saw {rps:.1} req/s for web",
+        r.achieved_rps
+    );
+    assert!(
+        (rps - r.achieved_rps).abs() <= r.achieved_rps * 0.05,
+        "controller saw {rps}, generator sent {}",
+        r.achieved_rps
+    );
+
+    let _ = up.start_kill();
+    let _ = up.wait().await;
+}

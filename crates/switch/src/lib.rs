@@ -1,0 +1,16 @@
+//! The switch: the fixed front door of every service. It sends each request to wherever the
+//! service's instances run now (route table watched from the controller), retries an idempotent
+//! request that failed before any response byte on another or the new instance (so a migration
+//! costs no errors), holds requests while a dormant service wakes, refuses a dropped service's
+//! requests at once with 503, and measures per-service load for the policy.
+//!
+//! The switch must never decide where instances run; it only follows the controller's routes
+//! and asks it to wake a service.
+
+mod load;
+mod proxy;
+mod stats;
+
+pub use load::{run_load, LoadOptions, LoadResult};
+pub use proxy::{serve, SwitchConfig};
+pub use stats::Stats;

@@ -1,0 +1,532 @@
+//! The reverse proxy: service selection, least-outstanding balancing, retries across moves,
+//! wake-on-request, drop, and the route watch.
+
+use std::collections::{HashMap, HashSet};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderName, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::sync::watch;
+use vmatrix_core::api::{RouteTable, ServiceRoute};
+
+use crate::stats::Stats;
+
+/// How the switch is set up.
+#[derive(Debug, Clone)]
+pub struct SwitchConfig {
+    /// Where clients connect.
+    pub listen: SocketAddr,
+    /// The controller's URL.
+    pub controller: String,
+    /// The controller's bearer token.
+    pub token: String,
+    /// How long a request may wait for a dormant service to wake.
+    pub hold_timeout: Duration,
+    /// Most requests held per service; more are refused with 503.
+    pub max_held: usize,
+    /// How long an idempotent request keeps retrying while its service moves.
+    pub retry_window: Duration,
+}
+
+struct Table {
+    version: String,
+    services: HashMap<String, ServiceRoute>,
+}
+
+struct Switch {
+    config: SwitchConfig,
+    routes: watch::Receiver<Arc<Table>>,
+    client: Client<HttpConnector, Full<Bytes>>,
+    stats: Arc<Stats>,
+    outstanding: Mutex<HashMap<String, Arc<AtomicUsize>>>,
+    held: Mutex<HashMap<String, usize>>,
+    waking: Mutex<HashSet<String>>,
+    http: reqwest::Client,
+    /// When each backend address first appeared in the routes.
+    first_seen: Mutex<HashMap<String, Instant>>,
+}
+
+/// A backend that appeared this recently (a migration destination) gets a short per-attempt
+/// timeout for idempotent requests: right after a move, the host side of QEMU's user networking
+/// can pick a port pair the guest still holds for a connection that died with the source, and
+/// such a connection stalls; a retry on a fresh connection does not.
+const FRESH_BACKEND: Duration = Duration::from_secs(5);
+const FRESH_ATTEMPT_TIMEOUT: Duration = Duration::from_millis(1500);
+
+const MAX_BODY: usize = 16 * 1024 * 1024;
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+type Resp = Response<Full<Bytes>>;
+
+fn reply(status: StatusCode, body: impl Into<String>) -> Resp {
+    let json = serde_json::json!({ "error": body.into() }).to_string();
+    let mut r = Response::new(Full::new(Bytes::from(json)));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert("content-type", HeaderValue::from_static("application/json"));
+    r
+}
+
+fn is_idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::PUT | Method::DELETE | Method::OPTIONS | Method::TRACE
+    )
+}
+
+impl Switch {
+    fn counter(&self, addr: &str) -> Arc<AtomicUsize> {
+        let mut m = self.outstanding.lock().unwrap_or_else(|p| p.into_inner());
+        m.entry(addr.to_owned()).or_default().clone()
+    }
+
+    /// Least outstanding requests among the backends not to avoid.
+    fn pick(&self, route: &ServiceRoute, avoid: &HashSet<String>) -> Option<String> {
+        route
+            .backends
+            .iter()
+            .map(|(_, a)| a)
+            .filter(|a| !avoid.contains(*a))
+            .min_by_key(|a| self.counter(a).load(Ordering::Relaxed))
+            .cloned()
+    }
+
+    fn wake(self: &Arc<Self>, service: &str) {
+        let fresh = self
+            .waking
+            .lock()
+            .map(|mut w| w.insert(service.to_owned()))
+            .unwrap_or(false);
+        if !fresh {
+            return;
+        }
+        let me = self.clone();
+        let service = service.to_owned();
+        tokio::spawn(async move {
+            let url = format!("{}/api/v1/operations", me.config.controller);
+            let body = serde_json::json!({ "op": "wake", "service": service });
+            match me
+                .http
+                .post(&url)
+                .bearer_auth(&me.config.token)
+                .json(&body)
+                .send()
+                .await
+            {
+                Ok(r) if r.status().is_success() => {
+                    tracing::info!(service, "asked the controller to wake it")
+                }
+                Ok(r) => tracing::warn!(service, "wake refused: {}", r.status()),
+                Err(e) => tracing::warn!(service, "wake failed: {e}"),
+            }
+            // Allow another wake request a little later if this one did not help.
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            if let Ok(mut w) = me.waking.lock() {
+                w.remove(&service);
+            }
+        });
+    }
+
+    async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Result<Resp, Infallible> {
+        let path = req.uri().path().to_owned();
+        let query = req
+            .uri()
+            .query()
+            .map(|q| format!("?{q}"))
+            .unwrap_or_default();
+        let (service, forward_path) = if let Some(rest) = path.strip_prefix("/s/") {
+            let (name, tail) = rest.split_once('/').unwrap_or((rest, ""));
+            (Some(name.to_owned()), format!("/{tail}{query}"))
+        } else {
+            let host = req
+                .headers()
+                .get("host")
+                .and_then(|h| h.to_str().ok())
+                .unwrap_or("")
+                .split(':')
+                .next()
+                .unwrap_or("")
+                .split('.')
+                .next()
+                .unwrap_or("")
+                .to_owned();
+            (Some(host), format!("{path}{query}"))
+        };
+        let table = self.routes.borrow().clone();
+        let route = service
+            .as_deref()
+            .and_then(|s| table.services.get(s))
+            .cloned();
+        let Some(route) = route else {
+            return Ok(match path.as_str() {
+                "/metrics" => {
+                    let mut r = Response::new(Full::new(Bytes::from(self.stats.metrics())));
+                    r.headers_mut().insert(
+                        "content-type",
+                        HeaderValue::from_static("text/plain; version=0.0.4"),
+                    );
+                    r
+                }
+                "/health" => Response::new(Full::new(Bytes::from_static(b"ok\n"))),
+                _ => {
+                    let known: Vec<&String> = table.services.keys().collect();
+                    reply(
+                        StatusCode::NOT_FOUND,
+                        format!(
+                            "no service {:?}: use Host: NAME or the path /s/NAME/…; services: {known:?}",
+                            service.unwrap_or_default()
+                        ),
+                    )
+                }
+            });
+        };
+        let name = route.service.to_string();
+        self.stats.set_priority(&name, route.priority);
+        if route.dropped {
+            self.stats.dropped(&name);
+            let mut r = reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("service {name} is dropped: the pool is short; retry later"),
+            );
+            r.headers_mut()
+                .insert("retry-after", HeaderValue::from_static("5"));
+            return Ok(r);
+        }
+        let (parts, body) = req.into_parts();
+        let body = match Limited::new(body, MAX_BODY).collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(_) => {
+                return Ok(reply(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "request body over 16 MiB",
+                ))
+            }
+        };
+        self.stats.begin(&name);
+        let started = Instant::now();
+        let resp = self.forward(&name, &parts, forward_path, body).await;
+        let ok = !(resp.status().is_server_error());
+        self.stats
+            .end(&name, started.elapsed().as_secs_f64() * 1000.0, ok);
+        Ok(resp)
+    }
+
+    async fn forward(
+        self: &Arc<Self>,
+        service: &str,
+        parts: &hyper::http::request::Parts,
+        path: String,
+        body: Bytes,
+    ) -> Resp {
+        let idempotent = is_idempotent(&parts.method);
+        let started = Instant::now();
+        let mut held_since: Option<Instant> = None;
+        let mut avoid: HashSet<String> = HashSet::new();
+        let mut routes = self.routes.clone();
+        let result = loop {
+            let table = routes.borrow_and_update().clone();
+            let Some(route) = table.services.get(service) else {
+                break reply(
+                    StatusCode::NOT_FOUND,
+                    format!("service {service} was removed"),
+                );
+            };
+            if route.dropped {
+                self.stats.dropped(service);
+                let mut r = reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("service {service} is dropped; retry later"),
+                );
+                r.headers_mut()
+                    .insert("retry-after", HeaderValue::from_static("5"));
+                break r;
+            }
+            let Some(addr) = self.pick(route, &avoid) else {
+                if route.backends.is_empty() {
+                    // Dormant: wake it and hold the request (bounded).
+                    if held_since.is_none() {
+                        let admitted = self
+                            .held
+                            .lock()
+                            .map(|mut h| {
+                                let n = h.entry(service.to_owned()).or_default();
+                                if *n >= self.config.max_held {
+                                    false
+                                } else {
+                                    *n += 1;
+                                    true
+                                }
+                            })
+                            .unwrap_or(false);
+                        if !admitted {
+                            self.stats.dropped(service);
+                            let mut r = reply(StatusCode::SERVICE_UNAVAILABLE, format!("service {service} is waking and its queue is full; retry later"));
+                            r.headers_mut()
+                                .insert("retry-after", HeaderValue::from_static("2"));
+                            return r;
+                        }
+                        held_since = Some(Instant::now());
+                    }
+                    self.wake(service);
+                    if held_since.is_some_and(|t| t.elapsed() > self.config.hold_timeout) {
+                        break reply(
+                            StatusCode::GATEWAY_TIMEOUT,
+                            format!(
+                                "service {service} did not wake within {:?}",
+                                self.config.hold_timeout
+                            ),
+                        );
+                    }
+                } else if started.elapsed() > self.config.retry_window {
+                    break reply(
+                        StatusCode::BAD_GATEWAY,
+                        format!(
+                            "no instance of {service} answered within {:?}",
+                            self.config.retry_window
+                        ),
+                    );
+                } else {
+                    // Every backend failed just now: let the routes catch up with a move.
+                    avoid.clear();
+                }
+                let _ = tokio::time::timeout(Duration::from_millis(50), routes.changed()).await;
+                continue;
+            };
+            let mut req = Request::builder()
+                .method(parts.method.clone())
+                .uri(format!("http://{addr}{path}"));
+            for (k, v) in parts.headers.iter() {
+                if !HOP_BY_HOP.contains(&k.as_str()) {
+                    req = req.header(k, v);
+                }
+            }
+            let Ok(req) = req.body(Full::new(body.clone())) else {
+                break reply(StatusCode::BAD_REQUEST, "request cannot be forwarded");
+            };
+            let fresh = {
+                let mut seen = self.first_seen.lock().unwrap_or_else(|p| p.into_inner());
+                seen.entry(addr.clone())
+                    .or_insert_with(Instant::now)
+                    .elapsed()
+                    < FRESH_BACKEND
+            };
+            let counter = self.counter(&addr);
+            counter.fetch_add(1, Ordering::Relaxed);
+            let outcome = if fresh && idempotent {
+                match tokio::time::timeout(FRESH_ATTEMPT_TIMEOUT, self.client.request(req)).await {
+                    Ok(r) => r.map_err(AttemptError::Client),
+                    Err(_) => Err(AttemptError::Stalled),
+                }
+            } else {
+                self.client.request(req).await.map_err(AttemptError::Client)
+            };
+            counter.fetch_sub(1, Ordering::Relaxed);
+            match outcome {
+                Ok(resp) => {
+                    let (p, b) = resp.into_parts();
+                    match b.collect().await {
+                        Ok(bytes) => {
+                            let mut r = Response::from_parts(p, Full::new(bytes.to_bytes()));
+                            for h in HOP_BY_HOP {
+                                r.headers_mut().remove(HeaderName::from_static(h));
+                            }
+                            break r;
+                        }
+                        Err(e) => {
+                            break reply(
+                                StatusCode::BAD_GATEWAY,
+                                format!("instance {addr} broke off its answer: {e}"),
+                            )
+                        }
+                    }
+                }
+                // No response byte came back: a connect failure is always safe to retry; any
+                // other failure only for an idempotent request.
+                Err(e)
+                    if (e.is_connect() || idempotent)
+                        && started.elapsed() < self.config.retry_window =>
+                {
+                    tracing::debug!(service, addr, "retrying after: {e}");
+                    avoid.insert(addr);
+                }
+                Err(e) => {
+                    break reply(
+                        StatusCode::BAD_GATEWAY,
+                        format!("instance {addr} failed: {e}"),
+                    )
+                }
+            }
+        };
+        if let Some(t) = held_since {
+            if let Ok(mut h) = self.held.lock() {
+                if let Some(n) = h.get_mut(service) {
+                    *n = n.saturating_sub(1);
+                }
+            }
+            self.stats.held(service, t.elapsed().as_secs_f64() * 1000.0);
+        }
+        result
+    }
+}
+
+/// Why one attempt to a backend produced no response.
+#[derive(Debug)]
+enum AttemptError {
+    Client(hyper_util::client::legacy::Error),
+    Stalled,
+}
+
+impl AttemptError {
+    fn is_connect(&self) -> bool {
+        matches!(self, Self::Client(e) if e.is_connect())
+    }
+}
+
+impl std::fmt::Display for AttemptError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Client(e) => write!(f, "{e}"),
+            Self::Stalled => write!(
+                f,
+                "no answer within {FRESH_ATTEMPT_TIMEOUT:?} from a just-moved instance"
+            ),
+        }
+    }
+}
+
+fn to_table(t: RouteTable) -> Table {
+    Table {
+        version: t.version,
+        services: t
+            .services
+            .into_iter()
+            .map(|s| (s.service.to_string(), s))
+            .collect(),
+    }
+}
+
+/// Keeps the route table current with a long-poll watch; keeps serving the last table while
+/// the controller is away.
+async fn watch_routes(controller: String, token: String, tx: watch::Sender<Arc<Table>>) {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(40))
+        .build()
+        .expect("HTTP client");
+    let mut warned = false;
+    loop {
+        let version = tx.borrow().version.clone();
+        let url = format!("{controller}/api/v1/routes?version={version}&wait=25");
+        match http.get(&url).bearer_auth(&token).send().await {
+            Ok(r) if r.status().is_success() => match r.json::<RouteTable>().await {
+                Ok(t) => {
+                    warned = false;
+                    if t.version != version {
+                        tracing::debug!(version = t.version, "new routes");
+                        let _ = tx.send(Arc::new(to_table(t)));
+                    }
+                    continue;
+                }
+                Err(e) => tracing::warn!("bad route table: {e}"),
+            },
+            Ok(r) if !warned => {
+                tracing::warn!("controller refused the route watch: {}", r.status());
+                warned = true;
+            }
+            Err(e) if !warned => {
+                tracing::warn!("controller unreachable, serving the last routes: {e}");
+                warned = true;
+            }
+            _ => {}
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+async fn report_load(controller: String, token: String, stats: Arc<Stats>) {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .expect("HTTP client");
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let report = stats.report();
+        let _ = http
+            .post(format!("{controller}/api/v1/load"))
+            .bearer_auth(&token)
+            .json(&report)
+            .send()
+            .await;
+    }
+}
+
+/// Serves the switch until the process ends.
+pub async fn serve(config: SwitchConfig) -> std::io::Result<()> {
+    let (tx, rx) = watch::channel(Arc::new(Table {
+        version: String::new(),
+        services: HashMap::new(),
+    }));
+    let stats = Arc::new(Stats::default());
+    let controller = config.controller.trim_end_matches('/').to_owned();
+    tokio::spawn(watch_routes(controller.clone(), config.token.clone(), tx));
+    tokio::spawn(report_load(
+        controller.clone(),
+        config.token.clone(),
+        stats.clone(),
+    ));
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(Duration::from_secs(2)));
+    let client = Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .build(connector);
+    let switch = Arc::new(Switch {
+        config: SwitchConfig {
+            controller,
+            ..config.clone()
+        },
+        routes: rx,
+        client,
+        stats,
+        outstanding: Mutex::new(HashMap::new()),
+        held: Mutex::new(HashMap::new()),
+        waking: Mutex::new(HashSet::new()),
+        http: reqwest::Client::builder()
+            .timeout(Duration::from_secs(60))
+            .build()
+            .expect("HTTP client"),
+        first_seen: Mutex::new(HashMap::new()),
+    });
+    let listener = tokio::net::TcpListener::bind(config.listen).await?;
+    tracing::info!("switch listening on http://{}", config.listen);
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let _ = stream.set_nodelay(true);
+        let sw = switch.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| sw.clone().handle(req));
+            let _ = hyper::server::conn::http1::Builder::new()
+                .keep_alive(true)
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
