@@ -440,3 +440,222 @@ fn restic_version() -> String {
         })
         .unwrap_or_else(|| "?".into())
 }
+
+/// A tiny keep-alive HTTP server answering every request with a short body: the common backend
+/// of the switch benchmark.
+async fn bench_backend() -> Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let _ = stream.set_nodelay(true);
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(|_req| async {
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                        http_body_util::Full::new(bytes::Bytes::from_static(
+                            b"hello from the backend\n",
+                        )),
+                    ))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
+/// A stand-in controller that serves one fixed route table (long-polling like the real one).
+async fn bench_routes(backend: SocketAddr) -> Result<SocketAddr> {
+    use vmatrix_core::api::{RouteTable, ServiceRoute};
+    let table = RouteTable {
+        version: "bench".into(),
+        services: vec![ServiceRoute {
+            service: vmatrix_core::ServiceName::new("bench")?,
+            priority: 0,
+            backends: vec![(InstanceId::new("bench-1")?, backend.to_string())],
+            dropped: false,
+        }],
+    };
+    let body = bytes::Bytes::from(serde_json::to_vec(&table)?);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let body = body.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let body = body.clone();
+                        async move {
+                            if req
+                                .uri()
+                                .query()
+                                .is_some_and(|q| q.contains("version=bench"))
+                            {
+                                tokio::time::sleep(Duration::from_secs(25)).await;
+                            }
+                            Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                                http_body_util::Full::new(body),
+                            ))
+                        }
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
+/// Runs wrk and returns (requests/s, p99 ms).
+fn wrk(url: &str, connections: u32, seconds: u32) -> Result<(f64, f64)> {
+    let out = std::process::Command::new("wrk")
+        .args([
+            "-t2",
+            &format!("-c{connections}"),
+            &format!("-d{seconds}s"),
+            "--latency",
+            url,
+        ])
+        .output()
+        .context("running wrk (apt-get install wrk)")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rps = text
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("Requests/sec:")
+                .map(|v| v.trim().parse::<f64>().unwrap_or(0.0))
+        })
+        .ok_or_else(|| anyhow!("wrk printed no Requests/sec: {text}"))?;
+    let p99 = text
+        .lines()
+        .find_map(|l| {
+            let l = l.trim();
+            let v = l.strip_prefix("99%")?.trim();
+            let (num, unit) = v.split_at(v.find(|c: char| c.is_alphabetic())?);
+            let n: f64 = num.parse().ok()?;
+            Some(match unit {
+                "us" => n / 1000.0,
+                "ms" => n,
+                "s" => n * 1000.0,
+                _ => n,
+            })
+        })
+        .ok_or_else(|| anyhow!("wrk printed no 99% latency: {text}"))?;
+    if text.contains("Non-2xx") || text.contains("Socket errors") {
+        eprintln!("wrk reported errors:\n{text}");
+    }
+    Ok((rps, p99))
+}
+
+/// `vmatrix bench switch`: requests/s and p99 of nginx `proxy_pass` (keep-alive upstream) and of
+/// the switch, in front of the same backend, alternating.
+pub async fn switch(connections: u32, seconds: u32, rounds: u32) -> Result<()> {
+    let backend = bench_backend().await?;
+    let routes = bench_routes(backend).await?;
+    let switch_addr = free_addr()?;
+    let config = vmatrix_switch::SwitchConfig {
+        listen: switch_addr,
+        controller: format!("http://{routes}"),
+        token: "bench".into(),
+        hold_timeout: Duration::from_secs(10),
+        max_held: 1000,
+        retry_window: Duration::from_secs(5),
+    };
+    tokio::spawn(async move {
+        if let Err(e) = vmatrix_switch::serve(config).await {
+            eprintln!("switch: {e}");
+        }
+    });
+    let dir = tempfile::Builder::new().prefix("vmx-nginx-").tempdir()?;
+    let nginx_addr = free_addr()?;
+    let conf = format!(
+        "worker_processes 2;\nerror_log stderr warn;\npid {pid};\nevents {{ worker_connections 4096; }}\n\
+         http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
+         fastcgi_temp_path {d}/fcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+         upstream backend {{ server {backend}; keepalive 64; }}\n\
+         server {{ listen {nginx_addr}; location / {{ proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }}\n}}\n",
+        pid = dir.path().join("nginx.pid").display(),
+        d = dir.path().display(),
+    );
+    std::fs::write(dir.path().join("nginx.conf"), conf)?;
+    let mut nginx = tokio::process::Command::new("nginx")
+        .args(["-g", "daemon off;", "-p"])
+        .arg(dir.path())
+        .arg("-c")
+        .arg(dir.path().join("nginx.conf"))
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting nginx (apt-get install nginx)")?;
+    let client = reqwest::Client::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    for url in [
+        format!("http://{nginx_addr}/"),
+        format!("http://{switch_addr}/s/bench/"),
+    ] {
+        loop {
+            if client
+                .get(&url)
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success())
+            {
+                break;
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("{url} did not answer");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let mut rows = Vec::new();
+    for round in 1..=rounds {
+        for (name, url) in [
+            ("nginx proxy_pass", format!("http://{nginx_addr}/")),
+            ("vmatrix switch", format!("http://{switch_addr}/s/bench/")),
+        ] {
+            let (rps, p99) = tokio::task::block_in_place(|| wrk(&url, connections, seconds))?;
+            eprintln!("round {round}: {name}: {rps:.0} req/s, p99 {p99:.2} ms");
+            rows.push((name, round, rps, p99));
+        }
+    }
+    // Stop nginx gracefully so its master takes its workers along (SIGKILL would orphan them).
+    if let Some(pid) = nginx.id() {
+        // SAFETY: plain kill(2) on our own child.
+        unsafe {
+            libc::kill(pid as libc::pid_t, libc::SIGQUIT);
+        }
+    }
+    if tokio::time::timeout(Duration::from_secs(10), nginx.wait())
+        .await
+        .is_err()
+    {
+        let _ = nginx.start_kill();
+    }
+    println!("\nswitch benchmark: wrk -t2 -c{connections} -d{seconds}s, same backend, {rounds} alternating rounds\n");
+    println!("| proxy | round | requests/s | p99 latency |");
+    println!("| --- | --- | --- | --- |");
+    for (name, round, rps, p99) in &rows {
+        println!("| {name} | {round} | {rps:.0} | {p99:.2} ms |");
+    }
+    for name in ["nginx proxy_pass", "vmatrix switch"] {
+        let mine: Vec<_> = rows.iter().filter(|r| r.0 == name).collect();
+        let n = mine.len().max(1) as f64;
+        println!(
+            "| {name} | mean | {:.0} | {:.2} ms |",
+            mine.iter().map(|r| r.2).sum::<f64>() / n,
+            mine.iter().map(|r| r.3).sum::<f64>() / n
+        );
+    }
+    Ok(())
+}

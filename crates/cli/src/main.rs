@@ -247,6 +247,18 @@ enum BenchCommand {
         #[arg(long, default_value = "/tmp")]
         work: PathBuf,
     },
+    /// The switch against nginx proxy_pass in front of the same backend (needs nginx and wrk).
+    Switch {
+        /// wrk connections.
+        #[arg(long, default_value_t = 50)]
+        connections: u32,
+        /// Seconds per run.
+        #[arg(long, default_value_t = 10)]
+        seconds: u32,
+        /// Alternating rounds.
+        #[arg(long, default_value_t = 2)]
+        rounds: u32,
+    },
     /// The repository against restic (ingest, second version) and lazy activation against a
     /// 64 MiB image and copy-then-boot.
     Store {
@@ -474,6 +486,11 @@ fn run() -> Result<()> {
         Command::Bench(BenchCommand::Vmm { runs, memory, work }) => {
             runtime()?.block_on(bench::vmm(accel, runs, memory, &work))?
         }
+        Command::Bench(BenchCommand::Switch {
+            connections,
+            seconds,
+            rounds,
+        }) => runtime()?.block_on(bench::switch(connections, seconds, rounds))?,
         Command::Bench(BenchCommand::Store { size, work }) => {
             runtime()?.block_on(bench::store(accel, size, &work))?
         }
