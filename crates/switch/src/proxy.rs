@@ -48,12 +48,16 @@ struct Switch {
     routes: watch::Receiver<Arc<Table>>,
     client: Client<HttpConnector, Full<Bytes>>,
     stats: Arc<Stats>,
-    outstanding: Mutex<HashMap<String, Arc<AtomicUsize>>>,
+    backends: std::sync::RwLock<HashMap<String, Arc<BackendState>>>,
     held: Mutex<HashMap<String, usize>>,
     waking: Mutex<HashSet<String>>,
     http: reqwest::Client,
-    /// When each backend address first appeared in the routes.
-    first_seen: Mutex<HashMap<String, Instant>>,
+}
+
+/// Per backend address: requests in flight, and when the switch first sent it one.
+struct BackendState {
+    outstanding: AtomicUsize,
+    first_seen: Instant,
 }
 
 /// A backend that appeared this recently (a migration destination) gets a short per-attempt
@@ -94,19 +98,37 @@ fn is_idempotent(m: &Method) -> bool {
 }
 
 impl Switch {
-    fn counter(&self, addr: &str) -> Arc<AtomicUsize> {
-        let mut m = self.outstanding.lock().unwrap_or_else(|p| p.into_inner());
-        m.entry(addr.to_owned()).or_default().clone()
+    fn backend(&self, addr: &str) -> Arc<BackendState> {
+        if let Some(b) = self
+            .backends
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(addr)
+        {
+            return b.clone();
+        }
+        let mut m = self.backends.write().unwrap_or_else(|p| p.into_inner());
+        m.entry(addr.to_owned())
+            .or_insert_with(|| {
+                Arc::new(BackendState {
+                    outstanding: AtomicUsize::new(0),
+                    first_seen: Instant::now(),
+                })
+            })
+            .clone()
     }
 
     /// Least outstanding requests among the backends not to avoid.
     fn pick(&self, route: &ServiceRoute, avoid: &HashSet<String>) -> Option<String> {
+        if let [(_, only)] = route.backends.as_slice() {
+            return (!avoid.contains(only)).then(|| only.clone());
+        }
         route
             .backends
             .iter()
             .map(|(_, a)| a)
             .filter(|a| !avoid.contains(*a))
-            .min_by_key(|a| self.counter(a).load(Ordering::Relaxed))
+            .min_by_key(|a| self.backend(a).outstanding.load(Ordering::Relaxed))
             .cloned()
     }
 
@@ -200,8 +222,8 @@ impl Switch {
             });
         };
         let name = route.service.to_string();
-        self.stats.set_priority(&name, route.priority);
         if route.dropped {
+            self.stats.set_priority(&name, route.priority);
             self.stats.dropped(&name);
             let mut r = reply(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -322,14 +344,9 @@ impl Switch {
             let Ok(req) = req.body(Full::new(body.clone())) else {
                 break reply(StatusCode::BAD_REQUEST, "request cannot be forwarded");
             };
-            let fresh = {
-                let mut seen = self.first_seen.lock().unwrap_or_else(|p| p.into_inner());
-                seen.entry(addr.clone())
-                    .or_insert_with(Instant::now)
-                    .elapsed()
-                    < FRESH_BACKEND
-            };
-            let counter = self.counter(&addr);
+            let state = self.backend(&addr);
+            let fresh = state.first_seen.elapsed() < FRESH_BACKEND;
+            let counter = &state.outstanding;
             counter.fetch_add(1, Ordering::Relaxed);
             let outcome = if fresh && idempotent {
                 match tokio::time::timeout(FRESH_ATTEMPT_TIMEOUT, self.client.request(req)).await {
@@ -506,14 +523,13 @@ pub async fn serve(config: SwitchConfig) -> std::io::Result<()> {
         routes: rx,
         client,
         stats,
-        outstanding: Mutex::new(HashMap::new()),
+        backends: std::sync::RwLock::new(HashMap::new()),
         held: Mutex::new(HashMap::new()),
         waking: Mutex::new(HashSet::new()),
         http: reqwest::Client::builder()
             .timeout(Duration::from_secs(60))
             .build()
             .expect("HTTP client"),
-        first_seen: Mutex::new(HashMap::new()),
     });
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     tracing::info!("switch listening on http://{}", config.listen);
