@@ -563,20 +563,23 @@ fn wrk(url: &str, connections: u32, seconds: u32) -> Result<(f64, f64)> {
 pub async fn switch(connections: u32, seconds: u32, rounds: u32) -> Result<()> {
     let backend = bench_backend().await?;
     let routes = bench_routes(backend).await?;
+    // The switch runs as its own process, as nginx does, so that neither shares the backend's
+    // runtime.
     let switch_addr = free_addr()?;
-    let config = vmatrix_switch::SwitchConfig {
-        listen: switch_addr,
-        controller: format!("http://{routes}"),
-        token: "bench".into(),
-        hold_timeout: Duration::from_secs(10),
-        max_held: 1000,
-        retry_window: Duration::from_secs(5),
-    };
-    tokio::spawn(async move {
-        if let Err(e) = vmatrix_switch::serve(config).await {
-            eprintln!("switch: {e}");
-        }
-    });
+    let exe = std::env::current_exe().context("finding the vmatrix binary")?;
+    let mut switch = tokio::process::Command::new(exe)
+        .args([
+            "switch",
+            "--controller",
+            &format!("http://{routes}"),
+            "--listen",
+            &switch_addr.to_string(),
+        ])
+        .env("VMATRIX_TOKEN", "bench")
+        .env("VMATRIX_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting the switch")?;
     let dir = tempfile::Builder::new().prefix("vmx-nginx-").tempdir()?;
     let nginx_addr = free_addr()?;
     let conf = format!(
@@ -642,6 +645,8 @@ pub async fn switch(connections: u32, seconds: u32, rounds: u32) -> Result<()> {
     {
         let _ = nginx.start_kill();
     }
+    let _ = switch.start_kill();
+    let _ = switch.wait().await;
     println!("\nswitch benchmark: wrk -t2 -c{connections} -d{seconds}s, same backend, {rounds} alternating rounds\n");
     println!("| proxy | round | requests/s | p99 latency |");
     println!("| --- | --- | --- | --- |");
