@@ -1,0 +1,182 @@
+//! The policy's view of the world, and its answer.
+
+use serde::{Deserialize, Serialize};
+
+/// A real machine.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Machine {
+    /// Name.
+    pub name: String,
+    /// Takes live load (false: a shared machine, maintenance only).
+    pub dedicated: bool,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Memory, MiB.
+    pub memory_mib: u32,
+    /// Heard from recently.
+    pub healthy: bool,
+}
+
+/// A service and its measured demand.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Service {
+    /// Name.
+    pub name: String,
+    /// Higher wins when the pool is short.
+    pub priority: i32,
+    /// Requests per second one instance serves well.
+    pub capacity_rps: f64,
+    /// Instances kept whatever the load.
+    pub min: u32,
+    /// Most instances.
+    pub max: u32,
+    /// vCPUs per instance.
+    pub vcpus: u32,
+    /// Memory per instance, MiB.
+    pub memory_mib: u32,
+    /// Measured demand, requests/s, one sample per tick, oldest first (the last is now).
+    pub demand: Vec<f64>,
+    /// Currently refused by the switch (dropped).
+    pub dropped: bool,
+}
+
+/// Where an instance is in its life, as far as the policy cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum InstanceState {
+    /// Booting, resuming or moving: occupies its machine, serves soon.
+    Starting,
+    /// Serving.
+    Running,
+    /// Dormant in the repository, state kept.
+    Suspended,
+    /// Broken.
+    Failed,
+}
+
+/// One instance.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Instance {
+    /// Id.
+    pub id: String,
+    /// Its service.
+    pub service: String,
+    /// Its machine (none when suspended).
+    pub machine: Option<String>,
+    /// State.
+    pub state: InstanceState,
+}
+
+/// Everything `decide` looks at. Time is an input.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// Seconds since some epoch (only differences matter).
+    pub now_s: f64,
+    /// Machines.
+    pub machines: Vec<Machine>,
+    /// Services.
+    pub services: Vec<Service>,
+    /// Instances.
+    pub instances: Vec<Instance>,
+}
+
+/// Tuning.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Config {
+    /// Capacity kept above the smoothed demand (1.2 = 20% headroom).
+    pub headroom: f64,
+    /// Samples whose maximum sizes a scale-out (short: react fast).
+    pub scale_out_window: usize,
+    /// Samples whose maximum must also allow a scale-in (long: do not flap).
+    pub scale_in_window: usize,
+    /// Most migrations per tick (consolidation).
+    pub max_moves: usize,
+    /// Consolidate only while the pool's memory use is below this fraction.
+    pub consolidate_below: f64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            headroom: 1.2,
+            scale_out_window: 3,
+            scale_in_window: 10,
+            max_moves: 2,
+            consolidate_below: 0.7,
+        }
+    }
+}
+
+/// One step of a plan, with its reason.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Action {
+    /// Start a new instance of `service` on `machine`.
+    Activate {
+        /// Service.
+        service: String,
+        /// Machine.
+        machine: String,
+        /// Why.
+        reason: String,
+    },
+    /// Resume a suspended instance on `machine`.
+    Resume {
+        /// Instance.
+        instance: String,
+        /// Machine.
+        machine: String,
+        /// Why.
+        reason: String,
+    },
+    /// Suspend an instance (state kept in the repository).
+    Suspend {
+        /// Instance.
+        instance: String,
+        /// Why.
+        reason: String,
+    },
+    /// Live-migrate an instance.
+    Migrate {
+        /// Instance.
+        instance: String,
+        /// Destination machine.
+        to: String,
+        /// Why.
+        reason: String,
+    },
+    /// Throw an instance away.
+    Discard {
+        /// Instance.
+        instance: String,
+        /// Why.
+        reason: String,
+    },
+    /// Have the switch refuse a service's excess load.
+    Drop {
+        /// Service.
+        service: String,
+        /// Why.
+        reason: String,
+    },
+    /// Stop refusing a service's load.
+    Undrop {
+        /// Service.
+        service: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+impl Action {
+    /// The reason, for the event log.
+    pub fn reason(&self) -> &str {
+        match self {
+            Self::Activate { reason, .. }
+            | Self::Resume { reason, .. }
+            | Self::Suspend { reason, .. }
+            | Self::Migrate { reason, .. }
+            | Self::Discard { reason, .. }
+            | Self::Drop { reason, .. }
+            | Self::Undrop { reason, .. } => reason,
+        }
+    }
+}
