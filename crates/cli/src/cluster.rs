@@ -343,7 +343,19 @@ pub async fn agent(args: AgentArgs, data: &Path, accel: vmatrix_vmm::AccelChoice
     Ok(())
 }
 
-pub async fn controller(listen: SocketAddr, state: Option<String>, data: &Path) -> Result<()> {
+pub async fn controller(
+    listen: SocketAddr,
+    state: Option<String>,
+    policy: &str,
+    data: &Path,
+) -> Result<()> {
+    let policy = match policy {
+        "switching" => true,
+        "min" => false,
+        other => bail!(
+            "--policy {other:?}: use min (keep each service's min) or switching (load-driven)"
+        ),
+    };
     let dir = data.join("controller");
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let state = match state {
@@ -366,6 +378,7 @@ pub async fn controller(listen: SocketAddr, state: Option<String>, data: &Path) 
         listen,
         state,
         token,
+        policy,
     };
     tokio::select! {
         r = vmatrix_controller::serve(config) => r.map_err(|e| anyhow!("{e}"))?,
@@ -395,6 +408,7 @@ fn spawn_self(args: &[String]) -> Result<Child> {
 
 /// Options of `vmatrix up`.
 pub struct UpArgs {
+    pub policy: String,
     pub machines: u32,
     pub listen: SocketAddr,
     pub vcpus: u32,
@@ -492,6 +506,8 @@ pub async fn up(args: UpArgs, data: &Path, accel: vmatrix_vmm::AccelChoice) -> R
         args.listen.to_string(),
         "--data".into(),
         data_s.clone(),
+        "--policy".into(),
+        args.policy.clone(),
     ])?];
     let api = format!("http://{}", args.listen);
     let http = reqwest::Client::new();

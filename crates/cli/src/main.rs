@@ -54,6 +54,9 @@ enum Command {
         /// The switch's address (the front door of every service).
         #[arg(long, default_value = "127.0.0.1:8080")]
         switch_listen: SocketAddr,
+        /// min: keep each service's min instances; switching: the load-driven policy.
+        #[arg(long, default_value = "min")]
+        policy: String,
     },
     /// Run the switch: the front door that follows VMs.
     Switch {
@@ -117,6 +120,9 @@ enum Command {
         /// State database: sqlite:PATH (default DATA/controller/state.db).
         #[arg(long)]
         state: Option<String>,
+        /// min: keep each service's min instances; switching: the load-driven policy.
+        #[arg(long, default_value = "min")]
+        policy: String,
     },
     /// Run an agent for one real machine.
     Agent {
@@ -368,8 +374,10 @@ fn run() -> Result<()> {
             vcpus,
             memory,
             switch_listen,
+            policy,
         } => runtime()?.block_on(cluster::up(
             cluster::UpArgs {
+                policy,
                 machines,
                 listen,
                 vcpus,
@@ -433,9 +441,11 @@ fn run() -> Result<()> {
         Command::Drop { service } => op(Operation::Drop { service })?,
         Command::Undrop { service } => op(Operation::Undrop { service })?,
         Command::Wake { service } => op(Operation::Wake { service })?,
-        Command::Controller { listen, state } => {
-            runtime()?.block_on(cluster::controller(listen, state, &data))?
-        }
+        Command::Controller {
+            listen,
+            state,
+            policy,
+        } => runtime()?.block_on(cluster::controller(listen, state, &policy, &data))?,
         Command::Agent {
             controller,
             listen,

@@ -57,7 +57,14 @@ pub struct Controller {
     heard: Mutex<HashMap<String, Instant>>,
     /// The switch's latest load report.
     load: Mutex<Option<vmatrix_core::api::LoadReport>>,
+    /// Demand samples per service, one per reconcile tick, oldest first (the policy's input).
+    demand: Mutex<HashMap<String, std::collections::VecDeque<f64>>>,
+    /// Whether the load-driven policy runs (else the loop only keeps `min`).
+    policy: std::sync::atomic::AtomicBool,
 }
+
+/// Demand samples kept per service.
+const DEMAND_HISTORY: usize = 600;
 
 impl std::fmt::Debug for Controller {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -101,6 +108,8 @@ impl Controller {
             started: Instant::now(),
             heard: Mutex::new(HashMap::new()),
             load: Mutex::new(None),
+            demand: Mutex::new(HashMap::new()),
+            policy: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -903,6 +912,9 @@ impl Controller {
                 let _ = self.discard(&row.info.id, why).await;
             }
         }
+        if self.policy.load(std::sync::atomic::Ordering::Relaxed) {
+            return self.run_policy(&services).await;
+        }
         let rows = self.db(|d| d.instances())?;
         for spec in &services {
             let live = rows
@@ -929,6 +941,140 @@ impl Controller {
                     tracing::warn!("cannot keep {} at min {}: {e}", spec.name, spec.min);
                     break;
                 }
+            }
+        }
+        Ok(())
+    }
+
+    /// Turns the load-driven policy on (server switching, drop, consolidation) or off (keep `min`).
+    pub fn set_policy(&self, on: bool) {
+        self.policy.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Appends this tick's demand sample per service, from the switch's latest report.
+    fn sample_demand(&self, services: &[ServiceSpec]) -> HashMap<String, Vec<f64>> {
+        let load = self.load();
+        let mut d = self.demand.lock().unwrap_or_else(|p| p.into_inner());
+        d.retain(|name, _| services.iter().any(|s| s.name.as_str() == name));
+        for s in services {
+            let rps = load.services.get(s.name.as_str()).map_or(0.0, |l| l.rps);
+            let h = d.entry(s.name.to_string()).or_default();
+            h.push_back(rps);
+            while h.len() > DEMAND_HISTORY {
+                h.pop_front();
+            }
+        }
+        d.iter()
+            .map(|(k, v)| (k.clone(), v.iter().copied().collect()))
+            .collect()
+    }
+
+    /// One policy pass: build the snapshot, call the pure `decide`, carry out the plan.
+    async fn run_policy(self: &Arc<Self>, services: &[ServiceSpec]) -> Result<()> {
+        use vmatrix_policy as p;
+        let demand = self.sample_demand(services);
+        let dropped = self.db(|d| d.dropped())?;
+        let machines = self.machines()?;
+        let rows = self.db(|d| d.instances())?;
+        let snapshot = p::Snapshot {
+            now_s: self.started.elapsed().as_secs_f64(),
+            machines: machines
+                .iter()
+                .map(|m| p::Machine {
+                    name: m.name.clone(),
+                    dedicated: m.role == MachineRole::Dedicated && m.state != "draining",
+                    vcpus: m.vcpus,
+                    memory_mib: m.memory_mib,
+                    healthy: m.state != "down",
+                })
+                .collect(),
+            services: services
+                .iter()
+                .map(|s| p::Service {
+                    name: s.name.to_string(),
+                    priority: s.priority,
+                    capacity_rps: s.capacity_rps,
+                    min: s.min,
+                    max: s.max,
+                    vcpus: s.vcpus,
+                    memory_mib: s.memory_mib,
+                    demand: demand.get(s.name.as_str()).cloned().unwrap_or_default(),
+                    dropped: dropped.iter().any(|d| d == s.name.as_str()),
+                })
+                .collect(),
+            instances: rows
+                .iter()
+                .map(|r| p::Instance {
+                    id: r.info.id.to_string(),
+                    service: r.info.service.to_string(),
+                    machine: (!r.info.machine.is_empty()).then(|| r.info.machine.clone()),
+                    state: match r.info.state {
+                        InstanceState::Running => p::InstanceState::Running,
+                        InstanceState::Suspended => p::InstanceState::Suspended,
+                        InstanceState::Failed => p::InstanceState::Failed,
+                        InstanceState::Activating
+                        | InstanceState::Migrating
+                        | InstanceState::Suspending
+                        | InstanceState::Discarded => p::InstanceState::Starting,
+                    },
+                })
+                .collect(),
+        };
+        let config = p::Config {
+            scale_out_window: 5,
+            scale_in_window: 60,
+            ..p::Config::default()
+        };
+        for action in p::decide(&snapshot, &config) {
+            let id =
+                |s: &str| InstanceId::new(s).map_err(|e| ControlError::Conflict(e.to_string()));
+            let service = |s: &str| {
+                vmatrix_core::ServiceName::new(s).map_err(|e| ControlError::Conflict(e.to_string()))
+            };
+            let result = match &action {
+                p::Action::Activate {
+                    service: s,
+                    machine,
+                    reason,
+                } => self
+                    .activate(&service(s)?, Some(machine), reason)
+                    .await
+                    .map(drop),
+                p::Action::Resume {
+                    instance,
+                    machine,
+                    reason,
+                } => self
+                    .resume(&id(instance)?, Some(machine), reason)
+                    .await
+                    .map(drop),
+                p::Action::Suspend { instance, reason } => {
+                    self.suspend(&id(instance)?, reason).await.map(drop)
+                }
+                p::Action::Migrate {
+                    instance,
+                    to,
+                    reason,
+                } => self.migrate(&id(instance)?, to, reason).await.map(drop),
+                p::Action::Discard { instance, reason } => {
+                    self.discard(&id(instance)?, reason).await.map(drop)
+                }
+                p::Action::Drop { service: s, reason } => {
+                    let s = service(s)?;
+                    self.db(|d| d.set_dropped(&s, true))?;
+                    self.event("policy", &format!("drop {s}"), reason, "ok");
+                    Ok(())
+                }
+                p::Action::Undrop { service: s, reason } => {
+                    let s = service(s)?;
+                    self.db(|d| d.set_dropped(&s, false))?;
+                    self.event("policy", &format!("undrop {s}"), reason, "ok");
+                    Ok(())
+                }
+            };
+            if let Err(e) = result {
+                // Level-triggered: the next tick sees the new state and tries again.
+                tracing::warn!("policy action {action:?}: {e}");
             }
         }
         Ok(())

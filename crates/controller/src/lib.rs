@@ -28,6 +28,8 @@ pub struct ControllerConfig {
     pub state: PathBuf,
     /// The bearer token.
     pub token: String,
+    /// Run the load-driven policy (else the loop only keeps each service's `min`).
+    pub policy: bool,
 }
 
 /// Reads the token in `dir/token`, or creates one (mode 0600). Returns it and whether it is new.
@@ -62,6 +64,7 @@ pub async fn serve(
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let db = Db::open(&config.state)?;
     let controller = Controller::new(db, config.token.clone());
+    controller.set_policy(config.policy);
     controller.event(
         "controller",
         "start",

@@ -63,11 +63,13 @@ fn demand_now(s: &Service) -> f64 {
     s.demand.last().copied().unwrap_or(0.0)
 }
 
-/// Best-fit: the machine that fits one more instance of `s` with the least memory left over,
-/// preferring machines that hold fewer instances of `s` (spread).
+/// Best-fit: the machine that fits one more instance of `s`, preferring machines already in use
+/// (an empty machine is only woken when the used ones are full: fewest machines), then fewer
+/// instances of `s` there (spread), then the least memory left over.
 fn best_fit(
     s: &Service,
     free: &BTreeMap<String, Free>,
+    used: &BTreeMap<String, bool>,
     per_service: &HashMap<(String, String), u32>,
 ) -> Option<String> {
     free.iter()
@@ -77,7 +79,13 @@ fn best_fit(
                 .get(&(s.name.clone(), (*m).clone()))
                 .copied()
                 .unwrap_or(0);
-            (same, f.memory - i64::from(s.memory_mib), (*m).clone())
+            let empty = !used.get(*m).copied().unwrap_or(false);
+            (
+                empty,
+                same,
+                f.memory - i64::from(s.memory_mib),
+                (*m).clone(),
+            )
         })
         .map(|(m, _)| m.clone())
 }
@@ -150,7 +158,15 @@ pub fn decide(s: &Snapshot, c: &Config) -> Vec<Action> {
                 .push(i);
         }
     }
+    // Machines that run something now.
+    let mut used: BTreeMap<String, bool> = BTreeMap::new();
+    for i in alive.iter().filter(|i| is_placed(i)) {
+        if let Some(m) = &i.machine {
+            used.insert(m.clone(), true);
+        }
+    }
     let mut changed = false;
+    let mut settled = true;
     for svc in order {
         let mut mine: Vec<&&Instance> = alive
             .iter()
@@ -189,9 +205,10 @@ pub fn decide(s: &Snapshot, c: &Config) -> Vec<Action> {
         }
         let mut placed = kept;
         while placed < want {
-            let Some(m) = best_fit(svc, &free, &per_service) else {
+            let Some(m) = best_fit(svc, &free, &used, &per_service) else {
                 break;
             };
+            used.insert(m.clone(), true);
             if let Some(f) = free.get_mut(&m) {
                 f.take(svc);
             }
@@ -230,6 +247,10 @@ pub fn decide(s: &Snapshot, c: &Config) -> Vec<Action> {
             placed += 1;
             changed = true;
         }
+        // Consolidate only when every service is at the size its long window asks for.
+        if placed != wanted(svc, c.scale_in_window, c.headroom) {
+            settled = false;
+        }
         let short = placed < want;
         if short && !svc.dropped {
             actions.push(Action::Drop {
@@ -248,7 +269,12 @@ pub fn decide(s: &Snapshot, c: &Config) -> Vec<Action> {
     }
 
     // 4. Consolidation, only on a quiet tick.
-    if !changed && !actions.iter().any(|a| matches!(a, Action::Discard { .. })) {
+    let starting = alive.iter().any(|i| i.state == InstanceState::Starting);
+    if !changed
+        && settled
+        && !starting
+        && !actions.iter().any(|a| matches!(a, Action::Discard { .. }))
+    {
         actions.extend(consolidate(s, c, &healthy, &services, &alive));
     }
     actions

@@ -105,12 +105,21 @@ impl Stats {
 
     /// A request started.
     pub fn begin(&self, service: &str) {
-        self.with(service, |s, _| s.concurrency += 1);
+        // The rate counts arrivals, not completions: an overloaded service must show its whole
+        // demand, not what it manages to serve.
+        self.with(service, |s, second| {
+            s.concurrency += 1;
+            let slot = (second as usize) % (WINDOW + 1);
+            if s.window[slot].0 != second {
+                s.window[slot] = (second, 0);
+            }
+            s.window[slot].1 += 1;
+        });
     }
 
     /// A request ended after `ms` with success or not.
     pub fn end(&self, service: &str, ms: f64, ok: bool) {
-        self.with(service, |s, second| {
+        self.with(service, |s, _| {
             s.concurrency = s.concurrency.saturating_sub(1);
             s.requests += 1;
             if !ok {
@@ -118,11 +127,6 @@ impl Stats {
             }
             let i = BUCKETS_MS.iter().position(|b| ms <= *b).unwrap_or(15);
             s.buckets[i] += 1;
-            let slot = (second as usize) % (WINDOW + 1);
-            if s.window[slot].0 != second {
-                s.window[slot] = (second, 0);
-            }
-            s.window[slot].1 += 1;
         });
     }
 
