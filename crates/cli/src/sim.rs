@@ -1,0 +1,227 @@
+//! `vmatrix sim`: reads the services file and traces (the I/O edge), runs the pure simulator for
+//! each policy, prints the comparison and writes `summary.json` and `steps.csv`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use anyhow::{anyhow, bail, Context, Result};
+use vmatrix_sim::{
+    lower_bound, parse_trace, run as simulate, PolicyKind, Pool, SimService, Summary,
+};
+
+pub struct SimArgs {
+    pub services: PathBuf,
+    pub traces: Vec<String>,
+    pub machines: usize,
+    pub policy: String,
+    pub out: Option<PathBuf>,
+    pub machine_vcpus: u32,
+    pub machine_memory_mib: u32,
+    pub peak_rps: Vec<String>,
+    pub window: Option<String>,
+    pub step: f64,
+}
+
+fn seconds(s: &str) -> Result<f64> {
+    let s = s.trim();
+    let (num, mult) = match s.chars().last() {
+        Some('s') => (&s[..s.len() - 1], 1.0),
+        Some('m') => (&s[..s.len() - 1], 60.0),
+        Some('h') => (&s[..s.len() - 1], 3600.0),
+        Some('d') => (&s[..s.len() - 1], 86400.0),
+        _ => (s, 1.0),
+    };
+    let n: f64 = num
+        .parse()
+        .map_err(|_| anyhow!("{s:?} is not a time: use e.g. 90s, 30m, 12h or 10d"))?;
+    Ok(n * mult)
+}
+
+fn pairs(list: &[String], what: &str) -> Result<BTreeMap<String, String>> {
+    list.iter()
+        .map(|p| {
+            p.split_once('=')
+                .map(|(a, b)| (a.to_owned(), b.to_owned()))
+                .ok_or_else(|| anyhow!("{what} {p:?}: write SERVICE=VALUE"))
+        })
+        .collect()
+}
+
+pub fn run(a: SimArgs) -> Result<()> {
+    let text = std::fs::read_to_string(&a.services)
+        .with_context(|| format!("reading {}", a.services.display()))?;
+    let specs = vmatrix_core::parse_services(&a.services.display().to_string(), &text)?;
+    let traces = pairs(&a.traces, "--trace")?;
+    let peaks = pairs(&a.peak_rps, "--peak-rps")?;
+    let window = match &a.window {
+        None => None,
+        Some(w) => {
+            let (s, e) = w
+                .split_once("..")
+                .ok_or_else(|| anyhow!("--window {w:?}: write START..END, e.g. 10d..17d"))?;
+            Some((seconds(s)?, seconds(e)?))
+        }
+    };
+    let mut services = Vec::new();
+    for spec in &specs {
+        let file = traces
+            .get(spec.name.as_str())
+            .ok_or_else(|| anyhow!("no --trace {}=FILE for service {}", spec.name, spec.name))?;
+        let peak = peaks
+            .get(spec.name.as_str())
+            .map(|p| {
+                p.parse::<f64>()
+                    .map_err(|_| anyhow!("--peak-rps {}={p}: not a number", spec.name))
+            })
+            .transpose()?;
+        let body =
+            std::fs::read_to_string(file).with_context(|| format!("reading trace {file}"))?;
+        let demand =
+            parse_trace(&body, a.step, window, peak).map_err(|e| anyhow!("{file}: {e}"))?;
+        services.push(SimService {
+            name: spec.name.to_string(),
+            priority: spec.priority,
+            capacity_rps: spec.capacity_rps,
+            min: spec.min,
+            max: spec.max,
+            vcpus: spec.vcpus,
+            memory_mib: spec.memory_mib,
+            demand,
+        });
+    }
+    for name in traces.keys() {
+        if !specs.iter().any(|s| s.name.as_str() == name) {
+            bail!(
+                "--trace {name}=…: no such service in {}",
+                a.services.display()
+            );
+        }
+    }
+    let pool = Pool {
+        machines: a.machines,
+        vcpus: a.machine_vcpus,
+        memory_mib: a.machine_memory_mib,
+        step_s: a.step,
+    };
+    let kinds: Vec<PolicyKind> = match a.policy.as_str() {
+        "all" => vec![
+            PolicyKind::Static,
+            PolicyKind::Reactive,
+            PolicyKind::Switching,
+            PolicyKind::SwitchingDrop,
+        ],
+        "static" => vec![PolicyKind::Static],
+        "reactive" => vec![PolicyKind::Reactive],
+        "switching" => vec![PolicyKind::Switching],
+        "switching-drop" => vec![PolicyKind::SwitchingDrop],
+        other => {
+            bail!("--policy {other:?}: use static, reactive, switching, switching-drop or all")
+        }
+    };
+    let started = std::time::Instant::now();
+    let lb = lower_bound(&services, &pool);
+    let mut results: Vec<(String, Summary)> = vec![("lower-bound".into(), lb)];
+    for k in kinds {
+        let t = std::time::Instant::now();
+        let r = simulate(k, &services, &pool);
+        eprintln!(
+            "{}: simulated in {:.2}s",
+            k.name(),
+            t.elapsed().as_secs_f64()
+        );
+        results.push((k.name().into(), r));
+    }
+    let steps = services.iter().map(|s| s.demand.len()).max().unwrap_or(0);
+    println!(
+        "\n{} service(s), {} steps of {}s ({:.1} days), pool {} × ({} vCPU, {} MiB); {:.2}s\n",
+        services.len(),
+        steps,
+        a.step,
+        steps as f64 * a.step / 86400.0,
+        a.machines,
+        a.machine_vcpus,
+        a.machine_memory_mib,
+        started.elapsed().as_secs_f64()
+    );
+    let mut header = vec![
+        "policy".to_string(),
+        "machine-hours".into(),
+        "peak".into(),
+        "util".into(),
+        "starts".into(),
+        "moves".into(),
+        "SLO-viol min".into(),
+    ];
+    for s in &services {
+        header.push(format!("{} served", s.name));
+    }
+    println!("| {} |", header.join(" | "));
+    println!("|{}", " --- |".repeat(header.len()));
+    for (name, r) in &results {
+        let mut row = vec![
+            name.clone(),
+            format!("{:.0}", r.machine_hours),
+            r.peak_machines.to_string(),
+            format!("{:.0}%", r.mean_utilisation * 100.0),
+            r.activations.to_string(),
+            r.migrations.to_string(),
+            format!("{:.0}", r.slo_violation_minutes),
+        ];
+        for s in &services {
+            let x = r.services.get(&s.name).cloned().unwrap_or_default();
+            row.push(format!(
+                "{:.2}%",
+                if x.demand > 0.0 {
+                    x.served * 100.0 / x.demand
+                } else {
+                    100.0
+                }
+            ));
+        }
+        println!("| {} |", row.join(" | "));
+    }
+    if let Some(dir) = a.out {
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let mut json = serde_json::Map::new();
+        for (name, r) in &results {
+            let v = if name == "lower-bound" {
+                serde_json::json!({"machine_hours": r.machine_hours, "peak_machines": r.peak_machines})
+            } else {
+                serde_json::to_value(r)?
+            };
+            json.insert(name.replace("lower-bound", "lower_bound"), v);
+        }
+        std::fs::write(
+            dir.join("summary.json"),
+            serde_json::to_string_pretty(&json)?,
+        )?;
+        let mut csv = String::from("step,t_seconds");
+        for s in &services {
+            csv.push_str(&format!(",demand_{}", s.name));
+        }
+        for (name, _) in &results {
+            csv.push_str(&format!(",machines_{name}"));
+        }
+        csv.push('\n');
+        for t in 0..steps {
+            csv.push_str(&format!("{t},{}", t as f64 * a.step));
+            for s in &services {
+                csv.push_str(&format!(",{:.2}", s.demand.get(t).copied().unwrap_or(0.0)));
+            }
+            for (_, r) in &results {
+                csv.push_str(&format!(
+                    ",{}",
+                    r.machines_per_step.get(t).copied().unwrap_or(0)
+                ));
+            }
+            csv.push('\n');
+        }
+        std::fs::write(dir.join("steps.csv"), csv)?;
+        println!(
+            "\nwrote {} and {}",
+            dir.join("summary.json").display(),
+            dir.join("steps.csv").display()
+        );
+    }
+    Ok(())
+}
