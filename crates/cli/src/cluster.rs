@@ -10,6 +10,26 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value;
 use vmatrix_core::api::{ApplyRequest, MachineRole, Operation};
 
+/// The API token: `VMATRIX_TOKEN`, or the one the controller keeps in `DATA/controller/token`.
+fn token(data: &Path) -> Option<String> {
+    std::env::var("VMATRIX_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string(data.join("controller/token"))
+                .ok()
+                .map(|t| t.trim().to_owned())
+        })
+}
+
+fn required_token(data: &Path) -> Result<String> {
+    token(data).ok_or_else(|| {
+        anyhow!(
+            "no token: set VMATRIX_TOKEN to the controller's token (in its DATA/controller/token)"
+        )
+    })
+}
+
 /// Where the CLI finds the controller: `--api`, or the URL the controller wrote in DATA.
 pub struct Client {
     base: String,
@@ -30,14 +50,7 @@ impl Client {
                     )
                 })?,
         };
-        let token = std::env::var("VMATRIX_TOKEN")
-            .ok()
-            .filter(|t| !t.is_empty())
-            .or_else(|| {
-                std::fs::read_to_string(data.join("controller/token"))
-                    .ok()
-                    .map(|t| t.trim().to_owned())
-            });
+        let token = token(data);
         Ok(Self {
             base: base.trim_end_matches('/').to_owned(),
             token,
@@ -308,11 +321,7 @@ pub async fn agent(args: AgentArgs, data: &Path, accel: vmatrix_vmm::AccelChoice
         "shared" => MachineRole::Shared,
         other => bail!("--role {other:?}: use dedicated or shared"),
     };
-    let token = std::env::var("VMATRIX_TOKEN")
-        .ok()
-        .filter(|t| !t.is_empty())
-        .or_else(|| std::fs::read_to_string(data.join("controller/token")).ok().map(|t| t.trim().to_owned()))
-        .ok_or_else(|| anyhow!("no token: set VMATRIX_TOKEN to the controller's token (in its DATA/controller/token)"))?;
+    let token = required_token(data)?;
     let guest = data.join("guest/reference.img.parts");
     let accel = vmatrix_vmm::accel::resolve(
         accel,
@@ -429,15 +438,7 @@ pub async fn switch(
             .map(|s| s.trim().to_owned())
             .map_err(|_| anyhow!("no controller URL: pass --controller URL"))?,
     };
-    let token = std::env::var("VMATRIX_TOKEN")
-        .ok()
-        .filter(|t| !t.is_empty())
-        .or_else(|| {
-            std::fs::read_to_string(data.join("controller/token"))
-                .ok()
-                .map(|t| t.trim().to_owned())
-        })
-        .ok_or_else(|| anyhow!("no token: set VMATRIX_TOKEN to the controller's token"))?;
+    let token = required_token(data)?;
     let config = vmatrix_switch::SwitchConfig {
         listen,
         controller,

@@ -8,9 +8,8 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, BufReader};
 
-use crate::support::{data_dir, vmatrix};
+use crate::support::{data_dir, start_up, vmatrix};
 
 pub(crate) async fn cli(data: &Path, args: &[&str]) -> (bool, String, String) {
     let out = vmatrix()
@@ -78,25 +77,7 @@ async fn up_apply_migrate_suspend_resume_and_survive_a_controller_crash() {
     let d = data.path();
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
-    let mut up = vmatrix()
-        .arg("--data")
-        .arg(d)
-        .args(["up", "--machines", "3", "--listen", &listen])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start vmatrix up");
-    let mut lines = BufReader::new(up.stdout.take().unwrap()).lines();
-    loop {
-        let line = tokio::time::timeout(Duration::from_secs(120), lines.next_line())
-            .await
-            .expect("vmatrix up did not come up within 120 s")
-            .unwrap()
-            .expect("vmatrix up exited");
-        if line.contains("vMatrix is up") {
-            break;
-        }
-    }
+    let mut up = start_up(d, &["--machines", "3", "--listen", &listen]).await;
     let (ok, out, err) = cli(d, &["machines", "--json"]).await;
     assert!(ok, "{err}");
     let machines: Value = serde_json::from_str(&out).unwrap();

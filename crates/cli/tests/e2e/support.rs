@@ -44,3 +44,28 @@ pub fn snapshot(dir: &Path) -> Vec<(String, u64, std::time::SystemTime)> {
     out.sort();
     out
 }
+
+/// Starts `vmatrix --data DIR up ARGS…` and waits (up to 120 s) until it says it is up.
+pub async fn start_up(data: &Path, args: &[&str]) -> tokio::process::Child {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let mut up = vmatrix()
+        .arg("--data")
+        .arg(data)
+        .arg("up")
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start vmatrix up");
+    let mut lines = BufReader::new(up.stdout.take().expect("piped stdout")).lines();
+    loop {
+        let line = tokio::time::timeout(std::time::Duration::from_secs(120), lines.next_line())
+            .await
+            .expect("vmatrix up did not come up within 120 s")
+            .expect("read stdout")
+            .expect("vmatrix up exited before it was up");
+        if line.contains("vMatrix is up") {
+            return up;
+        }
+    }
+}

@@ -2,15 +2,13 @@
 //! request, a dormant service woken by its first request, a dropped service refused at once
 //! while another keeps serving, and the controller seeing the load the generator sent.
 
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, BufReader};
 use vmatrix_switch::{run_load, LoadOptions};
 
 use crate::cluster::{cli, free_port, ps, wait_for};
-use crate::support::{data_dir, vmatrix};
+use crate::support::{data_dir, start_up};
 
 #[tokio::test]
 #[ignore = "boots real QEMU; run by scripts/test"]
@@ -19,33 +17,18 @@ async fn the_switch_hides_moves_wakes_dormant_services_and_drops_fast() {
     let d = data.path();
     let api = format!("127.0.0.1:{}", free_port());
     let front = format!("127.0.0.1:{}", free_port());
-    let mut up = vmatrix()
-        .arg("--data")
-        .arg(d)
-        .args([
-            "up",
+    let mut up = start_up(
+        d,
+        &[
             "--machines",
             "3",
             "--listen",
             &api,
             "--switch-listen",
             &front,
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start vmatrix up");
-    let mut lines = BufReader::new(up.stdout.take().unwrap()).lines();
-    loop {
-        let line = tokio::time::timeout(Duration::from_secs(120), lines.next_line())
-            .await
-            .expect("up within 120 s")
-            .unwrap()
-            .expect("vmatrix up exited");
-        if line.contains("vMatrix is up") {
-            break;
-        }
-    }
+        ],
+    )
+    .await;
     let services = d.join("services.toml");
     std::fs::write(
         &services,
