@@ -45,13 +45,34 @@ fn wanted(s: &Service, window: usize, headroom: f64) -> u32 {
         .rev()
         .take(window.max(1))
         .fold(0.0f64, |a, b| a.max(*b));
-    let n = (recent * headroom / s.capacity_rps.max(1e-9)).ceil();
+    to_instances(s, recent, headroom)
+}
+
+fn to_instances(s: &Service, rps: f64, headroom: f64) -> u32 {
+    let n = (rps * headroom / s.capacity_rps.max(1e-9)).ceil();
     (n.max(0.0) as u32).clamp(s.min, s.max.max(s.min))
+}
+
+/// The demand one (the longest covered) seasonal period ago, from now to `lookahead` ahead.
+fn seasonal(s: &Service, c: &Config) -> f64 {
+    let len = s.demand.len();
+    let Some(&period) = c
+        .seasonal_periods
+        .iter()
+        .filter(|p| **p > 0 && len >= **p)
+        .max()
+    else {
+        return 0.0;
+    };
+    let start = len - period;
+    let end = (start + c.seasonal_lookahead + 1).min(len);
+    s.demand[start..end].iter().fold(0.0f64, |a, b| a.max(*b))
 }
 
 /// The instances each service wants now, with hysteresis on the way down.
 fn desired(s: &Service, current: u32, c: &Config) -> u32 {
-    let out = wanted(s, c.scale_out_window, c.headroom);
+    let out =
+        wanted(s, c.scale_out_window, c.headroom).max(to_instances(s, seasonal(s, c), c.headroom));
     if out >= current {
         out
     } else {

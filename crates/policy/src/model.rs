@@ -92,6 +92,12 @@ pub struct Config {
     pub max_moves: usize,
     /// Consolidate only while the pool's memory use is below this fraction.
     pub consolidate_below: f64,
+    /// Seasonal periods in ticks (e.g. a day and a week): when the demand history covers one,
+    /// the demand one period ago, a little ahead of now, is a forecast to provision for before
+    /// it arrives. The longest covered period is used. Empty: react only.
+    pub seasonal_periods: Vec<usize>,
+    /// How many ticks ahead the seasonal forecast looks.
+    pub seasonal_lookahead: usize,
 }
 
 impl Default for Config {
@@ -102,6 +108,8 @@ impl Default for Config {
             scale_in_window: 10,
             max_moves: 2,
             consolidate_below: 0.7,
+            seasonal_periods: Vec::new(),
+            seasonal_lookahead: 0,
         }
     }
 }

@@ -303,11 +303,23 @@ fn run_switching(kind: PolicyKind, services: &[SimService], pool: &Pool) -> Summ
     let config = Config {
         headroom: 1.2,
         scale_out_window: 2,
-        scale_in_window: (1800.0 / pool.step_s).ceil() as usize,
-        max_moves: 4,
-        consolidate_below: 0.8,
+        scale_in_window: (900.0 / pool.step_s).ceil() as usize,
+        max_moves: 8,
+        consolidate_below: 0.95,
+        seasonal_periods: vec![
+            (86400.0 / pool.step_s) as usize,
+            (7.0 * 86400.0 / pool.step_s) as usize,
+        ],
+        seasonal_lookahead: (900.0 / pool.step_s).ceil() as usize,
     };
-    let keep = config.scale_in_window + 1;
+    let keep = config
+        .seasonal_periods
+        .iter()
+        .max()
+        .copied()
+        .unwrap_or(0)
+        .max(config.scale_in_window)
+        + 1;
     for t in 0..steps(services) {
         // The policy sees demand up to the previous step, like the controller does.
         for (ss, s) in snap.services.iter_mut().zip(services) {
