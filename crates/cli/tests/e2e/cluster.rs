@@ -2,14 +2,13 @@
 //! instances on different machines answering HTTP, migrate, suspend/resume elsewhere, and a
 //! controller killed with SIGKILL that comes back without losing or duplicating anything.
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::Path;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::support::{data_dir, start_up, vmatrix};
+use crate::support::{data_dir, processes, start_controller, start_up, vmatrix};
 
 pub(crate) async fn cli(data: &Path, args: &[&str]) -> (bool, String, String) {
     let out = vmatrix()
@@ -63,11 +62,7 @@ async fn http(endpoint: &str, method: &str, path: &str, body: &[u8]) -> (u16, St
 }
 
 pub(crate) fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    crate::support::free_port()
 }
 
 #[tokio::test]
@@ -77,9 +72,25 @@ async fn up_apply_migrate_suspend_resume_and_survive_a_controller_crash() {
     let d = data.path();
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
-    let mut up = start_up(d, &["--machines", "3", "--listen", &listen]).await;
+    let front = format!("127.0.0.1:{}", free_port());
+    let mut up = start_up(
+        d,
+        &[
+            "--machines",
+            "3",
+            "--listen",
+            &listen,
+            "--switch-listen",
+            &front,
+        ],
+    )
+    .await;
     let (ok, out, err) = cli(d, &["machines", "--json"]).await;
-    assert!(ok, "{err}");
+    assert!(
+        ok,
+        "{err}\nlast lines of vmatrix up:\n{}",
+        crate::support::up_log(d)
+    );
     let machines: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(
         machines["machines"].as_array().unwrap().len(),
@@ -186,33 +197,16 @@ async fn up_apply_migrate_suspend_resume_and_survive_a_controller_crash() {
             )
         })
         .collect();
-    let pid = std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .find_map(|e| {
-            let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
-            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-            (cmd.contains(" controller ") && cmd.contains(&listen))
-                .then(|| e.file_name().to_string_lossy().into_owned())
-        })
+    let pid = processes(|c| c.contains(" controller ") && c.contains(&listen))
+        .first()
+        .map(|(p, _)| p.to_string())
         .expect("the controller process");
     assert!(std::process::Command::new("kill")
         .args(["-9", &pid])
         .status()
         .unwrap()
         .success());
-    let mut controller = vmatrix()
-        .arg("--data")
-        .arg(d)
-        .args(["controller", "--listen", &listen])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for("the new controller", Duration::from_secs(30), async || {
-        cli(d, &["ps"]).await.0.then_some(())
-    })
-    .await;
+    let mut controller = start_controller(d, &listen).await;
     // Let every agent report at least twice to the new controller.
     let settle = Instant::now();
     wait_for(
@@ -243,18 +237,8 @@ async fn up_apply_migrate_suspend_resume_and_survive_a_controller_crash() {
         before, after,
         "the restarted controller sees the same instances"
     );
-    let qemus = std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter(|e| {
-            std::fs::read(e.path().join("cmdline"))
-                .map(|c| {
-                    String::from_utf8_lossy(&c).contains(&d.display().to_string())
-                        && String::from_utf8_lossy(&c).contains("qemu-system")
-                })
-                .unwrap_or(false)
-        })
-        .count();
+    let marker = d.display().to_string();
+    let qemus = processes(|c| c.contains(&marker) && c.contains("qemu-system")).len();
     // (The suspend let the reconcile loop start a replacement to keep sports at min 2; the
     // resumed instance came back beside it.)
     assert_eq!(
@@ -265,15 +249,9 @@ async fn up_apply_migrate_suspend_resume_and_survive_a_controller_crash() {
 
     // Recovery: a broken instance (its QEMU killed) is thrown away and replaced.
     let victim = instance(&after_list(d).await, "sports-2").clone();
-    let qemu = std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .find_map(|e| {
-            let c = String::from_utf8_lossy(&std::fs::read(e.path().join("cmdline")).ok()?)
-                .replace('\0', " ");
-            (c.contains("qemu-system") && c.contains("serial=sports-2"))
-                .then(|| e.file_name().to_string_lossy().into_owned())
-        })
+    let qemu = processes(|c| c.contains("qemu-system") && c.contains("serial=sports-2"))
+        .first()
+        .map(|(p, _)| p.to_string())
         .expect("sports-2's QEMU");
     assert!(std::process::Command::new("kill")
         .args(["-9", &qemu])
@@ -321,18 +299,7 @@ async fn unauthenticated_changes_are_refused_and_bad_files_point_at_the_line() {
     let data = data_dir();
     let d = data.path();
     let listen = format!("127.0.0.1:{}", free_port());
-    let mut controller = vmatrix()
-        .arg("--data")
-        .arg(d)
-        .args(["controller", "--listen", &listen])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for("the controller", Duration::from_secs(30), async || {
-        cli(d, &["ps"]).await.0.then_some(())
-    })
-    .await;
+    let mut controller = start_controller(d, &listen).await;
     let token = std::fs::read_to_string(d.join("controller/token")).unwrap();
     let mode = std::os::unix::fs::PermissionsExt::mode(
         &std::fs::metadata(d.join("controller/token"))

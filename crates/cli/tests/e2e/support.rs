@@ -54,7 +54,10 @@ pub async fn start_up(data: &Path, args: &[&str]) -> tokio::process::Child {
         .arg("up")
         .args(args)
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
+        .stderr(
+            std::fs::File::create(data.join("up.log"))
+                .map_or_else(|_| std::process::Stdio::null(), std::process::Stdio::from),
+        )
         .spawn()
         .expect("start vmatrix up");
     let mut lines = BufReader::new(up.stdout.take().expect("piped stdout")).lines();
@@ -68,4 +71,83 @@ pub async fn start_up(data: &Path, args: &[&str]) -> tokio::process::Child {
             return up;
         }
     }
+}
+
+/// Starts `vmatrix --data DIR controller --listen ADDR` and waits until its API answers.
+pub async fn start_controller(data: &Path, listen: &str) -> tokio::process::Child {
+    let child = vmatrix()
+        .arg("--data")
+        .arg(data)
+        .args(["controller", "--listen", listen])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start the controller");
+    let url = format!("http://{listen}/api/v1/health");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !reqwest::get(&url)
+        .await
+        .is_ok_and(|r| r.status().is_success())
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the controller did not answer on {listen}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    child
+}
+
+/// Live (not zombie) processes whose command line satisfies `pred`: (pid, command line).
+pub fn processes(pred: impl Fn(&str) -> bool) -> Vec<(u32, String)> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+            if stat
+                .rsplit(')')
+                .next()
+                .and_then(|r| r.split_whitespace().next())
+                == Some("Z")
+            {
+                return None;
+            }
+            let cmd = String::from_utf8_lossy(&std::fs::read(e.path().join("cmdline")).ok()?)
+                .replace('\0', " ");
+            pred(&cmd).then_some((pid, cmd))
+        })
+        .collect()
+}
+
+/// A port that is free on 127.0.0.1 … 127.0.0.5 and that no other test of this process gets.
+/// The kernel's "port 0" answer can be handed to two tests running in parallel before either
+/// binds it (and `vmatrix up` also uses the next port on 127.0.0.2…), so ports come from a
+/// per-process range, in steps of two, checked free on every address a test might use.
+pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let base = 20_000 + (std::process::id() % 400) as u16 * 100;
+    loop {
+        let n = NEXT.fetch_add(2, Ordering::Relaxed);
+        assert!(n < 10_000, "ran out of test ports");
+        let port = base.wrapping_add(n);
+        let free = (1..=5).all(|h| {
+            [port, port + 1].iter().all(|p| {
+                std::net::TcpListener::bind((std::net::Ipv4Addr::new(127, 0, 0, h), *p)).is_ok()
+            })
+        });
+        if free {
+            return port;
+        }
+    }
+}
+
+/// The last lines `vmatrix up` (and its children) logged, for failure messages.
+pub fn up_log(data: &Path) -> String {
+    let text = std::fs::read_to_string(data.join("up.log")).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
 }

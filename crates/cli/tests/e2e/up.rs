@@ -1,6 +1,5 @@
 //! `vmatrix up` boots a real guest and stops it cleanly on Ctrl-C; bad input gets a clear error.
 
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
@@ -13,11 +12,7 @@ use crate::support::{data_dir, vmatrix};
 #[ignore = "boots real QEMU; run by scripts/test"]
 async fn up_stops_every_process_it_started_on_ctrl_c() {
     let data = data_dir();
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = crate::support::free_port();
     let mut child = vmatrix()
         .arg("--data")
         .arg(data.path())
@@ -27,6 +22,8 @@ async fn up_stops_every_process_it_started_on_ctrl_c() {
             "1",
             "--listen",
             &format!("127.0.0.1:{port}"),
+            "--switch-listen",
+            &format!("127.0.0.1:{}", crate::support::free_port()),
         ])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -101,28 +98,11 @@ async fn up_stops_every_process_it_started_on_ctrl_c() {
     }
 }
 
-/// Command lines of live (not zombie) processes that mention `needle`.
+/// Command lines of live processes that mention `needle`.
 fn processes_mentioning(needle: &str) -> Vec<String> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.flatten()
-        .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
-        .filter(|e| {
-            std::fs::read_to_string(e.path().join("stat"))
-                .map(|s| {
-                    s.rsplit(')')
-                        .next()
-                        .and_then(|r| r.split_whitespace().next())
-                        != Some("Z")
-                })
-                .unwrap_or(false)
-        })
-        .filter_map(|e| {
-            let c = std::fs::read(e.path().join("cmdline")).ok()?;
-            let c = String::from_utf8_lossy(&c).replace('\0', " ");
-            c.contains(needle).then_some(c)
-        })
+    crate::support::processes(|c| c.contains(needle))
+        .into_iter()
+        .map(|(_, c)| c)
         .collect()
 }
 
