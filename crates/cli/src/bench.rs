@@ -153,7 +153,7 @@ pub async fn vmm(accel: AccelChoice, runs: usize, memory_mib: u32, work: &Path) 
     println!(
         "\nvmm benchmark: {runs} run(s), {memory_mib} MiB guest, accelerator {}, QEMU {}\n",
         accel.as_str(),
-        qemu_version()
+        tool_version("qemu-system-x86_64", "--version", 3)
     );
     println!("| measure | unit | median | min | max | runs |");
     println!("| --- | --- | --- | --- | --- | --- |");
@@ -176,15 +176,16 @@ pub async fn vmm(accel: AccelChoice, runs: usize, memory_mib: u32, work: &Path) 
     Ok(())
 }
 
-fn qemu_version() -> String {
-    std::process::Command::new("qemu-system-x86_64")
-        .arg("--version")
+/// Word `nth` of what `program arg` prints (its version), or "?".
+fn tool_version(program: &str, arg: &str, nth: usize) -> String {
+    std::process::Command::new(program)
+        .arg(arg)
         .output()
         .ok()
         .and_then(|o| {
             String::from_utf8_lossy(&o.stdout)
                 .split_whitespace()
-                .nth(3)
+                .nth(nth)
                 .map(str::to_owned)
         })
         .unwrap_or_else(|| "?".into())
@@ -417,7 +418,7 @@ pub async fn store(accel: AccelChoice, size: u64, work: &Path) -> Result<()> {
         "\nstore benchmark: image {} MiB, accelerator {}, restic {}\n",
         size >> 20,
         accel.as_str(),
-        restic_version()
+        tool_version("restic", "version", 1)
     );
     println!("| measure | vmatrix | restic | note |");
     println!("| --- | --- | --- | --- |");
@@ -427,38 +428,24 @@ pub async fn store(accel: AccelChoice, size: u64, work: &Path) -> Result<()> {
     Ok(())
 }
 
-fn restic_version() -> String {
-    std::process::Command::new("restic")
-        .arg("version")
-        .output()
-        .ok()
-        .and_then(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .split_whitespace()
-                .nth(1)
-                .map(str::to_owned)
-        })
-        .unwrap_or_else(|| "?".into())
-}
+type BenchResponse = hyper::Response<http_body_util::Full<bytes::Bytes>>;
 
-/// A tiny keep-alive HTTP server answering every request with a short body: the common backend
-/// of the switch benchmark.
-async fn bench_backend() -> Result<SocketAddr> {
+/// Serves `handler` over keep-alive HTTP/1.1 on a free loopback port, in the background.
+async fn serve_http<F, Fut>(handler: F) -> Result<SocketAddr>
+where
+    F: Fn(hyper::Request<hyper::body::Incoming>) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = BenchResponse> + Send + 'static,
+{
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                return;
-            };
+        while let Ok((stream, _)) = listener.accept().await {
             let _ = stream.set_nodelay(true);
+            let handler = handler.clone();
             tokio::spawn(async move {
-                let svc = hyper::service::service_fn(|_req| async {
-                    Ok::<_, std::convert::Infallible>(hyper::Response::new(
-                        http_body_util::Full::new(bytes::Bytes::from_static(
-                            b"hello from the backend\n",
-                        )),
-                    ))
+                let svc = hyper::service::service_fn(move |req| {
+                    let fut = handler(req);
+                    async move { Ok::<_, std::convert::Infallible>(fut.await) }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
@@ -467,6 +454,16 @@ async fn bench_backend() -> Result<SocketAddr> {
         }
     });
     Ok(addr)
+}
+
+/// The common backend of the switch benchmark: a short body for every request.
+async fn bench_backend() -> Result<SocketAddr> {
+    serve_http(|_req| async {
+        hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from_static(
+            b"hello from the backend\n",
+        )))
+    })
+    .await
 }
 
 /// A stand-in controller that serves one fixed route table (long-polling like the real one).
@@ -482,39 +479,20 @@ async fn bench_routes(backend: SocketAddr) -> Result<SocketAddr> {
         }],
     };
     let body = bytes::Bytes::from(serde_json::to_vec(&table)?);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                return;
-            };
-            let body = body.clone();
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(
-                    move |req: hyper::Request<hyper::body::Incoming>| {
-                        let body = body.clone();
-                        async move {
-                            if req
-                                .uri()
-                                .query()
-                                .is_some_and(|q| q.contains("version=bench"))
-                            {
-                                tokio::time::sleep(Duration::from_secs(25)).await;
-                            }
-                            Ok::<_, std::convert::Infallible>(hyper::Response::new(
-                                http_body_util::Full::new(body),
-                            ))
-                        }
-                    },
-                );
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                    .await;
-            });
+    serve_http(move |req| {
+        let body = body.clone();
+        async move {
+            if req
+                .uri()
+                .query()
+                .is_some_and(|q| q.contains("version=bench"))
+            {
+                tokio::time::sleep(Duration::from_secs(25)).await;
+            }
+            hyper::Response::new(http_body_util::Full::new(body))
         }
-    });
-    Ok(addr)
+    })
+    .await
 }
 
 /// Runs wrk and returns (requests/s, p99 ms).

@@ -225,38 +225,7 @@ enum Command {
         machine: String,
     },
     /// Simulate policies over demand traces and compare them (machine-hours, drops, moves).
-    Sim {
-        /// Services file (the same TOML as `apply`).
-        #[arg(long)]
-        services: PathBuf,
-        /// SERVICE=FILE: a trace (CSV t_seconds,value) per service.
-        #[arg(long = "trace", required = true)]
-        traces: Vec<String>,
-        /// Machines in the pool (switching-drop is limited to it).
-        #[arg(long, default_value_t = 10)]
-        machines: usize,
-        /// static, reactive, switching, switching-drop or all.
-        #[arg(long, default_value = "all")]
-        policy: String,
-        /// Write summary.json and steps.csv here.
-        #[arg(long)]
-        out: Option<PathBuf>,
-        /// vCPUs per machine.
-        #[arg(long, default_value_t = 8)]
-        machine_vcpus: u32,
-        /// Memory per machine, MiB.
-        #[arg(long, default_value_t = 2048)]
-        machine_memory_mib: u32,
-        /// SERVICE=R: rescale that trace so its peak is R requests/s.
-        #[arg(long = "peak-rps")]
-        peak_rps: Vec<String>,
-        /// START..END of the traces to use, e.g. 10d..17d (units s, m, h, d).
-        #[arg(long)]
-        window: Option<String>,
-        /// Seconds per step.
-        #[arg(long, default_value_t = 60.0)]
-        step: f64,
-    },
+    Sim(sim::SimArgs),
     /// Measure parts of vMatrix on this machine and print the figures.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -472,29 +441,7 @@ fn run() -> Result<()> {
                 }
             }
         }
-        Command::Sim {
-            services,
-            traces,
-            machines,
-            policy,
-            out,
-            machine_vcpus,
-            machine_memory_mib,
-            peak_rps,
-            window,
-            step,
-        } => sim::run(sim::SimArgs {
-            services,
-            traces,
-            machines,
-            policy,
-            out,
-            machine_vcpus,
-            machine_memory_mib,
-            peak_rps,
-            window,
-            step,
-        })?,
+        Command::Sim(args) => sim::run(args)?,
         Command::Drop { service } => op(Operation::Drop { service })?,
         Command::Undrop { service } => op(Operation::Undrop { service })?,
         Command::Wake { service } => op(Operation::Wake { service })?,

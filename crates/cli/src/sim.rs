@@ -9,16 +9,37 @@ use vmatrix_sim::{
     lower_bound, parse_trace, run as simulate, PolicyKind, Pool, SimService, Summary,
 };
 
+#[derive(clap::Args)]
 pub struct SimArgs {
+    /// Services file (the same TOML as `apply`).
+    #[arg(long)]
     pub services: PathBuf,
+    /// SERVICE=FILE: a trace (CSV t_seconds,value) per service.
+    #[arg(long = "trace", required = true)]
     pub traces: Vec<String>,
+    /// Machines in the pool (switching-drop is limited to it).
+    #[arg(long, default_value_t = 10)]
     pub machines: usize,
+    /// static, reactive, switching, switching-drop or all.
+    #[arg(long, default_value = "all")]
     pub policy: String,
+    /// Write summary.json and steps.csv here.
+    #[arg(long)]
     pub out: Option<PathBuf>,
+    /// vCPUs per machine.
+    #[arg(long, default_value_t = 8)]
     pub machine_vcpus: u32,
+    /// Memory per machine, MiB.
+    #[arg(long, default_value_t = 2048)]
     pub machine_memory_mib: u32,
+    /// SERVICE=R: rescale that trace so its peak is R requests/s.
+    #[arg(long = "peak-rps")]
     pub peak_rps: Vec<String>,
+    /// START..END of the traces to use, e.g. 10d..17d (units s, m, h, d).
+    #[arg(long)]
     pub window: Option<String>,
+    /// Seconds per step.
+    #[arg(long, default_value_t = 60.0)]
     pub step: f64,
 }
 

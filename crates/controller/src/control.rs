@@ -53,8 +53,8 @@ pub struct Controller {
     /// When each instance's last operation ended: a heartbeat sent before that is stale for it.
     settled: Mutex<HashMap<InstanceId, Instant>>,
     started: Instant,
-    /// Machines heard from since this process started, with the time.
-    heard: Mutex<HashMap<String, Instant>>,
+    /// Machines heard from since this process started.
+    heard: Mutex<HashSet<String>>,
     /// The switch's latest load report.
     load: Mutex<Option<vmatrix_core::api::LoadReport>>,
     /// Demand samples per service, one per reconcile tick, oldest first (the policy's input).
@@ -106,7 +106,7 @@ impl Controller {
             busy: Mutex::new(HashSet::new()),
             settled: Mutex::new(HashMap::new()),
             started: Instant::now(),
-            heard: Mutex::new(HashMap::new()),
+            heard: Mutex::new(HashSet::new()),
             load: Mutex::new(None),
             demand: Mutex::new(HashMap::new()),
             policy: std::sync::atomic::AtomicBool::new(false),
@@ -699,16 +699,17 @@ impl Controller {
             .map(|i| format!("{} activating on {}", i.id, i.machine))
     }
 
-    fn set_dropped(&self, service: &vmatrix_core::ServiceName, dropped: bool) -> Result<String> {
+    fn set_dropped(
+        &self,
+        service: &vmatrix_core::ServiceName,
+        dropped: bool,
+        who: &str,
+        why: &str,
+    ) -> Result<String> {
         self.spec_of(service)?;
         self.db(|d| d.set_dropped(service, dropped))?;
         let what = if dropped { "drop" } else { "undrop" };
-        self.event(
-            "controller",
-            &format!("{what} {service}"),
-            "operator request",
-            "ok",
-        );
+        self.event(who, &format!("{what} {service}"), why, "ok");
         Ok(format!(
             "{service} {}",
             if dropped {
@@ -733,8 +734,8 @@ impl Controller {
             Operation::Discard { instance } => self.discard(&instance, why).await,
             Operation::Drain { machine } => self.drain(&machine, why).await,
             Operation::Wake { service } => self.wake(&service).await,
-            Operation::Drop { service } => self.set_dropped(&service, true),
-            Operation::Undrop { service } => self.set_dropped(&service, false),
+            Operation::Drop { service } => self.set_dropped(&service, true, "api", why),
+            Operation::Undrop { service } => self.set_dropped(&service, false, "api", why),
         }
     }
 
@@ -751,7 +752,7 @@ impl Controller {
         let first = self
             .heard
             .lock()
-            .map(|mut h| h.insert(report.name.clone(), Instant::now()).is_none())
+            .map(|mut h| h.insert(report.name.clone()))
             .unwrap_or(false);
         self.db(|d| d.upsert_machine(&info, now_ms()))?;
         if first {
@@ -1059,18 +1060,12 @@ impl Controller {
                 p::Action::Discard { instance, reason } => {
                     self.discard(&id(instance)?, reason).await.map(drop)
                 }
-                p::Action::Drop { service: s, reason } => {
-                    let s = service(s)?;
-                    self.db(|d| d.set_dropped(&s, true))?;
-                    self.event("policy", &format!("drop {s}"), reason, "ok");
-                    Ok(())
-                }
-                p::Action::Undrop { service: s, reason } => {
-                    let s = service(s)?;
-                    self.db(|d| d.set_dropped(&s, false))?;
-                    self.event("policy", &format!("undrop {s}"), reason, "ok");
-                    Ok(())
-                }
+                p::Action::Drop { service: s, reason } => self
+                    .set_dropped(&service(s)?, true, "policy", reason)
+                    .map(drop),
+                p::Action::Undrop { service: s, reason } => self
+                    .set_dropped(&service(s)?, false, "policy", reason)
+                    .map(drop),
             };
             if let Err(e) = result {
                 // Level-triggered: the next tick sees the new state and tries again.

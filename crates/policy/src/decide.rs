@@ -34,6 +34,21 @@ impl Free {
     }
 }
 
+/// The whole capacity of the healthy dedicated machines (shared ones never take live load).
+fn capacity(healthy: &HashMap<&str, &Machine>) -> BTreeMap<String, Free> {
+    healthy
+        .values()
+        .filter(|m| m.dedicated)
+        .map(|m| {
+            let free = Free {
+                vcpus: i64::from(m.vcpus),
+                memory: i64::from(m.memory_mib),
+            };
+            (m.name.clone(), free)
+        })
+        .collect()
+}
+
 fn is_placed(i: &Instance) -> bool {
     matches!(i.state, InstanceState::Starting | InstanceState::Running) && i.machine.is_some()
 }
@@ -154,19 +169,7 @@ pub fn decide(s: &Snapshot, c: &Config) -> Vec<Action> {
     }
 
     // 3. Allocation by priority over the healthy dedicated machines.
-    let mut free: BTreeMap<String, Free> = healthy
-        .values()
-        .filter(|m| m.dedicated)
-        .map(|m| {
-            (
-                m.name.clone(),
-                Free {
-                    vcpus: i64::from(m.vcpus),
-                    memory: i64::from(m.memory_mib),
-                },
-            )
-        })
-        .collect();
+    let mut free = capacity(&healthy);
     let mut order: Vec<&Service> = s.services.iter().collect();
     order.sort_by(|a, b| b.priority.cmp(&a.priority).then(a.name.cmp(&b.name)));
     let mut per_service: HashMap<(String, String), u32> = HashMap::new();
@@ -296,31 +299,18 @@ pub fn decide(s: &Snapshot, c: &Config) -> Vec<Action> {
         && !starting
         && !actions.iter().any(|a| matches!(a, Action::Discard { .. }))
     {
-        actions.extend(consolidate(s, c, &healthy, &services, &alive));
+        actions.extend(consolidate(c, &healthy, &services, &alive));
     }
     actions
 }
 
 fn consolidate(
-    s: &Snapshot,
     c: &Config,
     healthy: &HashMap<&str, &Machine>,
     services: &HashMap<&str, &Service>,
     alive: &[&Instance],
 ) -> Vec<Action> {
-    let mut free: BTreeMap<String, Free> = healthy
-        .values()
-        .filter(|m| m.dedicated)
-        .map(|m| {
-            (
-                m.name.clone(),
-                Free {
-                    vcpus: i64::from(m.vcpus),
-                    memory: i64::from(m.memory_mib),
-                },
-            )
-        })
-        .collect();
+    let mut free = capacity(healthy);
     let total_mem: i64 = free.values().map(|f| f.memory).sum();
     let mut on: BTreeMap<String, Vec<&Instance>> = BTreeMap::new();
     for i in alive.iter().filter(|i| is_placed(i)) {
@@ -336,7 +326,6 @@ fn consolidate(
     if total_mem == 0 || used_mem as f64 / total_mem as f64 >= c.consolidate_below {
         return Vec::new();
     }
-    let _ = s;
     // The emptiest non-empty machine, if everything on it fits elsewhere within the move cap.
     let mut candidates: Vec<(&String, &Vec<&Instance>)> = on.iter().collect();
     candidates.sort_by_key(|(m, v)| (v.len(), (*m).clone()));

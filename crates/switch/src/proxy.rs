@@ -132,6 +132,18 @@ impl Switch {
             .cloned()
     }
 
+    /// Refuses a request at once: 503 with `Retry-After`, counted as dropped.
+    fn refuse(&self, service: &str, why: &str, retry_after: &'static str) -> Resp {
+        self.stats.dropped(service);
+        let mut r = reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("service {service} {why}; retry later"),
+        );
+        r.headers_mut()
+            .insert("retry-after", HeaderValue::from_static(retry_after));
+        r
+    }
+
     fn wake(self: &Arc<Self>, service: &str) {
         let fresh = self
             .waking
@@ -224,14 +236,7 @@ impl Switch {
         let name = route.service.to_string();
         if route.dropped {
             self.stats.set_priority(&name, route.priority);
-            self.stats.dropped(&name);
-            let mut r = reply(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("service {name} is dropped: the pool is short; retry later"),
-            );
-            r.headers_mut()
-                .insert("retry-after", HeaderValue::from_static("5"));
-            return Ok(r);
+            return Ok(self.refuse(&name, "is dropped: the pool is short", "5"));
         }
         let (parts, body) = req.into_parts();
         let body = match Limited::new(body, MAX_BODY).collect().await {
@@ -273,14 +278,7 @@ impl Switch {
                 );
             };
             if route.dropped {
-                self.stats.dropped(service);
-                let mut r = reply(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!("service {service} is dropped; retry later"),
-                );
-                r.headers_mut()
-                    .insert("retry-after", HeaderValue::from_static("5"));
-                break r;
+                break self.refuse(service, "is dropped: the pool is short", "5");
             }
             let Some(addr) = self.pick(route, &avoid) else {
                 if route.backends.is_empty() {
@@ -300,11 +298,7 @@ impl Switch {
                             })
                             .unwrap_or(false);
                         if !admitted {
-                            self.stats.dropped(service);
-                            let mut r = reply(StatusCode::SERVICE_UNAVAILABLE, format!("service {service} is waking and its queue is full; retry later"));
-                            r.headers_mut()
-                                .insert("retry-after", HeaderValue::from_static("2"));
-                            return r;
+                            return self.refuse(service, "is waking and its queue is full", "2");
                         }
                         held_since = Some(Instant::now());
                     }

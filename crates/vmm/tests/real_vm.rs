@@ -281,7 +281,10 @@ async fn child_owner_of_a_vm() {
     let vm = Vm::boot(spec("orphan-test").await, dir.path())
         .await
         .expect("boot");
-    std::fs::write(&pid_file, vm.pid().to_string()).expect("write pid");
+    // Written whole, then renamed: the parent never reads half a number.
+    let tmp = format!("{pid_file}.tmp");
+    std::fs::write(&tmp, vm.pid().to_string()).expect("write pid");
+    std::fs::rename(&tmp, &pid_file).expect("publish pid");
     if mode == "panic" {
         panic!("deliberate panic while owning QEMU {}", vm.pid());
     }
@@ -311,16 +314,16 @@ async fn no_qemu_outlives_its_owner() {
             .kill_on_drop(true)
             .spawn()
             .expect("start the child test process");
+        let read_pid = || {
+            std::fs::read_to_string(&pid_file)
+                .ok()
+                .and_then(|p| p.trim().parse::<u32>().ok())
+        };
         assert!(
-            wait_until(Duration::from_secs(60), || pid_file.exists()).await,
+            wait_until(Duration::from_secs(60), || read_pid().is_some()).await,
             "{mode}: the child never started QEMU"
         );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        let pid: u32 = std::fs::read_to_string(&pid_file)
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap();
+        let pid = read_pid().expect("pid written");
         if mode == "sigkill" {
             assert!(alive(pid), "QEMU {pid} died before its owner");
             child.start_kill().expect("SIGKILL the owner");

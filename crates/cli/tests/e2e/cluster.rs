@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::support::{data_dir, processes, start_controller, start_up, vmatrix};
+use crate::support::{data_dir, free_port, processes, start_controller, start_up, vmatrix};
 
 pub(crate) async fn cli(data: &Path, args: &[&str]) -> (bool, String, String) {
     let out = vmatrix()
@@ -59,10 +59,6 @@ async fn http(endpoint: &str, method: &str, path: &str, body: &[u8]) -> (u16, St
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     (r.status, r.text())
-}
-
-pub(crate) fn free_port() -> u16 {
-    crate::support::free_port()
 }
 
 #[tokio::test]
@@ -248,7 +244,7 @@ async fn up_apply_migrate_suspend_resume_and_survive_a_controller_crash() {
     );
 
     // Recovery: a broken instance (its QEMU killed) is thrown away and replaced.
-    let victim = instance(&after_list(d).await, "sports-2").clone();
+    let victim = instance(&ps(d).await, "sports-2").clone();
     let qemu = processes(|c| c.contains("qemu-system") && c.contains("serial=sports-2"))
         .first()
         .map(|(p, _)| p.to_string())
@@ -288,10 +284,6 @@ async fn up_apply_migrate_suspend_resume_and_survive_a_controller_crash() {
     let _ = controller.wait().await;
     let _ = up.start_kill();
     let _ = up.wait().await;
-}
-
-async fn after_list(d: &Path) -> Vec<Value> {
-    ps(d).await
 }
 
 #[tokio::test]

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use vmatrix_switch::{run_load, LoadOptions};
 
-use crate::cluster::{cli, free_port, ps, wait_for};
-use crate::support::{data_dir, start_up};
+use crate::cluster::{cli, ps, wait_for};
+use crate::support::{data_dir, free_port, start_up};
 
 #[tokio::test]
 #[ignore = "boots real QEMU; run by scripts/test"]
@@ -78,7 +78,26 @@ async fn the_switch_hides_moves_wakes_dormant_services_and_drops_fast() {
         let target = format!("http://{front}/s/web/health");
         async move { run_load(&LoadOptions::constant(target, 60.0, Duration::from_secs(8))).await }
     });
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Move only once the switch has carried a steady stream for a while.
+    wait_for("the load under way", Duration::from_secs(30), async || {
+        let m = http
+            .get(format!("http://{front}/metrics"))
+            .send()
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        let done: f64 = m
+            .lines()
+            .find(|l| l.starts_with("vmatrix_switch_requests_total{service=\"web\"}"))?
+            .rsplit(' ')
+            .next()?
+            .parse()
+            .ok()?;
+        (done >= 150.0).then_some(())
+    })
+    .await;
     let (ok, out, err) = cli(d, &["migrate", web["id"].as_str().unwrap(), "--to", to]).await;
     assert!(ok, "migrate: {err}");
     let r = load.await.unwrap();
