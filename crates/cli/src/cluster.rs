@@ -2,6 +2,7 @@
 //! commands (`apply`, `services`, `machines`, `ps`, `events`, `activate`, `suspend`, `resume`,
 //! `migrate`, `discard`, `drain`) that talk to the controller's API.
 
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -377,7 +378,9 @@ pub async fn controller(
     let (token, new) =
         vmatrix_controller::load_or_create_token(&dir).context("creating the API token")?;
     if new {
-        println!(
+        // Not println!: a controller must not die because nobody reads its stdout.
+        let _ = writeln!(
+            std::io::stdout(),
             "API token (stored with mode 0600 in {}): {token}",
             dir.join("token").display()
         );
@@ -571,7 +574,11 @@ pub async fn up(args: UpArgs, data: &Path, accel: vmatrix_vmm::AccelChoice) -> R
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    println!(
+    // `up` runs until Ctrl-C whatever happens to its stdout: a closed pipe must not end the
+    // matrix (println! would panic on it), so the status lines ignore write errors.
+    let mut out = std::io::stdout();
+    let _ = writeln!(
+        out,
         "vMatrix is up: API {api}, switch http://{}, {} machines (rm1..rm{}), accelerator {}, data {}",
         args.switch_listen,
         args.machines,
@@ -579,10 +586,12 @@ pub async fn up(args: UpArgs, data: &Path, accel: vmatrix_vmm::AccelChoice) -> R
         accel.as_str(),
         data.display()
     );
-    println!(
+    let _ = writeln!(
+        out,
         "try: vmatrix apply -f examples/services.toml && curl http://{}/s/sports/   (Ctrl-C stops everything)",
         args.switch_listen
     );
+    let _ = out.flush();
     crate::shutdown_signal().await;
     tracing::info!("stopping the agents and the controller");
     for child in children.iter_mut().rev() {

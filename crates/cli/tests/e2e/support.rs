@@ -68,6 +68,8 @@ pub async fn start_up(data: &Path, args: &[&str]) -> tokio::process::Child {
             .expect("read stdout")
             .expect("vmatrix up exited before it was up");
         if line.contains("vMatrix is up") {
+            // Keep reading what `up` prints afterwards: a closed pipe is not what a terminal does.
+            tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
             return up;
         }
     }

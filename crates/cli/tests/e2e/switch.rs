@@ -38,7 +38,11 @@ async fn the_switch_hides_moves_wakes_dormant_services_and_drops_fast() {
     )
     .unwrap();
     let (ok, _, err) = cli(d, &["apply", "-f", services.to_str().unwrap()]).await;
-    assert!(ok, "{err}");
+    assert!(
+        ok,
+        "{err}\nlast lines of vmatrix up:\n{}",
+        crate::support::up_log(d)
+    );
     wait_for(
         "web and batch running",
         Duration::from_secs(180),
