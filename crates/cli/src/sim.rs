@@ -5,8 +5,10 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use anyhow::{anyhow, bail, Context, Result};
+use vmatrix_sim::plot::{line_chart, Series};
 use vmatrix_sim::{
-    lower_bound, parse_trace, run as simulate, PolicyKind, Pool, SimService, Summary,
+    lower_bound, parse_trace, run as simulate, switching_config, Latencies, PolicyKind, Pool,
+    Sharing, SimService, Summary,
 };
 
 #[derive(clap::Args)]
@@ -41,6 +43,21 @@ pub struct SimArgs {
     /// Seconds per step.
     #[arg(long, default_value_t = 60.0)]
     pub step: f64,
+    /// How a pool too small for every wish is shared: strict-priority or weighted-fair.
+    #[arg(long, default_value = "strict-priority")]
+    pub sharing: String,
+    /// Seconds from cold boot to serving (default: measured by `vmatrix bench vmm`).
+    #[arg(long)]
+    pub boot_s: Option<f64>,
+    /// Seconds from resume to serving.
+    #[arg(long)]
+    pub resume_s: Option<f64>,
+    /// Seconds a suspend takes.
+    #[arg(long)]
+    pub suspend_s: Option<f64>,
+    /// Seconds of downtime per live migration.
+    #[arg(long)]
+    pub migrate_downtime_s: Option<f64>,
 }
 
 fn seconds(s: &str) -> Result<f64> {
@@ -97,8 +114,7 @@ pub fn run(a: SimArgs) -> Result<()> {
             .transpose()?;
         let body =
             std::fs::read_to_string(file).with_context(|| format!("reading trace {file}"))?;
-        let demand =
-            parse_trace(&body, a.step, window, peak).map_err(|e| anyhow!("{file}: {e}"))?;
+        let trace = parse_trace(&body, a.step, window, peak).map_err(|e| anyhow!("{file}: {e}"))?;
         services.push(SimService {
             name: spec.name.to_string(),
             priority: spec.priority,
@@ -107,7 +123,8 @@ pub fn run(a: SimArgs) -> Result<()> {
             max: spec.max,
             vcpus: spec.vcpus,
             memory_mib: spec.memory_mib,
-            demand,
+            history: trace.history,
+            demand: trace.demand,
         });
     }
     for name in traces.keys() {
@@ -118,11 +135,52 @@ pub fn run(a: SimArgs) -> Result<()> {
             );
         }
     }
+    if a.machines == 0 || a.machine_vcpus == 0 || a.machine_memory_mib == 0 {
+        bail!("--machines, --machine-vcpus and --machine-memory-mib must be above 0");
+    }
+    for spec in &specs {
+        if spec.vcpus > a.machine_vcpus || spec.memory_mib > a.machine_memory_mib {
+            bail!(
+                "service {} ({} vCPU, {} MiB) does not fit a machine of {} vCPU, {} MiB: \
+                 raise --machine-vcpus / --machine-memory-mib",
+                spec.name,
+                spec.vcpus,
+                spec.memory_mib,
+                a.machine_vcpus,
+                a.machine_memory_mib
+            );
+        }
+    }
+    let measured = Latencies::default();
+    let latency = |v: Option<f64>, default: f64, flag: &str| -> Result<f64> {
+        match v {
+            Some(x) if !(x >= 0.0 && x.is_finite()) => bail!("{flag} {x}: use seconds ≥ 0"),
+            Some(x) => Ok(x),
+            None => Ok(default),
+        }
+    };
     let pool = Pool {
         machines: a.machines,
         vcpus: a.machine_vcpus,
         memory_mib: a.machine_memory_mib,
         step_s: a.step,
+        latencies: Latencies {
+            boot_s: latency(a.boot_s, measured.boot_s, "--boot-s")?,
+            resume_s: latency(a.resume_s, measured.resume_s, "--resume-s")?,
+            suspend_s: latency(a.suspend_s, measured.suspend_s, "--suspend-s")?,
+            migrate_downtime_s: latency(
+                a.migrate_downtime_s,
+                measured.migrate_downtime_s,
+                "--migrate-downtime-s",
+            )?,
+        },
+        record: a.out.is_some(),
+    };
+    let mut config = switching_config(a.step);
+    config.sharing = match a.sharing.as_str() {
+        "strict-priority" => Sharing::StrictPriority,
+        "weighted-fair" => Sharing::WeightedFair,
+        other => bail!("--sharing {other:?}: use strict-priority or weighted-fair"),
     };
     let kinds: Vec<PolicyKind> = match a.policy.as_str() {
         "all" => vec![
@@ -144,7 +202,7 @@ pub fn run(a: SimArgs) -> Result<()> {
     let mut results: Vec<(String, Summary)> = vec![("lower-bound".into(), lb)];
     for k in kinds {
         let t = std::time::Instant::now();
-        let r = simulate(k, &services, &pool);
+        let r = simulate(k, &services, &pool, &config);
         eprintln!(
             "{}: simulated in {:.2}s",
             k.name(),
@@ -174,7 +232,7 @@ pub fn run(a: SimArgs) -> Result<()> {
         "SLO-viol min".into(),
     ];
     for s in &services {
-        header.push(format!("{} served", s.name));
+        header.push(format!("{} (p{}) served", s.name, s.priority));
     }
     println!("| {} |", header.join(" | "));
     println!("|{}", " --- |".repeat(header.len()));
@@ -201,48 +259,140 @@ pub fn run(a: SimArgs) -> Result<()> {
         }
         println!("| {} |", row.join(" | "));
     }
+    // Dropped demand per priority, in requests.
+    let mut priorities: Vec<i32> = services.iter().map(|s| s.priority).collect();
+    priorities.sort_unstable_by(|a, b| b.cmp(a));
+    priorities.dedup();
+    println!("\ndemand dropped, requests, by priority:");
+    println!(
+        "| policy | {} |",
+        priorities
+            .iter()
+            .map(|p| format!("priority {p}"))
+            .collect::<Vec<_>>()
+            .join(" | ")
+    );
+    println!("|{}", " --- |".repeat(priorities.len() + 1));
+    for (name, r) in &results {
+        let cells: Vec<String> = priorities
+            .iter()
+            .map(|p| {
+                let dropped: f64 = services
+                    .iter()
+                    .filter(|s| s.priority == *p)
+                    .filter_map(|s| r.services.get(&s.name))
+                    .map(|x| x.dropped)
+                    .sum();
+                format!("{dropped:.0}")
+            })
+            .collect();
+        println!("| {name} | {} |", cells.join(" | "));
+    }
     if let Some(dir) = a.out {
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let mut json = serde_json::Map::new();
-        for (name, r) in &results {
-            let v = if name == "lower-bound" {
-                serde_json::json!({"machine_hours": r.machine_hours, "peak_machines": r.peak_machines})
-            } else {
-                serde_json::to_value(r)?
-            };
-            json.insert(name.replace("lower-bound", "lower_bound"), v);
+        write_out(&dir, &services, &results, a.step)?;
+    }
+    Ok(())
+}
+
+/// Writes `summary.json`, `steps.csv` and the SVG charts into `dir`.
+fn write_out(
+    dir: &std::path::Path,
+    services: &[SimService],
+    results: &[(String, Summary)],
+    step: f64,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let write = |name: &str, body: String| -> Result<PathBuf> {
+        let path = dir.join(name);
+        std::fs::write(&path, body).with_context(|| format!("writing {}", path.display()))?;
+        Ok(path)
+    };
+    let mut json = serde_json::Map::new();
+    for (name, r) in results {
+        let v = if name == "lower-bound" {
+            serde_json::json!({"machine_hours": r.machine_hours, "peak_machines": r.peak_machines})
+        } else {
+            serde_json::to_value(r)?
+        };
+        json.insert(name.replace("lower-bound", "lower_bound"), v);
+    }
+    let mut written = vec![write("summary.json", serde_json::to_string_pretty(&json)?)?];
+    let steps = services.iter().map(|s| s.demand.len()).max().unwrap_or(0);
+    let mut csv = String::from("step,t_seconds");
+    for s in services {
+        csv.push_str(&format!(",demand_{}", s.name));
+    }
+    for (name, r) in results {
+        for s in services.iter().filter(|_| !r.capacity_per_step.is_empty()) {
+            csv.push_str(&format!(",capacity_{name}_{}", s.name));
         }
-        std::fs::write(
-            dir.join("summary.json"),
-            serde_json::to_string_pretty(&json)?,
-        )?;
-        let mut csv = String::from("step,t_seconds");
-        for s in &services {
-            csv.push_str(&format!(",demand_{}", s.name));
+        csv.push_str(&format!(",machines_{name}"));
+    }
+    csv.push('\n');
+    for t in 0..steps {
+        csv.push_str(&format!("{t},{}", t as f64 * step));
+        for s in services {
+            csv.push_str(&format!(",{:.2}", s.demand.get(t).copied().unwrap_or(0.0)));
         }
-        for (name, _) in &results {
-            csv.push_str(&format!(",machines_{name}"));
+        for (_, r) in results {
+            for c in &r.capacity_per_step {
+                csv.push_str(&format!(",{:.1}", c.get(t).copied().unwrap_or(0.0)));
+            }
+            let m = r.machines_per_step.get(t).copied().unwrap_or(0);
+            csv.push_str(&format!(",{m}"));
         }
         csv.push('\n');
-        for t in 0..steps {
-            csv.push_str(&format!("{t},{}", t as f64 * a.step));
-            for s in &services {
-                csv.push_str(&format!(",{:.2}", s.demand.get(t).copied().unwrap_or(0.0)));
+    }
+    written.push(write("steps.csv", csv)?);
+    const COLOURS: [&str; 6] = [
+        "#888", "#d62728", "#ff7f0e", "#1f77b4", "#2ca02c", "#9467bd",
+    ];
+    let machines: Vec<Vec<f64>> = results
+        .iter()
+        .map(|(_, r)| r.machines_per_step.iter().map(|&m| m as f64).collect())
+        .collect();
+    let lines: Vec<Series> = results
+        .iter()
+        .zip(&machines)
+        .enumerate()
+        .filter(|(_, ((name, _), _))| name != "static")
+        .map(|(k, ((name, _), values))| Series {
+            label: name,
+            colour: COLOURS[k % COLOURS.len()],
+            values,
+        })
+        .collect();
+    written.push(write(
+        "machines.svg",
+        line_chart("Machines in use", "machines", step, &lines),
+    )?);
+    for (k, s) in services.iter().enumerate() {
+        let mut lines = vec![Series {
+            label: "demand",
+            colour: "#000",
+            values: &s.demand,
+        }];
+        for (n, (name, r)) in results.iter().enumerate() {
+            if name == "lower-bound" || name == "static" {
+                continue;
             }
-            for (_, r) in &results {
-                csv.push_str(&format!(
-                    ",{}",
-                    r.machines_per_step.get(t).copied().unwrap_or(0)
-                ));
+            if let Some(c) = r.capacity_per_step.get(k) {
+                lines.push(Series {
+                    label: name,
+                    colour: COLOURS[n % COLOURS.len()],
+                    values: c,
+                });
             }
-            csv.push('\n');
         }
-        std::fs::write(dir.join("steps.csv"), csv)?;
-        println!(
-            "\nwrote {} and {}",
-            dir.join("summary.json").display(),
-            dir.join("steps.csv").display()
-        );
+        let title = format!("{} (priority {}): demand and capacity", s.name, s.priority);
+        written.push(write(
+            &format!("demand-{}.svg", s.name),
+            line_chart(&title, "requests/s", step, &lines),
+        )?);
+    }
+    println!();
+    for p in written {
+        println!("wrote {}", p.display());
     }
     Ok(())
 }

@@ -977,6 +977,16 @@ impl Controller {
         let dropped = self.db(|d| d.dropped())?;
         let machines = self.machines()?;
         let rows = self.db(|d| d.instances())?;
+        let machine_index: HashMap<&str, usize> = machines
+            .iter()
+            .enumerate()
+            .map(|(k, m)| (m.name.as_str(), k))
+            .collect();
+        let service_index: HashMap<&str, usize> = services
+            .iter()
+            .enumerate()
+            .map(|(k, s)| (s.name.as_str(), k))
+            .collect();
         let snapshot = p::Snapshot {
             now_s: self.started.elapsed().as_secs_f64(),
             machines: machines
@@ -987,6 +997,7 @@ impl Controller {
                     vcpus: m.vcpus,
                     memory_mib: m.memory_mib,
                     healthy: m.state != "down",
+                    cpu_load: 0.0,
                 })
                 .collect(),
             services: services
@@ -1003,21 +1014,24 @@ impl Controller {
                     dropped: dropped.iter().any(|d| d == s.name.as_str()),
                 })
                 .collect(),
+            // Instances of undeclared services were discarded above.
             instances: rows
                 .iter()
-                .map(|r| p::Instance {
-                    id: r.info.id.to_string(),
-                    service: r.info.service.to_string(),
-                    machine: (!r.info.machine.is_empty()).then(|| r.info.machine.clone()),
-                    state: match r.info.state {
-                        InstanceState::Running => p::InstanceState::Running,
-                        InstanceState::Suspended => p::InstanceState::Suspended,
-                        InstanceState::Failed => p::InstanceState::Failed,
-                        InstanceState::Activating
-                        | InstanceState::Migrating
-                        | InstanceState::Suspending
-                        | InstanceState::Discarded => p::InstanceState::Starting,
-                    },
+                .filter_map(|r| {
+                    Some(p::Instance {
+                        id: r.info.id.to_string(),
+                        service: *service_index.get(r.info.service.as_str())?,
+                        machine: machine_index.get(r.info.machine.as_str()).copied(),
+                        state: match r.info.state {
+                            InstanceState::Running => p::InstanceState::Running,
+                            InstanceState::Suspended => p::InstanceState::Suspended,
+                            InstanceState::Failed => p::InstanceState::Failed,
+                            InstanceState::Activating
+                            | InstanceState::Migrating
+                            | InstanceState::Suspending
+                            | InstanceState::Discarded => p::InstanceState::Starting,
+                        },
+                    })
                 })
                 .collect(),
         };
@@ -1026,46 +1040,69 @@ impl Controller {
             scale_in_window: 60,
             ..p::Config::default()
         };
+        let instance = |k: usize| -> Result<InstanceId> {
+            let i = snapshot
+                .instances
+                .get(k)
+                .ok_or_else(|| ControlError::Conflict(format!("policy named instance #{k}")))?;
+            InstanceId::new(&i.id).map_err(|e| ControlError::Conflict(e.to_string()))
+        };
+        let machine = |k: usize| -> Result<&str> {
+            snapshot
+                .machines
+                .get(k)
+                .map(|m| m.name.as_str())
+                .ok_or_else(|| ControlError::Conflict(format!("policy named machine #{k}")))
+        };
+        let service = |k: usize| -> Result<&ServiceSpec> {
+            services
+                .get(k)
+                .ok_or_else(|| ControlError::Conflict(format!("policy named service #{k}")))
+        };
         for action in p::decide(&snapshot, &config) {
-            let id =
-                |s: &str| InstanceId::new(s).map_err(|e| ControlError::Conflict(e.to_string()));
-            let service = |s: &str| {
-                vmatrix_core::ServiceName::new(s).map_err(|e| ControlError::Conflict(e.to_string()))
-            };
             let result = match &action {
                 p::Action::Activate {
                     service: s,
-                    machine,
+                    machine: m,
                     reason,
-                } => self
-                    .activate(&service(s)?, Some(machine), reason)
-                    .await
-                    .map(drop),
+                } => match (service(*s), machine(*m)) {
+                    (Ok(s), Ok(m)) => self.activate(&s.name, Some(m), reason).await.map(drop),
+                    (Err(e), _) | (_, Err(e)) => Err(e),
+                },
                 p::Action::Resume {
-                    instance,
-                    machine,
+                    instance: i,
+                    machine: m,
                     reason,
-                } => self
-                    .resume(&id(instance)?, Some(machine), reason)
-                    .await
-                    .map(drop),
-                p::Action::Suspend { instance, reason } => {
-                    self.suspend(&id(instance)?, reason).await.map(drop)
-                }
+                } => match (instance(*i), machine(*m)) {
+                    (Ok(i), Ok(m)) => self.resume(&i, Some(m), reason).await.map(drop),
+                    (Err(e), _) | (_, Err(e)) => Err(e),
+                },
+                p::Action::Suspend {
+                    instance: i,
+                    reason,
+                } => match instance(*i) {
+                    Ok(i) => self.suspend(&i, reason).await.map(drop),
+                    Err(e) => Err(e),
+                },
                 p::Action::Migrate {
-                    instance,
+                    instance: i,
                     to,
                     reason,
-                } => self.migrate(&id(instance)?, to, reason).await.map(drop),
-                p::Action::Discard { instance, reason } => {
-                    self.discard(&id(instance)?, reason).await.map(drop)
-                }
-                p::Action::Drop { service: s, reason } => self
-                    .set_dropped(&service(s)?, true, "policy", reason)
-                    .map(drop),
-                p::Action::Undrop { service: s, reason } => self
-                    .set_dropped(&service(s)?, false, "policy", reason)
-                    .map(drop),
+                } => match (instance(*i), machine(*to)) {
+                    (Ok(i), Ok(m)) => self.migrate(&i, m, reason).await.map(drop),
+                    (Err(e), _) | (_, Err(e)) => Err(e),
+                },
+                p::Action::Discard {
+                    instance: i,
+                    reason,
+                } => match instance(*i) {
+                    Ok(i) => self.discard(&i, reason).await.map(drop),
+                    Err(e) => Err(e),
+                },
+                p::Action::Drop { service: s, reason } => service(*s)
+                    .and_then(|s| self.set_dropped(&s.name, true, "policy", reason).map(drop)),
+                p::Action::Undrop { service: s, reason } => service(*s)
+                    .and_then(|s| self.set_dropped(&s.name, false, "policy", reason).map(drop)),
             };
             if let Err(e) = result {
                 // Level-triggered: the next tick sees the new state and tries again.

@@ -3,22 +3,35 @@
 //! 1. **Recovery** — failed instances, and instances on dead machines, are discarded (the
 //!    sizing below then replaces them).
 //! 2. **Sizing** — each service wants `ceil(max recent demand × headroom ÷ capacity)` instances,
-//!    within `min..=max`. Scale-out looks at a short window, scale-in also needs the long window
-//!    to agree (hysteresis: no flapping).
-//! 3. **Allocation by priority** — services in priority order (strict) claim machine space on
-//!    healthy dedicated machines: first the slots their running instances already hold, then new
-//!    slots placed best-fit (least memory left over), spreading a service over machines. A service
-//!    that cannot get all it wants is **dropped** (the switch refuses its excess load); instances
-//!    that lost their slot to a higher priority are suspended with their state kept, and come back
-//!    (resumed before any cold boot) when space returns.
-//! 4. **Consolidation** — on a quiet tick, while the pool is cool, the machine with the fewest
-//!    instances is emptied by live migration (a bounded number of moves) so it can be powered down.
+//!    within `min..=max`; with seasonal periods, also what the demand one period ago (a little
+//!    ahead of now) asks for. Scale-out looks at a short window, scale-in also needs the long
+//!    window to agree (hysteresis: no flapping). Under weighted fair sharing, a pool too small
+//!    for every wish is water-filled in proportion to priority.
+//! 3. **Keeping** — in priority order, each service keeps the instances it still wants, those on
+//!    the fullest machines first, so that a scale-in empties the emptiest machines.
+//! 4. **Placing** — in priority order, the missing instances are placed best-fit (least memory
+//!    left over) on machines already in use, spreading a service over them, and only then on an
+//!    empty machine: instances on a machine that left the pool are migrated, suspended ones are
+//!    resumed before anything is cold-booted. When nothing fits, an instance of a lower priority
+//!    is suspended to make room (**server drop**); a service that cannot get all it wants is
+//!    dropped (the switch refuses its excess load) until capacity returns.
+//! 5. **Relief and consolidation** — a machine whose measured CPU load is hot gives one instance
+//!    to a cooler machine; on a tick that placed nothing, while the machines in use are cool,
+//!    the emptiest machines are emptied by live migration (a bounded number of moves) so that
+//!    they can be powered down.
+//!
+//! Everything is indexed by position: a tick over 100,000 instances costs a few milliseconds.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeSet, HashMap};
 
-use crate::model::{Action, Config, Instance, InstanceState, Machine, Service, Snapshot};
+use crate::model::{Action, Config, InstanceState, Machine, Service, Sharing, Snapshot};
 
-#[derive(Debug, Clone, Copy)]
+/// Candidates looked at, after the first that fits, for one that does not yet run the service.
+const SPREAD_LOOKAHEAD: usize = 16;
+/// Machines tried as consolidation victims per tick.
+const CONSOLIDATION_TRIES: usize = 64;
+
+#[derive(Debug, Clone, Copy, Default)]
 struct Free {
     vcpus: i64,
     memory: i64,
@@ -28,39 +41,128 @@ impl Free {
     fn fits(&self, s: &Service) -> bool {
         self.vcpus >= i64::from(s.vcpus) && self.memory >= i64::from(s.memory_mib)
     }
-    fn take(&mut self, s: &Service) {
-        self.vcpus -= i64::from(s.vcpus);
-        self.memory -= i64::from(s.memory_mib);
+}
+
+type Key = (bool, i64, i64, usize);
+
+/// The room left on every machine that takes live load, indexed for best-fit.
+struct Room {
+    free: Vec<Free>,
+    usable: Vec<bool>,
+    count: Vec<u32>,
+    /// (empty, free memory, free vCPUs, machine) of every usable machine with room left.
+    index: BTreeSet<Key>,
+}
+
+impl Room {
+    /// Healthy dedicated machines only: shared machines never take live load.
+    fn new(machines: &[Machine]) -> Self {
+        let usable: Vec<bool> = machines.iter().map(|m| m.healthy && m.dedicated).collect();
+        let free: Vec<Free> = machines
+            .iter()
+            .map(|m| Free {
+                vcpus: i64::from(m.vcpus),
+                memory: i64::from(m.memory_mib),
+            })
+            .collect();
+        let mut room = Self {
+            count: vec![0; machines.len()],
+            index: BTreeSet::new(),
+            free,
+            usable,
+        };
+        for m in 0..machines.len() {
+            room.reindex(m, true);
+        }
+        room
+    }
+
+    fn key(&self, m: usize) -> Key {
+        (
+            self.count[m] == 0,
+            self.free[m].memory,
+            self.free[m].vcpus,
+            m,
+        )
+    }
+
+    fn reindex(&mut self, m: usize, insert: bool) {
+        let has_room = self.free[m].memory > 0 && self.free[m].vcpus > 0;
+        if insert && self.usable[m] && has_room {
+            self.index.insert(self.key(m));
+        } else if !insert {
+            self.index.remove(&self.key(m));
+        }
+    }
+
+    fn fits(&self, m: usize, s: &Service) -> bool {
+        self.usable.get(m).copied().unwrap_or(false) && self.free[m].fits(s)
+    }
+
+    fn take(&mut self, m: usize, s: &Service) {
+        self.reindex(m, false);
+        self.free[m].vcpus -= i64::from(s.vcpus);
+        self.free[m].memory -= i64::from(s.memory_mib);
+        self.count[m] += 1;
+        self.reindex(m, true);
+    }
+
+    fn give(&mut self, m: usize, s: &Service) {
+        self.reindex(m, false);
+        self.free[m].vcpus += i64::from(s.vcpus);
+        self.free[m].memory += i64::from(s.memory_mib);
+        self.count[m] -= 1;
+        self.reindex(m, true);
+    }
+
+    /// Best-fit for one instance of `s`: a machine already in use (fewest machines), one that
+    /// does not run `s` yet if there is one close by (spread), with the least memory left over;
+    /// an empty machine only when no used one fits (and `only_used` is false).
+    fn best_fit(
+        &self,
+        s: &Service,
+        same: &HashMap<usize, u32>,
+        avoid: Option<usize>,
+        only_used: bool,
+    ) -> Option<usize> {
+        let (mem, cpu) = (i64::from(s.memory_mib), i64::from(s.vcpus));
+        let mut best: Option<(u32, usize)> = None;
+        let mut looked = 0;
+        let used = self
+            .index
+            .range((false, mem, i64::MIN, 0)..(true, i64::MIN, i64::MIN, 0));
+        for &(_, _, free_cpu, m) in used {
+            if free_cpu < cpu || Some(m) == avoid {
+                continue;
+            }
+            let n = same.get(&m).copied().unwrap_or(0);
+            if n == 0 {
+                return Some(m);
+            }
+            if best.is_none_or(|(b, _)| n < b) {
+                best = Some((n, m));
+            }
+            looked += 1;
+            if looked >= SPREAD_LOOKAHEAD {
+                break;
+            }
+        }
+        if best.is_some() || only_used {
+            return best.map(|(_, m)| m);
+        }
+        self.index
+            .range((true, mem, i64::MIN, 0)..)
+            .find(|k| k.2 >= cpu && Some(k.3) != avoid)
+            .map(|k| k.3)
     }
 }
 
-/// The whole capacity of the healthy dedicated machines (shared ones never take live load).
-fn capacity(healthy: &HashMap<&str, &Machine>) -> BTreeMap<String, Free> {
-    healthy
-        .values()
-        .filter(|m| m.dedicated)
-        .map(|m| {
-            let free = Free {
-                vcpus: i64::from(m.vcpus),
-                memory: i64::from(m.memory_mib),
-            };
-            (m.name.clone(), free)
-        })
-        .collect()
-}
-
-fn is_placed(i: &Instance) -> bool {
-    matches!(i.state, InstanceState::Starting | InstanceState::Running) && i.machine.is_some()
-}
-
-fn wanted(s: &Service, window: usize, headroom: f64) -> u32 {
-    let recent = s
-        .demand
+fn recent_max(s: &Service, window: usize) -> f64 {
+    s.demand
         .iter()
         .rev()
         .take(window.max(1))
-        .fold(0.0f64, |a, b| a.max(*b));
-    to_instances(s, recent, headroom)
+        .fold(0.0f64, |a, b| a.max(*b))
 }
 
 fn to_instances(s: &Service, rps: f64, headroom: f64) -> u32 {
@@ -84,14 +186,45 @@ fn seasonal(s: &Service, c: &Config) -> f64 {
     s.demand[start..end].iter().fold(0.0f64, |a, b| a.max(*b))
 }
 
-/// The instances each service wants now, with hysteresis on the way down.
+/// How much demand jumped above its recent maximum one seasonal period ago, from now to
+/// `lookahead` ahead: the headroom that time of day (or week) needs. 1 when nothing is known;
+/// never above `max_surge`. Jumps from below one instance's capacity do not count (a market
+/// opening from zero is the forecast's job, not headroom's).
+fn seasonal_surge(s: &Service, c: &Config) -> f64 {
+    let len = s.demand.len();
+    let w = c.scale_out_window.max(1);
+    let Some(&period) = c
+        .seasonal_periods
+        .iter()
+        .filter(|p| **p > w && len >= **p)
+        .max()
+    else {
+        return 1.0;
+    };
+    let start = len - period;
+    let end = (start + c.seasonal_lookahead + 1).min(len);
+    let mut surge = 1.0f64;
+    for t in start.max(w)..end {
+        let before = s.demand[t - w..t].iter().fold(0.0f64, |a, b| a.max(*b));
+        if before >= s.capacity_rps {
+            surge = surge.max(s.demand[t] / before);
+        }
+    }
+    surge.min(c.max_surge.max(1.0))
+}
+
+/// The instances a service wants now, with hysteresis on the way down.
 fn desired(s: &Service, current: u32, c: &Config) -> u32 {
-    let out =
-        wanted(s, c.scale_out_window, c.headroom).max(to_instances(s, seasonal(s, c), c.headroom));
+    let reactive = recent_max(s, c.scale_out_window) * seasonal_surge(s, c);
+    let out = to_instances(s, reactive.max(seasonal(s, c)), c.headroom);
     if out >= current {
         out
     } else {
-        out.max(wanted(s, c.scale_in_window, c.headroom))
+        out.max(to_instances(
+            s,
+            recent_max(s, c.scale_in_window),
+            c.headroom,
+        ))
     }
 }
 
@@ -99,329 +232,488 @@ fn demand_now(s: &Service) -> f64 {
     s.demand.last().copied().unwrap_or(0.0)
 }
 
-/// Best-fit: the machine that fits one more instance of `s`, preferring machines already in use
-/// (an empty machine is only woken when the used ones are full: fewest machines), then fewer
-/// instances of `s` there (spread), then the least memory left over.
-fn best_fit(
-    s: &Service,
-    free: &BTreeMap<String, Free>,
-    used: &BTreeMap<String, bool>,
-    per_service: &HashMap<(String, String), u32>,
-) -> Option<String> {
-    free.iter()
-        .filter(|(_, f)| f.fits(s))
-        .min_by_key(|(m, f)| {
-            let same = per_service
-                .get(&(s.name.clone(), (*m).clone()))
-                .copied()
-                .unwrap_or(0);
-            let empty = !used.get(*m).copied().unwrap_or(false);
-            (
-                empty,
-                same,
-                f.memory - i64::from(s.memory_mib),
-                (*m).clone(),
-            )
-        })
-        .map(|(m, _)| m.clone())
+/// Weighted fair sharing: water-fills the pool's dominant resource in proportion to priority
+/// (at least 1), nobody above its wish. Returns each service's allowance in instances.
+fn fair_shares(services: &[Service], wants: &[u32], machines: &[Machine]) -> Vec<u32> {
+    let (mut cpu, mut mem) = (0.0f64, 0.0f64);
+    for m in machines.iter().filter(|m| m.healthy && m.dedicated) {
+        cpu += f64::from(m.vcpus);
+        mem += f64::from(m.memory_mib);
+    }
+    if cpu <= 0.0 || mem <= 0.0 {
+        return vec![0; services.len()];
+    }
+    // Each instance's dominant share of the pool.
+    let cost: Vec<f64> = services
+        .iter()
+        .map(|s| (f64::from(s.vcpus) / cpu).max(f64::from(s.memory_mib) / mem))
+        .collect();
+    let weight = |i: usize| f64::from(services[i].priority.max(1));
+    let mut out = vec![0u32; services.len()];
+    let mut active: Vec<usize> = (0..services.len()).filter(|&i| wants[i] > 0).collect();
+    let mut left = 1.0f64;
+    while !active.is_empty() {
+        let total: f64 = active.iter().map(|&i| weight(i)).sum();
+        let (full, rest): (Vec<usize>, Vec<usize>) = active
+            .iter()
+            .partition(|&&i| f64::from(wants[i]) * cost[i] <= left * weight(i) / total + 1e-12);
+        if full.is_empty() {
+            for &i in &rest {
+                out[i] = ((left * weight(i) / total) / cost[i].max(1e-12)).floor() as u32;
+            }
+            break;
+        }
+        for &i in &full {
+            out[i] = wants[i];
+            left -= f64::from(wants[i]) * cost[i];
+        }
+        active = rest;
+    }
+    out
 }
 
 /// One pass from `s` to a plan (see the module docs). Pure: the same snapshot and configuration
 /// always give the same plan.
 pub fn decide(s: &Snapshot, c: &Config) -> Vec<Action> {
     let mut actions = Vec::new();
-    let healthy: HashMap<&str, &Machine> = s
-        .machines
-        .iter()
-        .filter(|m| m.healthy)
-        .map(|m| (m.name.as_str(), m))
-        .collect();
-    let services: HashMap<&str, &Service> =
-        s.services.iter().map(|x| (x.name.as_str(), x)).collect();
+    let services = &s.services;
+    let healthy = |m: usize| s.machines.get(m).is_some_and(|m| m.healthy);
 
-    // 1. Recovery.
-    let mut alive: Vec<&Instance> = Vec::new();
-    for i in &s.instances {
-        if !services.contains_key(i.service.as_str()) {
+    // 1. Recovery; everything else is grouped by service.
+    let mut placed: Vec<Vec<usize>> = vec![Vec::new(); services.len()];
+    let mut suspended: Vec<Vec<usize>> = vec![Vec::new(); services.len()];
+    let mut on_machine = vec![0u32; s.machines.len()];
+    let mut starting = false;
+    for (idx, i) in s.instances.iter().enumerate() {
+        let Some(svc) = services.get(i.service) else {
             actions.push(Action::Discard {
-                instance: i.id.clone(),
-                reason: format!("service {} is no longer declared", i.service),
+                instance: idx,
+                reason: format!("service #{} is no longer declared", i.service),
             });
             continue;
-        }
-        if i.state == InstanceState::Failed {
-            actions.push(Action::Discard {
-                instance: i.id.clone(),
-                reason: "failed: replace it with a fresh instance".into(),
-            });
-            continue;
-        }
-        if let (true, Some(m)) = (is_placed(i), &i.machine) {
-            if !healthy.contains_key(m.as_str()) {
+        };
+        match (i.state, i.machine) {
+            (InstanceState::Failed, _) => actions.push(Action::Discard {
+                instance: idx,
+                reason: format!("failed: replace it with a fresh instance of {}", svc.name),
+            }),
+            (InstanceState::Starting | InstanceState::Running, Some(m)) if !healthy(m) => {
+                let name = s.machines.get(m).map_or("?", |m| m.name.as_str());
                 actions.push(Action::Discard {
-                    instance: i.id.clone(),
-                    reason: format!("machine {m} is down: replace its instances"),
+                    instance: idx,
+                    reason: format!("machine {name} is down: replace its instances"),
                 });
-                continue;
             }
+            (InstanceState::Starting | InstanceState::Running, Some(m)) => {
+                starting |= i.state == InstanceState::Starting;
+                on_machine[m] += 1;
+                placed[i.service].push(idx);
+            }
+            (InstanceState::Suspended, _) | (_, None) => suspended[i.service].push(idx),
         }
-        alive.push(i);
     }
 
-    // 3. Allocation by priority over the healthy dedicated machines.
-    let mut free = capacity(&healthy);
-    let mut order: Vec<&Service> = s.services.iter().collect();
-    order.sort_by(|a, b| b.priority.cmp(&a.priority).then(a.name.cmp(&b.name)));
-    let mut per_service: HashMap<(String, String), u32> = HashMap::new();
-    let mut suspended_pool: HashMap<&str, Vec<&Instance>> = HashMap::new();
-    for i in &alive {
-        if i.state == InstanceState::Suspended {
-            suspended_pool
-                .entry(i.service.as_str())
-                .or_default()
-                .push(i);
+    // 2. Sizing.
+    let mut wants: Vec<u32> = services
+        .iter()
+        .zip(&placed)
+        .map(|(svc, mine)| desired(svc, mine.len() as u32, c))
+        .collect();
+    let wished = wants.clone();
+    if c.sharing == Sharing::WeightedFair {
+        let shares = fair_shares(services, &wants, &s.machines);
+        for (w, share) in wants.iter_mut().zip(shares) {
+            *w = (*w).min(share);
         }
     }
-    // Machines that run something now.
-    let mut used: BTreeMap<String, bool> = BTreeMap::new();
-    for i in alive.iter().filter(|i| is_placed(i)) {
-        if let Some(m) = &i.machine {
-            used.insert(m.clone(), true);
-        }
-    }
-    let mut changed = false;
-    let mut settled = true;
-    for svc in order {
-        let mut mine: Vec<&&Instance> = alive
-            .iter()
-            .filter(|i| i.service == svc.name && is_placed(i))
-            .collect();
-        mine.sort_by(|a, b| a.id.cmp(&b.id));
-        let current = mine.len() as u32;
-        let want = desired(svc, current, c);
-        let mut kept = 0u32;
-        for i in mine {
-            let m = i.machine.clone().unwrap_or_default();
-            let slot = free.get_mut(&m);
-            match slot {
-                Some(f) if kept < want && f.fits(svc) => {
-                    f.take(svc);
-                    kept += 1;
-                    *per_service.entry((svc.name.clone(), m)).or_default() += 1;
-                }
-                _ => {
-                    let reason = if kept < want {
-                        format!("server drop: no room left for {} (priority {}) after higher priorities", svc.name, svc.priority)
-                    } else {
-                        format!(
-                            "scale in: {:.1} req/s needs {want} instance(s) of {}",
-                            demand_now(svc),
-                            svc.name
-                        )
-                    };
-                    actions.push(Action::Suspend {
-                        instance: i.id.clone(),
-                        reason,
-                    });
-                    changed = true;
-                }
+    let mut order: Vec<usize> = (0..services.len()).collect();
+    order.sort_by(|&a, &b| {
+        services[b]
+            .priority
+            .cmp(&services[a].priority)
+            .then(services[a].name.cmp(&services[b].name))
+    });
+
+    // 3. Keeping: the instances on the fullest machines stay.
+    let mut room = Room::new(&s.machines);
+    let mut kept: Vec<Vec<usize>> = vec![Vec::new(); services.len()];
+    let mut displaced: Vec<Vec<usize>> = vec![Vec::new(); services.len()];
+    for &si in &order {
+        let svc = &services[si];
+        let mut mine = placed[si].clone();
+        mine.sort_by_key(|&idx| {
+            let i = &s.instances[idx];
+            let m = i.machine.unwrap_or(0);
+            (
+                std::cmp::Reverse(on_machine[m]),
+                i.state != InstanceState::Starting,
+                m,
+                idx,
+            )
+        });
+        for idx in mine {
+            let m = s.instances[idx].machine.unwrap_or(0);
+            if (kept[si].len() as u32) < wants[si] && room.fits(m, svc) {
+                room.take(m, svc);
+                kept[si].push(idx);
+            } else if (kept[si].len() as u32) < wants[si] {
+                displaced[si].push(idx);
+            } else {
+                actions.push(Action::Suspend {
+                    instance: idx,
+                    reason: format!(
+                        "scale in: {:.1} req/s needs {} instance(s) of {}",
+                        demand_now(svc),
+                        wants[si],
+                        svc.name
+                    ),
+                });
             }
         }
-        let mut placed = kept;
-        while placed < want {
-            let Some(m) = best_fit(svc, &free, &used, &per_service) else {
+    }
+
+    // 4. Placing, highest priority first.
+    let mut same_cache: HashMap<usize, HashMap<usize, u32>> = HashMap::new();
+    let mut placements = 0usize;
+    for (rank, &si) in order.iter().enumerate() {
+        let svc = &services[si];
+        let same = same_cache
+            .entry(si)
+            .or_insert_with(|| count_by_machine(s, &kept[si]));
+        let mut resumable = suspended[si].iter().copied();
+        let mut moving = std::mem::take(&mut displaced[si]).into_iter();
+        while (kept[si].len() as u32) < wants[si] {
+            let target = match room.best_fit(svc, same, None, false) {
+                Some(m) => Some(m),
+                None => make_room(
+                    s,
+                    &order[rank + 1..],
+                    &mut kept,
+                    &mut room,
+                    svc,
+                    &mut actions,
+                ),
+            };
+            let Some(m) = target else {
                 break;
             };
-            used.insert(m.clone(), true);
-            if let Some(f) = free.get_mut(&m) {
-                f.take(svc);
-            }
-            *per_service
-                .entry((svc.name.clone(), m.clone()))
-                .or_default() += 1;
-            let reason = if placed < svc.min {
+            room.take(m, svc);
+            *same.entry(m).or_default() += 1;
+            placements += 1;
+            let why = if (kept[si].len() as u32) < svc.min {
                 format!("keep min {} of {}", svc.min, svc.name)
             } else {
                 format!(
-                    "scale out: {:.1} req/s needs {want} instance(s) of {} at {:.0} req/s each",
+                    "scale out: {:.1} req/s needs {} instance(s) of {} at {:.0} req/s each",
                     demand_now(svc),
+                    wants[si],
                     svc.name,
                     svc.capacity_rps
                 )
             };
-            let resumable = suspended_pool.get_mut(svc.name.as_str()).and_then(|v| {
-                if v.is_empty() {
-                    None
-                } else {
-                    Some(v.remove(0))
-                }
-            });
-            match resumable {
-                Some(i) => actions.push(Action::Resume {
-                    instance: i.id.clone(),
+            if let Some(idx) = moving.next() {
+                let from = s.instances[idx].machine.and_then(|m| s.machines.get(m));
+                let from = from.map_or("?", |m| m.name.as_str());
+                actions.push(Action::Migrate {
+                    instance: idx,
+                    to: m,
+                    reason: format!("{from} no longer takes live load: move off it"),
+                });
+                kept[si].push(idx);
+            } else if let Some(idx) = resumable.next() {
+                actions.push(Action::Resume {
+                    instance: idx,
                     machine: m,
-                    reason: format!("{reason} (resume before cold boot)"),
-                }),
-                None => actions.push(Action::Activate {
-                    service: svc.name.clone(),
+                    reason: format!("{why} (resume before cold boot)"),
+                });
+                kept[si].push(idx);
+            } else {
+                actions.push(Action::Activate {
+                    service: si,
                     machine: m,
-                    reason,
-                }),
+                    reason: why,
+                });
+                kept[si].push(usize::MAX);
             }
-            placed += 1;
-            changed = true;
         }
-        // Consolidate only when every service is at the size its long window asks for.
-        if placed != wanted(svc, c.scale_in_window, c.headroom) {
-            settled = false;
+        for idx in moving {
+            actions.push(Action::Suspend {
+                instance: idx,
+                reason: format!(
+                    "server drop: its machine left the pool and no room is left for {}",
+                    svc.name
+                ),
+            });
         }
-        let short = placed < want;
+        let have = kept[si].len() as u32;
+        let short = have < wished[si];
         if short && !svc.dropped {
             actions.push(Action::Drop {
-                service: svc.name.clone(),
+                service: si,
                 reason: format!(
-                    "server drop: the pool holds {placed} of the {want} instance(s) {} needs",
-                    svc.name
+                    "server drop: the pool holds {have} of the {} instance(s) {} needs",
+                    wished[si], svc.name
                 ),
             });
         } else if !short && svc.dropped {
             actions.push(Action::Undrop {
-                service: svc.name.clone(),
-                reason: format!("capacity returned: {} has all {want} instance(s)", svc.name),
+                service: si,
+                reason: format!(
+                    "capacity returned: {} has all {} instance(s)",
+                    svc.name, wished[si]
+                ),
             });
         }
     }
 
-    // 4. Consolidation, only on a quiet tick.
-    let starting = alive.iter().any(|i| i.state == InstanceState::Starting);
-    if !changed
-        && settled
-        && !starting
-        && !actions.iter().any(|a| matches!(a, Action::Discard { .. }))
-    {
-        actions.extend(consolidate(c, &healthy, &services, &alive));
+    // 5. Relief and consolidation, never while anything is starting or moving in.
+    let discarding = actions.iter().any(|a| matches!(a, Action::Discard { .. }));
+    if placements == 0 && !starting && !discarding {
+        let mut budget = c.max_moves;
+        relieve_hot(s, c, &kept, &mut room, &mut budget, &mut actions);
+        consolidate(s, c, &kept, &mut room, budget, &mut actions);
     }
     actions
 }
 
-fn consolidate(
-    c: &Config,
-    healthy: &HashMap<&str, &Machine>,
-    services: &HashMap<&str, &Service>,
-    alive: &[&Instance],
-) -> Vec<Action> {
-    let mut free = capacity(healthy);
-    let total_mem: i64 = free.values().map(|f| f.memory).sum();
-    let mut on: BTreeMap<String, Vec<&Instance>> = BTreeMap::new();
-    for i in alive.iter().filter(|i| is_placed(i)) {
-        let (Some(m), Some(svc)) = (&i.machine, services.get(i.service.as_str())) else {
-            continue;
-        };
-        if let Some(f) = free.get_mut(m) {
-            f.take(svc);
-            on.entry(m.clone()).or_default().push(i);
+fn count_by_machine(s: &Snapshot, instances: &[usize]) -> HashMap<usize, u32> {
+    let mut same = HashMap::new();
+    for &idx in instances {
+        if let Some(m) = s.instances.get(idx).and_then(|i| i.machine) {
+            *same.entry(m).or_default() += 1;
         }
     }
-    let used_mem: i64 = total_mem - free.values().map(|f| f.memory).sum::<i64>();
-    if total_mem == 0 || used_mem as f64 / total_mem as f64 >= c.consolidate_below {
-        return Vec::new();
+    same
+}
+
+/// Server drop: suspends one running instance of the lowest priority below `svc` whose slot
+/// makes room for `svc`. Returns that machine.
+fn make_room(
+    s: &Snapshot,
+    lower: &[usize],
+    kept: &mut [Vec<usize>],
+    room: &mut Room,
+    svc: &Service,
+    actions: &mut Vec<Action>,
+) -> Option<usize> {
+    for &li in lower.iter().rev() {
+        let low = &s.services[li];
+        if low.priority >= svc.priority {
+            continue;
+        }
+        // The least valuable first: kept lists are fullest machine first.
+        let slot = kept[li].iter().rposition(|&idx| {
+            s.instances
+                .get(idx)
+                .and_then(|i| i.machine)
+                .is_some_and(|m| {
+                    let f = room.free[m];
+                    f.vcpus + i64::from(low.vcpus) >= i64::from(svc.vcpus)
+                        && f.memory + i64::from(low.memory_mib) >= i64::from(svc.memory_mib)
+                })
+        });
+        let Some(pos) = slot else {
+            continue;
+        };
+        let idx = kept[li].remove(pos);
+        let m = s.instances[idx].machine?;
+        room.give(m, low);
+        actions.push(Action::Suspend {
+            instance: idx,
+            reason: format!(
+                "server drop: make room for {} (priority {} over {})",
+                svc.name, svc.priority, low.priority
+            ),
+        });
+        return Some(m);
     }
-    // The emptiest non-empty machine, if everything on it fits elsewhere within the move cap.
-    let mut candidates: Vec<(&String, &Vec<&Instance>)> = on.iter().collect();
-    candidates.sort_by_key(|(m, v)| (v.len(), (*m).clone()));
-    for (victim, instances) in candidates {
-        if instances.len() > c.max_moves
-            || instances.iter().any(|i| i.state != InstanceState::Running)
+    None
+}
+
+/// Moves one instance off each machine whose measured CPU load is above `hot_above`, onto a
+/// cool machine in use with room.
+fn relieve_hot(
+    s: &Snapshot,
+    c: &Config,
+    kept: &[Vec<usize>],
+    room: &mut Room,
+    budget: &mut usize,
+    actions: &mut Vec<Action>,
+) {
+    let hot: Vec<usize> = (0..s.machines.len())
+        .filter(|&m| s.machines[m].cpu_load > c.hot_above && room.count[m] > 1)
+        .collect();
+    for m in hot {
+        if *budget == 0 {
+            return;
+        }
+        let Some((si, idx)) = kept.iter().enumerate().find_map(|(si, v)| {
+            v.iter()
+                .find(|&&idx| {
+                    s.instances
+                        .get(idx)
+                        .is_some_and(|i| i.machine == Some(m) && i.state == InstanceState::Running)
+                })
+                .map(|&idx| (si, idx))
+        }) else {
+            continue;
+        };
+        let svc = &s.services[si];
+        let cool = room
+            .index
+            .range((false, i64::from(svc.memory_mib), i64::MIN, 0)..(true, i64::MIN, i64::MIN, 0))
+            .find(|k| {
+                k.2 >= i64::from(svc.vcpus)
+                    && k.3 != m
+                    && s.machines[k.3].cpu_load < c.hot_above * 0.7
+            })
+            .map(|k| k.3);
+        let Some(to) = cool else {
+            continue;
+        };
+        room.give(m, svc);
+        room.take(to, svc);
+        *budget -= 1;
+        actions.push(Action::Migrate {
+            instance: idx,
+            to,
+            reason: format!(
+                "relieve {}: CPU {:.0}% is above {:.0}%",
+                s.machines[m].name,
+                s.machines[m].cpu_load * 100.0,
+                c.hot_above * 100.0
+            ),
+        });
+    }
+}
+
+/// Empties the emptiest machines in use onto the others, within `budget` moves, while the
+/// machines in use are cool. A machine is emptied whole or not at all.
+fn consolidate(
+    s: &Snapshot,
+    c: &Config,
+    kept: &[Vec<usize>],
+    room: &mut Room,
+    mut budget: usize,
+    actions: &mut Vec<Action>,
+) {
+    let (mut total, mut free) = (0i64, 0i64);
+    let mut on: HashMap<usize, Vec<(usize, usize)>> = HashMap::new();
+    for (si, v) in kept.iter().enumerate() {
+        for &idx in v {
+            if let Some(m) = s.instances.get(idx).and_then(|i| i.machine) {
+                on.entry(m).or_default().push((si, idx));
+            }
+        }
+    }
+    for &m in on.keys() {
+        total += i64::from(s.machines[m].memory_mib);
+        free += room.free[m].memory;
+    }
+    if total == 0 || (total - free) as f64 / total as f64 >= c.consolidate_below {
+        return;
+    }
+    let mut victims: Vec<usize> = on.keys().copied().collect();
+    victims.sort_by_key(|&m| (room.count[m], std::cmp::Reverse(room.free[m].memory), m));
+    let mut received: BTreeSet<usize> = BTreeSet::new();
+    for victim in victims.into_iter().take(CONSOLIDATION_TRIES) {
+        let Some(instances) = on.get(&victim) else {
+            continue;
+        };
+        if instances.len() > budget
+            || received.contains(&victim)
+            || instances
+                .iter()
+                .any(|&(_, idx)| s.instances[idx].state != InstanceState::Running)
         {
             continue;
         }
-        let mut trial = free.clone();
-        trial.remove(victim);
-        let mut moves = Vec::new();
-        for i in instances {
-            let Some(svc) = services.get(i.service.as_str()) else {
-                continue;
-            };
-            // Only onto machines that already run something: consolidation must not spread out.
-            let target = trial
-                .iter()
-                .filter(|(m, f)| f.fits(svc) && on.contains_key(*m))
-                .min_by_key(|(m, f)| (f.memory - i64::from(svc.memory_mib), (*m).clone()))
-                .map(|(m, _)| m.clone());
-            let Some(t) = target else {
-                moves.clear();
+        let mut moves: Vec<(usize, usize, usize)> = Vec::new();
+        for &(si, idx) in instances {
+            let svc = &s.services[si];
+            let same = count_by_machine(s, &kept[si]);
+            let Some(to) = room.best_fit(svc, &same, Some(victim), true) else {
                 break;
             };
-            if let Some(f) = trial.get_mut(&t) {
-                f.take(svc);
+            room.give(victim, svc);
+            room.take(to, svc);
+            moves.push((si, idx, to));
+        }
+        if moves.len() < instances.len() {
+            for (si, _, to) in moves {
+                room.give(to, &s.services[si]);
+                room.take(victim, &s.services[si]);
             }
-            moves.push(Action::Migrate {
-                instance: i.id.clone(),
-                to: t,
-                reason: format!("consolidate: empty {victim} so it can be powered down"),
+            continue;
+        }
+        budget -= moves.len();
+        for (_, idx, to) in moves {
+            received.insert(to);
+            actions.push(Action::Migrate {
+                instance: idx,
+                to,
+                reason: format!(
+                    "consolidate: empty {} so it can be powered down",
+                    s.machines[victim].name
+                ),
             });
         }
-        if !moves.is_empty() && moves.len() == instances.len() {
-            return moves;
-        }
     }
-    Vec::new()
 }
 
 /// What `actions` do to `s`, at once (the simulator adds the time each takes). New instances
-/// start in `Starting`; ids are `SERVICE-pN` with N counting up.
-pub fn apply(s: &Snapshot, actions: &[Action]) -> Snapshot {
-    let mut out = s.clone();
-    let mut next = out.instances.len();
+/// start in `Starting` with ids from `new_id(service name)`; discarded ones are removed last, so
+/// every index in the plan refers to `s` as it was.
+pub fn apply(s: &mut Snapshot, actions: &[Action], mut new_id: impl FnMut(&str) -> String) {
+    let mut gone: Vec<usize> = Vec::new();
     for a in actions {
-        match a {
+        match *a {
             Action::Activate {
                 service, machine, ..
             } => {
-                let mut id = format!("{service}-p{next}");
-                while out.instances.iter().any(|i| i.id == id) {
-                    next += 1;
-                    id = format!("{service}-p{next}");
-                }
-                next += 1;
-                out.instances.push(Instance {
+                let name = s.services.get(service).map_or("", |x| x.name.as_str());
+                let id = new_id(name);
+                s.instances.push(crate::Instance {
                     id,
-                    service: service.clone(),
-                    machine: Some(machine.clone()),
+                    service,
+                    machine: Some(machine),
                     state: InstanceState::Starting,
                 });
             }
             Action::Resume {
                 instance, machine, ..
             } => {
-                if let Some(i) = out.instances.iter_mut().find(|i| i.id == *instance) {
-                    i.machine = Some(machine.clone());
+                if let Some(i) = s.instances.get_mut(instance) {
+                    i.machine = Some(machine);
                     i.state = InstanceState::Starting;
                 }
             }
             Action::Suspend { instance, .. } => {
-                if let Some(i) = out.instances.iter_mut().find(|i| i.id == *instance) {
+                if let Some(i) = s.instances.get_mut(instance) {
                     i.machine = None;
                     i.state = InstanceState::Suspended;
                 }
             }
             Action::Migrate { instance, to, .. } => {
-                if let Some(i) = out.instances.iter_mut().find(|i| i.id == *instance) {
-                    i.machine = Some(to.clone());
+                if let Some(i) = s.instances.get_mut(instance) {
+                    i.machine = Some(to);
                 }
             }
-            Action::Discard { instance, .. } => out.instances.retain(|i| i.id != *instance),
-            Action::Drop { service, .. } => {
-                if let Some(x) = out.services.iter_mut().find(|x| x.name == *service) {
-                    x.dropped = true;
-                }
-            }
-            Action::Undrop { service, .. } => {
-                if let Some(x) = out.services.iter_mut().find(|x| x.name == *service) {
-                    x.dropped = false;
+            Action::Discard { instance, .. } => gone.push(instance),
+            Action::Drop { service, .. } | Action::Undrop { service, .. } => {
+                if let Some(x) = s.services.get_mut(service) {
+                    x.dropped = matches!(a, Action::Drop { .. });
                 }
             }
         }
     }
-    out
+    if !gone.is_empty() {
+        gone.sort_unstable();
+        let mut n = 0;
+        s.instances.retain(|_| {
+            let keep = gone.binary_search(&n).is_err();
+            n += 1;
+            keep
+        });
+    }
 }

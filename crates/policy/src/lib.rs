@@ -14,4 +14,4 @@ mod decide;
 mod model;
 
 pub use decide::{apply, decide};
-pub use model::{Action, Config, Instance, InstanceState, Machine, Service, Snapshot};
+pub use model::{Action, Config, Instance, InstanceState, Machine, Service, Sharing, Snapshot};

@@ -15,6 +15,10 @@ pub struct Machine {
     pub memory_mib: u32,
     /// Heard from recently.
     pub healthy: bool,
+    /// Measured CPU busy fraction (0..=1, 0 when unknown): above `Config::hot_above` the
+    /// machine is relieved by migrating an instance away.
+    #[serde(default)]
+    pub cpu_load: f64,
 }
 
 /// A service and its measured demand.
@@ -53,15 +57,16 @@ pub enum InstanceState {
     Failed,
 }
 
-/// One instance.
+/// One instance. Services and machines are referred to by their index in the snapshot (a
+/// snapshot of a large pool holds 100,000 instances: no string keys on the hot path).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Instance {
-    /// Id.
+    /// Id (for the caller; `decide` never looks at it).
     pub id: String,
-    /// Its service.
-    pub service: String,
-    /// Its machine (none when suspended).
-    pub machine: Option<String>,
+    /// Its service: an index into [`Snapshot::services`].
+    pub service: usize,
+    /// Its machine, an index into [`Snapshot::machines`] (none when suspended).
+    pub machine: Option<usize>,
     /// State.
     pub state: InstanceState,
 }
@@ -98,6 +103,26 @@ pub struct Config {
     pub seasonal_periods: Vec<usize>,
     /// How many ticks ahead the seasonal forecast looks.
     pub seasonal_lookahead: usize,
+    /// Most extra headroom learned from the season: when demand jumped by a factor `x` over
+    /// its recent maximum one period ago (around this time of day or week), the recent maximum
+    /// is multiplied by `x` too, up to this. 1 turns it off.
+    pub max_surge: f64,
+    /// How the pool is shared when it cannot hold every service's wish.
+    pub sharing: Sharing,
+    /// A machine whose measured CPU load is above this fraction is relieved by one migration.
+    pub hot_above: f64,
+}
+
+/// How a pool too small for every wish is shared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Sharing {
+    /// Higher priorities get all they want first; lower ones get what is left.
+    #[default]
+    StrictPriority,
+    /// Every service gets a share of the pool in proportion to its priority (priorities below
+    /// 1 count as 1), never more than it wants; what one does not need goes to the others.
+    WeightedFair,
 }
 
 impl Default for Config {
@@ -110,65 +135,69 @@ impl Default for Config {
             consolidate_below: 0.7,
             seasonal_periods: Vec::new(),
             seasonal_lookahead: 0,
+            max_surge: 1.0,
+            sharing: Sharing::StrictPriority,
+            hot_above: 0.9,
         }
     }
 }
 
-/// One step of a plan, with its reason.
+/// One step of a plan, with its reason. Objects are indices into the snapshot the plan was made
+/// from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Action {
     /// Start a new instance of `service` on `machine`.
     Activate {
-        /// Service.
-        service: String,
-        /// Machine.
-        machine: String,
+        /// Service (index).
+        service: usize,
+        /// Machine (index).
+        machine: usize,
         /// Why.
         reason: String,
     },
     /// Resume a suspended instance on `machine`.
     Resume {
-        /// Instance.
-        instance: String,
-        /// Machine.
-        machine: String,
+        /// Instance (index).
+        instance: usize,
+        /// Machine (index).
+        machine: usize,
         /// Why.
         reason: String,
     },
     /// Suspend an instance (state kept in the repository).
     Suspend {
-        /// Instance.
-        instance: String,
+        /// Instance (index).
+        instance: usize,
         /// Why.
         reason: String,
     },
     /// Live-migrate an instance.
     Migrate {
-        /// Instance.
-        instance: String,
-        /// Destination machine.
-        to: String,
+        /// Instance (index).
+        instance: usize,
+        /// Destination machine (index).
+        to: usize,
         /// Why.
         reason: String,
     },
     /// Throw an instance away.
     Discard {
-        /// Instance.
-        instance: String,
+        /// Instance (index).
+        instance: usize,
         /// Why.
         reason: String,
     },
     /// Have the switch refuse a service's excess load.
     Drop {
-        /// Service.
-        service: String,
+        /// Service (index).
+        service: usize,
         /// Why.
         reason: String,
     },
     /// Stop refusing a service's load.
     Undrop {
-        /// Service.
-        service: String,
+        /// Service (index).
+        service: usize,
         /// Why.
         reason: String,
     },

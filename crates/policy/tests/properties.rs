@@ -4,7 +4,7 @@ use std::collections::HashMap;
 
 use proptest::prelude::*;
 use vmatrix_policy::{
-    apply, decide, Action, Config, Instance, InstanceState, Machine, Service, Snapshot,
+    apply, decide, Action, Config, Instance, InstanceState, Machine, Service, Sharing, Snapshot,
 };
 
 fn machine(name: &str, vcpus: u32, memory_mib: u32) -> Machine {
@@ -14,6 +14,7 @@ fn machine(name: &str, vcpus: u32, memory_mib: u32) -> Machine {
         vcpus,
         memory_mib,
         healthy: true,
+        cpu_load: 0.0,
     }
 }
 
@@ -31,11 +32,28 @@ fn service(name: &str, priority: i32, min: u32, max: u32, demand: &[f64]) -> Ser
     }
 }
 
+fn svc_index(s: &Snapshot, name: &str) -> usize {
+    s.services
+        .iter()
+        .position(|x| x.name == name)
+        .expect("service exists")
+}
+
+fn instance(id: &str, service: usize, machine: Option<usize>, state: InstanceState) -> Instance {
+    Instance {
+        id: id.into(),
+        service,
+        machine,
+        state,
+    }
+}
+
 fn placed(s: &Snapshot, service: &str) -> usize {
+    let si = svc_index(s, service);
     s.instances
         .iter()
         .filter(|i| {
-            i.service == service
+            i.service == si
                 && i.machine.is_some()
                 && matches!(i.state, InstanceState::Starting | InstanceState::Running)
         })
@@ -49,7 +67,11 @@ fn settle(mut s: Snapshot, c: &Config, limit: usize) -> (Snapshot, usize) {
         if plan.is_empty() {
             return (s, round);
         }
-        s = apply(&s, &plan);
+        let mut n = s.instances.len();
+        apply(&mut s, &plan, |svc| {
+            n += 1;
+            format!("{svc}-p{n}")
+        });
         for i in &mut s.instances {
             if i.state == InstanceState::Starting {
                 i.state = InstanceState::Running;
@@ -76,6 +98,7 @@ fn arb_snapshot(homogeneous: bool) -> impl Strategy<Value = Snapshot> {
                 vcpus: *cpu,
                 memory_mib: mem * 256,
                 healthy: *h > 0,
+                cpu_load: 0.0,
             })
             .collect();
         let services: Vec<Service> = ss
@@ -94,37 +117,27 @@ fn arb_snapshot(homogeneous: bool) -> impl Strategy<Value = Snapshot> {
             })
             .collect();
         // Place instances only where they fit, so the starting point is valid.
-        let mut used: HashMap<String, (u32, u32)> = HashMap::new();
+        let mut used: HashMap<usize, (u32, u32)> = HashMap::new();
         let mut instances = Vec::new();
         for (n, (si, mi, kind)) in ps.iter().enumerate() {
-            let Some(svc) = services.get(*si % services.len()) else {
-                continue;
-            };
-            let m = &machines[*mi % machines.len()];
+            let si = *si % services.len();
+            let svc = &services[si];
+            let mi = *mi % machines.len();
+            let m = &machines[mi];
             let state = match kind {
                 0 => InstanceState::Failed,
                 1 => InstanceState::Suspended,
                 _ => InstanceState::Running,
             };
             if state == InstanceState::Suspended {
-                instances.push(Instance {
-                    id: format!("i{n}"),
-                    service: svc.name.clone(),
-                    machine: None,
-                    state,
-                });
+                instances.push(instance(&format!("i{n}"), si, None, state));
                 continue;
             }
-            let u = used.entry(m.name.clone()).or_default();
+            let u = used.entry(mi).or_default();
             if m.dedicated && u.0 + svc.vcpus <= m.vcpus && u.1 + svc.memory_mib <= m.memory_mib {
                 u.0 += svc.vcpus;
                 u.1 += svc.memory_mib;
-                instances.push(Instance {
-                    id: format!("i{n}"),
-                    service: svc.name.clone(),
-                    machine: Some(m.name.clone()),
-                    state,
-                });
+                instances.push(instance(&format!("i{n}"), si, Some(mi), state));
             }
         }
         Snapshot {
@@ -136,16 +149,23 @@ fn arb_snapshot(homogeneous: bool) -> impl Strategy<Value = Snapshot> {
     })
 }
 
+fn after(s: &Snapshot) -> Snapshot {
+    let mut out = s.clone();
+    apply(&mut out, &decide(s, &Config::default()), |svc| {
+        format!("{svc}-new")
+    });
+    out
+}
+
 proptest! {
     #[test]
     fn never_overcommits_a_machine(s in arb_snapshot(false)) {
-        let after = apply(&s, &decide(&s, &Config::default()));
-        let sizes: HashMap<&str, &Service> = after.services.iter().map(|x| (x.name.as_str(), x)).collect();
-        for m in &after.machines {
+        let after = after(&s);
+        for (mi, m) in after.machines.iter().enumerate() {
             let (mut cpu, mut mem) = (0, 0);
-            for i in after.instances.iter().filter(|i| i.machine.as_deref() == Some(&m.name) && i.state != InstanceState::Suspended) {
-                cpu += sizes[i.service.as_str()].vcpus;
-                mem += sizes[i.service.as_str()].memory_mib;
+            for i in after.instances.iter().filter(|i| i.machine == Some(mi) && i.state != InstanceState::Suspended) {
+                cpu += after.services[i.service].vcpus;
+                mem += after.services[i.service].memory_mib;
             }
             prop_assert!(cpu <= m.vcpus && mem <= m.memory_mib, "{} over-committed: {cpu} vCPU, {mem} MiB", m.name);
         }
@@ -155,10 +175,10 @@ proptest! {
     fn every_action_refers_to_existing_objects(s in arb_snapshot(false)) {
         for a in decide(&s, &Config::default()) {
             prop_assert!(!a.reason().is_empty());
-            let live_machine = |m: &str| s.machines.iter().any(|x| x.name == m && x.healthy && x.dedicated);
-            let instance = |id: &str| s.instances.iter().any(|i| i.id == id);
-            let service = |n: &str| s.services.iter().any(|x| x.name == n);
-            let ok = match &a {
+            let live_machine = |m: usize| s.machines.get(m).is_some_and(|x| x.healthy && x.dedicated);
+            let instance = |i: usize| i < s.instances.len();
+            let service = |n: usize| n < s.services.len();
+            let ok = match a {
                 Action::Activate { service: sv, machine, .. } => service(sv) && live_machine(machine),
                 Action::Resume { instance: i, machine, .. } => instance(i) && live_machine(machine),
                 Action::Migrate { instance: i, to, .. } => instance(i) && live_machine(to),
@@ -196,6 +216,17 @@ proptest! {
         prop_assert!(rounds < 20, "no steady state after 20 rounds");
         prop_assert!(decide(&after, &Config::default()).is_empty());
     }
+
+    #[test]
+    fn weighted_fair_sharing_never_overcommits_and_keeps_every_service_alive(s in arb_snapshot(true)) {
+        let c = Config { sharing: Sharing::WeightedFair, ..Config::default() };
+        let (after, rounds) = settle(s, &c, 20);
+        prop_assert!(rounds < 20, "no steady state after 20 rounds");
+        for (mi, m) in after.machines.iter().enumerate() {
+            let n = after.instances.iter().filter(|i| i.machine == Some(mi) && i.state != InstanceState::Suspended).count() as u32;
+            prop_assert!(n <= m.vcpus.min(m.memory_mib / 256), "{} over-committed", m.name);
+        }
+    }
 }
 
 #[test]
@@ -206,28 +237,24 @@ fn a_spike_is_met_within_one_tick() {
         now_s: 600.0,
         machines: vec![machine("m1", 8, 4096), machine("m2", 8, 4096)],
         services: vec![service("sports", 10, 1, 20, &demand)],
-        instances: vec![Instance {
-            id: "sports-1".into(),
-            service: "sports".into(),
-            machine: Some("m1".into()),
-            state: InstanceState::Running,
-        }],
+        instances: vec![instance("sports-1", 0, Some(0), InstanceState::Running)],
     };
     let plan = decide(&s, &Config::default());
-    let started = plan
-        .iter()
-        .filter(|a| matches!(a, Action::Activate { .. }))
-        .count();
-    // 400 req/s × 1.2 headroom ÷ 50 req/s = 10 instances: 9 more, at once.
-    assert_eq!(started, 9, "{plan:#?}");
-    let machines: std::collections::BTreeSet<_> = plan
+    // 400 req/s × 1.2 headroom ÷ 50 req/s = 10 instances: 9 more, at once, spread over both.
+    let machines: Vec<usize> = plan
         .iter()
         .filter_map(|a| match a {
-            Action::Activate { machine, .. } => Some(machine.clone()),
+            Action::Activate { machine, .. } => Some(*machine),
             _ => None,
         })
         .collect();
-    assert_eq!(machines.len(), 2, "spread over both machines");
+    assert_eq!(machines.len(), 9, "{plan:#?}");
+    assert_eq!(
+        machines.iter().filter(|m| **m == 0).count(),
+        7,
+        "m1 is filled first"
+    );
+    assert_eq!(machines.iter().filter(|m| **m == 1).count(), 2);
 }
 
 #[test]
@@ -240,18 +267,8 @@ fn a_short_pool_drops_the_lower_priority_and_keeps_the_higher_whole() {
             service("sports", 5, 1, 10, &[150.0; 10]),
         ],
         instances: vec![
-            Instance {
-                id: "sports-1".into(),
-                service: "sports".into(),
-                machine: Some("m1".into()),
-                state: InstanceState::Running,
-            },
-            Instance {
-                id: "sports-2".into(),
-                service: "sports".into(),
-                machine: Some("m1".into()),
-                state: InstanceState::Running,
-            },
+            instance("sports-1", 1, Some(0), InstanceState::Running),
+            instance("sports-2", 1, Some(0), InstanceState::Running),
         ],
     };
     let (after, _) = settle(s, &Config::default(), 5);
@@ -261,18 +278,42 @@ fn a_short_pool_drops_the_lower_priority_and_keeps_the_higher_whole() {
         "finance (150 req/s → 4 instances) is served whole"
     );
     assert_eq!(placed(&after, "sports"), 0);
-    assert!(after
-        .services
-        .iter()
-        .any(|x| x.name == "sports" && x.dropped));
+    assert!(after.services[1].dropped);
     assert!(
         after
             .instances
             .iter()
-            .filter(|i| i.service == "sports")
+            .filter(|i| i.service == 1)
             .all(|i| i.state == InstanceState::Suspended),
         "sports kept its state"
     );
+}
+
+#[test]
+fn a_higher_priority_scale_out_takes_free_machines_before_evicting() {
+    // finance grows; a free machine exists: sports must not be dropped for it.
+    let s = Snapshot {
+        now_s: 0.0,
+        machines: vec![machine("m1", 4, 1024), machine("m2", 4, 1024)],
+        services: vec![
+            service("finance", 10, 1, 10, &[120.0; 10]), // → 3 instances
+            service("sports", 5, 2, 10, &[10.0; 10]),    // → min 2
+        ],
+        instances: vec![
+            instance("finance-1", 0, Some(0), InstanceState::Running),
+            instance("sports-1", 1, Some(0), InstanceState::Running),
+            instance("sports-2", 1, Some(0), InstanceState::Running),
+        ],
+    };
+    let plan = decide(&s, &Config::default());
+    assert!(
+        plan.iter()
+            .all(|a| !matches!(a, Action::Suspend { .. } | Action::Drop { .. })),
+        "{plan:#?}"
+    );
+    let (after, _) = settle(s, &Config::default(), 5);
+    assert_eq!(placed(&after, "finance"), 3);
+    assert_eq!(placed(&after, "sports"), 2);
 }
 
 #[test]
@@ -282,57 +323,52 @@ fn failed_instances_and_dead_machines_are_replaced_and_resume_comes_first() {
         machines: vec![machine("m1", 4, 1024), machine("m2", 4, 1024)],
         services: vec![service("web", 1, 2, 4, &[10.0; 10])],
         instances: vec![
-            Instance {
-                id: "web-1".into(),
-                service: "web".into(),
-                machine: Some("m1".into()),
-                state: InstanceState::Failed,
-            },
-            Instance {
-                id: "web-2".into(),
-                service: "web".into(),
-                machine: Some("m2".into()),
-                state: InstanceState::Running,
-            },
-            Instance {
-                id: "web-3".into(),
-                service: "web".into(),
-                machine: None,
-                state: InstanceState::Suspended,
-            },
+            instance("web-1", 0, Some(0), InstanceState::Failed),
+            instance("web-2", 0, Some(1), InstanceState::Running),
+            instance("web-3", 0, None, InstanceState::Suspended),
         ],
     };
     s.machines[1].healthy = false;
     let plan = decide(&s, &Config::default());
-    assert!(plan.contains(&Action::Discard {
-        instance: "web-1".into(),
-        reason: "failed: replace it with a fresh instance".into()
-    }));
-    assert!(plan.iter().any(|a| matches!(a, Action::Discard { instance, reason } if instance == "web-2" && reason.contains("m2 is down"))));
-    assert!(plan.iter().any(|a| matches!(a, Action::Resume { instance, machine, .. } if instance == "web-3" && machine == "m1")), "{plan:#?}");
+    assert!(plan.iter().any(
+        |a| matches!(a, Action::Discard { instance: 0, reason } if reason.contains("failed"))
+    ));
+    assert!(plan.iter().any(
+        |a| matches!(a, Action::Discard { instance: 1, reason } if reason.contains("m2 is down"))
+    ));
+    assert!(
+        plan.iter().any(|a| matches!(
+            a,
+            Action::Resume {
+                instance: 2,
+                machine: 0,
+                ..
+            }
+        )),
+        "{plan:#?}"
+    );
     assert_eq!(
         plan.iter()
-            .filter(|a| matches!(a, Action::Activate { machine, .. } if machine == "m1"))
+            .filter(|a| matches!(a, Action::Activate { machine: 0, .. }))
             .count(),
         1
     );
 }
 
 #[test]
-fn scale_in_waits_for_the_long_window_and_cool_machines_are_emptied() {
+fn scale_in_waits_for_the_long_window_and_empties_the_emptiest_machine() {
     let c = Config::default();
     let mut demand = vec![200.0; 5];
     demand.extend([20.0; 5]);
+    // m1 holds three instances, m2 two.
     let s = Snapshot {
         now_s: 0.0,
         machines: vec![machine("m1", 8, 4096), machine("m2", 8, 4096)],
         services: vec![service("web", 1, 1, 10, &demand)],
         instances: (0..5)
-            .map(|n| Instance {
-                id: format!("web-{n}"),
-                service: "web".into(),
-                machine: Some(if n % 2 == 0 { "m1" } else { "m2" }.into()),
-                state: InstanceState::Running,
+            .map(|n| {
+                let m = usize::from(n % 2 == 1);
+                instance(&format!("web-{n}"), 0, Some(m), InstanceState::Running)
             })
             .collect(),
     };
@@ -343,17 +379,118 @@ fn scale_in_waits_for_the_long_window_and_cool_machines_are_emptied() {
         "the long window still remembers 200 req/s"
     );
     let mut quiet = s.clone();
+    quiet.services[0].demand = vec![120.0; 10]; // → 3 instances
+    let plan = decide(&quiet, &c);
+    let suspended: Vec<usize> = plan
+        .iter()
+        .filter_map(|a| match a {
+            Action::Suspend { instance, .. } => Some(*instance),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(suspended, vec![1, 3], "the two on m2 go: {plan:#?}");
     quiet.services[0].demand = vec![20.0; 10];
     let (after, _) = settle(quiet, &c, 10);
     assert_eq!(placed(&after, "web"), 1);
-    let busy: std::collections::BTreeSet<_> = after
-        .instances
+}
+
+#[test]
+fn cool_machines_are_emptied_by_migration_within_the_move_cap() {
+    let c = Config {
+        max_moves: 3,
+        ..Config::default()
+    };
+    // Three machines with 3, 2 and 1 instances of a steady service: 6 fit on one.
+    let spots = [0, 0, 0, 1, 1, 2];
+    let s = Snapshot {
+        now_s: 0.0,
+        machines: (0..3).map(|n| machine(&format!("m{n}"), 8, 2048)).collect(),
+        services: vec![service("web", 1, 1, 10, &[240.0; 10])], // → 6 instances
+        instances: spots
+            .iter()
+            .enumerate()
+            .map(|(n, m)| instance(&format!("web-{n}"), 0, Some(*m), InstanceState::Running))
+            .collect(),
+    };
+    let plan = decide(&s, &c);
+    let moves: Vec<(usize, usize)> = plan
         .iter()
-        .filter_map(|i| i.machine.clone())
+        .filter_map(|a| match a {
+            Action::Migrate { instance, to, .. } => Some((*instance, *to)),
+            _ => None,
+        })
         .collect();
+    assert_eq!(
+        moves.len(),
+        1,
+        "m3 (one instance) is emptied first: {plan:#?}"
+    );
+    assert_eq!(moves[0].0, 5);
+    assert_ne!(moves[0].1, 2);
+    let (after, rounds) = settle(s, &c, 10);
+    let busy: std::collections::BTreeSet<_> =
+        after.instances.iter().filter_map(|i| i.machine).collect();
     assert_eq!(
         busy.len(),
         1,
-        "the remaining instance is consolidated onto one machine: {after:#?}"
+        "all six end on one machine after {rounds} rounds"
     );
+}
+
+#[test]
+fn instances_leave_a_draining_machine_and_a_hot_one_is_relieved() {
+    let mut s = Snapshot {
+        now_s: 0.0,
+        machines: vec![machine("m1", 8, 2048), machine("m2", 8, 2048)],
+        services: vec![service("web", 1, 2, 10, &[10.0; 10])],
+        instances: vec![
+            instance("web-1", 0, Some(0), InstanceState::Running),
+            instance("web-2", 0, Some(1), InstanceState::Running),
+        ],
+    };
+    s.machines[1].dedicated = false; // drained
+    let plan = decide(&s, &Config::default());
+    assert!(
+        plan.iter().any(
+            |a| matches!(a, Action::Migrate { instance: 1, to: 0, reason } if reason.contains("m2"))
+        ),
+        "{plan:#?}"
+    );
+    s.machines[1].dedicated = true;
+    s.instances[1].machine = Some(0);
+    s.machines[0].cpu_load = 0.97;
+    s.instances
+        .push(instance("web-3", 0, Some(1), InstanceState::Running));
+    s.services[0].demand = vec![120.0; 10]; // → 3 instances: no scaling
+    let plan = decide(&s, &Config::default());
+    assert!(
+        plan.iter().any(
+            |a| matches!(a, Action::Migrate { to: 1, reason, .. } if reason.contains("relieve m1"))
+        ),
+        "{plan:#?}"
+    );
+}
+
+#[test]
+fn weighted_fair_sharing_splits_a_short_pool_by_priority() {
+    let c = Config {
+        sharing: Sharing::WeightedFair,
+        ..Config::default()
+    };
+    let s = Snapshot {
+        now_s: 0.0,
+        machines: vec![machine("m1", 8, 2048), machine("m2", 8, 2048)], // 16 slots
+        services: vec![
+            service("finance", 3, 1, 100, &[1000.0; 10]), // wants 24
+            service("sports", 1, 1, 100, &[1000.0; 10]),  // wants 24
+        ],
+        instances: vec![],
+    };
+    let (after, _) = settle(s.clone(), &c, 10);
+    assert_eq!(placed(&after, "finance"), 12, "3/4 of 16");
+    assert_eq!(placed(&after, "sports"), 4, "1/4 of 16");
+    assert!(after.services.iter().all(|x| x.dropped));
+    let (strict, _) = settle(s, &Config::default(), 10);
+    assert_eq!(placed(&strict, "finance"), 16);
+    assert_eq!(placed(&strict, "sports"), 0);
 }
