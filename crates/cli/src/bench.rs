@@ -642,3 +642,193 @@ pub async fn switch(connections: u32, seconds: u32, rounds: u32) -> Result<()> {
     }
     Ok(())
 }
+
+/// The policy at scale: a synthetic fleet made from the shipped demand traces, simulated with
+/// the same `decide` the controller runs; prints the wall time and the time of each `decide`.
+pub fn policy(p: &PolicyBench) -> Result<()> {
+    use std::time::Instant;
+    use vmatrix_sim::scale::{fleet, Fleet};
+    use vmatrix_sim::{run_with, switching_config, Latencies, PolicyKind, Pool};
+
+    let started = Instant::now();
+    let mut shapes = Vec::new();
+    for name in [
+        "sports_worldcup98_0501-0624_per_min.csv",
+        "web_nasa_1995-07-01_to_07-28_per_min.csv",
+        "finance_profile_4weeks_per_min.csv",
+    ] {
+        let path = p.traces.join(name);
+        let text = std::fs::read_to_string(&path).with_context(|| {
+            format!(
+                "reading {} (the shipped traces: run from the repository or pass --traces DIR)",
+                path.display()
+            )
+        })?;
+        let trace = vmatrix_sim::parse_trace(&text, 60.0, None, None)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        shapes.push(trace.demand);
+    }
+    let steps = (p.days * 1440.0).round() as usize;
+    let services = fleet(
+        &shapes,
+        &Fleet {
+            services: p.services,
+            instances: p.instances,
+            steps,
+            history: 7 * 1440,
+            capacity_rps: 50.0,
+            seed: 1,
+        },
+    )
+    .map_err(|e| anyhow::anyhow!(e))?;
+    let built = started.elapsed();
+    let pool = Pool {
+        machines: p.machines,
+        vcpus: 16,
+        memory_mib: 4096,
+        step_s: 60.0,
+        latencies: Latencies::default(),
+        record: false,
+    };
+    let config = switching_config(60.0);
+    println!(
+        "fleet: {} machines (16 vCPU, 4 GiB), {} services (mean demand ≈ {} instances), {} steps of 1 min; built in {:.2}s",
+        p.machines,
+        p.services,
+        p.instances,
+        steps,
+        built.as_secs_f64()
+    );
+    let bar = indicatif::ProgressBar::new(steps as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "simulating {bar:40} {pos}/{len} ticks, {eta} left",
+        )
+        .expect("valid template"),
+    );
+    let mut ticks: Vec<f64> = Vec::with_capacity(steps);
+    let mut actions = 0usize;
+    let sim_started = Instant::now();
+    let summary = run_with(
+        PolicyKind::SwitchingDrop,
+        &services,
+        &pool,
+        &config,
+        &mut |snap, cfg| {
+            let t = Instant::now();
+            let plan = vmatrix_sim::decide(snap, cfg);
+            ticks.push(t.elapsed().as_secs_f64());
+            actions += plan.len();
+            bar.inc(1);
+            plan
+        },
+    );
+    bar.finish_and_clear();
+    let wall = sim_started.elapsed().as_secs_f64();
+    let decide_total: f64 = ticks.iter().sum();
+    let first = ticks.first().copied().unwrap_or(0.0);
+    let mut sorted: Vec<f64> = ticks.iter().skip(1).copied().collect();
+    sorted.sort_by(f64::total_cmp);
+    let q = |p: f64| {
+        sorted
+            .get(((sorted.len() as f64 - 1.0) * p).round() as usize)
+            .copied()
+            .unwrap_or(0.0)
+            * 1000.0
+    };
+    let placed = &summary.instances_per_step;
+    let mean_placed = placed.iter().sum::<usize>() as f64 / placed.len().max(1) as f64;
+    let peak_placed = placed.iter().copied().max().unwrap_or(0);
+    let (demand, served): (f64, f64) = summary
+        .services
+        .values()
+        .fold((0.0, 0.0), |(d, s), x| (d + x.demand, s + x.served));
+    let reference = Instant::now();
+    let reactive = run_with(
+        PolicyKind::Reactive,
+        &services,
+        &pool,
+        &config,
+        &mut |_, _| Vec::new(),
+    );
+    let reference = reference.elapsed().as_secs_f64();
+    let (r_demand, r_served): (f64, f64) = reactive
+        .services
+        .values()
+        .fold((0.0, 0.0), |(d, s), x| (d + x.demand, s + x.served));
+    println!("| figure | value |\n| --- | --- |");
+    let rows = [
+        ("wall time, whole simulation", format!("{wall:.1} s")),
+        (
+            "decide, all ticks",
+            format!("{decide_total:.1} s ({:.0}% of the wall)", decide_total / wall * 100.0),
+        ),
+        (
+            "decide, first tick (places the whole fleet)",
+            format!("{:.0} ms", first * 1000.0),
+        ),
+        (
+            "decide per tick after it: mean / p50 / p99 / max",
+            format!(
+                "{:.2} / {:.2} / {:.2} / {:.2} ms",
+                sorted.iter().sum::<f64>() / sorted.len().max(1) as f64 * 1000.0,
+                q(0.5),
+                q(0.99),
+                q(1.0)
+            ),
+        ),
+        (
+            "instances placed: mean / peak",
+            format!("{mean_placed:.0} / {peak_placed}"),
+        ),
+        (
+            "actions (starts, suspends, moves, drops)",
+            format!(
+                "{actions} ({} starts, {} migrations)",
+                summary.activations, summary.migrations
+            ),
+        ),
+        (
+            "machines in use: peak / machine-hours",
+            format!("{} / {:.0}", summary.peak_machines, summary.machine_hours),
+        ),
+        (
+            "demand served",
+            format!("{:.2}%", served / demand.max(1e-9) * 100.0),
+        ),
+        (
+            "reference: reactive (HPA rule, unlimited machines, free re-packing)",
+            format!(
+                "{} starts, {:.0} machine-hours, peak {} machines, {:.2}% served ({reference:.1} s)",
+                reactive.activations,
+                reactive.machine_hours,
+                reactive.peak_machines,
+                r_served / r_demand.max(1e-9) * 100.0
+            ),
+        ),
+    ];
+    for (k, v) in rows {
+        println!("| {k} | {v} |");
+    }
+    Ok(())
+}
+
+/// `vmatrix bench policy` options.
+#[derive(clap::Args)]
+pub struct PolicyBench {
+    /// Machines in the pool.
+    #[arg(long, default_value_t = 10_000)]
+    pub machines: usize,
+    /// Services.
+    #[arg(long, default_value_t = 1_000)]
+    pub services: usize,
+    /// Mean instances the fleet's demand asks for.
+    #[arg(long, default_value_t = 100_000)]
+    pub instances: usize,
+    /// Days simulated (after a week of history).
+    #[arg(long, default_value_t = 7.0)]
+    pub days: f64,
+    /// Where the shipped demand traces are.
+    #[arg(long, default_value = "examples/traces")]
+    pub traces: std::path::PathBuf,
+}

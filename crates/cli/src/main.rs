@@ -268,6 +268,9 @@ enum BenchCommand {
         #[arg(long, default_value_t = 2)]
         rounds: u32,
     },
+    /// The policy at scale: 10,000 machines, 1,000 services, 100,000 instances, a week of
+    /// 1-minute ticks through the simulator; prints the wall time and `decide` per tick.
+    Policy(bench::PolicyBench),
     /// The repository against restic (ingest, second version) and lazy activation against a
     /// 64 MiB image and copy-then-boot.
     Store {
@@ -505,6 +508,7 @@ fn run() -> Result<()> {
             seconds,
             rounds,
         }) => runtime()?.block_on(bench::switch(connections, seconds, rounds))?,
+        Command::Bench(BenchCommand::Policy(p)) => bench::policy(&p)?,
         Command::Bench(BenchCommand::Store { size, work }) => {
             runtime()?.block_on(bench::store(accel, size, &work))?
         }

@@ -22,7 +22,7 @@
 //!
 //! Everything is indexed by position: a tick over 100,000 instances costs a few milliseconds.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 
 use crate::model::{Action, Config, InstanceState, Machine, Service, Sharing, Snapshot};
 
@@ -45,13 +45,19 @@ impl Free {
 
 type Key = (bool, i64, i64, usize);
 
-/// The room left on every machine that takes live load, indexed for best-fit.
+/// The room left on every machine that takes live load, indexed for best-fit once the kept
+/// instances are in (building the index once is cheaper than keeping it up to date for 100,000
+/// kept instances).
 struct Room {
     free: Vec<Free>,
     usable: Vec<bool>,
     count: Vec<u32>,
+    /// Machines that start something, or were given or relieved of an instance, this tick:
+    /// consolidation leaves them alone.
+    touched: Vec<bool>,
     /// (empty, free memory, free vCPUs, machine) of every usable machine with room left.
     index: BTreeSet<Key>,
+    indexed: bool,
 }
 
 impl Room {
@@ -65,16 +71,29 @@ impl Room {
                 memory: i64::from(m.memory_mib),
             })
             .collect();
-        let mut room = Self {
+        Self {
             count: vec![0; machines.len()],
+            touched: vec![false; machines.len()],
             index: BTreeSet::new(),
+            indexed: false,
             free,
             usable,
-        };
-        for m in 0..machines.len() {
-            room.reindex(m, true);
         }
-        room
+    }
+
+    /// Builds the best-fit index (once).
+    fn build_index(&mut self) {
+        if !self.indexed {
+            self.indexed = true;
+            self.index = (0..self.free.len())
+                .filter(|&m| self.has_room(m))
+                .map(|m| self.key(m))
+                .collect();
+        }
+    }
+
+    fn has_room(&self, m: usize) -> bool {
+        self.usable[m] && self.free[m].memory > 0 && self.free[m].vcpus > 0
     }
 
     fn key(&self, m: usize) -> Key {
@@ -87,8 +106,10 @@ impl Room {
     }
 
     fn reindex(&mut self, m: usize, insert: bool) {
-        let has_room = self.free[m].memory > 0 && self.free[m].vcpus > 0;
-        if insert && self.usable[m] && has_room {
+        if !self.indexed {
+            return;
+        }
+        if insert && self.has_room(m) {
             self.index.insert(self.key(m));
         } else if !insert {
             self.index.remove(&self.key(m));
@@ -119,12 +140,13 @@ impl Room {
     /// does not run `s` yet if there is one close by (spread), with the least memory left over;
     /// an empty machine only when no used one fits (and `only_used` is false).
     fn best_fit(
-        &self,
+        &mut self,
         s: &Service,
-        same: &HashMap<usize, u32>,
+        same: &Spread,
         avoid: Option<usize>,
         only_used: bool,
     ) -> Option<usize> {
+        self.build_index();
         let (mem, cpu) = (i64::from(s.memory_mib), i64::from(s.vcpus));
         let mut best: Option<(u32, usize)> = None;
         let mut looked = 0;
@@ -135,7 +157,7 @@ impl Room {
             if free_cpu < cpu || Some(m) == avoid {
                 continue;
             }
-            let n = same.get(&m).copied().unwrap_or(0);
+            let n = same.get(m);
             if n == 0 {
                 return Some(m);
             }
@@ -170,61 +192,78 @@ fn to_instances(s: &Service, rps: f64, headroom: f64) -> u32 {
     (n.max(0.0) as u32).clamp(s.min, s.max.max(s.min))
 }
 
-/// The demand one (the longest covered) seasonal period ago, from now to `lookahead` ahead.
+/// The seasonal periods the demand history covers (one period ago is known).
+fn covered<'a>(s: &'a Service, c: &'a Config, min: usize) -> impl Iterator<Item = usize> + 'a {
+    let len = s.demand.len();
+    c.seasonal_periods
+        .iter()
+        .copied()
+        .filter(move |p| *p > min && len >= *p)
+}
+
+/// The seasonal forecast: the demand one period ago, from now to `lookahead` ahead, for the
+/// longest covered period (a week knows weekends from weekdays). 0 when none is covered. A
+/// one-off flash crowd is replayed a period later: that costs free room only, since headroom
+/// and forecasts never push a lower priority out.
 fn seasonal(s: &Service, c: &Config) -> f64 {
     let len = s.demand.len();
-    let Some(&period) = c
-        .seasonal_periods
-        .iter()
-        .filter(|p| **p > 0 && len >= **p)
+    covered(s, c, 0)
         .max()
-    else {
-        return 0.0;
-    };
-    let start = len - period;
-    let end = (start + c.seasonal_lookahead + 1).min(len);
-    s.demand[start..end].iter().fold(0.0f64, |a, b| a.max(*b))
+        .map(|period| {
+            let start = len - period;
+            let end = (start + c.seasonal_lookahead + 1).min(len);
+            s.demand[start..end].iter().fold(0.0f64, |a, b| a.max(*b))
+        })
+        .unwrap_or(0.0)
 }
 
 /// How much demand jumped above its recent maximum one seasonal period ago, from now to
-/// `lookahead` ahead: the headroom that time of day (or week) needs. 1 when nothing is known;
-/// never above `max_surge`. Jumps from below one instance's capacity do not count (a market
-/// opening from zero is the forecast's job, not headroom's).
+/// `lookahead` ahead (longest covered period): the headroom that time of day (or week) needs.
+/// 1 when nothing is known; never above `max_surge`. Jumps from below one instance's capacity
+/// do not count (a market opening from zero is the forecast's job).
 fn seasonal_surge(s: &Service, c: &Config) -> f64 {
     let len = s.demand.len();
     let w = c.scale_out_window.max(1);
-    let Some(&period) = c
-        .seasonal_periods
-        .iter()
-        .filter(|p| **p > w && len >= **p)
+    let surge = covered(s, c, w)
         .max()
-    else {
-        return 1.0;
-    };
-    let start = len - period;
-    let end = (start + c.seasonal_lookahead + 1).min(len);
-    let mut surge = 1.0f64;
-    for t in start.max(w)..end {
-        let before = s.demand[t - w..t].iter().fold(0.0f64, |a, b| a.max(*b));
-        if before >= s.capacity_rps {
-            surge = surge.max(s.demand[t] / before);
-        }
-    }
+        .map(|period| {
+            let start = len - period;
+            let end = (start + c.seasonal_lookahead + 1).min(len);
+            let mut surge = 1.0f64;
+            for t in start.max(w)..end {
+                let before = s.demand[t - w..t].iter().fold(0.0f64, |a, b| a.max(*b));
+                if before >= s.capacity_rps {
+                    surge = surge.max(s.demand[t] / before);
+                }
+            }
+            surge
+        })
+        .unwrap_or(1.0);
     surge.min(c.max_surge.max(1.0))
 }
 
-/// The instances a service wants now, with hysteresis on the way down.
+/// The instances a service wants now, with hysteresis on the way down: a scale-in needs the
+/// long window to agree and to shed more than the tolerance (a service of 100 instances does not
+/// give back 3 because a noisy minute left the window).
 fn desired(s: &Service, current: u32, c: &Config) -> u32 {
     let reactive = recent_max(s, c.scale_out_window) * seasonal_surge(s, c);
     let out = to_instances(s, reactive.max(seasonal(s, c)), c.headroom);
     if out >= current {
-        out
+        return out;
+    }
+    let down = out.max(to_instances(
+        s,
+        recent_max(s, c.scale_in_window),
+        c.headroom,
+    ));
+    if down >= current {
+        return current;
+    }
+    let shed = f64::from(current - down);
+    if current > s.max.max(s.min) || shed > f64::from(current) * c.scale_in_tolerance {
+        down
     } else {
-        out.max(to_instances(
-            s,
-            recent_max(s, c.scale_in_window),
-            c.headroom,
-        ))
+        current
     }
 }
 
@@ -277,13 +316,15 @@ fn fair_shares(services: &[Service], wants: &[u32], machines: &[Machine]) -> Vec
 pub fn decide(s: &Snapshot, c: &Config) -> Vec<Action> {
     let mut actions = Vec::new();
     let services = &s.services;
-    let healthy = |m: usize| s.machines.get(m).is_some_and(|m| m.healthy);
+    let up: Vec<bool> = s.machines.iter().map(|m| m.healthy).collect();
+    let healthy = |m: usize| up.get(m).copied().unwrap_or(false);
+    let mut at = Where(vec![u32::MAX; s.instances.len()]);
 
     // 1. Recovery; everything else is grouped by service.
     let mut placed: Vec<Vec<usize>> = vec![Vec::new(); services.len()];
     let mut suspended: Vec<Vec<usize>> = vec![Vec::new(); services.len()];
     let mut on_machine = vec![0u32; s.machines.len()];
-    let mut starting = false;
+    let mut starting = vec![false; s.machines.len()];
     for (idx, i) in s.instances.iter().enumerate() {
         let Some(svc) = services.get(i.service) else {
             actions.push(Action::Discard {
@@ -305,7 +346,11 @@ pub fn decide(s: &Snapshot, c: &Config) -> Vec<Action> {
                 });
             }
             (InstanceState::Starting | InstanceState::Running, Some(m)) => {
-                starting |= i.state == InstanceState::Starting;
+                at.0[idx] = m as u32;
+                if i.state == InstanceState::Starting {
+                    starting[m] = true;
+                    at.0[idx] |= STARTING_BIT;
+                }
                 on_machine[m] += 1;
                 placed[i.service].push(idx);
             }
@@ -319,11 +364,20 @@ pub fn decide(s: &Snapshot, c: &Config) -> Vec<Action> {
         .zip(&placed)
         .map(|(svc, mine)| desired(svc, mine.len() as u32, c))
         .collect();
-    let wished = wants.clone();
+    // What the demand needs right now, without headroom or forecast: only this much may push
+    // a lower priority out (speculative headroom never does), and a service is dropped only
+    // when it cannot get this much.
+    let mut needs: Vec<u32> = services
+        .iter()
+        .zip(&wants)
+        .map(|(svc, &w)| to_instances(svc, recent_max(svc, c.scale_out_window), 1.0).min(w))
+        .collect();
+    let wished = needs.clone();
     if c.sharing == Sharing::WeightedFair {
-        let shares = fair_shares(services, &wants, &s.machines);
-        for (w, share) in wants.iter_mut().zip(shares) {
-            *w = (*w).min(share);
+        let shares = fair_shares(services, &needs, &s.machines);
+        for ((w, n), share) in wants.iter_mut().zip(needs.iter_mut()).zip(shares) {
+            *n = (*n).min(share);
+            *w = (*w).min(share.max(*n));
         }
     }
     let mut order: Vec<usize> = (0..services.len()).collect();
@@ -340,76 +394,110 @@ pub fn decide(s: &Snapshot, c: &Config) -> Vec<Action> {
     let mut displaced: Vec<Vec<usize>> = vec![Vec::new(); services.len()];
     for &si in &order {
         let svc = &services[si];
-        let mut mine = placed[si].clone();
-        mine.sort_by_key(|&idx| {
-            let i = &s.instances[idx];
-            let m = i.machine.unwrap_or(0);
-            (
-                std::cmp::Reverse(on_machine[m]),
-                i.state != InstanceState::Starting,
-                m,
-                idx,
-            )
-        });
+        let mut mine = std::mem::take(&mut placed[si]);
+        // Which to keep matters only when some must go: the best `want` (fullest machine,
+        // starting ones, then by index) go first, in linear time.
+        if mine.len() as u32 > wants[si] {
+            let key = |idx: &usize| {
+                let m = at.get(*idx).unwrap_or(0);
+                (
+                    std::cmp::Reverse(on_machine[m]),
+                    !at.starting(*idx),
+                    m,
+                    *idx,
+                )
+            };
+            let want = wants[si] as usize;
+            if want > 0 {
+                mine.select_nth_unstable_by_key(want - 1, key);
+            }
+        }
+        let mut scale_in: Option<String> = None;
         for idx in mine {
-            let m = s.instances[idx].machine.unwrap_or(0);
+            let m = at.get(idx).unwrap_or(0);
             if (kept[si].len() as u32) < wants[si] && room.fits(m, svc) {
                 room.take(m, svc);
                 kept[si].push(idx);
             } else if (kept[si].len() as u32) < wants[si] {
                 displaced[si].push(idx);
             } else {
+                let reason = scale_in
+                    .get_or_insert_with(|| {
+                        format!(
+                            "scale in: {:.1} req/s needs {} instance(s) of {}",
+                            demand_now(svc),
+                            wants[si],
+                            svc.name
+                        )
+                    })
+                    .clone();
                 actions.push(Action::Suspend {
                     instance: idx,
-                    reason: format!(
-                        "scale in: {:.1} req/s needs {} instance(s) of {}",
-                        demand_now(svc),
-                        wants[si],
-                        svc.name
-                    ),
+                    reason,
                 });
             }
         }
     }
 
     // 4. Placing, highest priority first.
-    let mut same_cache: HashMap<usize, HashMap<usize, u32>> = HashMap::new();
-    let mut placements = 0usize;
+    let mut same = Spread::new(s.machines.len());
+    room.touched = starting;
+    // Shapes (and the priority) for which pushing a lower priority out found nothing: later,
+    // lower or equal priorities of that shape would search a subset of it (and a fuller pool).
+    let mut no_room: Vec<(u32, u32, i32)> = Vec::new();
+    let hopeless = |no_room: &[(u32, u32, i32)], svc: &Service| {
+        no_room
+            .iter()
+            .any(|&(v, m, p)| v == svc.vcpus && m == svc.memory_mib && p >= svc.priority)
+    };
     for (rank, &si) in order.iter().enumerate() {
         let svc = &services[si];
-        let same = same_cache
-            .entry(si)
-            .or_insert_with(|| count_by_machine(s, &kept[si]));
+        if (kept[si].len() as u32) < wants[si] {
+            same.load(&at, &kept[si]);
+        }
         let mut resumable = suspended[si].iter().copied();
+        let mut scale_out: Option<String> = None;
         let mut moving = std::mem::take(&mut displaced[si]).into_iter();
         while (kept[si].len() as u32) < wants[si] {
-            let target = match room.best_fit(svc, same, None, false) {
+            let target = match room.best_fit(svc, &same, None, false) {
                 Some(m) => Some(m),
-                None => make_room(
-                    s,
-                    &order[rank + 1..],
-                    &mut kept,
-                    &mut room,
-                    svc,
-                    &mut actions,
-                ),
+                None if (kept[si].len() as u32) < needs[si] && !hopeless(&no_room, svc) => {
+                    let m = make_room(
+                        s,
+                        &at,
+                        &order[rank + 1..],
+                        &mut kept,
+                        &mut room,
+                        svc,
+                        &mut actions,
+                    );
+                    if m.is_none() {
+                        no_room.push((svc.vcpus, svc.memory_mib, svc.priority));
+                    }
+                    m
+                }
+                None => None,
             };
             let Some(m) = target else {
                 break;
             };
             room.take(m, svc);
-            *same.entry(m).or_default() += 1;
-            placements += 1;
+            same.add(m);
+            room.touched[m] = true;
             let why = if (kept[si].len() as u32) < svc.min {
                 format!("keep min {} of {}", svc.min, svc.name)
             } else {
-                format!(
-                    "scale out: {:.1} req/s needs {} instance(s) of {} at {:.0} req/s each",
-                    demand_now(svc),
-                    wants[si],
-                    svc.name,
-                    svc.capacity_rps
-                )
+                scale_out
+                    .get_or_insert_with(|| {
+                        format!(
+                            "scale out: {:.1} req/s needs {} instance(s) of {} at {:.0} req/s each",
+                            demand_now(svc),
+                            wants[si],
+                            svc.name,
+                            svc.capacity_rps
+                        )
+                    })
+                    .clone()
             };
             if let Some(idx) = moving.next() {
                 let from = s.instances[idx].machine.and_then(|m| s.machines.get(m));
@@ -436,6 +524,19 @@ pub fn decide(s: &Snapshot, c: &Config) -> Vec<Action> {
                 kept[si].push(usize::MAX);
             }
         }
+        // Dormant instances beyond what the service may come back to are thrown away (their
+        // saved state is only worth keeping while a resume is likely).
+        let running = (kept[si].len() as u32).max(wants[si]);
+        let dormant_cap = (f64::from(running) * c.dormant_ratio).ceil() as usize;
+        for idx in resumable.skip(dormant_cap) {
+            actions.push(Action::Discard {
+                instance: idx,
+                reason: format!(
+                    "dormant surplus: {} keeps at most {dormant_cap} suspended instance(s)",
+                    svc.name
+                ),
+            });
+        }
         for idx in moving {
             actions.push(Action::Suspend {
                 instance: idx,
@@ -459,37 +560,92 @@ pub fn decide(s: &Snapshot, c: &Config) -> Vec<Action> {
             actions.push(Action::Undrop {
                 service: si,
                 reason: format!(
-                    "capacity returned: {} has all {} instance(s)",
+                    "capacity returned: {} has the {} instance(s) it needs",
                     svc.name, wished[si]
                 ),
             });
         }
     }
 
-    // 5. Relief and consolidation, never while anything is starting or moving in.
-    let discarding = actions.iter().any(|a| matches!(a, Action::Discard { .. }));
-    if placements == 0 && !starting && !discarding {
-        let mut budget = c.max_moves;
-        relieve_hot(s, c, &kept, &mut room, &mut budget, &mut actions);
-        consolidate(s, c, &kept, &mut room, budget, &mut actions);
-    }
+    // 5. Relief and consolidation: never of a machine that is starting something or was just
+    // given an instance.
+    let mut budget = c.max_moves;
+    relieve_hot(s, c, &kept, &mut room, &mut budget, &mut actions);
+    consolidate(s, c, &at, &kept, &mut room, budget, &mut actions);
     actions
 }
 
-fn count_by_machine(s: &Snapshot, instances: &[usize]) -> HashMap<usize, u32> {
-    let mut same = HashMap::new();
-    for &idx in instances {
-        if let Some(m) = s.instances.get(idx).and_then(|i| i.machine) {
-            *same.entry(m).or_default() += 1;
+/// The machine of every instance, in a compact array (looked up at random 100,000s of times a
+/// tick: the snapshot's instances are too big to stay in cache).
+/// The top bit marks an instance that is still starting.
+struct Where(Vec<u32>);
+
+const STARTING_BIT: u32 = 1 << 31;
+
+impl Where {
+    fn get(&self, idx: usize) -> Option<usize> {
+        match self.0.get(idx) {
+            Some(&m) if m != u32::MAX => Some((m & !STARTING_BIT) as usize),
+            _ => None,
         }
     }
-    same
+
+    fn starting(&self, idx: usize) -> bool {
+        self.0
+            .get(idx)
+            .is_some_and(|&m| m != u32::MAX && m & STARTING_BIT != 0)
+    }
 }
 
+/// The instances of one service per machine, in a scratch array reused from service to service
+/// (no hashing on the hot path).
+struct Spread {
+    count: Vec<u32>,
+    dirty: Vec<usize>,
+}
+
+impl Spread {
+    fn new(machines: usize) -> Self {
+        Self {
+            count: vec![0; machines],
+            dirty: Vec::new(),
+        }
+    }
+
+    /// Counts `instances` (and forgets the previous service).
+    fn load(&mut self, at: &Where, instances: &[usize]) {
+        for m in self.dirty.drain(..) {
+            self.count[m] = 0;
+        }
+        for &idx in instances {
+            if let Some(m) = at.get(idx) {
+                self.add(m);
+            }
+        }
+    }
+
+    fn add(&mut self, m: usize) {
+        if self.count[m] == 0 {
+            self.dirty.push(m);
+        }
+        self.count[m] += 1;
+    }
+
+    fn get(&self, m: usize) -> u32 {
+        self.count.get(m).copied().unwrap_or(0)
+    }
+}
+
+/// Instances of one lower-priority service looked at (from its least valuable end) for a slot
+/// that makes room: bounds the work when shapes differ and nothing fits.
+const EVICTION_LOOKS: usize = 32;
+
 /// Server drop: suspends one running instance of the lowest priority below `svc` whose slot
-/// makes room for `svc`. Returns that machine.
+/// makes room for `svc` (an instance at least as big frees enough anywhere; a smaller one only
+/// where some room is free already — a few candidates are looked at). Returns that machine.
 fn make_room(
     s: &Snapshot,
+    at: &Where,
     lower: &[usize],
     kept: &mut [Vec<usize>],
     room: &mut Room,
@@ -498,25 +654,24 @@ fn make_room(
 ) -> Option<usize> {
     for &li in lower.iter().rev() {
         let low = &s.services[li];
-        if low.priority >= svc.priority {
+        if low.priority >= svc.priority || kept[li].is_empty() {
             continue;
         }
+        let fits = |m: usize| {
+            let f = room.free[m];
+            f.vcpus + i64::from(low.vcpus) >= i64::from(svc.vcpus)
+                && f.memory + i64::from(low.memory_mib) >= i64::from(svc.memory_mib)
+        };
         // The least valuable first: kept lists are fullest machine first.
-        let slot = kept[li].iter().rposition(|&idx| {
-            s.instances
-                .get(idx)
-                .and_then(|i| i.machine)
-                .is_some_and(|m| {
-                    let f = room.free[m];
-                    f.vcpus + i64::from(low.vcpus) >= i64::from(svc.vcpus)
-                        && f.memory + i64::from(low.memory_mib) >= i64::from(svc.memory_mib)
-                })
-        });
+        let n = kept[li].len();
+        let slot = (n.saturating_sub(EVICTION_LOOKS)..n)
+            .rev()
+            .find(|&pos| at.get(kept[li][pos]).is_some_and(fits));
         let Some(pos) = slot else {
             continue;
         };
-        let idx = kept[li].remove(pos);
-        let m = s.instances[idx].machine?;
+        let idx = kept[li].swap_remove(pos);
+        let m = at.get(idx)?;
         room.give(m, low);
         actions.push(Action::Suspend {
             instance: idx,
@@ -543,6 +698,9 @@ fn relieve_hot(
     let hot: Vec<usize> = (0..s.machines.len())
         .filter(|&m| s.machines[m].cpu_load > c.hot_above && room.count[m] > 1)
         .collect();
+    if !hot.is_empty() {
+        room.build_index();
+    }
     for m in hot {
         if *budget == 0 {
             return;
@@ -573,6 +731,8 @@ fn relieve_hot(
         };
         room.give(m, svc);
         room.take(to, svc);
+        room.touched[m] = true;
+        room.touched[to] = true;
         *budget -= 1;
         actions.push(Action::Migrate {
             instance: idx,
@@ -588,40 +748,56 @@ fn relieve_hot(
 }
 
 /// Empties the emptiest machines in use onto the others, within `budget` moves, while the
-/// machines in use are cool. A machine is emptied whole or not at all.
+/// machines in use are cool. A machine is emptied whole or not at all; touched machines (that
+/// start something or were given an instance this tick) are left alone.
 fn consolidate(
     s: &Snapshot,
     c: &Config,
+    at: &Where,
     kept: &[Vec<usize>],
     room: &mut Room,
     mut budget: usize,
     actions: &mut Vec<Action>,
 ) {
+    if budget == 0 {
+        return;
+    }
     let (mut total, mut free) = (0i64, 0i64);
-    let mut on: HashMap<usize, Vec<(usize, usize)>> = HashMap::new();
-    for (si, v) in kept.iter().enumerate() {
-        for &idx in v {
-            if let Some(m) = s.instances.get(idx).and_then(|i| i.machine) {
-                on.entry(m).or_default().push((si, idx));
+    let mut victims: Vec<usize> = Vec::new();
+    for (m, machine) in s.machines.iter().enumerate() {
+        if room.count[m] > 0 {
+            total += i64::from(machine.memory_mib);
+            free += room.free[m].memory;
+            if !room.touched[m] && room.usable[m] && room.count[m] as usize <= budget {
+                victims.push(m);
             }
         }
-    }
-    for &m in on.keys() {
-        total += i64::from(s.machines[m].memory_mib);
-        free += room.free[m].memory;
     }
     if total == 0 || (total - free) as f64 / total as f64 >= c.consolidate_below {
         return;
     }
-    let mut victims: Vec<usize> = on.keys().copied().collect();
     victims.sort_by_key(|&m| (room.count[m], std::cmp::Reverse(room.free[m].memory), m));
-    let mut received: BTreeSet<usize> = BTreeSet::new();
-    for victim in victims.into_iter().take(CONSOLIDATION_TRIES) {
-        let Some(instances) = on.get(&victim) else {
-            continue;
-        };
+    victims.truncate(CONSOLIDATION_TRIES);
+    // The kept instances of those machines, in one scan.
+    let mut slot = vec![usize::MAX; s.machines.len()];
+    for (k, &m) in victims.iter().enumerate() {
+        slot[m] = k;
+    }
+    let mut on: Vec<Vec<(usize, usize)>> = vec![Vec::new(); victims.len()];
+    for (si, v) in kept.iter().enumerate() {
+        for &idx in v {
+            if let Some(m) = at.get(idx) {
+                if slot[m] != usize::MAX {
+                    on[slot[m]].push((si, idx));
+                }
+            }
+        }
+    }
+    let mut received = vec![false; s.machines.len()];
+    let mut same = Spread::new(s.machines.len());
+    for (victim, instances) in victims.into_iter().zip(on) {
         if instances.len() > budget
-            || received.contains(&victim)
+            || received[victim]
             || instances
                 .iter()
                 .any(|&(_, idx)| s.instances[idx].state != InstanceState::Running)
@@ -629,9 +805,9 @@ fn consolidate(
             continue;
         }
         let mut moves: Vec<(usize, usize, usize)> = Vec::new();
-        for &(si, idx) in instances {
+        for &(si, idx) in &instances {
             let svc = &s.services[si];
-            let same = count_by_machine(s, &kept[si]);
+            same.load(at, &kept[si]);
             let Some(to) = room.best_fit(svc, &same, Some(victim), true) else {
                 break;
             };
@@ -648,7 +824,7 @@ fn consolidate(
         }
         budget -= moves.len();
         for (_, idx, to) in moves {
-            received.insert(to);
+            received[to] = true;
             actions.push(Action::Migrate {
                 instance: idx,
                 to,
@@ -657,6 +833,9 @@ fn consolidate(
                     s.machines[victim].name
                 ),
             });
+        }
+        if budget == 0 {
+            return;
         }
     }
 }

@@ -93,6 +93,12 @@ pub struct Config {
     pub scale_out_window: usize,
     /// Samples whose maximum must also allow a scale-in (long: do not flap).
     pub scale_in_window: usize,
+    /// A scale-in must shed more than this fraction of the instances (hysteresis: 0.1 keeps a
+    /// service of 100 instances from giving back 3 for a noisy minute). 0 scales in exactly.
+    pub scale_in_tolerance: f64,
+    /// Suspended instances a service keeps, per instance it runs (or wants): more are
+    /// discarded. Resuming beats a cold boot, but every dormant state costs repository space.
+    pub dormant_ratio: f64,
     /// Most migrations per tick (consolidation).
     pub max_moves: usize,
     /// Consolidate only while the pool's memory use is below this fraction.
@@ -131,6 +137,8 @@ impl Default for Config {
             headroom: 1.2,
             scale_out_window: 3,
             scale_in_window: 10,
+            scale_in_tolerance: 0.1,
+            dormant_ratio: 1.0,
             max_moves: 2,
             consolidate_below: 0.7,
             seasonal_periods: Vec::new(),

@@ -9,12 +9,13 @@
 //! in a step serve from the next step (a cold boot takes seconds; steps are a minute).
 
 pub mod plot;
+pub mod scale;
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 
 use serde::Serialize;
-use vmatrix_policy::{apply, Action, InstanceState, Machine, Service, Snapshot};
-pub use vmatrix_policy::{Config, Sharing};
+use vmatrix_policy::{apply, InstanceState, Machine, Service};
+pub use vmatrix_policy::{decide, Action, Config, Sharing, Snapshot};
 
 /// A service in the simulation.
 #[derive(Debug, Clone, Default)]
@@ -140,6 +141,9 @@ pub struct Summary {
     /// Machines in use at each step.
     #[serde(skip)]
     pub machines_per_step: Vec<usize>,
+    /// Instances placed at each step (vMatrix's policy only).
+    #[serde(skip)]
+    pub instances_per_step: Vec<usize>,
     /// Capacity each service had at each step, requests/s (when the pool records).
     #[serde(skip)]
     pub capacity_per_step: Vec<Vec<f64>>,
@@ -228,24 +232,34 @@ fn finish(mut sum: Summary, services: &[SimService]) -> Summary {
     sum
 }
 
-/// First-fit-decreasing count of machines for whole instances.
+/// First-fit-decreasing count of machines for whole instances. Identical instances are placed
+/// in bulk (a bin takes as many as fit), which is what first-fit does with them one by one.
 fn pack(services: &[SimService], instances: &[usize], pool: &Pool) -> usize {
-    let mut items: Vec<(u32, u32)> = Vec::new();
+    let mut shapes: BTreeMap<(u32, u32), usize> = BTreeMap::new();
     for (s, &n) in services.iter().zip(instances) {
-        items.extend(std::iter::repeat_n((s.vcpus, s.memory_mib), n));
+        *shapes.entry((s.memory_mib, s.vcpus)).or_default() += n;
     }
-    items.sort_by(|a, b| b.1.cmp(&a.1).then(b.0.cmp(&a.0)));
     let mut bins: Vec<(u32, u32)> = Vec::new();
-    for (c, m) in items {
-        match bins.iter_mut().find(|b| b.0 >= c && b.1 >= m) {
-            Some(b) => {
-                b.0 -= c;
-                b.1 -= m;
+    for (&(mem, cpu), &count) in shapes.iter().rev() {
+        let fit = |b: &(u32, u32)| (b.0 / cpu.max(1)).min(b.1 / mem.max(1)) as usize;
+        let mut left = count;
+        for b in bins.iter_mut() {
+            if left == 0 {
+                break;
             }
-            None => bins.push((
-                pool.vcpus.saturating_sub(c),
-                pool.memory_mib.saturating_sub(m),
-            )),
+            let k = fit(b).min(left);
+            b.0 -= k as u32 * cpu;
+            b.1 -= k as u32 * mem;
+            left -= k;
+        }
+        let per = fit(&(pool.vcpus, pool.memory_mib)).max(1);
+        while left > 0 {
+            let k = per.min(left);
+            bins.push((
+                pool.vcpus.saturating_sub(k as u32 * cpu),
+                pool.memory_mib.saturating_sub(k as u32 * mem),
+            ));
+            left -= k;
         }
     }
     bins.len()
@@ -458,11 +472,13 @@ fn run_switching(
             .collect(),
         instances: Vec::new(),
     };
-    // When each starting instance serves, by id.
-    let mut ready_at: HashMap<String, f64> = HashMap::new();
+    // When each instance serves (kept beside `snap.instances`, index for index).
+    let mut ready_at: Vec<f64> = Vec::new();
     let mut serial = 0u64;
     let mut serving = vec![0.0f64; services.len()];
     let mut busy = vec![false; machines];
+    let mut downtime = vec![0.0f64; services.len()];
+    let mut gone: Vec<usize> = Vec::new();
     for t in 0..steps(services) {
         let now = t as f64 * pool.step_s;
         // The policy sees demand up to the previous step, like the controller does.
@@ -474,14 +490,14 @@ fn run_switching(
         }
         snap.now_s = now;
         let plan = decide(&snap, config);
-        let mut downtime = vec![0.0f64; services.len()];
-        let mut started: Vec<(String, f64)> = Vec::new();
+        downtime.iter_mut().for_each(|x| *x = 0.0);
+        gone.clear();
         for a in &plan {
             match *a {
                 Action::Resume { instance, .. } => {
                     sum.activations += 1;
-                    if let Some(i) = snap.instances.get(instance) {
-                        started.push((i.id.clone(), now + pool.latencies.resume_s));
+                    if let Some(r) = ready_at.get_mut(instance) {
+                        *r = now + pool.latencies.resume_s;
                     }
                 }
                 Action::Activate { .. } => sum.activations += 1,
@@ -491,6 +507,7 @@ fn run_switching(
                         downtime[i.service] += pool.latencies.migrate_downtime_s / pool.step_s;
                     }
                 }
+                Action::Discard { instance, .. } => gone.push(instance),
                 _ => {}
             }
         }
@@ -501,31 +518,40 @@ fn run_switching(
         };
         apply(&mut snap, &plan, |name| {
             serial += 1;
-            let id = format!("{name}-{serial}");
-            started.push((id.clone(), boot));
-            id
+            ready_at.push(boot);
+            format!("{name}-{serial}")
         });
-        ready_at.extend(started);
+        if !gone.is_empty() {
+            // The same removal `apply` made.
+            gone.sort_unstable();
+            let mut n = 0;
+            ready_at.retain(|_| {
+                let keep = gone.binary_search(&n).is_err();
+                n += 1;
+                keep
+            });
+        }
         serving.iter_mut().for_each(|x| *x = 0.0);
         busy.iter_mut().for_each(|b| *b = false);
-        for i in &mut snap.instances {
+        let mut placed = 0;
+        for (i, &r) in snap.instances.iter_mut().zip(&ready_at) {
             let Some(m) = i.machine else {
                 continue;
             };
             match i.state {
                 InstanceState::Running => serving[i.service] += 1.0,
                 InstanceState::Starting => {
-                    let r = ready_at.get(&i.id).copied().unwrap_or(now);
                     serving[i.service] += serving_share(r, now, pool.step_s);
                     if r <= now + pool.step_s {
                         i.state = InstanceState::Running;
-                        ready_at.remove(&i.id);
                     }
                 }
                 _ => continue,
             }
             busy[m] = true;
+            placed += 1;
         }
+        sum.instances_per_step.push(placed);
         for (s, d) in serving.iter_mut().zip(&downtime) {
             *s = (*s - d).max(0.0);
         }
