@@ -193,12 +193,12 @@ fn to_instances(s: &Service, rps: f64, headroom: f64) -> u32 {
 }
 
 /// The seasonal periods the demand history covers (one period ago is known).
-fn covered<'a>(s: &'a Service, c: &'a Config, min: usize) -> impl Iterator<Item = usize> + 'a {
+fn covered<'a>(s: &'a Service, c: &'a Config) -> impl Iterator<Item = usize> + 'a {
     let len = s.demand.len();
     c.seasonal_periods
         .iter()
         .copied()
-        .filter(move |p| *p > min && len >= *p)
+        .filter(move |p| *p > 0 && len >= *p)
 }
 
 /// The seasonal forecast: the demand one period ago, from now to `lookahead` ahead, for the
@@ -207,7 +207,7 @@ fn covered<'a>(s: &'a Service, c: &'a Config, min: usize) -> impl Iterator<Item 
 /// and forecasts never push a lower priority out.
 fn seasonal(s: &Service, c: &Config) -> f64 {
     let len = s.demand.len();
-    covered(s, c, 0)
+    covered(s, c)
         .max()
         .map(|period| {
             let start = len - period;
@@ -217,37 +217,12 @@ fn seasonal(s: &Service, c: &Config) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// How much demand jumped above its recent maximum one seasonal period ago, from now to
-/// `lookahead` ahead (longest covered period): the headroom that time of day (or week) needs.
-/// 1 when nothing is known; never above `max_surge`. Jumps from below one instance's capacity
-/// do not count (a market opening from zero is the forecast's job).
-fn seasonal_surge(s: &Service, c: &Config) -> f64 {
-    let len = s.demand.len();
-    let w = c.scale_out_window.max(1);
-    let surge = covered(s, c, w)
-        .max()
-        .map(|period| {
-            let start = len - period;
-            let end = (start + c.seasonal_lookahead + 1).min(len);
-            let mut surge = 1.0f64;
-            for t in start.max(w)..end {
-                let before = s.demand[t - w..t].iter().fold(0.0f64, |a, b| a.max(*b));
-                if before >= s.capacity_rps {
-                    surge = surge.max(s.demand[t] / before);
-                }
-            }
-            surge
-        })
-        .unwrap_or(1.0);
-    surge.min(c.max_surge.max(1.0))
-}
-
 /// The instances a service wants now, with hysteresis on the way down: a scale-in needs the
 /// long window to agree and to shed more than the tolerance (a service of 100 instances does not
 /// give back 3 because a noisy minute left the window).
 fn desired(s: &Service, current: u32, c: &Config) -> u32 {
-    let reactive = recent_max(s, c.scale_out_window) * seasonal_surge(s, c);
-    let out = to_instances(s, reactive.max(seasonal(s, c)), c.headroom);
+    let recent = recent_max(s, c.scale_out_window);
+    let out = to_instances(s, recent.max(seasonal(s, c)), c.headroom);
     if out >= current {
         return out;
     }
@@ -886,13 +861,40 @@ pub fn apply(s: &mut Snapshot, actions: &[Action], mut new_id: impl FnMut(&str) 
             }
         }
     }
-    if !gone.is_empty() {
-        gone.sort_unstable();
-        let mut n = 0;
-        s.instances.retain(|_| {
-            let keep = gone.binary_search(&n).is_err();
-            n += 1;
-            keep
-        });
+    remove_indices(&mut s.instances, &mut gone);
+}
+
+/// Removes the elements at `gone` (any order, repeats allowed) in one pass, keeping the order of
+/// the rest: what [`apply`] does to the instances a plan discards, for callers that keep data
+/// beside them index for index.
+pub fn remove_indices<T>(v: &mut Vec<T>, gone: &mut Vec<usize>) {
+    if gone.is_empty() {
+        return;
+    }
+    gone.sort_unstable();
+    gone.dedup();
+    let mut next = gone.iter().copied().peekable();
+    let mut n = 0;
+    v.retain(|_| {
+        let drop = next.peek() == Some(&n);
+        if drop {
+            next.next();
+        }
+        n += 1;
+        !drop
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn remove_indices_keeps_the_order_of_the_rest_and_ignores_repeats() {
+        let mut v: Vec<char> = "abcdef".chars().collect();
+        remove_indices(&mut v, &mut vec![4, 0, 4, 2]);
+        assert_eq!(v, vec!['b', 'd', 'f']);
+        remove_indices(&mut v, &mut Vec::new());
+        assert_eq!(v.len(), 3);
     }
 }

@@ -13,5 +13,5 @@
 mod decide;
 mod model;
 
-pub use decide::{apply, decide};
+pub use decide::{apply, decide, remove_indices};
 pub use model::{Action, Config, Instance, InstanceState, Machine, Service, Sharing, Snapshot};

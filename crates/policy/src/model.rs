@@ -109,10 +109,6 @@ pub struct Config {
     pub seasonal_periods: Vec<usize>,
     /// How many ticks ahead the seasonal forecast looks.
     pub seasonal_lookahead: usize,
-    /// Most extra headroom learned from the season: when demand jumped by a factor `x` over
-    /// its recent maximum one period ago (around this time of day or week), the recent maximum
-    /// is multiplied by `x` too, up to this. 1 turns it off.
-    pub max_surge: f64,
     /// How the pool is shared when it cannot hold every service's wish.
     pub sharing: Sharing,
     /// A machine whose measured CPU load is above this fraction is relieved by one migration.
@@ -143,7 +139,6 @@ impl Default for Config {
             consolidate_below: 0.7,
             seasonal_periods: Vec::new(),
             seasonal_lookahead: 0,
-            max_surge: 1.0,
             sharing: Sharing::StrictPriority,
             hot_above: 0.9,
         }

@@ -14,7 +14,7 @@ pub mod scale;
 use std::collections::{BTreeMap, VecDeque};
 
 use serde::Serialize;
-use vmatrix_policy::{apply, InstanceState, Machine, Service};
+use vmatrix_policy::{apply, remove_indices, InstanceState, Machine, Service};
 pub use vmatrix_policy::{decide, Action, Config, Sharing, Snapshot};
 
 /// A service in the simulation.
@@ -378,22 +378,21 @@ fn run_reactive(services: &[SimService], pool: &Pool) -> Summary {
     finish(sum, services)
 }
 
-/// The configuration the simulator runs vMatrix's policy with, for steps of `step_s`: scale out
-/// on the last 2 minutes' maximum, scale in only when the last 10 minutes agree; learn from the
-/// demand one day and one week ago both a forecast (the demand 5 minutes ahead of now, one
-/// period ago) and how much headroom this time of day needs (up to 1.5×), instead of a fixed
-/// headroom everywhere. Chosen on the development traces (docs/benchmarks.md shows the sweep).
+/// The configuration the simulator runs vMatrix's policy with, for steps of `step_s`: 10%
+/// headroom over the last 2 minutes' maximum, scale-in only when the last 10 minutes agree (and
+/// it sheds more than 10%), and the weekly pattern: the demand one week ago, from now to 5
+/// minutes ahead, is provisioned before it comes back. Chosen on the development traces
+/// (docs/benchmarks.md shows the sweep).
 pub fn switching_config(step_s: f64) -> Config {
     let ticks = |s: f64| (s / step_s).ceil().max(1.0) as usize;
     Config {
-        headroom: 1.0,
+        headroom: 1.1,
         scale_out_window: ticks(120.0),
         scale_in_window: ticks(600.0),
         max_moves: 8,
         consolidate_below: 0.95,
         seasonal_periods: vec![ticks(86400.0), ticks(7.0 * 86400.0)],
         seasonal_lookahead: ticks(300.0),
-        max_surge: 1.5,
         ..Config::default()
     }
 }
@@ -521,16 +520,8 @@ fn run_switching(
             ready_at.push(boot);
             format!("{name}-{serial}")
         });
-        if !gone.is_empty() {
-            // The same removal `apply` made.
-            gone.sort_unstable();
-            let mut n = 0;
-            ready_at.retain(|_| {
-                let keep = gone.binary_search(&n).is_err();
-                n += 1;
-                keep
-            });
-        }
+        // The same removal `apply` made.
+        remove_indices(&mut ready_at, &mut gone);
         serving.iter_mut().for_each(|x| *x = 0.0);
         busy.iter_mut().for_each(|b| *b = false);
         let mut placed = 0;
