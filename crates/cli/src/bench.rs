@@ -476,6 +476,7 @@ async fn bench_routes(backend: SocketAddr) -> Result<SocketAddr> {
             priority: 0,
             backends: vec![(InstanceId::new("bench-1")?, backend.to_string())],
             dropped: false,
+            admit_rps: 0.0,
         }],
     };
     let body = bytes::Bytes::from(serde_json::to_vec(&table)?);

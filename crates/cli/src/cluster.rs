@@ -174,15 +174,19 @@ pub async fn services(client: &Client, json: bool) -> Result<()> {
                 "capacity_rps",
                 "vcpus",
                 "memory_mib",
+                "dropped",
             ]
             .iter()
-            .map(|k| s(&x[k]))
+            .map(|k| match (*k, &x[k]) {
+                ("dropped", Value::Null) => "-".to_owned(),
+                (_, v) => s(v),
+            })
             .collect()
         })
         .collect();
     table(
         &[
-            "NAME", "IMAGE", "PRIORITY", "MIN", "MAX", "RPS/INST", "VCPUS", "MEMORY",
+            "NAME", "IMAGE", "PRIORITY", "MIN", "MAX", "RPS/INST", "VCPUS", "MEMORY", "DROPPED",
         ],
         rows,
     );

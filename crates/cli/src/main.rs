@@ -55,8 +55,9 @@ enum Command {
         /// The switch's address (the front door of every service).
         #[arg(long, default_value = "127.0.0.1:8080")]
         switch_listen: SocketAddr,
-        /// min: keep each service's min instances; switching: the load-driven policy.
-        #[arg(long, default_value = "min")]
+        /// switching: the load-driven policy (scale from demand, server drop, consolidation);
+        /// min: manual mode (keep each service's min instances; moves are the operator's).
+        #[arg(long, default_value = "switching")]
         policy: String,
     },
     /// Run the switch: the front door that follows VMs.
@@ -121,8 +122,9 @@ enum Command {
         /// State database: sqlite:PATH (default DATA/controller/state.db).
         #[arg(long)]
         state: Option<String>,
-        /// min: keep each service's min instances; switching: the load-driven policy.
-        #[arg(long, default_value = "min")]
+        /// switching: the load-driven policy (scale from demand, server drop, consolidation);
+        /// min: manual mode (keep each service's min instances; moves are the operator's).
+        #[arg(long, default_value = "switching")]
         policy: String,
     },
     /// Run an agent for one real machine.

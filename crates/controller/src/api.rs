@@ -60,8 +60,25 @@ fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Response> {
 }
 
 async fn services(State(x): State<Ctx>) -> Response {
-    match x.c.services() {
-        Ok(s) => Json(serde_json::json!({ "services": s })).into_response(),
+    // Each spec, with whether the switch refuses its load and who decided it.
+    let listed = x.c.services().and_then(|specs| Ok((specs, x.c.dropped()?)));
+    match listed {
+        Ok((specs, dropped)) => {
+            let rows: Vec<serde_json::Value> = specs
+                .into_iter()
+                .map(|spec| {
+                    let mark = dropped.iter().find(|(d, _)| d == spec.name.as_str());
+                    let mut v = serde_json::to_value(&spec).unwrap_or_default();
+                    v["dropped"] = match mark {
+                        None => serde_json::Value::Null,
+                        Some((_, true)) => "policy".into(),
+                        Some((_, false)) => "operator".into(),
+                    };
+                    v
+                })
+                .collect();
+            Json(serde_json::json!({ "services": rows })).into_response()
+        }
         Err(e) => fail(e),
     }
 }

@@ -624,6 +624,11 @@ impl Controller {
         Ok(format!("{moved} instance(s) moved off {machine}"))
     }
 
+    /// Services marked dropped, and whether the policy (not an operator) did it.
+    pub fn dropped(&self) -> Result<Vec<(String, bool)>> {
+        self.db(|d| d.dropped())
+    }
+
     /// The switch's route table: running instances per service, dropped marks, and a version
     /// that changes whenever any of it does.
     pub fn routes(&self) -> Result<vmatrix_core::api::RouteTable> {
@@ -632,7 +637,7 @@ impl Controller {
         let dropped = self.db(|d| d.dropped())?;
         let mut out = vmatrix_core::api::RouteTable::default();
         for s in services {
-            let backends = rows
+            let backends: Vec<(InstanceId, String)> = rows
                 .iter()
                 // A migrating instance serves from its source until the switch-over; requests
                 // that hit the gap are retried by the switch.
@@ -646,8 +651,15 @@ impl Controller {
                 })
                 .map(|r| (r.info.id.clone(), r.info.endpoint.clone()))
                 .collect();
+            let mark = dropped.iter().find(|(d, _)| d == s.name.as_str());
+            // Short of capacity, the running instances keep serving what they can.
+            let admit_rps = match mark {
+                Some((_, true)) => backends.len() as f64 * s.capacity_rps,
+                _ => 0.0,
+            };
             out.services.push(vmatrix_core::api::ServiceRoute {
-                dropped: dropped.iter().any(|d| d == s.name.as_str()),
+                dropped: mark.is_some(),
+                admit_rps,
                 service: s.name,
                 priority: s.priority,
                 backends,
@@ -707,7 +719,7 @@ impl Controller {
         why: &str,
     ) -> Result<String> {
         self.spec_of(service)?;
-        self.db(|d| d.set_dropped(service, dropped))?;
+        self.db(|d| d.set_dropped(service, dropped, who == "policy"))?;
         let what = if dropped { "drop" } else { "undrop" };
         self.event(who, &format!("{what} {service}"), why, "ok");
         Ok(format!(
@@ -1011,7 +1023,8 @@ impl Controller {
                     vcpus: s.vcpus,
                     memory_mib: s.memory_mib,
                     demand: demand.get(s.name.as_str()).cloned().unwrap_or_default(),
-                    dropped: dropped.iter().any(|d| d == s.name.as_str()),
+                    // The policy manages its own drops only.
+                    dropped: dropped.iter().any(|(d, by)| *by && d == s.name.as_str()),
                 })
                 .collect(),
             // Instances of undeclared services were discarded above.

@@ -34,6 +34,9 @@ const MIGRATIONS: &[&str] = &[
         who TEXT NOT NULL, what TEXT NOT NULL, why TEXT NOT NULL, outcome TEXT NOT NULL);",
     // 2: services marked dropped (the switch refuses their requests).
     "CREATE TABLE dropped (service TEXT PRIMARY KEY);",
+    // 3: who dropped it: the policy (short of capacity: only the excess is refused, and the
+    // policy may undrop it) or an operator (everything is refused until an operator undrops).
+    "ALTER TABLE dropped ADD COLUMN by_policy INTEGER NOT NULL DEFAULT 0;",
 ];
 
 /// One instance row.
@@ -104,11 +107,17 @@ impl Db {
         .collect()
     }
 
-    /// Marks or clears a service as dropped.
-    pub fn set_dropped(&self, service: &ServiceName, dropped: bool) -> Result<()> {
+    /// Marks or clears a service as dropped. The policy neither overrides nor clears an
+    /// operator's drop; an operator's undrop clears any.
+    pub fn set_dropped(&self, service: &ServiceName, dropped: bool, by_policy: bool) -> Result<()> {
         if dropped {
             self.conn.execute(
-                "INSERT OR IGNORE INTO dropped (service) VALUES (?1)",
+                "INSERT OR IGNORE INTO dropped (service, by_policy) VALUES (?1, ?2)",
+                params![service.as_str(), by_policy],
+            )?;
+        } else if by_policy {
+            self.conn.execute(
+                "DELETE FROM dropped WHERE service = ?1 AND by_policy = 1",
                 params![service.as_str()],
             )?;
         } else {
@@ -120,12 +129,12 @@ impl Db {
         Ok(())
     }
 
-    /// Services marked dropped.
-    pub fn dropped(&self) -> Result<Vec<String>> {
+    /// Services marked dropped, and whether the policy did it.
+    pub fn dropped(&self) -> Result<Vec<(String, bool)>> {
         let mut st = self
             .conn
-            .prepare("SELECT service FROM dropped ORDER BY service")?;
-        let rows = st.query_map([], |r| r.get::<_, String>(0))?;
+            .prepare("SELECT service, by_policy FROM dropped ORDER BY service")?;
+        let rows = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, bool>(1)?)))?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 

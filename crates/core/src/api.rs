@@ -295,8 +295,12 @@ pub struct ServiceRoute {
     pub priority: i32,
     /// Running instances: `(instance id, host:port)`.
     pub backends: Vec<(InstanceId, String)>,
-    /// Dropped: refuse its requests at once with 503.
+    /// Dropped: refuse its requests at once with 503 — those above `admit_rps`.
     pub dropped: bool,
+    /// When dropped, the requests per second still let through to the running instances
+    /// (their capacity, when the policy dropped it for want of room; 0 when an operator did).
+    #[serde(default)]
+    pub admit_rps: f64,
 }
 
 /// One service's measured load, as the switch reports it.

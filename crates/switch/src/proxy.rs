@@ -52,6 +52,28 @@ struct Switch {
     held: Mutex<HashMap<String, usize>>,
     waking: Mutex<HashSet<String>>,
     http: reqwest::Client,
+    /// Token buckets of dropped services that still admit what their instances can serve.
+    admitted: Mutex<HashMap<String, Bucket>>,
+}
+
+/// A token bucket: `rate` requests per second, bursts of up to one second's worth.
+struct Bucket {
+    tokens: f64,
+    last: Instant,
+}
+
+impl Bucket {
+    fn take(&mut self, rate: f64, now: Instant) -> bool {
+        let dt = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + rate * dt).min(rate.max(1.0));
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 /// Per backend address: requests in flight, and when the switch first sent it one.
@@ -133,6 +155,25 @@ impl Switch {
     }
 
     /// Refuses a request at once: 503 with `Retry-After`, counted as dropped.
+    /// Whether a request of a dropped service gets through: only what its running instances
+    /// can serve (`admit_rps`), the excess is refused.
+    fn admit_dropped(&self, route: &vmatrix_core::api::ServiceRoute) -> bool {
+        if route.admit_rps <= 0.0 || route.backends.is_empty() {
+            return false;
+        }
+        let now = Instant::now();
+        let Ok(mut buckets) = self.admitted.lock() else {
+            return false;
+        };
+        buckets
+            .entry(route.service.to_string())
+            .or_insert(Bucket {
+                tokens: route.admit_rps,
+                last: now,
+            })
+            .take(route.admit_rps, now)
+    }
+
     fn refuse(&self, service: &str, why: &str, retry_after: &'static str) -> Resp {
         self.stats.dropped(service);
         let mut r = reply(
@@ -234,7 +275,7 @@ impl Switch {
             });
         };
         let name = route.service.to_string();
-        if route.dropped {
+        if route.dropped && !self.admit_dropped(&route) {
             self.stats.set_priority(&name, route.priority);
             return Ok(self.refuse(&name, "is dropped: the pool is short", "5"));
         }
@@ -277,7 +318,8 @@ impl Switch {
                     format!("service {service} was removed"),
                 );
             };
-            if route.dropped {
+            // Admitted once already (dropped after that: it still goes to a backend).
+            if route.dropped && route.backends.is_empty() {
                 break self.refuse(service, "is dropped: the pool is short", "5");
             }
             let Some(addr) = self.pick(route, &avoid) else {
@@ -520,6 +562,7 @@ pub async fn serve(config: SwitchConfig) -> std::io::Result<()> {
         backends: std::sync::RwLock::new(HashMap::new()),
         held: Mutex::new(HashMap::new()),
         waking: Mutex::new(HashSet::new()),
+        admitted: Mutex::new(HashMap::new()),
         http: reqwest::Client::builder()
             .timeout(Duration::from_secs(60))
             .build()
@@ -538,5 +581,27 @@ pub async fn serve(config: SwitchConfig) -> std::io::Result<()> {
                 .serve_connection(TokioIo::new(stream), svc)
                 .await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bucket_admits_its_rate_and_refuses_the_excess() {
+        let t0 = Instant::now();
+        let mut b = Bucket {
+            tokens: 10.0,
+            last: t0,
+        };
+        // A burst of 30 at once: one second's worth (10) gets through.
+        let burst = (0..30).filter(|_| b.take(10.0, t0)).count();
+        assert_eq!(burst, 10);
+        // Then 100 requests spread over 2 s (50/s offered): about 10/s gets through.
+        let admitted = (1..=100)
+            .filter(|k| b.take(10.0, t0 + Duration::from_millis(20 * k)))
+            .count();
+        assert!((19..=21).contains(&admitted), "{admitted}");
     }
 }

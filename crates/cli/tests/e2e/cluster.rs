@@ -78,6 +78,9 @@ async fn up_apply_migrate_suspend_resume_and_survive_a_controller_crash() {
             &listen,
             "--switch-listen",
             &front,
+            // Manual mode: this test moves instances itself.
+            "--policy",
+            "min",
         ],
     )
     .await;

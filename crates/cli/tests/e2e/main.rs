@@ -3,6 +3,7 @@
 mod cluster;
 mod image;
 mod netns;
+mod policy;
 mod support;
 mod switch;
 mod up;

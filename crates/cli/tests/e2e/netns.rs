@@ -140,7 +140,7 @@ async fn an_instance_migrates_between_hosts_in_network_namespaces() {
     let mut controller = vmatrix()
         .arg("--data")
         .arg(d)
-        .args(["controller", "--listen", &api_addr])
+        .args(["controller", "--listen", &api_addr, "--policy", "min"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()

@@ -80,7 +80,8 @@ pub async fn start_controller(data: &Path, listen: &str) -> tokio::process::Chil
     let child = vmatrix()
         .arg("--data")
         .arg(data)
-        .args(["controller", "--listen", listen])
+        // Manual mode: the tests that use a bare controller move instances themselves.
+        .args(["controller", "--listen", listen, "--policy", "min"])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()

@@ -26,6 +26,9 @@ async fn the_switch_hides_moves_wakes_dormant_services_and_drops_fast() {
             &api,
             "--switch-listen",
             &front,
+            // Manual mode: this test moves instances itself.
+            "--policy",
+            "min",
         ],
     )
     .await;
