@@ -177,9 +177,12 @@ pub async fn services(client: &Client, json: bool) -> Result<()> {
                 "dropped",
             ]
             .iter()
-            .map(|k| match (*k, &x[k]) {
-                ("dropped", Value::Null) => "-".to_owned(),
-                (_, v) => s(v),
+            .map(|k| match *k {
+                "dropped" => v["dropped"][s(&x["name"])]
+                    .as_str()
+                    .unwrap_or("-")
+                    .to_owned(),
+                _ => s(&x[k]),
             })
             .collect()
         })

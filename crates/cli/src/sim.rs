@@ -58,6 +58,18 @@ pub struct SimArgs {
     /// Seconds of downtime per live migration.
     #[arg(long)]
     pub migrate_downtime_s: Option<f64>,
+    /// vMatrix's policy: capacity kept above demand (1.1 = 10%).
+    #[arg(long)]
+    pub headroom: Option<f64>,
+    /// vMatrix's policy: the recent demand a scale-out looks at, e.g. 2m.
+    #[arg(long)]
+    pub scale_out: Option<String>,
+    /// vMatrix's policy: how long demand must stay low before a scale-in, e.g. 10m.
+    #[arg(long)]
+    pub scale_in: Option<String>,
+    /// vMatrix's policy: how far ahead the weekly forecast looks, e.g. 5m; "off" reacts only.
+    #[arg(long)]
+    pub forecast: Option<String>,
 }
 
 fn seconds(s: &str) -> Result<f64> {
@@ -177,6 +189,30 @@ pub fn run(a: SimArgs) -> Result<()> {
         record: a.out.is_some(),
     };
     let mut config = switching_config(a.step);
+    let ticks = |flag: &str, v: &str| -> Result<usize> {
+        let s = seconds(v).with_context(|| format!("{flag} {v}"))?;
+        if !(s >= 0.0 && s.is_finite()) {
+            bail!("{flag} {v}: use a duration ≥ 0, e.g. 10m");
+        }
+        Ok((s / a.step).ceil() as usize)
+    };
+    if let Some(h) = a.headroom {
+        if !(1.0..=10.0).contains(&h) {
+            bail!("--headroom {h}: use 1 (none) to 10, e.g. 1.2 for 20%");
+        }
+        config.headroom = h;
+    }
+    if let Some(v) = &a.scale_out {
+        config.scale_out_window = ticks("--scale-out", v)?.max(1);
+    }
+    if let Some(v) = &a.scale_in {
+        config.scale_in_window = ticks("--scale-in", v)?.max(1);
+    }
+    match a.forecast.as_deref() {
+        None => {}
+        Some("off") => config.seasonal_periods.clear(),
+        Some(v) => config.seasonal_lookahead = ticks("--forecast", v)?,
+    }
     config.sharing = match a.sharing.as_str() {
         "strict-priority" => Sharing::StrictPriority,
         "weighted-fair" => Sharing::WeightedFair,

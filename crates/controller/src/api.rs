@@ -60,24 +60,18 @@ fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Response> {
 }
 
 async fn services(State(x): State<Ctx>) -> Response {
-    // Each spec, with whether the switch refuses its load and who decided it.
+    // The specs as applied, and beside them which services are dropped and by whom.
     let listed = x.c.services().and_then(|specs| Ok((specs, x.c.dropped()?)));
     match listed {
         Ok((specs, dropped)) => {
-            let rows: Vec<serde_json::Value> = specs
+            let dropped: serde_json::Map<String, serde_json::Value> = dropped
                 .into_iter()
-                .map(|spec| {
-                    let mark = dropped.iter().find(|(d, _)| d == spec.name.as_str());
-                    let mut v = serde_json::to_value(&spec).unwrap_or_default();
-                    v["dropped"] = match mark {
-                        None => serde_json::Value::Null,
-                        Some((_, true)) => "policy".into(),
-                        Some((_, false)) => "operator".into(),
-                    };
-                    v
+                .map(|(name, by_policy)| {
+                    let who = if by_policy { "policy" } else { "operator" };
+                    (name, who.into())
                 })
                 .collect();
-            Json(serde_json::json!({ "services": rows })).into_response()
+            Json(serde_json::json!({ "services": specs, "dropped": dropped })).into_response()
         }
         Err(e) => fail(e),
     }

@@ -719,9 +719,11 @@ impl Controller {
         why: &str,
     ) -> Result<String> {
         self.spec_of(service)?;
-        self.db(|d| d.set_dropped(service, dropped, who == "policy"))?;
+        let changed = self.db(|d| d.set_dropped(service, dropped, who == "policy"))?;
         let what = if dropped { "drop" } else { "undrop" };
-        self.event(who, &format!("{what} {service}"), why, "ok");
+        if changed {
+            self.event(who, &format!("{what} {service}"), why, "ok");
+        }
         Ok(format!(
             "{service} {}",
             if dropped {
@@ -1034,7 +1036,13 @@ impl Controller {
                     Some(p::Instance {
                         id: r.info.id.to_string(),
                         service: *service_index.get(r.info.service.as_str())?,
-                        machine: machine_index.get(r.info.machine.as_str()).copied(),
+                        // A machine the controller no longer knows is a dead one.
+                        machine: (!r.info.machine.is_empty()).then(|| {
+                            machine_index
+                                .get(r.info.machine.as_str())
+                                .copied()
+                                .unwrap_or(usize::MAX)
+                        }),
                         state: match r.info.state {
                             InstanceState::Running => p::InstanceState::Running,
                             InstanceState::Suspended => p::InstanceState::Suspended,

@@ -36,7 +36,9 @@ const MIGRATIONS: &[&str] = &[
     "CREATE TABLE dropped (service TEXT PRIMARY KEY);",
     // 3: who dropped it: the policy (short of capacity: only the excess is refused, and the
     // policy may undrop it) or an operator (everything is refused until an operator undrops).
-    "ALTER TABLE dropped ADD COLUMN by_policy INTEGER NOT NULL DEFAULT 0;",
+    "ALTER TABLE dropped ADD COLUMN by_policy INTEGER NOT NULL DEFAULT 0;
+     UPDATE dropped SET by_policy = 1 WHERE (SELECT who FROM events
+        WHERE what = 'drop ' || dropped.service ORDER BY id DESC LIMIT 1) = 'policy';",
 ];
 
 /// One instance row.
@@ -107,26 +109,34 @@ impl Db {
         .collect()
     }
 
-    /// Marks or clears a service as dropped. The policy neither overrides nor clears an
-    /// operator's drop; an operator's undrop clears any.
-    pub fn set_dropped(&self, service: &ServiceName, dropped: bool, by_policy: bool) -> Result<()> {
-        if dropped {
+    /// Marks or clears a service as dropped; true when that changed anything. The policy
+    /// neither overrides nor clears an operator's drop; an operator's drop or undrop overrides
+    /// the policy's.
+    pub fn set_dropped(
+        &self,
+        service: &ServiceName,
+        dropped: bool,
+        by_policy: bool,
+    ) -> Result<bool> {
+        let changed = if dropped {
             self.conn.execute(
-                "INSERT OR IGNORE INTO dropped (service, by_policy) VALUES (?1, ?2)",
+                "INSERT INTO dropped (service, by_policy) VALUES (?1, ?2)
+                 ON CONFLICT(service) DO UPDATE SET by_policy = 0
+                 WHERE excluded.by_policy = 0 AND dropped.by_policy = 1",
                 params![service.as_str(), by_policy],
-            )?;
+            )?
         } else if by_policy {
             self.conn.execute(
                 "DELETE FROM dropped WHERE service = ?1 AND by_policy = 1",
                 params![service.as_str()],
-            )?;
+            )?
         } else {
             self.conn.execute(
                 "DELETE FROM dropped WHERE service = ?1",
                 params![service.as_str()],
-            )?;
-        }
-        Ok(())
+            )?
+        };
+        Ok(changed > 0)
     }
 
     /// Services marked dropped, and whether the policy did it.
@@ -311,5 +321,39 @@ impl Db {
             .machines(now_ms, down_after_ms)?
             .into_iter()
             .find(|m| m.name == name))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_operators_drop_outranks_the_policys_and_only_changes_are_reported() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let db = Db::open(&dir.path().join("state.db")).expect("open");
+        let web = ServiceName::new("web").expect("name");
+        assert!(db.set_dropped(&web, true, true).unwrap(), "policy drops");
+        assert!(
+            !db.set_dropped(&web, true, true).unwrap(),
+            "again: nothing changes"
+        );
+        assert_eq!(db.dropped().unwrap(), vec![("web".to_owned(), true)]);
+        assert!(
+            db.set_dropped(&web, true, false).unwrap(),
+            "the operator takes it over"
+        );
+        assert_eq!(db.dropped().unwrap(), vec![("web".to_owned(), false)]);
+        assert!(!db.set_dropped(&web, true, true).unwrap());
+        assert!(
+            !db.set_dropped(&web, false, true).unwrap(),
+            "the policy cannot clear it"
+        );
+        assert_eq!(db.dropped().unwrap().len(), 1);
+        assert!(
+            db.set_dropped(&web, false, false).unwrap(),
+            "the operator can"
+        );
+        assert!(db.dropped().unwrap().is_empty());
     }
 }

@@ -349,10 +349,14 @@ pub fn decide(s: &Snapshot, c: &Config) -> Vec<Action> {
         .collect();
     let wished = needs.clone();
     if c.sharing == Sharing::WeightedFair {
+        // Only a service whose share is below its need is cut (to its share); in a pool that
+        // holds every need, headroom and forecasts stay.
         let shares = fair_shares(services, &needs, &s.machines);
         for ((w, n), share) in wants.iter_mut().zip(needs.iter_mut()).zip(shares) {
-            *n = (*n).min(share);
-            *w = (*w).min(share.max(*n));
+            if share < *n {
+                *n = share;
+                *w = share;
+            }
         }
     }
     let mut order: Vec<usize> = (0..services.len()).collect();
@@ -371,7 +375,8 @@ pub fn decide(s: &Snapshot, c: &Config) -> Vec<Action> {
         let svc = &services[si];
         let mut mine = std::mem::take(&mut placed[si]);
         // Which to keep matters only when some must go: the best `want` (fullest machine,
-        // starting ones, then by index) go first, in linear time.
+        // then starting ones — an instance still booting cannot be suspended yet — then by
+        // index) go first, in linear time.
         if mine.len() as u32 > wants[si] {
             let key = |idx: &usize| {
                 let m = at.get(*idx).unwrap_or(0);
@@ -475,13 +480,19 @@ pub fn decide(s: &Snapshot, c: &Config) -> Vec<Action> {
                     .clone()
             };
             if let Some(idx) = moving.next() {
-                let from = s.instances[idx].machine.and_then(|m| s.machines.get(m));
-                let from = from.map_or("?", |m| m.name.as_str());
+                let from = at.get(idx);
+                let name = from.and_then(|f| s.machines.get(f));
+                let name = name.map_or("?", |f| f.name.as_str());
                 actions.push(Action::Migrate {
                     instance: idx,
                     to: m,
-                    reason: format!("{from} no longer takes live load: move off it"),
+                    reason: format!("{name} no longer takes live load: move off it"),
                 });
+                // It is on its way: later steps see it where it goes, and leave its source be.
+                at.0[idx] = m as u32;
+                if let Some(f) = from {
+                    room.touched[f] = true;
+                }
                 kept[si].push(idx);
             } else if let Some(idx) = resumable.next() {
                 actions.push(Action::Resume {
@@ -637,7 +648,8 @@ fn make_room(
             f.vcpus + i64::from(low.vcpus) >= i64::from(svc.vcpus)
                 && f.memory + i64::from(low.memory_mib) >= i64::from(svc.memory_mib)
         };
-        // The least valuable first: kept lists are fullest machine first.
+        // Any instance whose slot makes room, looked at from the end of the list (after a
+        // scale-in the best instances are at the front, the others in no order).
         let n = kept[li].len();
         let slot = (n.saturating_sub(EVICTION_LOOKS)..n)
             .rev()
@@ -671,7 +683,7 @@ fn relieve_hot(
     actions: &mut Vec<Action>,
 ) {
     let hot: Vec<usize> = (0..s.machines.len())
-        .filter(|&m| s.machines[m].cpu_load > c.hot_above && room.count[m] > 1)
+        .filter(|&m| s.machines[m].cpu_load > c.hot_above && room.count[m] > 1 && !room.touched[m])
         .collect();
     if !hot.is_empty() {
         room.build_index();

@@ -471,6 +471,36 @@ fn instances_leave_a_draining_machine_and_a_hot_one_is_relieved() {
         ),
         "{plan:#?}"
     );
+    // A machine that lost room (bigger instances) sends one away; consolidation must not move
+    // that one again in the same plan.
+    let mut grown = Snapshot {
+        now_s: 0.0,
+        machines: vec![
+            machine("m1", 8, 2048),
+            machine("m2", 8, 2048),
+            machine("m3", 8, 2048),
+        ],
+        services: vec![service("web", 1, 3, 10, &[10.0; 10])],
+        instances: vec![
+            instance("web-1", 0, Some(0), InstanceState::Running),
+            instance("web-2", 0, Some(0), InstanceState::Running),
+            instance("web-3", 0, Some(1), InstanceState::Running),
+        ],
+    };
+    grown.services[0].memory_mib = 1536; // m1 now holds only one
+    let plan = decide(&grown, &Config::default());
+    let mut moved: Vec<usize> = plan
+        .iter()
+        .filter_map(|a| match a {
+            Action::Migrate { instance, .. } => Some(*instance),
+            _ => None,
+        })
+        .collect();
+    let n = moved.len();
+    moved.sort_unstable();
+    moved.dedup();
+    assert_eq!(moved.len(), n, "an instance moved twice: {plan:#?}");
+    assert!(n >= 1, "{plan:#?}");
     s.machines[1].dedicated = true;
     s.instances[1].machine = Some(0);
     s.machines[0].cpu_load = 0.97;
@@ -508,4 +538,13 @@ fn weighted_fair_sharing_splits_a_short_pool_by_priority() {
     let (strict, _) = settle(s, &Config::default(), 10);
     assert_eq!(placed(&strict, "finance"), 16);
     assert_eq!(placed(&strict, "sports"), 0);
+    // A pool that holds every need: fair sharing cuts nothing, headroom included.
+    let roomy = Snapshot {
+        now_s: 0.0,
+        machines: vec![machine("m1", 64, 64 * 256)],
+        services: vec![service("finance", 3, 1, 100, &[150.0; 10])],
+        instances: vec![],
+    };
+    let (after, _) = settle(roomy, &c, 10);
+    assert_eq!(placed(&after, "finance"), 4, "150 req/s × 1.2 ÷ 50");
 }

@@ -49,7 +49,8 @@ pub struct Latencies {
     pub boot_s: f64,
     /// Resume from the repository to serving HTTP.
     pub resume_s: f64,
-    /// Suspend into the repository (the machine stays busy meanwhile).
+    /// Suspend into the repository: the machine counts as in use in the step it suspends in
+    /// (when above 0).
     pub suspend_s: f64,
     /// Live-migration downtime (the instance serves nothing meanwhile).
     pub migrate_downtime_s: f64,
@@ -490,9 +491,16 @@ fn run_switching(
         snap.now_s = now;
         let plan = decide(&snap, config);
         downtime.iter_mut().for_each(|x| *x = 0.0);
+        busy.iter_mut().for_each(|b| *b = false);
         gone.clear();
         for a in &plan {
             match *a {
+                // Its machine is busy while it saves its state.
+                Action::Suspend { instance, .. } if pool.latencies.suspend_s > 0.0 => {
+                    if let Some(m) = snap.instances.get(instance).and_then(|i| i.machine) {
+                        busy[m] = true;
+                    }
+                }
                 Action::Resume { instance, .. } => {
                     sum.activations += 1;
                     if let Some(r) = ready_at.get_mut(instance) {
@@ -523,7 +531,6 @@ fn run_switching(
         // The same removal `apply` made.
         remove_indices(&mut ready_at, &mut gone);
         serving.iter_mut().for_each(|x| *x = 0.0);
-        busy.iter_mut().for_each(|b| *b = false);
         let mut placed = 0;
         for (i, &r) in snap.instances.iter_mut().zip(&ready_at) {
             let Some(m) = i.machine else {
@@ -595,9 +602,10 @@ pub fn parse_trace(
             _ => return Err(format!("line {}: {line:?} is not two numbers", n + 1)),
         }
     }
-    let Some(&(t0, _)) = points.first() else {
+    if points.is_empty() {
         return Err("no samples".into());
-    };
+    }
+    let t0 = points.iter().fold(f64::INFINITY, |a, p| a.min(p.0));
     let last = points.iter().fold(t0, |a, p| a.max(p.0));
     let n = ((last - t0) / step_s).floor() as usize + 1;
     let mut sums = vec![0.0; n];

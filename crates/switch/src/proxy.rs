@@ -154,7 +154,6 @@ impl Switch {
             .cloned()
     }
 
-    /// Refuses a request at once: 503 with `Retry-After`, counted as dropped.
     /// Whether a request of a dropped service gets through: only what its running instances
     /// can serve (`admit_rps`), the excess is refused.
     fn admit_dropped(&self, route: &vmatrix_core::api::ServiceRoute) -> bool {
@@ -174,6 +173,7 @@ impl Switch {
             .take(route.admit_rps, now)
     }
 
+    /// Refuses a request at once: 503 with `Retry-After`, counted as dropped.
     fn refuse(&self, service: &str, why: &str, retry_after: &'static str) -> Resp {
         self.stats.dropped(service);
         let mut r = reply(

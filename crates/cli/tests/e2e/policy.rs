@@ -20,16 +20,13 @@ async fn dropped_by(d: &std::path::Path, service: &str) -> Value {
     let (ok, out, err) = cli(d, &["services", "--json"]).await;
     assert!(ok, "services: {err}");
     let v: Value = serde_json::from_str(&out).expect("services --json");
-    v["services"]
-        .as_array()
-        .and_then(|a| a.iter().find(|s| s["name"] == service).cloned())
-        .map(|s| s["dropped"].clone())
-        .unwrap_or(Value::Null)
+    v["dropped"][service].clone()
 }
 
 #[tokio::test]
 #[ignore = "boots real QEMU; run by scripts/test"]
 async fn the_policy_scales_out_drops_the_lower_priority_and_scales_back_in() {
+    let _alone = crate::support::UNDER_LOAD.lock().await;
     let data = data_dir();
     let d = data.path();
     let api = format!("127.0.0.1:{}", free_port());

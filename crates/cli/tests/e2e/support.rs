@@ -4,6 +4,11 @@ use std::path::Path;
 
 use tokio::process::Command;
 
+/// Held by the tests whose assertions depend on guests keeping up with a steady load (a live
+/// migration without a failed request, a policy reacting to measured demand): on two cores,
+/// two of them at once starve each other's TCG guests. The other tests run beside them.
+pub static UNDER_LOAD: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// The `vmatrix` binary under test, killed if the test drops it.
 pub fn vmatrix() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_vmatrix"));

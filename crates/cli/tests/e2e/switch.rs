@@ -13,6 +13,7 @@ use crate::support::{data_dir, free_port, start_up};
 #[tokio::test]
 #[ignore = "boots real QEMU; run by scripts/test"]
 async fn the_switch_hides_moves_wakes_dormant_services_and_drops_fast() {
+    let _alone = crate::support::UNDER_LOAD.lock().await;
     let data = data_dir();
     let d = data.path();
     let api = format!("127.0.0.1:{}", free_port());
@@ -70,7 +71,9 @@ async fn the_switch_hides_moves_wakes_dormant_services_and_drops_fast() {
     )
     .await;
 
-    // 1. A live migration under 60 requests/s: no failed request.
+    // 1. A live migration under 30 requests/s: no failed request. (The rate stays well inside
+    // what one TCG guest serves on a slow host — about 40 req/s on a bad day — so a failure
+    // here is the move's, not an overloaded guest's.)
     let web = ps(d)
         .await
         .into_iter()
@@ -83,7 +86,14 @@ async fn the_switch_hides_moves_wakes_dormant_services_and_drops_fast() {
     };
     let load = tokio::spawn({
         let target = format!("http://{front}/s/web/health");
-        async move { run_load(&LoadOptions::constant(target, 60.0, Duration::from_secs(8))).await }
+        async move {
+            run_load(&LoadOptions::constant(
+                target,
+                30.0,
+                Duration::from_secs(12),
+            ))
+            .await
+        }
     });
     // Move only once the switch has carried a steady stream for a while.
     wait_for("the load under way", Duration::from_secs(30), async || {
@@ -102,7 +112,7 @@ async fn the_switch_hides_moves_wakes_dormant_services_and_drops_fast() {
             .next()?
             .parse()
             .ok()?;
-        (done >= 150.0).then_some(())
+        (done >= 100.0).then_some(())
     })
     .await;
     let (ok, out, err) = cli(d, &["migrate", web["id"].as_str().unwrap(), "--to", to]).await;
@@ -112,7 +122,7 @@ async fn the_switch_hides_moves_wakes_dormant_services_and_drops_fast() {
         "migration under load ({}): {} sent, {} ok, {} failed; p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
         out.trim(), r.sent, r.ok, r.failed(), r.p50_ms, r.p99_ms, r.max_ms
     );
-    assert!(r.sent >= 400, "the load ran: {r:?}");
+    assert!(r.sent >= 350, "the load ran: {r:?}");
     assert_eq!(
         r.failed(),
         0,
