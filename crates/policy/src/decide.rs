@@ -13,8 +13,10 @@
 //!    left over) on machines already in use, spreading a service over them, and only then on an
 //!    empty machine: instances on a machine that left the pool are migrated, suspended ones are
 //!    resumed before anything is cold-booted. When nothing fits, an instance of a lower priority
-//!    is suspended to make room (**server drop**); a service that cannot get all it wants is
-//!    dropped (the switch refuses its excess load) until capacity returns.
+//!    is suspended to make room (**server drop**: strict priority, headroom and forecast
+//!    included, so the higher priority is served as in a large pool); a service that cannot get
+//!    what its demand needs now is dropped (the switch refuses its excess load) until capacity
+//!    returns.
 //! 5. **Relief and consolidation** — a machine whose measured CPU load is hot gives one instance
 //!    to a cooler machine; on a tick that placed nothing, while the machines in use are cool,
 //!    the emptiest machines are emptied by live migration (a bounded number of moves) so that
@@ -202,9 +204,8 @@ fn covered<'a>(s: &'a Service, c: &'a Config) -> impl Iterator<Item = usize> + '
 }
 
 /// The seasonal forecast: the demand one period ago, from now to `lookahead` ahead, for the
-/// longest covered period (a week knows weekends from weekdays). 0 when none is covered. A
-/// one-off flash crowd is replayed a period later: that costs free room only, since headroom
-/// and forecasts never push a lower priority out.
+/// longest covered period (a week knows weekends from weekdays). 0 when none is covered. (A
+/// one-off flash crowd is replayed a period later; the scale-in window then gives it back.)
 fn seasonal(s: &Service, c: &Config) -> f64 {
     let len = s.demand.len();
     covered(s, c)
@@ -339,9 +340,8 @@ pub fn decide(s: &Snapshot, c: &Config) -> Vec<Action> {
         .zip(&placed)
         .map(|(svc, mine)| desired(svc, mine.len() as u32, c))
         .collect();
-    // What the demand needs right now, without headroom or forecast: only this much may push
-    // a lower priority out (speculative headroom never does), and a service is dropped only
-    // when it cannot get this much.
+    // What the demand needs right now, without headroom or forecast: a service is dropped
+    // (its excess refused) only when it cannot get this much; weighted fair sharing shares it.
     let mut needs: Vec<u32> = services
         .iter()
         .zip(&wants)
@@ -441,7 +441,7 @@ pub fn decide(s: &Snapshot, c: &Config) -> Vec<Action> {
         while (kept[si].len() as u32) < wants[si] {
             let target = match room.best_fit(svc, &same, None, false) {
                 Some(m) => Some(m),
-                None if (kept[si].len() as u32) < needs[si] && !hopeless(&no_room, svc) => {
+                None if !hopeless(&no_room, svc) => {
                     let m = make_room(
                         s,
                         &at,
@@ -514,13 +514,17 @@ pub fn decide(s: &Snapshot, c: &Config) -> Vec<Action> {
         // saved state is only worth keeping while a resume is likely).
         let running = (kept[si].len() as u32).max(wants[si]);
         let dormant_cap = (f64::from(running) * c.dormant_ratio).ceil() as usize;
+        let mut surplus: Option<String> = None;
         for idx in resumable.skip(dormant_cap) {
-            actions.push(Action::Discard {
-                instance: idx,
-                reason: format!(
+            let reason = surplus.get_or_insert_with(|| {
+                format!(
                     "dormant surplus: {} keeps at most {dormant_cap} suspended instance(s)",
                     svc.name
-                ),
+                )
+            });
+            actions.push(Action::Discard {
+                instance: idx,
+                reason: reason.clone(),
             });
         }
         for idx in moving {

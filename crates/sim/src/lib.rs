@@ -139,6 +139,9 @@ pub struct Summary {
     pub slo_violation_minutes: f64,
     /// Per service.
     pub services: BTreeMap<String, Served>,
+    /// Per service, by index, while the run counts (moved into `services` at the end).
+    #[serde(skip)]
+    per_service: Vec<Served>,
     /// Machines in use at each step.
     #[serde(skip)]
     pub machines_per_step: Vec<usize>,
@@ -171,11 +174,14 @@ fn account(
     if pool.record && sum.capacity_per_step.len() < services.len() {
         sum.capacity_per_step = vec![Vec::new(); services.len()];
     }
+    if sum.per_service.len() < services.len() {
+        sum.per_service = vec![Served::default(); services.len()];
+    }
     for (k, (s, &n)) in services.iter().zip(instances).enumerate() {
         let d = s.demand.get(step).copied().unwrap_or(0.0) * pool.step_s;
         let cap = n * s.capacity_rps * pool.step_s;
         let served = d.min(cap);
-        let e = sum.services.entry(s.name.clone()).or_default();
+        let e = &mut sum.per_service[k];
         e.demand += d;
         e.served += served;
         e.dropped += d - served;
@@ -230,6 +236,11 @@ pub fn lower_bound(services: &[SimService], pool: &Pool) -> Summary {
 fn finish(mut sum: Summary, services: &[SimService]) -> Summary {
     let n = steps(services).max(1) as f64;
     sum.mean_utilisation /= n;
+    sum.services = services
+        .iter()
+        .zip(std::mem::take(&mut sum.per_service))
+        .map(|(s, x)| (s.name.clone(), x))
+        .collect();
     sum
 }
 
@@ -380,7 +391,7 @@ fn run_reactive(services: &[SimService], pool: &Pool) -> Summary {
 }
 
 /// The configuration the simulator runs vMatrix's policy with, for steps of `step_s`: 10%
-/// headroom over the last 2 minutes' maximum, scale-in only when the last 10 minutes agree (and
+/// headroom over the last 2 minutes' maximum, scale-in only when the last 7 minutes agree (and
 /// it sheds more than 10%), and the weekly pattern: the demand one week ago, from now to 5
 /// minutes ahead, is provisioned before it comes back. Chosen on the development traces
 /// (docs/benchmarks.md shows the sweep).
@@ -389,7 +400,7 @@ pub fn switching_config(step_s: f64) -> Config {
     Config {
         headroom: 1.1,
         scale_out_window: ticks(120.0),
-        scale_in_window: ticks(600.0),
+        scale_in_window: ticks(420.0),
         max_moves: 8,
         consolidate_below: 0.95,
         seasonal_periods: vec![ticks(86400.0), ticks(7.0 * 86400.0)],
