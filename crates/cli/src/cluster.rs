@@ -208,14 +208,37 @@ pub async fn machines(client: &Client, json: bool) -> Result<()> {
         .unwrap_or_default()
         .iter()
         .map(|x| {
-            ["name", "address", "role", "vcpus", "memory_mib", "state"]
-                .iter()
-                .map(|k| s(&x[k]))
-                .collect()
+            let mut row: Vec<String> = [
+                "name",
+                "address",
+                "role",
+                "vcpus",
+                "memory_mib",
+                "state",
+                "instances",
+            ]
+            .iter()
+            .map(|k| s(&x[k]))
+            .collect();
+            row.push(if x["free"] == true {
+                "free: can power down".into()
+            } else {
+                String::new()
+            });
+            row
         })
         .collect();
     table(
-        &["NAME", "ADDRESS", "ROLE", "VCPUS", "MEMORY", "STATE"],
+        &[
+            "NAME",
+            "ADDRESS",
+            "ROLE",
+            "VCPUS",
+            "MEMORY",
+            "STATE",
+            "INSTANCES",
+            "",
+        ],
         rows,
     );
     Ok(())

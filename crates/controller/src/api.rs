@@ -92,10 +92,27 @@ async fn apply(State(x): State<Ctx>, headers: HeaderMap, body: axum::body::Bytes
 }
 
 async fn machines(State(x): State<Ctx>) -> Response {
-    match x.c.machines() {
-        Ok(m) => Json(serde_json::json!({ "machines": m })).into_response(),
+    match x.c.machine_use() {
+        Ok(list) => {
+            let rows: Vec<serde_json::Value> = list
+                .into_iter()
+                .map(|(m, n)| {
+                    let free = is_free(&m, n);
+                    let mut v = serde_json::to_value(&m).unwrap_or_default();
+                    v["instances"] = n.into();
+                    v["free"] = free.into();
+                    v
+                })
+                .collect();
+            Json(serde_json::json!({ "machines": rows })).into_response()
+        }
         Err(e) => fail(e),
     }
+}
+
+/// Up, dedicated and running nothing: the policy emptied it, it can be powered down.
+fn is_free(m: &vmatrix_core::api::MachineInfo, instances: usize) -> bool {
+    m.state == "up" && m.role == vmatrix_core::api::MachineRole::Dedicated && instances == 0
 }
 
 async fn instances(State(x): State<Ctx>) -> Response {
@@ -201,11 +218,16 @@ async fn get_load(State(x): State<Ctx>) -> Response {
 async fn metrics(State(x): State<Ctx>) -> Response {
     let mut out = String::new();
     out.push_str("# HELP vmatrix_machines Machines by state.\n# TYPE vmatrix_machines gauge\n");
-    if let Ok(ms) = x.c.machines() {
+    if let Ok(ms) = x.c.machine_use() {
         for state in ["up", "down", "draining"] {
-            let n = ms.iter().filter(|m| m.state == state).count();
+            let n = ms.iter().filter(|(m, _)| m.state == state).count();
             out.push_str(&format!("vmatrix_machines{{state=\"{state}\"}} {n}\n"));
         }
+        let free = ms.iter().filter(|(m, n)| is_free(m, *n)).count();
+        out.push_str(&format!(
+            "# HELP vmatrix_machines_free Machines up and running nothing: they can be powered down.\n\
+             # TYPE vmatrix_machines_free gauge\nvmatrix_machines_free {free}\n"
+        ));
     }
     out.push_str("# HELP vmatrix_instances Instances by service and state.\n# TYPE vmatrix_instances gauge\n");
     if let Ok(is) = x.c.instances() {

@@ -624,6 +624,32 @@ impl Controller {
         Ok(format!("{moved} instance(s) moved off {machine}"))
     }
 
+    /// Each machine with the number of instances placed on it (activating, running, migrating
+    /// or suspending). A healthy dedicated machine with none is free: it can be powered down.
+    pub fn machine_use(&self) -> Result<Vec<(MachineInfo, usize)>> {
+        let rows = self.db(|d| d.instances())?;
+        Ok(self
+            .machines()?
+            .into_iter()
+            .map(|m| {
+                let n = rows
+                    .iter()
+                    .filter(|r| {
+                        r.info.machine == m.name
+                            && matches!(
+                                r.info.state,
+                                InstanceState::Activating
+                                    | InstanceState::Running
+                                    | InstanceState::Migrating
+                                    | InstanceState::Suspending
+                            )
+                    })
+                    .count();
+                (m, n)
+            })
+            .collect())
+    }
+
     /// Services marked dropped, and whether the policy (not an operator) did it.
     pub fn dropped(&self) -> Result<Vec<(String, bool)>> {
         self.db(|d| d.dropped())

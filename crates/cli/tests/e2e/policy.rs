@@ -68,7 +68,7 @@ async fn the_policy_scales_out_drops_the_lower_priority_and_scales_back_in() {
     .await;
     let http = reqwest::Client::new();
     for s in ["shop", "batch"] {
-        wait_for("the switch routing", Duration::from_secs(30), async || {
+        wait_for("the switch routing", Duration::from_secs(60), async || {
             let r = http
                 .get(format!("http://{front}/s/{s}/health"))
                 .send()
@@ -173,6 +173,29 @@ async fn the_policy_scales_out_drops_the_lower_priority_and_scales_back_in() {
     let (_, events, _) = cli(d, &["events"]).await;
     assert!(events.contains("scale in: "), "{events}");
     assert!(events.contains("server drop"), "{events}");
+
+    // Two instances left, two machines of two slots: the scale-in empties the emptier machine
+    // (or consolidation moves the last one over), and the machine is reported free.
+    let cool = Instant::now();
+    wait_for("a machine emptied", Duration::from_secs(90), async || {
+        let (ok, out, _) = cli(d, &["machines", "--json"]).await;
+        let v: Value = serde_json::from_str(&out).ok()?;
+        let free = v["machines"].as_array()?.iter().any(|m| m["free"] == true);
+        (ok && free).then_some(())
+    })
+    .await;
+    eprintln!(
+        "a machine free to power down {:.1} s after shop scaled in",
+        cool.elapsed().as_secs_f64()
+    );
+    let l = ps(d).await;
+    assert_eq!(running(&l, "shop") + running(&l, "batch"), 2, "{l:?}");
+    let hosts: std::collections::BTreeSet<String> = l
+        .iter()
+        .filter(|i| i["state"] == "running")
+        .map(|i| i["machine"].to_string())
+        .collect();
+    assert_eq!(hosts.len(), 1, "both on one machine: {l:?}");
 
     // 4. Recovery: shop's last instance breaks (its QEMU killed); a fresh one takes its place.
     let victim = ps(d)
