@@ -46,7 +46,6 @@ struct Table {
 struct Switch {
     config: SwitchConfig,
     routes: watch::Receiver<Arc<Table>>,
-    client: Client<HttpConnector, Full<Bytes>>,
     stats: Arc<Stats>,
     backends: std::sync::RwLock<HashMap<String, Arc<BackendState>>>,
     held: Mutex<HashMap<String, usize>>,
@@ -221,7 +220,11 @@ impl Switch {
         });
     }
 
-    async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Result<Resp, Infallible> {
+    async fn handle(
+        self: Arc<Self>,
+        client: Backends,
+        req: Request<Incoming>,
+    ) -> Result<Resp, Infallible> {
         let path = req.uri().path().to_owned();
         let query = req
             .uri()
@@ -247,10 +250,7 @@ impl Switch {
             (Some(host), format!("{path}{query}"))
         };
         let table = self.routes.borrow().clone();
-        let route = service
-            .as_deref()
-            .and_then(|s| table.services.get(s))
-            .cloned();
+        let route = service.as_deref().and_then(|s| table.services.get(s));
         let Some(route) = route else {
             return Ok(match path.as_str() {
                 "/metrics" => {
@@ -275,7 +275,7 @@ impl Switch {
             });
         };
         let name = route.service.to_string();
-        if route.dropped && !self.admit_dropped(&route) {
+        if route.dropped && !self.admit_dropped(route) {
             self.stats.set_priority(&name, route.priority);
             return Ok(self.refuse(&name, "is dropped: the pool is short", "5"));
         }
@@ -291,7 +291,9 @@ impl Switch {
         };
         self.stats.begin(&name);
         let started = Instant::now();
-        let resp = self.forward(&name, &parts, forward_path, body).await;
+        let resp = self
+            .forward(&client, &name, &parts, forward_path, body)
+            .await;
         let ok = !(resp.status().is_server_error());
         self.stats
             .end(&name, started.elapsed().as_secs_f64() * 1000.0, ok);
@@ -300,6 +302,7 @@ impl Switch {
 
     async fn forward(
         self: &Arc<Self>,
+        client: &Backends,
         service: &str,
         parts: &hyper::http::request::Parts,
         path: String,
@@ -385,12 +388,12 @@ impl Switch {
             let counter = &state.outstanding;
             counter.fetch_add(1, Ordering::Relaxed);
             let outcome = if fresh && idempotent {
-                match tokio::time::timeout(FRESH_ATTEMPT_TIMEOUT, self.client.request(req)).await {
+                match tokio::time::timeout(FRESH_ATTEMPT_TIMEOUT, client.request(req)).await {
                     Ok(r) => r.map_err(AttemptError::Client),
                     Err(_) => Err(AttemptError::Stalled),
                 }
             } else {
-                self.client.request(req).await.map_err(AttemptError::Client)
+                client.request(req).await.map_err(AttemptError::Client)
             };
             counter.fetch_sub(1, Ordering::Relaxed);
             match outcome {
@@ -545,19 +548,12 @@ pub async fn serve(config: SwitchConfig) -> std::io::Result<()> {
         config.token.clone(),
         stats.clone(),
     ));
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(Duration::from_secs(2)));
-    let client = Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(30))
-        .build(connector);
     let switch = Arc::new(Switch {
         config: SwitchConfig {
             controller,
             ..config.clone()
         },
         routes: rx,
-        client,
         stats,
         backends: std::sync::RwLock::new(HashMap::new()),
         held: Mutex::new(HashMap::new()),
@@ -568,14 +564,61 @@ pub async fn serve(config: SwitchConfig) -> std::io::Result<()> {
             .build()
             .expect("HTTP client"),
     });
-    let listener = tokio::net::TcpListener::bind(config.listen).await?;
+    let listener = std::net::TcpListener::bind(config.listen)?;
+    listener.set_nonblocking(true)?;
     tracing::info!("switch listening on http://{}", config.listen);
+    // One single-threaded runtime per core, each accepting on the same socket with its own pool
+    // of backend connections: a request and its backend connection stay on one thread, as in
+    // nginx's workers (a work-stealing runtime bounced them between threads, costing wake-ups).
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let (failed, mut failure) = tokio::sync::mpsc::channel::<std::io::Error>(workers);
+    for n in 0..workers {
+        let listener = listener.try_clone()?;
+        let switch = switch.clone();
+        let failed = failed.clone();
+        std::thread::Builder::new()
+            .name(format!("switch-{n}"))
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(r) => r,
+                    Err(e) => {
+                        let _ = failed.blocking_send(e);
+                        return;
+                    }
+                };
+                if let Err(e) = runtime.block_on(accept_loop(switch, listener)) {
+                    let _ = failed.blocking_send(e);
+                }
+            })?;
+    }
+    drop(failed);
+    match failure.recv().await {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// The connection pool to backends of one worker.
+type Backends = Client<HttpConnector, Full<Bytes>>;
+
+async fn accept_loop(switch: Arc<Switch>, listener: std::net::TcpListener) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(Duration::from_secs(2)));
+    let client: Backends = Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .build(connector);
     loop {
         let (stream, _) = listener.accept().await?;
         let _ = stream.set_nodelay(true);
         let sw = switch.clone();
+        let client = client.clone();
         tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| sw.clone().handle(req));
+            let svc = hyper::service::service_fn(move |req| sw.clone().handle(client.clone(), req));
             let _ = hyper::server::conn::http1::Builder::new()
                 .keep_alive(true)
                 .serve_connection(TokioIo::new(stream), svc)

@@ -95,6 +95,10 @@ impl Stats {
     fn with<T>(&self, service: &str, f: impl FnOnce(&mut Service, u64) -> T) -> T {
         let second = self.started.elapsed().as_secs();
         let mut map = self.services.lock().unwrap_or_else(|p| p.into_inner());
+        // Known services (every request but a service's first) allocate nothing.
+        if let Some(s) = map.get_mut(service) {
+            return f(s, second);
+        }
         f(map.entry(service.to_owned()).or_default(), second)
     }
 
