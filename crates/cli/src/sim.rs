@@ -139,6 +139,16 @@ pub fn run(a: SimArgs) -> Result<()> {
             demand: trace.demand,
         });
     }
+    // Traces of different lengths: the short ones count as no demand at the end.
+    let longest = services.iter().map(|s| s.demand.len()).max().unwrap_or(0);
+    for s in services.iter().filter(|s| s.demand.len() < longest) {
+        eprintln!(
+            "warning: the trace of {} covers {:.1} of the {:.1} days simulated; after it ends its demand counts as 0",
+            s.name,
+            s.demand.len() as f64 * a.step / 86400.0,
+            longest as f64 * a.step / 86400.0
+        );
+    }
     for name in traces.keys() {
         if !specs.iter().any(|s| s.name.as_str() == name) {
             bail!(

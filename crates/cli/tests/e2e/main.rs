@@ -4,6 +4,7 @@ mod cluster;
 mod image;
 mod netns;
 mod policy;
+mod sim;
 mod support;
 mod switch;
 mod up;
