@@ -25,7 +25,7 @@ pub struct SimArgs {
     /// static, reactive, switching, switching-drop or all.
     #[arg(long, default_value = "all")]
     pub policy: String,
-    /// Write summary.json and steps.csv here.
+    /// Write summary.json, steps.csv and the SVG charts here.
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// vCPUs per machine.
@@ -37,7 +37,8 @@ pub struct SimArgs {
     /// SERVICE=R: rescale that trace so its peak is R requests/s.
     #[arg(long = "peak-rps")]
     pub peak_rps: Vec<String>,
-    /// START..END of the traces to use, e.g. 10d..17d (units s, m, h, d).
+    /// START..END of the traces to use, e.g. 10d..17d (units s, m, h, d); what comes before
+    /// START is the policies' history.
     #[arg(long)]
     pub window: Option<String>,
     /// Seconds per step.
@@ -58,16 +59,16 @@ pub struct SimArgs {
     /// Seconds of downtime per live migration.
     #[arg(long)]
     pub migrate_downtime_s: Option<f64>,
-    /// vMatrix's policy: capacity kept above demand (1.1 = 10%).
+    /// vMatrix's policy: capacity kept above demand (default 1.1 = 10%).
     #[arg(long)]
     pub headroom: Option<f64>,
-    /// vMatrix's policy: the recent demand a scale-out looks at, e.g. 2m.
+    /// vMatrix's policy: the recent demand a scale-out looks at (default 2m).
     #[arg(long)]
     pub scale_out: Option<String>,
-    /// vMatrix's policy: how long demand must stay low before a scale-in, e.g. 10m.
+    /// vMatrix's policy: how long demand must stay low before a scale-in (default 7m).
     #[arg(long)]
     pub scale_in: Option<String>,
-    /// vMatrix's policy: how far ahead the weekly forecast looks, e.g. 5m; "off" reacts only.
+    /// vMatrix's policy: how far ahead the weekly forecast looks (default 5m); "off" reacts only.
     #[arg(long)]
     pub forecast: Option<String>,
 }
