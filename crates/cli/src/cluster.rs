@@ -220,6 +220,10 @@ pub async fn machines(client: &Client, json: bool) -> Result<()> {
             .iter()
             .map(|k| s(&x[k]))
             .collect();
+            row.push(format!(
+                "{:.0}%",
+                x["cpu_load"].as_f64().unwrap_or(0.0) * 100.0
+            ));
             row.push(if x["free"] == true {
                 "free: can power down".into()
             } else {
@@ -237,6 +241,7 @@ pub async fn machines(client: &Client, json: bool) -> Result<()> {
             "MEMORY",
             "STATE",
             "INSTANCES",
+            "CPU",
             "",
         ],
         rows,

@@ -101,6 +101,7 @@ async fn machines(State(x): State<Ctx>) -> Response {
                     let mut v = serde_json::to_value(&m).unwrap_or_default();
                     v["instances"] = n.into();
                     v["free"] = free.into();
+                    v["cpu_load"] = x.c.cpu_load(&m.name).into();
                     v
                 })
                 .collect();

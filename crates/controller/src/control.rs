@@ -61,6 +61,39 @@ pub struct Controller {
     demand: Mutex<HashMap<String, std::collections::VecDeque<f64>>>,
     /// Whether the load-driven policy runs (else the loop only keeps `min`).
     policy: std::sync::atomic::AtomicBool,
+    /// CPU use per machine, from its heartbeats.
+    cpu: Mutex<HashMap<String, CpuMeter>>,
+}
+
+/// A machine's CPU load: the CPU seconds its instances' QEMUs used between two heartbeats,
+/// over the time between them and its vCPUs, smoothed.
+#[derive(Debug, Default)]
+struct CpuMeter {
+    last: Option<Instant>,
+    seconds: HashMap<InstanceId, f64>,
+    /// Busy fraction of its vCPUs (0..=1 and above when over-committed), smoothed.
+    load: f64,
+}
+
+impl CpuMeter {
+    /// Takes one heartbeat's per-instance CPU seconds.
+    fn observe(&mut self, now: Instant, vcpus: u32, instances: &[(InstanceId, f64)]) {
+        let mut used = 0.0;
+        for (id, secs) in instances {
+            if let Some(before) = self.seconds.get(id) {
+                used += (secs - before).max(0.0);
+            }
+        }
+        if let Some(last) = self.last {
+            let dt = now.duration_since(last).as_secs_f64();
+            if dt > 0.0 && vcpus > 0 {
+                let sample = used / dt / f64::from(vcpus);
+                self.load = 0.7 * self.load + 0.3 * sample;
+            }
+        }
+        self.last = Some(now);
+        self.seconds = instances.iter().cloned().collect();
+    }
 }
 
 /// Demand samples kept per service.
@@ -107,6 +140,7 @@ impl Controller {
             settled: Mutex::new(HashMap::new()),
             started: Instant::now(),
             heard: Mutex::new(HashSet::new()),
+            cpu: Mutex::new(HashMap::new()),
             load: Mutex::new(None),
             demand: Mutex::new(HashMap::new()),
             policy: std::sync::atomic::AtomicBool::new(false),
@@ -650,6 +684,16 @@ impl Controller {
             .collect())
     }
 
+    /// A machine's CPU load measured from its heartbeats (busy fraction of its vCPUs; 0 until
+    /// two heartbeats came).
+    pub fn cpu_load(&self, machine: &str) -> f64 {
+        self.cpu
+            .lock()
+            .ok()
+            .and_then(|c| c.get(machine).map(|m| m.load))
+            .unwrap_or(0.0)
+    }
+
     /// Services marked dropped, and whether the policy (not an operator) did it.
     pub fn dropped(&self) -> Result<Vec<(String, bool)>> {
         self.db(|d| d.dropped())
@@ -795,6 +839,18 @@ impl Controller {
             .map(|mut h| h.insert(report.name.clone()))
             .unwrap_or(false);
         self.db(|d| d.upsert_machine(&info, now_ms()))?;
+        if let Ok(mut cpu) = self.cpu.lock() {
+            let seconds: Vec<(InstanceId, f64)> = report
+                .instances
+                .iter()
+                .map(|i| (i.id.clone(), i.cpu_seconds))
+                .collect();
+            cpu.entry(report.name.clone()).or_default().observe(
+                Instant::now(),
+                report.vcpus,
+                &seconds,
+            );
+        }
         if first {
             self.event(
                 &report.name,
@@ -1037,7 +1093,7 @@ impl Controller {
                     vcpus: m.vcpus,
                     memory_mib: m.memory_mib,
                     healthy: m.state != "down",
-                    cpu_load: 0.0,
+                    cpu_load: self.cpu_load(&m.name),
                 })
                 .collect(),
             services: services
@@ -1167,5 +1223,39 @@ impl Controller {
             }
             tokio::time::sleep(period).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn machine_load_is_cpu_seconds_over_time_and_vcpus() {
+        let mut m = CpuMeter::default();
+        let t0 = Instant::now();
+        let a = InstanceId::new("web-1").expect("id");
+        let b = InstanceId::new("web-2").expect("id");
+        m.observe(t0, 2, &[(a.clone(), 10.0)]);
+        assert_eq!(m.load, 0.0, "one heartbeat tells nothing");
+        // 1 s later: web-1 used 1.6 CPU-s, web-2 is new (no rate yet) → 1.6 / 1 s / 2 vCPUs.
+        m.observe(
+            t0 + Duration::from_secs(1),
+            2,
+            &[(a.clone(), 11.6), (b.clone(), 3.0)],
+        );
+        assert!((m.load - 0.3 * 0.8).abs() < 1e-9, "{}", m.load);
+        // Steady 0.8 for a while converges to 0.8; a restarted QEMU (counter back to 0) adds 0.
+        let mut t = t0 + Duration::from_secs(1);
+        let (mut ca, mut cb) = (11.6, 3.0);
+        for _ in 0..40 {
+            t += Duration::from_secs(1);
+            ca += 0.8;
+            cb += 0.8;
+            m.observe(t, 2, &[(a.clone(), ca), (b.clone(), cb)]);
+        }
+        assert!((m.load - 0.8).abs() < 0.01, "{}", m.load);
+        m.observe(t + Duration::from_secs(1), 2, &[(a, 0.0), (b, cb + 0.8)]);
+        assert!(m.load < 0.8, "{}", m.load);
     }
 }
