@@ -76,7 +76,8 @@ struct CpuMeter {
 }
 
 impl CpuMeter {
-    /// Takes one heartbeat's per-instance CPU seconds.
+    /// Takes one heartbeat's CPU seconds of the instances that are running (a booting guest
+    /// burns a core for seconds and would make every machine that starts something look hot).
     fn observe(&mut self, now: Instant, vcpus: u32, instances: &[(InstanceId, f64)]) {
         let mut used = 0.0;
         for (id, secs) in instances {
@@ -843,6 +844,7 @@ impl Controller {
             let seconds: Vec<(InstanceId, f64)> = report
                 .instances
                 .iter()
+                .filter(|i| i.state == InstanceState::Running)
                 .map(|i| (i.id.clone(), i.cpu_seconds))
                 .collect();
             cpu.entry(report.name.clone()).or_default().observe(
