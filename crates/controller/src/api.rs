@@ -274,3 +274,25 @@ pub fn router(c: Arc<Controller>, token: String) -> Router {
         .layer(DefaultBodyLimit::max(1 << 20))
         .with_state(ctx)
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_openapi_document_lists_every_route() {
+        let doc: serde_json::Value = serde_json::from_str(super::OPENAPI).expect("valid JSON");
+        let source = include_str!("api.rs");
+        let routes: Vec<&str> = source
+            .split(".route(\"")
+            .skip(1)
+            .filter_map(|rest| rest.split('"').next())
+            .filter(|p| *p != "/openapi.json")
+            .collect();
+        assert!(routes.len() >= 10, "{routes:?}");
+        for path in routes {
+            assert!(
+                doc["paths"].get(path).is_some(),
+                "{path} is served but not in openapi.json"
+            );
+        }
+    }
+}
