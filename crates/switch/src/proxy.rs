@@ -163,6 +163,11 @@ impl Switch {
         let Ok(mut buckets) = self.admitted.lock() else {
             return false;
         };
+        if !buckets.contains_key(route.service.as_str()) {
+            // A new one: forget the buckets of services that are gone.
+            let table = self.routes.borrow().clone();
+            buckets.retain(|name, _| table.services.contains_key(name));
+        }
         buckets
             .entry(route.service.to_string())
             .or_insert(Bucket {
