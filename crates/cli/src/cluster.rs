@@ -392,8 +392,17 @@ pub async fn controller(
     listen: SocketAddr,
     state: Option<String>,
     policy: &str,
+    season: &str,
     data: &Path,
 ) -> Result<()> {
+    let season = match season {
+        "off" | "0" => Duration::ZERO,
+        s => Duration::from_secs_f64(
+            crate::sim::seconds(s)
+                .with_context(|| format!("--season {s}: use e.g. 7d, 1d or off"))?
+                .max(0.0),
+        ),
+    };
     let policy = match policy {
         "switching" => true,
         "min" => false,
@@ -426,6 +435,7 @@ pub async fn controller(
         state,
         token,
         policy,
+        season,
     };
     tokio::select! {
         r = vmatrix_controller::serve(config) => r.map_err(|e| anyhow!("{e}"))?,
@@ -456,6 +466,7 @@ fn spawn_self(args: &[String]) -> Result<Child> {
 /// Options of `vmatrix up`.
 pub struct UpArgs {
     pub policy: String,
+    pub season: String,
     pub machines: u32,
     pub listen: SocketAddr,
     pub vcpus: u32,
@@ -547,6 +558,8 @@ pub async fn up(args: UpArgs, data: &Path, accel: vmatrix_vmm::AccelChoice) -> R
         data_s.clone(),
         "--policy".into(),
         args.policy.clone(),
+        "--season".into(),
+        args.season.clone(),
     ])?];
     let api = format!("http://{}", args.listen);
     let http = reqwest::Client::new();

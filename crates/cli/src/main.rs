@@ -59,6 +59,10 @@ enum Command {
         /// min: manual mode (keep each service's min instances; moves are the operator's).
         #[arg(long, default_value = "switching")]
         policy: String,
+        /// The policy's season: it provisions for the demand of one season ago, a little ahead
+        /// of now (7d: a week knows weekdays from weekends; "off": react only). Learnt in memory.
+        #[arg(long, default_value = "7d")]
+        season: String,
     },
     /// Run the switch: the front door that follows VMs.
     Switch {
@@ -126,6 +130,10 @@ enum Command {
         /// min: manual mode (keep each service's min instances; moves are the operator's).
         #[arg(long, default_value = "switching")]
         policy: String,
+        /// The policy's season: it provisions for the demand of one season ago, a little ahead
+        /// of now (7d: a week knows weekdays from weekends; "off": react only). Learnt in memory.
+        #[arg(long, default_value = "7d")]
+        season: String,
     },
     /// Run an agent for one real machine.
     Agent {
@@ -383,9 +391,11 @@ fn run() -> Result<()> {
             memory,
             switch_listen,
             policy,
+            season,
         } => runtime()?.block_on(cluster::up(
             cluster::UpArgs {
                 policy,
+                season,
                 machines,
                 listen,
                 vcpus,
@@ -454,7 +464,8 @@ fn run() -> Result<()> {
             listen,
             state,
             policy,
-        } => runtime()?.block_on(cluster::controller(listen, state, &policy, &data))?,
+            season,
+        } => runtime()?.block_on(cluster::controller(listen, state, &policy, &season, &data))?,
         Command::Agent {
             controller,
             listen,

@@ -73,7 +73,7 @@ pub struct SimArgs {
     pub forecast: Option<String>,
 }
 
-fn seconds(s: &str) -> Result<f64> {
+pub(crate) fn seconds(s: &str) -> Result<f64> {
     let s = s.trim();
     let (num, mult) = match s.chars().last() {
         Some('s') => (&s[..s.len() - 1], 1.0),

@@ -63,6 +63,77 @@ pub struct Controller {
     policy: std::sync::atomic::AtomicBool,
     /// CPU use per machine, from its heartbeats.
     cpu: Mutex<HashMap<String, CpuMeter>>,
+    /// Demand over the last season, for the forecast.
+    season: Mutex<Season>,
+}
+
+/// Demand remembered over one season (a week by default) in coarse buckets (the maximum of each),
+/// for the policy's forecast: what came one season ago, from now to a little ahead. In memory:
+/// a restarted controller starts learning again.
+#[derive(Debug)]
+pub struct Season {
+    period: Duration,
+    bucket: Duration,
+    ahead: u64,
+    /// Per service: (bucket index, maximum rps), oldest first.
+    history: HashMap<String, std::collections::VecDeque<(u64, f64)>>,
+}
+
+impl Season {
+    /// Buckets per season.
+    const BUCKETS: u32 = 2016;
+
+    /// A season of `period` (zero: no forecast), looking `ahead` past now.
+    pub fn new(period: Duration, ahead: Duration) -> Self {
+        let bucket = (period / Self::BUCKETS).max(Duration::from_millis(1));
+        Self {
+            period,
+            bucket,
+            ahead: (ahead.as_secs_f64() / bucket.as_secs_f64()).ceil() as u64,
+            history: HashMap::new(),
+        }
+    }
+
+    fn index(&self, at: Duration) -> u64 {
+        (at.as_secs_f64() / self.bucket.as_secs_f64()) as u64
+    }
+
+    /// Records a demand sample taken `at` since the controller started.
+    pub fn record(&mut self, service: &str, at: Duration, rps: f64) {
+        if self.period.is_zero() {
+            return;
+        }
+        let i = self.index(at);
+        let keep = u64::from(Self::BUCKETS) + self.ahead + 1;
+        let h = self.history.entry(service.to_owned()).or_default();
+        match h.back_mut() {
+            Some((last, max)) if *last == i => *max = max.max(rps),
+            _ => h.push_back((i, rps)),
+        }
+        while h.front().is_some_and(|(first, _)| first + keep < i) {
+            h.pop_front();
+        }
+    }
+
+    /// The most demand seen one season before `at`, from then to `ahead` later (0 when the
+    /// history does not reach back that far).
+    pub fn forecast(&self, service: &str, at: Duration) -> f64 {
+        let season = u64::from(Self::BUCKETS);
+        let (Some(h), Some(from)) = (
+            self.history.get(service),
+            self.index(at).checked_sub(season),
+        ) else {
+            return 0.0;
+        };
+        h.iter()
+            .filter(|(i, _)| *i >= from && *i <= from + self.ahead)
+            .fold(0.0f64, |a, (_, v)| a.max(*v))
+    }
+
+    /// Forgets services that are no longer declared.
+    pub fn retain(&mut self, keep: impl Fn(&str) -> bool) {
+        self.history.retain(|name, _| keep(name));
+    }
 }
 
 /// A machine's CPU load: the CPU seconds its instances' QEMUs used between two heartbeats,
@@ -142,6 +213,7 @@ impl Controller {
             started: Instant::now(),
             heard: Mutex::new(HashSet::new()),
             cpu: Mutex::new(HashMap::new()),
+            season: Mutex::new(Season::new(Duration::ZERO, Duration::ZERO)),
             load: Mutex::new(None),
             demand: Mutex::new(HashMap::new()),
             policy: std::sync::atomic::AtomicBool::new(false),
@@ -1045,6 +1117,18 @@ impl Controller {
         Ok(())
     }
 
+    /// Sets the season the policy's forecast looks back over (zero: no forecast), and how far
+    /// past now it looks. Forgets what was learnt.
+    pub fn set_season(&self, period: Duration, ahead: Duration) {
+        *self.season.lock().unwrap_or_else(|p| p.into_inner()) = Season::new(period, ahead);
+    }
+
+    /// The demand one season ago, a little ahead of now, for `service` (0 while unknown).
+    fn forecast(&self, service: &str) -> f64 {
+        let at = self.started.elapsed();
+        self.season.lock().map_or(0.0, |s| s.forecast(service, at))
+    }
+
     /// Turns the load-driven policy on (server switching, drop, consolidation) or off (keep `min`).
     pub fn set_policy(&self, on: bool) {
         self.policy.store(on, std::sync::atomic::Ordering::Relaxed);
@@ -1055,8 +1139,12 @@ impl Controller {
         let load = self.load();
         let mut d = self.demand.lock().unwrap_or_else(|p| p.into_inner());
         d.retain(|name, _| services.iter().any(|s| s.name.as_str() == name));
+        let at = self.started.elapsed();
+        let mut season = self.season.lock().unwrap_or_else(|p| p.into_inner());
+        season.retain(|name| services.iter().any(|s| s.name.as_str() == name));
         for s in services {
             let rps = load.services.get(s.name.as_str()).map_or(0.0, |l| l.rps);
+            season.record(s.name.as_str(), at, rps);
             let h = d.entry(s.name.to_string()).or_default();
             h.push_back(rps);
             while h.len() > DEMAND_HISTORY {
@@ -1109,6 +1197,7 @@ impl Controller {
                     vcpus: s.vcpus,
                     memory_mib: s.memory_mib,
                     demand: demand.get(s.name.as_str()).cloned().unwrap_or_default(),
+                    forecast_rps: self.forecast(s.name.as_str()),
                     // The policy manages its own drops only.
                     dropped: dropped.iter().any(|(d, by)| *by && d == s.name.as_str()),
                 })
@@ -1231,6 +1320,32 @@ impl Controller {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_season_forecasts_what_came_one_period_ago_a_little_ahead() {
+        // A season of 2016 s: one-second buckets; look 3 s ahead.
+        let mut s = Season::new(Duration::from_secs(2016), Duration::from_secs(3));
+        let at = |secs: u64| Duration::from_secs(secs);
+        let mut seen = HashMap::new();
+        for t in 0..2200 {
+            let rps = if (100..110).contains(&t) { 500.0 } else { 10.0 };
+            s.record("web", at(t), rps);
+            // Asked, as the controller does, right after each sample.
+            seen.insert(t, s.forecast("web", at(t)));
+        }
+        assert_eq!(seen[&1000], 0.0, "not a whole season known yet");
+        assert_eq!(seen[&(2016 + 50)], 10.0, "a quiet time last season");
+        assert_eq!(seen[&(2016 + 96)], 10.0);
+        assert_eq!(seen[&(2016 + 97)], 500.0, "3 s before last season's spike");
+        assert_eq!(seen[&(2016 + 109)], 500.0);
+        assert_eq!(seen[&(2016 + 110)], 10.0, "after it");
+        assert_eq!(s.forecast("nope", at(2100)), 0.0);
+        // Kept bounded: about one season of buckets.
+        assert!(s.history["web"].len() <= 2016 + 3 + 2);
+        let mut off = Season::new(Duration::ZERO, Duration::ZERO);
+        off.record("web", at(5), 100.0);
+        assert!(off.history.is_empty());
+    }
 
     #[test]
     fn machine_load_is_cpu_seconds_over_time_and_vcpus() {

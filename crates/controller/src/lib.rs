@@ -30,6 +30,9 @@ pub struct ControllerConfig {
     pub token: String,
     /// Run the load-driven policy (else the loop only keeps each service's `min`).
     pub policy: bool,
+    /// The policy's season (zero: no forecast): it provisions for the demand of one season
+    /// ago, one 2016th of a season ahead of now (5 minutes for a week).
+    pub season: std::time::Duration,
 }
 
 /// Reads the token in `dir/token`, or creates one (mode 0600). Returns it and whether it is new.
@@ -65,6 +68,7 @@ pub async fn serve(
     let db = Db::open(&config.state)?;
     let controller = Controller::new(db, config.token.clone());
     controller.set_policy(config.policy);
+    controller.set_season(config.season, config.season / 2016);
     controller.event(
         "controller",
         "start",

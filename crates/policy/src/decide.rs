@@ -223,7 +223,8 @@ fn seasonal(s: &Service, c: &Config) -> f64 {
 /// give back 3 because a noisy minute left the window).
 fn desired(s: &Service, current: u32, c: &Config) -> u32 {
     let recent = recent_max(s, c.scale_out_window);
-    let out = to_instances(s, recent.max(seasonal(s, c)), c.headroom);
+    let expected = seasonal(s, c).max(s.forecast_rps);
+    let out = to_instances(s, recent.max(expected), c.headroom);
     if out >= current {
         return out;
     }

@@ -40,6 +40,11 @@ pub struct Service {
     pub memory_mib: u32,
     /// Measured demand, requests/s, one sample per tick, oldest first (the last is now).
     pub demand: Vec<f64>,
+    /// The caller's own forecast of the demand over the next few minutes, requests/s (0: none):
+    /// provisioned for like recent demand. The controller derives it from what came one season
+    /// ago; the simulator uses `Config::seasonal_periods` on the demand history instead.
+    #[serde(default)]
+    pub forecast_rps: f64,
     /// Currently refused by the switch (dropped).
     pub dropped: bool,
 }

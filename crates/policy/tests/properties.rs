@@ -29,6 +29,7 @@ fn service(name: &str, priority: i32, min: u32, max: u32, demand: &[f64]) -> Ser
         memory_mib: 256,
         demand: demand.to_vec(),
         dropped: false,
+        forecast_rps: 0.0,
     }
 }
 
@@ -120,6 +121,7 @@ fn arb_snapshot(homogeneous: bool) -> impl Strategy<Value = Snapshot> {
                 memory_mib: if homogeneous { 256 } else { 256 * size },
                 demand: demand.clone(),
                 dropped: false,
+                forecast_rps: 0.0,
             })
             .collect();
         // Place instances only where they fit, so the starting point is valid.
@@ -540,4 +542,24 @@ fn weighted_fair_sharing_splits_a_short_pool_by_priority() {
     };
     let (after, _) = settle(roomy, &c, 10);
     assert_eq!(placed(&after, "finance"), 4, "150 req/s × 1.2 ÷ 50");
+}
+
+#[test]
+fn a_callers_forecast_is_provisioned_before_the_demand_comes() {
+    let mut s = Snapshot {
+        now_s: 0.0,
+        machines: vec![machine("m1", 8, 4096)],
+        services: vec![service("finance", 10, 1, 20, &[10.0; 10])],
+        instances: vec![instance("finance-1", 0, Some(0), InstanceState::Running)],
+    };
+    assert!(
+        decide(&s, &Config::default()).is_empty(),
+        "10 req/s: one is enough"
+    );
+    s.services[0].forecast_rps = 200.0; // the market opens in a few minutes
+    let started = decide(&s, &Config::default())
+        .iter()
+        .filter(|a| matches!(a, Action::Activate { .. }))
+        .count();
+    assert_eq!(started, 4, "200 req/s × 1.2 ÷ 50 = 5 instances, 4 more");
 }

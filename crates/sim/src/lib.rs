@@ -477,6 +477,7 @@ fn run_switching(
                     vcpus: s.vcpus,
                     memory_mib: s.memory_mib,
                     demand,
+                    forecast_rps: 0.0,
                     dropped: false,
                 }
             })
