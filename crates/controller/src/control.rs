@@ -734,24 +734,23 @@ impl Controller {
     /// Each machine with the number of instances placed on it (activating, running, migrating
     /// or suspending). A healthy dedicated machine with none is free: it can be powered down.
     pub fn machine_use(&self) -> Result<Vec<(MachineInfo, usize)>> {
-        let rows = self.db(|d| d.instances())?;
+        let mut placed: HashMap<String, usize> = HashMap::new();
+        for r in self.db(|d| d.instances())? {
+            if matches!(
+                r.info.state,
+                InstanceState::Activating
+                    | InstanceState::Running
+                    | InstanceState::Migrating
+                    | InstanceState::Suspending
+            ) {
+                *placed.entry(r.info.machine).or_default() += 1;
+            }
+        }
         Ok(self
             .machines()?
             .into_iter()
             .map(|m| {
-                let n = rows
-                    .iter()
-                    .filter(|r| {
-                        r.info.machine == m.name
-                            && matches!(
-                                r.info.state,
-                                InstanceState::Activating
-                                    | InstanceState::Running
-                                    | InstanceState::Migrating
-                                    | InstanceState::Suspending
-                            )
-                    })
-                    .count();
+                let n = placed.get(&m.name).copied().unwrap_or(0);
                 (m, n)
             })
             .collect())

@@ -84,6 +84,21 @@ pub struct Pool {
     pub record: bool,
 }
 
+impl Pool {
+    /// `machines` of `vcpus` and `memory_mib`, 1-minute steps, the measured move times, no
+    /// per-step recording.
+    pub fn new(machines: usize, vcpus: u32, memory_mib: u32) -> Self {
+        Self {
+            machines,
+            vcpus,
+            memory_mib,
+            step_s: 60.0,
+            latencies: Latencies::default(),
+            record: false,
+        }
+    }
+}
+
 /// Which policy to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -336,16 +351,15 @@ fn run_reactive(services: &[SimService], pool: &Pool) -> Summary {
         let target: Vec<usize> = services
             .iter()
             .map(|s| {
-                let seen: Vec<f64> = s
+                let seen = s
                     .history
                     .iter()
                     .chain(&s.demand[..t.min(s.demand.len())])
                     .rev()
                     .take(window)
-                    .copied()
-                    .collect();
-                ((peak(&seen) * 1.5 / s.capacity_rps).ceil() as u32)
-                    .clamp(s.min.max(1), s.max.max(1)) as usize
+                    .fold(0.0f64, |a, b| a.max(*b));
+                ((seen * 1.5 / s.capacity_rps).ceil() as u32).clamp(s.min.max(1), s.max.max(1))
+                    as usize
             })
             .collect();
         let mut serving = Vec::with_capacity(services.len());
@@ -587,7 +601,7 @@ pub fn parse_trace(
     text: &str,
     step_s: f64,
     window: Option<(f64, f64)>,
-    peak: Option<f64>,
+    peak_rps: Option<f64>,
 ) -> Result<Trace, String> {
     if step_s.is_nan() || step_s <= 0.0 {
         return Err(format!("a step of {step_s} s: use a positive step"));
@@ -645,8 +659,8 @@ pub fn parse_trace(
             "the window holds no samples: the trace spans {span:.1} days from t={t0} s"
         ));
     }
-    if let Some(p) = peak {
-        let max = values[from..to].iter().fold(0.0f64, |a, b| a.max(*b));
+    if let Some(p) = peak_rps {
+        let max = peak(&values[from..to]);
         if max > 0.0 {
             for v in &mut values {
                 *v *= p / max;
@@ -680,14 +694,7 @@ mod tests {
     }
 
     fn pool(machines: usize) -> Pool {
-        Pool {
-            machines,
-            vcpus: 8,
-            memory_mib: 2048,
-            step_s: 60.0,
-            latencies: Latencies::default(),
-            record: false,
-        }
+        Pool::new(machines, 8, 2048)
     }
 
     fn run(kind: PolicyKind, services: &[SimService], pool: &Pool) -> Summary {

@@ -6,8 +6,7 @@
 use std::path::PathBuf;
 
 use vmatrix_sim::{
-    lower_bound, parse_trace, run, switching_config, Latencies, PolicyKind, Pool, SimService,
-    Summary,
+    lower_bound, parse_trace, run, switching_config, PolicyKind, Pool, SimService, Summary,
 };
 
 fn repo() -> PathBuf {
@@ -61,14 +60,7 @@ fn services() -> (Vec<SimService>, usize) {
 }
 
 fn pool(machines: usize) -> Pool {
-    Pool {
-        machines,
-        vcpus: 8,
-        memory_mib: 2048,
-        step_s: 60.0,
-        latencies: Latencies::default(),
-        record: false,
-    }
+    Pool::new(machines, 8, 2048)
 }
 
 fn served(s: &Summary, name: &str) -> f64 {

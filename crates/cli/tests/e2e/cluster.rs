@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::support::{data_dir, free_port, processes, start_controller, start_up, vmatrix};
+use crate::support::{
+    data_dir, free_port, is_qemu_of, kill9, processes, start_controller, start_up, vmatrix,
+};
 
 pub(crate) async fn cli(data: &Path, args: &[&str]) -> (bool, String, String) {
     let out = vmatrix()
@@ -30,6 +32,39 @@ pub(crate) async fn ps(data: &Path) -> Vec<Value> {
     assert!(ok, "ps: {err}");
     let v: Value = serde_json::from_str(&out).expect("ps --json");
     v["instances"].as_array().cloned().unwrap_or_default()
+}
+
+/// Each instance's (id, machine, endpoint).
+async fn placements(data: &Path) -> Vec<(String, String, String)> {
+    ps(data)
+        .await
+        .iter()
+        .map(|i| {
+            (
+                i["id"].to_string(),
+                i["machine"].to_string(),
+                i["endpoint"].to_string(),
+            )
+        })
+        .collect()
+}
+
+/// Waits until the switch at `front` routes `service` to an instance that answers `/health`.
+pub(crate) async fn wait_routed(front: &str, service: &str) {
+    let http = reqwest::Client::new();
+    wait_for(
+        &format!("the switch routing {service}"),
+        Duration::from_secs(60),
+        async || {
+            let r = http
+                .get(format!("http://{front}/s/{service}/health"))
+                .send()
+                .await
+                .ok()?;
+            r.status().is_success().then_some(())
+        },
+    )
+    .await;
 }
 
 pub(crate) async fn wait_for<T>(
@@ -185,26 +220,10 @@ async fn up_apply_migrate_suspend_resume_and_survive_a_controller_crash() {
     assert_eq!(http(&ep, "GET", "/disk/order", b"").await.1, "on disk");
 
     // kill -9 the controller; start a new one on the same state: nothing lost or duplicated.
-    let before: Vec<(String, String, String)> = ps(d)
-        .await
-        .iter()
-        .map(|i| {
-            (
-                i["id"].to_string(),
-                i["machine"].to_string(),
-                i["endpoint"].to_string(),
-            )
-        })
-        .collect();
-    let pid = processes(|c| c.contains(" controller ") && c.contains(&listen))
-        .first()
-        .map(|(p, _)| p.to_string())
-        .expect("the controller process");
-    assert!(std::process::Command::new("kill")
-        .args(["-9", &pid])
-        .status()
-        .unwrap()
-        .success());
+    let before = placements(d).await;
+    kill9("the controller", |c| {
+        c.contains(" controller ") && c.contains(&listen)
+    });
     let mut controller = start_controller(d, &listen).await;
     // Let every agent report at least twice to the new controller.
     let settle = Instant::now();
@@ -221,17 +240,7 @@ async fn up_apply_migrate_suspend_resume_and_survive_a_controller_crash() {
         },
     )
     .await;
-    let after: Vec<(String, String, String)> = ps(d)
-        .await
-        .iter()
-        .map(|i| {
-            (
-                i["id"].to_string(),
-                i["machine"].to_string(),
-                i["endpoint"].to_string(),
-            )
-        })
-        .collect();
+    let after = placements(d).await;
     assert_eq!(
         before, after,
         "the restarted controller sees the same instances"
@@ -248,15 +257,7 @@ async fn up_apply_migrate_suspend_resume_and_survive_a_controller_crash() {
 
     // Recovery: a broken instance (its QEMU killed) is thrown away and replaced.
     let victim = instance(&ps(d).await, "sports-2").clone();
-    let qemu = processes(|c| c.contains("qemu-system") && c.contains("serial=sports-2"))
-        .first()
-        .map(|(p, _)| p.to_string())
-        .expect("sports-2's QEMU");
-    assert!(std::process::Command::new("kill")
-        .args(["-9", &qemu])
-        .status()
-        .unwrap()
-        .success());
+    kill9("sports-2's QEMU", is_qemu_of("sports-2"));
     let t = Instant::now();
     let replaced = wait_for("sports-2 replaced", Duration::from_secs(120), async || {
         let l = ps(d).await;

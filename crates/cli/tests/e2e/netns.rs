@@ -3,10 +3,11 @@
 
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 
+use crate::cluster::wait_for;
 use crate::support::{data_dir, vmatrix};
 
 /// The bridge and namespaces of one test, removed on drop (pass or fail).
@@ -73,20 +74,9 @@ impl Drop for Net {
     }
 }
 
+/// `vmatrix --data DATA --api API ARGS…`: the controller is not on loopback here.
 async fn cli(data: &Path, api: &str, args: &[&str]) -> (bool, String, String) {
-    let out = vmatrix()
-        .arg("--data")
-        .arg(data)
-        .args(["--api", api])
-        .args(args)
-        .output()
-        .await
-        .expect("run vmatrix");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    crate::cluster::cli(data, &[&["--api", api], args].concat()).await
 }
 
 async fn ps(data: &Path, api: &str) -> Vec<Value> {
@@ -145,11 +135,10 @@ async fn an_instance_migrates_between_hosts_in_network_namespaces() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !cli(d, &api, &["machines"]).await.0 {
-        assert!(Instant::now() < deadline, "controller did not start");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for("the controller", Duration::from_secs(30), async || {
+        cli(d, &api, &["machines"]).await.0.then_some(())
+    })
+    .await;
     let mut agents = Vec::new();
     for (h, ns) in net.namespaces.iter().enumerate() {
         let child = tokio::process::Command::new("ip")
@@ -172,23 +161,21 @@ async fn an_instance_migrates_between_hosts_in_network_namespaces() {
             .unwrap();
         agents.push(child);
     }
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let (_, out, _) = cli(d, &api, &["machines", "--json"]).await;
-        let up = serde_json::from_str::<Value>(&out)
-            .ok()
-            .and_then(|v| {
-                v["machines"]
-                    .as_array()
-                    .map(|m| m.iter().filter(|m| m["state"] == "up").count())
-            })
-            .unwrap_or(0);
-        if up == 2 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "agents did not register: {out}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_for(
+        "both agents registered",
+        Duration::from_secs(60),
+        async || {
+            let (_, out, _) = cli(d, &api, &["machines", "--json"]).await;
+            let v = serde_json::from_str::<Value>(&out).ok()?;
+            let up = v["machines"]
+                .as_array()?
+                .iter()
+                .filter(|m| m["state"] == "up")
+                .count();
+            (up == 2).then_some(())
+        },
+    )
+    .await;
 
     let services = d.join("one.toml");
     std::fs::write(
@@ -198,15 +185,17 @@ async fn an_instance_migrates_between_hosts_in_network_namespaces() {
     .unwrap();
     let (ok, _, err) = cli(d, &api, &["apply", "-f", services.to_str().unwrap()]).await;
     assert!(ok, "{err}");
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let inst = loop {
-        let l = ps(d, &api).await;
-        if let Some(i) = l.iter().find(|i| i["state"] == "running") {
-            break i.clone();
-        }
-        assert!(Instant::now() < deadline, "no instance came up: {l:?}");
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    };
+    let inst = wait_for(
+        "an instance running",
+        Duration::from_secs(120),
+        async || {
+            ps(d, &api)
+                .await
+                .into_iter()
+                .find(|i| i["state"] == "running")
+        },
+    )
+    .await;
     let ep: std::net::SocketAddr = inst["endpoint"].as_str().unwrap().parse().unwrap();
     let put = vmatrix_vmm::http::request(
         ep,

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use vmatrix_switch::{run_load, LoadOptions};
 
-use crate::cluster::{cli, ps, wait_for};
-use crate::support::{data_dir, free_port, processes, start_up, up_log};
+use crate::cluster::{cli, ps, wait_for, wait_routed};
+use crate::support::{data_dir, free_port, is_qemu_of, kill9, start_up, up_log};
 
 fn running(list: &[Value], service: &str) -> usize {
     list.iter()
@@ -66,18 +66,8 @@ async fn the_policy_scales_out_drops_the_lower_priority_and_scales_back_in() {
         },
     )
     .await;
-    let http = reqwest::Client::new();
-    for s in ["shop", "batch"] {
-        wait_for("the switch routing", Duration::from_secs(60), async || {
-            let r = http
-                .get(format!("http://{front}/s/{s}/health"))
-                .send()
-                .await
-                .ok()?;
-            r.status().is_success().then_some(())
-        })
-        .await;
-    }
+    wait_routed(&front, "shop").await;
+    wait_routed(&front, "batch").await;
 
     // 1. 25 req/s at 10 req/s per instance, 20% headroom: shop wants 3.
     let shop_load = tokio::spawn({
@@ -204,15 +194,7 @@ async fn the_policy_scales_out_drops_the_lower_priority_and_scales_back_in() {
         .find(|i| i["service"] == "shop" && i["state"] == "running")
         .expect("a running shop instance");
     let id = victim["id"].as_str().unwrap().to_owned();
-    let qemu = processes(|c| c.contains("qemu-system") && c.contains(&format!("serial={id}")))
-        .first()
-        .map(|(p, _)| p.to_string())
-        .expect("shop's QEMU");
-    assert!(std::process::Command::new("kill")
-        .args(["-9", &qemu])
-        .status()
-        .unwrap()
-        .success());
+    kill9("shop's QEMU", is_qemu_of(&id));
     let broke = Instant::now();
     wait_for("shop replaced", Duration::from_secs(120), async || {
         let l = ps(d).await;

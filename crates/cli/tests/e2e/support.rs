@@ -106,6 +106,25 @@ pub async fn start_controller(data: &Path, listen: &str) -> tokio::process::Chil
     child
 }
 
+/// Kills with SIGKILL the one live process whose command line satisfies `pred` (`what` names
+/// it in the failure message): a crash, as far as vMatrix can tell.
+pub fn kill9(what: &str, pred: impl Fn(&str) -> bool) {
+    let pid = processes(pred)
+        .first()
+        .map(|(p, _)| p.to_string())
+        .unwrap_or_else(|| panic!("no process for {what}"));
+    let killed = std::process::Command::new("kill")
+        .args(["-9", &pid])
+        .status()
+        .expect("run kill");
+    assert!(killed.success(), "kill -9 {pid} ({what})");
+}
+
+/// The QEMU process of instance `id` (its SMBIOS serial is the instance id).
+pub fn is_qemu_of(id: &str) -> impl Fn(&str) -> bool + '_ {
+    move |c: &str| c.contains("qemu-system") && c.contains(&format!("serial={id} "))
+}
+
 /// Live (not zombie) processes whose command line satisfies `pred`: (pid, command line).
 pub fn processes(pred: impl Fn(&str) -> bool) -> Vec<(u32, String)> {
     let Ok(dir) = std::fs::read_dir("/proc") else {

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use vmatrix_switch::{run_load, LoadOptions};
 
-use crate::cluster::{cli, ps, wait_for};
+use crate::cluster::{cli, ps, wait_for, wait_routed};
 use crate::support::{data_dir, free_port, start_up};
 
 #[tokio::test]
@@ -57,19 +57,7 @@ async fn the_switch_hides_moves_wakes_dormant_services_and_drops_fast() {
     )
     .await;
     let http = reqwest::Client::new();
-    wait_for(
-        "the switch routing web",
-        Duration::from_secs(30),
-        async || {
-            let r = http
-                .get(format!("http://{front}/s/web/health"))
-                .send()
-                .await
-                .ok()?;
-            r.status().is_success().then_some(())
-        },
-    )
-    .await;
+    wait_routed(&front, "web").await;
 
     // 1. A live migration under 30 requests/s: no failed request. (The rate stays well inside
     // what one TCG guest serves on a slow host — about 40 req/s on a bad day — so a failure
