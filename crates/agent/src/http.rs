@@ -11,7 +11,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use vmatrix_core::api::{AgentCommand, ErrorBody};
 
-use crate::machine::{Agent, AgentError};
+use crate::machine::{Agent, FailureKind};
 
 #[derive(Clone)]
 struct Ctx {
@@ -48,16 +48,17 @@ async fn command(State(ctx): State<Ctx>, headers: HeaderMap, body: axum::body::B
         }
     };
     tracing::info!(machine = %ctx.agent.config.name, ?cmd, "command");
+    // The command runs as the agent's own task: if the controller hangs up, it goes on.
     match ctx.agent.handle(cmd).await {
         Ok(reply) => Json(reply).into_response(),
         Err(e) => {
-            let status = match e {
-                AgentError::Stale { .. } | AgentError::Busy { .. } => StatusCode::CONFLICT,
-                AgentError::Unknown(_) => StatusCode::NOT_FOUND,
-                _ => StatusCode::INTERNAL_SERVER_ERROR,
+            let status = match e.kind {
+                FailureKind::Stale | FailureKind::Busy => StatusCode::CONFLICT,
+                FailureKind::Unknown => StatusCode::NOT_FOUND,
+                FailureKind::Failed => StatusCode::INTERNAL_SERVER_ERROR,
             };
             tracing::warn!(machine = %ctx.agent.config.name, "command failed: {e}");
-            error(status, e.to_string())
+            error(status, e.message)
         }
     }
 }
@@ -69,12 +70,16 @@ async fn status(State(ctx): State<Ctx>, headers: HeaderMap) -> Response {
             "missing or wrong bearer token".into(),
         );
     }
-    Json(ctx.agent.report().await).into_response()
+    Json(ctx.agent.report()).into_response()
 }
 
-/// Serves the agent API on its listen address and sends heartbeats to `controller` until the
-/// process ends.
+/// Adopts the VMs a previous agent process left, then serves the agent API on its listen
+/// address and sends heartbeats to `controller` until the process ends.
 pub async fn serve(agent: Arc<Agent>, controller: String, token: String) -> std::io::Result<()> {
+    let adopted = crate::record::adopt_left(&agent).await;
+    if adopted > 0 {
+        tracing::info!(machine = %agent.config.name, "adopted {adopted} running VM(s)");
+    }
     let ctx = Ctx {
         agent: agent.clone(),
         token: Arc::new(token.clone()),
@@ -93,6 +98,7 @@ pub async fn serve(agent: Arc<Agent>, controller: String, token: String) -> std:
 async fn heartbeat(agent: Arc<Agent>, controller: String, token: String) {
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(5))
+        .connect_timeout(Duration::from_secs(2))
         .build()
         .expect("a plain HTTP client builds");
     let url = format!(
@@ -101,7 +107,8 @@ async fn heartbeat(agent: Arc<Agent>, controller: String, token: String) {
     );
     let mut warned = false;
     loop {
-        let report = agent.report().await;
+        let beat = tokio::time::Instant::now();
+        let report = agent.report();
         match client
             .post(&url)
             .bearer_auth(&token)
@@ -120,6 +127,7 @@ async fn heartbeat(agent: Arc<Agent>, controller: String, token: String) {
             }
             _ => {}
         }
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        // A fixed period from the start of each beat, whatever the controller's latency.
+        tokio::time::sleep_until(beat + Duration::from_secs(1)).await;
     }
 }

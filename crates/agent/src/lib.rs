@@ -7,9 +7,18 @@
 //! beliefs. The agent must never decide on its own to start, move or stop an instance — except
 //! to stop what the controller no longer wants — and never talk to anything but the controller,
 //! the repository and its own QEMU processes.
+//!
+//! A restart of the agent is not a restart of its VMs: QEMU outlives it, and the next agent
+//! process adopts what the previous one left ([`record`]).
 
+pub mod fake;
+mod health;
 mod http;
+pub mod hypervisor;
 mod machine;
+pub mod record;
 
 pub use http::serve;
-pub use machine::{Agent, AgentConfig, AgentError};
+pub use hypervisor::{Hypervisor, Qemu};
+pub use machine::{work_limit, Agent, AgentConfig, AgentError, CommandFailure, FailureKind};
+pub use record::{adopt_left, sweep};

@@ -123,7 +123,12 @@ pub async fn vmm(accel: AccelChoice, runs: usize, memory_mib: u32, work: &Path) 
         )
         .await?;
 
-        let suspended = vm.suspend(&run.join("a/state.bin")).await?;
+        let suspended = vm
+            .suspend(
+                &run.join("a/state.bin"),
+                std::time::Duration::from_secs(120),
+            )
+            .await?;
         suspend.values.push(suspended.elapsed.as_secs_f64());
         state.values.push(mib(suspended.state_bytes));
 

@@ -101,11 +101,42 @@ impl Client {
         self.call(reqwest::Method::POST, path, Some(body)).await
     }
 
+    /// Submits an operation and follows it to its end. The controller runs it as its own
+    /// task: Ctrl-C here stops only the following, never the operation.
     pub async fn operate(&self, op: Operation) -> Result<String> {
         let v = self
-            .post("/api/v1/operations", serde_json::to_value(op)?)
+            .post("/api/v1/operations?wait=5", serde_json::to_value(op)?)
             .await?;
-        Ok(v["result"].as_str().unwrap_or("done").to_owned())
+        let reply: vmatrix_core::api::OperationReply =
+            serde_json::from_value(v).context("the controller's reply to an operation")?;
+        if reply.state == vmatrix_core::api::OperationState::Running {
+            eprintln!(
+                "operation {id} runs on the controller; Ctrl-C stops only this wait (`vmatrix operation {id}` follows it again)",
+                id = reply.operation
+            );
+        }
+        self.follow(reply).await
+    }
+
+    /// Waits for operation `reply.operation` to settle and says how it ended.
+    pub async fn follow(&self, mut reply: vmatrix_core::api::OperationReply) -> Result<String> {
+        use vmatrix_core::api::OperationState as S;
+        while reply.state == S::Running {
+            let v = self
+                .get(&format!("/api/v1/operations/{}?wait=30", reply.operation))
+                .await?;
+            reply = serde_json::from_value(v).context("the controller's reply to an operation")?;
+        }
+        match reply.state {
+            S::Done => Ok(reply.result),
+            S::Interrupted => Ok(format!(
+                "operation {} was interrupted: {}",
+                reply.operation, reply.result
+            )),
+            S::Failed | S::Running => {
+                bail!("operation {} failed: {}", reply.operation, reply.result)
+            }
+        }
     }
 }
 
@@ -251,46 +282,32 @@ pub async fn machines(client: &Client, json: bool) -> Result<()> {
 
 pub async fn ps(client: &Client, json: bool) -> Result<()> {
     let v = client.get("/api/v1/instances").await?;
+    let list: vmatrix_core::api::InstancesReply =
+        serde_json::from_value(v).context("the controller's instance list")?;
     if json {
-        let list: Vec<Value> = v["instances"].as_array().cloned().unwrap_or_default().into_iter().map(|i| {
-            serde_json::json!({"id": i["id"], "service": i["service"], "version": i["version"], "machine": i["machine"], "state": i["state"], "endpoint": i["endpoint"]})
-        }).collect();
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&serde_json::json!({ "instances": list }))?
-        );
+        println!("{}", serde_json::to_string_pretty(&list)?);
         return Ok(());
     }
-    let rows = v["instances"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-        .iter()
-        .map(|x| {
-            [
-                "id",
-                "service",
-                "version",
-                "machine",
-                "state",
-                "endpoint",
-                "generation",
+    let dash = |c: String| if c.is_empty() { "-".to_owned() } else { c };
+    let rows = list
+        .instances
+        .into_iter()
+        .map(|i| {
+            vec![
+                i.id.to_string(),
+                i.service.to_string(),
+                dash(i.image),
+                dash(i.version.chars().take(12).collect()),
+                dash(i.machine),
+                i.state.as_str().to_owned(),
+                dash(i.endpoint),
+                i.generation.to_string(),
             ]
-            .iter()
-            .map(|k| {
-                let c = s(&x[k]);
-                if c.is_empty() {
-                    "-".into()
-                } else {
-                    c
-                }
-            })
-            .collect()
         })
         .collect();
     table(
         &[
-            "INSTANCE", "SERVICE", "VERSION", "MACHINE", "STATE", "ENDPOINT", "GEN",
+            "INSTANCE", "SERVICE", "IMAGE", "VERSION", "MACHINE", "STATE", "ENDPOINT", "GEN",
         ],
         rows,
     );
@@ -346,6 +363,7 @@ pub struct AgentArgs {
     pub memory: u32,
     pub repo: Option<String>,
     pub cache_size: u64,
+    pub keep_vms: bool,
 }
 
 pub async fn agent(args: AgentArgs, data: &Path, accel: vmatrix_vmm::AccelChoice) -> Result<()> {
@@ -380,10 +398,17 @@ pub async fn agent(args: AgentArgs, data: &Path, accel: vmatrix_vmm::AccelChoice
         accel,
         cache_bytes: args.cache_size,
     };
-    let agent = vmatrix_agent::Agent::new(config)?;
+    let agent = vmatrix_agent::Agent::new(config, std::sync::Arc::new(vmatrix_agent::Qemu))?;
     tokio::select! {
-        r = vmatrix_agent::serve(agent, args.controller, token) => r.context("agent API")?,
-        _ = crate::shutdown_signal() => tracing::info!("agent stopping; its VMs stop with it"),
+        r = vmatrix_agent::serve(agent.clone(), args.controller, token) => r.context("agent API")?,
+        _ = crate::shutdown_signal() => {
+            if args.keep_vms {
+                tracing::info!("agent stopping; its VMs keep running for the next agent (--on-exit keep)");
+            } else {
+                tracing::info!("agent stopping; its VMs stop with it");
+                agent.stop_all().await;
+            }
+        }
     }
     Ok(())
 }
@@ -656,6 +681,15 @@ pub async fn up(args: UpArgs, data: &Path, accel: vmatrix_vmm::AccelChoice) -> R
             .is_err()
         {
             let _ = child.0.start_kill();
+        }
+    }
+    // An agent that crashed (or was killed) before leaves its VMs running for the next one;
+    // `up` is ending, so there is no next one.
+    for i in 1..=args.machines {
+        let vms = data.join("agents").join(format!("rm{i}")).join("vms");
+        let n = vmatrix_agent::sweep(&vms, &[]);
+        if n > 0 {
+            tracing::info!("stopped {n} VM(s) that rm{i}'s agent had left");
         }
     }
     Ok(())

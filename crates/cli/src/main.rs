@@ -118,6 +118,11 @@ enum Command {
         /// The service.
         service: ServiceName,
     },
+    /// Follow an operation (its id is printed when it runs longer than a few seconds) to its end.
+    Operation {
+        /// The operation's id.
+        id: u64,
+    },
     /// Run the controller (desired state, reconcile loop, API).
     Controller {
         /// The API address.
@@ -161,6 +166,11 @@ enum Command {
         /// Chunk cache bound.
         #[arg(long, default_value = "2G", value_parser = parse_size)]
         cache_size: u64,
+        /// What happens to this machine's VMs when the agent is stopped (SIGTERM, Ctrl-C):
+        /// stop (the machine leaves the matrix) or keep (an upgrade: the next agent adopts
+        /// them). A crashed or killed agent always leaves them running for the next one.
+        #[arg(long, default_value = "stop", value_parser = ["stop", "keep"])]
+        on_exit: String,
     },
     /// Declare the services (replaces the previous set).
     Apply {
@@ -460,6 +470,15 @@ fn run() -> Result<()> {
         Command::Drop { service } => op(Operation::Drop { service })?,
         Command::Undrop { service } => op(Operation::Undrop { service })?,
         Command::Wake { service } => op(Operation::Wake { service })?,
+        Command::Operation { id } => {
+            let c = client()?;
+            let msg = runtime()?.block_on(c.follow(vmatrix_core::api::OperationReply {
+                operation: id,
+                state: vmatrix_core::api::OperationState::Running,
+                result: String::new(),
+            }))?;
+            println!("{msg}");
+        }
         Command::Controller {
             listen,
             state,
@@ -475,6 +494,7 @@ fn run() -> Result<()> {
             memory,
             repo,
             cache_size,
+            on_exit,
         } => runtime()?.block_on(cluster::agent(
             cluster::AgentArgs {
                 controller,
@@ -485,6 +505,7 @@ fn run() -> Result<()> {
                 memory,
                 repo,
                 cache_size,
+                keep_vms: on_exit == "keep",
             },
             &data,
             accel,

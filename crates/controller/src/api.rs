@@ -17,6 +17,7 @@ use serde::Deserialize;
 use vmatrix_core::api::{AgentReport, ApplyRequest, ErrorBody, Operation};
 
 use crate::control::{ControlError, Controller};
+use crate::ops::OpView;
 
 #[derive(Clone)]
 struct Ctx {
@@ -45,12 +46,7 @@ fn check(headers: &HeaderMap, token: &str) -> Result<(), Response> {
 }
 
 fn fail(e: ControlError) -> Response {
-    let status = match e {
-        ControlError::NotFound(_) => StatusCode::NOT_FOUND,
-        ControlError::Conflict(_) => StatusCode::CONFLICT,
-        ControlError::Agent { .. } => StatusCode::BAD_GATEWAY,
-        ControlError::Db(_) => StatusCode::INTERNAL_SERVER_ERROR,
-    };
+    let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     err(status, e.to_string())
 }
 
@@ -85,6 +81,10 @@ async fn apply(State(x): State<Ctx>, headers: HeaderMap, body: axum::body::Bytes
         Ok(r) => r,
         Err(r) => return r,
     };
+    // The same rules as the CLI's: an invalid set is refused whole, before anything is stored.
+    if let Err(e) = vmatrix_core::validate_services(&req.services) {
+        return err(StatusCode::BAD_REQUEST, e.to_string());
+    }
     match x.c.apply(req.services) {
         Ok(()) => Json(serde_json::json!({ "applied": true })).into_response(),
         Err(e) => fail(e),
@@ -118,7 +118,7 @@ fn is_free(m: &vmatrix_core::api::MachineInfo, instances: usize) -> bool {
 
 async fn instances(State(x): State<Ctx>) -> Response {
     match x.c.instances() {
-        Ok(i) => Json(serde_json::json!({ "instances": i })).into_response(),
+        Ok(instances) => Json(vmatrix_core::api::InstancesReply { instances }).into_response(),
         Err(e) => fail(e),
     }
 }
@@ -139,7 +139,12 @@ async fn events(State(x): State<Ctx>, Query(q): Query<EventsQuery>) -> Response 
     }
 }
 
-async fn operate(State(x): State<Ctx>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
+async fn operate(
+    State(x): State<Ctx>,
+    headers: HeaderMap,
+    Query(q): Query<WaitQuery>,
+    body: axum::body::Bytes,
+) -> Response {
     if let Err(r) = check(&headers, &x.token) {
         return r;
     }
@@ -147,10 +152,49 @@ async fn operate(State(x): State<Ctx>, headers: HeaderMap, body: axum::body::Byt
         Ok(o) => o,
         Err(r) => return r,
     };
-    match x.c.operate(op).await {
-        Ok(msg) => Json(serde_json::json!({ "result": msg })).into_response(),
+    // Recorded first, then run by the controller's own task: hanging up changes nothing.
+    let id = match x.c.submit(op) {
+        Ok(id) => id,
+        Err(e) => return fail(e),
+    };
+    op_reply(&x, id, q.wait).await
+}
+
+#[derive(Deserialize)]
+struct WaitQuery {
+    /// Seconds to wait for the operation to settle (at most 600; default 0).
+    wait: Option<u64>,
+}
+
+async fn op_reply(x: &Ctx, id: u64, wait: Option<u64>) -> Response {
+    let wait = std::time::Duration::from_secs(wait.unwrap_or(0).min(600));
+    match x.c.wait_op(id, wait).await {
+        Ok(OpView::Reply(reply)) => {
+            let status = if reply.state == vmatrix_core::api::OperationState::Running {
+                StatusCode::ACCEPTED
+            } else {
+                StatusCode::OK
+            };
+            (status, Json(reply)).into_response()
+        }
+        Ok(OpView::Failed {
+            operation,
+            status,
+            message,
+        }) => err(
+            StatusCode::from_u16(status).unwrap_or(StatusCode::CONFLICT),
+            format!("{message} (operation {operation})"),
+        ),
         Err(e) => fail(e),
     }
+}
+
+async fn get_operation(
+    State(x): State<Ctx>,
+    axum::extract::Path(id): axum::extract::Path<u64>,
+    Query(q): Query<WaitQuery>,
+) -> Response {
+    op_reply(&x, id, q.wait).await
 }
 
 async fn heartbeat(State(x): State<Ctx>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
@@ -265,6 +309,7 @@ pub fn router(c: Arc<Controller>, token: String) -> Router {
         .route("/api/v1/instances", get(instances))
         .route("/api/v1/events", get(events))
         .route("/api/v1/operations", post(operate))
+        .route("/api/v1/operations/:id", get(get_operation))
         .route("/api/v1/agents/heartbeat", post(heartbeat))
         .route("/api/v1/routes", get(routes))
         .route("/api/v1/load", get(get_load).post(post_load))
@@ -281,16 +326,17 @@ mod tests {
     fn the_openapi_document_lists_every_route() {
         let doc: serde_json::Value = serde_json::from_str(super::OPENAPI).expect("valid JSON");
         let source = include_str!("api.rs");
-        let routes: Vec<&str> = source
+        let routes: Vec<String> = source
             .split(".route(\"")
             .skip(1)
             .filter_map(|rest| rest.split('"').next())
             .filter(|p| *p != "/openapi.json")
+            .map(|p| p.replace(":id", "{id}"))
             .collect();
         assert!(routes.len() >= 10, "{routes:?}");
         for path in routes {
             assert!(
-                doc["paths"].get(path).is_some(),
+                doc["paths"].get(&path).is_some(),
                 "{path} is served but not in openapi.json"
             );
         }

@@ -8,11 +8,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use vmatrix_core::api::InstanceInfo;
+use vmatrix_core::api::SavedState;
 use vmatrix_core::api::{
     AgentCommand, AgentReply, AgentReport, ErrorBody, InstancePlan, MachineInfo, MachineRole,
-    MigrationTargetBody, Operation,
+    Operation,
 };
-use vmatrix_core::{InstanceId, InstanceState, ServiceSpec};
+use vmatrix_core::{InstanceId, InstanceState, ServiceSpec, Transition};
 
 use crate::db::{Db, DbError, InstanceRow};
 
@@ -31,14 +32,33 @@ pub enum ControlError {
     /// The request is not possible now.
     #[error("{0}")]
     Conflict(String),
-    /// An agent failed or could not be reached.
+    /// An agent answered that the command failed (it left the VM as it was).
     #[error("agent {machine}: {message}")]
     Agent { machine: String, message: String },
+    /// An agent could not be reached or did not answer in time: the command may still run
+    /// there; the instance is settled from the agent's next reports.
+    #[error("agent {machine} did not answer: {message}")]
+    Unreachable { machine: String, message: String },
+    /// An illegal state change was attempted (refused and logged).
+    #[error(transparent)]
+    Transition(#[from] vmatrix_core::IllegalTransition),
 }
 
 type Result<T> = std::result::Result<T, ControlError>;
 
-fn now_ms() -> u64 {
+impl ControlError {
+    /// The HTTP status that says what kind of failure this is.
+    pub fn status(&self) -> u16 {
+        match self {
+            Self::NotFound(_) => 404,
+            Self::Conflict(_) | Self::Transition(_) => 409,
+            Self::Agent { .. } | Self::Unreachable { .. } => 502,
+            Self::Db(_) => 500,
+        }
+    }
+}
+
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
@@ -65,6 +85,24 @@ pub struct Controller {
     cpu: Mutex<HashMap<String, CpuMeter>>,
     /// Demand over the last season, for the forecast.
     season: Mutex<Season>,
+    /// Each machine's latest report since this process started (what settles instances that
+    /// an earlier process left mid-operation).
+    reports: Mutex<HashMap<String, AgentReport>>,
+    /// Operations whose task runs in this process, with their outcome once settled.
+    pub(crate) ops: Mutex<HashMap<u64, crate::ops::OpWatch>>,
+    /// Bounds the agent calls in flight from the reconcile loop.
+    pub(crate) work: Arc<tokio::sync::Semaphore>,
+    /// Direct probes of machines whose heartbeats stopped.
+    probes: Mutex<HashMap<String, Probe>>,
+}
+
+/// A direct probe of a machine without heartbeats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Probe {
+    /// Sent, no answer yet.
+    Running,
+    /// No answer: the machine is down.
+    Failed,
 }
 
 /// Demand remembered over one season (a week by default) in coarse buckets (the maximum of each),
@@ -203,8 +241,9 @@ impl Controller {
     pub fn new(db: Db, token: String) -> Arc<Self> {
         Arc::new(Self {
             db: Mutex::new(db),
+            // No overall timeout: each command gets one derived from its work (see `send`).
             http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(300))
+                .connect_timeout(Duration::from_secs(2))
                 .build()
                 .expect("a plain HTTP client builds"),
             token,
@@ -217,10 +256,17 @@ impl Controller {
             load: Mutex::new(None),
             demand: Mutex::new(HashMap::new()),
             policy: std::sync::atomic::AtomicBool::new(false),
+            reports: Mutex::new(HashMap::new()),
+            ops: Mutex::new(HashMap::new()),
+            work: Arc::new(tokio::sync::Semaphore::new(16)),
+            probes: Mutex::new(HashMap::new()),
         })
     }
 
-    fn db<T>(&self, f: impl FnOnce(&Db) -> std::result::Result<T, DbError>) -> Result<T> {
+    pub(crate) fn db<T>(
+        &self,
+        f: impl FnOnce(&Db) -> std::result::Result<T, DbError>,
+    ) -> Result<T> {
         let db = self
             .db
             .lock()
@@ -301,7 +347,14 @@ impl Controller {
         self.db(|d| d.events(after, limit))
     }
 
-    async fn send(&self, machine: &MachineInfo, cmd: &AgentCommand) -> Result<AgentReply> {
+    /// Sends `cmd` to `machine`'s agent and waits for its end, at most as long as the work
+    /// may take (the agent's task goes on if this gives up: heartbeats then settle it).
+    async fn send(
+        &self,
+        machine: &MachineInfo,
+        cmd: &AgentCommand,
+        memory_mib: u32,
+    ) -> Result<AgentReply> {
         let url = format!("http://{}/agent/v1/command", machine.address);
         let fail = |message: String| ControlError::Agent {
             machine: machine.name.clone(),
@@ -311,15 +364,21 @@ impl Controller {
             .http
             .post(&url)
             .bearer_auth(&self.token)
+            // The agent gives up on its own after `work_limit`; twice that covers a boot too.
+            .timeout(vmatrix_core::api::work_limit(memory_mib) * 2)
             .json(cmd)
             .send()
             .await
-            .map_err(|e| fail(format!("unreachable: {e}")))?;
+            .map_err(|e| ControlError::Unreachable {
+                machine: machine.name.clone(),
+                message: e.to_string(),
+            })?;
         let status = resp.status();
         if status.is_success() {
-            resp.json()
-                .await
-                .map_err(|e| fail(format!("bad reply: {e}")))
+            resp.json().await.map_err(|e| ControlError::Unreachable {
+                machine: machine.name.clone(),
+                message: format!("bad or cut reply: {e}"),
+            })
         } else {
             let body: Option<ErrorBody> = resp.json().await.ok();
             Err(fail(format!(
@@ -347,17 +406,27 @@ impl Controller {
             })
     }
 
-    fn plan(spec: &ServiceSpec, id: &InstanceId, generation: u64) -> InstancePlan {
-        InstancePlan {
-            id: id.clone(),
+    /// The plan of an instance at `generation`: its service's sizes, and the image and version
+    /// pinned in its row (the spec's current image only for a first activation).
+    fn plan(spec: &ServiceSpec, row: &InstanceRow, generation: u64) -> Result<InstancePlan> {
+        let image = if row.info.image.is_empty() {
+            spec.image.clone()
+        } else {
+            vmatrix_core::ImageRef::parse(&row.info.image).map_err(|e| {
+                ControlError::Conflict(format!("instance {}: its image {e}", row.info.id))
+            })?
+        };
+        Ok(InstancePlan {
+            id: row.info.id.clone(),
             generation,
             service: spec.name.clone(),
-            image: spec.image.clone(),
+            image,
+            version: (!row.info.version.is_empty()).then(|| row.info.version.clone()),
             vcpus: spec.vcpus,
             memory_mib: spec.memory_mib,
             port: spec.port,
             health: spec.health.clone(),
-        }
+        })
     }
 
     /// Picks a machine for one instance of `spec`: an up, dedicated, non-draining machine with
@@ -384,14 +453,17 @@ impl Controller {
                 .iter()
                 .filter(|r| r.info.machine == m.name && r.info.state.is_placed())
                 .collect();
-            let (mut cpu, mut mem) = (0u32, 0u32);
+            // Sums in u64: a u32 sum of large specs must not wrap into "room".
+            let (mut cpu, mut mem) = (0u64, 0u64);
             for r in &here {
                 if let Some(s) = services.get(&r.info.service) {
-                    cpu += s.vcpus;
-                    mem += s.memory_mib;
+                    cpu += u64::from(s.vcpus);
+                    mem += u64::from(s.memory_mib);
                 }
             }
-            if cpu + spec.vcpus > m.vcpus || mem + spec.memory_mib > m.memory_mib {
+            if cpu + u64::from(spec.vcpus) > u64::from(m.vcpus)
+                || mem + u64::from(spec.memory_mib) > u64::from(m.memory_mib)
+            {
                 reasons.push(format!(
                     "{}: full ({cpu}/{} vCPU, {mem}/{} MiB)",
                     m.name, m.vcpus, m.memory_mib
@@ -399,7 +471,7 @@ impl Controller {
                 continue;
             }
             let same = here.iter().filter(|r| r.info.service == spec.name).count() as u32;
-            let free = i64::from(m.memory_mib) - i64::from(mem);
+            let free = i64::from(m.memory_mib) - mem as i64;
             let better = match &best {
                 None => true,
                 Some((s, f, _)) => same < *s || (same == *s && free > *f),
@@ -435,31 +507,45 @@ impl Controller {
             Some(name) => self.machine(name)?,
             None => self.place(&spec, None)?,
         };
-        let seq = self.db(|d| d.next_seq(service))?;
-        let id = InstanceId::new(format!("{service}-{seq}"))
-            .map_err(|e| ControlError::Conflict(e.to_string()))?;
-        let _busy = self.claim(&id)?;
-        let mut row = InstanceRow {
-            info: InstanceInfo {
-                id: id.clone(),
-                service: service.clone(),
-                version: spec.image.to_string(),
-                machine: machine.name.clone(),
-                state: InstanceState::Activating,
-                endpoint: String::new(),
-                generation: 1,
-            },
-            saved: None,
-            seq,
+        // The id, the busy claim and the row are made in one step under the database lock, so
+        // that two activations at once never take the same id and no heartbeat sees the row
+        // before it is claimed.
+        let (mut row, _busy) = {
+            let db = self
+                .db
+                .lock()
+                .map_err(|_| ControlError::Conflict("state database lock poisoned".into()))?;
+            let seq = db.next_seq(service)?;
+            let id = InstanceId::new(format!("{service}-{seq}"))
+                .map_err(|e| ControlError::Conflict(e.to_string()))?;
+            let busy = self.claim(&id)?;
+            let row = InstanceRow {
+                info: InstanceInfo {
+                    id: id.clone(),
+                    service: service.clone(),
+                    image: spec.image.to_string(),
+                    version: String::new(),
+                    machine: machine.name.clone(),
+                    state: InstanceState::Activating,
+                    endpoint: String::new(),
+                    generation: 1,
+                },
+                saved: None,
+                seq,
+            };
+            db.put_instance(&row)?;
+            (row, busy)
         };
-        self.db(|d| d.put_instance(&row))?;
+        let id = row.info.id.clone();
         let cmd = AgentCommand::Activate {
-            plan: Self::plan(&spec, &id, 1),
+            plan: Self::plan(&spec, &row, 1)?,
             state: None,
         };
-        match self.send(&machine, &cmd).await {
+        match self.send(&machine, &cmd, spec.memory_mib).await {
             Ok(reply) => {
                 row.info.endpoint = reply.endpoint.unwrap_or_default();
+                // Pinned from now on: every later plan of this instance names this version.
+                row.info.version = reply.version.unwrap_or_default();
                 self.db(|d| d.put_instance(&row))?;
                 self.event(
                     "controller",
@@ -470,7 +556,7 @@ impl Controller {
                 Ok(row.info)
             }
             Err(e) => {
-                row.info.state = InstanceState::Failed;
+                row.info.state = row.info.state.next(Transition::Fail)?;
                 self.db(|d| d.put_instance(&row))?;
                 self.event(
                     "controller",
@@ -516,62 +602,84 @@ impl Controller {
         let started = Instant::now();
         let what = format!("migrate {id} {} → {to}", source.name);
         let next_gen = row.info.generation + 1;
-        row.info.state = InstanceState::Migrating;
+        let plan = Self::plan(&spec, &row, next_gen)?;
+        row.info.state = row.info.state.next(Transition::MigrateStarted)?;
         self.db(|d| d.put_instance(&row))?;
         self.event("controller", &what, why, "started");
-        let result: Result<(MigrationTargetBody, AgentReply)> = async {
-            let prep = self
+        let mem = spec.memory_mib;
+        let discard_dest = || async {
+            let _ = self
                 .send(
                     &dest,
-                    &AgentCommand::PrepareIncoming {
-                        plan: Self::plan(&spec, id, next_gen),
-                    },
-                )
-                .await?;
-            let target = prep.target.ok_or_else(|| ControlError::Agent {
-                machine: dest.name.clone(),
-                message: "no migration target in the reply".into(),
-            })?;
-            let out = self
-                .send(
-                    &source,
-                    &AgentCommand::MigrateOut {
+                    &AgentCommand::Discard {
                         id: id.clone(),
-                        generation: row.info.generation,
-                        target: target.clone(),
+                        generation: next_gen,
                     },
+                    mem,
                 )
                 .await;
-            if let Err(e) = out {
-                let _ = self
-                    .send(
-                        &dest,
-                        &AgentCommand::Discard {
-                            id: id.clone(),
-                            generation: next_gen,
-                        },
-                    )
-                    .await;
+        };
+        let prep = match self
+            .send(&dest, &AgentCommand::PrepareIncoming { plan }, mem)
+            .await
+        {
+            Ok(p) => p,
+            Err(e) => {
+                // Nothing moved: the source runs on. A destination that did start is
+                // stopped (now, or by the heartbeat that reports it unwanted).
+                discard_dest().await;
+                return self.migration_ended(row, &what, why, Transition::Cancelled, e);
+            }
+        };
+        let Some(target) = prep.target else {
+            discard_dest().await;
+            let e = ControlError::Agent {
+                machine: dest.name.clone(),
+                message: "no migration target in the reply".into(),
+            };
+            return self.migration_ended(row, &what, why, Transition::Cancelled, e);
+        };
+        let out = self
+            .send(
+                &source,
+                &AgentCommand::MigrateOut {
+                    id: id.clone(),
+                    generation: row.info.generation,
+                    target: target.clone(),
+                },
+                mem,
+            )
+            .await;
+        let out = match out {
+            Ok(out) => out,
+            Err(e @ ControlError::Agent { .. }) => {
+                // The source answered: the move failed and the guest runs on there.
+                discard_dest().await;
+                return self.migration_ended(row, &what, why, Transition::Cancelled, e);
+            }
+            Err(e) => {
+                // No answer: the move may have finished or not. The row stays `migrating`
+                // until the two machines' reports settle it (see `settle`).
+                self.event("controller", &what, why, &format!("unsettled: {e}"));
                 return Err(e);
             }
-            let out = out?;
-            self.send(
+        };
+        let finished = self
+            .send(
                 &dest,
                 &AgentCommand::FinishIncoming {
                     id: id.clone(),
                     generation: next_gen,
                 },
+                mem,
             )
-            .await?;
-            Ok((target, out))
-        }
-        .await;
-        match result {
-            Ok((target, out)) => {
+            .await;
+        match finished {
+            Ok(_) => {
                 row.info.machine = dest.name.clone();
                 row.info.generation = next_gen;
                 row.info.endpoint = target.endpoint;
-                row.info.state = InstanceState::Running;
+                row.info.state = row.info.state.next(Transition::Moved)?;
                 self.db(|d| d.put_instance(&row))?;
                 let (total, down) = out.migration_ms.unwrap_or((0, 0));
                 let outcome = format!(
@@ -581,13 +689,32 @@ impl Controller {
                 self.event("controller", &what, why, &outcome);
                 Ok(outcome)
             }
+            Err(e @ ControlError::Agent { .. }) => {
+                // The source has ended and the destination could not run it.
+                row.info.machine = dest.name.clone();
+                row.info.generation = next_gen;
+                self.migration_ended(row, &what, why, Transition::Fail, e)
+            }
             Err(e) => {
-                row.info.state = InstanceState::Running;
-                self.db(|d| d.put_instance(&row))?;
-                self.event("controller", &what, why, &format!("failed: {e}"));
+                self.event("controller", &what, why, &format!("unsettled: {e}"));
                 Err(e)
             }
         }
+    }
+
+    /// Records how a migration that did not succeed ended, and returns its error.
+    fn migration_ended(
+        &self,
+        mut row: InstanceRow,
+        what: &str,
+        why: &str,
+        t: Transition,
+        e: ControlError,
+    ) -> Result<String> {
+        row.info.state = row.info.state.next(t)?;
+        self.db(|d| d.put_instance(&row))?;
+        self.event("controller", what, why, &format!("failed: {e}"));
+        Err(e)
     }
 
     /// Suspends a running instance into the repository.
@@ -601,9 +728,13 @@ impl Controller {
             )));
         }
         let machine = self.machine(&row.info.machine)?;
+        let memory = self
+            .spec_of(&row.info.service)
+            .map_or(4096, |s| s.memory_mib);
         let what = format!("suspend {id} on {}", machine.name);
-        row.info.state = InstanceState::Suspending;
+        row.info.state = row.info.state.next(Transition::SuspendStarted)?;
         self.db(|d| d.put_instance(&row))?;
+        self.event("controller", &what, why, "started");
         let started = Instant::now();
         match self
             .send(
@@ -612,26 +743,50 @@ impl Controller {
                     id: id.clone(),
                     generation: row.info.generation,
                 },
+                memory,
             )
             .await
         {
             Ok(reply) => {
-                row.saved = reply.saved;
-                row.info.state = InstanceState::Suspended;
-                row.info.machine = String::new();
-                row.info.endpoint = String::new();
-                self.db(|d| d.put_instance(&row))?;
+                self.settle_suspended(&mut row, reply.saved)?;
                 let outcome = format!("ok in {:.2}s", started.elapsed().as_secs_f64());
                 self.event("controller", &what, why, &outcome);
                 Ok(outcome)
             }
-            Err(e) => {
-                row.info.state = InstanceState::Failed;
+            Err(e @ ControlError::Agent { .. }) => {
+                // The agent gave up and let the guest run on: it is as it was.
+                row.info.state = row.info.state.next(Transition::Cancelled)?;
                 self.db(|d| d.put_instance(&row))?;
-                self.event("controller", &what, why, &format!("failed: {e}"));
+                self.event(
+                    "controller",
+                    &what,
+                    why,
+                    &format!("failed, still running: {e}"),
+                );
+                Err(e)
+            }
+            Err(e) => {
+                // No answer: the suspend may go on there; the agent's reports settle it.
+                self.event("controller", &what, why, &format!("unsettled: {e}"));
                 Err(e)
             }
         }
+    }
+
+    /// Records that `row` is suspended into `saved`.
+    fn settle_suspended(&self, row: &mut InstanceRow, saved: Option<SavedState>) -> Result<()> {
+        if saved.is_none() {
+            return Err(ControlError::Conflict(format!(
+                "instance {}: the agent did not say where its state went",
+                row.info.id
+            )));
+        }
+        row.saved = saved;
+        row.info.state = row.info.state.next(Transition::Suspended)?;
+        row.info.machine = String::new();
+        row.info.endpoint = String::new();
+        self.db(|d| d.put_instance(row))?;
+        Ok(())
     }
 
     /// Resumes a suspended instance (on `on`, or where placement says).
@@ -656,27 +811,35 @@ impl Controller {
         let what = format!("resume {id} on {}", machine.name);
         row.info.generation += 1;
         row.info.machine = machine.name.clone();
-        row.info.state = InstanceState::Activating;
+        row.info.state = row.info.state.next(Transition::Resume)?;
         self.db(|d| d.put_instance(&row))?;
         let started = Instant::now();
         let cmd = AgentCommand::Activate {
-            plan: Self::plan(&spec, id, row.info.generation),
+            plan: Self::plan(&spec, &row, row.info.generation)?,
             state: Some(saved),
         };
-        match self.send(&machine, &cmd).await {
+        match self.send(&machine, &cmd, spec.memory_mib).await {
             Ok(reply) => {
                 row.info.endpoint = reply.endpoint.unwrap_or_default();
+                // It runs from the saved state now, which the agent removes: superseded.
+                row.saved = None;
                 self.db(|d| d.put_instance(&row))?;
                 let outcome = format!("ok in {:.2}s", started.elapsed().as_secs_f64());
                 self.event("controller", &what, why, &outcome);
                 Ok(outcome)
             }
-            Err(e) => {
+            Err(e @ ControlError::Agent { .. }) => {
                 // The saved state is still in the repository: stay suspended.
                 row.info.state = InstanceState::Suspended;
                 row.info.machine = String::new();
                 self.db(|d| d.put_instance(&row))?;
                 self.event("controller", &what, why, &format!("failed: {e}"));
+                Err(e)
+            }
+            Err(e) => {
+                // No answer: it may run there; its reports settle it (or, if it never shows
+                // up, it goes back to suspended: its saved state is still there).
+                self.event("controller", &what, why, &format!("unsettled: {e}"));
                 Err(e)
             }
         }
@@ -686,23 +849,39 @@ impl Controller {
     pub async fn discard(&self, id: &InstanceId, why: &str) -> Result<String> {
         let _busy = self.claim(id)?;
         let mut row = self.row(id)?;
+        // Discard is legal from failed, suspended, activating and running; a row stuck in
+        // migrating or suspending is first declared failed (its machines' reports decide
+        // nothing any more: an operator chose to throw it away).
+        if matches!(
+            row.info.state,
+            InstanceState::Migrating | InstanceState::Suspending
+        ) {
+            row.info.state = row.info.state.next(Transition::Fail)?;
+        }
+        let next = row.info.state.next(Transition::Discard)?;
         if !row.info.machine.is_empty() {
-            if let Ok(machine) = self.machine(&row.info.machine) {
-                if let Err(e) = self
-                    .send(
-                        &machine,
-                        &AgentCommand::Discard {
-                            id: id.clone(),
-                            generation: row.info.generation,
-                        },
-                    )
-                    .await
-                {
-                    tracing::warn!("discard {id}: {e}");
+            match self.machine(&row.info.machine) {
+                // A machine that is down is not called: its agent stops the VM when it is back
+                // (the controller no longer wants it there).
+                Ok(machine) if machine.state != "down" => {
+                    if let Err(e) = self
+                        .send(
+                            &machine,
+                            &AgentCommand::Discard {
+                                id: id.clone(),
+                                generation: row.info.generation,
+                            },
+                            0,
+                        )
+                        .await
+                    {
+                        tracing::warn!("discard {id}: {e}");
+                    }
                 }
+                _ => {}
             }
         }
-        row.info.state = InstanceState::Discarded;
+        row.info.state = next;
         self.db(|d| d.put_instance(&row))?;
         self.event("controller", &format!("discard {id}"), why, "ok");
         Ok("discarded".into())
@@ -932,6 +1111,26 @@ impl Controller {
                 "ok",
             );
         }
+        if let Ok(mut reports) = self.reports.lock() {
+            reports.insert(report.name.clone(), report.clone());
+        }
+        self.settle(&report, &info)
+    }
+
+    /// Whether `machine`'s latest report (since this process started) lists `id`; `None` if
+    /// no report came from it yet.
+    fn machine_has(&self, machine: &str, id: &InstanceId) -> Option<bool> {
+        let reports = self.reports.lock().ok()?;
+        let r = reports.get(machine)?;
+        Some(r.instances.iter().any(|i| i.id == *id))
+    }
+
+    /// Compares one machine's report with the rows and settles every difference: instances
+    /// that came up, failed, finished or gave up an operation while nobody watched (this
+    /// process started after the operation, or its call to the agent got no answer); copies
+    /// the controller does not want there are stopped; instances the machine lost fail.
+    fn settle(self: &Arc<Self>, report: &AgentReport, info: &MachineInfo) -> Result<()> {
+        use InstanceState as S;
         let rows: HashMap<InstanceId, InstanceRow> = self
             .db(|d| d.instances())?
             .into_iter()
@@ -949,54 +1148,76 @@ impl Controller {
                     if row.info.machine == report.name
                         && row.info.generation == inst.generation =>
                 {
-                    let next = match (row.info.state, inst.state) {
-                        (InstanceState::Activating, InstanceState::Running) => {
-                            Some(InstanceState::Running)
+                    let mut row = row.clone();
+                    if row.info.version.is_empty() && !inst.version.is_empty() {
+                        // A row from before versions were pinned learns its version here.
+                        row.info.version = inst.version.clone();
+                        self.db(|d| d.put_instance(&row))?;
+                    }
+                    let step = match (row.info.state, inst.state) {
+                        (S::Activating, S::Running) => Some(Transition::Ready),
+                        (S::Suspending, S::Suspended) => Some(Transition::Suspended),
+                        // A suspend or a move that gave up: the guest runs on here.
+                        (S::Suspending | S::Migrating, S::Running) if !unsettled => {
+                            Some(Transition::Cancelled)
                         }
-                        (s, InstanceState::Failed) if s != InstanceState::Failed => {
-                            Some(InstanceState::Failed)
-                        }
+                        (s, S::Failed) if s != S::Failed => Some(Transition::Fail),
                         _ => None,
                     };
-                    if let Some(state) = next {
-                        let mut row = row.clone();
-                        row.info.state = state;
+                    let Some(step) = step else { continue };
+                    if step == Transition::Suspended {
+                        self.settle_suspended(&mut row, inst.saved.clone())?;
+                    } else {
+                        row.info.state = row.info.state.next(step)?;
                         row.info.endpoint = inst.endpoint.clone();
                         self.db(|d| d.put_instance(&row))?;
-                        let outcome = inst
-                            .error
-                            .clone()
-                            .map_or("ok".into(), |e| format!("failed: {e}"));
-                        self.event(
-                            &report.name,
-                            &format!("{} {}", inst.id, state.as_str()),
-                            "agent report",
-                            &outcome,
-                        );
                     }
+                    let outcome = inst
+                        .error
+                        .clone()
+                        .map_or("ok".into(), |e| format!("failed: {e}"));
+                    self.event(
+                        &report.name,
+                        &format!("{} {}", inst.id, row.info.state.as_str()),
+                        "agent report",
+                        &outcome,
+                    );
                 }
                 Some(row)
-                    if row.info.state == InstanceState::Migrating
-                        && inst.generation > row.info.generation
-                        && inst.state == InstanceState::Running =>
+                    if row.info.state == S::Migrating
+                        && inst.generation == row.info.generation + 1 =>
                 {
-                    // A migration finished while no controller watched: adopt where it runs.
-                    let mut row = row.clone();
-                    row.info.machine = report.name.clone();
-                    row.info.generation = inst.generation;
-                    row.info.endpoint = inst.endpoint.clone();
-                    row.info.state = InstanceState::Running;
-                    self.db(|d| d.put_instance(&row))?;
-                    self.event(
-                        "controller",
-                        &format!("adopt {} on {}", inst.id, report.name),
-                        "found running after a restart",
-                        "ok",
-                    );
+                    match inst.state {
+                        S::Running => {
+                            // A migration finished while no controller watched: adopt it
+                            // where it runs.
+                            let mut row = row.clone();
+                            row.info.machine = report.name.clone();
+                            row.info.generation = inst.generation;
+                            row.info.endpoint = inst.endpoint.clone();
+                            row.info.state = row.info.state.next(Transition::Moved)?;
+                            self.db(|d| d.put_instance(&row))?;
+                            self.event(
+                                "controller",
+                                &format!("adopt {} on {}", inst.id, report.name),
+                                "its migration finished while no controller watched",
+                                "ok",
+                            );
+                        }
+                        S::Migrating
+                            if self.machine_has(&row.info.machine, &inst.id) == Some(false) =>
+                        {
+                            // The source has sent it and ended: only the destination's
+                            // continue is missing.
+                            self.spawn_finish(row.clone(), info.clone(), inst.generation);
+                        }
+                        _ => {}
+                    }
                 }
                 _ if unsettled => {}
                 _ => {
-                    // Not wanted here (unknown, discarded, moved away, or an older generation).
+                    // Not wanted here (unknown, discarded, moved away, an older generation, or
+                    // the record of a suspend the controller has already settled).
                     let machine = info.clone();
                     let cmd = AgentCommand::Discard {
                         id: inst.id.clone(),
@@ -1005,7 +1226,7 @@ impl Controller {
                     let me = self.clone();
                     let id = inst.id.clone();
                     tokio::spawn(async move {
-                        let outcome = match me.send(&machine, &cmd).await {
+                        let outcome = match me.send(&machine, &cmd, 0).await {
                             Ok(_) => "ok".to_string(),
                             Err(e) => format!("failed: {e}"),
                         };
@@ -1021,21 +1242,115 @@ impl Controller {
         }
         // Instances the controller placed here that the agent no longer has are lost.
         for row in rows.values() {
-            if row.info.machine == report.name
-                && matches!(
-                    row.info.state,
-                    InstanceState::Running | InstanceState::Activating
-                )
-                && !reported.contains(&row.info.id)
-                && !self.is_unsettled(&row.info.id)
+            if row.info.machine != report.name
+                || reported.contains(&row.info.id)
+                || self.is_unsettled(&row.info.id)
             {
+                continue;
+            }
+            let mut row = row.clone();
+            let why = match row.info.state {
+                // A resume that never started: its saved state is still in the repository.
+                S::Activating if row.saved.is_some() => {
+                    row.info.state = S::Suspended;
+                    row.info.machine = String::new();
+                    "its resume never started there; it stays suspended"
+                }
+                S::Running | S::Activating | S::Suspending => {
+                    row.info.state = row.info.state.next(Transition::Fail)?;
+                    "its machine no longer runs it"
+                }
+                // A migrating row's source may have handed it over: the destination's report
+                // settles it (or `settle_orphans`).
+                S::Migrating | S::Suspended | S::Failed | S::Discarded => continue,
+            };
+            self.db(|d| d.put_instance(&row))?;
+            self.event(
+                &report.name,
+                &format!("{} {}", row.info.id, row.info.state.as_str()),
+                why,
+                "lost",
+            );
+        }
+        Ok(())
+    }
+
+    /// Sends the missing `FinishIncoming` of a migration whose controller died between the
+    /// source's end and the destination's continue.
+    fn spawn_finish(self: &Arc<Self>, row: InstanceRow, dest: MachineInfo, generation: u64) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let Ok(_busy) = me.claim(&row.info.id) else {
+                return;
+            };
+            let memory = me.spec_of(&row.info.service).map_or(4096, |s| s.memory_mib);
+            let cmd = AgentCommand::FinishIncoming {
+                id: row.info.id.clone(),
+                generation,
+            };
+            let what = format!("finish the migration of {} on {}", row.info.id, dest.name);
+            match me.send(&dest, &cmd, memory).await {
+                Ok(reply) => {
+                    let mut row = row;
+                    row.info.machine = dest.name.clone();
+                    row.info.generation = generation;
+                    row.info.endpoint = reply.endpoint.unwrap_or_default();
+                    let moved = row.info.state.next(Transition::Moved);
+                    if let Ok(state) = moved {
+                        row.info.state = state;
+                        let _ = me.db(|d| d.put_instance(&row));
+                    }
+                    me.event(
+                        "controller",
+                        &what,
+                        "its controller stopped mid-migration",
+                        "ok",
+                    );
+                }
+                Err(e) => me.event(
+                    "controller",
+                    &what,
+                    "its controller stopped mid-migration",
+                    &format!("failed: {e}"),
+                ),
+            }
+        });
+    }
+
+    /// Rows left `migrating` or `suspending` by an earlier process that no machine reports
+    /// any more (every machine has reported since this process started): failed, so that the
+    /// service gets a replacement.
+    fn settle_orphans(&self, rows: &[InstanceRow], machines: &[MachineInfo]) -> Result<()> {
+        let reports = match self.reports.lock() {
+            Ok(r) => r.clone(),
+            Err(_) => return Ok(()),
+        };
+        let all_heard = machines
+            .iter()
+            .filter(|m| m.state != "down")
+            .all(|m| reports.contains_key(&m.name));
+        if !all_heard {
+            return Ok(());
+        }
+        for row in rows {
+            if !matches!(
+                row.info.state,
+                InstanceState::Migrating | InstanceState::Suspending
+            ) || self.is_unsettled(&row.info.id)
+            {
+                continue;
+            }
+            let anywhere = reports
+                .values()
+                .any(|r| r.instances.iter().any(|i| i.id == row.info.id));
+            if !anywhere {
                 let mut row = row.clone();
-                row.info.state = InstanceState::Failed;
+                row.info.state = row.info.state.next(Transition::Fail)?;
                 self.db(|d| d.put_instance(&row))?;
                 self.event(
-                    &report.name,
+                    "controller",
                     &format!("{} failed", row.info.id),
-                    "its machine no longer runs it",
+                    "no machine has it after an interrupted operation",
                     "lost",
                 );
             }
@@ -1051,18 +1366,19 @@ impl Controller {
         let rows = self.db(|d| d.instances())?;
         let machines = self.machines()?;
         let grace = self.started.elapsed() > Duration::from_millis(DOWN_AFTER_MS * 2);
+        let down = self.confirmed_down(&machines);
+        if grace {
+            self.settle_orphans(&rows, &machines)?;
+        }
         for row in &rows {
             if self.is_busy(&row.info.id) {
                 continue;
             }
-            let on_down_machine = row.info.state.is_placed()
-                && grace
-                && machines
-                    .iter()
-                    .any(|m| m.name == row.info.machine && m.state == "down");
+            let on_down_machine =
+                row.info.state.is_placed() && grace && down.contains(&row.info.machine);
             if on_down_machine {
                 let mut r = row.clone();
-                r.info.state = InstanceState::Failed;
+                r.info.state = r.info.state.next(Transition::Fail)?;
                 self.db(|d| d.put_instance(&r))?;
                 self.event(
                     "controller",
@@ -1079,11 +1395,12 @@ impl Controller {
                 } else {
                     "its service was removed"
                 };
-                let _ = self.discard(&row.info.id, why).await;
+                let (me, id) = (self.clone(), row.info.id.clone());
+                self.spawn_work(async move { me.discard(&id, why).await.map(drop) });
             }
         }
         if self.policy.load(std::sync::atomic::Ordering::Relaxed) {
-            return self.run_policy(&services).await;
+            return self.run_policy(&services);
         }
         let rows = self.db(|d| d.instances())?;
         for spec in &services {
@@ -1099,21 +1416,101 @@ impl Controller {
                         )
                 })
                 .count() as u32;
-            for _ in live..spec.min {
-                if let Err(e) = self
-                    .activate(
-                        &spec.name,
-                        None,
-                        &format!("keep min {} of {}", spec.min, spec.name),
-                    )
-                    .await
-                {
-                    tracing::warn!("cannot keep {} at min {}: {e}", spec.name, spec.min);
-                    break;
-                }
+            if live < spec.min {
+                // One at a time per service: the next tick sees it and starts the next.
+                let (me, name, min) = (self.clone(), spec.name.clone(), spec.min);
+                self.spawn_work(async move {
+                    me.activate(&name, None, &format!("keep min {min} of {name}"))
+                        .await
+                        .map(drop)
+                });
             }
         }
         Ok(())
+    }
+
+    /// Runs agent work from the reconcile loop as a task of its own, so that one slow or hung
+    /// machine never holds the loop; at most 16 at once (false: none free, try next tick).
+    fn spawn_work(
+        self: &Arc<Self>,
+        work: impl std::future::Future<Output = Result<()>> + Send + 'static,
+    ) -> bool {
+        let Ok(permit) = self.work.clone().try_acquire_owned() else {
+            return false;
+        };
+        tokio::spawn(async move {
+            if let Err(e) = work.await {
+                // Level-triggered: the next tick sees the new state and tries again.
+                tracing::warn!("reconcile: {e}");
+            }
+            drop(permit);
+        });
+        true
+    }
+
+    /// Machines without heartbeats whose agent did not answer a direct probe either: only
+    /// those are down for the instances on them. A probe runs in the background; until it
+    /// failed, the machine gets the benefit of the doubt.
+    fn confirmed_down(self: &Arc<Self>, machines: &[MachineInfo]) -> HashSet<String> {
+        let mut probes = self.probes.lock().unwrap_or_else(|p| p.into_inner());
+        probes.retain(|name, _| {
+            machines
+                .iter()
+                .any(|m| &m.name == name && m.state == "down")
+        });
+        let mut down = HashSet::new();
+        for m in machines.iter().filter(|m| m.state == "down") {
+            match probes.get(&m.name) {
+                Some(Probe::Failed) => {
+                    down.insert(m.name.clone());
+                }
+                Some(Probe::Running) => {}
+                None => {
+                    probes.insert(m.name.clone(), Probe::Running);
+                    let (me, machine) = (self.clone(), m.clone());
+                    tokio::spawn(async move { me.probe(machine).await });
+                }
+            }
+        }
+        down
+    }
+
+    async fn probe(&self, machine: MachineInfo) {
+        let answered = self
+            .http
+            .get(format!("http://{}/agent/v1/status", machine.address))
+            .bearer_auth(&self.token)
+            .timeout(Duration::from_secs(3))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success());
+        if answered {
+            // Alive, its heartbeats are late: it counts as heard now.
+            let _ = self.db(|d| {
+                d.upsert_machine(
+                    &MachineInfo {
+                        state: "up".into(),
+                        ..machine.clone()
+                    },
+                    now_ms(),
+                )
+            });
+            self.probes
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&machine.name);
+        } else {
+            self.probes
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(machine.name.clone(), Probe::Failed);
+            self.event(
+                "controller",
+                &format!("machine {} down", machine.name),
+                "no heartbeat, and no answer to a direct probe",
+                "ok",
+            );
+        }
     }
 
     /// Sets the season the policy's forecast looks back over (zero: no forecast), and how far
@@ -1156,7 +1553,7 @@ impl Controller {
     }
 
     /// One policy pass: build the snapshot, call the pure `decide`, carry out the plan.
-    async fn run_policy(self: &Arc<Self>, services: &[ServiceSpec]) -> Result<()> {
+    fn run_policy(self: &Arc<Self>, services: &[ServiceSpec]) -> Result<()> {
         use vmatrix_policy as p;
         let demand = self.sample_demand(services);
         let dropped = self.db(|d| d.dropped())?;
@@ -1253,45 +1650,55 @@ impl Controller {
                 .ok_or_else(|| ControlError::Conflict(format!("policy named service #{k}")))
         };
         for action in p::decide(&snapshot, &config) {
+            // Names are resolved now; the agent work runs as its own task (`spawn_work`).
+            let me = self.clone();
             let result = match &action {
                 p::Action::Activate {
                     service: s,
                     machine: m,
                     reason,
-                } => match (service(*s), machine(*m)) {
-                    (Ok(s), Ok(m)) => self.activate(&s.name, Some(m), reason).await.map(drop),
-                    (Err(e), _) | (_, Err(e)) => Err(e),
-                },
+                } => service(*s).and_then(|s| {
+                    let (name, m, reason) =
+                        (s.name.clone(), machine(*m)?.to_owned(), reason.clone());
+                    self.spawn_work(async move {
+                        me.activate(&name, Some(&m), &reason).await.map(drop)
+                    });
+                    Ok(())
+                }),
                 p::Action::Resume {
                     instance: i,
                     machine: m,
                     reason,
-                } => match (instance(*i), machine(*m)) {
-                    (Ok(i), Ok(m)) => self.resume(&i, Some(m), reason).await.map(drop),
-                    (Err(e), _) | (_, Err(e)) => Err(e),
-                },
+                } => instance(*i).and_then(|i| {
+                    let (m, reason) = (machine(*m)?.to_owned(), reason.clone());
+                    self.spawn_work(
+                        async move { me.resume(&i, Some(&m), &reason).await.map(drop) },
+                    );
+                    Ok(())
+                }),
                 p::Action::Suspend {
                     instance: i,
                     reason,
-                } => match instance(*i) {
-                    Ok(i) => self.suspend(&i, reason).await.map(drop),
-                    Err(e) => Err(e),
-                },
+                } => instance(*i).map(|i| {
+                    let reason = reason.clone();
+                    self.spawn_work(async move { me.suspend(&i, &reason).await.map(drop) });
+                }),
                 p::Action::Migrate {
                     instance: i,
                     to,
                     reason,
-                } => match (instance(*i), machine(*to)) {
-                    (Ok(i), Ok(m)) => self.migrate(&i, m, reason).await.map(drop),
-                    (Err(e), _) | (_, Err(e)) => Err(e),
-                },
+                } => instance(*i).and_then(|i| {
+                    let (m, reason) = (machine(*to)?.to_owned(), reason.clone());
+                    self.spawn_work(async move { me.migrate(&i, &m, &reason).await.map(drop) });
+                    Ok(())
+                }),
                 p::Action::Discard {
                     instance: i,
                     reason,
-                } => match instance(*i) {
-                    Ok(i) => self.discard(&i, reason).await.map(drop),
-                    Err(e) => Err(e),
-                },
+                } => instance(*i).map(|i| {
+                    let reason = reason.clone();
+                    self.spawn_work(async move { me.discard(&i, &reason).await.map(drop) });
+                }),
                 p::Action::Drop { service: s, reason } => service(*s)
                     .and_then(|s| self.set_dropped(&s.name, true, "policy", reason).map(drop)),
                 p::Action::Undrop { service: s, reason } => service(*s)
@@ -1312,6 +1719,18 @@ impl Controller {
                 tracing::warn!("reconcile: {e}");
             }
             tokio::time::sleep(period).await;
+        }
+    }
+
+    /// Applies the retention every hour: settled operations and discarded instances older
+    /// than a day are forgotten, and the event log keeps its newest 100,000 entries.
+    pub async fn prune_loop(self: Arc<Self>) {
+        loop {
+            let day_ago = now_ms().saturating_sub(24 * 3600 * 1000);
+            if let Err(e) = self.db(|d| d.prune(day_ago, 100_000)) {
+                tracing::warn!("retention: {e}");
+            }
+            tokio::time::sleep(Duration::from_secs(3600)).await;
         }
     }
 }

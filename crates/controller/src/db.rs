@@ -39,7 +39,58 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE dropped ADD COLUMN by_policy INTEGER NOT NULL DEFAULT 0;
      UPDATE dropped SET by_policy = 1 WHERE (SELECT who FROM events
         WHERE what = 'drop ' || dropped.service ORDER BY id DESC LIMIT 1) = 'policy';",
+    // 4: pinned versions: `image` is the NAME:TAG an instance was activated from, `version`
+    // the version id it resolved to (older rows kept the tag in `version`: it moves to
+    // `image`, and the id is learnt from the agent's next report). Durable operations.
+    "ALTER TABLE instances ADD COLUMN image TEXT NOT NULL DEFAULT '';
+     UPDATE instances SET image = version, version = '' WHERE version LIKE '%:%';
+     CREATE TABLE operations (id INTEGER PRIMARY KEY AUTOINCREMENT, op TEXT NOT NULL,
+        state TEXT NOT NULL, result TEXT NOT NULL DEFAULT '', created_ms INTEGER NOT NULL,
+        finished_ms INTEGER);",
 ];
+
+/// Where a durable operation is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpState {
+    /// Recorded, its task runs.
+    Running,
+    /// It ended well.
+    Done,
+    /// It failed; the instance was left as it was.
+    Failed,
+    /// The controller stopped while it ran; the instance was settled from what its machines
+    /// report.
+    Interrupted,
+}
+
+impl OpState {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Running => "running",
+            Self::Done => "done",
+            Self::Failed => "failed",
+            Self::Interrupted => "interrupted",
+        }
+    }
+    fn parse(s: &str) -> Option<Self> {
+        [Self::Running, Self::Done, Self::Failed, Self::Interrupted]
+            .into_iter()
+            .find(|x| x.as_str() == s)
+    }
+}
+
+/// One durable operation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OpRow {
+    /// Its id.
+    pub id: u64,
+    /// What was asked.
+    pub op: vmatrix_core::api::Operation,
+    /// Where it is.
+    pub state: OpState,
+    /// Its outcome, once settled.
+    pub result: String,
+}
 
 /// One instance row.
 #[derive(Debug, Clone, PartialEq)]
@@ -204,7 +255,7 @@ impl Db {
     /// Every instance that is not discarded.
     pub fn instances(&self) -> Result<Vec<InstanceRow>> {
         let mut st = self.conn.prepare(
-            "SELECT id, service, machine, state, generation, endpoint, version, saved, seq FROM instances
+            "SELECT id, service, machine, state, generation, endpoint, version, saved, seq, image FROM instances
              WHERE state != 'discarded' ORDER BY service, seq",
         )?;
         let rows = st.query_map([], |r| {
@@ -218,16 +269,19 @@ impl Db {
                 r.get::<_, String>(6)?,
                 r.get::<_, Option<String>>(7)?,
                 r.get::<_, i64>(8)?,
+                r.get::<_, String>(9)?,
             ))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let (id, service, machine, state, generation, endpoint, version, saved, seq) = row?;
+            let (id, service, machine, state, generation, endpoint, version, saved, seq, image) =
+                row?;
             let bad = |what: &str| DbError::Bad(format!("instance {id}: {what}"));
             out.push(InstanceRow {
                 info: InstanceInfo {
                     id: InstanceId::new(id.clone()).map_err(|_| bad("id"))?,
                     service: ServiceName::new(service).map_err(|_| bad("service"))?,
+                    image,
                     version,
                     machine,
                     state: InstanceState::parse(&state).ok_or_else(|| bad("state"))?,
@@ -259,9 +313,9 @@ impl Db {
             .map_err(|e| DbError::Bad(e.to_string()))?;
         let i = &row.info;
         self.conn.execute(
-            "INSERT OR REPLACE INTO instances (id, service, machine, state, generation, endpoint, version, saved, seq)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-            params![i.id.as_str(), i.service.as_str(), i.machine, i.state.as_str(), i.generation as i64, i.endpoint, i.version, saved, row.seq as i64],
+            "INSERT OR REPLACE INTO instances (id, service, machine, state, generation, endpoint, version, saved, seq, image)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            params![i.id.as_str(), i.service.as_str(), i.machine, i.state.as_str(), i.generation as i64, i.endpoint, i.version, saved, row.seq as i64, i.image],
         )?;
         Ok(())
     }
@@ -308,6 +362,83 @@ impl Db {
             })
         })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Records a new operation (state `running`); returns its id.
+    pub fn add_op(&self, op: &vmatrix_core::api::Operation, now_ms: u64) -> Result<u64> {
+        let text = serde_json::to_string(op).map_err(|e| DbError::Bad(e.to_string()))?;
+        self.conn.execute(
+            "INSERT INTO operations (op, state, created_ms) VALUES (?1, 'running', ?2)",
+            params![text, now_ms as i64],
+        )?;
+        Ok(self.conn.last_insert_rowid() as u64)
+    }
+
+    /// Settles an operation, once: false if it was settled already.
+    pub fn settle_op(&self, id: u64, state: OpState, result: &str, now_ms: u64) -> Result<bool> {
+        Ok(self.conn.execute(
+            "UPDATE operations SET state = ?2, result = ?3, finished_ms = ?4
+             WHERE id = ?1 AND state = 'running'",
+            params![id as i64, state.as_str(), result, now_ms as i64],
+        )? > 0)
+    }
+
+    /// One operation.
+    pub fn op(&self, id: u64) -> Result<Option<OpRow>> {
+        Ok(self.ops_where("id = ?1", params![id as i64])?.pop())
+    }
+
+    /// Operations still `running` (after a restart: the ones whose task died with the last
+    /// process).
+    pub fn running_ops(&self) -> Result<Vec<OpRow>> {
+        self.ops_where("state = 'running'", [])
+    }
+
+    fn ops_where(&self, filter: &str, p: impl rusqlite::Params) -> Result<Vec<OpRow>> {
+        let mut st = self.conn.prepare(&format!(
+            "SELECT id, op, state, result FROM operations WHERE {filter} ORDER BY id"
+        ))?;
+        let rows = st.query_map(p, |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, op, state, result) = row?;
+            let bad = |what: &str| DbError::Bad(format!("operation {id}: {what}"));
+            out.push(OpRow {
+                id: id as u64,
+                op: serde_json::from_str(&op).map_err(|_| bad("body"))?,
+                state: OpState::parse(&state).ok_or_else(|| bad("state"))?,
+                result,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Forgets what is older than `before_ms`: settled operations, discarded instances, and
+    /// events beyond the newest `keep_events`.
+    pub fn prune(&self, before_ms: u64, keep_events: u64) -> Result<()> {
+        self.conn.execute(
+            "DELETE FROM operations WHERE state != 'running' AND finished_ms < ?1",
+            params![before_ms as i64],
+        )?;
+        // Discarded rows keep their seq only while it is the service's highest (ids are never
+        // reused).
+        self.conn.execute(
+            "DELETE FROM instances WHERE state = 'discarded' AND seq < (SELECT MAX(seq) FROM
+             instances AS i WHERE i.service = instances.service)",
+            [],
+        )?;
+        self.conn.execute(
+            "DELETE FROM events WHERE id <= (SELECT MAX(id) FROM events) - ?1",
+            params![keep_events as i64],
+        )?;
+        Ok(())
     }
 
     /// A machine by name.

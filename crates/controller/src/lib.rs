@@ -10,6 +10,7 @@
 mod api;
 mod control;
 mod db;
+mod ops;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -17,7 +18,8 @@ use std::time::Duration;
 
 pub use api::router;
 pub use control::{ControlError, Controller};
-pub use db::{Db, DbError};
+pub use db::{Db, DbError, OpState};
+pub use ops::OpView;
 
 /// How the controller is set up.
 #[derive(Debug, Clone)]
@@ -69,6 +71,10 @@ pub async fn serve(
     let controller = Controller::new(db, config.token.clone());
     controller.set_policy(config.policy);
     controller.set_season(config.season, config.season / 2016);
+    let interrupted = controller.interrupt_left_ops()?;
+    if interrupted > 0 {
+        tracing::info!("{interrupted} operation(s) were interrupted by the last stop; settling their instances from the machines' reports");
+    }
     controller.event(
         "controller",
         "start",
@@ -76,6 +82,7 @@ pub async fn serve(
         "ok",
     );
     tokio::spawn(controller.clone().run_loop(Duration::from_secs(1)));
+    tokio::spawn(controller.clone().prune_loop());
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     tracing::info!("controller API on http://{}", config.listen);
     axum::serve(listener, router(controller, config.token)).await?;

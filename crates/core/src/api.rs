@@ -38,7 +38,11 @@ pub struct InstanceInfo {
     pub id: InstanceId,
     /// Its service.
     pub service: ServiceName,
-    /// The image version it runs (first 16 hex digits of the version id).
+    /// The image it was activated from, `NAME:TAG` as the service named it then.
+    #[serde(default)]
+    pub image: String,
+    /// The image version it runs: the version id the tag resolved to at activation, pinned
+    /// for the instance's whole life (empty until its agent has resolved it).
     pub version: String,
     /// The machine it is on (empty when suspended).
     pub machine: String,
@@ -48,6 +52,13 @@ pub struct InstanceInfo {
     pub endpoint: String,
     /// Fencing generation: bumped on every placement change.
     pub generation: u64,
+}
+
+/// `GET /api/v1/instances`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InstancesReply {
+    /// Every instance that is not discarded.
+    pub instances: Vec<InstanceInfo>,
 }
 
 /// One entry of the event log.
@@ -75,7 +86,7 @@ pub struct ApplyRequest {
 }
 
 /// A manual operation on an instance or service.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "kebab-case")]
 pub enum Operation {
     /// Start one more instance of a service.
@@ -131,6 +142,33 @@ pub enum Operation {
     },
 }
 
+/// Where a durable operation is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OperationState {
+    /// Recorded; its task runs in the controller, whoever waits for it.
+    Running,
+    /// It ended well.
+    Done,
+    /// It failed; the instance was left as it was.
+    Failed,
+    /// The controller stopped while it ran; the instance was settled from what its machines
+    /// reported afterwards.
+    Interrupted,
+}
+
+/// `POST /api/v1/operations` and `GET /api/v1/operations/{id}`: an operation and, once
+/// settled, its outcome.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OperationReply {
+    /// Its id: `GET /api/v1/operations/{id}?wait=SECONDS` follows it.
+    pub operation: u64,
+    /// Where it is.
+    pub state: OperationState,
+    /// What it did (done) or why it failed (failed, interrupted); empty while running.
+    pub result: String,
+}
+
 /// An agent's self-description when it registers and on every heartbeat.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AgentReport {
@@ -163,6 +201,12 @@ pub struct AgentInstance {
     pub cpu_seconds: f64,
     /// Why it failed, if it did.
     pub error: Option<String>,
+    /// The image version it runs (pinned).
+    #[serde(default)]
+    pub version: String,
+    /// When it is `suspended`: where its state went (kept until the controller has it).
+    #[serde(default)]
+    pub saved: Option<SavedState>,
 }
 
 /// Everything an agent needs to run an instance.
@@ -176,6 +220,10 @@ pub struct InstancePlan {
     pub service: ServiceName,
     /// The disk image.
     pub image: ImageRef,
+    /// The version id `image` resolved to when the instance was first activated; `None` only
+    /// for a first activation (the agent resolves the tag and answers with the id).
+    #[serde(default)]
+    pub version: Option<String>,
     /// vCPUs.
     pub vcpus: u32,
     /// Memory, MiB.
@@ -268,6 +316,17 @@ pub struct AgentReply {
     pub saved: Option<SavedState>,
     /// QEMU's migration figures (migrate-out): total ms, downtime ms.
     pub migration_ms: Option<(u64, u64)>,
+    /// The image version the instance runs (activate, prepare).
+    #[serde(default)]
+    pub version: Option<String>,
+}
+
+/// How long a save or a move of `memory_mib` of guest RAM may take before it is given up:
+/// derived from the work at a pessimistic 8 MiB/s (TCG on a busy host does ~500 MiB/s), plus a
+/// minute for the disk and QEMU's own steps. Agent and controller use the same figure.
+pub fn work_limit(memory_mib: u32) -> std::time::Duration {
+    std::time::Duration::from_secs(60)
+        + std::time::Duration::from_millis(u64::from(memory_mib) * 125)
 }
 
 /// An error body: what failed and what to do.

@@ -1,5 +1,6 @@
-//! Service specs: what `vmatrix apply -f services.toml` declares, validated with errors that
-//! name the line.
+//! Service specs: what `vmatrix apply -f services.toml` declares. One set of rules
+//! ([`ServiceSpec::validate`], [`validate_services`]) is checked by the CLI, whose errors name
+//! the line, and by the controller's API, which refuses an invalid set with a 400.
 
 use serde::{Deserialize, Serialize};
 
@@ -79,6 +80,170 @@ fn line_of(text: &str, offset: usize) -> usize {
     text[..offset.min(text.len())].matches('\n').count() + 1
 }
 
+/// The most instances one service may ask for.
+const MAX_INSTANCES: u32 = 1000;
+/// The most vCPUs one instance may have.
+const MAX_VCPUS: u32 = 64;
+/// The least memory one instance may have, MiB.
+const MIN_MEMORY_MIB: u32 = 64;
+/// The most memory one instance may have, MiB (1 TiB).
+const MAX_MEMORY_MIB: u32 = 1_048_576;
+/// The most requests per second one instance may claim to serve.
+const MAX_CAPACITY_RPS: f64 = 1_000_000.0;
+/// The lowest and highest priority.
+const PRIORITY_RANGE: std::ops::RangeInclusive<i32> = -1000..=1000;
+/// The longest health path, bytes.
+const MAX_HEALTH_LEN: usize = 256;
+
+/// What is wrong with one field of one service spec. The CLI and the controller's API both
+/// check specs with [`ServiceSpec::validate`] and [`validate_services`], so they agree.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("service {service}: {message}")]
+pub struct FieldError {
+    /// The service whose spec is wrong.
+    pub service: ServiceName,
+    /// The field that is wrong, as spelled in the spec (`memory_mib`, `health`, …).
+    pub field: &'static str,
+    /// What is wrong and what is allowed; starts with the field's name.
+    pub message: String,
+}
+
+/// A value quoted for an error message: escaped, and cut short when long.
+fn quoted(value: &str) -> String {
+    const SHOWN: usize = 64;
+    let mut out: String = value.chars().take(SHOWN).collect();
+    if out.len() < value.len() {
+        out.push('…');
+    }
+    format!("\"{}\"", out.escape_debug())
+}
+
+impl ServiceSpec {
+    /// Checks every field against the bounds the controller can honour: instances 1-1000 and
+    /// `min <= max`, vCPUs 1-64, memory 64 MiB-1 TiB, a finite capacity above 0 and at most
+    /// 1 000 000 req/s, port 1-65535, priority -1000..=1000, and a health path that starts with
+    /// `/` and is at most 256 bytes of printable ASCII without spaces. The first wrong field is
+    /// reported.
+    pub fn validate(&self) -> Result<(), FieldError> {
+        let s = self;
+        let fail = |field: &'static str, message: String| {
+            Err(FieldError {
+                service: s.name.clone(),
+                field,
+                message,
+            })
+        };
+        if !(1..=MAX_INSTANCES).contains(&s.max) {
+            return fail(
+                "max",
+                format!("max must be 1-{MAX_INSTANCES} (got {})", s.max),
+            );
+        }
+        if s.min > s.max {
+            return fail("min", format!("min ({}) is above max ({})", s.min, s.max));
+        }
+        if !(1..=MAX_VCPUS).contains(&s.vcpus) {
+            return fail(
+                "vcpus",
+                format!("vcpus must be 1-{MAX_VCPUS} (got {})", s.vcpus),
+            );
+        }
+        if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&s.memory_mib) {
+            return fail(
+                "memory_mib",
+                format!(
+                    "memory_mib must be {MIN_MEMORY_MIB}-{MAX_MEMORY_MIB} (got {})",
+                    s.memory_mib
+                ),
+            );
+        }
+        if !(s.capacity_rps.is_finite()
+            && s.capacity_rps > 0.0
+            && s.capacity_rps <= MAX_CAPACITY_RPS)
+        {
+            return fail(
+                "capacity_rps",
+                format!(
+                    "capacity_rps must be a number above 0 and at most {MAX_CAPACITY_RPS} (got {})",
+                    s.capacity_rps
+                ),
+            );
+        }
+        if s.port == 0 {
+            return fail("port", format!("port must be 1-65535 (got {})", s.port));
+        }
+        if !PRIORITY_RANGE.contains(&s.priority) {
+            return fail(
+                "priority",
+                format!(
+                    "priority must be {} to {} (got {})",
+                    PRIORITY_RANGE.start(),
+                    PRIORITY_RANGE.end(),
+                    s.priority
+                ),
+            );
+        }
+        let h = &s.health;
+        if !h.starts_with('/')
+            || h.len() > MAX_HEALTH_LEN
+            || !h.bytes().all(|b| b.is_ascii_graphic())
+        {
+            return fail(
+                "health",
+                format!(
+                    "health must be a path such as \"/health\": a '/' then printable ASCII without spaces or control characters, at most {MAX_HEALTH_LEN} bytes (got {})",
+                    quoted(h)
+                ),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Why a list of specs is invalid: which spec (by index) and, for a name declared twice, where
+/// it was first declared.
+struct Invalid {
+    index: usize,
+    first: Option<usize>,
+    error: FieldError,
+}
+
+/// The one definition of a valid list, shared by [`validate_services`] and [`parse_services`].
+fn check_services(specs: &[ServiceSpec]) -> Result<(), Invalid> {
+    let mut seen = std::collections::HashMap::new();
+    for (index, s) in specs.iter().enumerate() {
+        if let Some(&first) = seen.get(&s.name) {
+            return Err(Invalid {
+                index,
+                first: Some(first),
+                error: FieldError {
+                    service: s.name.clone(),
+                    field: "name",
+                    message: format!(
+                        "name must be unique: {} is declared twice (services #{} and #{})",
+                        s.name,
+                        first + 1,
+                        index + 1
+                    ),
+                },
+            });
+        }
+        seen.insert(&s.name, index);
+        s.validate().map_err(|error| Invalid {
+            index,
+            first: None,
+            error,
+        })?;
+    }
+    Ok(())
+}
+
+/// Checks a whole desired set: every spec with [`ServiceSpec::validate`], and that no name is
+/// declared twice. An empty set is valid (it removes every service).
+pub fn validate_services(specs: &[ServiceSpec]) -> Result<(), FieldError> {
+    check_services(specs).map_err(|i| i.error)
+}
+
 /// Parses and validates a services file.
 pub fn parse_services(file: &str, text: &str) -> Result<Vec<ServiceSpec>, SpecError> {
     let err = |line, message: String| SpecError {
@@ -96,64 +261,30 @@ pub fn parse_services(file: &str, text: &str) -> Result<Vec<ServiceSpec>, SpecEr
             "no [[service]] tables: declare at least one service".into(),
         ));
     }
-    let mut seen = std::collections::BTreeMap::new();
-    let mut out = Vec::new();
-    for spanned in parsed.service {
-        let line = line_of(text, spanned.span().start);
-        let s = spanned.into_inner();
-        if let Some(first) = seen.insert(s.name.clone(), line) {
-            return Err(err(
+    let lines: Vec<usize> = parsed
+        .service
+        .iter()
+        .map(|s| line_of(text, s.span().start))
+        .collect();
+    let specs: Vec<ServiceSpec> = parsed
+        .service
+        .into_iter()
+        .map(toml::Spanned::into_inner)
+        .collect();
+    check_services(&specs).map_err(|i| {
+        let line = lines[i.index];
+        match i.first {
+            Some(first) => err(
                 line,
                 format!(
-                    "service {} is declared twice (first on line {first})",
-                    s.name
-                ),
-            ));
-        }
-        let checks: [(bool, String); 6] = [
-            (
-                s.min > s.max,
-                format!(
-                    "service {}: min ({}) is above max ({})",
-                    s.name, s.min, s.max
+                    "service {} is declared twice (first on line {})",
+                    i.error.service, lines[first]
                 ),
             ),
-            (
-                s.max == 0,
-                format!("service {}: max must be at least 1", s.name),
-            ),
-            (
-                s.vcpus == 0 || s.vcpus > 64,
-                format!("service {}: vcpus must be 1-64", s.name),
-            ),
-            (
-                s.memory_mib < 64,
-                format!("service {}: memory_mib must be at least 64", s.name),
-            ),
-            (
-                !(s.capacity_rps > 0.0 && s.capacity_rps.is_finite()),
-                format!("service {}: capacity_rps must be a positive number", s.name),
-            ),
-            (
-                !s.health.starts_with('/') || s.health.contains(char::is_whitespace),
-                format!(
-                    "service {}: health must be a path such as \"/health\"",
-                    s.name
-                ),
-            ),
-        ];
-        if let Some((_, message)) = checks.into_iter().find(|(bad, _)| *bad) {
-            return Err(err(line, message));
+            None => err(line, i.error.to_string()),
         }
-        if s.port == 0 {
-            return Err(err(
-                line,
-                format!("service {}: port must be 1-65535", s.name),
-            ));
-        }
-        out.push(s);
-    }
-    Ok(out)
+    })?;
+    Ok(specs)
 }
 
 #[cfg(test)]
@@ -211,5 +342,183 @@ image = "guest:v1"
 
         let syntax = "[[service]\nname = 1";
         assert_eq!(parse_services("s.toml", syntax).unwrap_err().line, 1);
+    }
+
+    fn spec(name: &str) -> ServiceSpec {
+        ServiceSpec {
+            name: ServiceName::new(name).unwrap(),
+            image: "guest:v1".parse().unwrap(),
+            priority: 0,
+            min: 1,
+            max: 1,
+            capacity_rps: 50.0,
+            vcpus: 1,
+            memory_mib: 256,
+            port: 80,
+            health: "/health".into(),
+        }
+    }
+
+    /// Asserts `change` makes the spec invalid in `field`, with `text` in the message.
+    fn rejects(change: impl FnOnce(&mut ServiceSpec), field: &str, text: &str) {
+        let mut s = spec("web");
+        change(&mut s);
+        let e = s.validate().unwrap_err();
+        assert_eq!(e.field, field, "{e}");
+        assert_eq!(e.service.as_str(), "web");
+        let shown = e.to_string();
+        assert!(
+            shown.starts_with(&format!("service web: {field} ")),
+            "{shown}"
+        );
+        assert!(shown.contains(text), "{shown}");
+        assert_eq!(validate_services(&[spec("ok"), s]), Err(e));
+    }
+
+    #[test]
+    fn a_plain_spec_and_the_bounds_themselves_are_valid() {
+        assert_eq!(spec("web").validate(), Ok(()));
+        let mut s = spec("web");
+        s.min = 1000;
+        s.max = 1000;
+        s.vcpus = 64;
+        s.memory_mib = 1_048_576;
+        s.capacity_rps = 1_000_000.0;
+        s.port = 65535;
+        s.priority = 1000;
+        s.health = format!("/{}", "a".repeat(255));
+        assert_eq!(s.validate(), Ok(()));
+        s.min = 0;
+        s.vcpus = 1;
+        s.memory_mib = 64;
+        s.capacity_rps = 0.001;
+        s.port = 1;
+        s.priority = -1000;
+        s.health = "/h?x=1&y=%20~".into();
+        assert_eq!(s.validate(), Ok(()));
+        assert_eq!(validate_services(&[]), Ok(()));
+    }
+
+    #[test]
+    fn instance_bounds() {
+        rejects(|s| s.max = 0, "max", "max must be 1-1000 (got 0)");
+        rejects(|s| s.max = 1001, "max", "(got 1001)");
+        rejects(|s| s.max = u32::MAX, "max", "(got 4294967295)");
+        rejects(
+            |s| {
+                s.min = 5;
+                s.max = 4;
+            },
+            "min",
+            "min (5) is above max (4)",
+        );
+    }
+
+    #[test]
+    fn vcpus_1_to_64() {
+        rejects(|s| s.vcpus = 0, "vcpus", "vcpus must be 1-64 (got 0)");
+        rejects(|s| s.vcpus = 65, "vcpus", "(got 65)");
+    }
+
+    #[test]
+    fn memory_64_mib_to_1_tib() {
+        rejects(|s| s.memory_mib = 0, "memory_mib", "(got 0)");
+        rejects(|s| s.memory_mib = 63, "memory_mib", "(got 63)");
+        rejects(|s| s.memory_mib = 1_048_577, "memory_mib", "(got 1048577)");
+        rejects(
+            |s| s.memory_mib = u32::MAX,
+            "memory_mib",
+            "memory_mib must be 64-1048576 (got 4294967295)",
+        );
+    }
+
+    #[test]
+    fn capacity_finite_positive_and_bounded() {
+        for bad in [0.0, -1.0, f64::NAN, f64::INFINITY, 1_000_000.5] {
+            rejects(
+                |s| s.capacity_rps = bad,
+                "capacity_rps",
+                "capacity_rps must be",
+            );
+        }
+    }
+
+    #[test]
+    fn port_not_zero() {
+        rejects(|s| s.port = 0, "port", "port must be 1-65535 (got 0)");
+    }
+
+    #[test]
+    fn priority_within_a_thousand() {
+        rejects(
+            |s| s.priority = 1001,
+            "priority",
+            "-1000 to 1000 (got 1001)",
+        );
+        rejects(|s| s.priority = i32::MIN, "priority", "(got -2147483648)");
+    }
+
+    #[test]
+    fn health_is_a_short_printable_path() {
+        rejects(
+            |s| s.health = "/h\r\nX: y".into(),
+            "health",
+            r#"(got "/h\r\nX: y")"#,
+        );
+        rejects(|s| s.health = "/h\n".into(), "health", r#"\n"#);
+        rejects(|s| s.health = "/h\0".into(), "health", "health must be");
+        rejects(|s| s.health = "/a b".into(), "health", "without spaces");
+        rejects(|s| s.health = "/a\tb".into(), "health", "health must be");
+        rejects(|s| s.health = "/é".into(), "health", "health must be");
+        rejects(|s| s.health = "/\u{7f}".into(), "health", "health must be");
+        rejects(|s| s.health = "health".into(), "health", "health must be");
+        rejects(|s| s.health = String::new(), "health", "health must be");
+        // Too long, and the message quotes only the start of it.
+        let long = format!("/{}", "a".repeat(256));
+        let mut s = spec("web");
+        s.health = long.clone();
+        let e = s.validate().unwrap_err();
+        assert_eq!(e.field, "health");
+        assert!(e.message.contains("at most 256 bytes"), "{e}");
+        assert!(e.message.len() < 300, "{e}");
+    }
+
+    #[test]
+    fn a_name_declared_twice_is_refused() {
+        let e = validate_services(&[spec("web"), spec("db"), spec("web")]).unwrap_err();
+        assert_eq!(e.field, "name");
+        assert_eq!(e.service.as_str(), "web");
+        assert!(
+            e.to_string()
+                .starts_with("service web: name must be unique"),
+            "{e}"
+        );
+        assert!(e.message.contains("#1 and #3"), "{e}");
+    }
+
+    #[test]
+    fn the_file_and_the_api_share_the_rules() {
+        let cases = [
+            ("memory_mib = 256", "memory_mib = 4294967295", "memory_mib"),
+            ("vcpus = 1", "vcpus = 0", "vcpus"),
+            ("port = 80", "port = 0", "port"),
+            ("priority = 10", "priority = 5000", "priority"),
+            ("max = 4", "max = 1001", "max"),
+            ("capacity_rps = 50", "capacity_rps = nan", "capacity_rps"),
+            (
+                "health = \"/health\"",
+                "health = \"/h\\r\\nX: y\"",
+                "health",
+            ),
+        ];
+        for (from, to, field) in cases {
+            let text = GOOD.replace(from, to);
+            let e = parse_services("s.toml", &text).unwrap_err();
+            assert_eq!(e.line, 2, "{e}");
+            assert!(
+                e.message.starts_with(&format!("service finance: {field} ")),
+                "{e}"
+            );
+        }
     }
 }

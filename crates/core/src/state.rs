@@ -4,7 +4,7 @@
 //!            activate                ready
 //!  (none) ───────────▶ activating ─────────▶ running ──suspend──▶ suspending ──▶ suspended
 //!                          │                  │   ▲                                  │
-//!                          │ fail             │   │ moved                            │ resume
+//!                          │ fail             │   │ moved, cancelled                 │ resume
 //!                          ▼                  ▼   │                                  ▼
 //!                        failed ◀──fail── migrating                              activating
 //!                          │
@@ -50,6 +50,8 @@ pub enum Transition {
     Suspended,
     /// A resume started.
     Resume,
+    /// A migration or suspend was given up; the guest runs on where it was.
+    Cancelled,
     /// Something broke.
     Fail,
     /// It is thrown away.
@@ -79,6 +81,7 @@ impl InstanceState {
             (S::Running, T::SuspendStarted) => S::Suspending,
             (S::Suspending, T::Suspended) => S::Suspended,
             (S::Suspended, T::Resume) => S::Activating,
+            (S::Migrating | S::Suspending, T::Cancelled) => S::Running,
             (S::Activating | S::Running | S::Migrating | S::Suspending, T::Fail) => S::Failed,
             (S::Failed | S::Suspended | S::Activating | S::Running, T::Discard) => S::Discarded,
             (S::Activating, _)

@@ -157,7 +157,10 @@ async fn a_state_suspended_into_the_repository_resumes_on_another_machine() {
 
     // Suspend, store state and overlay in the repository, and forget the local files.
     let suspended = vm
-        .suspend(&dir.path().join("a/state.bin"))
+        .suspend(
+            &dir.path().join("a/state.bin"),
+            std::time::Duration::from_secs(120),
+        )
         .await
         .expect("suspend");
     let state_ref = ImageRef::parse("state-1:suspend-1").unwrap();

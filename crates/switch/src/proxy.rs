@@ -202,7 +202,10 @@ impl Switch {
         let service = service.to_owned();
         tokio::spawn(async move {
             let url = format!("{}/api/v1/operations", me.config.controller);
-            let body = serde_json::json!({ "op": "wake", "service": service });
+            let Ok(name) = vmatrix_core::ServiceName::new(service.clone()) else {
+                return;
+            };
+            let body = vmatrix_core::api::Operation::Wake { service: name };
             match me
                 .http
                 .post(&url)

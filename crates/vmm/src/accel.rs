@@ -171,7 +171,12 @@ async fn probe_kvm(probe: &ProbeBoot) -> Result<ProbeOutcome> {
         "console=ttyS0 quiet vmatrix.probe=1".into(),
     ])
     .collect();
-    let mut qemu = QemuProcess::spawn("qemu-system-x86_64", &args, &dir.join("qemu.log"))?;
+    let mut qemu = QemuProcess::spawn(
+        "qemu-system-x86_64",
+        &args,
+        &dir.join("qemu.log"),
+        crate::process::Lifetime::Owner,
+    )?;
     let deadline = Instant::now() + PROBE_DEADLINE;
     let mut outcome = ProbeOutcome::TimedOut;
     while Instant::now() < deadline {

@@ -19,4 +19,5 @@ pub mod vm;
 pub use accel::{AccelChoice, Accelerator, ProbeBoot};
 pub use error::{Result, VmmError};
 pub use migration::{IncomingVm, MigrationFailure, MigrationReport, MigrationTarget};
+pub use process::Lifetime;
 pub use vm::{BaseImage, ImageFormat, StopOutcome, SuspendedVm, Vm, VmDir, VmSpec};

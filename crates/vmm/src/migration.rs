@@ -139,6 +139,11 @@ impl IncomingVm {
         })
     }
 
+    /// The destination QEMU's process id.
+    pub fn pid(&self) -> u32 {
+        self.vm.pid()
+    }
+
     /// Where the source should send the VM.
     pub fn target(&self) -> &MigrationTarget {
         &self.target
@@ -163,11 +168,21 @@ impl Vm {
     /// Moves this VM, RAM and disk, to the destination behind `target`, then stops this QEMU.
     /// On failure the source keeps running and is returned inside the error.
     pub async fn migrate_out(
-        mut self,
+        self,
         target: &MigrationTarget,
     ) -> std::result::Result<MigrationReport, MigrationFailure> {
+        self.migrate_out_within(target, Duration::from_secs(300))
+            .await
+    }
+
+    /// [`Vm::migrate_out`], giving up (and running on here) after `limit` for each phase.
+    pub async fn migrate_out_within(
+        mut self,
+        target: &MigrationTarget,
+        limit: Duration,
+    ) -> std::result::Result<MigrationReport, MigrationFailure> {
         let started = Instant::now();
-        match self.migrate_steps(target, started).await {
+        match self.migrate_steps(target, started, limit).await {
             Ok(report) => {
                 self.quit().await;
                 Ok(report)
@@ -186,6 +201,7 @@ impl Vm {
         &mut self,
         target: &MigrationTarget,
         started: Instant,
+        limit: Duration,
     ) -> Result<MigrationReport> {
         self.qmp
             .execute(&BlockdevAddNbd {
@@ -207,7 +223,6 @@ impl Vm {
                 copy_mode: "write-blocking",
             })
             .await?;
-        let limit = Duration::from_secs(300);
         let deadline = Instant::now() + limit;
         loop {
             let jobs = self.qmp.execute(&QueryBlockJobs {}).await?;

@@ -6,6 +6,11 @@
 //! the thread that spawned it dies (`PR_SET_PDEATHSIG`), which covers an owner killed outright.
 //! The last one is per *thread*: spawn from a thread that lives as long as the VM should (an
 //! async runtime's worker or the test's own thread, not a short-lived blocking-pool thread).
+//!
+//! An agent wants the opposite for the VMs it runs ([`Lifetime::Machine`]): a restart or a crash
+//! of the agent is not a VM restart (libvirt's rule). Such a QEMU gets none of the three layers;
+//! only an explicit [`QemuProcess::kill`] ends it, and a new agent finds it again by its pid
+//! ([`QemuProcess::adopt`]).
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -16,17 +21,30 @@ use tokio::time::Instant;
 
 use crate::error::{io_err, Result, VmmError};
 
-/// A running QEMU, killed with its process group when dropped.
+/// How long a QEMU process lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Lifetime {
+    /// It dies with its owner (dropped, panicked or killed): tests, benchmarks, tools.
+    #[default]
+    Owner,
+    /// It lives until it is killed explicitly, whatever happens to the process that started it:
+    /// an agent's VMs, which a restarted agent adopts.
+    Machine,
+}
+
+/// A running QEMU: with [`Lifetime::Owner`], killed with its process group when dropped.
 #[derive(Debug)]
 pub struct QemuProcess {
-    child: Child,
+    /// Our child, or `None` for a process adopted from an earlier owner.
+    child: Option<Child>,
     pid: u32,
     log: PathBuf,
+    lifetime: Lifetime,
 }
 
 impl QemuProcess {
     /// Starts `program` with `args`; its stdout and stderr go to `log`.
-    pub fn spawn(program: &str, args: &[String], log: &Path) -> Result<Self> {
+    pub fn spawn(program: &str, args: &[String], log: &Path, lifetime: Lifetime) -> Result<Self> {
         let log_file = std::fs::File::create(log).map_err(io_err("create", log))?;
         let log_err = log_file.try_clone().map_err(io_err("open", log))?;
         let mut cmd = Command::new(program);
@@ -35,22 +53,24 @@ impl QemuProcess {
             .stdout(Stdio::from(log_file))
             .stderr(Stdio::from(log_err))
             .process_group(0)
-            .kill_on_drop(true);
+            .kill_on_drop(lifetime == Lifetime::Owner);
         // SAFETY: getpid is async-signal-safe; captured before the fork.
         let owner = unsafe { libc::getpid() };
         // SAFETY: the closure runs between fork and exec and calls only async-signal-safe
         // functions (prctl, getppid), allocating nothing.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                // The owner may have died between fork and prctl: then nobody would kill us.
-                if libc::getppid() != owner {
-                    return Err(std::io::Error::other("owner exited before QEMU started"));
-                }
-                Ok(())
-            });
+        if lifetime == Lifetime::Owner {
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    // The owner may have died between fork and prctl: then nobody would kill us.
+                    if libc::getppid() != owner {
+                        return Err(std::io::Error::other("owner exited before QEMU started"));
+                    }
+                    Ok(())
+                });
+            }
         }
         let child = cmd.spawn().map_err(|source| VmmError::Spawn {
             program: program.to_owned(),
@@ -59,9 +79,25 @@ impl QemuProcess {
         let pid = child.id().unwrap_or(0);
         tracing::debug!(pid, program, "started QEMU");
         Ok(Self {
-            child,
+            child: Some(child),
             pid,
             log: log.to_owned(),
+            lifetime,
+        })
+    }
+
+    /// Takes over a QEMU that an earlier owner started with [`Lifetime::Machine`], if `pid` is
+    /// alive and its command line carries `marker` (so a reused pid is never mistaken for it).
+    pub fn adopt(pid: u32, marker: &str, log: &Path) -> Option<Self> {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        let found = cmdline
+            .split(|b| *b == 0)
+            .any(|arg| arg == marker.as_bytes());
+        (found && alive(pid)).then(|| Self {
+            child: None,
+            pid,
+            log: log.to_owned(),
+            lifetime: Lifetime::Machine,
         })
     }
 
@@ -77,30 +113,51 @@ impl QemuProcess {
 
     /// `Some(status)` once the process has exited.
     pub fn exit_status(&mut self) -> Option<String> {
-        match self.child.try_wait() {
-            Ok(Some(status)) => Some(status.to_string()),
-            Ok(None) => None,
-            Err(e) => Some(format!("unknown ({e})")),
+        match &mut self.child {
+            Some(child) => match child.try_wait() {
+                Ok(Some(status)) => Some(status.to_string()),
+                Ok(None) => None,
+                Err(e) => Some(format!("unknown ({e})")),
+            },
+            None => (!alive(self.pid)).then(|| "exited (adopted: status unknown)".to_owned()),
         }
     }
 
     /// Waits for the process to exit until `deadline`; true if it did.
     pub async fn wait_exit(&mut self, deadline: Instant) -> bool {
-        tokio::time::timeout_at(deadline, self.child.wait())
-            .await
-            .is_ok()
+        match &mut self.child {
+            Some(child) => tokio::time::timeout_at(deadline, child.wait())
+                .await
+                .is_ok(),
+            None => loop {
+                if !alive(self.pid) {
+                    return true;
+                }
+                if Instant::now() >= deadline {
+                    return false;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            },
+        }
     }
 
     /// Kills the process group and reaps QEMU.
     pub async fn kill(&mut self) {
         self.signal_group();
-        let _ = tokio::time::timeout(Duration::from_secs(5), self.child.wait()).await;
+        let _ = self
+            .wait_exit(Instant::now() + Duration::from_secs(5))
+            .await;
     }
 
     fn signal_group(&mut self) {
-        if self.pid > 0 && self.child.try_wait().ok().flatten().is_none() {
-            // SAFETY: plain syscall on a process group we created; a stale id is harmless
-            // because the group leader is our unreaped child, so the id cannot be reused.
+        let running = match &mut self.child {
+            Some(child) => child.try_wait().ok().flatten().is_none(),
+            None => alive(self.pid),
+        };
+        if self.pid > 0 && running {
+            // SAFETY: plain syscall on a process group QEMU leads. For our own child the id
+            // cannot be reused while it is unreaped; an adopted one was checked by its command
+            // line when adopted and is alive now.
             unsafe {
                 libc::killpg(self.pid as libc::pid_t, libc::SIGKILL);
             }
@@ -110,7 +167,21 @@ impl QemuProcess {
 
 impl Drop for QemuProcess {
     fn drop(&mut self) {
-        self.signal_group();
+        if self.lifetime == Lifetime::Owner {
+            self.signal_group();
+        }
+    }
+}
+
+/// Whether process `pid` exists and is not a zombie waiting to be reaped.
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit(')')
+            .next()
+            .and_then(|rest| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
     }
 }
 

@@ -234,6 +234,11 @@ pub mod commands {
     }
     command!(Migrate, "migrate", Empty);
 
+    /// Cancels the outgoing migration in progress (a suspend that failed or took too long).
+    #[derive(Debug, Serialize)]
+    pub struct MigrateCancel {}
+    command!(MigrateCancel, "migrate_cancel", Empty);
+
     /// Starts listening for an incoming migration (QEMU started with `-incoming defer`).
     #[derive(Debug, Serialize)]
     pub struct MigrateIncoming {

@@ -22,7 +22,7 @@ use vmatrix_core::InstanceId;
 use crate::accel::Accelerator;
 use crate::error::{io_err, Result, VmmError};
 use crate::http;
-use crate::process::{tail, QemuProcess};
+use crate::process::{tail, Lifetime, QemuProcess};
 use crate::qmp::commands::*;
 use crate::qmp::Qmp;
 
@@ -107,6 +107,8 @@ pub struct VmSpec {
     pub guest_port: u16,
     /// The accelerator.
     pub accel: Accelerator,
+    /// Whether QEMU dies with this process or lives until killed (an agent's VMs).
+    pub lifetime: Lifetime,
 }
 
 impl VmSpec {
@@ -125,6 +127,7 @@ impl VmSpec {
             forward,
             guest_port: 80,
             accel,
+            lifetime: Lifetime::Owner,
         }
     }
 
@@ -224,7 +227,7 @@ impl Vm {
         let _ = std::fs::remove_file(dir.qmp());
         let args = qemu_args(&spec, &dir, mode)?;
         tracing::debug!(instance = %spec.instance, ?args, "starting QEMU");
-        let process = QemuProcess::spawn(QEMU, &args, &dir.qemu_log())?;
+        let process = QemuProcess::spawn(QEMU, &args, &dir.qemu_log(), spec.lifetime)?;
         let deadline = Instant::now() + Duration::from_secs(10);
         let qmp = match Qmp::connect(&dir.qmp(), deadline).await {
             Ok(q) => q,
@@ -242,6 +245,28 @@ impl Vm {
                 return Err(e);
             }
         };
+        Ok(Self {
+            spec,
+            dir,
+            process,
+            qmp,
+        })
+    }
+
+    /// Takes over the QEMU with process id `pid` that an earlier owner started in `dir` with
+    /// `spec` (its [`Lifetime::Machine`]): checks that the process is that VM's and connects
+    /// to its QMP socket again.
+    pub async fn adopt(spec: VmSpec, dir: impl Into<PathBuf>, pid: u32) -> Result<Self> {
+        let dir = VmDir::new(dir);
+        let marker = qmp_arg(&dir);
+        let process = QemuProcess::adopt(pid, &marker, &dir.qemu_log()).ok_or_else(|| {
+            VmmError::Invalid(format!(
+                "process {pid} is not the QEMU of {} (gone, or another process)",
+                dir.root().display()
+            ))
+        })?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let qmp = Qmp::connect(&dir.qmp(), deadline).await?;
         Ok(Self {
             spec,
             dir,
@@ -370,8 +395,47 @@ impl Vm {
 
     /// Saves the complete memory and device state to `state_file` and stops QEMU. The result
     /// names the files from which [`Vm::resume`] brings the instance back.
-    pub async fn suspend(mut self, state_file: &Path) -> Result<SuspendedVm> {
+    pub async fn suspend(mut self, state_file: &Path, limit: Duration) -> Result<SuspendedVm> {
+        let saved = self.save_state(state_file, limit).await;
+        if saved.is_ok() {
+            self.quit().await;
+        }
+        saved
+    }
+
+    /// Saves the complete memory and device state to `state_file` and leaves the VM paused
+    /// with its files complete, so the caller can make them durable before it ends QEMU
+    /// ([`Vm::end`]) — or, if that fails, let the guest run on ([`Vm::cont`]). If the save
+    /// itself fails or takes longer than `limit`, the guest runs again as it was before the
+    /// call and the error is returned.
+    pub async fn save_state(&mut self, state_file: &Path, limit: Duration) -> Result<SuspendedVm> {
         let started = Instant::now();
+        let result = self.save_steps(state_file, limit).await;
+        if result.is_err() {
+            let _ = self.qmp.execute(&MigrateCancel {}).await;
+            let _ = self
+                .wait_migration_status("cancel", Duration::from_secs(10), &["cancelled", "failed"])
+                .await;
+            if let Ok(s) = self.status().await {
+                if !s.running {
+                    let _ = self.cont().await;
+                }
+            }
+            let _ = std::fs::remove_file(state_file);
+        }
+        result?;
+        let state_bytes = std::fs::metadata(state_file)
+            .map_err(io_err("read the size of", state_file))?
+            .len();
+        Ok(SuspendedVm {
+            state_file: state_file.to_owned(),
+            disk: self.dir.disk(),
+            state_bytes,
+            elapsed: started.elapsed(),
+        })
+    }
+
+    async fn save_steps(&mut self, state_file: &Path, limit: Duration) -> Result<()> {
         if let Some(parent) = state_file.parent() {
             std::fs::create_dir_all(parent).map_err(io_err("create directory", parent))?;
         }
@@ -387,18 +451,30 @@ impl Vm {
                 uri: format!("exec:cat > {}", shell_quote(state_file)),
             })
             .await?;
-        self.wait_migration("suspend", Duration::from_secs(120))
-            .await?;
+        self.wait_migration("suspend", limit).await.map(drop)
+    }
+
+    /// Makes sure the guest runs: an adopted VM whose suspend was interrupted (its owner died
+    /// mid-save) is paused; the save is cancelled and the guest continues. Refuses a VM that
+    /// still waits for an incoming migration.
+    pub async fn ensure_running(&mut self) -> Result<()> {
+        let status = self.status().await?;
+        if status.running {
+            return Ok(());
+        }
+        if status.status == "inmigrate" {
+            return Err(VmmError::Invalid(format!(
+                "instance {} still waits for an incoming migration",
+                self.spec.instance
+            )));
+        }
+        let _ = self.qmp.execute(&MigrateCancel {}).await;
+        self.cont().await
+    }
+
+    /// Ends QEMU (after its state was saved and made durable elsewhere).
+    pub async fn end(mut self) {
         self.quit().await;
-        let state_bytes = std::fs::metadata(state_file)
-            .map_err(io_err("read the size of", state_file))?
-            .len();
-        Ok(SuspendedVm {
-            state_file: state_file.to_owned(),
-            disk: self.dir.disk(),
-            state_bytes,
-            elapsed: started.elapsed(),
-        })
     }
 
     /// Polls `query-migrate` until it completes; errors if it fails or takes longer than
@@ -531,7 +607,8 @@ pub(crate) async fn create_overlay(spec: &VmSpec, overlay: &Path) -> Result<()> 
     run_tool("qemu-img", &args).await
 }
 
-pub(crate) async fn run_tool(program: &str, args: &[String]) -> Result<()> {
+/// Runs a tool (`qemu-img`, …) to its end; its stderr is the error if it fails.
+pub async fn run_tool(program: &str, args: &[String]) -> Result<()> {
     let out = tokio::process::Command::new(program)
         .args(args)
         .output()
@@ -569,6 +646,11 @@ fn mac_for(instance: &InstanceId) -> String {
         (h >> 8) as u8,
         h as u8
     )
+}
+
+/// The `-qmp` argument: unique per VM directory, so it also identifies the process.
+fn qmp_arg(dir: &VmDir) -> String {
+    format!("unix:{},server=on,wait=off", dir.qmp().display())
 }
 
 /// QEMU's command line. Both ends of a migration must describe identical hardware, so this is
@@ -627,7 +709,7 @@ pub(crate) fn qemu_args(spec: &VmSpec, dir: &VmDir, mode: StartMode) -> Result<V
             mac_for(&spec.instance)
         ),
         "-qmp".into(),
-        format!("unix:{},server=on,wait=off", dir.qmp().display()),
+        qmp_arg(dir),
         "-serial".into(),
         format!("file:{}", dir.serial().display()),
     ]);

@@ -112,7 +112,10 @@ async fn suspend_then_resume_elsewhere_keeps_identity_ram_and_disk() {
 
     let old_pid = vm.pid();
     let suspended = vm
-        .suspend(&machine_a.path().join("state.bin"))
+        .suspend(
+            &machine_a.path().join("state.bin"),
+            std::time::Duration::from_secs(120),
+        )
         .await
         .expect("suspend");
     assert!(!alive(old_pid), "the suspended QEMU still runs");

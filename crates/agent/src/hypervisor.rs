@@ -1,0 +1,195 @@
+//! The hypervisor behind a trait: the agent drives VMs only through [`Hypervisor`], [`Guest`]
+//! and [`Incoming`], so that its logic runs the same over real QEMU ([`Qemu`]) and over the
+//! in-process fake of its component tests ([`crate::fake::FakeHypervisor`]).
+//!
+//! Every method that can fail leaves the VM as it was: a failed [`Guest::save_state`] or
+//! [`Guest::migrate_out`] lets the guest run on.
+
+use std::net::IpAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use vmatrix_vmm::{IncomingVm, MigrationTarget, SuspendedVm, Vm, VmSpec, VmmError};
+
+/// Starts, resumes and adopts VMs on this machine.
+#[async_trait]
+pub trait Hypervisor: Send + Sync + 'static {
+    /// Boots `spec` in `dir` (a fresh overlay over its base).
+    async fn boot(&self, spec: VmSpec, dir: &Path) -> Result<Box<dyn Guest>, VmmError>;
+    /// Starts `spec` in `dir` from a saved state and its overlay; it runs when this returns.
+    async fn resume(
+        &self,
+        spec: VmSpec,
+        dir: &Path,
+        files: &SuspendedVm,
+    ) -> Result<Box<dyn Guest>, VmmError>;
+    /// Starts a paused destination for an incoming live migration, listening on `listen`.
+    async fn incoming(
+        &self,
+        spec: VmSpec,
+        dir: &Path,
+        listen: IpAddr,
+    ) -> Result<Box<dyn Incoming>, VmmError>;
+    /// Takes over the VM a previous agent process left running in `dir` as process `pid`,
+    /// and makes sure its guest runs (an interrupted suspend leaves it paused).
+    async fn adopt(&self, spec: VmSpec, dir: &Path, pid: u32) -> Result<Box<dyn Guest>, VmmError>;
+    /// Whether process `pid` is alive.
+    fn alive(&self, pid: u32) -> bool;
+    /// CPU seconds process `pid` has used.
+    fn cpu_seconds(&self, pid: u32) -> f64;
+}
+
+/// A running VM.
+#[async_trait]
+pub trait Guest: Send {
+    /// Its process id.
+    fn pid(&self) -> u32;
+    /// Saves memory and device state to `file` and leaves the guest paused, or — on failure or
+    /// after `limit` — running as before, with the error.
+    async fn save_state(&mut self, file: &Path, limit: Duration) -> Result<SuspendedVm, VmmError>;
+    /// Lets a paused guest run again.
+    async fn cont(&mut self) -> Result<(), VmmError>;
+    /// Ends the VM after its state was saved.
+    async fn end(self: Box<Self>);
+    /// Kills the VM at once.
+    async fn kill(self: Box<Self>);
+    /// Live-migrates to `target` and ends this VM; on failure the guest runs on here and
+    /// comes back with the error.
+    async fn migrate_out(
+        self: Box<Self>,
+        target: &MigrationTarget,
+        limit: Duration,
+    ) -> Result<(u64, u64), (Box<dyn Guest>, VmmError)>;
+}
+
+/// A destination waiting for an incoming migration.
+#[async_trait]
+pub trait Incoming: Send {
+    /// Its process id.
+    fn pid(&self) -> u32;
+    /// Where the source sends the VM.
+    fn target(&self) -> MigrationTarget;
+    /// After the source reported success: lets the guest run here.
+    async fn finish(self: Box<Self>, limit: Duration) -> Result<Box<dyn Guest>, VmmError>;
+    /// Gives up: kills the destination.
+    async fn abort(self: Box<Self>);
+}
+
+/// The real hypervisor: QEMU through the vmm crate.
+#[derive(Debug, Default)]
+pub struct Qemu;
+
+#[async_trait]
+impl Hypervisor for Qemu {
+    async fn boot(&self, spec: VmSpec, dir: &Path) -> Result<Box<dyn Guest>, VmmError> {
+        Ok(Box::new(Vm::boot(spec, dir).await?))
+    }
+
+    async fn resume(
+        &self,
+        spec: VmSpec,
+        dir: &Path,
+        files: &SuspendedVm,
+    ) -> Result<Box<dyn Guest>, VmmError> {
+        // The overlay still names the old machine's export as its backing file: point it at
+        // this machine's export of the same version (same bytes, so no data changes).
+        if let vmatrix_vmm::BaseImage::Nbd { url } = &spec.base {
+            let args: Vec<String> = ["rebase", "-u", "-F", "raw", "-b", url, "-f", "qcow2"]
+                .iter()
+                .map(|s| s.to_string())
+                .chain([files.disk.display().to_string()])
+                .collect();
+            vmatrix_vmm::vm::run_tool("qemu-img", &args).await?;
+        }
+        Ok(Box::new(Vm::resume(spec, dir, files).await?.0))
+    }
+
+    async fn incoming(
+        &self,
+        spec: VmSpec,
+        dir: &Path,
+        listen: IpAddr,
+    ) -> Result<Box<dyn Incoming>, VmmError> {
+        Ok(Box::new(IncomingVm::start(spec, dir, listen).await?))
+    }
+
+    async fn adopt(&self, spec: VmSpec, dir: &Path, pid: u32) -> Result<Box<dyn Guest>, VmmError> {
+        let mut vm = Vm::adopt(spec, dir, pid).await?;
+        vm.ensure_running().await?;
+        Ok(Box::new(vm))
+    }
+
+    fn alive(&self, pid: u32) -> bool {
+        vmatrix_vmm::process::alive(pid)
+    }
+
+    fn cpu_seconds(&self, pid: u32) -> f64 {
+        cpu_seconds(pid)
+    }
+}
+
+#[async_trait]
+impl Guest for Vm {
+    fn pid(&self) -> u32 {
+        Vm::pid(self)
+    }
+    async fn save_state(&mut self, file: &Path, limit: Duration) -> Result<SuspendedVm, VmmError> {
+        Vm::save_state(self, file, limit).await
+    }
+    async fn cont(&mut self) -> Result<(), VmmError> {
+        Vm::cont(self).await
+    }
+    async fn end(self: Box<Self>) {
+        Vm::end(*self).await
+    }
+    async fn kill(self: Box<Self>) {
+        Vm::kill(*self).await
+    }
+    async fn migrate_out(
+        self: Box<Self>,
+        target: &MigrationTarget,
+        limit: Duration,
+    ) -> Result<(u64, u64), (Box<dyn Guest>, VmmError)> {
+        match Vm::migrate_out_within(*self, target, limit).await {
+            Ok(r) => Ok((r.total_ms, r.downtime_ms)),
+            Err(f) => Err((f.source as Box<dyn Guest>, f.error)),
+        }
+    }
+}
+
+#[async_trait]
+impl Incoming for IncomingVm {
+    fn pid(&self) -> u32 {
+        IncomingVm::pid(self)
+    }
+    fn target(&self) -> MigrationTarget {
+        IncomingVm::target(self).clone()
+    }
+    async fn finish(self: Box<Self>, limit: Duration) -> Result<Box<dyn Guest>, VmmError> {
+        Ok(Box::new(IncomingVm::finish(*self, limit).await?))
+    }
+    async fn abort(self: Box<Self>) {
+        IncomingVm::abort(*self).await
+    }
+}
+
+/// CPU seconds (user + system) a process has used.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = [11, 12]
+        .iter()
+        .filter_map(|i| fields.get(*i).and_then(|v| v.parse::<f64>().ok()))
+        .sum();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    ticks / hz
+}

@@ -1,0 +1,154 @@
+//! What a VM directory says about its VM, so that a restarted agent takes its VMs over instead
+//! of killing them (libvirt's rule: a daemon restart is not a VM restart).
+//!
+//! Each VM directory holds `vm.json`: the instance's plan, pinned version, endpoint, QEMU's pid
+//! and its phase. It is written (temp file, fsync, rename) after every change of phase. On
+//! start the agent reads every record: a running VM whose process is still that VM's QEMU is
+//! adopted; a suspended record is kept for the controller; an incoming migration that lost its
+//! agent is ended (its source still has the guest); anything else is removed. The controller
+//! then stops what it no longer assigns to this machine, through the usual discard.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use vmatrix_core::api::{InstancePlan, SavedState};
+
+use crate::machine::Agent;
+
+/// The phase a VM directory is in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Phase {
+    /// QEMU runs the guest.
+    Running,
+    /// QEMU waits, paused, for an incoming migration.
+    Incoming,
+    /// The state is in the repository; no process.
+    Suspended,
+}
+
+/// The contents of `vm.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmRecord {
+    /// The instance's plan (its version pinned).
+    pub plan: InstancePlan,
+    /// The version id it runs.
+    pub version: String,
+    /// Where it serves.
+    pub endpoint: std::net::SocketAddr,
+    /// QEMU's pid (0 when none).
+    pub pid: u32,
+    /// Its phase.
+    pub phase: Phase,
+    /// Where its state went, when suspended.
+    pub saved: Option<SavedState>,
+}
+
+const FILE: &str = "vm.json";
+
+impl VmRecord {
+    /// Writes the record into `dir` crash-safely.
+    pub fn write(&self, dir: &Path) -> std::io::Result<()> {
+        use std::io::Write;
+        let tmp = dir.join(".vm.json.tmp");
+        let bytes = serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?;
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, dir.join(FILE))?;
+        std::fs::File::open(dir)?.sync_all()
+    }
+
+    /// Reads the record in `dir`.
+    pub fn read(dir: &Path) -> Option<Self> {
+        let bytes = std::fs::read(dir.join(FILE)).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+}
+
+/// Takes over the VMs a previous agent process left in its data directory. Returns how many
+/// were adopted.
+pub async fn adopt_left(agent: &Arc<Agent>) -> usize {
+    let dirs: Vec<PathBuf> = std::fs::read_dir(agent.vms_dir())
+        .map(|it| it.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    let mut adopted = 0;
+    let mut keep = Vec::new();
+    for dir in dirs {
+        let Some(record) = VmRecord::read(&dir) else {
+            tracing::info!(
+                "removing {}: no record of a VM (an unfinished start)",
+                dir.display()
+            );
+            let _ = std::fs::remove_dir_all(&dir);
+            continue;
+        };
+        let id = record.plan.id.clone();
+        let user = (id.clone(), record.plan.generation);
+        match record.phase {
+            Phase::Suspended => {
+                agent.restore(record, dir, None);
+            }
+            Phase::Incoming => {
+                tracing::info!(instance = %id, "ending an incoming migration its agent lost");
+                let _ = std::fs::remove_dir_all(&dir);
+            }
+            Phase::Running => {
+                let taken = async {
+                    let url = agent.acquire_export(&record.version, user.clone()).await?;
+                    let spec = agent.vm_spec(&record.plan, url, record.endpoint);
+                    Ok::<_, crate::AgentError>(agent.hv().adopt(spec, &dir, record.pid).await?)
+                }
+                .await;
+                match taken {
+                    Ok(guest) => {
+                        tracing::info!(instance = %id, pid = record.pid, "adopted a running VM");
+                        keep.push(record.pid);
+                        let generation = record.plan.generation;
+                        agent.restore(record, dir, Some(guest));
+                        tokio::spawn(crate::health::watch(agent.clone(), id, generation));
+                        adopted += 1;
+                    }
+                    Err(e) => {
+                        tracing::warn!(instance = %id, "cannot adopt its VM: {e}; removing it");
+                        let _ = std::fs::remove_dir_all(&dir);
+                    }
+                }
+            }
+        }
+    }
+    sweep(&agent.vms_dir(), &keep);
+    adopted
+}
+
+/// Kills every QEMU whose command line names a directory under `vms` except `keep`: what a
+/// crashed agent or test left and nobody adopted.
+pub fn sweep(vms: &Path, keep: &[u32]) -> usize {
+    let needle = format!("{}/", vms.display());
+    let mut killed = 0;
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    for p in procs.flatten() {
+        let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        if keep.contains(&pid) {
+            continue;
+        }
+        let Ok(cmdline) = std::fs::read(p.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        if cmdline.starts_with("qemu-system") && cmdline.contains(&needle) {
+            // SAFETY: plain kill(2) of a process group led by a QEMU we started (its command
+            // line names our directory).
+            unsafe {
+                libc::killpg(pid as libc::pid_t, libc::SIGKILL);
+            }
+            killed += 1;
+        }
+    }
+    killed
+}
