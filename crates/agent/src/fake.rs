@@ -133,16 +133,13 @@ impl FakeHypervisor {
             }
         });
         let pid = NEXT_PID.fetch_add(1, Ordering::Relaxed);
-        self.procs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(
-                pid,
-                FakeProc {
-                    memory: memory.clone(),
-                    server: Some(task.abort_handle()),
-                },
-            );
+        self.procs.lock().unwrap_or_else(|p| p.into_inner()).insert(
+            pid,
+            FakeProc {
+                memory: memory.clone(),
+                server: Some(task.abort_handle()),
+            },
+        );
         Ok(FakeGuest {
             hv: self.clone(),
             pid,
@@ -245,16 +242,13 @@ impl Hypervisor for FakeHypervisor {
             serde_json::from_slice::<HashMap<String, String>>(&bytes).ok()
         });
         let pid = NEXT_PID.fetch_add(1, Ordering::Relaxed);
-        self.procs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(
-                pid,
-                FakeProc {
-                    memory: Memory::default(),
-                    server: None,
-                },
-            );
+        self.procs.lock().unwrap_or_else(|p| p.into_inner()).insert(
+            pid,
+            FakeProc {
+                memory: Memory::default(),
+                server: None,
+            },
+        );
         Ok(Box::new(FakeIncoming {
             hv: self.clone(),
             spec,

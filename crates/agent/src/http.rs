@@ -76,6 +76,8 @@ async fn status(State(ctx): State<Ctx>, headers: HeaderMap) -> Response {
 /// Adopts the VMs a previous agent process left, then serves the agent API on its listen
 /// address and sends heartbeats to `controller` until the process ends.
 pub async fn serve(agent: Arc<Agent>, controller: String, token: String) -> std::io::Result<()> {
+    // The address first: an agent that cannot serve must not touch the VMs it would adopt.
+    let listener = tokio::net::TcpListener::bind(agent.config.listen).await?;
     let adopted = crate::record::adopt_left(&agent).await;
     if adopted > 0 {
         tracing::info!(machine = %agent.config.name, "adopted {adopted} running VM(s)");
@@ -89,7 +91,6 @@ pub async fn serve(agent: Arc<Agent>, controller: String, token: String) -> std:
         .route("/agent/v1/status", get(status))
         .layer(DefaultBodyLimit::max(1 << 20))
         .with_state(ctx);
-    let listener = tokio::net::TcpListener::bind(agent.config.listen).await?;
     tracing::info!(machine = %agent.config.name, "agent listening on {}", agent.config.listen);
     tokio::spawn(heartbeat(agent, controller, token));
     axum::serve(listener, app).await

@@ -484,6 +484,8 @@ impl Agent {
         }
         let user = (plan.id.clone(), plan.generation);
         let started = async {
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| AgentError::Other(format!("creating {}: {e}", dir.display())))?;
             let url = self.acquire_export(&version, user.clone()).await?;
             let spec = self.vm_spec(&plan, url, endpoint);
             match &state {
@@ -506,6 +508,8 @@ impl Agent {
             s.pid = pid;
             Ok(())
         }) {
+            self.release_export(&version, &user);
+            let _ = std::fs::remove_dir_all(&dir);
             return Err(AgentError::Other(format!(
                 "instance {} was discarded while it started",
                 plan.id
@@ -668,7 +672,7 @@ impl Agent {
             // Leave the VM as it was: running here.
             let _ = std::fs::remove_file(&state_file);
             let resumed = guest.cont().await;
-            self.put_back(&id, generation, Held::Guest(guest), |s| {
+            let kept = self.put_back(&id, generation, Held::Guest(guest), |s| {
                 s.step(Transition::Cancelled)?;
                 if let Err(c) = resumed {
                     s.step(Transition::Fail)?;
@@ -678,6 +682,9 @@ impl Agent {
                 }
                 Ok(())
             });
+            if !kept {
+                self.discarded_meanwhile(&dir, &version, &id, generation, None);
+            }
             return Err(e);
         }
         // The state is durable in the repository: only now does QEMU end.
@@ -688,9 +695,14 @@ impl Agent {
             s.saved = Some(saved.clone());
             Ok(())
         });
-        if kept {
-            self.persist(&id, Phase::Suspended);
+        if !kept {
+            // Discarded while it was saved: nothing of it may stay behind.
+            self.discarded_meanwhile(&dir, &version, &id, generation, Some(&saved));
+            return Err(AgentError::Other(format!(
+                "instance {id} was discarded while it was suspended"
+            )));
         }
+        self.persist(&id, Phase::Suspended);
         for f in ["state.bin", "disk.qcow2", "qmp.sock"] {
             let _ = std::fs::remove_file(dir.join(f));
         }
@@ -699,6 +711,27 @@ impl Agent {
             saved: Some(saved),
             ..empty_reply()
         })
+    }
+
+    /// Cleans up after an operation whose instance was discarded while it ran: its directory,
+    /// its use of the export and the saved state it may have stored.
+    fn discarded_meanwhile(
+        &self,
+        dir: &Path,
+        version: &str,
+        id: &InstanceId,
+        generation: u64,
+        saved: Option<&SavedState>,
+    ) {
+        let _ = std::fs::remove_dir_all(dir);
+        self.release_export(version, &(id.clone(), generation));
+        if let Some(saved) = saved.cloned() {
+            let repo = self.repo.clone();
+            tokio::task::spawn_blocking(move || {
+                let _ = repo.remove(&saved.state);
+                let _ = repo.remove(&saved.overlay);
+            });
+        }
     }
 
     async fn prepare_incoming(self: Arc<Self>, mut plan: InstancePlan) -> Result<AgentReply> {
@@ -741,6 +774,8 @@ impl Agent {
             slots.insert(plan.id.clone(), slot);
         }
         let started = async {
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| AgentError::Other(format!("creating {}: {e}", dir.display())))?;
             let url = self.acquire_export(&version, user.clone()).await?;
             let spec = self.vm_spec(&plan, url, endpoint);
             Ok::<_, AgentError>(self.hv.incoming(spec, &dir, ip).await?)
@@ -761,6 +796,7 @@ impl Agent {
             s.pid = pid;
             Ok(())
         }) {
+            self.discarded_meanwhile(&dir, &version, &plan.id, plan.generation, None);
             return Err(AgentError::Other(format!(
                 "instance {} was discarded meanwhile",
                 plan.id

@@ -67,6 +67,8 @@ pub fn load_or_create_token(dir: &Path) -> std::io::Result<(String, bool)> {
 pub async fn serve(
     config: ControllerConfig,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    // The address first: a controller that cannot serve must not start a second loop.
+    let listener = tokio::net::TcpListener::bind(config.listen).await?;
     let db = Db::open(&config.state)?;
     let controller = Controller::new(db, config.token.clone());
     controller.set_policy(config.policy);
@@ -83,7 +85,6 @@ pub async fn serve(
     );
     tokio::spawn(controller.clone().run_loop(Duration::from_secs(1)));
     tokio::spawn(controller.clone().prune_loop());
-    let listener = tokio::net::TcpListener::bind(config.listen).await?;
     tracing::info!("controller API on http://{}", config.listen);
     axum::serve(listener, router(controller, config.token)).await?;
     Ok(())

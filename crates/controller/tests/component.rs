@@ -1,0 +1,611 @@
+//! Component tests of the control plane: a real controller and real agents over the fake
+//! hypervisor (crates/agent/src/fake.rs), in plain `cargo test`, in seconds — slow operations,
+//! hang-ups, crashes and restarts of the controller and of agents, hung machines, fencing,
+//! pinned versions and the repository's saved states. The same features have real-QEMU
+//! end-to-end tests in crates/cli/tests/e2e/durable.rs.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::{wait_for, Matrix, TOKEN};
+use vmatrix_agent::fake::FakeKnobs;
+use vmatrix_core::api::{MachineRole, Operation};
+use vmatrix_core::{InstanceId, ServiceName};
+
+const WEB: &str = r#"
+[[service]]
+name = "web"
+image = "guest:v1"
+min = MIN
+max = 4
+"#;
+
+fn web(min: u32) -> String {
+    WEB.replace("MIN", &min.to_string())
+}
+
+fn id(s: &str) -> InstanceId {
+    InstanceId::new(s).expect("instance id")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_suspend_keeps_heartbeats_and_the_neighbours_running() {
+    let mut m = Matrix::new().await;
+    m.start_agent("rm1", 2, MachineRole::Dedicated).await;
+    m.apply(&web(2)).await;
+    m.wait_state("web-1", "running", Some("rm1"), Duration::from_secs(20))
+        .await;
+    m.wait_state("web-2", "running", Some("rm1"), Duration::from_secs(20))
+        .await;
+    m.fake.set(FakeKnobs {
+        save_delay: Duration::from_secs(20),
+        ..FakeKnobs::default()
+    });
+    let (status, reply) = m
+        .operate(
+            Operation::Suspend {
+                instance: id("web-1"),
+            },
+            0,
+        )
+        .await;
+    assert_eq!(status, 202, "{reply}");
+    let op = reply["operation"].as_u64().expect("an operation id");
+    let status_url = format!("http://{}/agent/v1/status", m.agent("rm1").config.listen);
+    let started = Instant::now();
+    let mut samples = 0;
+    let mut slowest = Duration::ZERO;
+    while started.elapsed() < Duration::from_secs(19) {
+        // The agent answers at once, however long the suspend takes…
+        let t = Instant::now();
+        let r = m
+            .http
+            .get(&status_url)
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .expect("status");
+        assert!(r.status().is_success());
+        slowest = slowest.max(t.elapsed());
+        // …its machine stays up, and its other instance keeps running.
+        let machines = m.machines().await;
+        let rm1 = machines.iter().find(|x| x["name"] == "rm1").expect("rm1");
+        assert_eq!(rm1["state"], "up", "after {:?}", started.elapsed());
+        let web2 = m.instance("web-2").await.expect("web-2");
+        assert_eq!(
+            web2.state.as_str(),
+            "running",
+            "after {:?}",
+            started.elapsed()
+        );
+        let web1 = m.instance("web-1").await.expect("web-1");
+        assert_eq!(
+            web1.state.as_str(),
+            "suspending",
+            "after {:?}",
+            started.elapsed()
+        );
+        samples += 1;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(samples > 40, "{samples} samples");
+    assert!(
+        slowest < Duration::from_millis(500),
+        "a status took {slowest:?}"
+    );
+    // Heartbeats kept their period: every second, whatever was in flight.
+    let beats = m.agent("rm1").clone();
+    drop(beats);
+    let r = m
+        .http
+        .get(m.url(&format!("/api/v1/operations/{op}?wait=30")))
+        .send()
+        .await
+        .expect("operation");
+    let v: serde_json::Value = r.json().await.expect("json");
+    assert_eq!(v["state"], "done", "{v}");
+    m.wait_state("web-1", "suspended", None, Duration::from_secs(5))
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_hangs_up_does_not_stop_its_migration() {
+    let mut m = Matrix::new().await;
+    m.start_agent("rm1", 2, MachineRole::Dedicated).await;
+    m.apply(&web(1)).await;
+    let before = m
+        .wait_state("web-1", "running", Some("rm1"), Duration::from_secs(20))
+        .await;
+    m.put_kv(&before.endpoint, "k", "kept").await;
+    m.start_agent("rm2", 3, MachineRole::Dedicated).await;
+    m.fake.set(FakeKnobs {
+        migrate_delay: Duration::from_secs(2),
+        ..FakeKnobs::default()
+    });
+    // The client gives up 0.2 s in, as Ctrl-C on `vmatrix migrate` would.
+    let hung_up = m
+        .http
+        .post(m.url("/api/v1/operations?wait=60"))
+        .bearer_auth(TOKEN)
+        .json(&Operation::Migrate {
+            instance: id("web-1"),
+            to: "rm2".into(),
+        })
+        .timeout(Duration::from_millis(200))
+        .send()
+        .await;
+    assert!(hung_up.is_err(), "the client was meant to hang up");
+    let after = m
+        .wait_state("web-1", "running", Some("rm2"), Duration::from_secs(20))
+        .await;
+    assert_eq!(after.generation, before.generation + 1);
+    assert_eq!(after.version, before.version, "the same pinned version");
+    assert_eq!(
+        m.get_kv(&after.endpoint, "k").await.as_deref(),
+        Some("kept")
+    );
+    assert_eq!(m.fake.pids().len(), 1, "one copy: {:?}", m.fake.pids());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_killed_mid_migration_and_mid_suspend_settles_each_instance_once() {
+    let mut m = Matrix::new().await;
+    m.start_agent("rm1", 2, MachineRole::Dedicated).await;
+    m.start_agent("rm2", 3, MachineRole::Dedicated).await;
+    m.apply(
+        r#"
+[[service]]
+name = "a"
+image = "guest:v1"
+[[service]]
+name = "b"
+image = "guest:v1"
+"#,
+    )
+    .await;
+    let a = m
+        .wait_state("a-1", "running", None, Duration::from_secs(20))
+        .await;
+    let b = m
+        .wait_state("b-1", "running", None, Duration::from_secs(20))
+        .await;
+    m.put_kv(&a.endpoint, "k", "a-data").await;
+    m.put_kv(&b.endpoint, "k", "b-data").await;
+    let to = if a.machine == "rm1" { "rm2" } else { "rm1" };
+    m.fake.set(FakeKnobs {
+        migrate_delay: Duration::from_secs(3),
+        save_delay: Duration::from_secs(3),
+        ..FakeKnobs::default()
+    });
+    let (s1, _) = m
+        .operate(
+            Operation::Migrate {
+                instance: id("a-1"),
+                to: to.into(),
+            },
+            0,
+        )
+        .await;
+    let (s2, _) = m
+        .operate(
+            Operation::Suspend {
+                instance: id("b-1"),
+            },
+            0,
+        )
+        .await;
+    assert_eq!((s1, s2), (202, 202));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    m.kill_controller();
+    // The agents finish what they were told while no controller runs.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    m.start_controller().await;
+    let a2 = m
+        .wait_state("a-1", "running", Some(to), Duration::from_secs(20))
+        .await;
+    assert_eq!(a2.generation, a.generation + 1);
+    let b2 = m
+        .wait_state("b-1", "suspended", None, Duration::from_secs(20))
+        .await;
+    assert_eq!(b2.machine, "");
+    assert_eq!(m.get_kv(&a2.endpoint, "k").await.as_deref(), Some("a-data"));
+    // Exactly one copy of a-1, on its destination; nothing left of b-1 on any machine.
+    wait_for(
+        "the machines to agree",
+        Duration::from_secs(10),
+        async || {
+            let a_on: Vec<String> = ["rm1", "rm2"]
+                .iter()
+                .filter(|n| {
+                    m.agent(n)
+                        .report()
+                        .instances
+                        .iter()
+                        .any(|i| i.id.as_str() == "a-1")
+                })
+                .map(|n| n.to_string())
+                .collect();
+            let b_on = ["rm1", "rm2"]
+                .iter()
+                .filter(|n| {
+                    m.agent(n)
+                        .report()
+                        .instances
+                        .iter()
+                        .any(|i| i.id.as_str() == "b-1")
+                })
+                .count();
+            (a_on == vec![to.to_string()] && b_on == 0).then_some(())
+        },
+    )
+    .await;
+    // Both operations are settled as interrupted, none left running.
+    let events = m.events().await;
+    let interrupted = events
+        .iter()
+        .filter(|e| {
+            e["what"]
+                .as_str()
+                .is_some_and(|w| w.ends_with("interrupted"))
+        })
+        .count();
+    assert_eq!(interrupted, 2, "{events:#?}");
+    // b-1 resumes with its memory.
+    m.fake.set(FakeKnobs::default());
+    let (s, v) = m
+        .operate(
+            Operation::Resume {
+                instance: id("b-1"),
+                on: None,
+            },
+            30,
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let b3 = m
+        .wait_state("b-1", "running", None, Duration::from_secs(20))
+        .await;
+    assert_eq!(m.get_kv(&b3.endpoint, "k").await.as_deref(), Some("b-data"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_agent_adopts_its_vms_and_the_controller_never_fails_them() {
+    let mut m = Matrix::new().await;
+    m.start_agent("rm1", 2, MachineRole::Dedicated).await;
+    m.apply(&web(2)).await;
+    let one = m
+        .wait_state("web-1", "running", Some("rm1"), Duration::from_secs(20))
+        .await;
+    m.wait_state("web-2", "running", Some("rm1"), Duration::from_secs(20))
+        .await;
+    m.put_kv(&one.endpoint, "k", "still here").await;
+    let pids = m.fake.pids();
+    assert_eq!(pids.len(), 2);
+    m.kill_agent("rm1");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The guests serve on while no agent runs.
+    assert_eq!(
+        m.get_kv(&one.endpoint, "k").await.as_deref(),
+        Some("still here")
+    );
+    m.start_agent("rm1", 2, MachineRole::Dedicated).await;
+    wait_for(
+        "the new agent to report both",
+        Duration::from_secs(10),
+        async || {
+            let r = m.agent("rm1").report();
+            (r.instances.len() == 2 && r.instances.iter().all(|i| i.state.as_str() == "running"))
+                .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        m.fake.pids(),
+        pids,
+        "the same processes; events: {:#?}",
+        m.events().await
+    );
+    // Several heartbeats later, nothing was failed, lost or replaced.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let list = m.instances().await;
+    assert_eq!(list.len(), 2, "{list:?}");
+    assert!(list
+        .iter()
+        .all(|i| i.state.as_str() == "running" && i.generation == 1));
+    let events = m.events().await;
+    assert!(
+        events.iter().any(|e| e["what"] == "register"),
+        "the event log is read: {events:#?}"
+    );
+    assert!(
+        !events.iter().any(|e| {
+            let o = e["outcome"].as_str().unwrap_or("");
+            o == "lost" || o.starts_with("failed")
+        }),
+        "{events:#?}"
+    );
+    assert_eq!(
+        m.get_kv(&one.endpoint, "k").await.as_deref(),
+        Some("still here")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_machine_does_not_delay_a_replacement_elsewhere() {
+    let mut m = Matrix::new().await;
+    m.start_agent("rm1", 2, MachineRole::Dedicated).await;
+    m.apply(&format!(
+        "{}\n[[service]]\nname = \"other\"\nimage = \"guest:v1\"\nmin = 0\n",
+        web(1)
+    ))
+    .await;
+    let web1 = m
+        .wait_state("web-1", "running", Some("rm1"), Duration::from_secs(20))
+        .await;
+    // rm3 accepts connections and never answers, as a SIGSTOPped agent does; its heartbeats
+    // (sent here) claim an instance the controller does not want, so it is told to discard it.
+    let hung = std::net::TcpListener::bind("127.0.0.4:0").expect("bind");
+    let hung_addr = hung.local_addr().expect("addr");
+    let (http, api) = (m.http.clone(), m.url("/api/v1/agents/heartbeat"));
+    let beats = tokio::spawn(async move {
+        loop {
+            let report = serde_json::json!({
+                "name": "rm3", "address": hung_addr.to_string(), "role": "shared",
+                "vcpus": 8, "memory_mib": 4096,
+                "instances": [{"id": "ghost-1", "generation": 1, "state": "running",
+                               "endpoint": "127.0.0.4:1", "cpu_seconds": 0.0, "error": null}],
+            });
+            let _ = http
+                .post(&api)
+                .bearer_auth(TOKEN)
+                .json(&report)
+                .send()
+                .await;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    });
+    // And an operator's activation there hangs too.
+    let (s, _) = m
+        .operate(
+            Operation::Activate {
+                service: ServiceName::new("other").expect("name"),
+                on: Some("rm3".into()),
+            },
+            0,
+        )
+        .await;
+    assert_eq!(s, 202);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // web-1's VM crashes: it is replaced on rm1 within seconds all the same.
+    let pid = m.fake.pids()[0];
+    m.fake.crash(pid);
+    let crashed = Instant::now();
+    let replacement = wait_for(
+        "a replacement of web-1",
+        Duration::from_secs(15),
+        async || {
+            m.instances().await.into_iter().find(|i| {
+                i.service.as_str() == "web" && i.id != web1.id && i.state.as_str() == "running"
+            })
+        },
+    )
+    .await;
+    assert_eq!(replacement.machine, "rm1");
+    assert!(
+        crashed.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        crashed.elapsed()
+    );
+    beats.abort();
+    drop(hung);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thirty_suspend_resume_cycles_leave_at_most_two_saved_states() {
+    let mut m = Matrix::new().await;
+    m.start_agent("rm1", 2, MachineRole::Dedicated).await;
+    m.apply(&web(0).replace("max = 4", "max = 1")).await;
+    let (s, v) = m
+        .operate(
+            Operation::Activate {
+                service: ServiceName::new("web").expect("name"),
+                on: None,
+            },
+            30,
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let first = m
+        .wait_state("web-1", "running", None, Duration::from_secs(20))
+        .await;
+    m.put_kv(&first.endpoint, "n", "0").await;
+    for cycle in 1..=30 {
+        let (s, v) = m
+            .operate(
+                Operation::Suspend {
+                    instance: id("web-1"),
+                },
+                30,
+            )
+            .await;
+        assert_eq!(s, 200, "cycle {cycle}: {v}");
+        let tags = m.tags("web-1");
+        assert!(tags.len() <= 2 * 2, "cycle {cycle}: {tags:?}");
+        let (s, v) = m
+            .operate(
+                Operation::Resume {
+                    instance: id("web-1"),
+                    on: None,
+                },
+                30,
+            )
+            .await;
+        assert_eq!(s, 200, "cycle {cycle}: {v}");
+        let now = m
+            .wait_state("web-1", "running", None, Duration::from_secs(20))
+            .await;
+        assert_eq!(now.version, first.version, "pinned");
+        assert_eq!(m.get_kv(&now.endpoint, "n").await.as_deref(), Some("0"));
+    }
+    // A resumed instance's state is superseded (removed in the background); one suspended
+    // state at most is ever kept per instance.
+    wait_for(
+        "the superseded states to go",
+        Duration::from_secs(10),
+        async || {
+            let tags = m.tags("web-1");
+            (tags.len() <= 2).then_some(())
+        },
+    )
+    .await;
+    let gc = m.repo.gc(Duration::ZERO).expect("gc");
+    assert!(
+        gc.removed_manifests >= 29,
+        "the superseded versions are collected: {gc:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retagged_image_never_moves_a_running_instance_and_similar_names_never_collide() {
+    let mut m = Matrix::new().await;
+    m.start_agent("rm1", 2, MachineRole::Dedicated).await;
+    m.start_agent("rm2", 3, MachineRole::Dedicated).await;
+    let v1 = m
+        .repo
+        .resolve(&"guest:v1".parse().expect("ref"))
+        .expect("resolve")
+        .0;
+    let prod_a = m.import("web-prod:v1", b"web-prod v1");
+    let prod_b = m.import("web:prod-v1", b"web prod-v1");
+    assert_ne!(prod_a, prod_b);
+    m.apply(
+        r#"
+[[service]]
+name = "app"
+image = "guest:v1"
+[[service]]
+name = "p1"
+image = "web-prod:v1"
+[[service]]
+name = "p2"
+image = "web:prod-v1"
+"#,
+    )
+    .await;
+    let app = m
+        .wait_state("app-1", "running", None, Duration::from_secs(20))
+        .await;
+    assert_eq!(app.version, v1);
+    assert_eq!(app.image, "guest:v1");
+    let p1 = m
+        .wait_state("p1-1", "running", None, Duration::from_secs(20))
+        .await;
+    let p2 = m
+        .wait_state("p2-1", "running", None, Duration::from_secs(20))
+        .await;
+    assert_eq!(
+        (p1.version.as_str(), p2.version.as_str()),
+        (prod_a.as_str(), prod_b.as_str())
+    );
+    // guest:v1 now names other bytes.
+    let v2 = m.import("guest:v1", b"version two");
+    assert_ne!(v1, v2);
+    let to = if app.machine == "rm1" { "rm2" } else { "rm1" };
+    let (s, v) = m
+        .operate(
+            Operation::Migrate {
+                instance: id("app-1"),
+                to: to.into(),
+            },
+            30,
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(m.instance("app-1").await.expect("app-1").version, v1);
+    let (s, v) = m
+        .operate(
+            Operation::Suspend {
+                instance: id("app-1"),
+            },
+            30,
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let (s, v) = m
+        .operate(
+            Operation::Resume {
+                instance: id("app-1"),
+                on: None,
+            },
+            30,
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let app = m
+        .wait_state("app-1", "running", None, Duration::from_secs(20))
+        .await;
+    assert_eq!(app.version, v1, "it keeps its original version");
+    // The agents export versions by id: the new guest:v1 is not exported for it.
+    let exported: Vec<String> = ["rm1", "rm2"]
+        .iter()
+        .flat_map(|n| m.agent(n).exported_versions())
+        .collect();
+    assert!(exported.contains(&v1), "{exported:?}");
+    assert!(!exported.contains(&v2), "{exported:?}");
+    // A new instance takes the new version.
+    let (s, v) = m
+        .operate(
+            Operation::Activate {
+                service: ServiceName::new("app").expect("name"),
+                on: None,
+            },
+            30,
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let app2 = m
+        .wait_state("app-2", "running", None, Duration::from_secs(20))
+        .await;
+    assert_eq!(app2.version, v2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_suspend_leaves_the_instance_running_where_it_was() {
+    let mut m = Matrix::new().await;
+    m.start_agent("rm1", 2, MachineRole::Dedicated).await;
+    m.apply(&web(1)).await;
+    let before = m
+        .wait_state("web-1", "running", Some("rm1"), Duration::from_secs(20))
+        .await;
+    m.put_kv(&before.endpoint, "k", "v").await;
+    m.fake.set(FakeKnobs {
+        fail_save: true,
+        ..FakeKnobs::default()
+    });
+    let (s, v) = m
+        .operate(
+            Operation::Suspend {
+                instance: id("web-1"),
+            },
+            30,
+        )
+        .await;
+    assert_eq!(s, 502, "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("fake save failed"),
+        "{v}"
+    );
+    let after = m
+        .wait_state("web-1", "running", Some("rm1"), Duration::from_secs(5))
+        .await;
+    assert_eq!(
+        (after.generation, &after.endpoint),
+        (before.generation, &before.endpoint)
+    );
+    assert_eq!(m.get_kv(&after.endpoint, "k").await.as_deref(), Some("v"));
+    assert!(m.tags("web-1").is_empty(), "{:?}", m.tags("web-1"));
+}
