@@ -1,0 +1,118 @@
+//! Garbage collection: [`Repository::gc`] (and [`Repository::gc_at`], the same at a given
+//! time) removes untagged versions and unreferenced chunks older than a cutoff set by the grace
+//! window and the oldest running writer's lease — GC's half of the protocol in [`crate::repo`]
+//! — and reports what it kept and freed in a [`GcReport`].
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+
+use crate::chunk::ChunkId;
+use crate::error::Result;
+use crate::repo::{Lease, Repository, LEASE_MAX_AGE};
+
+/// What GC did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct GcReport {
+    /// Live versions (tagged or young).
+    pub live_manifests: usize,
+    /// Untagged versions removed.
+    pub removed_manifests: usize,
+    /// Chunks kept because something references them.
+    pub live_chunks: usize,
+    /// Unreferenced chunks kept because they are younger than the cutoff.
+    pub young_chunks: usize,
+    /// Chunks removed.
+    pub removed_chunks: usize,
+    /// Stored bytes freed.
+    pub freed_bytes: u64,
+    /// Writers running when GC started.
+    pub active_leases: usize,
+    /// Leases of writers that died more than a day ago, removed.
+    pub stale_leases_removed: usize,
+    /// Temporary files of killed writers, removed.
+    pub temporaries_removed: u64,
+    /// Seconds.
+    pub seconds: f64,
+}
+
+impl Repository {
+    /// Removes untagged versions and unreferenced chunks older than the cutoff (see the
+    /// [`crate::repo`] module docs for the protocol that makes this safe while imports run).
+    pub fn gc(&self, grace: Duration) -> Result<GcReport> {
+        self.gc_at(SystemTime::now(), grace)
+    }
+
+    /// [`Repository::gc`] as if the time were `now` (time is an input, so tests and tools can
+    /// look at the repository from the future instead of waiting).
+    pub fn gc_at(&self, now: SystemTime, grace: Duration) -> Result<GcReport> {
+        let started = Instant::now();
+        let mut report = GcReport::default();
+        let mut oldest = now;
+        for (key, meta) in self.backend.list("leases/")? {
+            let started_at = self
+                .backend
+                .get(&key)?
+                .and_then(|b| serde_json::from_slice::<Lease>(&b).ok())
+                .map(|l| UNIX_EPOCH + Duration::from_secs(l.started))
+                .unwrap_or(meta.modified);
+            if now.duration_since(started_at).unwrap_or_default() > LEASE_MAX_AGE {
+                // A writer that died long ago (kill -9, power loss).
+                self.backend.delete(&key)?;
+                report.stale_leases_removed += 1;
+                continue;
+            }
+            report.active_leases += 1;
+            oldest = oldest.min(started_at).min(meta.modified);
+        }
+        // Whole seconds: object stores keep modification times to the second, and a touch must
+        // never look older than the cutoff of a writer that started in the same second.
+        let oldest_secs = oldest.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let cutoff = (UNIX_EPOCH + Duration::from_secs(oldest_secs))
+            .checked_sub(grace)
+            .unwrap_or(UNIX_EPOCH);
+
+        let tagged = self.tagged_versions()?;
+        let mut live: HashSet<ChunkId> = HashSet::new();
+        let mut doomed_manifests = Vec::new();
+        for (key, meta) in self.backend.list("manifests/")? {
+            let Some(id) = key
+                .strip_prefix("manifests/")
+                .and_then(|k| k.strip_suffix(".json"))
+            else {
+                continue;
+            };
+            if tagged.contains_key(id) || meta.modified >= cutoff {
+                report.live_manifests += 1;
+                // A damaged live manifest must stop GC: its chunks cannot be marked.
+                let m = self.manifest(id)?;
+                live.extend(m.chunks.iter().flatten());
+            } else {
+                doomed_manifests.push(key);
+            }
+        }
+        for key in doomed_manifests {
+            self.backend.delete(&key)?;
+            report.removed_manifests += 1;
+        }
+        for (key, meta) in self.backend.list("chunks/")? {
+            let Some(id) = key.rsplit('/').next().and_then(ChunkId::from_hex) else {
+                continue;
+            };
+            if live.contains(&id) {
+                report.live_chunks += 1;
+            } else if meta.modified >= cutoff {
+                report.young_chunks += 1;
+            } else if let Some(size) = self.backend.delete_if_older(&key, cutoff)? {
+                report.removed_chunks += 1;
+                report.freed_bytes += size;
+            } else {
+                report.young_chunks += 1;
+            }
+        }
+        report.temporaries_removed = self.backend.sweep_temporaries(cutoff)?;
+        report.seconds = started.elapsed().as_secs_f64();
+        Ok(report)
+    }
+}
