@@ -10,7 +10,7 @@ set -euo pipefail
 
 packages=(qemu-system-x86 busybox-static linux-image-amd64 syslinux syslinux-common mtools
           dosfstools fdisk cpio kmod zstd curl)
-tools=(qemu-system-x86_64 qemu-img qemu-nbd busybox mcopy mkfs.fat syslinux sfdisk cpio depmod curl)
+tools=(qemu-system-x86_64 qemu-img qemu-io qemu-nbd busybox mcopy mkfs.fat syslinux sfdisk cpio depmod curl)
 
 missing_tools() {
   local t

@@ -316,12 +316,13 @@ impl Agent {
         // restarting agent does not hurt its guests.
         let url = format!(
             "json:{}",
-            serde_json::json!({
+            // The protocol node only: the format (raw) is the overlay's backing format.
+            serde_json::json!({ "file": {
                 "driver": "nbd",
                 "server": {"type": "unix", "path": socket},
                 "export": name,
                 "reconnect-delay": 60,
-            })
+            }})
         );
         exports.insert(
             version.to_owned(),
@@ -1075,8 +1076,10 @@ impl Agent {
             .entry(id.clone())
             .and_modify(|g| *g = (*g).max(record.plan.generation))
             .or_insert(record.plan.generation);
+        // An adopted VM is `activating` until its health check answers (it may have been
+        // adopted mid-boot); the controller's row stays as it is meanwhile.
         let (state, held) = match held {
-            Some(g) => (InstanceState::Running, Held::Guest(g)),
+            Some(g) => (InstanceState::Activating, Held::Guest(g)),
             None => (InstanceState::Suspended, Held::Nothing),
         };
         lock(&self.slots).insert(
@@ -1086,7 +1089,7 @@ impl Agent {
                 version: record.version,
                 state,
                 endpoint: record.endpoint,
-                pid: if state == InstanceState::Running {
+                pid: if state == InstanceState::Activating {
                     record.pid
                 } else {
                     0

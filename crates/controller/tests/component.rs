@@ -365,6 +365,10 @@ async fn a_hung_machine_does_not_delay_a_replacement_elsewhere() {
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     });
+    wait_for("rm3's heartbeats", Duration::from_secs(10), async || {
+        m.machines().await.into_iter().find(|x| x["name"] == "rm3")
+    })
+    .await;
     // And an operator's activation there hangs too.
     let (s, _) = m
         .operate(

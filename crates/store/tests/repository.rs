@@ -1,6 +1,7 @@
 //! The repository against real files, `qemu-img` and, for S3, a real S3-compatible server:
 //! exact round trips for raw and qcow2, what a slightly changed second version costs, damage
-//! found by verify, and GC racing an import. Every case runs on both backends.
+//! found by verify, and GC racing an import. Every case runs on both backends; all of them need
+//! `qemu-img` (an import asks it what the file is), so they are in the real tier.
 
 mod support;
 
@@ -17,12 +18,16 @@ const MIB: usize = 1024 * 1024;
 macro_rules! on_both_backends {
     ($($name:ident),* $(,)?) => {
         mod file {
-            $( #[test] fn $name() { super::$name(super::Kind::File) } )*
+            $(
+                #[test]
+                #[ignore = "needs qemu-img (real tier)"]
+                fn $name() { super::$name(super::Kind::File) }
+            )*
         }
         mod s3 {
             $(
                 #[test]
-                #[ignore = "needs the s3s-fs server; run by scripts/test"]
+                #[ignore = "needs the s3s-fs server and qemu-img; run by scripts/test"]
                 fn $name() { super::$name(super::Kind::S3) }
             )*
         }

@@ -82,6 +82,27 @@ pub(crate) async fn wait_for<T>(
     }
 }
 
+/// The events the controller at `listen` logged after event `after`, oldest first (reads need
+/// no token); empty while it does not answer.
+async fn events_after(listen: &str, mut after: u64) -> Vec<Value> {
+    let mut all = Vec::new();
+    loop {
+        let Ok(r) = reqwest::get(format!("http://{listen}/api/v1/events?after={after}")).await
+        else {
+            return all;
+        };
+        let Ok(page) = r.json::<Value>().await else {
+            return all;
+        };
+        let list = page["events"].as_array().cloned().unwrap_or_default();
+        match list.last().and_then(|e| e["id"].as_u64()) {
+            Some(last) => after = last,
+            None => return all,
+        }
+        all.extend(list);
+    }
+}
+
 fn instance<'a>(list: &'a [Value], id: &str) -> &'a Value {
     list.iter()
         .find(|i| i["id"] == id)
@@ -221,25 +242,51 @@ async fn up_apply_migrate_suspend_resume_and_survive_a_controller_crash() {
 
     // kill -9 the controller; start a new one on the same state: nothing lost or duplicated.
     let before = placements(d).await;
+    // Everything logged so far is the old controller's: only events after this one count.
+    let mark = events_after(&listen, 0)
+        .await
+        .last()
+        .and_then(|e| e["id"].as_u64())
+        .expect("the old controller logged events");
     kill9("the controller", |c| {
         c.contains(" controller ") && c.contains(&listen)
     });
     let mut controller = start_controller(d, &listen).await;
-    // Let every agent report at least twice to the new controller.
-    let settle = Instant::now();
+    // A controller process logs `register` at the first heartbeat it gets from each machine
+    // (the old one logged them long ago): one after the mark is a heartbeat the new controller
+    // took in; it then settles its rows by that report, which the watch below gives time to.
+    let t = Instant::now();
     wait_for(
-        "heartbeats to the new controller",
+        "a heartbeat from rm1, rm2 and rm3 at the new controller",
         Duration::from_secs(30),
         async || {
-            let (_, out, _) = cli(d, &["events"]).await;
-            let registered = ["rm1", "rm2", "rm3"]
+            let new = events_after(&listen, mark).await;
+            ["rm1", "rm2", "rm3"]
                 .iter()
-                .filter(|m| out.matches(&format!("{m} ")).count() >= 1)
-                .count();
-            (registered == 3 && settle.elapsed() > Duration::from_secs(4)).then_some(())
+                .all(|m| {
+                    new.iter()
+                        .any(|e| e["who"] == *m && e["what"] == "register")
+                })
+                .then_some(())
         },
     )
     .await;
+    eprintln!(
+        "every agent registered with the new controller in {:.1}s",
+        t.elapsed().as_secs_f64()
+    );
+    // And the instances stay as they were while the agents go on reporting (a heartbeat a
+    // second from each, so three more rounds at least).
+    let watch = Instant::now();
+    while watch.elapsed() < Duration::from_secs(3) {
+        assert_eq!(
+            placements(d).await,
+            before,
+            "the restarted controller changed the instances {:.1}s after every agent registered",
+            watch.elapsed().as_secs_f64()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
     let after = placements(d).await;
     assert_eq!(
         before, after,

@@ -31,6 +31,7 @@ fn write_disk(path: &Path, mib: usize, seed: u8) {
 }
 
 #[tokio::test]
+#[ignore = "needs qemu-img (real tier)"]
 async fn bad_input_gets_one_line_and_leaves_the_repository_alone() {
     let dir = data_dir();
     let repo = dir.path().join("repo");
@@ -132,43 +133,86 @@ async fn bad_input_gets_one_line_and_leaves_the_repository_alone() {
     assert_eq!(snapshot(&repo), before);
 }
 
+/// The chunk files under `repo` (they sit in `chunks/xx/`).
+fn chunk_files(repo: &Path) -> usize {
+    std::fs::read_dir(repo.join("chunks"))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| std::fs::read_dir(e.path()).ok())
+                .map(|d| d.count())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
 #[tokio::test]
+#[ignore = "needs qemu-img (real tier)"]
 async fn an_import_killed_midway_leaves_a_clean_repository() {
+    use std::os::unix::process::ExitStatusExt;
+
     let dir = data_dir();
     let repo = dir.path().join("repo");
     let disk = dir.path().join("big.raw");
     write_disk(&disk, 384, 2);
+    let stderr = dir.path().join("import.err");
     let mut child = vmatrix()
         .args(["image", "--repo"])
         .arg(&repo)
         .args(["import", "big:v1"])
         .arg(&disk)
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&stderr).unwrap())
         .spawn()
         .unwrap();
-    // Kill it once it has written some chunks but (very likely) not all.
-    let chunks = repo.join("chunks");
+    // Kill it once it has written some chunks, while it still runs.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let n = std::fs::read_dir(&chunks).map(|d| d.count()).unwrap_or(0);
-        if n >= 20 || tokio::time::Instant::now() > deadline {
-            break;
+    while chunk_files(&repo) < 20 {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!(
+                "the import ended ({status}) before it could be killed, with {} chunk(s) \
+                 written: {}",
+                chunk_files(&repo),
+                std::fs::read_to_string(&stderr).unwrap_or_default()
+            );
         }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the import wrote {} chunk(s) in 60 s",
+            chunk_files(&repo)
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     child.start_kill().unwrap();
     let status = child.wait().await.unwrap();
-    eprintln!("import killed: {status}");
+    assert_eq!(
+        status.signal(),
+        Some(9),
+        "the import was not ended by the SIGKILL: {status}"
+    );
+    let written = chunk_files(&repo);
+    eprintln!("import killed ({status}) after writing {written} chunk(s)");
+    // Interrupted: it published nothing.
+    let (ok, out, err) = run(&["show", "big:v1"], &repo).await;
+    assert!(
+        !ok && err.contains("not found"),
+        "big:v1 exists after the killed import: {out}{err}"
+    );
 
     let (ok, out, err) = run(&["verify"], &repo).await;
     assert!(ok, "verify after kill -9: {out}{err}");
     let (ok, out, err) = run(&["gc", "--grace-seconds", "0"], &repo).await;
     assert!(ok, "gc after kill -9: {out}{err}");
     eprintln!("{out}");
+    let (ok, out, err) = run(&["ls"], &repo).await;
+    assert!(ok && !out.contains("big"), "ls after the kill: {out}{err}");
     let (ok, out, err) = run(&["import", "big:v1", disk.to_str().unwrap()], &repo).await;
     assert!(ok, "re-import: {err}");
     eprintln!("re-import after the kill: {out}");
+    let whole = chunk_files(&repo);
+    assert!(
+        written < whole,
+        "the killed import had already written all {whole} chunk(s)"
+    );
     let (ok, out, err) = run(&["verify", "big:v1"], &repo).await;
     assert!(ok, "{out}{err}");
     let back = dir.path().join("back.raw");

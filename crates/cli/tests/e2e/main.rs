@@ -1,6 +1,7 @@
 //! End-to-end tests of the `vmatrix` binary, in one place with shared helpers.
 
 mod cluster;
+mod durable;
 mod image;
 mod netns;
 mod policy;

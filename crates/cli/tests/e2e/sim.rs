@@ -55,9 +55,8 @@ async fn sim_writes_the_report_the_summary_the_steps_and_the_charts() {
 
     let summary: Value =
         serde_json::from_str(&std::fs::read_to_string(o.join("summary.json")).unwrap()).unwrap();
-    assert!(summary["lower_bound"]["machine_hours"].as_f64().unwrap() > 0.0);
-    assert!(summary["lower_bound"]["peak_machines"].as_u64().unwrap() > 0);
-    for policy in ["static", "reactive", "switching", "switching-drop"] {
+    let policies = ["static", "reactive", "switching", "switching-drop"];
+    for policy in policies {
         let p = &summary[policy];
         for key in [
             "machine_hours",
@@ -69,37 +68,149 @@ async fn sim_writes_the_report_the_summary_the_steps_and_the_charts() {
         ] {
             assert!(p[key].is_number(), "{policy}.{key}: {p}");
         }
-        for service in ["finance", "sports"] {
-            let s = &p["services"][service];
-            let (d, sv, dr) = (
-                s["demand"].as_f64().unwrap(),
-                s["served"].as_f64().unwrap(),
-                s["dropped"].as_f64().unwrap(),
-            );
-            assert!(
-                d > 0.0 && (sv + dr - d).abs() < d * 1e-9,
-                "{policy}.{service}: {s}"
-            );
-        }
+        let util = p["mean_utilisation"].as_f64().unwrap();
+        assert!(util > 0.0 && util <= 1.0, "{policy}: utilisation {util}");
     }
-    let sw = summary["switching"]["machine_hours"].as_f64().unwrap();
-    let st = summary["static"]["machine_hours"].as_f64().unwrap();
-    let lb = summary["lower_bound"]["machine_hours"].as_f64().unwrap();
-    assert!(
-        lb <= sw && sw < st / 3.0,
-        "lower bound {lb}, switching {sw}, static {st}"
-    );
-    assert!(summary["switching-drop"]["peak_machines"].as_u64().unwrap() <= 5);
+    let num = |policy: &str, path: &[&str]| -> f64 {
+        let mut v = &summary[policy];
+        for k in path {
+            v = &v[*k];
+        }
+        v.as_f64()
+            .unwrap_or_else(|| panic!("{policy}.{}: {v}", path.join(".")))
+    };
+    let share = |policy: &str, service: &str| {
+        num(policy, &["services", service, "served"])
+            / num(policy, &["services", service, "demand"])
+    };
 
+    // steps.csv read back: the per-step demand, capacity and machines each total in
+    // summary.json was counted from. Recounting the totals from it checks the accounting (what
+    // a step serves is min(demand, capacity)) instead of restating it.
     let steps = std::fs::read_to_string(o.join("steps.csv")).unwrap();
     let mut lines = steps.lines();
-    let header = lines.next().unwrap();
-    assert!(
-        header.starts_with("step,t_seconds,demand_finance,demand_sports"),
-        "{header}"
+    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+    assert_eq!(
+        &header[..4],
+        ["step", "t_seconds", "demand_finance", "demand_sports"],
+        "{header:?}"
     );
-    assert!(header.contains("machines_switching") && header.contains("capacity_reactive_finance"));
-    assert_eq!(lines.count(), 14 * 1440);
+    let rows: Vec<Vec<f64>> = lines
+        .map(|l| l.split(',').map(|v| v.parse().unwrap()).collect())
+        .collect();
+    assert_eq!(rows.len(), 14 * 1440, "14 days of 1-minute steps");
+    let column = |name: &str| -> Vec<f64> {
+        let k = header
+            .iter()
+            .position(|h| *h == name)
+            .unwrap_or_else(|| panic!("no column {name} in {header:?}"));
+        rows.iter().map(|r| r[k]).collect()
+    };
+    let step_s = 60.0;
+    assert_eq!(column("t_seconds")[1], step_s);
+    let n = rows.len() as f64;
+    for policy in [
+        "lower-bound",
+        "static",
+        "reactive",
+        "switching",
+        "switching-drop",
+    ] {
+        let key = policy.replace("lower-bound", "lower_bound");
+        let machines = column(&format!("machines_{policy}"));
+        let hours = machines.iter().sum::<f64>() * step_s / 3600.0;
+        let mh = num(&key, &["machine_hours"]);
+        assert!(
+            (hours - mh).abs() < 1e-6 * mh,
+            "{policy}: summary says {mh} machine-hours, its steps add up to {hours}"
+        );
+        let peak = machines.iter().fold(0.0f64, |a, b| a.max(*b));
+        assert_eq!(
+            num(&key, &["peak_machines"]),
+            peak,
+            "{policy}: peak machines"
+        );
+    }
+    for service in ["finance", "sports"] {
+        let demand = column(&format!("demand_{service}"));
+        // steps.csv rounds demand to 0.01 req/s and capacity to 0.1 req/s.
+        let demand_total = demand.iter().sum::<f64>() * step_s;
+        let demand_slack = 0.005 * step_s * n + 1e-6 * demand_total;
+        let served_slack = 0.055 * step_s * n + 1e-6 * demand_total;
+        for policy in policies {
+            let d = num(policy, &["services", service, "demand"]);
+            let served = num(policy, &["services", service, "served"]);
+            let dropped = num(policy, &["services", service, "dropped"]);
+            assert!(
+                d > 0.0 && (d - demand_total).abs() <= demand_slack,
+                "{policy}.{service}: demand {d}, the trace's steps add up to {demand_total}"
+            );
+            assert!(
+                (0.0..=d * (1.0 + 1e-9)).contains(&served) && dropped >= 0.0,
+                "{policy}.{service}: served {served}, dropped {dropped} of {d}"
+            );
+            let capacity = column(&format!("capacity_{policy}_{service}"));
+            let recount: f64 = demand
+                .iter()
+                .zip(&capacity)
+                .map(|(d, c)| d.min(*c) * step_s)
+                .sum();
+            assert!(
+                (served - recount).abs() <= served_slack,
+                "{policy}.{service}: summary says {served} served, min(demand, capacity) per \
+                 step adds up to {recount} (slack {served_slack})"
+            );
+        }
+        // Static provisioning owns every service's peak: it never drops.
+        assert_eq!(
+            num("static", &["services", service, "dropped"]),
+            0.0,
+            "static dropped {service}"
+        );
+    }
+    assert_eq!(num("static", &["slo_violation_minutes"]), 0.0);
+
+    // Machine-hours: nothing beats the lower bound, nothing elastic costs what static does,
+    // and switching shares the machines static reserves for each service's own peak.
+    let lb = num("lower_bound", &["machine_hours"]);
+    let st = num("static", &["machine_hours"]);
+    for policy in ["reactive", "switching", "switching-drop"] {
+        let mh = num(policy, &["machine_hours"]);
+        assert!(
+            lb <= mh && mh < st,
+            "{policy}: {mh} machine-hours, lower bound {lb}, static {st}"
+        );
+    }
+    let sw = num("switching", &["machine_hours"]);
+    assert!(sw < st / 3.0, "switching {sw}, static {st}");
+
+    // The scenario's pool of 5 is short: even perfect packing needs more at the peak, so
+    // switching-drop must drop, and only the lower priority (sports, 5) may pay for it.
+    let lb_peak = num("lower_bound", &["peak_machines"]);
+    assert!(
+        lb_peak > 5.0,
+        "the pool is not short: lower bound peak {lb_peak}"
+    );
+    assert!(num("switching-drop", &["peak_machines"]) <= 5.0);
+    assert!(num("switching-drop", &["slo_violation_minutes"]) > 0.0);
+    let (finance, sports) = (
+        share("switching-drop", "finance"),
+        share("switching-drop", "sports"),
+    );
+    assert!(
+        finance > sports,
+        "switching-drop served finance {finance}, sports {sports}: priority ignored"
+    );
+    assert!(
+        finance >= share("switching", "finance") - 1e-3,
+        "the short pool cost finance: {finance} vs {} with machines to spare",
+        share("switching", "finance")
+    );
+    assert!(
+        num("switching-drop", &["services", "sports", "dropped"])
+            > num("switching", &["services", "sports", "dropped"]),
+        "the short pool did not cost sports anything"
+    );
     for chart in ["machines.svg", "demand-finance.svg", "demand-sports.svg"] {
         let svg = std::fs::read_to_string(o.join(chart)).unwrap();
         assert!(

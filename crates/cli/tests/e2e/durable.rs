@@ -1,0 +1,403 @@
+//! Never lose a server, with real QEMU (issue 10's acceptance): a CLI hung up 0.2 s into a
+//! migration, a controller killed with SIGKILL 0.2 s into a migration and into a suspend and
+//! started again, an image re-tagged under a running instance, `web-prod:v1` beside
+//! `web:prod-v1`, and an agent killed with SIGKILL and started again — every instance ends
+//! running (or suspended) exactly once, with its `/kv` and `/disk` data and its version.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::cluster::{cli, ps, wait_for};
+use crate::support::{
+    data_dir, free_port, is_qemu_of, kill9, processes, start_controller, start_up, up_log, vmatrix,
+};
+
+fn field(list: &[Value], id: &str, key: &str) -> String {
+    list.iter()
+        .find(|i| i["id"] == id)
+        .and_then(|i| i[key].as_str())
+        .unwrap_or("")
+        .to_owned()
+}
+
+async fn instance(data: &Path, id: &str) -> Value {
+    ps(data)
+        .await
+        .into_iter()
+        .find(|i| i["id"] == id)
+        .unwrap_or_else(|| panic!("no instance {id}"))
+}
+
+async fn wait_state(data: &Path, id: &str, state: &str) -> Value {
+    wait_for(
+        &format!("{id} {state}"),
+        Duration::from_secs(120),
+        async || {
+            let list = ps(data).await;
+            list.into_iter()
+                .find(|i| i["id"] == id && i["state"] == state)
+        },
+    )
+    .await
+}
+
+async fn http(method: &str, url: String, body: &str) -> (u16, String) {
+    let c = reqwest::Client::new();
+    let r = c
+        .request(method.parse().expect("method"), url)
+        .body(body.to_owned())
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .expect("the guest answers");
+    (r.status().as_u16(), r.text().await.unwrap_or_default())
+}
+
+/// Writes a value to the guest's RAM (`/kv`) and disk (`/disk`).
+async fn put(endpoint: &str, value: &str) {
+    for kind in ["kv", "disk"] {
+        let (s, b) = http("PUT", format!("http://{endpoint}/{kind}/k"), value).await;
+        assert_eq!(s, 200, "PUT /{kind}/k: {b}");
+    }
+}
+
+/// Both values are there.
+async fn check(endpoint: &str, value: &str) {
+    for kind in ["kv", "disk"] {
+        let (s, b) = http("GET", format!("http://{endpoint}/{kind}/k"), "").await;
+        assert_eq!((s, b.as_str()), (200, value), "/{kind}/k on {endpoint}");
+    }
+}
+
+/// One QEMU process for the instance, no second copy anywhere.
+fn one_copy(id: &str) -> u32 {
+    let p = processes(is_qemu_of(id));
+    assert_eq!(p.len(), 1, "QEMU processes of {id}: {p:?}");
+    p[0].0
+}
+
+/// A process the test started that ends with SIGTERM (an agent then stops its VMs), also if
+/// the test fails.
+struct Terminated(std::process::Child);
+
+impl Drop for Terminated {
+    fn drop(&mut self) {
+        // SAFETY: plain kill(2) of our own child.
+        unsafe {
+            libc::kill(self.0.id() as libc::pid_t, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Whatever happens, no VM of this test's machines outlives it.
+struct Sweep<'a>(&'a Path);
+
+impl Drop for Sweep<'_> {
+    fn drop(&mut self) {
+        for m in ["rm1", "rm2"] {
+            vmatrix_agent::sweep(&self.0.join("agents").join(m).join("vms"), &[]);
+        }
+    }
+}
+
+/// Submits `args` (a migrate or suspend) and, 0.2 s in, kills the controller with SIGKILL;
+/// then starts a controller again on the same state.
+async fn kill_controller_during(data: &Path, listen: &str, args: &[&str]) -> tokio::process::Child {
+    let mut op = vmatrix()
+        .arg("--data")
+        .arg(data)
+        .args(args)
+        .spawn()
+        .expect("start the op");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // `up`'s controller, or the one this test started again (`--data DIR controller …`).
+    kill9("the controller", |c| {
+        c.contains("vmatrix")
+            && c.contains(" controller ")
+            && c.contains(&data.display().to_string())
+    });
+    let _ = op.wait().await;
+    start_controller(data, listen).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "boots real QEMU guests"]
+async fn no_operation_loses_a_server_whatever_is_killed() {
+    let _serial = crate::support::UNDER_LOAD.lock().await;
+    let dir = data_dir();
+    let data = dir.path();
+    let _sweep = Sweep(data);
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let switch = format!("127.0.0.1:{}", free_port());
+    let _up = start_up(
+        data,
+        &[
+            "--machines",
+            "2",
+            "--listen",
+            &listen,
+            "--switch-listen",
+            &switch,
+            "--policy",
+            "min",
+        ],
+    )
+    .await;
+    // Two images whose names would once have shared an export socket, with distinct versions.
+    let mut prods = Vec::new();
+    for (image, version) in [("web-prod:v1", "prod-a"), ("web:prod-v1", "prod-b")] {
+        let file = data.join(format!("{version}.img"));
+        let (ok, _, err) = cli(
+            data,
+            &[
+                "guest",
+                "build",
+                "--out",
+                &file.display().to_string(),
+                "--version",
+                version,
+            ],
+        )
+        .await;
+        assert!(ok, "guest build: {err}");
+        let (ok, _, err) = cli(
+            data,
+            &["image", "import", image, &file.display().to_string()],
+        )
+        .await;
+        assert!(ok, "import {image}: {err}");
+        prods.push(file);
+    }
+    let services = data.join("services.toml");
+    std::fs::write(
+        &services,
+        r#"
+[[service]]
+name = "web"
+image = "guest:v1"
+min = 2
+max = 2
+[[service]]
+name = "p1"
+image = "web-prod:v1"
+[[service]]
+name = "p2"
+image = "web:prod-v1"
+"#,
+    )
+    .expect("services file");
+    let (ok, _, err) = cli(data, &["apply", "-f", &services.display().to_string()]).await;
+    assert!(ok, "apply: {err}");
+    for id in ["web-1", "web-2", "p1-1", "p2-1"] {
+        wait_state(data, id, "running").await;
+    }
+    let list = ps(data).await;
+    // Side by side, each on its own image.
+    for (id, version) in [("p1-1", "prod-a"), ("p2-1", "prod-b")] {
+        let (s, body) = http(
+            "GET",
+            format!("http://{}/", field(&list, id, "endpoint")),
+            "",
+        )
+        .await;
+        assert!(
+            s == 200 && body.contains(&format!("\"version\":\"{version}\"")),
+            "{id}: {body}"
+        );
+    }
+    assert_ne!(
+        field(&list, "p1-1", "version"),
+        field(&list, "p2-1", "version")
+    );
+    let v1 = field(&list, "web-1", "version");
+    assert_eq!(v1.len(), 64, "a pinned version id: {v1:?}");
+    put(&field(&list, "web-1", "endpoint"), "one").await;
+    put(&field(&list, "web-2", "endpoint"), "two").await;
+
+    // guest:v1 moves to other bytes while web-1 and web-2 run.
+    let (ok, _, err) = cli(
+        data,
+        &[
+            "image",
+            "import",
+            "guest:v1",
+            &prods[0].display().to_string(),
+        ],
+    )
+    .await;
+    assert!(ok, "re-tag: {err}");
+
+    // 1. The CLI hangs up 0.2 s into a migration: the migration goes on.
+    let from = field(&list, "web-1", "machine");
+    let to = if from == "rm1" { "rm2" } else { "rm1" };
+    let mut mig = vmatrix()
+        .arg("--data")
+        .arg(data)
+        .args(["migrate", "web-1", "--to", to])
+        .spawn()
+        .expect("migrate");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // SAFETY: plain kill(2) of our own child: Ctrl-C.
+    unsafe {
+        libc::kill(mig.id().expect("pid") as libc::pid_t, libc::SIGINT);
+    }
+    let _ = mig.wait().await;
+    let moved = wait_for(
+        "web-1 on its destination",
+        Duration::from_secs(60),
+        async || {
+            let i = instance(data, "web-1").await;
+            (i["state"] == "running" && i["machine"] == to).then_some(i)
+        },
+    )
+    .await;
+    assert_eq!(moved["version"], v1.as_str(), "it keeps its version");
+    check(moved["endpoint"].as_str().unwrap_or(""), "one").await;
+    one_copy("web-1");
+
+    // 2. The controller dies 0.2 s into a migration and comes back.
+    let _controller =
+        kill_controller_during(data, &listen, &["migrate", "web-1", "--to", &from]).await;
+    let settled = wait_for("web-1 settled", Duration::from_secs(60), async || {
+        let i = instance(data, "web-1").await;
+        (i["state"] == "running").then_some(i)
+    })
+    .await;
+    assert_eq!(settled["version"], v1.as_str());
+    check(settled["endpoint"].as_str().unwrap_or(""), "one").await;
+    one_copy("web-1");
+
+    // 3. The controller dies 0.2 s into a suspend and comes back.
+    // (The controller started above is the one killed now; its handle only reaps it.)
+    let _controller2 = kill_controller_during(data, &listen, &["suspend", "web-2"]).await;
+    let web2 = wait_for("web-2 settled", Duration::from_secs(60), async || {
+        let i = instance(data, "web-2").await;
+        matches!(i["state"].as_str(), Some("suspended" | "running")).then_some(i)
+    })
+    .await;
+    if web2["state"] == "suspended" {
+        assert!(
+            processes(is_qemu_of("web-2")).is_empty(),
+            "a suspended instance has no QEMU"
+        );
+        let (ok, _, err) = cli(data, &["resume", "web-2"]).await;
+        assert!(ok, "resume: {err}\n{}", up_log(data));
+    }
+    let web2 = wait_state(data, "web-2", "running").await;
+    assert_eq!(
+        web2["version"],
+        v1.as_str(),
+        "resumed on its own version, not the new tag"
+    );
+    check(web2["endpoint"].as_str().unwrap_or(""), "two").await;
+    one_copy("web-2");
+    // No stuck row: every instance ends running (a replacement the controller started for
+    // `min` while web-2 was suspended included — on the new version of the tag).
+    let all = wait_for(
+        "every instance running",
+        Duration::from_secs(120),
+        async || {
+            let list = ps(data).await;
+            list.iter().all(|i| i["state"] == "running").then_some(list)
+        },
+    )
+    .await;
+    for i in &all {
+        one_copy(i["id"].as_str().unwrap_or(""));
+    }
+
+    // 4. A machine's agent dies with SIGKILL and starts again: the same QEMUs serve on.
+    let list = ps(data).await;
+    let machine = ["rm1", "rm2"]
+        .into_iter()
+        .max_by_key(|m| list.iter().filter(|i| i["machine"] == *m).count())
+        .expect("a machine");
+    let here: Vec<String> = list
+        .iter()
+        .filter(|i| i["machine"] == machine)
+        .map(|i| i["id"].as_str().unwrap_or("").to_owned())
+        .collect();
+    assert!(here.len() >= 2, "two instances on {machine}: {list:?}");
+    let pids: Vec<u32> = here.iter().map(|id| one_copy(id)).collect();
+    let agent_of = |c: &str| {
+        c.contains("vmatrix agent")
+            && c.contains(&format!("--name {machine} "))
+            && c.contains(&data.display().to_string())
+    };
+    let (_, cmdline) = processes(agent_of).pop().expect("the agent");
+    let last_event = events_count(&listen).await;
+    kill9("the agent", agent_of);
+    let args: Vec<String> = cmdline
+        .split_whitespace()
+        .skip(1)
+        .map(str::to_owned)
+        .collect();
+    let _agent = Terminated(
+        std::process::Command::new(env!("CARGO_BIN_EXE_vmatrix"))
+            .args(&args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start the agent again"),
+    );
+    // Several heartbeats of the new agent later…
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    for (id, pid) in here.iter().zip(&pids) {
+        assert_eq!(one_copy(id), *pid, "{id} is served by the same QEMU");
+        let i = instance(data, id).await;
+        assert_eq!(i["state"], "running", "{id}");
+        let (s, _) = http(
+            "GET",
+            format!("http://{}/health", i["endpoint"].as_str().unwrap_or("")),
+            "",
+        )
+        .await;
+        assert_eq!(s, 200, "{id} answers");
+    }
+    let since = events_since(&listen, last_event).await;
+    assert!(
+        !since.iter().any(|e| {
+            let o = e["outcome"].as_str().unwrap_or("");
+            o == "lost" || o.starts_with("failed")
+        }),
+        "the controller never failed them: {since:#?}"
+    );
+}
+
+async fn events_count(listen: &str) -> u64 {
+    let v: Value = reqwest::get(format!("http://{listen}/api/v1/events?limit=10000"))
+        .await
+        .expect("events")
+        .json()
+        .await
+        .expect("json");
+    v["events"]
+        .as_array()
+        .and_then(|e| e.last())
+        .and_then(|e| e["id"].as_u64())
+        .unwrap_or(0)
+}
+
+async fn events_since(listen: &str, after: u64) -> Vec<Value> {
+    let v: Value = reqwest::get(format!(
+        "http://{listen}/api/v1/events?after={after}&limit=10000"
+    ))
+    .await
+    .expect("events")
+    .json()
+    .await
+    .expect("json");
+    v["events"].as_array().cloned().unwrap_or_default()
+}
