@@ -199,6 +199,9 @@ pub struct Agent {
     /// Newest generation seen per instance, kept after the instance leaves (fencing).
     generations: Mutex<HashMap<InstanceId, u64>>,
     tasks: Mutex<HashMap<TaskKey, TaskEntry>>,
+    /// Pins: the sequence number of the newest set asked for, and of the newest written.
+    pin_seq: std::sync::atomic::AtomicU64,
+    pin_written: Arc<Mutex<u64>>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -251,6 +254,8 @@ impl Agent {
             slots: Mutex::new(HashMap::new()),
             generations: Mutex::new(HashMap::new()),
             tasks: Mutex::new(HashMap::new()),
+            pin_seq: std::sync::atomic::AtomicU64::new(0),
+            pin_written: Arc::new(Mutex::new(0)),
         }))
     }
 
@@ -332,6 +337,9 @@ impl Agent {
                 users: HashSet::from([user]),
             },
         );
+        let versions: Vec<String> = exports.keys().cloned().collect();
+        drop(exports);
+        self.publish_pins(versions);
         Ok(url)
     }
 
@@ -341,6 +349,40 @@ impl Agent {
             e.users.remove(user);
             if e.users.is_empty() {
                 exports.remove(version);
+                let versions: Vec<String> = exports.keys().cloned().collect();
+                drop(exports);
+                self.publish_pins(versions);
+            }
+        }
+    }
+
+    /// Records in the repository which versions this machine's instances use (GC keeps them
+    /// whatever happens to their tags). Written in the background, newest set last.
+    fn publish_pins(&self, versions: Vec<String>) {
+        let write = self.pins_writer(versions);
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => drop(rt.spawn_blocking(write)),
+            Err(_) => write(),
+        }
+    }
+
+    /// The write of one set of pins, skipped if a newer set was written first.
+    fn pins_writer(&self, mut versions: Vec<String>) -> impl FnOnce() + Send + 'static {
+        versions.sort();
+        let seq = self
+            .pin_seq
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            + 1;
+        let (repo, written) = (self.repo.clone(), self.pin_written.clone());
+        let holder = format!("agent-{}", self.config.name);
+        move || {
+            let mut last = lock(&written);
+            if *last > seq {
+                return; // a newer set is written already
+            }
+            match repo.set_pins(&holder, &versions) {
+                Ok(()) => *last = seq,
+                Err(e) => tracing::warn!("recording the versions in use ({holder}): {e}"),
             }
         }
     }
@@ -1029,6 +1071,9 @@ impl Agent {
             }
         }
         crate::record::sweep(&self.vms_dir(), &[]);
+        lock(&self.exports).clear();
+        // Nothing runs here any more: nothing is pinned.
+        let _ = tokio::task::spawn_blocking(self.pins_writer(Vec::new())).await;
     }
 
     // For the health watcher.

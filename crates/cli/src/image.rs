@@ -405,10 +405,11 @@ pub fn run(cmd: ImageCommand, url: &str, data: &Path) -> Result<()> {
             let repo = Repository::open(url)?;
             let r = repo.gc(Duration::from_secs(grace_seconds))?;
             println!(
-                "gc: removed {} version(s) and {} chunk(s), freed {}; kept {} live and {} young chunk(s); {} writer(s) running; cleaned {} temporary file(s) and {} stale lease(s); {:.2}s",
+                "gc: removed {} version(s) and {} chunk(s), freed {}; kept {} version(s) only because running instances use them, {} live and {} young chunk(s); {} writer(s) running; cleaned {} temporary file(s) and {} stale lease(s); {:.2}s",
                 r.removed_manifests,
                 r.removed_chunks,
                 human(r.freed_bytes),
+                r.pinned_manifests,
                 r.live_chunks,
                 r.young_chunks,
                 r.active_leases,

@@ -557,6 +557,37 @@ image = "web:prod-v1"
         .collect();
     assert!(exported.contains(&v1), "{exported:?}");
     assert!(!exported.contains(&v2), "{exported:?}");
+    // The version in use has no tag any more, but GC keeps it: its agent pins it.
+    wait_for("the pins to name v1", Duration::from_secs(10), async || {
+        let pins = m.repo.pins().expect("pins");
+        pins.iter().any(|p| p.versions.contains(&v1)).then_some(())
+    })
+    .await;
+    let gc = m.repo.gc(Duration::ZERO).expect("gc");
+    assert!(gc.pinned_manifests >= 1, "{gc:?}");
+    m.repo
+        .manifest(&v1)
+        .expect("a running instance's version survives gc");
+    // Once nothing runs on it, it goes.
+    let (s, v) = m
+        .operate(
+            Operation::Discard {
+                instance: id("app-1"),
+            },
+            30,
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    wait_for("v1 unpinned", Duration::from_secs(10), async || {
+        let pins = m.repo.pins().expect("pins");
+        (!pins.iter().any(|p| p.versions.contains(&v1))).then_some(())
+    })
+    .await;
+    m.repo.gc(Duration::ZERO).expect("gc");
+    assert!(
+        m.repo.manifest(&v1).is_err(),
+        "an unused, untagged version is collected"
+    );
     // A new instance takes the new version.
     let (s, v) = m
         .operate(

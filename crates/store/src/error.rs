@@ -46,6 +46,9 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+    /// A name the repository refuses (a pin holder, …).
+    #[error("{0}")]
+    BadName(String),
     /// A chunk an import relied on vanished before its manifest was published (a concurrent
     /// `gc` removed it); nothing was published.
     #[error("chunk {chunk} disappeared during the import (a concurrent gc?); nothing was published: run the import again")]

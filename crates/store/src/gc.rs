@@ -15,8 +15,10 @@ use crate::repo::{Lease, Repository, LEASE_MAX_AGE};
 /// What GC did.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct GcReport {
-    /// Live versions (tagged or young).
+    /// Live versions (tagged, pinned or young).
     pub live_manifests: usize,
+    /// Versions kept only because a holder pins them (an instance runs on them).
+    pub pinned_manifests: usize,
     /// Untagged versions removed.
     pub removed_manifests: usize,
     /// Chunks kept because something references them.
@@ -74,6 +76,8 @@ impl Repository {
             .unwrap_or(UNIX_EPOCH);
 
         let tagged = self.tagged_versions()?;
+        // Versions in use by running instances (their agents' pins) are roots too.
+        let pinned: HashSet<String> = self.pins()?.into_iter().flat_map(|p| p.versions).collect();
         let mut live: HashSet<ChunkId> = HashSet::new();
         let mut doomed_manifests = Vec::new();
         for (key, meta) in self.backend.list("manifests/")? {
@@ -83,8 +87,10 @@ impl Repository {
             else {
                 continue;
             };
-            if tagged.contains_key(id) || meta.modified >= cutoff {
+            let pinned_only = pinned.contains(id) && !tagged.contains_key(id);
+            if tagged.contains_key(id) || pinned.contains(id) || meta.modified >= cutoff {
                 report.live_manifests += 1;
+                report.pinned_manifests += usize::from(pinned_only);
                 // A damaged live manifest must stop GC: its chunks cannot be marked.
                 let m = self.manifest(id)?;
                 live.extend(m.chunks.iter().flatten());

@@ -67,6 +67,7 @@ mod gc;
 mod import;
 pub mod manifest;
 pub mod nbd;
+mod pins;
 pub mod repo;
 pub mod s3;
 mod scratch;
@@ -74,6 +75,7 @@ mod verify;
 
 pub use backend::Backend;
 pub use error::{Result, StoreError};
+pub use pins::Pins;
 pub use repo::{
     CopyReport, ExportFormat, GcReport, ImageEntry, ImportReport, Repository, VerifyReport,
 };
