@@ -7,10 +7,15 @@
 //! The controller must never talk to QEMU or guests directly — only to agents — and never make a
 //! placement decision outside the reconcile loop or an operator's explicit request.
 
+mod actions;
+mod agents;
 mod api;
 mod control;
 mod db;
 mod ops;
+mod reconcile;
+mod season;
+mod settle;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -1,0 +1,495 @@
+//! The operations on instances, each run to its end by a task the controller owns (see
+//! `ops.rs`): activate, live-migrate, suspend into the repository, resume, discard, drain a
+//! machine, wake a dormant service, drop and undrop. Each records its intermediate state before
+//! it calls an agent and leaves the instance as it was when an agent answers that it failed;
+//! when an agent does not answer, the row stays where it is and the machines' reports settle it
+//! (`settle.rs`).
+use std::time::Instant;
+
+use vmatrix_core::api::{AgentCommand, InstanceInfo, Operation, SavedState};
+use vmatrix_core::{InstanceId, InstanceState, Transition};
+
+use crate::control::{ControlError, Controller, Result};
+use crate::db::InstanceRow;
+
+impl Controller {
+    /// Starts a new instance of `service` (on `on`, or where placement says).
+    pub async fn activate(
+        &self,
+        service: &vmatrix_core::ServiceName,
+        on: Option<&str>,
+        why: &str,
+    ) -> Result<InstanceInfo> {
+        let spec = self.spec_of(service)?;
+        let machine = match on {
+            Some(name) => self.machine(name)?,
+            None => self.place(&spec, None)?,
+        };
+        // The id, the busy claim and the row are made in one step under the database lock, so
+        // that two activations at once never take the same id and no heartbeat sees the row
+        // before it is claimed.
+        let (mut row, _busy) = {
+            let db = self
+                .db
+                .lock()
+                .map_err(|_| ControlError::Conflict("state database lock poisoned".into()))?;
+            let seq = db.next_seq(service)?;
+            let id = InstanceId::new(format!("{service}-{seq}"))
+                .map_err(|e| ControlError::Conflict(e.to_string()))?;
+            let busy = self.claim(&id)?;
+            let row = InstanceRow {
+                info: InstanceInfo {
+                    id: id.clone(),
+                    service: service.clone(),
+                    image: spec.image.to_string(),
+                    version: String::new(),
+                    machine: machine.name.clone(),
+                    state: InstanceState::Activating,
+                    endpoint: String::new(),
+                    generation: 1,
+                },
+                saved: None,
+                seq,
+            };
+            db.put_instance(&row)?;
+            (row, busy)
+        };
+        let id = row.info.id.clone();
+        let cmd = AgentCommand::Activate {
+            plan: Self::plan(&spec, &row, 1)?,
+            state: None,
+        };
+        match self.send(&machine, &cmd, spec.memory_mib).await {
+            Ok(reply) => {
+                row.info.endpoint = reply.endpoint.unwrap_or_default();
+                // Pinned from now on: every later plan of this instance names this version.
+                row.info.version = reply.version.unwrap_or_default();
+                self.db(|d| d.put_instance(&row))?;
+                self.event(
+                    "controller",
+                    &format!("activate {id} on {}", machine.name),
+                    why,
+                    "started",
+                );
+                Ok(row.info)
+            }
+            Err(e) => {
+                row.info.state = row.info.state.next(Transition::Fail)?;
+                self.db(|d| d.put_instance(&row))?;
+                self.event(
+                    "controller",
+                    &format!("activate {id} on {}", machine.name),
+                    why,
+                    &format!("failed: {e}"),
+                );
+                Err(e)
+            }
+        }
+    }
+
+    /// Live-migrates a running instance to machine `to`.
+    pub async fn migrate(&self, id: &InstanceId, to: &str, why: &str) -> Result<String> {
+        let _busy = self.claim(id)?;
+        let mut row = self.row(id)?;
+        if row.info.state != InstanceState::Running {
+            return Err(ControlError::Conflict(format!(
+                "instance {id} is {}; only a running instance migrates",
+                row.info.state.as_str()
+            )));
+        }
+        if row.info.machine == to {
+            return Err(ControlError::Conflict(format!(
+                "instance {id} already runs on {to}"
+            )));
+        }
+        let spec = self.spec_of(&row.info.service)?;
+        let source = self.machine(&row.info.machine)?;
+        let dest = self.machine(to)?;
+        if dest.state != "up" {
+            return Err(ControlError::Conflict(format!(
+                "machine {to} is {}",
+                dest.state
+            )));
+        }
+        let started = Instant::now();
+        let what = format!("migrate {id} {} → {to}", source.name);
+        let next_gen = row.info.generation + 1;
+        let plan = Self::plan(&spec, &row, next_gen)?;
+        row.info.state = row.info.state.next(Transition::MigrateStarted)?;
+        self.db(|d| d.put_instance(&row))?;
+        self.event("controller", &what, why, "started");
+        let mem = spec.memory_mib;
+        let discard_dest = || async {
+            let _ = self
+                .send(
+                    &dest,
+                    &AgentCommand::Discard {
+                        id: id.clone(),
+                        generation: next_gen,
+                    },
+                    mem,
+                )
+                .await;
+        };
+        let prep = match self
+            .send(&dest, &AgentCommand::PrepareIncoming { plan }, mem)
+            .await
+        {
+            Ok(p) => p,
+            Err(e) => {
+                // Nothing moved: the source runs on. A destination that did start is
+                // stopped (now, or by the heartbeat that reports it unwanted).
+                discard_dest().await;
+                return self.migration_ended(row, &what, why, Transition::Cancelled, e);
+            }
+        };
+        let Some(target) = prep.target else {
+            discard_dest().await;
+            let e = ControlError::Agent {
+                machine: dest.name.clone(),
+                message: "no migration target in the reply".into(),
+            };
+            return self.migration_ended(row, &what, why, Transition::Cancelled, e);
+        };
+        let out = self
+            .send(
+                &source,
+                &AgentCommand::MigrateOut {
+                    id: id.clone(),
+                    generation: row.info.generation,
+                    target: target.clone(),
+                },
+                mem,
+            )
+            .await;
+        let out = match out {
+            Ok(out) => out,
+            Err(e @ ControlError::Agent { .. }) => {
+                // The source answered: the move failed and the guest runs on there.
+                discard_dest().await;
+                return self.migration_ended(row, &what, why, Transition::Cancelled, e);
+            }
+            Err(e) => {
+                // No answer: the move may have finished or not. The row stays `migrating`
+                // until the two machines' reports settle it (see `settle`).
+                self.event("controller", &what, why, &format!("unsettled: {e}"));
+                return Err(e);
+            }
+        };
+        let finished = self
+            .send(
+                &dest,
+                &AgentCommand::FinishIncoming {
+                    id: id.clone(),
+                    generation: next_gen,
+                },
+                mem,
+            )
+            .await;
+        match finished {
+            Ok(_) => {
+                row.info.machine = dest.name.clone();
+                row.info.generation = next_gen;
+                row.info.endpoint = target.endpoint;
+                row.info.state = row.info.state.next(Transition::Moved)?;
+                self.db(|d| d.put_instance(&row))?;
+                let (total, down) = out.migration_ms.unwrap_or((0, 0));
+                let outcome = format!(
+                    "ok in {:.2}s (QEMU total {total} ms, downtime {down} ms)",
+                    started.elapsed().as_secs_f64()
+                );
+                self.event("controller", &what, why, &outcome);
+                Ok(outcome)
+            }
+            Err(e @ ControlError::Agent { .. }) => {
+                // The source has ended and the destination could not run it.
+                row.info.machine = dest.name.clone();
+                row.info.generation = next_gen;
+                self.migration_ended(row, &what, why, Transition::Fail, e)
+            }
+            Err(e) => {
+                self.event("controller", &what, why, &format!("unsettled: {e}"));
+                Err(e)
+            }
+        }
+    }
+
+    /// Records how a migration that did not succeed ended, and returns its error.
+    pub(crate) fn migration_ended(
+        &self,
+        mut row: InstanceRow,
+        what: &str,
+        why: &str,
+        t: Transition,
+        e: ControlError,
+    ) -> Result<String> {
+        row.info.state = row.info.state.next(t)?;
+        self.db(|d| d.put_instance(&row))?;
+        self.event("controller", what, why, &format!("failed: {e}"));
+        Err(e)
+    }
+
+    /// Suspends a running instance into the repository.
+    pub async fn suspend(&self, id: &InstanceId, why: &str) -> Result<String> {
+        let _busy = self.claim(id)?;
+        let mut row = self.row(id)?;
+        if row.info.state != InstanceState::Running {
+            return Err(ControlError::Conflict(format!(
+                "instance {id} is {}; only a running instance suspends",
+                row.info.state.as_str()
+            )));
+        }
+        let machine = self.machine(&row.info.machine)?;
+        let memory = self
+            .spec_of(&row.info.service)
+            .map_or(4096, |s| s.memory_mib);
+        let what = format!("suspend {id} on {}", machine.name);
+        row.info.state = row.info.state.next(Transition::SuspendStarted)?;
+        self.db(|d| d.put_instance(&row))?;
+        self.event("controller", &what, why, "started");
+        let started = Instant::now();
+        match self
+            .send(
+                &machine,
+                &AgentCommand::Suspend {
+                    id: id.clone(),
+                    generation: row.info.generation,
+                },
+                memory,
+            )
+            .await
+        {
+            Ok(reply) => {
+                self.settle_suspended(&mut row, reply.saved)?;
+                let outcome = format!("ok in {:.2}s", started.elapsed().as_secs_f64());
+                self.event("controller", &what, why, &outcome);
+                Ok(outcome)
+            }
+            Err(e @ ControlError::Agent { .. }) => {
+                // The agent gave up and let the guest run on: it is as it was.
+                row.info.state = row.info.state.next(Transition::Cancelled)?;
+                self.db(|d| d.put_instance(&row))?;
+                self.event(
+                    "controller",
+                    &what,
+                    why,
+                    &format!("failed, still running: {e}"),
+                );
+                Err(e)
+            }
+            Err(e) => {
+                // No answer: the suspend may go on there; the agent's reports settle it.
+                self.event("controller", &what, why, &format!("unsettled: {e}"));
+                Err(e)
+            }
+        }
+    }
+
+    /// Records that `row` is suspended into `saved`.
+    pub(crate) fn settle_suspended(
+        &self,
+        row: &mut InstanceRow,
+        saved: Option<SavedState>,
+    ) -> Result<()> {
+        if saved.is_none() {
+            return Err(ControlError::Conflict(format!(
+                "instance {}: the agent did not say where its state went",
+                row.info.id
+            )));
+        }
+        row.saved = saved;
+        row.info.state = row.info.state.next(Transition::Suspended)?;
+        row.info.machine = String::new();
+        row.info.endpoint = String::new();
+        self.db(|d| d.put_instance(row))?;
+        Ok(())
+    }
+
+    /// Resumes a suspended instance (on `on`, or where placement says).
+    pub async fn resume(&self, id: &InstanceId, on: Option<&str>, why: &str) -> Result<String> {
+        let _busy = self.claim(id)?;
+        let mut row = self.row(id)?;
+        let Some(saved) = row
+            .saved
+            .clone()
+            .filter(|_| row.info.state == InstanceState::Suspended)
+        else {
+            return Err(ControlError::Conflict(format!(
+                "instance {id} is {}; only a suspended instance resumes",
+                row.info.state.as_str()
+            )));
+        };
+        let spec = self.spec_of(&row.info.service)?;
+        let machine = match on {
+            Some(n) => self.machine(n)?,
+            None => self.place(&spec, None)?,
+        };
+        let what = format!("resume {id} on {}", machine.name);
+        row.info.generation += 1;
+        row.info.machine = machine.name.clone();
+        row.info.state = row.info.state.next(Transition::Resume)?;
+        self.db(|d| d.put_instance(&row))?;
+        let started = Instant::now();
+        let cmd = AgentCommand::Activate {
+            plan: Self::plan(&spec, &row, row.info.generation)?,
+            state: Some(saved),
+        };
+        match self.send(&machine, &cmd, spec.memory_mib).await {
+            Ok(reply) => {
+                row.info.endpoint = reply.endpoint.unwrap_or_default();
+                // It runs from the saved state now, which the agent removes: superseded.
+                row.saved = None;
+                self.db(|d| d.put_instance(&row))?;
+                let outcome = format!("ok in {:.2}s", started.elapsed().as_secs_f64());
+                self.event("controller", &what, why, &outcome);
+                Ok(outcome)
+            }
+            Err(e @ ControlError::Agent { .. }) => {
+                // The saved state is still in the repository: stay suspended.
+                row.info.state = InstanceState::Suspended;
+                row.info.machine = String::new();
+                self.db(|d| d.put_instance(&row))?;
+                self.event("controller", &what, why, &format!("failed: {e}"));
+                Err(e)
+            }
+            Err(e) => {
+                // No answer: it may run there; its reports settle it (or, if it never shows
+                // up, it goes back to suspended: its saved state is still there).
+                self.event("controller", &what, why, &format!("unsettled: {e}"));
+                Err(e)
+            }
+        }
+    }
+
+    /// Throws an instance away.
+    pub async fn discard(&self, id: &InstanceId, why: &str) -> Result<String> {
+        let _busy = self.claim(id)?;
+        let mut row = self.row(id)?;
+        // Discard is legal from failed, suspended, activating and running; a row stuck in
+        // migrating or suspending is first declared failed (its machines' reports decide
+        // nothing any more: an operator chose to throw it away).
+        if matches!(
+            row.info.state,
+            InstanceState::Migrating | InstanceState::Suspending
+        ) {
+            row.info.state = row.info.state.next(Transition::Fail)?;
+        }
+        let next = row.info.state.next(Transition::Discard)?;
+        if !row.info.machine.is_empty() {
+            match self.machine(&row.info.machine) {
+                // A machine that is down is not called: its agent stops the VM when it is back
+                // (the controller no longer wants it there).
+                Ok(machine) if machine.state != "down" => {
+                    if let Err(e) = self
+                        .send(
+                            &machine,
+                            &AgentCommand::Discard {
+                                id: id.clone(),
+                                generation: row.info.generation,
+                            },
+                            0,
+                        )
+                        .await
+                    {
+                        tracing::warn!("discard {id}: {e}");
+                    }
+                }
+                _ => {}
+            }
+        }
+        row.info.state = next;
+        self.db(|d| d.put_instance(&row))?;
+        self.event("controller", &format!("discard {id}"), why, "ok");
+        Ok("discarded".into())
+    }
+
+    /// Moves every instance off a machine and stops placing there.
+    pub async fn drain(&self, machine: &str, why: &str) -> Result<String> {
+        if !self.db(|d| d.set_draining(machine, true))? {
+            return Err(ControlError::NotFound(format!("no machine {machine}")));
+        }
+        let mut moved = 0;
+        for row in self.db(|d| d.instances())? {
+            if row.info.machine == machine && row.info.state == InstanceState::Running {
+                let spec = self.spec_of(&row.info.service)?;
+                let dest = self.place(&spec, Some(machine))?;
+                self.migrate(&row.info.id, &dest.name, why).await?;
+                moved += 1;
+            }
+        }
+        self.event(
+            "controller",
+            &format!("drain {machine}"),
+            why,
+            &format!("ok, {moved} moved"),
+        );
+        Ok(format!("{moved} instance(s) moved off {machine}"))
+    }
+
+    /// Brings a dormant service back: resumes a suspended instance, or starts one.
+    pub async fn wake(&self, service: &vmatrix_core::ServiceName) -> Result<String> {
+        self.spec_of(service)?;
+        let rows = self.db(|d| d.instances())?;
+        let mine: Vec<&InstanceRow> = rows.iter().filter(|r| r.info.service == *service).collect();
+        if mine.iter().any(|r| {
+            matches!(
+                r.info.state,
+                InstanceState::Activating | InstanceState::Running | InstanceState::Migrating
+            )
+        }) {
+            return Ok(format!("{service} is already awake or waking"));
+        }
+        let why = "a request arrived for a dormant service";
+        if let Some(r) = mine
+            .iter()
+            .find(|r| r.info.state == InstanceState::Suspended)
+        {
+            return self.resume(&r.info.id, None, why).await;
+        }
+        self.activate(service, None, why)
+            .await
+            .map(|i| format!("{} activating on {}", i.id, i.machine))
+    }
+
+    pub(crate) fn set_dropped(
+        &self,
+        service: &vmatrix_core::ServiceName,
+        dropped: bool,
+        who: &str,
+        why: &str,
+    ) -> Result<String> {
+        self.spec_of(service)?;
+        let changed = self.db(|d| d.set_dropped(service, dropped, who == "policy"))?;
+        let what = if dropped { "drop" } else { "undrop" };
+        if changed {
+            self.event(who, &format!("{what} {service}"), why, "ok");
+        }
+        Ok(format!(
+            "{service} {}",
+            if dropped {
+                "dropped: the switch refuses its requests"
+            } else {
+                "no longer dropped"
+            }
+        ))
+    }
+
+    /// Runs a manual operation to completion.
+    pub async fn operate(&self, op: Operation) -> Result<String> {
+        let why = "operator request";
+        match op {
+            Operation::Activate { service, on } => self
+                .activate(&service, on.as_deref(), why)
+                .await
+                .map(|i| format!("{} activating on {}", i.id, i.machine)),
+            Operation::Suspend { instance } => self.suspend(&instance, why).await,
+            Operation::Resume { instance, on } => self.resume(&instance, on.as_deref(), why).await,
+            Operation::Migrate { instance, to } => self.migrate(&instance, &to, why).await,
+            Operation::Discard { instance } => self.discard(&instance, why).await,
+            Operation::Drain { machine } => self.drain(&machine, why).await,
+            Operation::Wake { service } => self.wake(&service).await,
+            Operation::Drop { service } => self.set_dropped(&service, true, "api", why),
+            Operation::Undrop { service } => self.set_dropped(&service, false, "api", why),
+        }
+    }
+}

@@ -1,0 +1,50 @@
+//! The controller's client of the agents: one command, one HTTP call, with a timeout derived
+//! from the work and a typed error that says whether the agent answered (it then left the VM as
+//! it was) or not (the command may still run there).
+
+use vmatrix_core::api::{AgentCommand, AgentReply, ErrorBody, MachineInfo};
+
+use crate::control::{ControlError, Controller, Result};
+
+impl Controller {
+    /// Sends `cmd` to `machine`'s agent and waits for its end, at most as long as the work
+    /// may take (the agent's task goes on if this gives up: heartbeats then settle it).
+    pub(crate) async fn send(
+        &self,
+        machine: &MachineInfo,
+        cmd: &AgentCommand,
+        memory_mib: u32,
+    ) -> Result<AgentReply> {
+        let url = format!("http://{}/agent/v1/command", machine.address);
+        let fail = |message: String| ControlError::Agent {
+            machine: machine.name.clone(),
+            message,
+        };
+        let resp = self
+            .http
+            .post(&url)
+            .bearer_auth(&self.token)
+            // The agent gives up on its own after `work_limit`; twice that covers a boot too.
+            .timeout(vmatrix_core::api::work_limit(memory_mib) * 2)
+            .json(cmd)
+            .send()
+            .await
+            .map_err(|e| ControlError::Unreachable {
+                machine: machine.name.clone(),
+                message: e.to_string(),
+            })?;
+        let status = resp.status();
+        if status.is_success() {
+            resp.json().await.map_err(|e| ControlError::Unreachable {
+                machine: machine.name.clone(),
+                message: format!("bad or cut reply: {e}"),
+            })
+        } else {
+            let body: Option<ErrorBody> = resp.json().await.ok();
+            Err(fail(format!(
+                "{status}: {}",
+                body.map_or_else(|| "no details".into(), |b| b.error)
+            )))
+        }
+    }
+}

@@ -1,0 +1,394 @@
+//! The level-triggered reconcile loop: failed instances replaced, `min` kept (manual mode) or
+//! the pure policy's plan carried out (switching mode), each agent call in a bounded task of its
+//! own so that one hung machine never holds the loop; a machine is down only when a direct probe
+//! fails too. Also the demand history and the season the policy's forecast reads, and the
+//! retention loop.
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use vmatrix_core::api::{MachineInfo, MachineRole};
+use vmatrix_core::{InstanceId, InstanceState, ServiceSpec, Transition};
+
+use crate::control::{
+    now_ms, ControlError, Controller, Probe, Result, DEMAND_HISTORY, DOWN_AFTER_MS,
+};
+use crate::season::Season;
+
+impl Controller {
+    /// One reconcile pass: replace failed instances, keep every service's `min` running, and
+    /// remove instances of services no longer declared. Level-triggered: it only compares the
+    /// desired and the observed state, whatever happened before.
+    pub async fn reconcile(self: &Arc<Self>) -> Result<()> {
+        let services = self.services()?;
+        let rows = self.db(|d| d.instances())?;
+        let machines = self.machines()?;
+        let grace = self.started.elapsed() > Duration::from_millis(DOWN_AFTER_MS * 2);
+        let down = self.confirmed_down(&machines);
+        if grace {
+            self.settle_orphans(&rows, &machines)?;
+        }
+        for row in &rows {
+            if self.is_busy(&row.info.id) {
+                continue;
+            }
+            let on_down_machine =
+                row.info.state.is_placed() && grace && down.contains(&row.info.machine);
+            if on_down_machine {
+                let mut r = row.clone();
+                r.info.state = r.info.state.next(Transition::Fail)?;
+                self.db(|d| d.put_instance(&r))?;
+                self.event(
+                    "controller",
+                    &format!("{} failed", r.info.id),
+                    &format!("machine {} is down", r.info.machine),
+                    "lost",
+                );
+                continue;
+            }
+            let declared = services.iter().any(|s| s.name == row.info.service);
+            if row.info.state == InstanceState::Failed || !declared {
+                let why = if declared {
+                    "replace a failed instance"
+                } else {
+                    "its service was removed"
+                };
+                let (me, id) = (self.clone(), row.info.id.clone());
+                self.spawn_work(async move { me.discard(&id, why).await.map(drop) });
+            }
+        }
+        if self.policy.load(std::sync::atomic::Ordering::Relaxed) {
+            return self.run_policy(&services);
+        }
+        let rows = self.db(|d| d.instances())?;
+        for spec in &services {
+            let live = rows
+                .iter()
+                .filter(|r| {
+                    r.info.service == spec.name
+                        && matches!(
+                            r.info.state,
+                            InstanceState::Activating
+                                | InstanceState::Running
+                                | InstanceState::Migrating
+                        )
+                })
+                .count() as u32;
+            if live < spec.min {
+                // One at a time per service: the next tick sees it and starts the next.
+                let (me, name, min) = (self.clone(), spec.name.clone(), spec.min);
+                self.spawn_work(async move {
+                    me.activate(&name, None, &format!("keep min {min} of {name}"))
+                        .await
+                        .map(drop)
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs agent work from the reconcile loop as a task of its own, so that one slow or hung
+    /// machine never holds the loop; at most 16 at once (false: none free, try next tick).
+    pub(crate) fn spawn_work(
+        self: &Arc<Self>,
+        work: impl std::future::Future<Output = Result<()>> + Send + 'static,
+    ) -> bool {
+        let Ok(permit) = self.work.clone().try_acquire_owned() else {
+            return false;
+        };
+        tokio::spawn(async move {
+            if let Err(e) = work.await {
+                // Level-triggered: the next tick sees the new state and tries again.
+                tracing::warn!("reconcile: {e}");
+            }
+            drop(permit);
+        });
+        true
+    }
+
+    /// Machines without heartbeats whose agent did not answer a direct probe either: only
+    /// those are down for the instances on them. A probe runs in the background; until it
+    /// failed, the machine gets the benefit of the doubt.
+    pub(crate) fn confirmed_down(self: &Arc<Self>, machines: &[MachineInfo]) -> HashSet<String> {
+        let mut probes = self.probes.lock().unwrap_or_else(|p| p.into_inner());
+        probes.retain(|name, _| {
+            machines
+                .iter()
+                .any(|m| &m.name == name && m.state == "down")
+        });
+        let mut down = HashSet::new();
+        for m in machines.iter().filter(|m| m.state == "down") {
+            match probes.get(&m.name) {
+                Some(Probe::Failed) => {
+                    down.insert(m.name.clone());
+                }
+                Some(Probe::Running) => {}
+                None => {
+                    probes.insert(m.name.clone(), Probe::Running);
+                    let (me, machine) = (self.clone(), m.clone());
+                    tokio::spawn(async move { me.probe(machine).await });
+                }
+            }
+        }
+        down
+    }
+
+    pub(crate) async fn probe(&self, machine: MachineInfo) {
+        let answered = self
+            .http
+            .get(format!("http://{}/agent/v1/status", machine.address))
+            .bearer_auth(&self.token)
+            .timeout(Duration::from_secs(3))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success());
+        if answered {
+            // Alive, its heartbeats are late: it counts as heard now.
+            let _ = self.db(|d| {
+                d.upsert_machine(
+                    &MachineInfo {
+                        state: "up".into(),
+                        ..machine.clone()
+                    },
+                    now_ms(),
+                )
+            });
+            self.probes
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&machine.name);
+        } else {
+            self.probes
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(machine.name.clone(), Probe::Failed);
+            self.event(
+                "controller",
+                &format!("machine {} down", machine.name),
+                "no heartbeat, and no answer to a direct probe",
+                "ok",
+            );
+        }
+    }
+
+    /// Sets the season the policy's forecast looks back over (zero: no forecast), and how far
+    /// past now it looks. Forgets what was learnt.
+    pub fn set_season(&self, period: Duration, ahead: Duration) {
+        *self.season.lock().unwrap_or_else(|p| p.into_inner()) = Season::new(period, ahead);
+    }
+
+    /// The demand one season ago, a little ahead of now, for `service` (0 while unknown).
+    pub(crate) fn forecast(&self, service: &str) -> f64 {
+        let at = self.started.elapsed();
+        self.season.lock().map_or(0.0, |s| s.forecast(service, at))
+    }
+
+    /// Turns the load-driven policy on (server switching, drop, consolidation) or off (keep `min`).
+    pub fn set_policy(&self, on: bool) {
+        self.policy.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Appends this tick's demand sample per service, from the switch's latest report.
+    pub(crate) fn sample_demand(&self, services: &[ServiceSpec]) -> HashMap<String, Vec<f64>> {
+        let load = self.load();
+        let mut d = self.demand.lock().unwrap_or_else(|p| p.into_inner());
+        d.retain(|name, _| services.iter().any(|s| s.name.as_str() == name));
+        let at = self.started.elapsed();
+        let mut season = self.season.lock().unwrap_or_else(|p| p.into_inner());
+        season.retain(|name| services.iter().any(|s| s.name.as_str() == name));
+        for s in services {
+            let rps = load.services.get(s.name.as_str()).map_or(0.0, |l| l.rps);
+            season.record(s.name.as_str(), at, rps);
+            let h = d.entry(s.name.to_string()).or_default();
+            h.push_back(rps);
+            while h.len() > DEMAND_HISTORY {
+                h.pop_front();
+            }
+        }
+        d.iter()
+            .map(|(k, v)| (k.clone(), v.iter().copied().collect()))
+            .collect()
+    }
+
+    /// One policy pass: build the snapshot, call the pure `decide`, carry out the plan.
+    pub(crate) fn run_policy(self: &Arc<Self>, services: &[ServiceSpec]) -> Result<()> {
+        use vmatrix_policy as p;
+        let demand = self.sample_demand(services);
+        let dropped = self.db(|d| d.dropped())?;
+        let machines = self.machines()?;
+        let rows = self.db(|d| d.instances())?;
+        let machine_index: HashMap<&str, usize> = machines
+            .iter()
+            .enumerate()
+            .map(|(k, m)| (m.name.as_str(), k))
+            .collect();
+        let service_index: HashMap<&str, usize> = services
+            .iter()
+            .enumerate()
+            .map(|(k, s)| (s.name.as_str(), k))
+            .collect();
+        let snapshot = p::Snapshot {
+            now_s: self.started.elapsed().as_secs_f64(),
+            machines: machines
+                .iter()
+                .map(|m| p::Machine {
+                    name: m.name.clone(),
+                    dedicated: m.role == MachineRole::Dedicated && m.state != "draining",
+                    vcpus: m.vcpus,
+                    memory_mib: m.memory_mib,
+                    healthy: m.state != "down",
+                    cpu_load: self.cpu_load(&m.name),
+                })
+                .collect(),
+            services: services
+                .iter()
+                .map(|s| p::Service {
+                    name: s.name.to_string(),
+                    priority: s.priority,
+                    capacity_rps: s.capacity_rps,
+                    min: s.min,
+                    max: s.max,
+                    vcpus: s.vcpus,
+                    memory_mib: s.memory_mib,
+                    demand: demand.get(s.name.as_str()).cloned().unwrap_or_default(),
+                    forecast_rps: self.forecast(s.name.as_str()),
+                    // The policy manages its own drops only.
+                    dropped: dropped.iter().any(|(d, by)| *by && d == s.name.as_str()),
+                })
+                .collect(),
+            // Instances of undeclared services were discarded above.
+            instances: rows
+                .iter()
+                .filter_map(|r| {
+                    Some(p::Instance {
+                        id: r.info.id.to_string(),
+                        service: *service_index.get(r.info.service.as_str())?,
+                        // A machine the controller no longer knows is a dead one.
+                        machine: (!r.info.machine.is_empty()).then(|| {
+                            machine_index
+                                .get(r.info.machine.as_str())
+                                .copied()
+                                .unwrap_or(usize::MAX)
+                        }),
+                        state: match r.info.state {
+                            InstanceState::Running => p::InstanceState::Running,
+                            InstanceState::Suspended => p::InstanceState::Suspended,
+                            InstanceState::Failed => p::InstanceState::Failed,
+                            InstanceState::Activating
+                            | InstanceState::Migrating
+                            | InstanceState::Suspending
+                            | InstanceState::Discarded => p::InstanceState::Starting,
+                        },
+                    })
+                })
+                .collect(),
+        };
+        let config = p::Config {
+            scale_out_window: 5,
+            scale_in_window: 60,
+            ..p::Config::default()
+        };
+        let instance = |k: usize| -> Result<InstanceId> {
+            let i = snapshot
+                .instances
+                .get(k)
+                .ok_or_else(|| ControlError::Conflict(format!("policy named instance #{k}")))?;
+            InstanceId::new(&i.id).map_err(|e| ControlError::Conflict(e.to_string()))
+        };
+        let machine = |k: usize| -> Result<&str> {
+            snapshot
+                .machines
+                .get(k)
+                .map(|m| m.name.as_str())
+                .ok_or_else(|| ControlError::Conflict(format!("policy named machine #{k}")))
+        };
+        let service = |k: usize| -> Result<&ServiceSpec> {
+            services
+                .get(k)
+                .ok_or_else(|| ControlError::Conflict(format!("policy named service #{k}")))
+        };
+        for action in p::decide(&snapshot, &config) {
+            // Names are resolved now; the agent work runs as its own task (`spawn_work`).
+            let me = self.clone();
+            let result = match &action {
+                p::Action::Activate {
+                    service: s,
+                    machine: m,
+                    reason,
+                } => service(*s).and_then(|s| {
+                    let (name, m, reason) =
+                        (s.name.clone(), machine(*m)?.to_owned(), reason.clone());
+                    self.spawn_work(async move {
+                        me.activate(&name, Some(&m), &reason).await.map(drop)
+                    });
+                    Ok(())
+                }),
+                p::Action::Resume {
+                    instance: i,
+                    machine: m,
+                    reason,
+                } => instance(*i).and_then(|i| {
+                    let (m, reason) = (machine(*m)?.to_owned(), reason.clone());
+                    self.spawn_work(
+                        async move { me.resume(&i, Some(&m), &reason).await.map(drop) },
+                    );
+                    Ok(())
+                }),
+                p::Action::Suspend {
+                    instance: i,
+                    reason,
+                } => instance(*i).map(|i| {
+                    let reason = reason.clone();
+                    self.spawn_work(async move { me.suspend(&i, &reason).await.map(drop) });
+                }),
+                p::Action::Migrate {
+                    instance: i,
+                    to,
+                    reason,
+                } => instance(*i).and_then(|i| {
+                    let (m, reason) = (machine(*to)?.to_owned(), reason.clone());
+                    self.spawn_work(async move { me.migrate(&i, &m, &reason).await.map(drop) });
+                    Ok(())
+                }),
+                p::Action::Discard {
+                    instance: i,
+                    reason,
+                } => instance(*i).map(|i| {
+                    let reason = reason.clone();
+                    self.spawn_work(async move { me.discard(&i, &reason).await.map(drop) });
+                }),
+                p::Action::Drop { service: s, reason } => service(*s)
+                    .and_then(|s| self.set_dropped(&s.name, true, "policy", reason).map(drop)),
+                p::Action::Undrop { service: s, reason } => service(*s)
+                    .and_then(|s| self.set_dropped(&s.name, false, "policy", reason).map(drop)),
+            };
+            if let Err(e) = result {
+                // Level-triggered: the next tick sees the new state and tries again.
+                tracing::warn!("policy action {action:?}: {e}");
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs [`Controller::reconcile`] every `period` until the process ends.
+    pub async fn run_loop(self: Arc<Self>, period: Duration) {
+        loop {
+            if let Err(e) = self.reconcile().await {
+                tracing::warn!("reconcile: {e}");
+            }
+            tokio::time::sleep(period).await;
+        }
+    }
+
+    /// Applies the retention every hour: settled operations and discarded instances older
+    /// than a day are forgotten, and the event log keeps its newest 100,000 entries.
+    pub async fn prune_loop(self: Arc<Self>) {
+        loop {
+            let day_ago = now_ms().saturating_sub(24 * 3600 * 1000);
+            if let Err(e) = self.db(|d| d.prune(day_ago, 100_000)) {
+                tracing::warn!("retention: {e}");
+            }
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+        }
+    }
+}

@@ -1,0 +1,308 @@
+//! Heartbeats and settlement: each machine's report is compared with the rows, and every
+//! difference is settled — instances that came up, failed, finished or gave up an operation
+//! while nobody watched (a controller restarted mid-operation, or an agent call without an
+//! answer); copies the controller does not want are stopped; instances a machine lost fail.
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Instant;
+
+use vmatrix_core::api::{AgentCommand, AgentReport, MachineInfo};
+use vmatrix_core::{InstanceId, InstanceState, Transition};
+
+use crate::control::{now_ms, Controller, Result};
+use crate::db::InstanceRow;
+
+impl Controller {
+    /// Takes in an agent's heartbeat: the machine's capacity and what really runs there.
+    pub async fn heartbeat(self: &Arc<Self>, report: AgentReport) -> Result<()> {
+        let info = MachineInfo {
+            name: report.name.clone(),
+            address: report.address.clone(),
+            role: report.role,
+            vcpus: report.vcpus,
+            memory_mib: report.memory_mib,
+            state: "up".into(),
+        };
+        let first = self
+            .heard
+            .lock()
+            .map(|mut h| h.insert(report.name.clone()))
+            .unwrap_or(false);
+        self.db(|d| d.upsert_machine(&info, now_ms()))?;
+        if let Ok(mut cpu) = self.cpu.lock() {
+            let seconds: Vec<(InstanceId, f64)> = report
+                .instances
+                .iter()
+                .filter(|i| i.state == InstanceState::Running)
+                .map(|i| (i.id.clone(), i.cpu_seconds))
+                .collect();
+            cpu.entry(report.name.clone()).or_default().observe(
+                Instant::now(),
+                report.vcpus,
+                &seconds,
+            );
+        }
+        if first {
+            self.event(
+                &report.name,
+                "register",
+                &format!("agent at {}", report.address),
+                "ok",
+            );
+        }
+        if let Ok(mut reports) = self.reports.lock() {
+            reports.insert(report.name.clone(), report.clone());
+        }
+        self.settle(&report, &info)
+    }
+
+    /// Whether `machine`'s latest report (since this process started) lists `id`; `None` if
+    /// no report came from it yet.
+    pub(crate) fn machine_has(&self, machine: &str, id: &InstanceId) -> Option<bool> {
+        let reports = self.reports.lock().ok()?;
+        let r = reports.get(machine)?;
+        Some(r.instances.iter().any(|i| i.id == *id))
+    }
+
+    /// Compares one machine's report with the rows and settles every difference: instances
+    /// that came up, failed, finished or gave up an operation while nobody watched (this
+    /// process started after the operation, or its call to the agent got no answer); copies
+    /// the controller does not want there are stopped; instances the machine lost fail.
+    pub(crate) fn settle(self: &Arc<Self>, report: &AgentReport, info: &MachineInfo) -> Result<()> {
+        use InstanceState as S;
+        let rows: HashMap<InstanceId, InstanceRow> = self
+            .db(|d| d.instances())?
+            .into_iter()
+            .map(|r| (r.info.id.clone(), r))
+            .collect();
+        let mut reported = HashSet::new();
+        for inst in &report.instances {
+            reported.insert(inst.id.clone());
+            if self.is_busy(&inst.id) {
+                continue;
+            }
+            let unsettled = self.is_unsettled(&inst.id);
+            match rows.get(&inst.id) {
+                Some(row)
+                    if row.info.machine == report.name
+                        && row.info.generation == inst.generation =>
+                {
+                    let mut row = row.clone();
+                    if row.info.version.is_empty() && !inst.version.is_empty() {
+                        // A row from before versions were pinned learns its version here.
+                        row.info.version = inst.version.clone();
+                        self.db(|d| d.put_instance(&row))?;
+                    }
+                    let step = match (row.info.state, inst.state) {
+                        (S::Activating, S::Running) => Some(Transition::Ready),
+                        (S::Suspending, S::Suspended) => Some(Transition::Suspended),
+                        // A suspend or a move that gave up: the guest runs on here.
+                        (S::Suspending | S::Migrating, S::Running) if !unsettled => {
+                            Some(Transition::Cancelled)
+                        }
+                        (s, S::Failed) if s != S::Failed => Some(Transition::Fail),
+                        _ => None,
+                    };
+                    let Some(step) = step else { continue };
+                    if step == Transition::Suspended {
+                        self.settle_suspended(&mut row, inst.saved.clone())?;
+                    } else {
+                        row.info.state = row.info.state.next(step)?;
+                        row.info.endpoint = inst.endpoint.clone();
+                        self.db(|d| d.put_instance(&row))?;
+                    }
+                    let outcome = inst
+                        .error
+                        .clone()
+                        .map_or("ok".into(), |e| format!("failed: {e}"));
+                    self.event(
+                        &report.name,
+                        &format!("{} {}", inst.id, row.info.state.as_str()),
+                        "agent report",
+                        &outcome,
+                    );
+                }
+                Some(row)
+                    if row.info.state == S::Migrating
+                        && inst.generation == row.info.generation + 1 =>
+                {
+                    match inst.state {
+                        S::Running => {
+                            // A migration finished while no controller watched: adopt it
+                            // where it runs.
+                            let mut row = row.clone();
+                            row.info.machine = report.name.clone();
+                            row.info.generation = inst.generation;
+                            row.info.endpoint = inst.endpoint.clone();
+                            row.info.state = row.info.state.next(Transition::Moved)?;
+                            self.db(|d| d.put_instance(&row))?;
+                            self.event(
+                                "controller",
+                                &format!("adopt {} on {}", inst.id, report.name),
+                                "its migration finished while no controller watched",
+                                "ok",
+                            );
+                        }
+                        S::Migrating
+                            if self.machine_has(&row.info.machine, &inst.id) == Some(false) =>
+                        {
+                            // The source has sent it and ended: only the destination's
+                            // continue is missing.
+                            self.spawn_finish(row.clone(), info.clone(), inst.generation);
+                        }
+                        _ => {}
+                    }
+                }
+                _ if unsettled => {}
+                _ => {
+                    // Not wanted here (unknown, discarded, moved away, an older generation, or
+                    // the record of a suspend the controller has already settled).
+                    let machine = info.clone();
+                    let cmd = AgentCommand::Discard {
+                        id: inst.id.clone(),
+                        generation: inst.generation,
+                    };
+                    let me = self.clone();
+                    let id = inst.id.clone();
+                    tokio::spawn(async move {
+                        let outcome = match me.send(&machine, &cmd, 0).await {
+                            Ok(_) => "ok".to_string(),
+                            Err(e) => format!("failed: {e}"),
+                        };
+                        me.event(
+                            "controller",
+                            &format!("stop unwanted {id} on {}", machine.name),
+                            "the controller does not want it there",
+                            &outcome,
+                        );
+                    });
+                }
+            }
+        }
+        // Instances the controller placed here that the agent no longer has are lost.
+        for row in rows.values() {
+            if row.info.machine != report.name
+                || reported.contains(&row.info.id)
+                || self.is_unsettled(&row.info.id)
+            {
+                continue;
+            }
+            let mut row = row.clone();
+            let why = match row.info.state {
+                // A resume that never started: its saved state is still in the repository.
+                S::Activating if row.saved.is_some() => {
+                    row.info.state = S::Suspended;
+                    row.info.machine = String::new();
+                    "its resume never started there; it stays suspended"
+                }
+                S::Running | S::Activating | S::Suspending => {
+                    row.info.state = row.info.state.next(Transition::Fail)?;
+                    "its machine no longer runs it"
+                }
+                // A migrating row's source may have handed it over: the destination's report
+                // settles it (or `settle_orphans`).
+                S::Migrating | S::Suspended | S::Failed | S::Discarded => continue,
+            };
+            self.db(|d| d.put_instance(&row))?;
+            self.event(
+                &report.name,
+                &format!("{} {}", row.info.id, row.info.state.as_str()),
+                why,
+                "lost",
+            );
+        }
+        Ok(())
+    }
+
+    /// Sends the missing `FinishIncoming` of a migration whose controller died between the
+    /// source's end and the destination's continue.
+    pub(crate) fn spawn_finish(
+        self: &Arc<Self>,
+        row: InstanceRow,
+        dest: MachineInfo,
+        generation: u64,
+    ) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let Ok(_busy) = me.claim(&row.info.id) else {
+                return;
+            };
+            let memory = me.spec_of(&row.info.service).map_or(4096, |s| s.memory_mib);
+            let cmd = AgentCommand::FinishIncoming {
+                id: row.info.id.clone(),
+                generation,
+            };
+            let what = format!("finish the migration of {} on {}", row.info.id, dest.name);
+            match me.send(&dest, &cmd, memory).await {
+                Ok(reply) => {
+                    let mut row = row;
+                    row.info.machine = dest.name.clone();
+                    row.info.generation = generation;
+                    row.info.endpoint = reply.endpoint.unwrap_or_default();
+                    let moved = row.info.state.next(Transition::Moved);
+                    if let Ok(state) = moved {
+                        row.info.state = state;
+                        let _ = me.db(|d| d.put_instance(&row));
+                    }
+                    me.event(
+                        "controller",
+                        &what,
+                        "its controller stopped mid-migration",
+                        "ok",
+                    );
+                }
+                Err(e) => me.event(
+                    "controller",
+                    &what,
+                    "its controller stopped mid-migration",
+                    &format!("failed: {e}"),
+                ),
+            }
+        });
+    }
+
+    /// Rows left `migrating` or `suspending` by an earlier process that no machine reports
+    /// any more (every machine has reported since this process started): failed, so that the
+    /// service gets a replacement.
+    pub(crate) fn settle_orphans(
+        &self,
+        rows: &[InstanceRow],
+        machines: &[MachineInfo],
+    ) -> Result<()> {
+        let reports = match self.reports.lock() {
+            Ok(r) => r.clone(),
+            Err(_) => return Ok(()),
+        };
+        let all_heard = machines
+            .iter()
+            .filter(|m| m.state != "down")
+            .all(|m| reports.contains_key(&m.name));
+        if !all_heard {
+            return Ok(());
+        }
+        for row in rows {
+            if !matches!(
+                row.info.state,
+                InstanceState::Migrating | InstanceState::Suspending
+            ) || self.is_unsettled(&row.info.id)
+            {
+                continue;
+            }
+            let anywhere = reports
+                .values()
+                .any(|r| r.instances.iter().any(|i| i.id == row.info.id));
+            if !anywhere {
+                let mut row = row.clone();
+                row.info.state = row.info.state.next(Transition::Fail)?;
+                self.db(|d| d.put_instance(&row))?;
+                self.event(
+                    "controller",
+                    &format!("{} failed", row.info.id),
+                    "no machine has it after an interrupted operation",
+                    "lost",
+                );
+            }
+        }
+        Ok(())
+    }
+}
