@@ -97,36 +97,19 @@ pub async fn serve(agent: Arc<Agent>, controller: String, token: String) -> std:
 }
 
 async fn heartbeat(agent: Arc<Agent>, controller: String, token: String) {
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(5))
-        .connect_timeout(Duration::from_secs(2))
-        .build()
-        .expect("a plain HTTP client builds");
-    let url = format!(
-        "{}/api/v1/agents/heartbeat",
-        controller.trim_end_matches('/')
-    );
+    let client = vmatrix_client::ControllerClient::new(&controller, Some(token));
     let mut warned = false;
     loop {
         let beat = tokio::time::Instant::now();
         let report = agent.report();
-        match client
-            .post(&url)
-            .bearer_auth(&token)
-            .json(&report)
-            .send()
-            .await
-        {
-            Ok(r) if r.status().is_success() => warned = false,
-            Ok(r) if !warned => {
-                tracing::warn!("controller refused the heartbeat: {}", r.status());
-                warned = true;
-            }
+        match client.heartbeat(&report).await {
+            Ok(()) => warned = false,
+            // Said once until it works again (rate-limited by its own state).
             Err(e) if !warned => {
-                tracing::warn!("controller {controller} unreachable: {e}");
+                tracing::warn!("heartbeat to {controller}: {e}");
                 warned = true;
             }
-            _ => {}
+            Err(_) => {}
         }
         // A fixed period from the start of each beat, whatever the controller's latency.
         tokio::time::sleep_until(beat + Duration::from_secs(1)).await;

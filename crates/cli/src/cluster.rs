@@ -1,6 +1,5 @@
-//! The control plane from the command line: `controller`, `agent`, `up`, and the client
-//! commands (`apply`, `services`, `machines`, `ps`, `events`, `activate`, `suspend`, `resume`,
-//! `migrate`, `discard`, `drain`) that talk to the controller's API.
+//! The control plane's processes from the command line: `controller`, `agent`, `switch` and
+//! `up` (all of them on one box). The client commands are in `client.rs`.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -8,350 +7,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
-use serde_json::Value;
-use vmatrix_core::api::{ApplyRequest, MachineRole, Operation};
+use vmatrix_core::api::MachineRole;
 
-/// The API token: `VMATRIX_TOKEN`, or the one the controller keeps in `DATA/controller/token`.
-fn token(data: &Path) -> Option<String> {
-    std::env::var("VMATRIX_TOKEN")
-        .ok()
-        .filter(|t| !t.is_empty())
-        .or_else(|| {
-            std::fs::read_to_string(data.join("controller/token"))
-                .ok()
-                .map(|t| t.trim().to_owned())
-        })
-}
-
-fn required_token(data: &Path) -> Result<String> {
-    token(data).ok_or_else(|| {
-        anyhow!(
-            "no token: set VMATRIX_TOKEN to the controller's token (in its DATA/controller/token)"
-        )
-    })
-}
-
-/// Where the CLI finds the controller: `--api`, or the URL the controller wrote in DATA.
-pub struct Client {
-    base: String,
-    token: Option<String>,
-    http: reqwest::Client,
-}
-
-impl Client {
-    pub fn new(api: Option<String>, data: &Path) -> Result<Self> {
-        let base = match api {
-            Some(a) => a,
-            None => std::fs::read_to_string(data.join("controller/api"))
-                .map(|s| s.trim().to_owned())
-                .map_err(|_| {
-                    anyhow!(
-                        "no controller found in {}: start one with `vmatrix up`, or pass --api URL",
-                        data.display()
-                    )
-                })?,
-        };
-        let token = token(data);
-        Ok(Self {
-            base: base.trim_end_matches('/').to_owned(),
-            token,
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(600))
-                .build()?,
-        })
-    }
-
-    async fn call(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        body: Option<Value>,
-    ) -> Result<Value> {
-        let mut req = self.http.request(method, format!("{}{path}", self.base));
-        if let Some(t) = &self.token {
-            req = req.bearer_auth(t);
-        }
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        let resp = req.send().await.map_err(|e| {
-            anyhow!(
-                "cannot reach the controller at {}: {e}; is `vmatrix up` running?",
-                self.base
-            )
-        })?;
-        let status = resp.status();
-        let value: Value = resp.json().await.unwrap_or(Value::Null);
-        if !status.is_success() {
-            bail!(
-                "{}",
-                value["error"]
-                    .as_str()
-                    .map_or_else(|| status.to_string(), str::to_owned)
-            );
-        }
-        Ok(value)
-    }
-
-    pub async fn get(&self, path: &str) -> Result<Value> {
-        self.call(reqwest::Method::GET, path, None).await
-    }
-
-    pub async fn post(&self, path: &str, body: Value) -> Result<Value> {
-        self.call(reqwest::Method::POST, path, Some(body)).await
-    }
-
-    /// Submits an operation and follows it to its end. The controller runs it as its own
-    /// task: Ctrl-C here stops only the following, never the operation.
-    pub async fn operate(&self, op: Operation) -> Result<String> {
-        let v = self
-            .post("/api/v1/operations?wait=5", serde_json::to_value(op)?)
-            .await?;
-        let reply: vmatrix_core::api::OperationReply =
-            serde_json::from_value(v).context("the controller's reply to an operation")?;
-        if reply.state == vmatrix_core::api::OperationState::Running {
-            eprintln!(
-                "operation {id} runs on the controller; Ctrl-C stops only this wait (`vmatrix operation {id}` follows it again)",
-                id = reply.operation
-            );
-        }
-        self.follow(reply).await
-    }
-
-    /// Waits for operation `reply.operation` to settle and says how it ended.
-    pub async fn follow(&self, mut reply: vmatrix_core::api::OperationReply) -> Result<String> {
-        use vmatrix_core::api::OperationState as S;
-        while reply.state == S::Running {
-            let v = self
-                .get(&format!("/api/v1/operations/{}?wait=30", reply.operation))
-                .await?;
-            reply = serde_json::from_value(v).context("the controller's reply to an operation")?;
-        }
-        match reply.state {
-            S::Done => Ok(reply.result),
-            S::Interrupted => Ok(format!(
-                "operation {} was interrupted: {}",
-                reply.operation, reply.result
-            )),
-            S::Failed | S::Running => {
-                bail!("operation {} failed: {}", reply.operation, reply.result)
-            }
-        }
-    }
-}
-
-fn table(headers: &[&str], rows: Vec<Vec<String>>) {
-    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
-    for r in &rows {
-        for (i, c) in r.iter().enumerate() {
-            widths[i] = widths[i].max(c.len());
-        }
-    }
-    let line = |cells: Vec<String>| {
-        cells
-            .iter()
-            .enumerate()
-            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
-            .collect::<Vec<_>>()
-            .join("  ")
-    };
-    println!(
-        "{}",
-        line(headers.iter().map(|h| h.to_string()).collect()).trim_end()
-    );
-    for r in rows {
-        println!("{}", line(r).trim_end());
-    }
-}
-
-fn s(v: &Value) -> String {
-    match v {
-        Value::String(s) => s.clone(),
-        Value::Null => "-".into(),
-        other => other.to_string(),
-    }
-}
-
-pub async fn apply(client: &Client, services: Vec<vmatrix_core::ServiceSpec>) -> Result<()> {
-    let n = services.len();
-    client
-        .post(
-            "/api/v1/services",
-            serde_json::to_value(ApplyRequest { services })?,
-        )
-        .await?;
-    println!("applied {n} service(s); `vmatrix ps` shows the instances as they come up");
-    Ok(())
-}
-
-pub async fn services(client: &Client, json: bool) -> Result<()> {
-    let v = client.get("/api/v1/services").await?;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&v)?);
-        return Ok(());
-    }
-    let rows = v["services"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-        .iter()
-        .map(|x| {
-            [
-                "name",
-                "image",
-                "priority",
-                "min",
-                "max",
-                "capacity_rps",
-                "vcpus",
-                "memory_mib",
-                "dropped",
-            ]
-            .iter()
-            .map(|k| match *k {
-                "dropped" => v["dropped"][s(&x["name"])]
-                    .as_str()
-                    .unwrap_or("-")
-                    .to_owned(),
-                _ => s(&x[k]),
-            })
-            .collect()
-        })
-        .collect();
-    table(
-        &[
-            "NAME", "IMAGE", "PRIORITY", "MIN", "MAX", "RPS/INST", "VCPUS", "MEMORY", "DROPPED",
-        ],
-        rows,
-    );
-    Ok(())
-}
-
-pub async fn machines(client: &Client, json: bool) -> Result<()> {
-    let v = client.get("/api/v1/machines").await?;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&v)?);
-        return Ok(());
-    }
-    let rows = v["machines"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-        .iter()
-        .map(|x| {
-            let mut row: Vec<String> = [
-                "name",
-                "address",
-                "role",
-                "vcpus",
-                "memory_mib",
-                "state",
-                "instances",
-            ]
-            .iter()
-            .map(|k| s(&x[k]))
-            .collect();
-            row.push(format!(
-                "{:.0}%",
-                x["cpu_load"].as_f64().unwrap_or(0.0) * 100.0
-            ));
-            row.push(if x["free"] == true {
-                "free: can power down".into()
-            } else {
-                String::new()
-            });
-            row
-        })
-        .collect();
-    table(
-        &[
-            "NAME",
-            "ADDRESS",
-            "ROLE",
-            "VCPUS",
-            "MEMORY",
-            "STATE",
-            "INSTANCES",
-            "CPU",
-            "",
-        ],
-        rows,
-    );
-    Ok(())
-}
-
-pub async fn ps(client: &Client, json: bool) -> Result<()> {
-    let v = client.get("/api/v1/instances").await?;
-    let list: vmatrix_core::api::InstancesReply =
-        serde_json::from_value(v).context("the controller's instance list")?;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&list)?);
-        return Ok(());
-    }
-    let dash = |c: String| if c.is_empty() { "-".to_owned() } else { c };
-    let rows = list
-        .instances
-        .into_iter()
-        .map(|i| {
-            vec![
-                i.id.to_string(),
-                i.service.to_string(),
-                dash(i.image),
-                dash(i.version.chars().take(12).collect()),
-                dash(i.machine),
-                i.state.as_str().to_owned(),
-                dash(i.endpoint),
-                i.generation.to_string(),
-            ]
-        })
-        .collect();
-    table(
-        &[
-            "INSTANCE", "SERVICE", "IMAGE", "VERSION", "MACHINE", "STATE", "ENDPOINT", "GEN",
-        ],
-        rows,
-    );
-    Ok(())
-}
-
-fn print_event(e: &Value) {
-    let at = e["at_ms"].as_u64().unwrap_or(0);
-    let secs = at / 1000;
-    println!(
-        "{:02}:{:02}:{:02}.{:03}  {:<12} {:<40} {:<36} {}",
-        (secs / 3600) % 24,
-        (secs / 60) % 60,
-        secs % 60,
-        at % 1000,
-        s(&e["who"]),
-        s(&e["what"]),
-        s(&e["why"]),
-        s(&e["outcome"])
-    );
-}
-
-pub async fn events(client: &Client, follow: bool, json: bool) -> Result<()> {
-    let mut after = 0u64;
-    loop {
-        let v = client.get(&format!("/api/v1/events?after={after}")).await?;
-        let list = v["events"].as_array().cloned().unwrap_or_default();
-        for e in &list {
-            if json {
-                println!("{e}");
-            } else {
-                print_event(e);
-            }
-            after = after.max(e["id"].as_u64().unwrap_or(0));
-        }
-        if !follow {
-            return Ok(());
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-            _ = crate::shutdown_signal() => return Ok(()),
-        }
-    }
-}
+use crate::client::{connect, required_token};
 
 /// Options of `vmatrix agent`.
 pub struct AgentArgs {
@@ -587,14 +245,9 @@ pub async fn up(args: UpArgs, data: &Path, accel: vmatrix_vmm::AccelChoice) -> R
         args.season.clone(),
     ])?];
     let api = format!("http://{}", args.listen);
-    let http = reqwest::Client::new();
+    let client = connect(Some(api.clone()), data)?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while http
-        .get(format!("{api}/api/v1/health"))
-        .send()
-        .await
-        .is_err()
-    {
+    while !client.healthy().await {
         if tokio::time::Instant::now() > deadline {
             bail!("the controller did not come up on {api}");
         }
@@ -629,13 +282,14 @@ pub async fn up(args: UpArgs, data: &Path, accel: vmatrix_vmm::AccelChoice) -> R
         "--data".into(),
         data_s.clone(),
     ])?);
-    let client = Client::new(Some(api.clone()), data)?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
-        let v = client.get("/api/v1/machines").await.unwrap_or(Value::Null);
-        let up = v["machines"]
-            .as_array()
-            .map_or(0, |m| m.iter().filter(|m| m["state"] == "up").count());
+        let up = client.machines().await.map_or(0, |r| {
+            r.machines
+                .iter()
+                .filter(|m| m.machine.state == vmatrix_core::api::MachineState::Up)
+                .count()
+        });
         if up as u32 >= args.machines {
             break;
         }

@@ -2,6 +2,7 @@
 //! hands each subcommand to the library crates; it holds no logic of its own beyond printing.
 
 mod bench;
+mod client;
 mod cluster;
 mod image;
 mod sim;
@@ -386,10 +387,10 @@ fn run() -> Result<()> {
         Some(d) => d,
         None => default_data_dir()?,
     };
-    let client = || cluster::Client::new(cli.api.clone(), &data);
+    let client = || client::connect(cli.api.clone(), &data);
     let op = |o: Operation| -> Result<()> {
         let c = client()?;
-        let msg = runtime()?.block_on(c.operate(o))?;
+        let msg = runtime()?.block_on(client::operate(&c, o))?;
         println!("{msg}");
         Ok(())
     };
@@ -472,11 +473,14 @@ fn run() -> Result<()> {
         Command::Wake { service } => op(Operation::Wake { service })?,
         Command::Operation { id } => {
             let c = client()?;
-            let msg = runtime()?.block_on(c.follow(vmatrix_core::api::OperationReply {
-                operation: id,
-                state: vmatrix_core::api::OperationState::Running,
-                result: String::new(),
-            }))?;
+            let msg = runtime()?.block_on(client::follow(
+                &c,
+                vmatrix_core::api::OperationReply {
+                    operation: id,
+                    state: vmatrix_core::api::OperationState::Running,
+                    result: String::new(),
+                },
+            ))?;
             println!("{msg}");
         }
         Command::Controller {
@@ -516,13 +520,13 @@ fn run() -> Result<()> {
                 .with_context(|| format!("reading {}", file.display()))?;
             let services = vmatrix_core::parse_services(&file.display().to_string(), &text)?;
             let c = client()?;
-            runtime()?.block_on(cluster::apply(&c, services))?
+            runtime()?.block_on(client::apply(&c, services))?
         }
-        Command::Services { json } => runtime()?.block_on(cluster::services(&client()?, json))?,
-        Command::Machines { json } => runtime()?.block_on(cluster::machines(&client()?, json))?,
-        Command::Ps { json } => runtime()?.block_on(cluster::ps(&client()?, json))?,
+        Command::Services { json } => runtime()?.block_on(client::services(&client()?, json))?,
+        Command::Machines { json } => runtime()?.block_on(client::machines(&client()?, json))?,
+        Command::Ps { json } => runtime()?.block_on(client::ps(&client()?, json))?,
         Command::Events { follow, json } => {
-            runtime()?.block_on(cluster::events(&client()?, follow, json))?
+            runtime()?.block_on(client::events(&client()?, follow, json))?
         }
         Command::Activate { service, on } => op(Operation::Activate { service, on })?,
         Command::Suspend { instance } => op(Operation::Suspend { instance })?,

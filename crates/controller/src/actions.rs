@@ -6,6 +6,7 @@
 //! (`settle.rs`).
 use std::time::Instant;
 
+use vmatrix_core::api::MachineState;
 use vmatrix_core::api::{AgentCommand, InstanceInfo, Operation, SavedState};
 use vmatrix_core::{InstanceId, InstanceState, Transition};
 
@@ -105,7 +106,7 @@ impl Controller {
         let spec = self.spec_of(&row.info.service)?;
         let source = self.machine(&row.info.machine)?;
         let dest = self.machine(to)?;
-        if dest.state != "up" {
+        if dest.state != MachineState::Up {
             return Err(ControlError::Conflict(format!(
                 "machine {to} is {}",
                 dest.state
@@ -379,7 +380,7 @@ impl Controller {
             match self.machine(&row.info.machine) {
                 // A machine that is down is not called: its agent stops the VM when it is back
                 // (the controller no longer wants it there).
-                Ok(machine) if machine.state != "down" => {
+                Ok(machine) if machine.state != MachineState::Down => {
                     if let Err(e) = self
                         .send(
                             &machine,

@@ -14,7 +14,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
-use vmatrix_core::api::{AgentReport, ApplyRequest, ErrorBody, Operation};
+use vmatrix_core::api::{
+    AgentReport, ApplyRequest, DropOwner, ErrorBody, EventsReply, MachineView, MachinesReply,
+    Operation, ServicesReply,
+};
 
 use crate::control::{ControlError, Controller};
 use crate::ops::OpView;
@@ -59,16 +62,21 @@ async fn services(State(x): State<Ctx>) -> Response {
     // The specs as applied, and beside them which services are dropped and by whom.
     let listed = x.c.services().and_then(|specs| Ok((specs, x.c.dropped()?)));
     match listed {
-        Ok((specs, dropped)) => {
-            let dropped: serde_json::Map<String, serde_json::Value> = dropped
+        Ok((services, dropped)) => Json(ServicesReply {
+            services,
+            dropped: dropped
                 .into_iter()
                 .map(|(name, by_policy)| {
-                    let who = if by_policy { "policy" } else { "operator" };
-                    (name, who.into())
+                    let who = if by_policy {
+                        DropOwner::Policy
+                    } else {
+                        DropOwner::Operator
+                    };
+                    (name, who)
                 })
-                .collect();
-            Json(serde_json::json!({ "services": specs, "dropped": dropped })).into_response()
-        }
+                .collect(),
+        })
+        .into_response(),
         Err(e) => fail(e),
     }
 }
@@ -93,27 +101,27 @@ async fn apply(State(x): State<Ctx>, headers: HeaderMap, body: axum::body::Bytes
 
 async fn machines(State(x): State<Ctx>) -> Response {
     match x.c.machine_use() {
-        Ok(list) => {
-            let rows: Vec<serde_json::Value> = list
+        Ok(list) => Json(MachinesReply {
+            machines: list
                 .into_iter()
-                .map(|(m, n)| {
-                    let free = is_free(&m, n);
-                    let mut v = serde_json::to_value(&m).unwrap_or_default();
-                    v["instances"] = n.into();
-                    v["free"] = free.into();
-                    v["cpu_load"] = x.c.cpu_load(&m.name).into();
-                    v
+                .map(|(machine, instances)| MachineView {
+                    free: is_free(&machine, instances),
+                    cpu_load: x.c.cpu_load(&machine.name),
+                    machine,
+                    instances,
                 })
-                .collect();
-            Json(serde_json::json!({ "machines": rows })).into_response()
-        }
+                .collect(),
+        })
+        .into_response(),
         Err(e) => fail(e),
     }
 }
 
 /// Up, dedicated and running nothing: the policy emptied it, it can be powered down.
 fn is_free(m: &vmatrix_core::api::MachineInfo, instances: usize) -> bool {
-    m.state == "up" && m.role == vmatrix_core::api::MachineRole::Dedicated && instances == 0
+    m.state == vmatrix_core::api::MachineState::Up
+        && m.role == vmatrix_core::api::MachineRole::Dedicated
+        && instances == 0
 }
 
 async fn instances(State(x): State<Ctx>) -> Response {
@@ -134,7 +142,7 @@ async fn events(State(x): State<Ctx>, Query(q): Query<EventsQuery>) -> Response 
         .c
         .events(q.after.unwrap_or(0), q.limit.unwrap_or(1000).min(10_000))
     {
-        Ok(e) => Json(serde_json::json!({ "events": e })).into_response(),
+        Ok(events) => Json(EventsReply { events }).into_response(),
         Err(e) => fail(e),
     }
 }
@@ -264,7 +272,11 @@ async fn metrics(State(x): State<Ctx>) -> Response {
     let mut out = String::new();
     out.push_str("# HELP vmatrix_machines Machines by state.\n# TYPE vmatrix_machines gauge\n");
     if let Ok(ms) = x.c.machine_use() {
-        for state in ["up", "down", "draining"] {
+        for state in [
+            vmatrix_core::api::MachineState::Up,
+            vmatrix_core::api::MachineState::Down,
+            vmatrix_core::api::MachineState::Draining,
+        ] {
             let n = ms.iter().filter(|(m, _)| m.state == state).count();
             out.push_str(&format!("vmatrix_machines{{state=\"{state}\"}} {n}\n"));
         }

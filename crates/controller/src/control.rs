@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use vmatrix_core::api::InstanceInfo;
+use vmatrix_core::api::MachineState;
 use vmatrix_core::api::{AgentReport, InstancePlan, MachineInfo, MachineRole};
 use vmatrix_core::{InstanceId, InstanceState, ServiceSpec};
 
@@ -303,7 +304,7 @@ impl Controller {
         let mut best: Option<(u32, i64, MachineInfo)> = None;
         let mut reasons = Vec::new();
         for m in machines {
-            if m.state != "up"
+            if m.state != MachineState::Up
                 || m.role != MachineRole::Dedicated
                 || Some(m.name.as_str()) == exclude
             {

@@ -5,6 +5,7 @@
 use std::path::Path;
 
 use rusqlite::{params, Connection};
+use vmatrix_core::api::MachineState;
 use vmatrix_core::api::{Event, InstanceInfo, MachineInfo, MachineRole, SavedState};
 use vmatrix_core::{InstanceId, InstanceState, ServiceName, ServiceSpec};
 
@@ -241,11 +242,11 @@ impl Db {
                 vcpus: r.get(3)?,
                 memory_mib: r.get(4)?,
                 state: if now_ms.saturating_sub(last as u64) > down_after_ms {
-                    "down".into()
+                    MachineState::Down
                 } else if draining != 0 {
-                    "draining".into()
+                    MachineState::Draining
                 } else {
-                    "up".into()
+                    MachineState::Up
                 },
             })
         })?;

@@ -7,6 +7,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use vmatrix_core::api::MachineState;
 use vmatrix_core::api::{MachineInfo, MachineRole};
 use vmatrix_core::{InstanceId, InstanceState, ServiceSpec, Transition};
 
@@ -114,10 +115,10 @@ impl Controller {
         probes.retain(|name, _| {
             machines
                 .iter()
-                .any(|m| &m.name == name && m.state == "down")
+                .any(|m| &m.name == name && m.state == MachineState::Down)
         });
         let mut down = HashSet::new();
-        for m in machines.iter().filter(|m| m.state == "down") {
+        for m in machines.iter().filter(|m| m.state == MachineState::Down) {
             match probes.get(&m.name) {
                 Some(Probe::Failed) => {
                     down.insert(m.name.clone());
@@ -147,7 +148,7 @@ impl Controller {
             let _ = self.db(|d| {
                 d.upsert_machine(
                     &MachineInfo {
-                        state: "up".into(),
+                        state: MachineState::Up,
                         ..machine.clone()
                     },
                     now_ms(),
@@ -233,10 +234,11 @@ impl Controller {
                 .iter()
                 .map(|m| p::Machine {
                     name: m.name.clone(),
-                    dedicated: m.role == MachineRole::Dedicated && m.state != "draining",
+                    dedicated: m.role == MachineRole::Dedicated
+                        && m.state != MachineState::Draining,
                     vcpus: m.vcpus,
                     memory_mib: m.memory_mib,
-                    healthy: m.state != "down",
+                    healthy: m.state != MachineState::Down,
                     cpu_load: self.cpu_load(&m.name),
                 })
                 .collect(),

@@ -6,6 +6,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
+use vmatrix_core::api::MachineState;
 use vmatrix_core::api::{AgentCommand, AgentReport, MachineInfo};
 use vmatrix_core::{InstanceId, InstanceState, Transition};
 
@@ -21,7 +22,7 @@ impl Controller {
             role: report.role,
             vcpus: report.vcpus,
             memory_mib: report.memory_mib,
-            state: "up".into(),
+            state: MachineState::Up,
         };
         let first = self
             .heard
@@ -275,7 +276,7 @@ impl Controller {
         };
         let all_heard = machines
             .iter()
-            .filter(|m| m.state != "down")
+            .filter(|m| m.state != MachineState::Down)
             .all(|m| reports.contains_key(&m.name));
         if !all_heard {
             return Ok(());

@@ -27,8 +27,37 @@ pub struct MachineInfo {
     pub vcpus: u32,
     /// Memory it offers, MiB.
     pub memory_mib: u32,
-    /// `up`, `down` (no heartbeat) or `draining`.
-    pub state: String,
+    /// Up, down (no heartbeat) or draining.
+    pub state: MachineState,
+}
+
+/// Whether a machine takes work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MachineState {
+    /// Heard from recently; takes new instances.
+    Up,
+    /// No heartbeat (and no answer to a direct probe): its instances are replaced elsewhere.
+    Down,
+    /// Up, but takes no new instances: its instances move off.
+    Draining,
+}
+
+impl MachineState {
+    /// The lower-case name used in the API and tables.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Up => "up",
+            Self::Down => "down",
+            Self::Draining => "draining",
+        }
+    }
+}
+
+impl std::fmt::Display for MachineState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// An instance as the API shows it.
@@ -52,6 +81,53 @@ pub struct InstanceInfo {
     pub endpoint: String,
     /// Fencing generation: bumped on every placement change.
     pub generation: u64,
+}
+
+/// Who dropped a service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DropOwner {
+    /// The policy, short of capacity: only the excess is refused, and it undrops by itself.
+    Policy,
+    /// An operator: everything is refused until an operator undrops it.
+    Operator,
+}
+
+/// `GET /api/v1/services`: the specs as applied, and which services are dropped by whom.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServicesReply {
+    /// The declared services.
+    pub services: Vec<ServiceSpec>,
+    /// Service name → who dropped it (absent: not dropped).
+    pub dropped: std::collections::BTreeMap<String, DropOwner>,
+}
+
+/// One machine in `GET /api/v1/machines`: what it is and how it is used.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MachineView {
+    /// The machine.
+    #[serde(flatten)]
+    pub machine: MachineInfo,
+    /// Instances placed on it (activating, running, migrating or suspending).
+    pub instances: usize,
+    /// Up, dedicated and running nothing: it can be powered down.
+    pub free: bool,
+    /// Busy fraction of its vCPUs, measured from its heartbeats.
+    pub cpu_load: f64,
+}
+
+/// `GET /api/v1/machines`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MachinesReply {
+    /// Every machine.
+    pub machines: Vec<MachineView>,
+}
+
+/// `GET /api/v1/events`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventsReply {
+    /// Oldest first.
+    pub events: Vec<Event>,
 }
 
 /// `GET /api/v1/instances`.

@@ -17,6 +17,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::sync::watch;
+use vmatrix_client::ControllerClient;
 use vmatrix_core::api::{RouteTable, ServiceRoute};
 
 use crate::stats::Stats;
@@ -50,7 +51,7 @@ struct Switch {
     backends: std::sync::RwLock<HashMap<String, Arc<BackendState>>>,
     held: Mutex<HashMap<String, usize>>,
     waking: Mutex<HashSet<String>>,
-    http: reqwest::Client,
+    controller: ControllerClient,
     /// Token buckets of dropped services that still admit what their instances can serve.
     admitted: Mutex<HashMap<String, Bucket>>,
 }
@@ -201,24 +202,15 @@ impl Switch {
         let me = self.clone();
         let service = service.to_owned();
         tokio::spawn(async move {
-            let url = format!("{}/api/v1/operations", me.config.controller);
-            let Ok(name) = vmatrix_core::ServiceName::new(service.clone()) else {
-                return;
-            };
-            let body = vmatrix_core::api::Operation::Wake { service: name };
-            match me
-                .http
-                .post(&url)
-                .bearer_auth(&me.config.token)
-                .json(&body)
-                .send()
-                .await
-            {
-                Ok(r) if r.status().is_success() => {
-                    tracing::info!(service, "asked the controller to wake it")
+            match vmatrix_core::ServiceName::new(service.clone()) {
+                Ok(name) => {
+                    let wake = vmatrix_core::api::Operation::Wake { service: name };
+                    match me.controller.submit(&wake, Duration::ZERO).await {
+                        Ok(_) => tracing::info!(service, "asked the controller to wake it"),
+                        Err(e) => tracing::warn!(service, "wake: {e}"),
+                    }
                 }
-                Ok(r) => tracing::warn!(service, "wake refused: {}", r.status()),
-                Err(e) => tracing::warn!(service, "wake failed: {e}"),
+                Err(e) => tracing::warn!(service, "wake: {e}"),
             }
             // Allow another wake request a little later if this one did not help.
             tokio::time::sleep(Duration::from_secs(5)).await;
@@ -490,55 +482,33 @@ fn to_table(t: RouteTable) -> Table {
 
 /// Keeps the route table current with a long-poll watch; keeps serving the last table while
 /// the controller is away.
-async fn watch_routes(controller: String, token: String, tx: watch::Sender<Arc<Table>>) {
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(40))
-        .build()
-        .expect("HTTP client");
+async fn watch_routes(client: ControllerClient, tx: watch::Sender<Arc<Table>>) {
     let mut warned = false;
     loop {
         let version = tx.borrow().version.clone();
-        let url = format!("{controller}/api/v1/routes?version={version}&wait=25");
-        match http.get(&url).bearer_auth(&token).send().await {
-            Ok(r) if r.status().is_success() => match r.json::<RouteTable>().await {
-                Ok(t) => {
-                    warned = false;
-                    if t.version != version {
-                        tracing::debug!(version = t.version, "new routes");
-                        let _ = tx.send(Arc::new(to_table(t)));
-                    }
-                    continue;
+        match client.routes(&version, Duration::from_secs(25)).await {
+            Ok(t) => {
+                warned = false;
+                if t.version != version {
+                    tracing::debug!(version = t.version, "new routes");
+                    let _ = tx.send(Arc::new(to_table(t)));
                 }
-                Err(e) => tracing::warn!("bad route table: {e}"),
-            },
-            Ok(r) if !warned => {
-                tracing::warn!("controller refused the route watch: {}", r.status());
-                warned = true;
+                continue;
             }
             Err(e) if !warned => {
-                tracing::warn!("controller unreachable, serving the last routes: {e}");
+                tracing::warn!("route watch: {e}; serving the last routes");
                 warned = true;
             }
-            _ => {}
+            Err(_) => {}
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 
-async fn report_load(controller: String, token: String, stats: Arc<Stats>) {
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(5))
-        .build()
-        .expect("HTTP client");
+async fn report_load(client: ControllerClient, stats: Arc<Stats>) {
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let report = stats.report();
-        let _ = http
-            .post(format!("{controller}/api/v1/load"))
-            .bearer_auth(&token)
-            .json(&report)
-            .send()
-            .await;
+        let _ = client.report_load(&stats.report()).await;
     }
 }
 
@@ -550,12 +520,9 @@ pub async fn serve(config: SwitchConfig) -> std::io::Result<()> {
     }));
     let stats = Arc::new(Stats::default());
     let controller = config.controller.trim_end_matches('/').to_owned();
-    tokio::spawn(watch_routes(controller.clone(), config.token.clone(), tx));
-    tokio::spawn(report_load(
-        controller.clone(),
-        config.token.clone(),
-        stats.clone(),
-    ));
+    let client = ControllerClient::new(&controller, Some(config.token.clone()));
+    tokio::spawn(watch_routes(client.clone(), tx));
+    tokio::spawn(report_load(client.clone(), stats.clone()));
     let switch = Arc::new(Switch {
         config: SwitchConfig {
             controller,
@@ -567,10 +534,7 @@ pub async fn serve(config: SwitchConfig) -> std::io::Result<()> {
         held: Mutex::new(HashMap::new()),
         waking: Mutex::new(HashSet::new()),
         admitted: Mutex::new(HashMap::new()),
-        http: reqwest::Client::builder()
-            .timeout(Duration::from_secs(60))
-            .build()
-            .expect("HTTP client"),
+        controller: client,
     });
     let listener = std::net::TcpListener::bind(config.listen)?;
     listener.set_nonblocking(true)?;
