@@ -481,10 +481,9 @@ impl Agent {
             if existing.plan.generation == plan.generation
                 && existing.state != InstanceState::Suspended
             {
-                return Ok(Some(AgentReply {
-                    endpoint: Some(existing.endpoint.to_string()),
-                    version: Some(existing.version.clone()),
-                    ..empty_reply()
+                return Ok(Some(AgentReply::Activated {
+                    endpoint: existing.endpoint.to_string(),
+                    version: existing.version.clone(),
                 }));
             }
             if existing.state != InstanceState::Suspended {
@@ -575,10 +574,9 @@ impl Agent {
             plan.id.clone(),
             plan.generation,
         ));
-        Ok(AgentReply {
-            endpoint: Some(endpoint.to_string()),
-            version: Some(version),
-            ..empty_reply()
+        Ok(AgentReply::Activated {
+            endpoint: endpoint.to_string(),
+            version,
         })
     }
 
@@ -750,10 +748,7 @@ impl Agent {
             let _ = std::fs::remove_file(dir.join(f));
         }
         self.release_export(&version, &(id.clone(), generation));
-        Ok(AgentReply {
-            saved: Some(saved),
-            ..empty_reply()
-        })
+        Ok(AgentReply::Suspended { saved })
     }
 
     /// Cleans up after an operation whose instance was discarded while it ran: its directory,
@@ -846,16 +841,14 @@ impl Agent {
             )));
         }
         self.persist(&plan.id, Phase::Incoming);
-        Ok(AgentReply {
-            target: Some(MigrationTargetBody {
+        Ok(AgentReply::Prepared {
+            target: MigrationTargetBody {
                 nbd: t.nbd.to_string(),
                 export: t.export,
                 migration: t.migration.to_string(),
                 endpoint: endpoint.to_string(),
-            }),
-            endpoint: Some(endpoint.to_string()),
-            version: Some(version),
-            ..empty_reply()
+            },
+            version,
         })
     }
 
@@ -895,9 +888,9 @@ impl Agent {
                 self.forget(&id, gen);
                 let _ = std::fs::remove_dir_all(&dir);
                 self.release_export(&version, &(id.clone(), gen));
-                Ok(AgentReply {
-                    migration_ms: Some((total, down)),
-                    ..empty_reply()
+                Ok(AgentReply::MigratedOut {
+                    total_ms: total,
+                    downtime_ms: down,
                 })
             }
             Err((guest, e)) => {
@@ -923,9 +916,8 @@ impl Agent {
             if s.plan.generation != generation || !matches!(s.held, Held::Incoming(_)) {
                 if s.plan.generation == generation && s.state == InstanceState::Running {
                     // Finished already (the same command again).
-                    return Ok(AgentReply {
-                        endpoint: Some(s.endpoint.to_string()),
-                        ..empty_reply()
+                    return Ok(AgentReply::Finished {
+                        endpoint: s.endpoint.to_string(),
                     });
                 }
                 return Err(AgentError::Busy {
@@ -943,18 +935,15 @@ impl Agent {
         match incoming.finish(work_limit(memory)).await {
             Ok(guest) => {
                 let pid = guest.pid();
-                let mut endpoint = None;
+                let mut endpoint = String::new();
                 self.put_back(&id, generation, Held::Guest(guest), |s| {
                     s.pid = pid;
-                    endpoint = Some(s.endpoint.to_string());
+                    endpoint = s.endpoint.to_string();
                     s.step(Transition::Moved)
                 });
                 self.persist(&id, Phase::Running);
                 tokio::spawn(crate::health::watch(self.clone(), id, generation));
-                Ok(AgentReply {
-                    endpoint,
-                    ..empty_reply()
-                })
+                Ok(AgentReply::Finished { endpoint })
             }
             Err(e) => {
                 self.put_back(&id, generation, Held::Nothing, |s| {
@@ -985,7 +974,7 @@ impl Agent {
             let _ = std::fs::remove_dir_all(&s.dir);
             self.release_export(&s.version, &(id.clone(), s.plan.generation));
         }
-        Ok(empty_reply())
+        Ok(AgentReply::Discarded)
     }
 
     async fn resume_from(
@@ -1161,16 +1150,6 @@ impl SlotView<'_> {
         if self.0.step(Transition::Fail).is_ok() {
             self.0.error = Some(why);
         }
-    }
-}
-
-fn empty_reply() -> AgentReply {
-    AgentReply {
-        endpoint: None,
-        target: None,
-        saved: None,
-        migration_ms: None,
-        version: None,
     }
 }
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use vmatrix_agent::fake::{FakeHypervisor, FakeKnobs};
 use vmatrix_agent::{Agent, AgentConfig, FailureKind};
-use vmatrix_core::api::{AgentCommand, InstancePlan, MachineRole};
+use vmatrix_core::api::{AgentCommand, AgentReply, InstancePlan, MachineRole};
 use vmatrix_core::{ImageRef, InstanceId, ServiceName};
 
 fn setup() -> (tempfile::TempDir, Arc<Agent>, FakeHypervisor) {
@@ -67,12 +67,11 @@ async fn the_same_activation_twice_is_one_vm_and_stale_generations_are_refused()
     };
     let (a, b) = tokio::join!(agent.handle(cmd.clone()), agent.handle(cmd.clone()));
     let (a, b) = (a.expect("activate"), b.expect("again"));
-    assert_eq!(a.endpoint, b.endpoint);
-    assert_eq!(
-        a.version.as_deref().map(str::len),
-        Some(64),
-        "a pinned version id"
-    );
+    assert_eq!(a, b, "the same answer");
+    let AgentReply::Activated { version, .. } = a else {
+        panic!("not an activation: {a:?}");
+    };
+    assert_eq!(version.len(), 64, "a pinned version id");
     assert_eq!(fake.pids().len(), 1, "one VM");
     let stale = agent
         .handle(AgentCommand::Discard {

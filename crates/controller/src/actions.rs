@@ -6,10 +6,12 @@
 //! (`settle.rs`).
 use std::time::Instant;
 
-use vmatrix_core::api::MachineState;
-use vmatrix_core::api::{AgentCommand, InstanceInfo, Operation, SavedState};
+use vmatrix_core::api::{
+    AgentCommand, AgentReply, InstanceInfo, MachineState, Operation, SavedState,
+};
 use vmatrix_core::{InstanceId, InstanceState, Transition};
 
+use crate::agents::unexpected;
 use crate::control::{ControlError, Controller, Result};
 use crate::db::InstanceRow;
 
@@ -60,11 +62,18 @@ impl Controller {
             plan: Self::plan(&spec, &row, 1)?,
             state: None,
         };
-        match self.send(&machine, &cmd, spec.memory_mib).await {
-            Ok(reply) => {
-                row.info.endpoint = reply.endpoint.unwrap_or_default();
+        let started = self
+            .send(&machine, &cmd, spec.memory_mib)
+            .await
+            .and_then(|r| match r {
+                AgentReply::Activated { endpoint, version } => Ok((endpoint, version)),
+                other => Err(unexpected(&machine, "activated", &other)),
+            });
+        match started {
+            Ok((endpoint, version)) => {
+                row.info.endpoint = endpoint;
                 // Pinned from now on: every later plan of this instance names this version.
-                row.info.version = reply.version.unwrap_or_default();
+                row.info.version = version;
                 self.db(|d| d.put_instance(&row))?;
                 self.event(
                     "controller",
@@ -132,25 +141,21 @@ impl Controller {
                 )
                 .await;
         };
-        let prep = match self
+        let prep = self
             .send(&dest, &AgentCommand::PrepareIncoming { plan }, mem)
             .await
-        {
-            Ok(p) => p,
+            .and_then(|r| match r {
+                AgentReply::Prepared { target, .. } => Ok(target),
+                other => Err(unexpected(&dest, "prepared", &other)),
+            });
+        let target = match prep {
+            Ok(t) => t,
             Err(e) => {
                 // Nothing moved: the source runs on. A destination that did start is
                 // stopped (now, or by the heartbeat that reports it unwanted).
                 discard_dest().await;
                 return self.migration_ended(row, &what, why, Transition::Cancelled, e);
             }
-        };
-        let Some(target) = prep.target else {
-            discard_dest().await;
-            let e = ControlError::Agent {
-                machine: dest.name.clone(),
-                message: "no migration target in the reply".into(),
-            };
-            return self.migration_ended(row, &what, why, Transition::Cancelled, e);
         };
         let out = self
             .send(
@@ -164,7 +169,16 @@ impl Controller {
             )
             .await;
         let out = match out {
-            Ok(out) => out,
+            Ok(AgentReply::MigratedOut {
+                total_ms,
+                downtime_ms,
+            }) => (total_ms, downtime_ms),
+            Ok(other) => {
+                // A reply that says nothing of the move: the reports settle it.
+                let e = unexpected(&source, "migrated-out", &other);
+                self.event("controller", &what, why, &format!("unsettled: {e}"));
+                return Err(e);
+            }
             Err(e @ ControlError::Agent { .. }) => {
                 // The source answered: the move failed and the guest runs on there.
                 discard_dest().await;
@@ -194,7 +208,7 @@ impl Controller {
                 row.info.endpoint = target.endpoint;
                 row.info.state = row.info.state.next(Transition::Moved)?;
                 self.db(|d| d.put_instance(&row))?;
-                let (total, down) = out.migration_ms.unwrap_or((0, 0));
+                let (total, down) = out;
                 let outcome = format!(
                     "ok in {:.2}s (QEMU total {total} ms, downtime {down} ms)",
                     started.elapsed().as_secs_f64()
@@ -260,11 +274,17 @@ impl Controller {
             )
             .await
         {
-            Ok(reply) => {
-                self.settle_suspended(&mut row, reply.saved)?;
+            Ok(AgentReply::Suspended { saved }) => {
+                self.settle_suspended(&mut row, Some(saved))?;
                 let outcome = format!("ok in {:.2}s", started.elapsed().as_secs_f64());
                 self.event("controller", &what, why, &outcome);
                 Ok(outcome)
+            }
+            Ok(other) => {
+                // A reply that says nothing of the suspend: the reports settle it.
+                let e = unexpected(&machine, "suspended", &other);
+                self.event("controller", &what, why, &format!("unsettled: {e}"));
+                Err(e)
             }
             Err(e @ ControlError::Agent { .. }) => {
                 // The agent gave up and let the guest run on: it is as it was.
@@ -335,9 +355,16 @@ impl Controller {
             plan: Self::plan(&spec, &row, row.info.generation)?,
             state: Some(saved),
         };
-        match self.send(&machine, &cmd, spec.memory_mib).await {
-            Ok(reply) => {
-                row.info.endpoint = reply.endpoint.unwrap_or_default();
+        let resumed = self
+            .send(&machine, &cmd, spec.memory_mib)
+            .await
+            .and_then(|r| match r {
+                AgentReply::Activated { endpoint, .. } => Ok(endpoint),
+                other => Err(unexpected(&machine, "activated", &other)),
+            });
+        match resumed {
+            Ok(endpoint) => {
+                row.info.endpoint = endpoint;
                 // It runs from the saved state now, which the agent removes: superseded.
                 row.saved = None;
                 self.db(|d| d.put_instance(&row))?;

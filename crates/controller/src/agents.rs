@@ -6,6 +6,17 @@ use vmatrix_core::api::{AgentCommand, AgentReply, ErrorBody, MachineInfo};
 
 use crate::control::{ControlError, Controller, Result};
 
+/// An agent's reply of another kind than the command expects.
+pub(crate) fn unexpected(machine: &MachineInfo, wanted: &str, got: &AgentReply) -> ControlError {
+    ControlError::Agent {
+        machine: machine.name.clone(),
+        message: format!(
+            "answered `{}` to a command that expects `{wanted}`",
+            got.kind()
+        ),
+    }
+}
+
 impl Controller {
     /// Sends `cmd` to `machine`'s agent and waits for its end, at most as long as the work
     /// may take (the agent's task goes on if this gives up: heartbeats then settle it).

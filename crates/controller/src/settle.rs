@@ -6,10 +6,10 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
-use vmatrix_core::api::MachineState;
-use vmatrix_core::api::{AgentCommand, AgentReport, MachineInfo};
+use vmatrix_core::api::{AgentCommand, AgentReply, AgentReport, MachineInfo, MachineState};
 use vmatrix_core::{InstanceId, InstanceState, Transition};
 
+use crate::agents::unexpected;
 use crate::control::{now_ms, Controller, Result};
 use crate::db::InstanceRow;
 
@@ -235,11 +235,11 @@ impl Controller {
             };
             let what = format!("finish the migration of {} on {}", row.info.id, dest.name);
             match me.send(&dest, &cmd, memory).await {
-                Ok(reply) => {
+                Ok(AgentReply::Finished { endpoint }) => {
                     let mut row = row;
                     row.info.machine = dest.name.clone();
                     row.info.generation = generation;
-                    row.info.endpoint = reply.endpoint.unwrap_or_default();
+                    row.info.endpoint = endpoint;
                     let moved = row.info.state.next(Transition::Moved);
                     if let Ok(state) = moved {
                         row.info.state = state;
@@ -252,6 +252,12 @@ impl Controller {
                         "ok",
                     );
                 }
+                Ok(other) => me.event(
+                    "controller",
+                    &what,
+                    "its controller stopped mid-migration",
+                    &format!("failed: {}", unexpected(&dest, "finished", &other)),
+                ),
                 Err(e) => me.event(
                     "controller",
                     &what,

@@ -381,20 +381,57 @@ pub struct MigrationTargetBody {
     pub endpoint: String,
 }
 
-/// An agent's answer to a command.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct AgentReply {
-    /// Where the instance serves (activate, prepare).
-    pub endpoint: Option<String>,
-    /// Migration target (prepare).
-    pub target: Option<MigrationTargetBody>,
-    /// Saved state (suspend).
-    pub saved: Option<SavedState>,
-    /// QEMU's migration figures (migrate-out): total ms, downtime ms.
-    pub migration_ms: Option<(u64, u64)>,
-    /// The image version the instance runs (activate, prepare).
-    #[serde(default)]
-    pub version: Option<String>,
+/// An agent's answer to a command: one variant per command.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "reply", rename_all = "kebab-case")]
+pub enum AgentReply {
+    /// `activate`: it started (its health check decides when it runs).
+    Activated {
+        /// Where it serves.
+        endpoint: String,
+        /// The version id it runs (pinned from now on).
+        version: String,
+    },
+    /// `suspend`: its state and overlay are durable in the repository.
+    Suspended {
+        /// Where they are.
+        saved: SavedState,
+    },
+    /// `prepare-incoming`: a paused destination waits.
+    Prepared {
+        /// Where the source sends it (and where it will serve).
+        target: MigrationTargetBody,
+        /// The version id it runs.
+        version: String,
+    },
+    /// `migrate-out`: the move finished and the source ended.
+    MigratedOut {
+        /// QEMU's total migration time, ms.
+        total_ms: u64,
+        /// Time the guest was stopped, ms.
+        downtime_ms: u64,
+    },
+    /// `finish-incoming`: it runs on the destination.
+    Finished {
+        /// Where it serves.
+        endpoint: String,
+    },
+    /// `discard`: nothing of it is left on the machine.
+    Discarded,
+}
+
+impl AgentReply {
+    /// The variant's name, for "expected X, got Y" errors.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Activated { .. } => "activated",
+            Self::Suspended { .. } => "suspended",
+            Self::Prepared { .. } => "prepared",
+            Self::MigratedOut { .. } => "migrated-out",
+            Self::Finished { .. } => "finished",
+            Self::Discarded => "discarded",
+        }
+    }
 }
 
 /// How long a save or a move of `memory_mib` of guest RAM may take before it is given up:
