@@ -7,7 +7,7 @@
 use std::time::Instant;
 
 use vmatrix_core::api::{
-    AgentCommand, AgentReply, InstanceInfo, MachineState, Operation, SavedState,
+    AgentCommand, AgentReply, InstanceInfo, MachineInfo, MachineState, Operation, SavedState,
 };
 use vmatrix_core::{InstanceId, InstanceState, Transition};
 
@@ -25,7 +25,7 @@ impl Controller {
     ) -> Result<InstanceInfo> {
         let spec = self.spec_of(service)?;
         let machine = match on {
-            Some(name) => self.machine(name)?,
+            Some(name) => self.machine_up(name)?,
             None => self.place(&spec, None)?,
         };
         // The id, the busy claim and the row are made in one step under the database lock, so
@@ -84,6 +84,7 @@ impl Controller {
                 Ok(row.info)
             }
             Err(e) => {
+                self.activation_failed(service.as_str());
                 row.info.state = row.info.state.next(Transition::Fail)?;
                 self.db(|d| d.put_instance(&row))?;
                 self.event(
@@ -229,6 +230,17 @@ impl Controller {
         }
     }
 
+    /// Machine `name`, if it is up: no work is sent to a machine that is down.
+    fn machine_up(&self, name: &str) -> Result<MachineInfo> {
+        let m = self.machine(name)?;
+        if m.state == MachineState::Down {
+            return Err(ControlError::Conflict(format!(
+                "machine {name} is down (no heartbeat); `vmatrix machines` shows which are up"
+            )));
+        }
+        Ok(m)
+    }
+
     /// Records how a migration that did not succeed ended, and returns its error.
     pub(crate) fn migration_ended(
         &self,
@@ -342,7 +354,7 @@ impl Controller {
         };
         let spec = self.spec_of(&row.info.service)?;
         let machine = match on {
-            Some(n) => self.machine(n)?,
+            Some(n) => self.machine_up(n)?,
             None => self.place(&spec, None)?,
         };
         let what = format!("resume {id} on {}", machine.name);

@@ -94,6 +94,20 @@ pub struct Controller {
     pub(crate) work: Arc<tokio::sync::Semaphore>,
     /// Direct probes of machines whose heartbeats stopped.
     pub(crate) probes: Mutex<HashMap<String, Probe>>,
+    /// Services whose automatic activations fail in a row, and until when they wait.
+    pub(crate) backoff: Mutex<HashMap<String, Backoff>>,
+}
+
+/// The longest wait between two automatic activations of a service that keep failing.
+pub(crate) const MAX_BACKOFF: Duration = Duration::from_secs(60);
+
+/// How long automatic activations of a service wait after failures in a row.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Backoff {
+    /// Failures in a row.
+    pub(crate) failures: u32,
+    /// No automatic activation before this.
+    pub(crate) until: Instant,
 }
 
 /// A direct probe of a machine without heartbeats.
@@ -159,6 +173,7 @@ impl Controller {
             ops: Mutex::new(HashMap::new()),
             work: Arc::new(tokio::sync::Semaphore::new(16)),
             probes: Mutex::new(HashMap::new()),
+            backoff: Mutex::new(HashMap::new()),
         })
     }
 
@@ -200,6 +215,48 @@ impl Controller {
     }
 
     /// Busy, or changed so recently that a heartbeat may not reflect it yet.
+    /// Notes that an activation of `service` failed (the agent refused it, or the instance
+    /// failed before it ever ran): automatic activations of it wait 1 s, 2 s, 4 s … up to a
+    /// minute before the next try, instead of an activate-fail-discard loop every second.
+    pub(crate) fn activation_failed(&self, service: &str) {
+        let mut b = self.backoff.lock().unwrap_or_else(|p| p.into_inner());
+        let e = b.entry(service.to_owned()).or_insert(Backoff {
+            failures: 0,
+            until: Instant::now(),
+        });
+        e.failures += 1;
+        let delay =
+            Duration::from_secs(1u64 << e.failures.saturating_sub(1).min(6)).min(MAX_BACKOFF);
+        e.until = Instant::now() + delay;
+        let failures = e.failures;
+        drop(b);
+        if failures >= 2 {
+            self.event(
+                "controller",
+                &format!("back off {service}"),
+                &format!("{failures} activations failed in a row"),
+                &format!("next try in {} s", delay.as_secs()),
+            );
+        }
+    }
+
+    /// Notes that an instance of `service` came up: no more waiting.
+    pub(crate) fn activation_succeeded(&self, service: &str) {
+        self.backoff
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(service);
+    }
+
+    /// Whether automatic activations of `service` wait now.
+    pub(crate) fn backing_off(&self, service: &str) -> bool {
+        self.backoff
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(service)
+            .is_some_and(|b| b.until > Instant::now())
+    }
+
     pub(crate) fn is_unsettled(&self, id: &InstanceId) -> bool {
         self.is_busy(id)
             || self

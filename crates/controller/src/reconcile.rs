@@ -75,7 +75,7 @@ impl Controller {
                         )
                 })
                 .count() as u32;
-            if live < spec.min {
+            if live < spec.min && !self.backing_off(spec.name.as_str()) {
                 // One at a time per service: the next tick sees it and starts the next.
                 let (me, name, min) = (self.clone(), spec.name.clone(), spec.min);
                 self.spawn_work(async move {
@@ -318,6 +318,10 @@ impl Controller {
                     machine: m,
                     reason,
                 } => service(*s).and_then(|s| {
+                    if self.backing_off(s.name.as_str()) {
+                        tracing::debug!("{} backs off: not activating it now", s.name);
+                        return Ok(());
+                    }
                     let (name, m, reason) =
                         (s.name.clone(), machine(*m)?.to_owned(), reason.clone());
                     self.spawn_work(async move {

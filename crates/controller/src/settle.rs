@@ -105,6 +105,15 @@ impl Controller {
                         _ => None,
                     };
                     let Some(step) = step else { continue };
+                    match (row.info.state, step) {
+                        (S::Activating, Transition::Ready) => {
+                            self.activation_succeeded(row.info.service.as_str())
+                        }
+                        (S::Activating, Transition::Fail) => {
+                            self.activation_failed(row.info.service.as_str())
+                        }
+                        _ => {}
+                    }
                     if step == Transition::Suspended {
                         self.settle_suspended(&mut row, inst.saved.clone())?;
                     } else {

@@ -552,22 +552,26 @@ image = "web:prod-v1"
     assert_eq!(app.version, v1, "it keeps its original version");
     // The agents export versions by id, exactly those their instances run (the new guest:v1
     // only where a new instance runs it).
-    wait_for("exports that match the instances", Duration::from_secs(20), async || {
-        let list = m.instances().await;
-        let ok = ["rm1", "rm2"].iter().all(|n| {
-            let mut exported = m.agent(n).exported_versions();
-            exported.sort();
-            let mut used: Vec<String> = list
-                .iter()
-                .filter(|i| i.machine == *n && !i.version.is_empty())
-                .map(|i| i.version.clone())
-                .collect();
-            used.sort();
-            used.dedup();
-            exported == used
-        });
-        ok.then_some(())
-    })
+    wait_for(
+        "exports that match the instances",
+        Duration::from_secs(20),
+        async || {
+            let list = m.instances().await;
+            let ok = ["rm1", "rm2"].iter().all(|n| {
+                let mut exported = m.agent(n).exported_versions();
+                exported.sort();
+                let mut used: Vec<String> = list
+                    .iter()
+                    .filter(|i| i.machine == *n && !i.version.is_empty())
+                    .map(|i| i.version.clone())
+                    .collect();
+                used.sort();
+                used.dedup();
+                exported == used
+            });
+            ok.then_some(())
+        },
+    )
     .await;
     let host = m.instance("app-1").await.expect("app-1").machine;
     assert!(m.agent(&host).exported_versions().contains(&v1));
@@ -657,4 +661,49 @@ async fn a_failed_suspend_leaves_the_instance_running_where_it_was() {
     );
     assert_eq!(m.get_kv(&after.endpoint, "k").await.as_deref(), Some("v"));
     assert!(m.tags("web-1").is_empty(), "{:?}", m.tags("web-1"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn activations_that_keep_failing_back_off_instead_of_looping() {
+    let mut m = Matrix::new().await;
+    m.start_agent("rm1", 2, MachineRole::Dedicated).await;
+    // No such image: every activation fails at the agent.
+    m.apply(&web(1).replace("guest:v1", "missing:v1")).await;
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    let events = m.events().await;
+    let attempts = events
+        .iter()
+        .filter(|e| {
+            e["what"]
+                .as_str()
+                .is_some_and(|w| w.starts_with("activate web-"))
+                && e["outcome"]
+                    .as_str()
+                    .is_some_and(|o| o.starts_with("failed"))
+        })
+        .count();
+    // Without a back-off: one a second (9). With it: at 0, 1, 3 and 7 s.
+    assert!(
+        (2..=5).contains(&attempts),
+        "{attempts} attempts: {events:#?}"
+    );
+    assert!(
+        events.iter().any(|e| e["what"] == "back off web"),
+        "{events:#?}"
+    );
+    // An operator's activation is not held back, and says why it fails.
+    let (s, v) = m
+        .operate(
+            Operation::Activate {
+                service: ServiceName::new("web").expect("name"),
+                on: None,
+            },
+            30,
+        )
+        .await;
+    assert_eq!(s, 502, "{v}");
+    assert!(
+        v["error"].as_str().unwrap_or("").contains("missing:v1"),
+        "{v}"
+    );
 }
