@@ -504,32 +504,13 @@ impl Agent {
         mut plan: InstancePlan,
         state: Option<SavedState>,
     ) -> Result<AgentReply> {
-        self.fence(&plan.id, plan.generation)?;
-        let version = self.version_of(&plan).await?;
-        plan.version = Some(version.clone());
-        let ip = self.config.listen.ip();
-        let endpoint = SocketAddr::new(ip, free_port(ip)?);
-        let dir = self.vm_dir(&plan.id, plan.generation);
-        let slot = Slot {
-            plan: plan.clone(),
-            version: version.clone(),
-            state: InstanceState::Activating,
-            endpoint,
-            pid: 0,
-            error: None,
-            saved: None,
-            held: Held::Taken,
-            dir: dir.clone(),
-        };
+        let slot = self.new_slot(&mut plan, InstanceState::Activating).await?;
+        let (version, endpoint, dir) = (slot.version.clone(), slot.endpoint, slot.dir.clone());
         if let Some(reply) = self.claim_slot(&plan, slot)? {
             return Ok(reply);
         }
-        let user = (plan.id.clone(), plan.generation);
         let started = async {
-            std::fs::create_dir_all(&dir)
-                .map_err(|e| AgentError::Other(format!("creating {}: {e}", dir.display())))?;
-            let url = self.acquire_export(&version, user.clone()).await?;
-            let spec = self.vm_spec(&plan, url, endpoint);
+            let spec = self.vm_setup(&plan, &version, endpoint, &dir).await?;
             match &state {
                 None => Ok(self.hv.boot(spec, &dir).await?),
                 Some(saved) => self.resume_from(saved, spec, &dir).await,
@@ -539,9 +520,7 @@ impl Agent {
         let guest = match started {
             Ok(g) => g,
             Err(e) => {
-                self.forget(&plan.id, plan.generation);
-                self.release_export(&version, &user);
-                let _ = std::fs::remove_dir_all(&dir);
+                self.abandon(&plan, &version, &dir);
                 return Err(e);
             }
         };
@@ -550,8 +529,7 @@ impl Agent {
             s.pid = pid;
             Ok(())
         }) {
-            self.release_export(&version, &user);
-            let _ = std::fs::remove_dir_all(&dir);
+            self.discarded_meanwhile(&dir, &version, &plan.id, plan.generation, None);
             return Err(AgentError::Other(format!(
                 "instance {} was discarded while it started",
                 plan.id
@@ -578,6 +556,49 @@ impl Agent {
             endpoint: endpoint.to_string(),
             version,
         })
+    }
+
+    /// The first steps of a new VM here: fenced, its version pinned in `plan`, a port and a
+    /// directory chosen, and the slot that says it is being started (`state`).
+    async fn new_slot(&self, plan: &mut InstancePlan, state: InstanceState) -> Result<Slot> {
+        self.fence(&plan.id, plan.generation)?;
+        let version = self.version_of(plan).await?;
+        plan.version = Some(version.clone());
+        let ip = self.config.listen.ip();
+        Ok(Slot {
+            plan: plan.clone(),
+            version,
+            state,
+            endpoint: SocketAddr::new(ip, free_port(ip)?),
+            pid: 0,
+            error: None,
+            saved: None,
+            held: Held::Taken,
+            dir: self.vm_dir(&plan.id, plan.generation),
+        })
+    }
+
+    /// The new VM's directory, and its spec over this machine's export of its version.
+    async fn vm_setup(
+        &self,
+        plan: &InstancePlan,
+        version: &str,
+        endpoint: SocketAddr,
+        dir: &Path,
+    ) -> Result<VmSpec> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| AgentError::Other(format!("creating {}: {e}", dir.display())))?;
+        let url = self
+            .acquire_export(version, (plan.id.clone(), plan.generation))
+            .await?;
+        Ok(self.vm_spec(plan, url, endpoint))
+    }
+
+    /// Undoes a start that failed: its slot, its use of the export and its directory.
+    fn abandon(&self, plan: &InstancePlan, version: &str, dir: &Path) {
+        self.forget(&plan.id, plan.generation);
+        self.release_export(version, &(plan.id.clone(), plan.generation));
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     /// Takes the VM of `id` out of its slot for an operation, checking its generation.
@@ -773,24 +794,8 @@ impl Agent {
     }
 
     async fn prepare_incoming(self: Arc<Self>, mut plan: InstancePlan) -> Result<AgentReply> {
-        self.fence(&plan.id, plan.generation)?;
-        let version = self.version_of(&plan).await?;
-        plan.version = Some(version.clone());
-        let ip = self.config.listen.ip();
-        let endpoint = SocketAddr::new(ip, free_port(ip)?);
-        let dir = self.vm_dir(&plan.id, plan.generation);
-        let slot = Slot {
-            plan: plan.clone(),
-            version: version.clone(),
-            state: InstanceState::Migrating,
-            endpoint,
-            pid: 0,
-            error: None,
-            saved: None,
-            held: Held::Taken,
-            dir: dir.clone(),
-        };
-        let user = (plan.id.clone(), plan.generation);
+        let slot = self.new_slot(&mut plan, InstanceState::Migrating).await?;
+        let (version, endpoint, dir) = (slot.version.clone(), slot.endpoint, slot.dir.clone());
         {
             let mut slots = lock(&self.slots);
             if let Some(existing) = slots.get(&plan.id) {
@@ -812,19 +817,14 @@ impl Agent {
             slots.insert(plan.id.clone(), slot);
         }
         let started = async {
-            std::fs::create_dir_all(&dir)
-                .map_err(|e| AgentError::Other(format!("creating {}: {e}", dir.display())))?;
-            let url = self.acquire_export(&version, user.clone()).await?;
-            let spec = self.vm_spec(&plan, url, endpoint);
-            Ok::<_, AgentError>(self.hv.incoming(spec, &dir, ip).await?)
+            let spec = self.vm_setup(&plan, &version, endpoint, &dir).await?;
+            Ok::<_, AgentError>(self.hv.incoming(spec, &dir, endpoint.ip()).await?)
         }
         .await;
         let incoming = match started {
             Ok(i) => i,
             Err(e) => {
-                self.forget(&plan.id, plan.generation);
-                self.release_export(&version, &user);
-                let _ = std::fs::remove_dir_all(&dir);
+                self.abandon(&plan, &version, &dir);
                 return Err(e);
             }
         };

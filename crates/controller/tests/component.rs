@@ -25,6 +25,14 @@ fn web(min: u32) -> String {
     WEB.replace("MIN", &min.to_string())
 }
 
+/// Machine rm1 and service `web` (at least `min` instances), web-1 running there.
+async fn web_on_rm1(m: &mut Matrix, min: u32) -> vmatrix_core::api::InstanceInfo {
+    m.start_agent("rm1", 2, MachineRole::Dedicated).await;
+    m.apply(&web(min)).await;
+    m.wait_state("web-1", "running", Some("rm1"), Duration::from_secs(20))
+        .await
+}
+
 fn id(s: &str) -> InstanceId {
     InstanceId::new(s).expect("instance id")
 }
@@ -112,11 +120,7 @@ async fn a_slow_suspend_keeps_heartbeats_and_the_neighbours_running() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_hangs_up_does_not_stop_its_migration() {
     let mut m = Matrix::new().await;
-    m.start_agent("rm1", 2, MachineRole::Dedicated).await;
-    m.apply(&web(1)).await;
-    let before = m
-        .wait_state("web-1", "running", Some("rm1"), Duration::from_secs(20))
-        .await;
+    let before = web_on_rm1(&mut m, 1).await;
     m.put_kv(&before.endpoint, "k", "kept").await;
     m.start_agent("rm2", 3, MachineRole::Dedicated).await;
     m.fake.set(FakeKnobs {
@@ -253,16 +257,11 @@ image = "guest:v1"
     assert_eq!(interrupted, 2, "{events:#?}");
     // b-1 resumes with its memory.
     m.fake.set(FakeKnobs::default());
-    let (s, v) = m
-        .operate(
-            Operation::Resume {
-                instance: id("b-1"),
-                on: None,
-            },
-            30,
-        )
-        .await;
-    assert_eq!(s, 200, "{v}");
+    m.done(Operation::Resume {
+        instance: id("b-1"),
+        on: None,
+    })
+    .await;
     let b3 = m
         .wait_state("b-1", "running", None, Duration::from_secs(20))
         .await;
@@ -272,11 +271,7 @@ image = "guest:v1"
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_agent_adopts_its_vms_and_the_controller_never_fails_them() {
     let mut m = Matrix::new().await;
-    m.start_agent("rm1", 2, MachineRole::Dedicated).await;
-    m.apply(&web(2)).await;
-    let one = m
-        .wait_state("web-1", "running", Some("rm1"), Duration::from_secs(20))
-        .await;
+    let one = web_on_rm1(&mut m, 2).await;
     m.wait_state("web-2", "running", Some("rm1"), Duration::from_secs(20))
         .await;
     m.put_kv(&one.endpoint, "k", "still here").await;
@@ -410,42 +405,27 @@ async fn thirty_suspend_resume_cycles_leave_at_most_two_saved_states() {
     let mut m = Matrix::new().await;
     m.start_agent("rm1", 2, MachineRole::Dedicated).await;
     m.apply(&web(0).replace("max = 4", "max = 1")).await;
-    let (s, v) = m
-        .operate(
-            Operation::Activate {
-                service: ServiceName::new("web").expect("name"),
-                on: None,
-            },
-            30,
-        )
-        .await;
-    assert_eq!(s, 200, "{v}");
+    m.done(Operation::Activate {
+        service: ServiceName::new("web").expect("name"),
+        on: None,
+    })
+    .await;
     let first = m
         .wait_state("web-1", "running", None, Duration::from_secs(20))
         .await;
     m.put_kv(&first.endpoint, "n", "0").await;
     for cycle in 1..=30 {
-        let (s, v) = m
-            .operate(
-                Operation::Suspend {
-                    instance: id("web-1"),
-                },
-                30,
-            )
-            .await;
-        assert_eq!(s, 200, "cycle {cycle}: {v}");
+        m.done(Operation::Suspend {
+            instance: id("web-1"),
+        })
+        .await;
         let tags = m.tags("web-1");
         assert!(tags.len() <= 2 * 2, "cycle {cycle}: {tags:?}");
-        let (s, v) = m
-            .operate(
-                Operation::Resume {
-                    instance: id("web-1"),
-                    on: None,
-                },
-                30,
-            )
-            .await;
-        assert_eq!(s, 200, "cycle {cycle}: {v}");
+        m.done(Operation::Resume {
+            instance: id("web-1"),
+            on: None,
+        })
+        .await;
         let now = m
             .wait_state("web-1", "running", None, Duration::from_secs(20))
             .await;
@@ -516,36 +496,21 @@ image = "web:prod-v1"
     let v2 = m.import("guest:v1", b"version two");
     assert_ne!(v1, v2);
     let to = if app.machine == "rm1" { "rm2" } else { "rm1" };
-    let (s, v) = m
-        .operate(
-            Operation::Migrate {
-                instance: id("app-1"),
-                to: to.into(),
-            },
-            30,
-        )
-        .await;
-    assert_eq!(s, 200, "{v}");
+    m.done(Operation::Migrate {
+        instance: id("app-1"),
+        to: to.into(),
+    })
+    .await;
     assert_eq!(m.instance("app-1").await.expect("app-1").version, v1);
-    let (s, v) = m
-        .operate(
-            Operation::Suspend {
-                instance: id("app-1"),
-            },
-            30,
-        )
-        .await;
-    assert_eq!(s, 200, "{v}");
-    let (s, v) = m
-        .operate(
-            Operation::Resume {
-                instance: id("app-1"),
-                on: None,
-            },
-            30,
-        )
-        .await;
-    assert_eq!(s, 200, "{v}");
+    m.done(Operation::Suspend {
+        instance: id("app-1"),
+    })
+    .await;
+    m.done(Operation::Resume {
+        instance: id("app-1"),
+        on: None,
+    })
+    .await;
     let app = m
         .wait_state("app-1", "running", None, Duration::from_secs(20))
         .await;
@@ -587,15 +552,10 @@ image = "web:prod-v1"
         .manifest(&v1)
         .expect("a running instance's version survives gc");
     // Once nothing runs on it, it goes.
-    let (s, v) = m
-        .operate(
-            Operation::Discard {
-                instance: id("app-1"),
-            },
-            30,
-        )
-        .await;
-    assert_eq!(s, 200, "{v}");
+    m.done(Operation::Discard {
+        instance: id("app-1"),
+    })
+    .await;
     wait_for("v1 unpinned", Duration::from_secs(10), async || {
         let pins = m.repo.pins().expect("pins");
         (!pins.iter().any(|p| p.versions.contains(&v1))).then_some(())
@@ -607,16 +567,11 @@ image = "web:prod-v1"
         "an unused, untagged version is collected"
     );
     // A new instance takes the new version.
-    let (s, v) = m
-        .operate(
-            Operation::Activate {
-                service: ServiceName::new("app").expect("name"),
-                on: None,
-            },
-            30,
-        )
-        .await;
-    assert_eq!(s, 200, "{v}");
+    m.done(Operation::Activate {
+        service: ServiceName::new("app").expect("name"),
+        on: None,
+    })
+    .await;
     let app2 = m
         .wait_state("app-2", "running", None, Duration::from_secs(20))
         .await;
@@ -626,11 +581,7 @@ image = "web:prod-v1"
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_suspend_leaves_the_instance_running_where_it_was() {
     let mut m = Matrix::new().await;
-    m.start_agent("rm1", 2, MachineRole::Dedicated).await;
-    m.apply(&web(1)).await;
-    let before = m
-        .wait_state("web-1", "running", Some("rm1"), Duration::from_secs(20))
-        .await;
+    let before = web_on_rm1(&mut m, 1).await;
     m.put_kv(&before.endpoint, "k", "v").await;
     m.fake.set(FakeKnobs {
         fail_save: true,

@@ -255,6 +255,14 @@ impl Matrix {
         (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
     }
 
+    /// Runs an operation to its end (30 s at most) and asserts that it succeeded.
+    pub async fn done(&self, op: Operation) -> Value {
+        let what = format!("{op:?}");
+        let (status, body) = self.operate(op, 30).await;
+        assert_eq!(status, 200, "{what}: {body}");
+        body
+    }
+
     pub async fn instances(&self) -> Vec<InstanceInfo> {
         let Ok(r) = self.http.get(self.url("/api/v1/instances")).send().await else {
             return Vec::new();
