@@ -11,6 +11,8 @@
 //! A restart of the agent is not a restart of its VMs: QEMU outlives it, and the next agent
 //! process adopts what the previous one left ([`record`]).
 
+mod commands;
+mod exports;
 pub mod fake;
 mod health;
 mod http;

@@ -1,4 +1,6 @@
-//! The machine's instances and what the agent does to them.
+//! The agent's state — its instance table (slots), the tasks of the commands it runs, and its
+//! errors — and the snapshot its heartbeats send. The commands themselves are in `commands.rs`,
+//! the exports in `exports.rs`.
 //!
 //! Concurrency rules (why the agent never stalls):
 //! - the instance table (`slots`) is a plain mutex held only for quick reads and writes, never
@@ -19,20 +21,19 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::future::{BoxFuture, FutureExt, Shared};
 use vmatrix_core::api::{
-    AgentCommand, AgentInstance, AgentReply, AgentReport, InstancePlan, MachineRole,
-    MigrationTargetBody, SavedState,
+    AgentCommand, AgentInstance, AgentReply, AgentReport, InstancePlan, MachineRole, SavedState,
 };
-use vmatrix_core::{ImageRef, InstanceId, InstanceState, Transition};
+use vmatrix_core::{InstanceId, InstanceState, Transition};
 use vmatrix_store::cache::ChunkCache;
-use vmatrix_store::nbd::{Export, NbdServer};
-use vmatrix_store::{ExportFormat, Repository};
-use vmatrix_vmm::{Accelerator, BaseImage, Lifetime, MigrationTarget, SuspendedVm, VmSpec};
+use vmatrix_store::nbd::NbdServer;
+use vmatrix_store::Repository;
+use vmatrix_vmm::{Accelerator, BaseImage, Lifetime, VmSpec};
 
 use crate::hypervisor::{Guest, Hypervisor, Incoming};
 use crate::record::{Phase, VmRecord};
@@ -128,12 +129,12 @@ impl From<AgentError> for CommandFailure {
     }
 }
 
-type Result<T> = std::result::Result<T, AgentError>;
-type TaskResult = std::result::Result<AgentReply, CommandFailure>;
-type TaskKey = (InstanceId, u64, &'static str);
+pub(crate) type Result<T> = std::result::Result<T, AgentError>;
+pub(crate) type TaskResult = std::result::Result<AgentReply, CommandFailure>;
+pub(crate) type TaskKey = (InstanceId, u64, &'static str);
 
 /// Who holds an instance's VM.
-enum Held {
+pub(crate) enum Held {
     /// The slot: nothing is being done to it.
     Guest(Box<dyn Guest>),
     /// The slot: a paused migration destination.
@@ -144,20 +145,20 @@ enum Held {
     Nothing,
 }
 
-struct Slot {
-    plan: InstancePlan,
-    version: String,
-    state: InstanceState,
-    endpoint: SocketAddr,
-    pid: u32,
-    error: Option<String>,
-    saved: Option<SavedState>,
-    held: Held,
-    dir: PathBuf,
+pub(crate) struct Slot {
+    pub(crate) plan: InstancePlan,
+    pub(crate) version: String,
+    pub(crate) state: InstanceState,
+    pub(crate) endpoint: SocketAddr,
+    pub(crate) pid: u32,
+    pub(crate) error: Option<String>,
+    pub(crate) saved: Option<SavedState>,
+    pub(crate) held: Held,
+    pub(crate) dir: PathBuf,
 }
 
 impl Slot {
-    fn record(&self, phase: Phase) -> VmRecord {
+    pub(crate) fn record(&self, phase: Phase) -> VmRecord {
         VmRecord {
             plan: self.plan.clone(),
             version: self.version.clone(),
@@ -168,7 +169,7 @@ impl Slot {
         }
     }
 
-    fn step(&mut self, t: Transition) -> Result<()> {
+    pub(crate) fn step(&mut self, t: Transition) -> Result<()> {
         self.state = self.state.next(t).inspect_err(|e| {
             tracing::error!(instance = %self.plan.id, "refused: {e}");
         })?;
@@ -176,32 +177,32 @@ impl Slot {
     }
 }
 
-struct ExportEntry {
-    _server: NbdServer,
-    url: String,
-    users: HashSet<(InstanceId, u64)>,
+pub(crate) struct ExportEntry {
+    pub(crate) _server: NbdServer,
+    pub(crate) url: String,
+    pub(crate) users: HashSet<(InstanceId, u64)>,
 }
 
-struct TaskEntry {
-    started: Instant,
-    result: Shared<BoxFuture<'static, TaskResult>>,
+pub(crate) struct TaskEntry {
+    pub(crate) started: Instant,
+    pub(crate) result: Shared<BoxFuture<'static, TaskResult>>,
 }
 
 /// The agent's state: one per machine.
 pub struct Agent {
     /// Its configuration.
     pub config: AgentConfig,
-    hv: Arc<dyn Hypervisor>,
-    repo: Arc<Repository>,
-    cache: Arc<ChunkCache>,
-    exports: Mutex<HashMap<String, ExportEntry>>,
-    slots: Mutex<HashMap<InstanceId, Slot>>,
+    pub(crate) hv: Arc<dyn Hypervisor>,
+    pub(crate) repo: Arc<Repository>,
+    pub(crate) cache: Arc<ChunkCache>,
+    pub(crate) exports: Mutex<HashMap<String, ExportEntry>>,
+    pub(crate) slots: Mutex<HashMap<InstanceId, Slot>>,
     /// Newest generation seen per instance, kept after the instance leaves (fencing).
-    generations: Mutex<HashMap<InstanceId, u64>>,
-    tasks: Mutex<HashMap<TaskKey, TaskEntry>>,
+    pub(crate) generations: Mutex<HashMap<InstanceId, u64>>,
+    pub(crate) tasks: Mutex<HashMap<TaskKey, TaskEntry>>,
     /// Pins: the sequence number of the newest set asked for, and of the newest written.
-    pin_seq: std::sync::atomic::AtomicU64,
-    pin_written: Arc<Mutex<u64>>,
+    pub(crate) pin_seq: std::sync::atomic::AtomicU64,
+    pub(crate) pin_written: Arc<Mutex<u64>>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -210,13 +211,13 @@ impl std::fmt::Debug for Agent {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A panic while holding one of these quick locks leaves consistent data (every critical
     // section is a few assignments), so the poison flag is ignored.
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn free_port(ip: IpAddr) -> Result<u16> {
+pub(crate) fn free_port(ip: IpAddr) -> Result<u16> {
     std::net::TcpListener::bind((ip, 0))
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -225,7 +226,7 @@ fn free_port(ip: IpAddr) -> Result<u16> {
 
 pub use vmatrix_core::api::work_limit;
 
-fn parse_addr(a: &str) -> Result<SocketAddr> {
+pub(crate) fn parse_addr(a: &str) -> Result<SocketAddr> {
     a.parse()
         .map_err(|e| AgentError::Other(format!("bad address {a:?}: {e}")))
 }
@@ -263,7 +264,7 @@ impl Agent {
         self.config.data.join("vms")
     }
 
-    fn fence(&self, id: &InstanceId, generation: u64) -> Result<()> {
+    pub(crate) fn fence(&self, id: &InstanceId, generation: u64) -> Result<()> {
         let mut g = lock(&self.generations);
         let seen = g.get(id).copied().unwrap_or(0);
         if generation < seen {
@@ -275,121 +276,6 @@ impl Agent {
         }
         g.insert(id.clone(), generation);
         Ok(())
-    }
-
-    /// The version id a plan runs: pinned in the plan, or the tag resolved now (first
-    /// activation only).
-    async fn version_of(&self, plan: &InstancePlan) -> Result<String> {
-        if let Some(v) = &plan.version {
-            return Ok(v.clone());
-        }
-        let repo = self.repo.clone();
-        let image = plan.image.clone();
-        let (id, _) = tokio::task::spawn_blocking(move || repo.resolve(&image))
-            .await
-            .map_err(|e| AgentError::Other(e.to_string()))??;
-        Ok(id)
-    }
-
-    /// The NBD backing of `version` on this machine, started on first use and stopped when its
-    /// last user leaves. Named by the version id, never by a tag.
-    pub(crate) async fn acquire_export(
-        &self,
-        version: &str,
-        user: (InstanceId, u64),
-    ) -> Result<String> {
-        if let Some(e) = lock(&self.exports).get_mut(version) {
-            e.users.insert(user);
-            return Ok(e.url.clone());
-        }
-        let repo = self.repo.clone();
-        let v = version.to_owned();
-        let manifest = tokio::task::spawn_blocking(move || repo.manifest(&v))
-            .await
-            .map_err(|e| AgentError::Other(e.to_string()))??;
-        let mut exports = lock(&self.exports);
-        // Another task may have started it meanwhile.
-        if let Some(e) = exports.get_mut(version) {
-            e.users.insert(user);
-            return Ok(e.url.clone());
-        }
-        let name = short(version);
-        let export = Export::new(name.clone(), manifest, self.cache.clone());
-        let socket = self.config.data.join("nbd").join(format!("{name}.sock"));
-        let server = NbdServer::start(export, &socket)?;
-        // Reads wait (up to a minute) for the export to come back instead of failing, so a
-        // restarting agent does not hurt its guests.
-        let url = format!(
-            "json:{}",
-            // The protocol node only: the format (raw) is the overlay's backing format.
-            serde_json::json!({ "file": {
-                "driver": "nbd",
-                "server": {"type": "unix", "path": socket},
-                "export": name,
-                "reconnect-delay": 60,
-            }})
-        );
-        exports.insert(
-            version.to_owned(),
-            ExportEntry {
-                _server: server,
-                url: url.clone(),
-                users: HashSet::from([user]),
-            },
-        );
-        let versions: Vec<String> = exports.keys().cloned().collect();
-        drop(exports);
-        self.publish_pins(versions);
-        Ok(url)
-    }
-
-    fn release_export(&self, version: &str, user: &(InstanceId, u64)) {
-        let mut exports = lock(&self.exports);
-        if let Some(e) = exports.get_mut(version) {
-            e.users.remove(user);
-            if e.users.is_empty() {
-                exports.remove(version);
-                let versions: Vec<String> = exports.keys().cloned().collect();
-                drop(exports);
-                self.publish_pins(versions);
-            }
-        }
-    }
-
-    /// Records in the repository which versions this machine's instances use (GC keeps them
-    /// whatever happens to their tags). Written in the background, newest set last.
-    fn publish_pins(&self, versions: Vec<String>) {
-        let write = self.pins_writer(versions);
-        match tokio::runtime::Handle::try_current() {
-            Ok(rt) => drop(rt.spawn_blocking(write)),
-            Err(_) => write(),
-        }
-    }
-
-    /// The write of one set of pins, skipped if a newer set was written first.
-    fn pins_writer(&self, mut versions: Vec<String>) -> impl FnOnce() + Send + 'static {
-        versions.sort();
-        let seq = self
-            .pin_seq
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
-            + 1;
-        let (repo, written) = (self.repo.clone(), self.pin_written.clone());
-        let holder = format!("agent-{}", self.config.name);
-        move || {
-            let mut last = lock(&written);
-            if *last > seq {
-                return; // a newer set is written already
-            }
-            match repo.set_pins(&holder, &versions) {
-                Ok(()) => *last = seq,
-                Err(e) => tracing::warn!("recording the versions in use ({holder}): {e}"),
-            }
-        }
-    }
-
-    /// Versions exported now (for tests and the status route).
-    pub fn exported_versions(&self) -> Vec<String> {
-        lock(&self.exports).keys().cloned().collect()
     }
 
     pub(crate) fn vm_dir(&self, id: &InstanceId, generation: u64) -> PathBuf {
@@ -471,543 +357,6 @@ impl Agent {
             }
             AgentCommand::Discard { id, generation } => self.discard(id, generation).await,
         }
-    }
-
-    /// Inserts a new slot for `plan` unless one exists: then answers what is there (the same
-    /// activation again), or refuses.
-    fn claim_slot(&self, plan: &InstancePlan, slot: Slot) -> Result<Option<AgentReply>> {
-        let mut slots = lock(&self.slots);
-        if let Some(existing) = slots.get(&plan.id) {
-            if existing.plan.generation == plan.generation
-                && existing.state != InstanceState::Suspended
-            {
-                return Ok(Some(AgentReply::Activated {
-                    endpoint: existing.endpoint.to_string(),
-                    version: existing.version.clone(),
-                }));
-            }
-            if existing.state != InstanceState::Suspended {
-                return Err(AgentError::Busy {
-                    id: plan.id.clone(),
-                    state: existing.state,
-                    what: "a new activation",
-                });
-            }
-        }
-        // A suspended record of an older generation is superseded by this activation.
-        slots.insert(plan.id.clone(), slot);
-        Ok(None)
-    }
-
-    async fn activate(
-        self: Arc<Self>,
-        mut plan: InstancePlan,
-        state: Option<SavedState>,
-    ) -> Result<AgentReply> {
-        let slot = self.new_slot(&mut plan, InstanceState::Activating).await?;
-        let (version, endpoint, dir) = (slot.version.clone(), slot.endpoint, slot.dir.clone());
-        if let Some(reply) = self.claim_slot(&plan, slot)? {
-            return Ok(reply);
-        }
-        let started = async {
-            let spec = self.vm_setup(&plan, &version, endpoint, &dir).await?;
-            match &state {
-                None => Ok(self.hv.boot(spec, &dir).await?),
-                Some(saved) => self.resume_from(saved, spec, &dir).await,
-            }
-        }
-        .await;
-        let guest = match started {
-            Ok(g) => g,
-            Err(e) => {
-                self.abandon(&plan, &version, &dir);
-                return Err(e);
-            }
-        };
-        let pid = guest.pid();
-        if !self.put_back(&plan.id, plan.generation, Held::Guest(guest), |s| {
-            s.pid = pid;
-            Ok(())
-        }) {
-            self.discarded_meanwhile(&dir, &version, &plan.id, plan.generation, None);
-            return Err(AgentError::Other(format!(
-                "instance {} was discarded while it started",
-                plan.id
-            )));
-        }
-        self.persist(&plan.id, Phase::Running);
-        if let Some(saved) = state {
-            // The instance runs again from it: the saved state is superseded.
-            let repo = self.repo.clone();
-            tokio::task::spawn_blocking(move || {
-                for image in [&saved.state, &saved.overlay] {
-                    if let Err(e) = repo.remove(image) {
-                        tracing::warn!("removing the superseded saved state {image}: {e}");
-                    }
-                }
-            });
-        }
-        tokio::spawn(crate::health::watch(
-            self.clone(),
-            plan.id.clone(),
-            plan.generation,
-        ));
-        Ok(AgentReply::Activated {
-            endpoint: endpoint.to_string(),
-            version,
-        })
-    }
-
-    /// The first steps of a new VM here: fenced, its version pinned in `plan`, a port and a
-    /// directory chosen, and the slot that says it is being started (`state`).
-    async fn new_slot(&self, plan: &mut InstancePlan, state: InstanceState) -> Result<Slot> {
-        self.fence(&plan.id, plan.generation)?;
-        let version = self.version_of(plan).await?;
-        plan.version = Some(version.clone());
-        let ip = self.config.listen.ip();
-        Ok(Slot {
-            plan: plan.clone(),
-            version,
-            state,
-            endpoint: SocketAddr::new(ip, free_port(ip)?),
-            pid: 0,
-            error: None,
-            saved: None,
-            held: Held::Taken,
-            dir: self.vm_dir(&plan.id, plan.generation),
-        })
-    }
-
-    /// The new VM's directory, and its spec over this machine's export of its version.
-    async fn vm_setup(
-        &self,
-        plan: &InstancePlan,
-        version: &str,
-        endpoint: SocketAddr,
-        dir: &Path,
-    ) -> Result<VmSpec> {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| AgentError::Other(format!("creating {}: {e}", dir.display())))?;
-        let url = self
-            .acquire_export(version, (plan.id.clone(), plan.generation))
-            .await?;
-        Ok(self.vm_spec(plan, url, endpoint))
-    }
-
-    /// Undoes a start that failed: its slot, its use of the export and its directory.
-    fn abandon(&self, plan: &InstancePlan, version: &str, dir: &Path) {
-        self.forget(&plan.id, plan.generation);
-        self.release_export(version, &(plan.id.clone(), plan.generation));
-        let _ = std::fs::remove_dir_all(dir);
-    }
-
-    /// Takes the VM of `id` out of its slot for an operation, checking its generation.
-    fn take(
-        &self,
-        id: &InstanceId,
-        generation: u64,
-        what: &'static str,
-        t: Transition,
-    ) -> Result<Held> {
-        let mut slots = lock(&self.slots);
-        let s = slots
-            .get_mut(id)
-            .ok_or_else(|| AgentError::Unknown(id.clone()))?;
-        if generation < s.plan.generation {
-            return Err(AgentError::Stale {
-                id: id.clone(),
-                got: generation,
-                seen: s.plan.generation,
-            });
-        }
-        if matches!(s.held, Held::Taken | Held::Nothing) || s.state == InstanceState::Failed {
-            return Err(AgentError::Busy {
-                id: id.clone(),
-                state: s.state,
-                what,
-            });
-        }
-        s.step(t)?;
-        Ok(std::mem::replace(&mut s.held, Held::Taken))
-    }
-
-    /// Returns a VM to its slot after an operation and applies `change`; false (and the VM is
-    /// killed) if the slot was discarded meanwhile.
-    fn put_back(
-        &self,
-        id: &InstanceId,
-        generation: u64,
-        held: Held,
-        change: impl FnOnce(&mut Slot) -> Result<()>,
-    ) -> bool {
-        let mut slots = lock(&self.slots);
-        match slots.get_mut(id) {
-            Some(s) if s.plan.generation == generation => {
-                s.held = held;
-                if let Err(e) = change(s) {
-                    s.error = Some(e.to_string());
-                }
-                true
-            }
-            _ => {
-                drop(slots);
-                tokio::spawn(async move {
-                    match held {
-                        Held::Guest(g) => g.kill().await,
-                        Held::Incoming(i) => i.abort().await,
-                        Held::Taken | Held::Nothing => {}
-                    }
-                });
-                false
-            }
-        }
-    }
-
-    fn forget(&self, id: &InstanceId, generation: u64) -> Option<Slot> {
-        let mut slots = lock(&self.slots);
-        if slots
-            .get(id)
-            .is_some_and(|s| s.plan.generation == generation)
-        {
-            return slots.remove(id);
-        }
-        None
-    }
-
-    /// Writes the slot's record beside its VM (what a restarted agent adopts).
-    fn persist(&self, id: &InstanceId, phase: Phase) {
-        let record = lock(&self.slots)
-            .get(id)
-            .map(|s| (s.dir.clone(), s.record(phase)));
-        if let Some((dir, record)) = record {
-            if let Err(e) = record.write(&dir) {
-                tracing::warn!(instance = %id, "writing its record in {}: {e}", dir.display());
-            }
-        }
-    }
-
-    async fn suspend(self: Arc<Self>, id: InstanceId, generation: u64) -> Result<AgentReply> {
-        self.fence(&id, generation)?;
-        let Held::Guest(mut guest) =
-            self.take(&id, generation, "suspend", Transition::SuspendStarted)?
-        else {
-            return Err(AgentError::Other(format!(
-                "instance {id} has no running VM"
-            )));
-        };
-        let (dir, plan, version) = {
-            let slots = lock(&self.slots);
-            let s = slots
-                .get(&id)
-                .ok_or_else(|| AgentError::Unknown(id.clone()))?;
-            (s.dir.clone(), s.plan.clone(), s.version.clone())
-        };
-        let saved = SavedState {
-            state: ImageRef::parse(&format!("{id}:state-g{generation}"))
-                .map_err(|e| AgentError::Other(e.to_string()))?,
-            overlay: ImageRef::parse(&format!("{id}:overlay-g{generation}"))
-                .map_err(|e| AgentError::Other(e.to_string()))?,
-        };
-        let state_file = dir.join("state.bin");
-        let durable = async {
-            let files = guest
-                .save_state(&state_file, work_limit(plan.memory_mib))
-                .await?;
-            let repo = self.repo.clone();
-            let (st, ov) = (saved.state.clone(), saved.overlay.clone());
-            tokio::task::spawn_blocking(move || -> vmatrix_store::Result<()> {
-                let stored = repo
-                    .import_state(&files.state_file, &st, &|_| {})
-                    .and_then(|_| repo.import_state(&files.disk, &ov, &|_| {}));
-                if stored.is_err() {
-                    let _ = repo.remove(&st);
-                    let _ = repo.remove(&ov);
-                }
-                stored.map(drop)
-            })
-            .await
-            .map_err(|e| AgentError::Other(e.to_string()))??;
-            Ok::<(), AgentError>(())
-        }
-        .await;
-        if let Err(e) = durable {
-            // Leave the VM as it was: running here.
-            let _ = std::fs::remove_file(&state_file);
-            let resumed = guest.cont().await;
-            let kept = self.put_back(&id, generation, Held::Guest(guest), |s| {
-                s.step(Transition::Cancelled)?;
-                if let Err(c) = resumed {
-                    s.step(Transition::Fail)?;
-                    s.error = Some(format!(
-                        "it could not run again after a failed suspend: {c}"
-                    ));
-                }
-                Ok(())
-            });
-            if !kept {
-                self.discarded_meanwhile(&dir, &version, &id, generation, None);
-            }
-            return Err(e);
-        }
-        // The state is durable in the repository: only now does QEMU end.
-        guest.end().await;
-        let kept = self.put_back(&id, generation, Held::Nothing, |s| {
-            s.step(Transition::Suspended)?;
-            s.pid = 0;
-            s.saved = Some(saved.clone());
-            Ok(())
-        });
-        if !kept {
-            // Discarded while it was saved: nothing of it may stay behind.
-            self.discarded_meanwhile(&dir, &version, &id, generation, Some(&saved));
-            return Err(AgentError::Other(format!(
-                "instance {id} was discarded while it was suspended"
-            )));
-        }
-        self.persist(&id, Phase::Suspended);
-        for f in ["state.bin", "disk.qcow2", "qmp.sock"] {
-            let _ = std::fs::remove_file(dir.join(f));
-        }
-        self.release_export(&version, &(id.clone(), generation));
-        Ok(AgentReply::Suspended { saved })
-    }
-
-    /// Cleans up after an operation whose instance was discarded while it ran: its directory,
-    /// its use of the export and the saved state it may have stored.
-    fn discarded_meanwhile(
-        &self,
-        dir: &Path,
-        version: &str,
-        id: &InstanceId,
-        generation: u64,
-        saved: Option<&SavedState>,
-    ) {
-        let _ = std::fs::remove_dir_all(dir);
-        self.release_export(version, &(id.clone(), generation));
-        if let Some(saved) = saved.cloned() {
-            let repo = self.repo.clone();
-            tokio::task::spawn_blocking(move || {
-                let _ = repo.remove(&saved.state);
-                let _ = repo.remove(&saved.overlay);
-            });
-        }
-    }
-
-    async fn prepare_incoming(self: Arc<Self>, mut plan: InstancePlan) -> Result<AgentReply> {
-        let slot = self.new_slot(&mut plan, InstanceState::Migrating).await?;
-        let (version, endpoint, dir) = (slot.version.clone(), slot.endpoint, slot.dir.clone());
-        {
-            let mut slots = lock(&self.slots);
-            if let Some(existing) = slots.get(&plan.id) {
-                if existing.plan.generation == plan.generation {
-                    return Err(AgentError::Busy {
-                        id: plan.id.clone(),
-                        state: existing.state,
-                        what: "preparing it again (already prepared)",
-                    });
-                }
-                if existing.state != InstanceState::Suspended {
-                    return Err(AgentError::Busy {
-                        id: plan.id.clone(),
-                        state: existing.state,
-                        what: "an incoming migration",
-                    });
-                }
-            }
-            slots.insert(plan.id.clone(), slot);
-        }
-        let started = async {
-            let spec = self.vm_setup(&plan, &version, endpoint, &dir).await?;
-            Ok::<_, AgentError>(self.hv.incoming(spec, &dir, endpoint.ip()).await?)
-        }
-        .await;
-        let incoming = match started {
-            Ok(i) => i,
-            Err(e) => {
-                self.abandon(&plan, &version, &dir);
-                return Err(e);
-            }
-        };
-        let t = incoming.target();
-        let pid = incoming.pid();
-        if !self.put_back(&plan.id, plan.generation, Held::Incoming(incoming), |s| {
-            s.pid = pid;
-            Ok(())
-        }) {
-            self.discarded_meanwhile(&dir, &version, &plan.id, plan.generation, None);
-            return Err(AgentError::Other(format!(
-                "instance {} was discarded meanwhile",
-                plan.id
-            )));
-        }
-        self.persist(&plan.id, Phase::Incoming);
-        Ok(AgentReply::Prepared {
-            target: MigrationTargetBody {
-                nbd: t.nbd.to_string(),
-                export: t.export,
-                migration: t.migration.to_string(),
-                endpoint: endpoint.to_string(),
-            },
-            version,
-        })
-    }
-
-    async fn migrate_out(
-        self: Arc<Self>,
-        id: InstanceId,
-        generation: u64,
-        target: MigrationTargetBody,
-    ) -> Result<AgentReply> {
-        // The source keeps the generation it runs under; the destination has the new one.
-        let t = MigrationTarget {
-            nbd: parse_addr(&target.nbd)?,
-            export: target.export.clone(),
-            migration: parse_addr(&target.migration)?,
-        };
-        let Held::Guest(guest) =
-            self.take(&id, generation, "migrate", Transition::MigrateStarted)?
-        else {
-            return Err(AgentError::Other(format!(
-                "instance {id} has no running VM"
-            )));
-        };
-        let (dir, memory, version, gen) = {
-            let slots = lock(&self.slots);
-            let s = slots
-                .get(&id)
-                .ok_or_else(|| AgentError::Unknown(id.clone()))?;
-            (
-                s.dir.clone(),
-                s.plan.memory_mib,
-                s.version.clone(),
-                s.plan.generation,
-            )
-        };
-        match guest.migrate_out(&t, work_limit(memory)).await {
-            Ok((total, down)) => {
-                self.forget(&id, gen);
-                let _ = std::fs::remove_dir_all(&dir);
-                self.release_export(&version, &(id.clone(), gen));
-                Ok(AgentReply::MigratedOut {
-                    total_ms: total,
-                    downtime_ms: down,
-                })
-            }
-            Err((guest, e)) => {
-                self.put_back(&id, gen, Held::Guest(guest), |s| {
-                    s.step(Transition::Cancelled)
-                });
-                Err(e.into())
-            }
-        }
-    }
-
-    async fn finish_incoming(
-        self: Arc<Self>,
-        id: InstanceId,
-        generation: u64,
-    ) -> Result<AgentReply> {
-        self.fence(&id, generation)?;
-        let held = {
-            let mut slots = lock(&self.slots);
-            let s = slots
-                .get_mut(&id)
-                .ok_or_else(|| AgentError::Unknown(id.clone()))?;
-            if s.plan.generation != generation || !matches!(s.held, Held::Incoming(_)) {
-                if s.plan.generation == generation && s.state == InstanceState::Running {
-                    // Finished already (the same command again).
-                    return Ok(AgentReply::Finished {
-                        endpoint: s.endpoint.to_string(),
-                    });
-                }
-                return Err(AgentError::Busy {
-                    id: id.clone(),
-                    state: s.state,
-                    what: "finish a migration",
-                });
-            }
-            std::mem::replace(&mut s.held, Held::Taken)
-        };
-        let Held::Incoming(incoming) = held else {
-            return Err(AgentError::Other("the incoming VM vanished".into()));
-        };
-        let memory = lock(&self.slots).get(&id).map_or(0, |s| s.plan.memory_mib);
-        match incoming.finish(work_limit(memory)).await {
-            Ok(guest) => {
-                let pid = guest.pid();
-                let mut endpoint = String::new();
-                self.put_back(&id, generation, Held::Guest(guest), |s| {
-                    s.pid = pid;
-                    endpoint = s.endpoint.to_string();
-                    s.step(Transition::Moved)
-                });
-                self.persist(&id, Phase::Running);
-                tokio::spawn(crate::health::watch(self.clone(), id, generation));
-                Ok(AgentReply::Finished { endpoint })
-            }
-            Err(e) => {
-                self.put_back(&id, generation, Held::Nothing, |s| {
-                    s.error = Some(format!("finishing the migration: {e}"));
-                    s.step(Transition::Fail)
-                });
-                Err(e.into())
-            }
-        }
-    }
-
-    async fn discard(self: Arc<Self>, id: InstanceId, generation: u64) -> Result<AgentReply> {
-        self.fence(&id, generation)?;
-        let slot = {
-            let mut slots = lock(&self.slots);
-            match slots.get(&id) {
-                Some(s) if s.plan.generation <= generation => slots.remove(&id),
-                _ => None,
-            }
-        };
-        if let Some(s) = slot {
-            match s.held {
-                Held::Guest(g) => g.kill().await,
-                Held::Incoming(i) => i.abort().await,
-                // An operation holds it: it finds the slot gone and kills the VM itself.
-                Held::Taken | Held::Nothing => {}
-            }
-            let _ = std::fs::remove_dir_all(&s.dir);
-            self.release_export(&s.version, &(id.clone(), s.plan.generation));
-        }
-        Ok(AgentReply::Discarded)
-    }
-
-    async fn resume_from(
-        &self,
-        saved: &SavedState,
-        spec: VmSpec,
-        dir: &Path,
-    ) -> Result<Box<dyn Guest>> {
-        let incoming = dir.with_extension("in");
-        std::fs::create_dir_all(&incoming)
-            .map_err(|e| AgentError::Other(format!("creating {}: {e}", incoming.display())))?;
-        let repo = self.repo.clone();
-        let (st, ov, inc) = (saved.state.clone(), saved.overlay.clone(), incoming.clone());
-        let fetched = tokio::task::spawn_blocking(move || -> vmatrix_store::Result<()> {
-            repo.export(&st, &inc.join("state.bin"), ExportFormat::Raw, &|_| {})?;
-            repo.export(&ov, &inc.join("disk.qcow2"), ExportFormat::Raw, &|_| {})?;
-            Ok(())
-        })
-        .await
-        .map_err(|e| AgentError::Other(e.to_string()));
-        let resumed = async {
-            fetched??;
-            let files = SuspendedVm {
-                state_file: incoming.join("state.bin"),
-                disk: incoming.join("disk.qcow2"),
-                state_bytes: 0,
-                elapsed: Duration::ZERO,
-            };
-            Ok::<_, AgentError>(self.hv.resume(spec, dir, &files).await?)
-        }
-        .await;
-        let _ = std::fs::remove_dir_all(&incoming);
-        resumed
     }
 
     /// What runs here now: a snapshot of the table, without waiting on any operation.
@@ -1162,10 +511,4 @@ fn key_of(c: &AgentCommand) -> TaskKey {
         AgentCommand::FinishIncoming { id, generation } => (id.clone(), *generation, "finish"),
         AgentCommand::Discard { id, generation } => (id.clone(), *generation, "discard"),
     }
-}
-
-/// The first 24 hex digits of a version id: short enough for a unix socket path, long enough
-/// never to collide.
-pub(crate) fn short(version: &str) -> String {
-    version.chars().take(24).collect()
 }

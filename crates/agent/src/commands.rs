@@ -1,0 +1,574 @@
+//! What the agent does for each command: activate (boot or resume), suspend, prepare an
+//! incoming migration, migrate out, finish an incoming migration, discard. Each takes the VM out
+//! of its slot, works on it without holding any lock, and puts it back — or cleans up after an
+//! instance that was discarded meanwhile. A failure leaves the VM as it was.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use vmatrix_core::api::{AgentReply, InstancePlan, MigrationTargetBody, SavedState};
+use vmatrix_core::{ImageRef, InstanceId, InstanceState, Transition};
+use vmatrix_store::ExportFormat;
+use vmatrix_vmm::{MigrationTarget, SuspendedVm, VmSpec};
+
+use crate::hypervisor::Guest;
+use crate::machine::{
+    free_port, lock, parse_addr, work_limit, Agent, AgentError, Held, Result, Slot,
+};
+use crate::record::Phase;
+
+impl Agent {
+    /// Inserts a new slot for `plan` unless one exists: then answers what is there (the same
+    /// activation again), or refuses.
+    pub(crate) fn claim_slot(&self, plan: &InstancePlan, slot: Slot) -> Result<Option<AgentReply>> {
+        let mut slots = lock(&self.slots);
+        if let Some(existing) = slots.get(&plan.id) {
+            if existing.plan.generation == plan.generation
+                && existing.state != InstanceState::Suspended
+            {
+                return Ok(Some(AgentReply::Activated {
+                    endpoint: existing.endpoint.to_string(),
+                    version: existing.version.clone(),
+                }));
+            }
+            if existing.state != InstanceState::Suspended {
+                return Err(AgentError::Busy {
+                    id: plan.id.clone(),
+                    state: existing.state,
+                    what: "a new activation",
+                });
+            }
+        }
+        // A suspended record of an older generation is superseded by this activation.
+        slots.insert(plan.id.clone(), slot);
+        Ok(None)
+    }
+
+    pub(crate) async fn activate(
+        self: Arc<Self>,
+        mut plan: InstancePlan,
+        state: Option<SavedState>,
+    ) -> Result<AgentReply> {
+        let slot = self.new_slot(&mut plan, InstanceState::Activating).await?;
+        let (version, endpoint, dir) = (slot.version.clone(), slot.endpoint, slot.dir.clone());
+        if let Some(reply) = self.claim_slot(&plan, slot)? {
+            return Ok(reply);
+        }
+        let started = async {
+            let spec = self.vm_setup(&plan, &version, endpoint, &dir).await?;
+            match &state {
+                None => Ok(self.hv.boot(spec, &dir).await?),
+                Some(saved) => self.resume_from(saved, spec, &dir).await,
+            }
+        }
+        .await;
+        let guest = match started {
+            Ok(g) => g,
+            Err(e) => {
+                self.abandon(&plan, &version, &dir);
+                return Err(e);
+            }
+        };
+        let pid = guest.pid();
+        if !self.put_back(&plan.id, plan.generation, Held::Guest(guest), |s| {
+            s.pid = pid;
+            Ok(())
+        }) {
+            self.discarded_meanwhile(&dir, &version, &plan.id, plan.generation, None);
+            return Err(AgentError::Other(format!(
+                "instance {} was discarded while it started",
+                plan.id
+            )));
+        }
+        self.persist(&plan.id, Phase::Running);
+        if let Some(saved) = state {
+            // The instance runs again from it: the saved state is superseded.
+            let repo = self.repo.clone();
+            tokio::task::spawn_blocking(move || {
+                for image in [&saved.state, &saved.overlay] {
+                    if let Err(e) = repo.remove(image) {
+                        tracing::warn!("removing the superseded saved state {image}: {e}");
+                    }
+                }
+            });
+        }
+        tokio::spawn(crate::health::watch(
+            self.clone(),
+            plan.id.clone(),
+            plan.generation,
+        ));
+        Ok(AgentReply::Activated {
+            endpoint: endpoint.to_string(),
+            version,
+        })
+    }
+
+    /// The first steps of a new VM here: fenced, its version pinned in `plan`, a port and a
+    /// directory chosen, and the slot that says it is being started (`state`).
+    pub(crate) async fn new_slot(
+        &self,
+        plan: &mut InstancePlan,
+        state: InstanceState,
+    ) -> Result<Slot> {
+        self.fence(&plan.id, plan.generation)?;
+        let version = self.version_of(plan).await?;
+        plan.version = Some(version.clone());
+        let ip = self.config.listen.ip();
+        Ok(Slot {
+            plan: plan.clone(),
+            version,
+            state,
+            endpoint: SocketAddr::new(ip, free_port(ip)?),
+            pid: 0,
+            error: None,
+            saved: None,
+            held: Held::Taken,
+            dir: self.vm_dir(&plan.id, plan.generation),
+        })
+    }
+
+    /// The new VM's directory, and its spec over this machine's export of its version.
+    pub(crate) async fn vm_setup(
+        &self,
+        plan: &InstancePlan,
+        version: &str,
+        endpoint: SocketAddr,
+        dir: &Path,
+    ) -> Result<VmSpec> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| AgentError::Other(format!("creating {}: {e}", dir.display())))?;
+        let url = self
+            .acquire_export(version, (plan.id.clone(), plan.generation))
+            .await?;
+        Ok(self.vm_spec(plan, url, endpoint))
+    }
+
+    /// Undoes a start that failed: its slot, its use of the export and its directory.
+    pub(crate) fn abandon(&self, plan: &InstancePlan, version: &str, dir: &Path) {
+        self.forget(&plan.id, plan.generation);
+        self.release_export(version, &(plan.id.clone(), plan.generation));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// Takes the VM of `id` out of its slot for an operation, checking its generation.
+    pub(crate) fn take(
+        &self,
+        id: &InstanceId,
+        generation: u64,
+        what: &'static str,
+        t: Transition,
+    ) -> Result<Held> {
+        let mut slots = lock(&self.slots);
+        let s = slots
+            .get_mut(id)
+            .ok_or_else(|| AgentError::Unknown(id.clone()))?;
+        if generation < s.plan.generation {
+            return Err(AgentError::Stale {
+                id: id.clone(),
+                got: generation,
+                seen: s.plan.generation,
+            });
+        }
+        if matches!(s.held, Held::Taken | Held::Nothing) || s.state == InstanceState::Failed {
+            return Err(AgentError::Busy {
+                id: id.clone(),
+                state: s.state,
+                what,
+            });
+        }
+        s.step(t)?;
+        Ok(std::mem::replace(&mut s.held, Held::Taken))
+    }
+
+    /// Returns a VM to its slot after an operation and applies `change`; false (and the VM is
+    /// killed) if the slot was discarded meanwhile.
+    pub(crate) fn put_back(
+        &self,
+        id: &InstanceId,
+        generation: u64,
+        held: Held,
+        change: impl FnOnce(&mut Slot) -> Result<()>,
+    ) -> bool {
+        let mut slots = lock(&self.slots);
+        match slots.get_mut(id) {
+            Some(s) if s.plan.generation == generation => {
+                s.held = held;
+                if let Err(e) = change(s) {
+                    s.error = Some(e.to_string());
+                }
+                true
+            }
+            _ => {
+                drop(slots);
+                tokio::spawn(async move {
+                    match held {
+                        Held::Guest(g) => g.kill().await,
+                        Held::Incoming(i) => i.abort().await,
+                        Held::Taken | Held::Nothing => {}
+                    }
+                });
+                false
+            }
+        }
+    }
+
+    pub(crate) fn forget(&self, id: &InstanceId, generation: u64) -> Option<Slot> {
+        let mut slots = lock(&self.slots);
+        if slots
+            .get(id)
+            .is_some_and(|s| s.plan.generation == generation)
+        {
+            return slots.remove(id);
+        }
+        None
+    }
+
+    /// Writes the slot's record beside its VM (what a restarted agent adopts).
+    pub(crate) fn persist(&self, id: &InstanceId, phase: Phase) {
+        let record = lock(&self.slots)
+            .get(id)
+            .map(|s| (s.dir.clone(), s.record(phase)));
+        if let Some((dir, record)) = record {
+            if let Err(e) = record.write(&dir) {
+                tracing::warn!(instance = %id, "writing its record in {}: {e}", dir.display());
+            }
+        }
+    }
+
+    pub(crate) async fn suspend(
+        self: Arc<Self>,
+        id: InstanceId,
+        generation: u64,
+    ) -> Result<AgentReply> {
+        self.fence(&id, generation)?;
+        let Held::Guest(mut guest) =
+            self.take(&id, generation, "suspend", Transition::SuspendStarted)?
+        else {
+            return Err(AgentError::Other(format!(
+                "instance {id} has no running VM"
+            )));
+        };
+        let (dir, plan, version) = {
+            let slots = lock(&self.slots);
+            let s = slots
+                .get(&id)
+                .ok_or_else(|| AgentError::Unknown(id.clone()))?;
+            (s.dir.clone(), s.plan.clone(), s.version.clone())
+        };
+        let saved = SavedState {
+            state: ImageRef::parse(&format!("{id}:state-g{generation}"))
+                .map_err(|e| AgentError::Other(e.to_string()))?,
+            overlay: ImageRef::parse(&format!("{id}:overlay-g{generation}"))
+                .map_err(|e| AgentError::Other(e.to_string()))?,
+        };
+        let state_file = dir.join("state.bin");
+        let durable = async {
+            let files = guest
+                .save_state(&state_file, work_limit(plan.memory_mib))
+                .await?;
+            let repo = self.repo.clone();
+            let (st, ov) = (saved.state.clone(), saved.overlay.clone());
+            tokio::task::spawn_blocking(move || -> vmatrix_store::Result<()> {
+                let stored = repo
+                    .import_state(&files.state_file, &st, &|_| {})
+                    .and_then(|_| repo.import_state(&files.disk, &ov, &|_| {}));
+                if stored.is_err() {
+                    let _ = repo.remove(&st);
+                    let _ = repo.remove(&ov);
+                }
+                stored.map(drop)
+            })
+            .await
+            .map_err(|e| AgentError::Other(e.to_string()))??;
+            Ok::<(), AgentError>(())
+        }
+        .await;
+        if let Err(e) = durable {
+            // Leave the VM as it was: running here.
+            let _ = std::fs::remove_file(&state_file);
+            let resumed = guest.cont().await;
+            let kept = self.put_back(&id, generation, Held::Guest(guest), |s| {
+                s.step(Transition::Cancelled)?;
+                if let Err(c) = resumed {
+                    s.step(Transition::Fail)?;
+                    s.error = Some(format!(
+                        "it could not run again after a failed suspend: {c}"
+                    ));
+                }
+                Ok(())
+            });
+            if !kept {
+                self.discarded_meanwhile(&dir, &version, &id, generation, None);
+            }
+            return Err(e);
+        }
+        // The state is durable in the repository: only now does QEMU end.
+        guest.end().await;
+        let kept = self.put_back(&id, generation, Held::Nothing, |s| {
+            s.step(Transition::Suspended)?;
+            s.pid = 0;
+            s.saved = Some(saved.clone());
+            Ok(())
+        });
+        if !kept {
+            // Discarded while it was saved: nothing of it may stay behind.
+            self.discarded_meanwhile(&dir, &version, &id, generation, Some(&saved));
+            return Err(AgentError::Other(format!(
+                "instance {id} was discarded while it was suspended"
+            )));
+        }
+        self.persist(&id, Phase::Suspended);
+        for f in ["state.bin", "disk.qcow2", "qmp.sock"] {
+            let _ = std::fs::remove_file(dir.join(f));
+        }
+        self.release_export(&version, &(id.clone(), generation));
+        Ok(AgentReply::Suspended { saved })
+    }
+
+    /// Cleans up after an operation whose instance was discarded while it ran: its directory,
+    /// its use of the export and the saved state it may have stored.
+    pub(crate) fn discarded_meanwhile(
+        &self,
+        dir: &Path,
+        version: &str,
+        id: &InstanceId,
+        generation: u64,
+        saved: Option<&SavedState>,
+    ) {
+        let _ = std::fs::remove_dir_all(dir);
+        self.release_export(version, &(id.clone(), generation));
+        if let Some(saved) = saved.cloned() {
+            let repo = self.repo.clone();
+            tokio::task::spawn_blocking(move || {
+                let _ = repo.remove(&saved.state);
+                let _ = repo.remove(&saved.overlay);
+            });
+        }
+    }
+
+    pub(crate) async fn prepare_incoming(
+        self: Arc<Self>,
+        mut plan: InstancePlan,
+    ) -> Result<AgentReply> {
+        let slot = self.new_slot(&mut plan, InstanceState::Migrating).await?;
+        let (version, endpoint, dir) = (slot.version.clone(), slot.endpoint, slot.dir.clone());
+        {
+            let mut slots = lock(&self.slots);
+            if let Some(existing) = slots.get(&plan.id) {
+                if existing.plan.generation == plan.generation {
+                    return Err(AgentError::Busy {
+                        id: plan.id.clone(),
+                        state: existing.state,
+                        what: "preparing it again (already prepared)",
+                    });
+                }
+                if existing.state != InstanceState::Suspended {
+                    return Err(AgentError::Busy {
+                        id: plan.id.clone(),
+                        state: existing.state,
+                        what: "an incoming migration",
+                    });
+                }
+            }
+            slots.insert(plan.id.clone(), slot);
+        }
+        let started = async {
+            let spec = self.vm_setup(&plan, &version, endpoint, &dir).await?;
+            Ok::<_, AgentError>(self.hv.incoming(spec, &dir, endpoint.ip()).await?)
+        }
+        .await;
+        let incoming = match started {
+            Ok(i) => i,
+            Err(e) => {
+                self.abandon(&plan, &version, &dir);
+                return Err(e);
+            }
+        };
+        let t = incoming.target();
+        let pid = incoming.pid();
+        if !self.put_back(&plan.id, plan.generation, Held::Incoming(incoming), |s| {
+            s.pid = pid;
+            Ok(())
+        }) {
+            self.discarded_meanwhile(&dir, &version, &plan.id, plan.generation, None);
+            return Err(AgentError::Other(format!(
+                "instance {} was discarded meanwhile",
+                plan.id
+            )));
+        }
+        self.persist(&plan.id, Phase::Incoming);
+        Ok(AgentReply::Prepared {
+            target: MigrationTargetBody {
+                nbd: t.nbd.to_string(),
+                export: t.export,
+                migration: t.migration.to_string(),
+                endpoint: endpoint.to_string(),
+            },
+            version,
+        })
+    }
+
+    pub(crate) async fn migrate_out(
+        self: Arc<Self>,
+        id: InstanceId,
+        generation: u64,
+        target: MigrationTargetBody,
+    ) -> Result<AgentReply> {
+        // The source keeps the generation it runs under; the destination has the new one.
+        let t = MigrationTarget {
+            nbd: parse_addr(&target.nbd)?,
+            export: target.export.clone(),
+            migration: parse_addr(&target.migration)?,
+        };
+        let Held::Guest(guest) =
+            self.take(&id, generation, "migrate", Transition::MigrateStarted)?
+        else {
+            return Err(AgentError::Other(format!(
+                "instance {id} has no running VM"
+            )));
+        };
+        let (dir, memory, version, gen) = {
+            let slots = lock(&self.slots);
+            let s = slots
+                .get(&id)
+                .ok_or_else(|| AgentError::Unknown(id.clone()))?;
+            (
+                s.dir.clone(),
+                s.plan.memory_mib,
+                s.version.clone(),
+                s.plan.generation,
+            )
+        };
+        match guest.migrate_out(&t, work_limit(memory)).await {
+            Ok((total, down)) => {
+                self.forget(&id, gen);
+                let _ = std::fs::remove_dir_all(&dir);
+                self.release_export(&version, &(id.clone(), gen));
+                Ok(AgentReply::MigratedOut {
+                    total_ms: total,
+                    downtime_ms: down,
+                })
+            }
+            Err((guest, e)) => {
+                self.put_back(&id, gen, Held::Guest(guest), |s| {
+                    s.step(Transition::Cancelled)
+                });
+                Err(e.into())
+            }
+        }
+    }
+
+    pub(crate) async fn finish_incoming(
+        self: Arc<Self>,
+        id: InstanceId,
+        generation: u64,
+    ) -> Result<AgentReply> {
+        self.fence(&id, generation)?;
+        let held = {
+            let mut slots = lock(&self.slots);
+            let s = slots
+                .get_mut(&id)
+                .ok_or_else(|| AgentError::Unknown(id.clone()))?;
+            if s.plan.generation != generation || !matches!(s.held, Held::Incoming(_)) {
+                if s.plan.generation == generation && s.state == InstanceState::Running {
+                    // Finished already (the same command again).
+                    return Ok(AgentReply::Finished {
+                        endpoint: s.endpoint.to_string(),
+                    });
+                }
+                return Err(AgentError::Busy {
+                    id: id.clone(),
+                    state: s.state,
+                    what: "finish a migration",
+                });
+            }
+            std::mem::replace(&mut s.held, Held::Taken)
+        };
+        let Held::Incoming(incoming) = held else {
+            return Err(AgentError::Other("the incoming VM vanished".into()));
+        };
+        let memory = lock(&self.slots).get(&id).map_or(0, |s| s.plan.memory_mib);
+        match incoming.finish(work_limit(memory)).await {
+            Ok(guest) => {
+                let pid = guest.pid();
+                let mut endpoint = String::new();
+                self.put_back(&id, generation, Held::Guest(guest), |s| {
+                    s.pid = pid;
+                    endpoint = s.endpoint.to_string();
+                    s.step(Transition::Moved)
+                });
+                self.persist(&id, Phase::Running);
+                tokio::spawn(crate::health::watch(self.clone(), id, generation));
+                Ok(AgentReply::Finished { endpoint })
+            }
+            Err(e) => {
+                self.put_back(&id, generation, Held::Nothing, |s| {
+                    s.error = Some(format!("finishing the migration: {e}"));
+                    s.step(Transition::Fail)
+                });
+                Err(e.into())
+            }
+        }
+    }
+
+    pub(crate) async fn discard(
+        self: Arc<Self>,
+        id: InstanceId,
+        generation: u64,
+    ) -> Result<AgentReply> {
+        self.fence(&id, generation)?;
+        let slot = {
+            let mut slots = lock(&self.slots);
+            match slots.get(&id) {
+                Some(s) if s.plan.generation <= generation => slots.remove(&id),
+                _ => None,
+            }
+        };
+        if let Some(s) = slot {
+            match s.held {
+                Held::Guest(g) => g.kill().await,
+                Held::Incoming(i) => i.abort().await,
+                // An operation holds it: it finds the slot gone and kills the VM itself.
+                Held::Taken | Held::Nothing => {}
+            }
+            let _ = std::fs::remove_dir_all(&s.dir);
+            self.release_export(&s.version, &(id.clone(), s.plan.generation));
+        }
+        Ok(AgentReply::Discarded)
+    }
+
+    pub(crate) async fn resume_from(
+        &self,
+        saved: &SavedState,
+        spec: VmSpec,
+        dir: &Path,
+    ) -> Result<Box<dyn Guest>> {
+        let incoming = dir.with_extension("in");
+        std::fs::create_dir_all(&incoming)
+            .map_err(|e| AgentError::Other(format!("creating {}: {e}", incoming.display())))?;
+        let repo = self.repo.clone();
+        let (st, ov, inc) = (saved.state.clone(), saved.overlay.clone(), incoming.clone());
+        let fetched = tokio::task::spawn_blocking(move || -> vmatrix_store::Result<()> {
+            repo.export(&st, &inc.join("state.bin"), ExportFormat::Raw, &|_| {})?;
+            repo.export(&ov, &inc.join("disk.qcow2"), ExportFormat::Raw, &|_| {})?;
+            Ok(())
+        })
+        .await
+        .map_err(|e| AgentError::Other(e.to_string()));
+        let resumed = async {
+            fetched??;
+            let files = SuspendedVm {
+                state_file: incoming.join("state.bin"),
+                disk: incoming.join("disk.qcow2"),
+                state_bytes: 0,
+                elapsed: Duration::ZERO,
+            };
+            Ok::<_, AgentError>(self.hv.resume(spec, dir, &files).await?)
+        }
+        .await;
+        let _ = std::fs::remove_dir_all(&incoming);
+        resumed
+    }
+}

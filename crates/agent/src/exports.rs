@@ -1,0 +1,135 @@
+//! The machine's lazy exports of image versions: one NBD server per version its instances run
+//! (named by the version id, never by a tag), reference-counted by (instance, generation) and
+//! stopped with its last user; and the pins that tell the repository's GC which versions this
+//! machine's instances use.
+
+use std::collections::HashSet;
+
+use vmatrix_core::api::InstancePlan;
+use vmatrix_core::InstanceId;
+use vmatrix_store::nbd::{Export, NbdServer};
+
+use crate::machine::{lock, Agent, AgentError, ExportEntry, Result};
+
+impl Agent {
+    /// The version id a plan runs: pinned in the plan, or the tag resolved now (first
+    /// activation only).
+    pub(crate) async fn version_of(&self, plan: &InstancePlan) -> Result<String> {
+        if let Some(v) = &plan.version {
+            return Ok(v.clone());
+        }
+        let repo = self.repo.clone();
+        let image = plan.image.clone();
+        let (id, _) = tokio::task::spawn_blocking(move || repo.resolve(&image))
+            .await
+            .map_err(|e| AgentError::Other(e.to_string()))??;
+        Ok(id)
+    }
+
+    /// The NBD backing of `version` on this machine, started on first use and stopped when its
+    /// last user leaves. Named by the version id, never by a tag.
+    pub(crate) async fn acquire_export(
+        &self,
+        version: &str,
+        user: (InstanceId, u64),
+    ) -> Result<String> {
+        if let Some(e) = lock(&self.exports).get_mut(version) {
+            e.users.insert(user);
+            return Ok(e.url.clone());
+        }
+        let repo = self.repo.clone();
+        let v = version.to_owned();
+        let manifest = tokio::task::spawn_blocking(move || repo.manifest(&v))
+            .await
+            .map_err(|e| AgentError::Other(e.to_string()))??;
+        let mut exports = lock(&self.exports);
+        // Another task may have started it meanwhile.
+        if let Some(e) = exports.get_mut(version) {
+            e.users.insert(user);
+            return Ok(e.url.clone());
+        }
+        let name = short(version);
+        let export = Export::new(name.clone(), manifest, self.cache.clone());
+        let socket = self.config.data.join("nbd").join(format!("{name}.sock"));
+        let server = NbdServer::start(export, &socket)?;
+        // Reads wait (up to a minute) for the export to come back instead of failing, so a
+        // restarting agent does not hurt its guests.
+        let url = format!(
+            "json:{}",
+            // The protocol node only: the format (raw) is the overlay's backing format.
+            serde_json::json!({ "file": {
+                "driver": "nbd",
+                "server": {"type": "unix", "path": socket},
+                "export": name,
+                "reconnect-delay": 60,
+            }})
+        );
+        exports.insert(
+            version.to_owned(),
+            ExportEntry {
+                _server: server,
+                url: url.clone(),
+                users: HashSet::from([user]),
+            },
+        );
+        let versions: Vec<String> = exports.keys().cloned().collect();
+        drop(exports);
+        self.publish_pins(versions);
+        Ok(url)
+    }
+
+    pub(crate) fn release_export(&self, version: &str, user: &(InstanceId, u64)) {
+        let mut exports = lock(&self.exports);
+        if let Some(e) = exports.get_mut(version) {
+            e.users.remove(user);
+            if e.users.is_empty() {
+                exports.remove(version);
+                let versions: Vec<String> = exports.keys().cloned().collect();
+                drop(exports);
+                self.publish_pins(versions);
+            }
+        }
+    }
+
+    /// Records in the repository which versions this machine's instances use (GC keeps them
+    /// whatever happens to their tags). Written in the background, newest set last.
+    pub(crate) fn publish_pins(&self, versions: Vec<String>) {
+        let write = self.pins_writer(versions);
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => drop(rt.spawn_blocking(write)),
+            Err(_) => write(),
+        }
+    }
+
+    /// The write of one set of pins, skipped if a newer set was written first.
+    pub(crate) fn pins_writer(&self, mut versions: Vec<String>) -> impl FnOnce() + Send + 'static {
+        versions.sort();
+        let seq = self
+            .pin_seq
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            + 1;
+        let (repo, written) = (self.repo.clone(), self.pin_written.clone());
+        let holder = format!("agent-{}", self.config.name);
+        move || {
+            let mut last = lock(&written);
+            if *last > seq {
+                return; // a newer set is written already
+            }
+            match repo.set_pins(&holder, &versions) {
+                Ok(()) => *last = seq,
+                Err(e) => tracing::warn!("recording the versions in use ({holder}): {e}"),
+            }
+        }
+    }
+
+    /// Versions exported now (for tests and the status route).
+    pub fn exported_versions(&self) -> Vec<String> {
+        lock(&self.exports).keys().cloned().collect()
+    }
+}
+
+/// The first 24 hex digits of a version id: short enough for a unix socket path, long enough
+/// never to collide.
+fn short(version: &str) -> String {
+    version.chars().take(24).collect()
+}
