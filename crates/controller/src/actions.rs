@@ -386,7 +386,7 @@ impl Controller {
             }
             Err(e @ ControlError::Agent { .. }) => {
                 // The saved state is still in the repository: stay suspended.
-                row.info.state = InstanceState::Suspended;
+                row.info.state = row.info.state.next(Transition::ResumeFailed)?;
                 row.info.machine = String::new();
                 self.db(|d| d.put_instance(&row))?;
                 self.event("controller", &what, why, &format!("failed: {e}"));

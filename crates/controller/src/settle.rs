@@ -201,7 +201,7 @@ impl Controller {
             let why = match row.info.state {
                 // A resume that never started: its saved state is still in the repository.
                 S::Activating if row.saved.is_some() => {
-                    row.info.state = S::Suspended;
+                    row.info.state = row.info.state.next(Transition::ResumeFailed)?;
                     row.info.machine = String::new();
                     "its resume never started there; it stays suspended"
                 }

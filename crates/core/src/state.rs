@@ -11,6 +11,9 @@
 //!                          ▼ discard
 //!                      discarded
 //! ```
+//!
+//! Also: a suspend or a move that is given up (`cancelled`) goes back to running, and a resume
+//! that never started (`resume-failed`) goes back to suspended with its saved state.
 
 use serde::{Deserialize, Serialize};
 
@@ -50,6 +53,8 @@ pub enum Transition {
     Suspended,
     /// A resume started.
     Resume,
+    /// A resume did not start: it stays suspended, its saved state intact.
+    ResumeFailed,
     /// A migration or suspend was given up; the guest runs on where it was.
     Cancelled,
     /// Something broke.
@@ -81,6 +86,7 @@ impl InstanceState {
             (S::Running, T::SuspendStarted) => S::Suspending,
             (S::Suspending, T::Suspended) => S::Suspended,
             (S::Suspended, T::Resume) => S::Activating,
+            (S::Activating, T::ResumeFailed) => S::Suspended,
             (S::Migrating | S::Suspending, T::Cancelled) => S::Running,
             (S::Activating | S::Running | S::Migrating | S::Suspending, T::Fail) => S::Failed,
             (S::Failed | S::Suspended | S::Activating | S::Running, T::Discard) => S::Discarded,
@@ -153,6 +159,17 @@ mod tests {
             .unwrap();
         assert_eq!(s, S::Suspended);
         assert_eq!(s.next(T::Resume).unwrap(), S::Activating);
+        assert_eq!(
+            S::Activating.next(T::ResumeFailed).unwrap(),
+            S::Suspended,
+            "a resume that did not start"
+        );
+        assert_eq!(
+            S::Suspending.next(T::Cancelled).unwrap(),
+            S::Running,
+            "a suspend given up"
+        );
+        assert!(S::Running.next(T::ResumeFailed).is_err());
         assert_eq!(
             S::Migrating
                 .next(T::Fail)
