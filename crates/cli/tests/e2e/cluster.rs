@@ -304,7 +304,7 @@ async fn up_apply_migrate_suspend_resume_and_survive_a_controller_crash() {
 
     // Recovery: a broken instance (its QEMU killed) is thrown away and replaced.
     let victim = instance(&ps(d).await, "sports-2").clone();
-    kill9("sports-2's QEMU", is_qemu_of("sports-2"));
+    kill9("sports-2's QEMU", is_qemu_of(d, "sports-2"));
     let t = Instant::now();
     let replaced = wait_for("sports-2 replaced", Duration::from_secs(120), async || {
         let l = ps(d).await;

@@ -71,9 +71,9 @@ async fn check(endpoint: &str, value: &str) {
     }
 }
 
-/// One QEMU process for the instance, no second copy anywhere.
-fn one_copy(id: &str) -> u32 {
-    let p = processes(is_qemu_of(id));
+/// One QEMU process for the instance in this test's matrix (`data`), no second copy.
+fn one_copy(data: &Path, id: &str) -> u32 {
+    let p = processes(is_qemu_of(data, id));
     assert_eq!(p.len(), 1, "QEMU processes of {id}: {p:?}");
     p[0].0
 }
@@ -265,7 +265,7 @@ image = "web:prod-v1"
     .await;
     assert_eq!(moved["version"], v1.as_str(), "it keeps its version");
     check(moved["endpoint"].as_str().unwrap_or(""), "one").await;
-    one_copy("web-1");
+    one_copy(data, "web-1");
 
     // 2. The controller dies 0.2 s into a migration and comes back.
     let _controller =
@@ -277,7 +277,7 @@ image = "web:prod-v1"
     .await;
     assert_eq!(settled["version"], v1.as_str());
     check(settled["endpoint"].as_str().unwrap_or(""), "one").await;
-    one_copy("web-1");
+    one_copy(data, "web-1");
 
     // 3. The controller dies 0.2 s into a suspend and comes back.
     // (The controller started above is the one killed now; its handle only reaps it.)
@@ -289,7 +289,7 @@ image = "web:prod-v1"
     .await;
     if web2["state"] == "suspended" {
         assert!(
-            processes(is_qemu_of("web-2")).is_empty(),
+            processes(is_qemu_of(data, "web-2")).is_empty(),
             "a suspended instance has no QEMU"
         );
         let (ok, _, err) = cli(data, &["resume", "web-2"]).await;
@@ -302,7 +302,7 @@ image = "web:prod-v1"
         "resumed on its own version, not the new tag"
     );
     check(web2["endpoint"].as_str().unwrap_or(""), "two").await;
-    one_copy("web-2");
+    one_copy(data, "web-2");
     // No stuck row: every instance ends running (a replacement the controller started for
     // `min` while web-2 was suspended included — on the new version of the tag).
     let all = wait_for(
@@ -315,7 +315,7 @@ image = "web:prod-v1"
     )
     .await;
     for i in &all {
-        one_copy(i["id"].as_str().unwrap_or(""));
+        one_copy(data, i["id"].as_str().unwrap_or(""));
     }
 
     // 4. A machine's agent dies with SIGKILL and starts again: the same QEMUs serve on.
@@ -330,7 +330,7 @@ image = "web:prod-v1"
         .map(|i| i["id"].as_str().unwrap_or("").to_owned())
         .collect();
     assert!(here.len() >= 2, "two instances on {machine}: {list:?}");
-    let pids: Vec<u32> = here.iter().map(|id| one_copy(id)).collect();
+    let pids: Vec<u32> = here.iter().map(|id| one_copy(data, id)).collect();
     let agent_of = |c: &str| {
         c.contains("vmatrix agent")
             && c.contains(&format!("--name {machine} "))
@@ -355,7 +355,7 @@ image = "web:prod-v1"
     // Several heartbeats of the new agent later…
     tokio::time::sleep(Duration::from_secs(6)).await;
     for (id, pid) in here.iter().zip(&pids) {
-        assert_eq!(one_copy(id), *pid, "{id} is served by the same QEMU");
+        assert_eq!(one_copy(data, id), *pid, "{id} is served by the same QEMU");
         let i = instance(data, id).await;
         assert_eq!(i["state"], "running", "{id}");
         let (s, _) = http(

@@ -194,7 +194,7 @@ async fn the_policy_scales_out_drops_the_lower_priority_and_scales_back_in() {
         .find(|i| i["service"] == "shop" && i["state"] == "running")
         .expect("a running shop instance");
     let id = victim["id"].as_str().unwrap().to_owned();
-    kill9("shop's QEMU", is_qemu_of(&id));
+    kill9("shop's QEMU", is_qemu_of(d, &id));
     let broke = Instant::now();
     wait_for("shop replaced", Duration::from_secs(120), async || {
         let l = ps(d).await;

@@ -120,9 +120,14 @@ pub fn kill9(what: &str, pred: impl Fn(&str) -> bool) {
     assert!(killed.success(), "kill -9 {pid} ({what})");
 }
 
-/// The QEMU process of instance `id` (its SMBIOS serial is the instance id).
-pub fn is_qemu_of(id: &str) -> impl Fn(&str) -> bool + '_ {
-    move |c: &str| c.contains("qemu-system") && c.contains(&format!("serial={id} "))
+/// The QEMU process of instance `id` (its SMBIOS serial is the instance id) in the matrix whose
+/// data directory is `data` (tests run in parallel, and instance ids repeat across them).
+pub fn is_qemu_of<'a>(data: &'a Path, id: &'a str) -> impl Fn(&str) -> bool + 'a {
+    move |c: &str| {
+        c.contains("qemu-system")
+            && c.contains(&format!("serial={id} "))
+            && c.contains(&format!("{}/", data.display()))
+    }
 }
 
 /// Live (not zombie) processes whose command line satisfies `pred`: (pid, command line).
