@@ -12,6 +12,7 @@ use serde_json::Value;
 use crate::cluster::{cli, ps, wait_for};
 use crate::support::{
     data_dir, free_port, is_qemu_of, kill9, processes, start_controller, start_up, up_log, vmatrix,
+    VmSweep,
 };
 
 fn field(list: &[Value], id: &str, key: &str) -> String {
@@ -100,17 +101,6 @@ impl Drop for Terminated {
     }
 }
 
-/// Whatever happens, no VM of this test's machines outlives it.
-struct Sweep<'a>(&'a Path);
-
-impl Drop for Sweep<'_> {
-    fn drop(&mut self) {
-        for m in ["rm1", "rm2"] {
-            vmatrix_agent::sweep(&self.0.join("agents").join(m).join("vms"), &[]);
-        }
-    }
-}
-
 /// Submits `args` (a migrate or suspend) and, 0.2 s in, kills the controller with SIGKILL;
 /// then starts a controller again on the same state.
 async fn kill_controller_during(data: &Path, listen: &str, args: &[&str]) -> tokio::process::Child {
@@ -137,7 +127,7 @@ async fn no_operation_loses_a_server_whatever_is_killed() {
     let _serial = crate::support::UNDER_LOAD.lock().await;
     let dir = data_dir();
     let data = dir.path();
-    let _sweep = Sweep(data);
+    let _sweep = VmSweep(data);
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
     let switch = format!("127.0.0.1:{}", free_port());

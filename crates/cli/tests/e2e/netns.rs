@@ -125,6 +125,9 @@ async fn an_instance_migrates_between_hosts_in_network_namespaces() {
         String::from_utf8_lossy(&out.stderr)
     );
 
+    // The agents are stopped with SIGTERM below (they stop their VMs then); if the test fails
+    // first, they die with SIGKILL and this stops their VMs.
+    let _sweep = crate::support::VmSweep(d);
     let api_addr = format!("10.77.{n}.1:7070");
     let api = format!("http://{api_addr}");
     let mut controller = vmatrix()
@@ -234,7 +237,13 @@ async fn an_instance_migrates_between_hosts_in_network_namespaces() {
     assert_eq!(got.body, b"crossed the link");
 
     for mut a in agents {
-        let _ = a.start_kill();
+        // SIGTERM: an agent that stops (`--on-exit stop`) stops its VMs.
+        if let Some(pid) = a.id() {
+            // SAFETY: plain kill(2) of our own child.
+            unsafe {
+                libc::kill(pid as libc::pid_t, libc::SIGTERM);
+            }
+        }
         let _ = a.wait().await;
     }
     let _ = controller.start_kill();

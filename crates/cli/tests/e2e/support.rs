@@ -106,6 +106,21 @@ pub async fn start_controller(data: &Path, listen: &str) -> tokio::process::Chil
     child
 }
 
+/// Whatever happens to a test, no VM of its machines outlives it: an agent killed with SIGKILL
+/// leaves its VMs running (for the next agent to adopt), so a test that kills agents holds one.
+pub struct VmSweep<'a>(pub &'a Path);
+
+impl Drop for VmSweep<'_> {
+    fn drop(&mut self) {
+        let Ok(machines) = std::fs::read_dir(self.0.join("agents")) else {
+            return;
+        };
+        for m in machines.flatten() {
+            vmatrix_agent::sweep(&m.path().join("vms"), &[]);
+        }
+    }
+}
+
 /// Kills with SIGKILL the one live process whose command line satisfies `pred` (`what` names
 /// it in the failure message): a crash, as far as vMatrix can tell.
 pub fn kill9(what: &str, pred: impl Fn(&str) -> bool) {
