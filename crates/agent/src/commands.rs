@@ -41,8 +41,11 @@ impl Agent {
                 });
             }
         }
-        // A suspended record of an older generation is superseded by this activation.
-        slots.insert(plan.id.clone(), slot);
+        // A suspended record of an older generation is superseded by this activation: its
+        // directory goes (a next agent process must not restore it).
+        if let Some(old) = slots.insert(plan.id.clone(), slot) {
+            let _ = std::fs::remove_dir_all(old.dir);
+        }
         Ok(None)
     }
 
@@ -269,11 +272,13 @@ impl Agent {
                 .save_state(&state_file, work_limit(plan.memory_mib))
                 .await?;
             let repo = self.repo.clone();
-            let (st, ov) = (saved.state.clone(), saved.overlay.clone());
+            let (st, ov, base) = (saved.state.clone(), saved.overlay.clone(), version.clone());
             tokio::task::spawn_blocking(move || -> vmatrix_store::Result<()> {
+                // The overlay names its base version: GC keeps that version while the
+                // suspended instance lives, whatever happens to the image's tag.
                 let stored = repo
                     .import_state(&files.state_file, &st, &|_| {})
-                    .and_then(|_| repo.import_state(&files.disk, &ov, &|_| {}));
+                    .and_then(|_| repo.import_state_over(&files.disk, &ov, Some(&base), &|_| {}));
                 if stored.is_err() {
                     let _ = repo.remove(&st);
                     let _ = repo.remove(&ov);
@@ -304,7 +309,16 @@ impl Agent {
             }
             return Err(e);
         }
-        // The state is durable in the repository: only now does QEMU end.
+        // The state is durable in the repository. It is recorded beside the VM before QEMU
+        // ends, so that a crash from here on leaves a suspended record (a next agent process
+        // restores it, and stops a QEMU that was still there); only then does QEMU end.
+        if let Some(s) = lock(&self.slots)
+            .get_mut(&id)
+            .filter(|s| s.plan.generation == generation)
+        {
+            s.saved = Some(saved.clone());
+        }
+        self.persist(&id, Phase::Suspended);
         guest.end().await;
         let kept = self.put_back(&id, generation, Held::Nothing, |s| {
             s.step(Transition::Suspended)?;
@@ -372,7 +386,10 @@ impl Agent {
                     });
                 }
             }
-            slots.insert(plan.id.clone(), slot);
+            if let Some(old) = slots.insert(plan.id.clone(), slot) {
+                // A superseded suspended record (see `claim_slot`).
+                let _ = std::fs::remove_dir_all(old.dir);
+            }
         }
         let started = async {
             let spec = self.vm_setup(&plan, &version, endpoint, &dir).await?;
@@ -494,11 +511,16 @@ impl Agent {
             Ok(guest) => {
                 let pid = guest.pid();
                 let mut endpoint = String::new();
-                self.put_back(&id, generation, Held::Guest(guest), |s| {
+                let kept = self.put_back(&id, generation, Held::Guest(guest), |s| {
                     s.pid = pid;
                     endpoint = s.endpoint.to_string();
                     s.step(Transition::Moved)
                 });
+                if !kept {
+                    return Err(AgentError::Other(format!(
+                        "instance {id} was discarded while its migration finished"
+                    )));
+                }
                 self.persist(&id, Phase::Running);
                 tokio::spawn(crate::health::watch(self.clone(), id, generation));
                 Ok(AgentReply::Finished { endpoint })
@@ -536,6 +558,38 @@ impl Agent {
             let _ = std::fs::remove_dir_all(&s.dir);
             self.release_export(&s.version, &(id.clone(), s.plan.generation));
         }
+        Ok(AgentReply::Discarded)
+    }
+
+    /// Removes a discarded suspended instance's saved state from the repository (untagged:
+    /// the next `gc` frees its chunks). Refused for an instance that runs here.
+    pub(crate) async fn remove_saved(
+        self: Arc<Self>,
+        id: InstanceId,
+        saved: SavedState,
+    ) -> Result<AgentReply> {
+        if lock(&self.slots)
+            .get(&id)
+            .is_some_and(|s| s.state != InstanceState::Suspended)
+        {
+            return Err(AgentError::Busy {
+                id,
+                state: InstanceState::Running,
+                what: "removing its saved state",
+            });
+        }
+        let repo = self.repo.clone();
+        tokio::task::spawn_blocking(move || -> vmatrix_store::Result<()> {
+            for image in [&saved.state, &saved.overlay] {
+                match repo.remove(image) {
+                    Ok(_) | Err(vmatrix_store::StoreError::NotFound { .. }) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| AgentError::Other(e.to_string()))??;
         Ok(AgentReply::Discarded)
     }
 

@@ -42,39 +42,45 @@ impl Agent {
         let manifest = tokio::task::spawn_blocking(move || repo.manifest(&v))
             .await
             .map_err(|e| AgentError::Other(e.to_string()))??;
-        let mut exports = lock(&self.exports);
-        // Another task may have started it meanwhile.
-        if let Some(e) = exports.get_mut(version) {
-            e.users.insert(user);
-            return Ok(e.url.clone());
+        let (url, write) = {
+            let mut exports = lock(&self.exports);
+            // Another task may have started it meanwhile.
+            if let Some(e) = exports.get_mut(version) {
+                e.users.insert(user);
+                return Ok(e.url.clone());
+            }
+            let name = short(version);
+            let export = Export::new(name.clone(), manifest, self.cache.clone());
+            let socket = self.config.data.join("nbd").join(format!("{name}.sock"));
+            let server = NbdServer::start(export, &socket)?;
+            // Reads wait (up to a minute) for the export to come back instead of failing, so
+            // a restarting agent does not hurt its guests.
+            let url = format!(
+                "json:{}",
+                // The protocol node only: the format (raw) is the overlay's backing format.
+                serde_json::json!({ "file": {
+                    "driver": "nbd",
+                    "server": {"type": "unix", "path": socket},
+                    "export": name,
+                    "reconnect-delay": 60,
+                }})
+            );
+            exports.insert(
+                version.to_owned(),
+                ExportEntry {
+                    _server: server,
+                    url: url.clone(),
+                    users: HashSet::from([user]),
+                },
+            );
+            // The set and its sequence number are taken under the lock (newest set written
+            // last).
+            (url, self.pins_writer(exports.keys().cloned().collect()))
+        };
+        // The pin is durable before the first VM reads the version.
+        if let Err(e) = tokio::task::spawn_blocking(write).await {
+            tracing::warn!("recording the versions in use: {e}");
         }
-        let name = short(version);
-        let export = Export::new(name.clone(), manifest, self.cache.clone());
-        let socket = self.config.data.join("nbd").join(format!("{name}.sock"));
-        let server = NbdServer::start(export, &socket)?;
-        // Reads wait (up to a minute) for the export to come back instead of failing, so a
-        // restarting agent does not hurt its guests.
-        let url = format!(
-            "json:{}",
-            // The protocol node only: the format (raw) is the overlay's backing format.
-            serde_json::json!({ "file": {
-                "driver": "nbd",
-                "server": {"type": "unix", "path": socket},
-                "export": name,
-                "reconnect-delay": 60,
-            }})
-        );
-        exports.insert(
-            version.to_owned(),
-            ExportEntry {
-                _server: server,
-                url: url.clone(),
-                users: HashSet::from([user]),
-            },
-        );
-        let versions: Vec<String> = exports.keys().cloned().collect();
-        drop(exports);
-        self.publish_pins(versions);
         Ok(url)
     }
 
@@ -84,17 +90,16 @@ impl Agent {
             e.users.remove(user);
             if e.users.is_empty() {
                 exports.remove(version);
-                let versions: Vec<String> = exports.keys().cloned().collect();
+                let write = self.pins_writer(exports.keys().cloned().collect());
                 drop(exports);
-                self.publish_pins(versions);
+                Self::in_background(write);
             }
         }
     }
 
     /// Records in the repository which versions this machine's instances use (GC keeps them
     /// whatever happens to their tags). Written in the background, newest set last.
-    pub(crate) fn publish_pins(&self, versions: Vec<String>) {
-        let write = self.pins_writer(versions);
+    fn in_background(write: impl FnOnce() + Send + 'static) {
         match tokio::runtime::Handle::try_current() {
             Ok(rt) => drop(rt.spawn_blocking(write)),
             Err(_) => write(),

@@ -274,6 +274,17 @@ impl Hypervisor for FakeHypervisor {
         }))
     }
 
+    async fn adopt_incoming(
+        &self,
+        _spec: VmSpec,
+        _dir: &Path,
+        pid: u32,
+    ) -> Result<Option<Box<dyn Incoming>>, VmmError> {
+        // A fake destination's stream lives in its agent's runtime: it died with the agent.
+        self.crash(pid);
+        Ok(None)
+    }
+
     fn alive(&self, pid: u32) -> bool {
         self.procs
             .lock()

@@ -78,10 +78,6 @@ async fn status(State(ctx): State<Ctx>, headers: HeaderMap) -> Response {
 pub async fn serve(agent: Arc<Agent>, controller: String, token: String) -> std::io::Result<()> {
     // The address first: an agent that cannot serve must not touch the VMs it would adopt.
     let listener = tokio::net::TcpListener::bind(agent.config.listen).await?;
-    let adopted = crate::record::adopt_left(&agent).await;
-    if adopted > 0 {
-        tracing::info!(machine = %agent.config.name, "adopted {adopted} running VM(s)");
-    }
     let ctx = Ctx {
         agent: agent.clone(),
         token: Arc::new(token.clone()),
@@ -92,8 +88,18 @@ pub async fn serve(agent: Arc<Agent>, controller: String, token: String) -> std:
         .layer(DefaultBodyLimit::max(1 << 20))
         .with_state(ctx);
     tracing::info!(machine = %agent.config.name, "agent listening on {}", agent.config.listen);
+    // It answers at once (a controller probing a machine whose heartbeats paused sees it is
+    // alive); commands wait until the VMs a previous process left are adopted, and heartbeats
+    // start only then (a report without them would make the controller think them lost).
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let adopted = crate::record::adopt_left(&agent).await;
+    if adopted > 0 {
+        tracing::info!(machine = %agent.config.name, "adopted {adopted} VM(s)");
+    }
     tokio::spawn(heartbeat(agent, controller, token));
-    axum::serve(listener, app).await
+    server
+        .await
+        .map_err(|e| std::io::Error::other(format!("the agent API task ended: {e}")))?
 }
 
 async fn heartbeat(agent: Arc<Agent>, controller: String, token: String) {

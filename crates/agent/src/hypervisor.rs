@@ -34,6 +34,15 @@ pub trait Hypervisor: Send + Sync + 'static {
     /// Takes over the VM a previous agent process left running in `dir` as process `pid`,
     /// and makes sure its guest runs (an interrupted suspend leaves it paused).
     async fn adopt(&self, spec: VmSpec, dir: &Path, pid: u32) -> Result<Box<dyn Guest>, VmmError>;
+    /// Takes over a migration destination a previous agent process left: `Some` if the whole
+    /// incoming state has arrived (the source has ended: this is the instance now, waiting to
+    /// be finished); `None` — and the destination is killed — if it never completed.
+    async fn adopt_incoming(
+        &self,
+        spec: VmSpec,
+        dir: &Path,
+        pid: u32,
+    ) -> Result<Option<Box<dyn Incoming>>, VmmError>;
     /// Whether process `pid` is alive.
     fn alive(&self, pid: u32) -> bool;
     /// CPU seconds process `pid` has used.
@@ -118,6 +127,18 @@ impl Hypervisor for Qemu {
         let mut vm = Vm::adopt(spec, dir, pid).await?;
         vm.ensure_running().await?;
         Ok(Box::new(vm))
+    }
+
+    async fn adopt_incoming(
+        &self,
+        spec: VmSpec,
+        dir: &Path,
+        pid: u32,
+    ) -> Result<Option<Box<dyn Incoming>>, VmmError> {
+        let vm = Vm::adopt(spec, dir, pid).await?;
+        Ok(IncomingVm::adopt(vm)
+            .await
+            .map(|i| Box::new(i) as Box<dyn Incoming>))
     }
 
     fn alive(&self, pid: u32) -> bool {

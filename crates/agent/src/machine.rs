@@ -203,6 +203,8 @@ pub struct Agent {
     /// Pins: the sequence number of the newest set asked for, and of the newest written.
     pub(crate) pin_seq: std::sync::atomic::AtomicU64,
     pub(crate) pin_written: Arc<Mutex<u64>>,
+    /// False while the VMs a previous agent process left are being adopted: commands wait.
+    pub(crate) ready: tokio::sync::watch::Sender<bool>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -257,6 +259,7 @@ impl Agent {
             tasks: Mutex::new(HashMap::new()),
             pin_seq: std::sync::atomic::AtomicU64::new(0),
             pin_written: Arc::new(Mutex::new(0)),
+            ready: tokio::sync::watch::Sender::new(false),
         }))
     }
 
@@ -300,6 +303,8 @@ impl Agent {
     /// generation, command): the same command again waits for the same task (or gets its
     /// result), and the task runs to its end whether or not anyone still waits for it.
     pub async fn handle(self: &Arc<Self>, command: AgentCommand) -> TaskResult {
+        // Not before the VMs a previous agent process left are adopted (a few seconds).
+        let _ = self.ready.subscribe().wait_for(|r| *r).await;
         let key = key_of(&command);
         let result = {
             let mut tasks = lock(&self.tasks);
@@ -356,6 +361,7 @@ impl Agent {
                 self.finish_incoming(id, generation).await
             }
             AgentCommand::Discard { id, generation } => self.discard(id, generation).await,
+            AgentCommand::RemoveSaved { id, saved, .. } => self.remove_saved(id, saved).await,
         }
     }
 
@@ -453,17 +459,19 @@ impl Agent {
 
     // For adoption.
 
-    pub(crate) fn restore(&self, record: VmRecord, dir: PathBuf, held: Option<Box<dyn Guest>>) {
+    /// Puts back the slot a previous agent process left: a running VM (`activating` until its
+    /// health check answers — it may have been adopted mid-boot), a destination waiting for
+    /// its `finish-incoming` (`migrating`), or a suspended record (no process).
+    pub(crate) fn restore(&self, record: VmRecord, dir: PathBuf, held: Held) {
         let id = record.plan.id.clone();
         lock(&self.generations)
             .entry(id.clone())
             .and_modify(|g| *g = (*g).max(record.plan.generation))
             .or_insert(record.plan.generation);
-        // An adopted VM is `activating` until its health check answers (it may have been
-        // adopted mid-boot); the controller's row stays as it is meanwhile.
-        let (state, held) = match held {
-            Some(g) => (InstanceState::Activating, Held::Guest(g)),
-            None => (InstanceState::Suspended, Held::Nothing),
+        let (state, pid) = match &held {
+            Held::Guest(g) => (InstanceState::Activating, g.pid()),
+            Held::Incoming(i) => (InstanceState::Migrating, i.pid()),
+            Held::Taken | Held::Nothing => (InstanceState::Suspended, 0),
         };
         lock(&self.slots).insert(
             id,
@@ -472,17 +480,18 @@ impl Agent {
                 version: record.version,
                 state,
                 endpoint: record.endpoint,
-                pid: if state == InstanceState::Activating {
-                    record.pid
-                } else {
-                    0
-                },
+                pid,
                 error: None,
                 saved: record.saved,
                 held,
                 dir,
             },
         );
+    }
+
+    /// Lets commands run: adoption is over.
+    pub(crate) fn set_ready(&self) {
+        self.ready.send_replace(true);
     }
 }
 
@@ -510,5 +519,8 @@ fn key_of(c: &AgentCommand) -> TaskKey {
         AgentCommand::MigrateOut { id, generation, .. } => (id.clone(), *generation, "migrate-out"),
         AgentCommand::FinishIncoming { id, generation } => (id.clone(), *generation, "finish"),
         AgentCommand::Discard { id, generation } => (id.clone(), *generation, "discard"),
+        AgentCommand::RemoveSaved { id, generation, .. } => {
+            (id.clone(), *generation, "remove-saved")
+        }
     }
 }

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use vmatrix_core::api::{InstancePlan, SavedState};
 
-use crate::machine::Agent;
+use crate::machine::{Agent, Held};
 
 /// The phase a VM directory is in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -60,71 +60,124 @@ impl VmRecord {
         std::fs::File::open(dir)?.sync_all()
     }
 
-    /// Reads the record in `dir`.
-    pub fn read(dir: &Path) -> Option<Self> {
-        let bytes = std::fs::read(dir.join(FILE)).ok()?;
-        serde_json::from_slice(&bytes).ok()
+    /// Reads the record in `dir`: `Ok(None)` when there is none (a start that never got that
+    /// far), an error when there is one that cannot be read (it is then left alone).
+    pub fn read(dir: &Path) -> Result<Option<Self>, String> {
+        let bytes = match std::fs::read(dir.join(FILE)) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e.to_string()),
+        };
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| e.to_string())
     }
 }
 
-/// Takes over the VMs a previous agent process left in its data directory. Returns how many
-/// were adopted.
+/// Takes over the VMs a previous agent process left in its data directory; commands wait
+/// until it is done. Returns how many VMs were adopted.
 pub async fn adopt_left(agent: &Arc<Agent>) -> usize {
     let dirs: Vec<PathBuf> = std::fs::read_dir(agent.vms_dir())
         .map(|it| it.flatten().map(|e| e.path()).collect())
         .unwrap_or_default();
-    let mut adopted = 0;
-    let mut keep = Vec::new();
+    let mut records = Vec::new();
+    let mut spared = Vec::new();
     for dir in dirs {
-        let Some(record) = VmRecord::read(&dir) else {
-            tracing::info!(
-                "removing {}: no record of a VM (an unfinished start)",
-                dir.display()
-            );
-            let _ = std::fs::remove_dir_all(&dir);
-            continue;
-        };
-        let id = record.plan.id.clone();
-        let user = (id.clone(), record.plan.generation);
-        match record.phase {
-            Phase::Suspended => {
-                agent.restore(record, dir, None);
-            }
-            Phase::Incoming => {
-                tracing::info!(instance = %id, "ending an incoming migration its agent lost");
+        match VmRecord::read(&dir) {
+            Ok(Some(r)) => records.push((r, dir)),
+            Ok(None) => {
+                tracing::info!(
+                    "removing {}: no record of a VM (an unfinished start)",
+                    dir.display()
+                );
                 let _ = std::fs::remove_dir_all(&dir);
             }
-            Phase::Running => {
-                let taken = async {
-                    let url = agent.acquire_export(&record.version, user.clone()).await?;
-                    let spec = agent.vm_spec(&record.plan, url, record.endpoint);
-                    Ok::<_, crate::AgentError>(agent.hv().adopt(spec, &dir, record.pid).await?)
-                }
-                .await;
-                match taken {
-                    Ok(guest) => {
-                        tracing::info!(instance = %id, pid = record.pid, "adopted a running VM");
-                        keep.push(record.pid);
-                        let generation = record.plan.generation;
-                        agent.restore(record, dir, Some(guest));
-                        tokio::spawn(crate::health::watch(agent.clone(), id, generation));
-                        adopted += 1;
-                    }
-                    Err(e) => {
-                        tracing::warn!(instance = %id, "cannot adopt its VM: {e}; removing it");
-                        let _ = std::fs::remove_dir_all(&dir);
-                    }
-                }
+            Err(e) => {
+                // Never destroy what cannot be read (a newer format, a disk error): an operator
+                // decides. Its QEMU, if any, is spared too.
+                tracing::error!(
+                    "cannot read the record in {}: {e}; leaving it and its VM alone",
+                    dir.display()
+                );
+                spared.push(dir);
             }
         }
     }
-    sweep(&agent.vms_dir(), &keep);
+    // The newest generation of an instance wins; older directories are superseded.
+    records.sort_by(|(a, _), (b, _)| {
+        (a.plan.id.as_str(), std::cmp::Reverse(a.plan.generation))
+            .cmp(&(b.plan.id.as_str(), std::cmp::Reverse(b.plan.generation)))
+    });
+    let mut seen = std::collections::HashSet::new();
+    let mut adopted = 0;
+    let mut keep = Vec::new();
+    for (record, dir) in records {
+        let id = record.plan.id.clone();
+        if !seen.insert(id.clone()) {
+            tracing::info!(instance = %id, "removing {}: superseded by a newer generation", dir.display());
+            let _ = std::fs::remove_dir_all(&dir);
+            continue;
+        }
+        let user = (id.clone(), record.plan.generation);
+        if record.phase == Phase::Suspended {
+            // Its state is durable; a QEMU that an interrupted suspend left is swept below.
+            agent.restore(record, dir, Held::Nothing);
+            continue;
+        }
+        let taken = async {
+            let url = agent.acquire_export(&record.version, user.clone()).await?;
+            let spec = agent.vm_spec(&record.plan, url, record.endpoint);
+            let held = match record.phase {
+                Phase::Running => {
+                    Some(Held::Guest(agent.hv().adopt(spec, &dir, record.pid).await?))
+                }
+                Phase::Incoming => agent
+                    .hv()
+                    .adopt_incoming(spec, &dir, record.pid)
+                    .await?
+                    .map(Held::Incoming),
+                Phase::Suspended => None,
+            };
+            Ok::<_, crate::AgentError>(held)
+        }
+        .await;
+        match taken {
+            Ok(Some(held)) => {
+                tracing::info!(instance = %id, pid = record.pid, phase = ?record.phase, "adopted a VM");
+                keep.push(record.pid);
+                let (generation, running) =
+                    (record.plan.generation, record.phase == Phase::Running);
+                agent.restore(record, dir, held);
+                if running {
+                    tokio::spawn(crate::health::watch(agent.clone(), id, generation));
+                }
+                adopted += 1;
+            }
+            Ok(None) => {
+                tracing::info!(instance = %id, "ending an incoming migration that never completed (its source has the guest)");
+                agent.release_export(&record.version, &user);
+                let _ = std::fs::remove_dir_all(&dir);
+            }
+            Err(e) => {
+                tracing::warn!(instance = %id, "cannot adopt its VM: {e}; removing it");
+                agent.release_export(&record.version, &user);
+                let _ = std::fs::remove_dir_all(&dir);
+            }
+        }
+    }
+    sweep_sparing(&agent.vms_dir(), &keep, &spared);
+    agent.set_ready();
     adopted
 }
 
 /// Kills every QEMU whose command line names a directory under `vms` except `keep`: what a
 /// crashed agent or test left and nobody adopted.
 pub fn sweep(vms: &Path, keep: &[u32]) -> usize {
+    sweep_sparing(vms, keep, &[])
+}
+
+/// [`sweep`], also sparing the QEMUs of the directories in `spared`.
+fn sweep_sparing(vms: &Path, keep: &[u32], spared: &[PathBuf]) -> usize {
     let needle = format!("{}/", vms.display());
     let mut killed = 0;
     let Ok(procs) = std::fs::read_dir("/proc") else {
@@ -141,7 +194,10 @@ pub fn sweep(vms: &Path, keep: &[u32]) -> usize {
             continue;
         };
         let cmdline = String::from_utf8_lossy(&cmdline);
-        if cmdline.starts_with("qemu-system") && cmdline.contains(&needle) {
+        let spare = spared
+            .iter()
+            .any(|d| cmdline.contains(&format!("{}/", d.display())));
+        if cmdline.starts_with("qemu-system") && cmdline.contains(&needle) && !spare {
             // SAFETY: plain kill(2) of a process group led by a QEMU we started (its command
             // line names our directory).
             unsafe {

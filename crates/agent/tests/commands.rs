@@ -61,6 +61,8 @@ fn plan(generation: u64) -> InstancePlan {
 #[tokio::test]
 async fn the_same_activation_twice_is_one_vm_and_stale_generations_are_refused() {
     let (_dir, agent, fake) = setup();
+    // As at a start: nothing to adopt, then commands run.
+    assert_eq!(vmatrix_agent::adopt_left(&agent).await, 0);
     let cmd = AgentCommand::Activate {
         plan: plan(2),
         state: None,
@@ -84,7 +86,9 @@ async fn the_same_activation_twice_is_one_vm_and_stale_generations_are_refused()
     assert_eq!(fake.pids().len(), 1, "still running");
     // The record a restarted agent would adopt is on disk.
     let dir = agent.config.data.join("vms/web-1-g2");
-    let record = vmatrix_agent::record::VmRecord::read(&dir).expect("a record");
+    let record = vmatrix_agent::record::VmRecord::read(&dir)
+        .expect("a readable record")
+        .expect("a record");
     assert_eq!(record.pid, fake.pids()[0]);
     assert_eq!(record.phase, vmatrix_agent::record::Phase::Running);
 }
@@ -92,6 +96,8 @@ async fn the_same_activation_twice_is_one_vm_and_stale_generations_are_refused()
 #[tokio::test]
 async fn a_discard_during_a_suspend_wins_and_leaves_nothing_behind() {
     let (_dir, agent, fake) = setup();
+    // As at a start: nothing to adopt, then commands run.
+    assert_eq!(vmatrix_agent::adopt_left(&agent).await, 0);
     agent
         .handle(AgentCommand::Activate {
             plan: plan(1),
@@ -145,4 +151,57 @@ async fn a_discard_during_a_suspend_wins_and_leaves_nothing_behind() {
         agent.exported_versions().is_empty(),
         "the export stopped with its last user"
     );
+}
+
+#[tokio::test]
+async fn an_unreadable_record_is_left_alone_and_a_superseded_one_goes() {
+    let (_dir, agent, fake) = setup();
+    // A record this agent cannot read (a newer format, a damaged disk): never destroyed.
+    let odd = agent.config.data.join("vms/other-1-g3");
+    std::fs::create_dir_all(&odd).expect("dir");
+    std::fs::write(odd.join("vm.json"), b"{ not json").expect("record");
+    std::fs::write(odd.join("disk.qcow2"), b"precious").expect("disk");
+    assert_eq!(vmatrix_agent::adopt_left(&agent).await, 0);
+    assert!(odd.join("disk.qcow2").exists(), "left alone");
+    // web-1 suspended at generation 1, then resumed here at generation 2: the old record goes.
+    agent
+        .handle(AgentCommand::Activate {
+            plan: plan(1),
+            state: None,
+        })
+        .await
+        .expect("activate");
+    for _ in 0..100 {
+        if agent.report().instances[0].state.as_str() == "running" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let id = InstanceId::new("web-1").expect("id");
+    let AgentReply::Suspended { saved } = agent
+        .handle(AgentCommand::Suspend {
+            id: id.clone(),
+            generation: 1,
+        })
+        .await
+        .expect("suspend")
+    else {
+        panic!("not a suspend reply");
+    };
+    assert!(agent.config.data.join("vms/web-1-g1/vm.json").exists());
+    let mut resumed = plan(2);
+    resumed.version = agent.report().instances[0].version.clone().into();
+    agent
+        .handle(AgentCommand::Activate {
+            plan: resumed,
+            state: Some(saved),
+        })
+        .await
+        .expect("resume");
+    assert!(
+        !agent.config.data.join("vms/web-1-g1").exists(),
+        "the superseded suspended record is gone"
+    );
+    assert!(agent.config.data.join("vms/web-1-g2/vm.json").exists());
+    assert_eq!(fake.pids().len(), 1);
 }

@@ -352,6 +352,15 @@ impl Controller {
                 row.info.state.as_str()
             )));
         };
+        if row.info.version.is_empty() {
+            // Suspended before versions were pinned: its overlay's base is unknown, and the
+            // tag may name other bytes now — resuming would corrupt its disk.
+            return Err(ControlError::Conflict(format!(
+                "instance {id} was suspended before image versions were pinned: the version its disk \
+                 was based on is unknown, so it cannot be resumed safely; `vmatrix discard {id}` \
+                 throws it away (a new instance starts from the image)"
+            )));
+        }
         let spec = self.spec_of(&row.info.service)?;
         let machine = match on {
             Some(n) => self.machine_up(n)?,
@@ -437,9 +446,43 @@ impl Controller {
                 _ => {}
             }
         }
+        let mut outcome = "ok".to_owned();
+        if let (Some(saved), true) = (
+            row.saved.clone(),
+            row.info.state == InstanceState::Suspended,
+        ) {
+            // Its saved state is of no use any more: any machine that is up removes it from
+            // the repository (the next gc frees its chunks).
+            let up = self
+                .machines()?
+                .into_iter()
+                .find(|m| m.state == MachineState::Up);
+            let removed = match up {
+                Some(m) => self
+                    .send(
+                        &m,
+                        &AgentCommand::RemoveSaved {
+                            id: id.clone(),
+                            generation: row.info.generation,
+                            saved: saved.clone(),
+                        },
+                        0,
+                    )
+                    .await
+                    .map(drop),
+                None => Err(ControlError::Conflict("no machine is up".into())),
+            };
+            if let Err(e) = removed {
+                outcome = format!(
+                    "ok; its saved state ({}, {}) stays in the repository: {e}",
+                    saved.state, saved.overlay
+                );
+            }
+            row.saved = None;
+        }
         row.info.state = next;
         self.db(|d| d.put_instance(&row))?;
-        self.event("controller", &format!("discard {id}"), why, "ok");
+        self.event("controller", &format!("discard {id}"), why, &outcome);
         Ok("discarded".into())
     }
 

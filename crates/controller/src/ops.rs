@@ -53,13 +53,30 @@ impl Controller {
             .insert(id, rx);
         let me = self.clone();
         tokio::spawn(async move {
-            let result = me.operate(op).await;
+            // The work in a task of its own: even a panic in it settles the operation.
+            let work = tokio::spawn({
+                let me = me.clone();
+                async move { me.operate(op).await }
+            });
+            let result = work.await.unwrap_or_else(|e| {
+                Err(ControlError::Conflict(format!(
+                    "operation {id} ended abnormally ({e}); `vmatrix ps` shows where its instance is"
+                )))
+            });
             let (state, text) = match &result {
                 Ok(m) => (OpState::Done, m.clone()),
                 Err(e) => (OpState::Failed, e.to_string()),
             };
-            if let Err(e) = me.db(|d| d.settle_op(id, state, &text, now_ms())) {
-                tracing::warn!("settling operation {id}: {e}");
+            // Settled once; a busy or failing database gets a few more tries.
+            for attempt in 1..=5u32 {
+                match me.db(|d| d.settle_op(id, state, &text, now_ms())) {
+                    Ok(_) => break,
+                    Err(e) if attempt < 5 => {
+                        tracing::warn!("settling operation {id} (try {attempt}): {e}");
+                        tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
+                    }
+                    Err(e) => tracing::error!("operation {id} ended but is not recorded: {e}"),
+                }
             }
             let _ = tx.send(Some(result.map_err(|e| (e.status(), e.to_string()))));
             // Waiters that come later read the row.

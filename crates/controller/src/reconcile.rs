@@ -37,12 +37,22 @@ impl Controller {
                 row.info.state.is_placed() && grace && down.contains(&row.info.machine);
             if on_down_machine {
                 let mut r = row.clone();
-                r.info.state = r.info.state.next(Transition::Fail)?;
+                let why = if r.info.state == InstanceState::Activating && r.saved.is_some() {
+                    // A resume that never ran there: its saved state is still in the
+                    // repository, so it stays suspended.
+                    r.info.state = r.info.state.next(Transition::ResumeFailed)?;
+                    r.info.machine = String::new();
+                    r.info.endpoint = String::new();
+                    format!("machine {} is down before its resume ran", row.info.machine)
+                } else {
+                    r.info.state = r.info.state.next(Transition::Fail)?;
+                    format!("machine {} is down", r.info.machine)
+                };
                 self.db(|d| d.put_instance(&r))?;
                 self.event(
                     "controller",
-                    &format!("{} failed", r.info.id),
-                    &format!("machine {} is down", r.info.machine),
+                    &format!("{} {}", r.info.id, r.info.state.as_str()),
+                    &why,
                     "lost",
                 );
                 continue;

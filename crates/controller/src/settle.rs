@@ -107,7 +107,10 @@ impl Controller {
                     let Some(step) = step else { continue };
                     match (row.info.state, step) {
                         (S::Activating, Transition::Ready) => {
-                            self.activation_succeeded(row.info.service.as_str())
+                            self.activation_succeeded(row.info.service.as_str());
+                            // It runs: a saved state it was resumed from is superseded (the
+                            // agent removes it).
+                            row.saved = None;
                         }
                         (S::Activating, Transition::Fail) => {
                             self.activation_failed(row.info.service.as_str())

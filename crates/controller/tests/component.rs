@@ -561,7 +561,14 @@ image = "web:prod-v1"
         (!pins.iter().any(|p| p.versions.contains(&v1))).then_some(())
     })
     .await;
-    m.repo.gc(Duration::ZERO).expect("gc");
+    // Seen from a few seconds on (time is an input): the saved overlays that named v1 were
+    // removed, and untagged manifests younger than GC's cutoff would still count.
+    m.repo
+        .gc_at(
+            std::time::SystemTime::now() + Duration::from_secs(5),
+            Duration::ZERO,
+        )
+        .expect("gc");
     assert!(
         m.repo.manifest(&v1).is_err(),
         "an unused, untagged version is collected"
@@ -657,4 +664,53 @@ async fn activations_that_keep_failing_back_off_instead_of_looping() {
         v["error"].as_str().unwrap_or("").contains("missing:v1"),
         "{v}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_suspended_instance_keeps_its_base_through_a_retag_and_gc_and_a_discard_frees_its_state()
+{
+    let mut m = Matrix::new().await;
+    let web1 = web_on_rm1(&mut m, 1).await;
+    m.put_kv(&web1.endpoint, "k", "v").await;
+    m.done(Operation::Suspend {
+        instance: id("web-1"),
+    })
+    .await;
+    // The tag moves; nothing runs on the old version; gc runs with no grace.
+    let v2 = m.import("guest:v1", b"another version");
+    assert_ne!(v2, web1.version);
+    wait_for(
+        "no pins on the old version",
+        Duration::from_secs(10),
+        async || {
+            let pins = m.repo.pins().expect("pins");
+            (!pins.iter().any(|p| p.versions.contains(&web1.version))).then_some(())
+        },
+    )
+    .await;
+    m.repo.gc(Duration::ZERO).expect("gc");
+    m.repo
+        .manifest(&web1.version)
+        .expect("the suspended instance's base survives: its saved overlay names it");
+    m.done(Operation::Resume {
+        instance: id("web-1"),
+        on: None,
+    })
+    .await;
+    let back = m
+        .wait_state("web-1", "running", None, Duration::from_secs(20))
+        .await;
+    assert_eq!(back.version, web1.version);
+    assert_eq!(m.get_kv(&back.endpoint, "k").await.as_deref(), Some("v"));
+    // Suspended again and thrown away: its saved state leaves the repository.
+    m.done(Operation::Suspend {
+        instance: id("web-1"),
+    })
+    .await;
+    assert_eq!(m.tags("web-1").len(), 2, "{:?}", m.tags("web-1"));
+    m.done(Operation::Discard {
+        instance: id("web-1"),
+    })
+    .await;
+    assert!(m.tags("web-1").is_empty(), "{:?}", m.tags("web-1"));
 }

@@ -357,6 +357,16 @@ pub enum AgentCommand {
         /// Generation.
         generation: u64,
     },
+    /// Remove the saved state of a suspended instance that is thrown away (any machine can:
+    /// it is in the shared repository).
+    RemoveSaved {
+        /// Instance.
+        id: InstanceId,
+        /// Its generation when it was suspended.
+        generation: u64,
+        /// What to remove.
+        saved: SavedState,
+    },
 }
 
 /// The two repository objects that hold a suspended instance.

@@ -78,22 +78,52 @@ impl Repository {
         let tagged = self.tagged_versions()?;
         // Versions in use by running instances (their agents' pins) are roots too.
         let pinned: HashSet<String> = self.pins()?.into_iter().flat_map(|p| p.versions).collect();
+        // Live versions: tagged, pinned (in use by instances), young — and the bases that live
+        // saved overlays read (a suspended instance's image), followed to the end.
+        let listed: Vec<(String, String, bool)> = self
+            .backend
+            .list("manifests/")?
+            .into_iter()
+            .filter_map(|(key, meta)| {
+                let id = key
+                    .strip_prefix("manifests/")?
+                    .strip_suffix(".json")?
+                    .to_owned();
+                let rooted =
+                    tagged.contains_key(&id) || pinned.contains(&id) || meta.modified >= cutoff;
+                Some((key, id, rooted))
+            })
+            .collect();
+        let listed_ids: HashSet<String> = listed.iter().map(|(_, id, _)| id.clone()).collect();
+        let mut live_ids: HashSet<String> = HashSet::new();
+        let mut todo: Vec<String> = listed
+            .iter()
+            .filter(|(_, _, rooted)| *rooted)
+            .map(|(_, id, _)| id.clone())
+            .collect();
         let mut live: HashSet<ChunkId> = HashSet::new();
-        let mut doomed_manifests = Vec::new();
-        for (key, meta) in self.backend.list("manifests/")? {
-            let Some(id) = key
-                .strip_prefix("manifests/")
-                .and_then(|k| k.strip_suffix(".json"))
-            else {
+        while let Some(id) = todo.pop() {
+            if !live_ids.insert(id.clone()) {
                 continue;
+            }
+            // A damaged live manifest must stop GC: its chunks cannot be marked. A base that is
+            // gone already is nothing to keep.
+            let m = match self.manifest(&id) {
+                Ok(m) => m,
+                Err(crate::StoreError::NotFound { .. }) if !listed_ids.contains(&id) => continue,
+                Err(e) => return Err(e),
             };
-            let pinned_only = pinned.contains(id) && !tagged.contains_key(id);
-            if tagged.contains_key(id) || pinned.contains(id) || meta.modified >= cutoff {
+            live.extend(m.chunks.iter().flatten());
+            if let Some(base) = m.base {
+                todo.push(base);
+            }
+        }
+        let mut doomed_manifests = Vec::new();
+        for (key, id, _) in listed {
+            if live_ids.contains(&id) {
                 report.live_manifests += 1;
-                report.pinned_manifests += usize::from(pinned_only);
-                // A damaged live manifest must stop GC: its chunks cannot be marked.
-                let m = self.manifest(id)?;
-                live.extend(m.chunks.iter().flatten());
+                report.pinned_manifests +=
+                    usize::from(pinned.contains(&id) && !tagged.contains_key(&id));
             } else {
                 doomed_manifests.push(key);
             }

@@ -159,6 +159,7 @@ impl Repository {
             ManifestKind::Disk,
             &source.format,
             &format!("vmatrix image import {}", path.display()),
+            None,
             started,
             progress,
         )
@@ -170,6 +171,18 @@ impl Repository {
         &self,
         path: &Path,
         image: &ImageRef,
+        progress: Progress<'_>,
+    ) -> Result<ImportReport> {
+        self.import_state_over(path, image, None, progress)
+    }
+
+    /// [`Repository::import_state`] for a suspended instance's disk overlay whose backing file
+    /// reads version `base`: the manifest names it, and GC keeps `base` as long as this lives.
+    pub fn import_state_over(
+        &self,
+        path: &Path,
+        image: &ImageRef,
+        base: Option<&str>,
         progress: Progress<'_>,
     ) -> Result<ImportReport> {
         let started = Instant::now();
@@ -187,6 +200,7 @@ impl Repository {
             ManifestKind::State,
             "qemu-migration-stream",
             &format!("saved state {}", path.display()),
+            base,
             started,
             progress,
         )
@@ -201,6 +215,7 @@ impl Repository {
         kind: ManifestKind,
         source_format: &str,
         what: &str,
+        base: Option<&str>,
         started: Instant,
         progress: Progress<'_>,
     ) -> Result<ImportReport> {
@@ -225,7 +240,11 @@ impl Repository {
             seconds: 0.0,
         };
         if let Some((id, old)) = &previous {
-            if old.chunks == chunks.ids && old.virtual_size == size && old.kind == kind {
+            if old.chunks == chunks.ids
+                && old.virtual_size == size
+                && old.kind == kind
+                && old.base.as_deref() == base
+            {
                 report.version = id.clone();
                 report.seconds = started.elapsed().as_secs_f64();
                 return Ok(report);
@@ -244,6 +263,7 @@ impl Repository {
             boot: Boot::Bios,
             source_format: source_format.to_owned(),
             chunks: chunks.ids,
+            base: base.map(str::to_owned),
         };
         report.version = self.publish(image, &manifest, raw_path, &chunks.touched)?;
         report.published = true;

@@ -66,6 +66,11 @@ pub struct Manifest {
     /// One entry per chunk: its id, or null for an all-zero chunk (not stored).
     #[serde(serialize_with = "ser_chunks", deserialize_with = "de_chunks")]
     pub chunks: Vec<Option<ChunkId>>,
+    /// For a suspended instance's disk overlay: the version its backing file reads (the
+    /// instance's base image). GC keeps it as long as this version lives. Absent otherwise (and
+    /// in manifests written before it existed, whose ids therefore do not change).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<String>,
 }
 
 fn ser_chunks<S: Serializer>(chunks: &[Option<ChunkId>], s: S) -> Result<S::Ok, S::Error> {
@@ -147,6 +152,7 @@ mod tests {
 
     fn sample() -> Manifest {
         Manifest {
+            base: None,
             format: MANIFEST_FORMAT.into(),
             format_version: MANIFEST_VERSION,
             kind: ManifestKind::Disk,

@@ -105,38 +105,68 @@ impl IncomingVm {
         prepare_dir(&dir)?;
         create_overlay(&spec, &dir.disk()).await?;
         let mut vm = Vm::start(spec, dir, StartMode::Incoming).await?;
-        let nbd = SocketAddr::new(listen, free_port(listen)?);
-        let migration = SocketAddr::new(listen, free_port(listen)?);
-        vm.qmp
-            .execute(&NbdServerStart {
-                addr: SocketAddressLegacy::Inet {
-                    host: nbd.ip().to_string(),
-                    port: nbd.port().to_string(),
-                },
-            })
-            .await?;
-        vm.qmp
-            .execute(&BlockExportAdd {
-                kind: "nbd",
-                id: EXPORT_ID.into(),
-                node_name: DISK_NODE.into(),
-                writable: true,
-                name: DISK_NODE.into(),
-            })
-            .await?;
-        vm.qmp
-            .execute(&MigrateIncoming {
-                uri: format!("tcp:{migration}"),
-            })
-            .await?;
-        Ok(Self {
-            vm,
-            target: MigrationTarget {
+        let listening = async {
+            let nbd = SocketAddr::new(listen, free_port(listen)?);
+            let migration = SocketAddr::new(listen, free_port(listen)?);
+            vm.qmp
+                .execute(&NbdServerStart {
+                    addr: SocketAddressLegacy::Inet {
+                        host: nbd.ip().to_string(),
+                        port: nbd.port().to_string(),
+                    },
+                })
+                .await?;
+            vm.qmp
+                .execute(&BlockExportAdd {
+                    kind: "nbd",
+                    id: EXPORT_ID.into(),
+                    node_name: DISK_NODE.into(),
+                    writable: true,
+                    name: DISK_NODE.into(),
+                })
+                .await?;
+            vm.qmp
+                .execute(&MigrateIncoming {
+                    uri: format!("tcp:{migration}"),
+                })
+                .await?;
+            Ok::<_, VmmError>(MigrationTarget {
                 nbd,
                 export: DISK_NODE.into(),
                 migration,
-            },
-        })
+            })
+        }
+        .await;
+        match listening {
+            Ok(target) => Ok(Self { vm, target }),
+            Err(e) => {
+                // Never left behind, whatever its lifetime.
+                vm.kill().await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Takes over a destination a previous agent process left (`vm`, adopted): if the incoming
+    /// state has been loaded completely (QEMU is no longer `inmigrate`), the destination is
+    /// the instance now — the source has ended — and it is returned to be finished; otherwise
+    /// the migration never completed, the source still has the guest, and it is killed.
+    pub async fn adopt(mut vm: Vm) -> Option<Self> {
+        match vm.status().await {
+            Ok(s) if s.status != "inmigrate" => Some(Self {
+                target: MigrationTarget {
+                    // Unused after the hand-over: the source has sent everything.
+                    nbd: SocketAddr::from(([127, 0, 0, 1], 0)),
+                    export: DISK_NODE.into(),
+                    migration: SocketAddr::from(([127, 0, 0, 1], 0)),
+                },
+                vm,
+            }),
+            _ => {
+                vm.kill().await;
+                None
+            }
+        }
     }
 
     /// The destination QEMU's process id.
@@ -152,10 +182,20 @@ impl IncomingVm {
     /// After the source reported success: waits for the state to be loaded, ends the NBD
     /// export and lets the guest run here.
     pub async fn finish(mut self, limit: Duration) -> Result<Vm> {
-        self.vm.wait_incoming(limit).await?;
-        self.vm.qmp.execute(&NbdServerStop {}).await?;
-        self.vm.cont().await?;
-        Ok(self.vm)
+        let done = async {
+            self.vm.wait_incoming(limit).await?;
+            // An adopted destination may have stopped its NBD server already.
+            let _ = self.vm.qmp.execute(&NbdServerStop {}).await;
+            self.vm.cont().await
+        }
+        .await;
+        match done {
+            Ok(()) => Ok(self.vm),
+            Err(e) => {
+                self.vm.kill().await;
+                Err(e)
+            }
+        }
     }
 
     /// Gives up on the migration: the destination QEMU is killed.

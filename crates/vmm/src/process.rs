@@ -40,6 +40,9 @@ pub struct QemuProcess {
     pid: u32,
     log: PathBuf,
     lifetime: Lifetime,
+    /// For an adopted process: the argument that identifies it (checked again before any
+    /// signal, so that a pid reused by another process is never signalled).
+    marker: Option<String>,
 }
 
 impl QemuProcess {
@@ -83,21 +86,19 @@ impl QemuProcess {
             pid,
             log: log.to_owned(),
             lifetime,
+            marker: None,
         })
     }
 
     /// Takes over a QEMU that an earlier owner started with [`Lifetime::Machine`], if `pid` is
     /// alive and its command line carries `marker` (so a reused pid is never mistaken for it).
     pub fn adopt(pid: u32, marker: &str, log: &Path) -> Option<Self> {
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-        let found = cmdline
-            .split(|b| *b == 0)
-            .any(|arg| arg == marker.as_bytes());
-        (found && alive(pid)).then(|| Self {
+        (has_arg(pid, marker) && alive(pid)).then(|| Self {
             child: None,
             pid,
             log: log.to_owned(),
             lifetime: Lifetime::Machine,
+            marker: Some(marker.to_owned()),
         })
     }
 
@@ -152,7 +153,7 @@ impl QemuProcess {
     fn signal_group(&mut self) {
         let running = match &mut self.child {
             Some(child) => child.try_wait().ok().flatten().is_none(),
-            None => alive(self.pid),
+            None => alive(self.pid) && self.marker.as_deref().is_some_and(|m| has_arg(self.pid, m)),
         };
         if self.pid > 0 && running {
             // SAFETY: plain syscall on a process group QEMU leads. For our own child the id
@@ -171,6 +172,12 @@ impl Drop for QemuProcess {
             self.signal_group();
         }
     }
+}
+
+/// Whether process `pid`'s command line has the argument `arg`.
+fn has_arg(pid: u32, arg: &str) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .is_ok_and(|c| c.split(|b| *b == 0).any(|a| a == arg.as_bytes()))
 }
 
 /// Whether process `pid` exists and is not a zombie waiting to be reaped.

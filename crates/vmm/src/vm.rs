@@ -234,7 +234,10 @@ impl Vm {
             Err(e) => {
                 let mut process = process;
                 tokio::time::sleep(Duration::from_millis(100)).await;
-                if let Some(status) = process.exit_status() {
+                let exited = process.exit_status();
+                // Whatever its lifetime, a QEMU that failed to start never stays behind.
+                process.kill().await;
+                if let Some(status) = exited {
                     return Err(VmmError::Exited {
                         instance: spec.instance.clone(),
                         status,
@@ -531,14 +534,24 @@ impl Vm {
             std::fs::copy(&suspended.disk, dir.disk()).map_err(io_err("copy", &suspended.disk))?;
         }
         let mut vm = Self::start(spec, dir, StartMode::Incoming).await?;
-        vm.qmp
-            .execute(&MigrateIncoming {
-                uri: format!("exec:cat {}", shell_quote(&suspended.state_file)),
-            })
-            .await?;
-        vm.wait_incoming(Duration::from_secs(120)).await?;
-        vm.cont().await?;
-        Ok((vm, started.elapsed()))
+        let loaded = async {
+            vm.qmp
+                .execute(&MigrateIncoming {
+                    uri: format!("exec:cat {}", shell_quote(&suspended.state_file)),
+                })
+                .await?;
+            vm.wait_incoming(Duration::from_secs(120)).await?;
+            vm.cont().await
+        }
+        .await;
+        match loaded {
+            Ok(()) => Ok((vm, started.elapsed())),
+            Err(e) => {
+                // A QEMU that did not resume never stays behind (whatever its lifetime).
+                vm.kill().await;
+                Err(e)
+            }
+        }
     }
 
     /// Waits until an incoming migration stream has been loaded (the VM is then paused).
