@@ -50,7 +50,11 @@ async fn command(State(ctx): State<Ctx>, headers: HeaderMap, body: axum::body::B
     tracing::info!(machine = %ctx.agent.config.name, ?cmd, "command");
     // The command runs as the agent's own task: if the controller hangs up, it goes on.
     match ctx.agent.handle(cmd).await {
-        Ok(reply) => Json(reply).into_response(),
+        Ok(reply) => Json(vmatrix_core::api::CommandReply {
+            seq: ctx.agent.current_seq(),
+            reply,
+        })
+        .into_response(),
         Err(e) => {
             let status = match e.kind {
                 FailureKind::Stale | FailureKind::Busy => StatusCode::CONFLICT,

@@ -205,6 +205,10 @@ pub struct Agent {
     pub(crate) pin_written: Arc<Mutex<u64>>,
     /// False while the VMs a previous agent process left are being adopted: commands wait.
     pub(crate) ready: tokio::sync::watch::Sender<bool>,
+    /// Report sequence numbers: this process's start in microseconds (so they keep growing
+    /// across restarts) plus a counter.
+    report_base: u64,
+    report_count: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Agent {
@@ -260,6 +264,10 @@ impl Agent {
             pin_seq: std::sync::atomic::AtomicU64::new(0),
             pin_written: Arc::new(Mutex::new(0)),
             ready: tokio::sync::watch::Sender::new(false),
+            report_base: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_micros() as u64),
+            report_count: std::sync::atomic::AtomicU64::new(0),
         }))
     }
 
@@ -365,8 +373,20 @@ impl Agent {
         }
     }
 
+    /// The sequence number from which reports show everything done so far (a command's
+    /// reply carries it).
+    pub fn current_seq(&self) -> u64 {
+        self.report_base + self.report_count.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// What runs here now: a snapshot of the table, without waiting on any operation.
     pub fn report(&self) -> AgentReport {
+        // Taken before the snapshot: a change made after this number was taken may or may not
+        // be in the snapshot, one made before it always is.
+        let seq = self.report_base
+            + self
+                .report_count
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let mut instances: Vec<AgentInstance> = lock(&self.slots)
             .values()
             .map(|s| AgentInstance {
@@ -392,6 +412,7 @@ impl Agent {
             vcpus: self.config.vcpus,
             memory_mib: self.config.memory_mib,
             instances,
+            seq,
         }
     }
 

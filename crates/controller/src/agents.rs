@@ -2,7 +2,7 @@
 //! from the work and a typed error that says whether the agent answered (it then left the VM as
 //! it was) or not (the command may still run there).
 
-use vmatrix_core::api::{AgentCommand, AgentReply, ErrorBody, MachineInfo};
+use vmatrix_core::api::{AgentCommand, AgentReply, CommandReply, ErrorBody, MachineInfo};
 
 use crate::control::{ControlError, Controller, Result};
 
@@ -46,10 +46,16 @@ impl Controller {
             })?;
         let status = resp.status();
         if status.is_success() {
-            resp.json().await.map_err(|e| ControlError::Unreachable {
+            let body: CommandReply = resp.json().await.map_err(|e| ControlError::Unreachable {
                 machine: machine.name.clone(),
                 message: format!("bad or cut reply: {e}"),
-            })
+            })?;
+            // Reports from this machine older than this say nothing about the instance now.
+            self.fresh_after
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert((machine.name.clone(), cmd.instance().clone()), body.seq);
+            Ok(body.reply)
         } else {
             let body: Option<ErrorBody> = resp.json().await.ok();
             Err(fail(format!(

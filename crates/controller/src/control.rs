@@ -94,6 +94,10 @@ pub struct Controller {
     pub(crate) work: Arc<tokio::sync::Semaphore>,
     /// Direct probes of machines whose heartbeats stopped.
     pub(crate) probes: Mutex<HashMap<String, Probe>>,
+    /// Per (machine, instance): the report sequence number from which that machine's reports
+    /// show the effect of the last command it answered for the instance (older reports are
+    /// not used to judge it).
+    pub(crate) fresh_after: Mutex<HashMap<(String, InstanceId), u64>>,
     /// Services whose automatic activations fail in a row, and until when they wait.
     pub(crate) backoff: Mutex<HashMap<String, Backoff>>,
 }
@@ -174,6 +178,7 @@ impl Controller {
             work: Arc::new(tokio::sync::Semaphore::new(16)),
             probes: Mutex::new(HashMap::new()),
             backoff: Mutex::new(HashMap::new()),
+            fresh_after: Mutex::new(HashMap::new()),
         })
     }
 

@@ -79,7 +79,7 @@ impl Controller {
         let mut reported = HashSet::new();
         for inst in &report.instances {
             reported.insert(inst.id.clone());
-            if self.is_busy(&inst.id) {
+            if self.is_busy(&inst.id) || self.report_predates(report, &inst.id) {
                 continue;
             }
             let unsettled = self.is_unsettled(&inst.id);
@@ -197,6 +197,7 @@ impl Controller {
             if row.info.machine != report.name
                 || reported.contains(&row.info.id)
                 || self.is_unsettled(&row.info.id)
+                || self.report_predates(report, &row.info.id)
             {
                 continue;
             }
@@ -225,6 +226,22 @@ impl Controller {
             );
         }
         Ok(())
+    }
+
+    /// Whether `report` was taken before the machine answered its last command about `id`
+    /// (then it says nothing about the instance now). A report that is fresh enough ends the
+    /// wait for that instance.
+    fn report_predates(&self, report: &AgentReport, id: &InstanceId) -> bool {
+        let mut fresh = self.fresh_after.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (report.name.clone(), id.clone());
+        match fresh.get(&key) {
+            Some(after) if report.seq < *after => true,
+            Some(_) => {
+                fresh.remove(&key);
+                false
+            }
+            None => false,
+        }
     }
 
     /// Sends the missing `FinishIncoming` of a migration whose controller died between the
@@ -323,5 +340,71 @@ impl Controller {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::db::Db;
+    use vmatrix_core::api::{InstanceInfo, MachineRole};
+
+    fn report(seq: u64) -> AgentReport {
+        AgentReport {
+            name: "rm1".into(),
+            address: "127.0.0.2:1".into(),
+            role: MachineRole::Dedicated,
+            vcpus: 4,
+            memory_mib: 4096,
+            instances: Vec::new(),
+            seq,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_report_taken_before_a_command_ended_never_fails_its_instance() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let c = Controller::new(
+            Db::open(&dir.path().join("state.db")).expect("db"),
+            "t".into(),
+        );
+        let id = InstanceId::new("web-1").expect("id");
+        let row = InstanceRow {
+            info: InstanceInfo {
+                id: id.clone(),
+                service: vmatrix_core::ServiceName::new("web").expect("name"),
+                image: "guest:v1".into(),
+                version: "v".repeat(64),
+                machine: "rm1".into(),
+                state: InstanceState::Running,
+                endpoint: "127.0.0.2:2".into(),
+                generation: 2,
+            },
+            saved: None,
+            seq: 1,
+        };
+        c.db(|d| d.put_instance(&row)).expect("row");
+        // rm1 answered a command about web-1 (say, the end of its migration there) at
+        // sequence 100; a report snapshotted before that (seq 50) arrives late, without it.
+        c.fresh_after
+            .lock()
+            .expect("lock")
+            .insert(("rm1".into(), id.clone()), 100);
+        c.heartbeat(report(50)).await.expect("heartbeat");
+        let state = |c: &Arc<Controller>| {
+            c.db(|d| d.instance(&id))
+                .expect("db")
+                .expect("row")
+                .info
+                .state
+        };
+        assert_eq!(
+            state(&c),
+            InstanceState::Running,
+            "a stale report is not used"
+        );
+        // A report from after the command that still lacks it: now it is lost.
+        c.heartbeat(report(150)).await.expect("heartbeat");
+        assert_eq!(state(&c), InstanceState::Failed);
     }
 }

@@ -260,6 +260,35 @@ pub struct AgentReport {
     pub memory_mib: u32,
     /// What runs there now.
     pub instances: Vec<AgentInstance>,
+    /// Increases with every report, also across agent restarts: a command's reply carries the
+    /// sequence number from which its effect shows in the reports ([`CommandReply::seq`]), so
+    /// the controller never judges an instance by a report taken before it changed.
+    #[serde(default)]
+    pub seq: u64,
+}
+
+/// The body of an agent's answer to a command.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CommandReply {
+    /// Reports with this sequence number or higher show the command's effect.
+    pub seq: u64,
+    /// What the command did.
+    #[serde(flatten)]
+    pub reply: AgentReply,
+}
+
+impl AgentCommand {
+    /// The instance the command is about.
+    pub fn instance(&self) -> &InstanceId {
+        match self {
+            Self::Activate { plan, .. } | Self::PrepareIncoming { plan } => &plan.id,
+            Self::Suspend { id, .. }
+            | Self::MigrateOut { id, .. }
+            | Self::FinishIncoming { id, .. }
+            | Self::Discard { id, .. }
+            | Self::RemoveSaved { id, .. } => id,
+        }
+    }
 }
 
 /// One instance as its agent sees it.
