@@ -24,6 +24,9 @@ impl Controller {
         why: &str,
     ) -> Result<InstanceInfo> {
         let spec = self.spec_of(service)?;
+        // Placement and the row that takes the place are one step: activations and resumes
+        // run in parallel, and two must never pick the same room.
+        let placing = self.placing.lock().unwrap_or_else(|p| p.into_inner());
         let machine = match on {
             Some(name) => self.machine_up(name)?,
             None => self.place(&spec, None)?,
@@ -57,6 +60,7 @@ impl Controller {
             db.put_instance(&row)?;
             (row, busy)
         };
+        drop(placing);
         let id = row.info.id.clone();
         let cmd = AgentCommand::Activate {
             plan: Self::plan(&spec, &row, 1)?,
@@ -362,6 +366,7 @@ impl Controller {
             )));
         }
         let spec = self.spec_of(&row.info.service)?;
+        let placing = self.placing.lock().unwrap_or_else(|p| p.into_inner());
         let machine = match on {
             Some(n) => self.machine_up(n)?,
             None => self.place(&spec, None)?,
@@ -371,6 +376,7 @@ impl Controller {
         row.info.machine = machine.name.clone();
         row.info.state = row.info.state.next(Transition::Resume)?;
         self.db(|d| d.put_instance(&row))?;
+        drop(placing);
         let started = Instant::now();
         let cmd = AgentCommand::Activate {
             plan: Self::plan(&spec, &row, row.info.generation)?,

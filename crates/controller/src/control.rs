@@ -98,6 +98,8 @@ pub struct Controller {
     /// show the effect of the last command it answered for the instance (older reports are
     /// not used to judge it).
     pub(crate) fresh_after: Mutex<HashMap<(String, InstanceId), u64>>,
+    /// Held while a place is chosen and taken (placement is read, then written).
+    pub(crate) placing: Mutex<()>,
     /// Services whose automatic activations fail in a row, and until when they wait.
     pub(crate) backoff: Mutex<HashMap<String, Backoff>>,
 }
@@ -179,6 +181,7 @@ impl Controller {
             probes: Mutex::new(HashMap::new()),
             backoff: Mutex::new(HashMap::new()),
             fresh_after: Mutex::new(HashMap::new()),
+            placing: Mutex::new(()),
         })
     }
 
