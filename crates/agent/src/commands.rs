@@ -74,18 +74,7 @@ impl Agent {
                 return Err(e);
             }
         };
-        let pid = guest.pid();
-        if !self.put_back(&plan.id, plan.generation, Held::Guest(guest), |s| {
-            s.pid = pid;
-            Ok(())
-        }) {
-            self.discarded_meanwhile(&dir, &version, &plan.id, plan.generation, None);
-            return Err(AgentError::Other(format!(
-                "instance {} was discarded while it started",
-                plan.id
-            )));
-        }
-        self.persist(&plan.id, Phase::Running);
+        self.install(&plan, &version, &dir, Held::Guest(guest), Phase::Running)?;
         if let Some(saved) = state {
             // The instance runs again from it: the saved state is superseded.
             let repo = self.repo.clone();
@@ -146,6 +135,35 @@ impl Agent {
             .acquire_export(version, (plan.id.clone(), plan.generation))
             .await?;
         Ok(self.vm_spec(plan, url, endpoint))
+    }
+
+    /// Puts a VM that just started into its slot and records it beside the VM; if the
+    /// instance was discarded meanwhile, the VM is killed and everything it left removed.
+    fn install(
+        &self,
+        plan: &InstancePlan,
+        version: &str,
+        dir: &Path,
+        held: Held,
+        phase: Phase,
+    ) -> Result<()> {
+        let pid = match &held {
+            Held::Guest(g) => g.pid(),
+            Held::Incoming(i) => i.pid(),
+            Held::Taken | Held::Nothing => 0,
+        };
+        if !self.put_back(&plan.id, plan.generation, held, |s| {
+            s.pid = pid;
+            Ok(())
+        }) {
+            self.discarded_meanwhile(dir, version, &plan.id, plan.generation, None);
+            return Err(AgentError::Other(format!(
+                "instance {} was discarded while it started",
+                plan.id
+            )));
+        }
+        self.persist(&plan.id, phase);
+        Ok(())
     }
 
     /// Undoes a start that failed: its slot, its use of the export and its directory.
@@ -404,18 +422,13 @@ impl Agent {
             }
         };
         let t = incoming.target();
-        let pid = incoming.pid();
-        if !self.put_back(&plan.id, plan.generation, Held::Incoming(incoming), |s| {
-            s.pid = pid;
-            Ok(())
-        }) {
-            self.discarded_meanwhile(&dir, &version, &plan.id, plan.generation, None);
-            return Err(AgentError::Other(format!(
-                "instance {} was discarded meanwhile",
-                plan.id
-            )));
-        }
-        self.persist(&plan.id, Phase::Incoming);
+        self.install(
+            &plan,
+            &version,
+            &dir,
+            Held::Incoming(incoming),
+            Phase::Incoming,
+        )?;
         Ok(AgentReply::Prepared {
             target: MigrationTargetBody {
                 nbd: t.nbd.to_string(),

@@ -416,15 +416,6 @@ impl Agent {
         }
     }
 
-    /// Process ids of the VMs this agent holds.
-    pub fn pids(&self) -> Vec<u32> {
-        lock(&self.slots)
-            .values()
-            .map(|s| s.pid)
-            .filter(|p| *p > 0)
-            .collect()
-    }
-
     /// Stops every VM (the machine goes away: `vmatrix up` ends, or `--on-exit stop`).
     pub async fn stop_all(&self) {
         let slots: Vec<Slot> = lock(&self.slots).drain().map(|(_, s)| s).collect();

@@ -44,6 +44,17 @@ fn setup() -> (tempfile::TempDir, Arc<Agent>, FakeHypervisor) {
     (dir, agent, fake)
 }
 
+/// Waits (5 s at most) until the agent's one instance answers its health check.
+async fn wait_running(agent: &Agent) {
+    for _ in 0..100 {
+        if agent.report().instances[0].state.as_str() == "running" {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("not running within 5 s: {:?}", agent.report());
+}
+
 fn plan(generation: u64) -> InstancePlan {
     InstancePlan {
         id: InstanceId::new("web-1").expect("id"),
@@ -105,13 +116,7 @@ async fn a_discard_during_a_suspend_wins_and_leaves_nothing_behind() {
         })
         .await
         .expect("activate");
-    for _ in 0..100 {
-        if agent.report().instances[0].state.as_str() == "running" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(agent.report().instances[0].state.as_str(), "running");
+    wait_running(&agent).await;
     fake.set(FakeKnobs {
         save_delay: Duration::from_millis(500),
         ..FakeKnobs::default()
@@ -171,12 +176,7 @@ async fn an_unreadable_record_is_left_alone_and_a_superseded_one_goes() {
         })
         .await
         .expect("activate");
-    for _ in 0..100 {
-        if agent.report().instances[0].state.as_str() == "running" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_running(&agent).await;
     let id = InstanceId::new("web-1").expect("id");
     let AgentReply::Suspended { saved } = agent
         .handle(AgentCommand::Suspend {

@@ -102,6 +102,14 @@ fn table(headers: &[&str], rows: Vec<Vec<String>>) {
     }
 }
 
+/// The API's name of an enum value (`dedicated`, `policy`, …).
+fn name_of(v: &impl serde::Serialize) -> String {
+    serde_json::to_value(v)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
 fn dash(c: String) -> String {
     if c.is_empty() {
         "-".to_owned()
@@ -144,12 +152,7 @@ pub async fn services(client: &ControllerClient, json: bool) -> Result<()> {
                 reply
                     .dropped
                     .get(s.name.as_str())
-                    .map_or("-".to_owned(), |who| {
-                        serde_json::to_value(who)
-                            .ok()
-                            .and_then(|v| v.as_str().map(str::to_owned))
-                            .unwrap_or_default()
-                    }),
+                    .map_or("-".to_owned(), name_of),
             ]
         })
         .collect();
@@ -177,10 +180,7 @@ pub async fn machines(client: &ControllerClient, json: bool) -> Result<()> {
             vec![
                 m.name,
                 m.address,
-                serde_json::to_value(m.role)
-                    .ok()
-                    .and_then(|r| r.as_str().map(str::to_owned))
-                    .unwrap_or_default(),
+                name_of(&m.role),
                 m.vcpus.to_string(),
                 m.memory_mib.to_string(),
                 m.state.to_string(),

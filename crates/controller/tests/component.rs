@@ -21,6 +21,13 @@ min = MIN
 max = 4
 "#;
 
+/// A services file declaring each (name, image) with the defaults.
+fn services(list: &[(&str, &str)]) -> String {
+    list.iter()
+        .map(|(name, image)| format!("[[service]]\nname = \"{name}\"\nimage = \"{image}\"\n"))
+        .collect()
+}
+
 fn web(min: u32) -> String {
     WEB.replace("MIN", &min.to_string())
 }
@@ -61,6 +68,8 @@ async fn a_slow_suspend_keeps_heartbeats_and_the_neighbours_running() {
     assert_eq!(status, 202, "{reply}");
     let op = reply["operation"].as_u64().expect("an operation id");
     let status_url = format!("http://{}/agent/v1/status", m.agent("rm1").config.listen);
+    // Every report (a heartbeat, or one of the status calls below) takes a sequence number.
+    let seq_before = m.agent("rm1").current_seq();
     let started = Instant::now();
     let mut samples = 0;
     let mut slowest = Duration::ZERO;
@@ -102,9 +111,10 @@ async fn a_slow_suspend_keeps_heartbeats_and_the_neighbours_running() {
         slowest < Duration::from_millis(500),
         "a status took {slowest:?}"
     );
-    // Heartbeats kept their period: every second, whatever was in flight.
-    let beats = m.agent("rm1").clone();
-    drop(beats);
+    // Heartbeats kept their period (one a second) whatever was in flight: the reports taken
+    // meanwhile, less the status calls made here.
+    let heartbeats = m.agent("rm1").current_seq() - seq_before - samples;
+    assert!(heartbeats >= 17, "{heartbeats} heartbeats in 19 s");
     let r = m
         .http
         .get(m.url(&format!("/api/v1/operations/{op}?wait=30")))
@@ -157,23 +167,10 @@ async fn a_controller_killed_mid_migration_and_mid_suspend_settles_each_instance
     let mut m = Matrix::new().await;
     m.start_agent("rm1", 2, MachineRole::Dedicated).await;
     m.start_agent("rm2", 3, MachineRole::Dedicated).await;
-    m.apply(
-        r#"
-[[service]]
-name = "a"
-image = "guest:v1"
-[[service]]
-name = "b"
-image = "guest:v1"
-"#,
-    )
-    .await;
-    let a = m
-        .wait_state("a-1", "running", None, Duration::from_secs(20))
+    m.apply(&services(&[("a", "guest:v1"), ("b", "guest:v1")]))
         .await;
-    let b = m
-        .wait_state("b-1", "running", None, Duration::from_secs(20))
-        .await;
+    let a = m.running("a-1").await;
+    let b = m.running("b-1").await;
     m.put_kv(&a.endpoint, "k", "a-data").await;
     m.put_kv(&b.endpoint, "k", "b-data").await;
     let to = if a.machine == "rm1" { "rm2" } else { "rm1" };
@@ -262,9 +259,7 @@ image = "guest:v1"
         on: None,
     })
     .await;
-    let b3 = m
-        .wait_state("b-1", "running", None, Duration::from_secs(20))
-        .await;
+    let b3 = m.running("b-1").await;
     assert_eq!(m.get_kv(&b3.endpoint, "k").await.as_deref(), Some("b-data"));
 }
 
@@ -301,8 +296,12 @@ async fn a_restarted_agent_adopts_its_vms_and_the_controller_never_fails_them() 
         "the same processes; events: {:#?}",
         m.events().await
     );
-    // Several heartbeats later, nothing was failed, lost or replaced.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Three heartbeats of the new agent later, nothing was failed, lost or replaced.
+    let seq = m.agent("rm1").current_seq();
+    wait_for("three heartbeats", Duration::from_secs(10), async || {
+        (m.agent("rm1").current_seq() >= seq + 3).then_some(())
+    })
+    .await;
     let list = m.instances().await;
     assert_eq!(list.len(), 2, "{list:?}");
     assert!(list
@@ -410,9 +409,7 @@ async fn thirty_suspend_resume_cycles_leave_at_most_two_saved_states() {
         on: None,
     })
     .await;
-    let first = m
-        .wait_state("web-1", "running", None, Duration::from_secs(20))
-        .await;
+    let first = m.running("web-1").await;
     m.put_kv(&first.endpoint, "n", "0").await;
     for cycle in 1..=30 {
         m.done(Operation::Suspend {
@@ -426,9 +423,7 @@ async fn thirty_suspend_resume_cycles_leave_at_most_two_saved_states() {
             on: None,
         })
         .await;
-        let now = m
-            .wait_state("web-1", "running", None, Duration::from_secs(20))
-            .await;
+        let now = m.running("web-1").await;
         assert_eq!(now.version, first.version, "pinned");
         assert_eq!(m.get_kv(&now.endpoint, "n").await.as_deref(), Some("0"));
     }
@@ -463,31 +458,17 @@ async fn a_retagged_image_never_moves_a_running_instance_and_similar_names_never
     let prod_a = m.import("web-prod:v1", b"web-prod v1");
     let prod_b = m.import("web:prod-v1", b"web prod-v1");
     assert_ne!(prod_a, prod_b);
-    m.apply(
-        r#"
-[[service]]
-name = "app"
-image = "guest:v1"
-[[service]]
-name = "p1"
-image = "web-prod:v1"
-[[service]]
-name = "p2"
-image = "web:prod-v1"
-"#,
-    )
+    m.apply(&services(&[
+        ("app", "guest:v1"),
+        ("p1", "web-prod:v1"),
+        ("p2", "web:prod-v1"),
+    ]))
     .await;
-    let app = m
-        .wait_state("app-1", "running", None, Duration::from_secs(20))
-        .await;
+    let app = m.running("app-1").await;
     assert_eq!(app.version, v1);
     assert_eq!(app.image, "guest:v1");
-    let p1 = m
-        .wait_state("p1-1", "running", None, Duration::from_secs(20))
-        .await;
-    let p2 = m
-        .wait_state("p2-1", "running", None, Duration::from_secs(20))
-        .await;
+    let p1 = m.running("p1-1").await;
+    let p2 = m.running("p2-1").await;
     assert_eq!(
         (p1.version.as_str(), p2.version.as_str()),
         (prod_a.as_str(), prod_b.as_str())
@@ -511,9 +492,7 @@ image = "web:prod-v1"
         on: None,
     })
     .await;
-    let app = m
-        .wait_state("app-1", "running", None, Duration::from_secs(20))
-        .await;
+    let app = m.running("app-1").await;
     assert_eq!(app.version, v1, "it keeps its original version");
     // The agents export versions by id, exactly those their instances run (the new guest:v1
     // only where a new instance runs it).
@@ -579,9 +558,7 @@ image = "web:prod-v1"
         on: None,
     })
     .await;
-    let app2 = m
-        .wait_state("app-2", "running", None, Duration::from_secs(20))
-        .await;
+    let app2 = m.running("app-2").await;
     assert_eq!(app2.version, v2);
 }
 
@@ -697,9 +674,7 @@ async fn a_suspended_instance_keeps_its_base_through_a_retag_and_gc_and_a_discar
         on: None,
     })
     .await;
-    let back = m
-        .wait_state("web-1", "running", None, Duration::from_secs(20))
-        .await;
+    let back = m.running("web-1").await;
     assert_eq!(back.version, web1.version);
     assert_eq!(m.get_kv(&back.endpoint, "k").await.as_deref(), Some("v"));
     // Suspended again and thrown away: its saved state leaves the repository.

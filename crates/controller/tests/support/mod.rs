@@ -7,7 +7,6 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -317,6 +316,12 @@ impl Matrix {
         .await
     }
 
+    /// Waits (20 s at most) until instance `id` runs, wherever.
+    pub async fn running(&self, id: &str) -> InstanceInfo {
+        self.wait_state(id, "running", None, Duration::from_secs(20))
+            .await
+    }
+
     /// PUT then GET of `/kv/KEY` on an instance's endpoint.
     pub async fn put_kv(&self, endpoint: &str, key: &str, value: &str) {
         let r = self
@@ -352,10 +357,6 @@ impl Matrix {
             .filter(|i| i.starts_with(&format!("{name}:")))
             .collect()
     }
-
-    pub fn data(&self) -> PathBuf {
-        self.dir.path().to_owned()
-    }
 }
 
 impl Drop for Matrix {
@@ -368,8 +369,4 @@ impl Drop for Matrix {
             self.fake.crash(pid);
         }
     }
-}
-
-pub fn path_exists(p: &Path) -> bool {
-    p.exists()
 }
