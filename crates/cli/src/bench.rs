@@ -654,7 +654,7 @@ pub async fn switch(connections: u32, seconds: u32, rounds: u32) -> Result<()> {
 pub fn policy(p: &PolicyBench) -> Result<()> {
     use std::time::Instant;
     use vmatrix_sim::scale::{fleet, Fleet};
-    use vmatrix_sim::{run_with, switching_config, PolicyKind, Pool};
+    use vmatrix_sim::{run_with, PolicyKind, Pool, Settings};
 
     let started = Instant::now();
     let mut shapes = Vec::new();
@@ -689,7 +689,7 @@ pub fn policy(p: &PolicyBench) -> Result<()> {
     .map_err(|e| anyhow::anyhow!(e))?;
     let built = started.elapsed();
     let pool = Pool::new(p.machines, 16, 4096);
-    let config = switching_config(60.0);
+    let config = Settings::default();
     println!(
         "fleet: {} machines (16 vCPU, 4 GiB), {} services (mean demand ≈ {} instances' worth), {} steps of 1 min; built in {:.2}s",
         p.machines,

@@ -75,17 +75,11 @@ pub async fn controller(
     listen: SocketAddr,
     state: Option<String>,
     policy: &str,
-    season: &str,
+    policy_file: Option<&Path>,
+    policy_flags: &crate::policy_file::PolicyFlags,
     data: &Path,
 ) -> Result<()> {
-    let season = match season {
-        "off" | "0" => Duration::ZERO,
-        s => Duration::from_secs_f64(
-            crate::sim::seconds(s)
-                .with_context(|| format!("--season {s}: use e.g. 7d, 1d or off"))?
-                .max(0.0),
-        ),
-    };
+    let settings = crate::policy_file::load(policy_file, policy_flags)?;
     let policy = match policy {
         "switching" => true,
         "min" => false,
@@ -118,7 +112,7 @@ pub async fn controller(
         state,
         token,
         policy,
-        season,
+        settings,
     };
     tokio::select! {
         r = vmatrix_controller::serve(config) => r.map_err(|e| anyhow!("{e}"))?,
@@ -149,7 +143,8 @@ fn spawn_self(args: &[String]) -> Result<Child> {
 /// Options of `vmatrix up`.
 pub struct UpArgs {
     pub policy: String,
-    pub season: String,
+    pub policy_file: Option<PathBuf>,
+    pub policy_flags: crate::policy_file::PolicyFlags,
     pub machines: u32,
     pub listen: SocketAddr,
     pub vcpus: u32,
@@ -233,7 +228,9 @@ pub async fn up(args: UpArgs, data: &Path, accel: vmatrix_vmm::AccelChoice) -> R
     )
     .await;
     let data_s = data.display().to_string();
-    let mut children = vec![spawn_self(&[
+    // Bad settings fail here, before anything starts.
+    crate::policy_file::load(args.policy_file.as_deref(), &args.policy_flags)?;
+    let mut controller_args: Vec<String> = vec![
         "controller".into(),
         "--listen".into(),
         args.listen.to_string(),
@@ -241,9 +238,12 @@ pub async fn up(args: UpArgs, data: &Path, accel: vmatrix_vmm::AccelChoice) -> R
         data_s.clone(),
         "--policy".into(),
         args.policy.clone(),
-        "--season".into(),
-        args.season.clone(),
-    ])?];
+    ];
+    controller_args.extend(args.policy_flags.to_args());
+    if let Some(f) = &args.policy_file {
+        controller_args.extend(["--policy-file".into(), f.display().to_string()]);
+    }
+    let mut children = vec![spawn_self(&controller_args)?];
     let api = format!("http://{}", args.listen);
     let client = connect(Some(api.clone()), data)?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);

@@ -5,7 +5,9 @@ mod bench;
 mod client;
 mod cluster;
 mod image;
+mod policy_file;
 mod sim;
+mod suite;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -60,10 +62,12 @@ enum Command {
         /// min: manual mode (keep each service's min instances; moves are the operator's).
         #[arg(long, default_value = "switching")]
         policy: String,
-        /// The policy's season: it provisions for the demand of one season ago, a little ahead
-        /// of now (7d: a week knows weekdays from weekends; "off": react only). Learnt in memory.
-        #[arg(long, default_value = "7d")]
-        season: String,
+        /// The policy's settings: a TOML file with a `[policy]` table (docs/operations.md);
+        /// default: the built-in settings, which `vmatrix sim` runs too.
+        #[arg(long)]
+        policy_file: Option<PathBuf>,
+        #[command(flatten)]
+        policy_flags: policy_file::PolicyFlags,
     },
     /// Run the switch: the front door that follows VMs.
     Switch {
@@ -136,10 +140,12 @@ enum Command {
         /// min: manual mode (keep each service's min instances; moves are the operator's).
         #[arg(long, default_value = "switching")]
         policy: String,
-        /// The policy's season: it provisions for the demand of one season ago, a little ahead
-        /// of now (7d: a week knows weekdays from weekends; "off": react only). Learnt in memory.
-        #[arg(long, default_value = "7d")]
-        season: String,
+        /// The policy's settings: a TOML file with a `[policy]` table (docs/operations.md);
+        /// default: the built-in settings, which `vmatrix sim` runs too.
+        #[arg(long)]
+        policy_file: Option<PathBuf>,
+        #[command(flatten)]
+        policy_flags: policy_file::PolicyFlags,
     },
     /// Run an agent for one real machine.
     Agent {
@@ -246,7 +252,7 @@ enum Command {
         machine: String,
     },
     /// Simulate policies over demand traces and compare them (machine-hours, drops, moves).
-    Sim(sim::SimArgs),
+    Sim(Box<sim::SimArgs>),
     /// Measure parts of vMatrix on this machine and print the figures.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -402,11 +408,13 @@ fn run() -> Result<()> {
             memory,
             switch_listen,
             policy,
-            season,
+            policy_file,
+            policy_flags,
         } => runtime()?.block_on(cluster::up(
             cluster::UpArgs {
                 policy,
-                season,
+                policy_file,
+                policy_flags,
                 machines,
                 listen,
                 vcpus,
@@ -467,7 +475,7 @@ fn run() -> Result<()> {
                 }
             }
         }
-        Command::Sim(args) => sim::run(args)?,
+        Command::Sim(args) => sim::run(*args)?,
         Command::Drop { service } => op(Operation::Drop { service })?,
         Command::Undrop { service } => op(Operation::Undrop { service })?,
         Command::Wake { service } => op(Operation::Wake { service })?,
@@ -487,8 +495,16 @@ fn run() -> Result<()> {
             listen,
             state,
             policy,
-            season,
-        } => runtime()?.block_on(cluster::controller(listen, state, &policy, &season, &data))?,
+            policy_file,
+            policy_flags,
+        } => runtime()?.block_on(cluster::controller(
+            listen,
+            state,
+            &policy,
+            policy_file.as_deref(),
+            &policy_flags,
+            &data,
+        ))?,
         Command::Agent {
             controller,
             listen,

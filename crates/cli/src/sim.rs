@@ -7,24 +7,45 @@ use std::path::PathBuf;
 use anyhow::{anyhow, bail, Context, Result};
 use vmatrix_sim::plot::{line_chart, Series};
 use vmatrix_sim::{
-    lower_bound, parse_trace, run as simulate, switching_config, Latencies, PolicyKind, Pool,
-    Sharing, SimService, Summary,
+    lower_bound, parse_trace, run as simulate, Latencies, PolicyKind, Pool, Sharing, SimService,
+    Summary,
 };
 
 #[derive(clap::Args)]
 pub struct SimArgs {
     /// Services file (the same TOML as `apply`).
-    #[arg(long)]
-    pub services: PathBuf,
+    #[arg(long, required_unless_present_any = ["show_config", "suite"])]
+    pub services: Option<PathBuf>,
     /// SERVICE=FILE: a trace (CSV t_seconds,value) per service.
-    #[arg(long = "trace", required = true)]
+    #[arg(long = "trace", required_unless_present_any = ["show_config", "suite"])]
     pub traces: Vec<String>,
+    /// Instead of --services/--trace: every ordered pair of the development traces on their
+    /// `tune` or `held-out` part (or `both`), one table with the targets checked
+    /// (docs/benchmarks.md).
+    #[arg(long)]
+    pub suite: Option<String>,
+    /// Where the development traces are (for --suite; default ../shared/traces).
+    #[arg(long)]
+    pub traces_dir: Option<PathBuf>,
+    /// Warm standbys per service in the --suite runs.
+    #[arg(long, default_value_t = 0)]
+    pub standby_max: u32,
+    /// Pack each service's instances in the --suite runs (`spread = false`).
+    #[arg(long)]
+    pub no_spread: bool,
     /// Machines in the pool (switching-drop is limited to it).
     #[arg(long, default_value_t = 10)]
     pub machines: usize,
+    /// The policy's settings (TOML, the same file `vmatrix up --policy-file` reads); the flags
+    /// below override single settings. Default: the built-in settings `vmatrix up` runs.
+    #[arg(long)]
+    pub policy_file: Option<PathBuf>,
+    /// Print the policy settings this run uses (JSON) and stop.
+    #[arg(long)]
+    pub show_config: bool,
     /// static, reactive, switching, switching-drop or all.
-    #[arg(long, default_value = "all")]
-    pub policy: String,
+    #[arg(long = "policy", default_value = "all")]
+    pub kind: String,
     /// Write summary.json, steps.csv and the SVG charts here.
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -32,7 +53,7 @@ pub struct SimArgs {
     #[arg(long, default_value_t = 8)]
     pub machine_vcpus: u32,
     /// Memory per machine, MiB.
-    #[arg(long, default_value_t = 2048)]
+    #[arg(long, default_value_t = 4096)]
     pub machine_memory_mib: u32,
     /// SERVICE=R: rescale that trace so its peak is R requests/s.
     #[arg(long = "peak-rps")]
@@ -44,9 +65,10 @@ pub struct SimArgs {
     /// Seconds per step.
     #[arg(long, default_value_t = 60.0)]
     pub step: f64,
-    /// How a pool too small for every wish is shared: strict-priority or weighted-fair.
-    #[arg(long, default_value = "strict-priority")]
-    pub sharing: String,
+    /// How a pool too small for every wish is shared: strict-priority or weighted-fair
+    /// (default: the policy settings').
+    #[arg(long)]
+    pub sharing: Option<String>,
     /// Seconds from cold boot to serving (default: measured by `vmatrix bench vmm`).
     #[arg(long)]
     pub boot_s: Option<f64>,
@@ -59,18 +81,92 @@ pub struct SimArgs {
     /// Seconds of downtime per live migration.
     #[arg(long)]
     pub migrate_downtime_s: Option<f64>,
-    /// vMatrix's policy: capacity kept above demand (default 1.1 = 10%).
+    /// Seconds from a change of demand to the fast path seeing it.
     #[arg(long)]
-    pub headroom: Option<f64>,
-    /// vMatrix's policy: the recent demand a scale-out looks at (default 2m).
+    pub detect_s: Option<f64>,
+    /// Seconds from unpausing a standby to serving.
     #[arg(long)]
-    pub scale_out: Option<String>,
-    /// vMatrix's policy: how long demand must stay low before a scale-in (default 7m).
-    #[arg(long)]
-    pub scale_in: Option<String>,
-    /// vMatrix's policy: how far ahead the weekly forecast looks (default 5m); "off" reacts only.
-    #[arg(long)]
-    pub forecast: Option<String>,
+    pub unpause_s: Option<f64>,
+    #[command(flatten)]
+    pub policy: crate::policy_file::PolicyFlags,
+}
+
+fn pool_of(a: &SimArgs) -> Result<Pool> {
+    if a.machines == 0 || a.machine_vcpus == 0 || a.machine_memory_mib == 0 {
+        bail!("--machines, --machine-vcpus and --machine-memory-mib must be above 0");
+    }
+    let measured = Latencies::default();
+    let latency = |v: Option<f64>, default: f64, flag: &str| -> Result<f64> {
+        match v {
+            Some(x) if !(x >= 0.0 && x.is_finite()) => bail!("{flag} {x}: use seconds ≥ 0"),
+            Some(x) => Ok(x),
+            None => Ok(default),
+        }
+    };
+    Ok(Pool {
+        machines: a.machines,
+        vcpus: a.machine_vcpus,
+        memory_mib: a.machine_memory_mib,
+        step_s: a.step,
+        latencies: Latencies {
+            boot_s: latency(a.boot_s, measured.boot_s, "--boot-s")?,
+            resume_s: latency(a.resume_s, measured.resume_s, "--resume-s")?,
+            suspend_s: latency(a.suspend_s, measured.suspend_s, "--suspend-s")?,
+            migrate_downtime_s: latency(
+                a.migrate_downtime_s,
+                measured.migrate_downtime_s,
+                "--migrate-downtime-s",
+            )?,
+            detect_s: latency(a.detect_s, measured.detect_s, "--detect-s")?,
+            unpause_s: latency(a.unpause_s, measured.unpause_s, "--unpause-s")?,
+        },
+        record: a.out.is_some(),
+    })
+}
+
+/// `--suite`: the development traces' pairs, tuned or held-out part.
+fn suite(a: &SimArgs, which: &str, settings: &vmatrix_sim::Settings) -> Result<()> {
+    let parts: &[bool] = match which {
+        "tune" => &[false],
+        "held-out" => &[true],
+        "both" => &[false, true],
+        other => bail!("--suite {other:?}: use tune, held-out or both"),
+    };
+    let dir = crate::suite::traces_dir(a.traces_dir.as_deref())?;
+    let pool = pool_of(a)?;
+    let l = pool.latencies;
+    println!(
+        "machines of {} vCPU / {} MiB; steps of {} s; latencies: detect {} s, unpause {} s, resume {} s, boot {} s, \
+         migration downtime {} s; policy: {}",
+        pool.vcpus,
+        pool.memory_mib,
+        pool.step_s,
+        l.detect_s,
+        l.unpause_s,
+        l.resume_s,
+        l.boot_s,
+        l.migrate_downtime_s,
+        serde_json::to_string(settings)?
+    );
+    let mut missed = 0;
+    for &held_out in parts {
+        let r =
+            crate::suite::run_suite(&dir, held_out, settings, &pool, a.standby_max, !a.no_spread)?;
+        missed += crate::suite::print(
+            &r,
+            if held_out {
+                "held-out part (reported; never tuned on)"
+            } else {
+                "tuning part"
+            },
+        );
+    }
+    if missed > 0 {
+        println!("\n{missed} pair(s) miss a target (the last column says which, by how much)");
+    } else {
+        println!("\nevery pair meets every target");
+    }
+    Ok(())
 }
 
 pub(crate) fn seconds(s: &str) -> Result<f64> {
@@ -99,9 +195,21 @@ fn pairs(list: &[String], what: &str) -> Result<BTreeMap<String, String>> {
 }
 
 pub fn run(a: SimArgs) -> Result<()> {
-    let text = std::fs::read_to_string(&a.services)
-        .with_context(|| format!("reading {}", a.services.display()))?;
-    let specs = vmatrix_core::parse_services(&a.services.display().to_string(), &text)?;
+    let mut settings = crate::policy_file::load(a.policy_file.as_deref(), &a.policy)?;
+    if a.show_config {
+        println!("{}", serde_json::to_string_pretty(&settings)?);
+        return Ok(());
+    }
+    if let Some(which) = &a.suite {
+        return suite(&a, which, &settings);
+    }
+    let services_file = a
+        .services
+        .clone()
+        .ok_or_else(|| anyhow!("--services FILE is required"))?;
+    let text = std::fs::read_to_string(&services_file)
+        .with_context(|| format!("reading {}", services_file.display()))?;
+    let specs = vmatrix_core::parse_services(&services_file.display().to_string(), &text)?;
     let traces = pairs(&a.traces, "--trace")?;
     let peaks = pairs(&a.peak_rps, "--peak-rps")?;
     let window = match &a.window {
@@ -138,6 +246,8 @@ pub fn run(a: SimArgs) -> Result<()> {
             memory_mib: spec.memory_mib,
             history: trace.history,
             demand: trace.demand,
+            standby_max: spec.standby_max,
+            spread: spec.spread,
         });
     }
     // Traces of different lengths: the short ones count as no demand at the end.
@@ -154,12 +264,9 @@ pub fn run(a: SimArgs) -> Result<()> {
         if !specs.iter().any(|s| s.name.as_str() == name) {
             bail!(
                 "--trace {name}=…: no such service in {}",
-                a.services.display()
+                services_file.display()
             );
         }
-    }
-    if a.machines == 0 || a.machine_vcpus == 0 || a.machine_memory_mib == 0 {
-        bail!("--machines, --machine-vcpus and --machine-memory-mib must be above 0");
     }
     for spec in &specs {
         if spec.vcpus > a.machine_vcpus || spec.memory_mib > a.machine_memory_mib {
@@ -174,62 +281,15 @@ pub fn run(a: SimArgs) -> Result<()> {
             );
         }
     }
-    let measured = Latencies::default();
-    let latency = |v: Option<f64>, default: f64, flag: &str| -> Result<f64> {
-        match v {
-            Some(x) if !(x >= 0.0 && x.is_finite()) => bail!("{flag} {x}: use seconds ≥ 0"),
-            Some(x) => Ok(x),
-            None => Ok(default),
-        }
-    };
-    let pool = Pool {
-        machines: a.machines,
-        vcpus: a.machine_vcpus,
-        memory_mib: a.machine_memory_mib,
-        step_s: a.step,
-        latencies: Latencies {
-            boot_s: latency(a.boot_s, measured.boot_s, "--boot-s")?,
-            resume_s: latency(a.resume_s, measured.resume_s, "--resume-s")?,
-            suspend_s: latency(a.suspend_s, measured.suspend_s, "--suspend-s")?,
-            migrate_downtime_s: latency(
-                a.migrate_downtime_s,
-                measured.migrate_downtime_s,
-                "--migrate-downtime-s",
-            )?,
-        },
-        record: a.out.is_some(),
-    };
-    let mut config = switching_config(a.step);
-    let ticks = |flag: &str, v: &str| -> Result<usize> {
-        let s = seconds(v).with_context(|| format!("{flag} {v}"))?;
-        if !(s >= 0.0 && s.is_finite()) {
-            bail!("{flag} {v}: use a duration ≥ 0, e.g. 10m");
-        }
-        Ok((s / a.step).ceil() as usize)
-    };
-    if let Some(h) = a.headroom {
-        if !(1.0..=10.0).contains(&h) {
-            bail!("--headroom {h}: use 1 (none) to 10, e.g. 1.2 for 20%");
-        }
-        config.headroom = h;
+    let pool = pool_of(&a)?;
+    if let Some(sharing) = &a.sharing {
+        settings.sharing = match sharing.as_str() {
+            "strict-priority" => Sharing::StrictPriority,
+            "weighted-fair" => Sharing::WeightedFair,
+            other => bail!("--sharing {other:?}: use strict-priority or weighted-fair"),
+        };
     }
-    if let Some(v) = &a.scale_out {
-        config.scale_out_window = ticks("--scale-out", v)?.max(1);
-    }
-    if let Some(v) = &a.scale_in {
-        config.scale_in_window = ticks("--scale-in", v)?.max(1);
-    }
-    match a.forecast.as_deref() {
-        None => {}
-        Some("off") => config.seasonal_periods.clear(),
-        Some(v) => config.seasonal_lookahead = ticks("--forecast", v)?,
-    }
-    config.sharing = match a.sharing.as_str() {
-        "strict-priority" => Sharing::StrictPriority,
-        "weighted-fair" => Sharing::WeightedFair,
-        other => bail!("--sharing {other:?}: use strict-priority or weighted-fair"),
-    };
-    let kinds: Vec<PolicyKind> = match a.policy.as_str() {
+    let kinds: Vec<PolicyKind> = match a.kind.as_str() {
         "all" => vec![
             PolicyKind::Static,
             PolicyKind::Reactive,
@@ -249,7 +309,7 @@ pub fn run(a: SimArgs) -> Result<()> {
     let mut results: Vec<(String, Summary)> = vec![("lower-bound".into(), lb)];
     for k in kinds {
         let t = std::time::Instant::now();
-        let r = simulate(k, &services, &pool, &config);
+        let r = simulate(k, &services, &pool, &settings);
         eprintln!(
             "{}: simulated in {:.2}s",
             k.name(),
@@ -305,6 +365,27 @@ pub fn run(a: SimArgs) -> Result<()> {
             ));
         }
         println!("| {} |", row.join(" | "));
+    }
+    // Held demand (served late, after waiting for capacity) per service.
+    println!("\nrequests held by the switch until capacity came (served late), % of demand:");
+    println!(
+        "| policy | {} |",
+        services
+            .iter()
+            .map(|s| format!("{} (p{})", s.name, s.priority))
+            .collect::<Vec<_>>()
+            .join(" | ")
+    );
+    println!("|{}", " --- |".repeat(services.len() + 1));
+    for (name, r) in &results {
+        let cells: Vec<String> = services
+            .iter()
+            .map(|s| {
+                let x = r.services.get(&s.name).cloned().unwrap_or_default();
+                format!("{:.3}%", x.held * 100.0 / x.demand.max(1e-9))
+            })
+            .collect();
+        println!("| {name} | {} |", cells.join(" | "));
     }
     // Dropped demand per priority, in requests.
     let mut priorities: Vec<i32> = services.iter().map(|s| s.priority).collect();

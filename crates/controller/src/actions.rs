@@ -53,6 +53,7 @@ impl Controller {
                     state: InstanceState::Activating,
                     endpoint: String::new(),
                     generation: 1,
+                    pinned_until_ms: 0,
                 },
                 saved: None,
                 seq,

@@ -10,12 +10,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use vmatrix_core::api::InstanceInfo;
-use vmatrix_core::api::MachineState;
-use vmatrix_core::api::{AgentReport, InstancePlan, MachineInfo, MachineRole};
+use vmatrix_core::api::{AgentReport, InstancePlan, MachineInfo};
 use vmatrix_core::{InstanceId, InstanceState, ServiceSpec};
 
+use crate::cpu::CpuMeter;
 use crate::db::{Db, DbError, InstanceRow};
-use crate::season::{CpuMeter, Season};
 
 /// A machine with no heartbeat for this long is down.
 pub const DOWN_AFTER_MS: u64 = 5_000;
@@ -75,16 +74,21 @@ pub struct Controller {
     pub(crate) started: Instant,
     /// Machines heard from since this process started.
     pub(crate) heard: Mutex<HashSet<String>>,
-    /// The switch's latest load report.
-    pub(crate) load: Mutex<Option<vmatrix_core::api::LoadReport>>,
-    /// Demand samples per service, one per reconcile tick, oldest first (the policy's input).
+    /// The switch's latest load report, and when it came.
+    pub(crate) load: Mutex<Option<(Instant, vmatrix_core::api::LoadReport)>>,
+    /// Ticks on which the switch's load report was missing or stale (demand unknown).
+    pub(crate) load_missing: std::sync::atomic::AtomicU64,
+    /// Demand samples per service, one per reconcile tick, oldest first (the policy's input;
+    /// `NaN` where unknown).
     pub(crate) demand: Mutex<HashMap<String, std::collections::VecDeque<f64>>>,
+    /// The policy's settings (one configuration, shared with the simulator).
+    pub(crate) settings: Mutex<vmatrix_policy::Settings>,
     /// Whether the load-driven policy runs (else the loop only keeps `min`).
     pub(crate) policy: std::sync::atomic::AtomicBool,
     /// CPU use per machine, from its heartbeats.
     pub(crate) cpu: Mutex<HashMap<String, CpuMeter>>,
-    /// Demand over the last season, for the forecast.
-    pub(crate) season: Mutex<Season>,
+    /// Per service: its demand memory (the forecast and the spike history).
+    pub(crate) memory: Mutex<HashMap<String, vmatrix_policy::Memory>>,
     /// Each machine's latest report since this process started (what settles instances that
     /// an earlier process left mid-operation).
     pub(crate) reports: Mutex<HashMap<String, AgentReport>>,
@@ -124,9 +128,6 @@ pub(crate) enum Probe {
     /// No answer: the machine is down.
     Failed,
 }
-
-/// Demand samples kept per service.
-pub(crate) const DEMAND_HISTORY: usize = 600;
 
 impl std::fmt::Debug for Controller {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -171,8 +172,10 @@ impl Controller {
             started: Instant::now(),
             heard: Mutex::new(HashSet::new()),
             cpu: Mutex::new(HashMap::new()),
-            season: Mutex::new(Season::new(Duration::ZERO, Duration::ZERO)),
+            memory: Mutex::new(HashMap::new()),
+            settings: Mutex::new(vmatrix_policy::Settings::default()),
             load: Mutex::new(None),
+            load_missing: std::sync::atomic::AtomicU64::new(0),
             demand: Mutex::new(HashMap::new()),
             policy: std::sync::atomic::AtomicBool::new(false),
             reports: Mutex::new(HashMap::new()),
@@ -356,72 +359,6 @@ impl Controller {
         })
     }
 
-    /// Picks a machine for one instance of `spec`: an up, dedicated, non-draining machine with
-    /// room, preferring fewer instances of the same service (spread), then the most free memory.
-    pub(crate) fn place(&self, spec: &ServiceSpec, exclude: Option<&str>) -> Result<MachineInfo> {
-        let machines = self.machines()?;
-        let instances = self.db(|d| d.instances())?;
-        let services: HashMap<_, _> = self
-            .services()?
-            .into_iter()
-            .map(|s| (s.name.clone(), s))
-            .collect();
-        let mut best: Option<(u32, i64, MachineInfo)> = None;
-        let mut reasons = Vec::new();
-        for m in machines {
-            if m.state != MachineState::Up
-                || m.role != MachineRole::Dedicated
-                || Some(m.name.as_str()) == exclude
-            {
-                reasons.push(format!("{}: {} {:?}", m.name, m.state, m.role));
-                continue;
-            }
-            let here: Vec<&InstanceRow> = instances
-                .iter()
-                .filter(|r| r.info.machine == m.name && r.info.state.is_placed())
-                .collect();
-            // Sums in u64: a u32 sum of large specs must not wrap into "room".
-            let (mut cpu, mut mem) = (0u64, 0u64);
-            for r in &here {
-                if let Some(s) = services.get(&r.info.service) {
-                    cpu += u64::from(s.vcpus);
-                    mem += u64::from(s.memory_mib);
-                }
-            }
-            if cpu + u64::from(spec.vcpus) > u64::from(m.vcpus)
-                || mem + u64::from(spec.memory_mib) > u64::from(m.memory_mib)
-            {
-                reasons.push(format!(
-                    "{}: full ({cpu}/{} vCPU, {mem}/{} MiB)",
-                    m.name, m.vcpus, m.memory_mib
-                ));
-                continue;
-            }
-            let same = here.iter().filter(|r| r.info.service == spec.name).count() as u32;
-            let free = i64::from(m.memory_mib) - mem as i64;
-            let better = match &best {
-                None => true,
-                Some((s, f, _)) => same < *s || (same == *s && free > *f),
-            };
-            if better {
-                best = Some((same, free, m));
-            }
-        }
-        best.map(|b| b.2).ok_or_else(|| {
-            ControlError::Conflict(format!(
-                "no machine can take an instance of {} ({} vCPU, {} MiB): {}",
-                spec.name,
-                spec.vcpus,
-                spec.memory_mib,
-                if reasons.is_empty() {
-                    "no machines registered".into()
-                } else {
-                    reasons.join("; ")
-                }
-            ))
-        })
-    }
-
     pub(crate) fn row(&self, id: &InstanceId) -> Result<InstanceRow> {
         self.db(|d| d.instance(id))?.ok_or_else(|| {
             ControlError::NotFound(format!("no instance {id}; `vmatrix ps` lists them"))
@@ -512,16 +449,22 @@ impl Controller {
     /// Stores the switch's load report (the policy's demand input).
     pub fn set_load(&self, report: vmatrix_core::api::LoadReport) {
         if let Ok(mut l) = self.load.lock() {
-            *l = Some(report);
+            *l = Some((Instant::now(), report));
         }
     }
 
-    /// The latest load report.
+    /// The latest load report (empty when none came).
     pub fn load(&self) -> vmatrix_core::api::LoadReport {
+        self.fresh_load(Duration::MAX).unwrap_or_default()
+    }
+
+    /// The latest load report if it is younger than `max_age`.
+    pub(crate) fn fresh_load(&self, max_age: Duration) -> Option<vmatrix_core::api::LoadReport> {
         self.load
             .lock()
             .ok()
             .and_then(|l| l.clone())
-            .unwrap_or_default()
+            .filter(|(at, _)| at.elapsed() <= max_age)
+            .map(|(_, r)| r)
     }
 }

@@ -48,6 +48,9 @@ const MIGRATIONS: &[&str] = &[
      CREATE TABLE operations (id INTEGER PRIMARY KEY AUTOINCREMENT, op TEXT NOT NULL,
         state TEXT NOT NULL, result TEXT NOT NULL DEFAULT '', created_ms INTEGER NOT NULL,
         finished_ms INTEGER);",
+    // 5: operators' pins (an explicit placement holds until `until_ms`), apart from the rows
+    // that operations rewrite.
+    "CREATE TABLE pins (instance TEXT PRIMARY KEY, until_ms INTEGER NOT NULL);",
 ];
 
 /// Where a durable operation is.
@@ -253,10 +256,28 @@ impl Db {
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
+    /// Pins `id` where it is until `until_ms` (Unix ms).
+    pub fn pin(&self, id: &InstanceId, until_ms: u64) -> Result<()> {
+        self.conn.execute(
+            "INSERT OR REPLACE INTO pins (instance, until_ms) VALUES (?1, ?2)",
+            params![id.as_str(), until_ms as i64],
+        )?;
+        Ok(())
+    }
+
+    /// Removes `id`'s pin; false when it had none.
+    pub fn unpin(&self, id: &InstanceId) -> Result<bool> {
+        Ok(self
+            .conn
+            .execute("DELETE FROM pins WHERE instance = ?1", params![id.as_str()])?
+            > 0)
+    }
+
     /// Every instance that is not discarded.
     pub fn instances(&self) -> Result<Vec<InstanceRow>> {
         let mut st = self.conn.prepare(
-            "SELECT id, service, machine, state, generation, endpoint, version, saved, seq, image FROM instances
+            "SELECT id, service, machine, state, generation, endpoint, version, saved, seq, image,
+                    COALESCE(pins.until_ms, 0) FROM instances LEFT JOIN pins ON pins.instance = instances.id
              WHERE state != 'discarded' ORDER BY service, seq",
         )?;
         let rows = st.query_map([], |r| {
@@ -271,12 +292,24 @@ impl Db {
                 r.get::<_, Option<String>>(7)?,
                 r.get::<_, i64>(8)?,
                 r.get::<_, String>(9)?,
+                r.get::<_, i64>(10)?,
             ))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let (id, service, machine, state, generation, endpoint, version, saved, seq, image) =
-                row?;
+            let (
+                id,
+                service,
+                machine,
+                state,
+                generation,
+                endpoint,
+                version,
+                saved,
+                seq,
+                image,
+                pin,
+            ) = row?;
             let bad = |what: &str| DbError::Bad(format!("instance {id}: {what}"));
             out.push(InstanceRow {
                 info: InstanceInfo {
@@ -288,6 +321,7 @@ impl Db {
                     state: InstanceState::parse(&state).ok_or_else(|| bad("state"))?,
                     endpoint,
                     generation: generation as u64,
+                    pinned_until_ms: pin.max(0) as u64,
                 },
                 saved: saved
                     .map(|s| serde_json::from_str(&s))
@@ -434,6 +468,11 @@ impl Db {
             "DELETE FROM instances WHERE state = 'discarded' AND seq < (SELECT MAX(seq) FROM
              instances AS i WHERE i.service = instances.service)",
             [],
+        )?;
+        self.conn.execute(
+            "DELETE FROM pins WHERE until_ms < ?1 OR instance NOT IN
+             (SELECT id FROM instances WHERE state != 'discarded')",
+            params![crate::control::now_ms() as i64],
         )?;
         self.conn.execute(
             "DELETE FROM events WHERE id <= (SELECT MAX(id) FROM events) - ?1",

@@ -11,10 +11,11 @@ mod actions;
 mod agents;
 mod api;
 mod control;
+mod cpu;
 mod db;
+mod inputs;
 mod ops;
 mod reconcile;
-mod season;
 mod settle;
 
 use std::net::SocketAddr;
@@ -37,9 +38,8 @@ pub struct ControllerConfig {
     pub token: String,
     /// Run the load-driven policy (else the loop only keeps each service's `min`).
     pub policy: bool,
-    /// The policy's season (zero: no forecast): it provisions for the demand of one season
-    /// ago, one 2016th of a season ahead of now (5 minutes for a week).
-    pub season: std::time::Duration,
+    /// The policy's settings (the same `vmatrix sim` runs by default).
+    pub settings: vmatrix_policy::Settings,
 }
 
 /// Reads the token in `dir/token`, or creates one (mode 0600). Returns it and whether it is new.
@@ -77,7 +77,7 @@ pub async fn serve(
     let db = Db::open(&config.state)?;
     let controller = Controller::new(db, config.token.clone());
     controller.set_policy(config.policy);
-    controller.set_season(config.season, config.season / 2016);
+    controller.set_settings(config.settings.clone());
     let interrupted = controller.interrupt_left_ops()?;
     if interrupted > 0 {
         tracing::info!("{interrupted} operation(s) were interrupted by the last stop; settling their instances from the machines' reports");

@@ -3,18 +3,15 @@
 //! own so that one hung machine never holds the loop; a machine is down only when a direct probe
 //! fails too. Also the demand history and the season the policy's forecast reads, and the
 //! retention loop.
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use vmatrix_core::api::MachineInfo;
 use vmatrix_core::api::MachineState;
-use vmatrix_core::api::{MachineInfo, MachineRole};
 use vmatrix_core::{InstanceId, InstanceState, ServiceSpec, Transition};
 
-use crate::control::{
-    now_ms, ControlError, Controller, Probe, Result, DEMAND_HISTORY, DOWN_AFTER_MS,
-};
-use crate::season::Season;
+use crate::control::{now_ms, ControlError, Controller, Probe, Result, DOWN_AFTER_MS};
 
 impl Controller {
     /// One reconcile pass: replace failed instances, keep every service's `min` running, and
@@ -182,124 +179,18 @@ impl Controller {
         }
     }
 
-    /// Sets the season the policy's forecast looks back over (zero: no forecast), and how far
-    /// past now it looks. Forgets what was learnt.
-    pub fn set_season(&self, period: Duration, ahead: Duration) {
-        *self.season.lock().unwrap_or_else(|p| p.into_inner()) = Season::new(period, ahead);
-    }
-
-    /// The demand one season ago, a little ahead of now, for `service` (0 while unknown).
-    pub(crate) fn forecast(&self, service: &str) -> f64 {
-        let at = self.started.elapsed();
-        self.season.lock().map_or(0.0, |s| s.forecast(service, at))
-    }
-
     /// Turns the load-driven policy on (server switching, drop, consolidation) or off (keep `min`).
     pub fn set_policy(&self, on: bool) {
         self.policy.store(on, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    /// Appends this tick's demand sample per service, from the switch's latest report.
-    pub(crate) fn sample_demand(&self, services: &[ServiceSpec]) -> HashMap<String, Vec<f64>> {
-        let load = self.load();
-        let mut d = self.demand.lock().unwrap_or_else(|p| p.into_inner());
-        d.retain(|name, _| services.iter().any(|s| s.name.as_str() == name));
-        let at = self.started.elapsed();
-        let mut season = self.season.lock().unwrap_or_else(|p| p.into_inner());
-        season.retain(|name| services.iter().any(|s| s.name.as_str() == name));
-        for s in services {
-            let rps = load.services.get(s.name.as_str()).map_or(0.0, |l| l.rps);
-            season.record(s.name.as_str(), at, rps);
-            let h = d.entry(s.name.to_string()).or_default();
-            h.push_back(rps);
-            while h.len() > DEMAND_HISTORY {
-                h.pop_front();
-            }
-        }
-        d.iter()
-            .map(|(k, v)| (k.clone(), v.iter().copied().collect()))
-            .collect()
     }
 
     /// One policy pass: build the snapshot, call the pure `decide`, carry out the plan.
     pub(crate) fn run_policy(self: &Arc<Self>, services: &[ServiceSpec]) -> Result<()> {
         use vmatrix_policy as p;
         let demand = self.sample_demand(services);
-        let dropped = self.db(|d| d.dropped())?;
-        let machines = self.machines()?;
         let rows = self.db(|d| d.instances())?;
-        let machine_index: HashMap<&str, usize> = machines
-            .iter()
-            .enumerate()
-            .map(|(k, m)| (m.name.as_str(), k))
-            .collect();
-        let service_index: HashMap<&str, usize> = services
-            .iter()
-            .enumerate()
-            .map(|(k, s)| (s.name.as_str(), k))
-            .collect();
-        let snapshot = p::Snapshot {
-            now_s: self.started.elapsed().as_secs_f64(),
-            machines: machines
-                .iter()
-                .map(|m| p::Machine {
-                    name: m.name.clone(),
-                    dedicated: m.role == MachineRole::Dedicated
-                        && m.state != MachineState::Draining,
-                    vcpus: m.vcpus,
-                    memory_mib: m.memory_mib,
-                    healthy: m.state != MachineState::Down,
-                    cpu_load: self.cpu_load(&m.name),
-                })
-                .collect(),
-            services: services
-                .iter()
-                .map(|s| p::Service {
-                    name: s.name.to_string(),
-                    priority: s.priority,
-                    capacity_rps: s.capacity_rps,
-                    min: s.min,
-                    max: s.max,
-                    vcpus: s.vcpus,
-                    memory_mib: s.memory_mib,
-                    demand: demand.get(s.name.as_str()).cloned().unwrap_or_default(),
-                    forecast_rps: self.forecast(s.name.as_str()),
-                    // The policy manages its own drops only.
-                    dropped: dropped.iter().any(|(d, by)| *by && d == s.name.as_str()),
-                })
-                .collect(),
-            // Instances of undeclared services were discarded above.
-            instances: rows
-                .iter()
-                .filter_map(|r| {
-                    Some(p::Instance {
-                        id: r.info.id.to_string(),
-                        service: *service_index.get(r.info.service.as_str())?,
-                        // A machine the controller no longer knows is a dead one.
-                        machine: (!r.info.machine.is_empty()).then(|| {
-                            machine_index
-                                .get(r.info.machine.as_str())
-                                .copied()
-                                .unwrap_or(usize::MAX)
-                        }),
-                        state: match r.info.state {
-                            InstanceState::Running => p::InstanceState::Running,
-                            InstanceState::Suspended => p::InstanceState::Suspended,
-                            InstanceState::Failed => p::InstanceState::Failed,
-                            InstanceState::Activating
-                            | InstanceState::Migrating
-                            | InstanceState::Suspending
-                            | InstanceState::Discarded => p::InstanceState::Starting,
-                        },
-                    })
-                })
-                .collect(),
-        };
-        let config = p::Config {
-            scale_out_window: 5,
-            scale_in_window: 60,
-            ..p::Config::default()
-        };
+        let crate::inputs::Inputs { snapshot, .. } = self.inputs(services, &rows, Some(&demand))?;
+        let config = self.settings().config(crate::inputs::TICK_S);
         let instance = |k: usize| -> Result<InstanceId> {
             let i = snapshot
                 .instances
@@ -373,6 +264,9 @@ impl Controller {
                     let reason = reason.clone();
                     self.spawn_work(async move { me.discard(&i, &reason).await.map(drop) });
                 }),
+                p::Action::Prepare { .. } | p::Action::Pause { .. } | p::Action::Unpause { .. } => {
+                    self.standby_action(&snapshot, &action)
+                }
                 p::Action::Drop { service: s, reason } => service(*s)
                     .and_then(|s| self.set_dropped(&s.name, true, "policy", reason).map(drop)),
                 p::Action::Undrop { service: s, reason } => service(*s)

@@ -379,6 +379,7 @@ mod tests {
                 state: InstanceState::Running,
                 endpoint: "127.0.0.2:2".into(),
                 generation: 2,
+                pinned_until_ms: 0,
             },
             saved: None,
             seq: 1,

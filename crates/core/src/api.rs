@@ -81,6 +81,10 @@ pub struct InstanceInfo {
     pub endpoint: String,
     /// Fencing generation: bumped on every placement change.
     pub generation: u64,
+    /// Until when (Unix ms) an operator's explicit placement holds it where it is: the policy
+    /// does not move it before then (0: not pinned). Kept apart from the instance's row.
+    #[serde(default)]
+    pub pinned_until_ms: u64,
 }
 
 /// Who dropped a service.

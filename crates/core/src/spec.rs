@@ -38,6 +38,18 @@ pub struct ServiceSpec {
     /// The guest's health path.
     #[serde(default = "default_health")]
     pub health: String,
+    /// Most warm standbys (instances kept paused in memory, serving again in milliseconds when
+    /// demand rises); the policy sizes them from the service's spike history. 0: none.
+    #[serde(default)]
+    pub standby_max: u32,
+    /// Instances on different machines where the pool allows, so that one machine failure
+    /// never takes the service down (false: pack them).
+    #[serde(default = "yes")]
+    pub spread: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn one() -> u32 {
@@ -141,6 +153,15 @@ impl ServiceSpec {
         }
         if s.min > s.max {
             return fail("min", format!("min ({}) is above max ({})", s.min, s.max));
+        }
+        if s.standby_max > s.max {
+            return fail(
+                "standby_max",
+                format!(
+                    "standby_max ({}) is above max ({}): standbys are instances too",
+                    s.standby_max, s.max
+                ),
+            );
         }
         if !(1..=MAX_VCPUS).contains(&s.vcpus) {
             return fail(
@@ -356,6 +377,8 @@ image = "guest:v1"
             memory_mib: 256,
             port: 80,
             health: "/health".into(),
+            standby_max: 0,
+            spread: true,
         }
     }
 

@@ -47,6 +47,19 @@ impl Free {
 
 type Key = (bool, i64, i64, usize);
 
+/// What a best-fit search looks for.
+#[derive(Debug, Clone, Copy, Default)]
+struct Fit {
+    /// Never this machine.
+    avoid: Option<usize>,
+    /// Only machines already in use.
+    only_used: bool,
+    /// Only machines that do not run the service yet.
+    only_new: bool,
+    /// A paused standby: memory only.
+    paused: bool,
+}
+
 /// The room left on every machine that takes live load, indexed for best-fit once the kept
 /// instances are in (building the index once is cheaper than keeping it up to date for 100,000
 /// kept instances).
@@ -94,8 +107,9 @@ impl Room {
         }
     }
 
+    /// In the index: usable with memory left (a paused standby needs memory only).
     fn has_room(&self, m: usize) -> bool {
-        self.usable[m] && self.free[m].memory > 0 && self.free[m].vcpus > 0
+        self.usable[m] && self.free[m].memory > 0
     }
 
     fn key(&self, m: usize) -> Key {
@@ -123,47 +137,58 @@ impl Room {
     }
 
     fn take(&mut self, m: usize, s: &Service) {
-        self.reindex(m, false);
-        self.free[m].vcpus -= i64::from(s.vcpus);
-        self.free[m].memory -= i64::from(s.memory_mib);
-        self.count[m] += 1;
-        self.reindex(m, true);
+        self.change(m, s, 1, 1, 1);
     }
 
     fn give(&mut self, m: usize, s: &Service) {
+        self.change(m, s, -1, -1, -1);
+    }
+
+    /// A paused instance: its memory only.
+    fn take_paused(&mut self, m: usize, s: &Service) {
+        self.change(m, s, 0, 1, 1);
+    }
+
+    fn give_paused(&mut self, m: usize, s: &Service) {
+        self.change(m, s, 0, -1, -1);
+    }
+
+    /// Pausing (-1) or unpausing (+1) an instance there: its CPU only.
+    fn cpu(&mut self, m: usize, s: &Service, sign: i64) {
+        self.change(m, s, sign, 0, 0);
+    }
+
+    fn change(&mut self, m: usize, s: &Service, cpu: i64, mem: i64, count: i64) {
         self.reindex(m, false);
-        self.free[m].vcpus += i64::from(s.vcpus);
-        self.free[m].memory += i64::from(s.memory_mib);
-        self.count[m] -= 1;
+        self.free[m].vcpus -= cpu * i64::from(s.vcpus);
+        self.free[m].memory -= mem * i64::from(s.memory_mib);
+        self.count[m] = (i64::from(self.count[m]) + count).max(0) as u32;
         self.reindex(m, true);
     }
 
-    /// Best-fit for one instance of `s`: a machine already in use (fewest machines), one that
-    /// does not run `s` yet if there is one close by (spread), with the least memory left over;
-    /// an empty machine only when no used one fits (and `only_used` is false).
-    fn best_fit(
-        &mut self,
-        s: &Service,
-        same: &Spread,
-        avoid: Option<usize>,
-        only_used: bool,
-    ) -> Option<usize> {
+    /// Best-fit for one instance of `s` (`f.paused`: a standby, memory only): a machine already
+    /// in use (fewest machines), one that does not run `s` yet if there is one close by
+    /// (spread), with the least memory left over; an empty machine only when no used one fits
+    /// (and `f.only_used` is false) — or, for a service that spreads, when all its instances
+    /// would otherwise share one machine. `f.only_new`: only a machine that does not run `s`.
+    fn best_fit(&mut self, s: &Service, same: &Spread, f: Fit) -> Option<usize> {
         self.build_index();
-        let (mem, cpu) = (i64::from(s.memory_mib), i64::from(s.vcpus));
+        let mem = i64::from(s.memory_mib);
+        let cpu = if f.paused { 0 } else { i64::from(s.vcpus) };
         let mut best: Option<(u32, usize)> = None;
         let mut looked = 0;
         let used = self
             .index
             .range((false, mem, i64::MIN, 0)..(true, i64::MIN, i64::MIN, 0));
         for &(_, _, free_cpu, m) in used {
-            if free_cpu < cpu || Some(m) == avoid {
+            if free_cpu < cpu || Some(m) == f.avoid {
                 continue;
             }
             let n = same.get(m);
             if n == 0 {
                 return Some(m);
             }
-            if best.is_none_or(|(b, _)| n < b) {
+            if !f.only_new && best.is_none_or(|(b, _)| n < b) {
                 best = Some((n, m));
             }
             looked += 1;
@@ -171,13 +196,16 @@ impl Room {
                 break;
             }
         }
-        if best.is_some() || only_used {
+        // One machine failure must not take a spread service down.
+        let lonely = s.spread && !f.paused && same.machines() < 2;
+        if f.only_used || (best.is_some() && !lonely) {
             return best.map(|(_, m)| m);
         }
         self.index
             .range((true, mem, i64::MIN, 0)..)
-            .find(|k| k.2 >= cpu && Some(k.3) != avoid)
+            .find(|k| k.2 >= cpu && Some(k.3) != f.avoid)
             .map(|k| k.3)
+            .or(best.map(|(_, m)| m))
     }
 }
 
@@ -194,39 +222,29 @@ fn to_instances(s: &Service, rps: f64, headroom: f64) -> u32 {
     (n.max(0.0) as u32).clamp(s.min, s.max.max(s.min))
 }
 
-/// The seasonal periods the demand history covers (one period ago is known).
-fn covered<'a>(s: &'a Service, c: &'a Config) -> impl Iterator<Item = usize> + 'a {
-    let len = s.demand.len();
-    c.seasonal_periods
-        .iter()
-        .copied()
-        .filter(move |p| *p > 0 && len >= *p)
-}
-
-/// The seasonal forecast: the demand one period ago, from now to `lookahead` ahead, for the
-/// longest covered period (a week knows weekends from weekdays). 0 when none is covered. (A
-/// one-off flash crowd is replayed a period later; the scale-in window then gives it back.)
-fn seasonal(s: &Service, c: &Config) -> f64 {
-    let len = s.demand.len();
-    covered(s, c)
-        .max()
-        .map(|period| {
-            let start = len - period;
-            let end = (start + c.seasonal_lookahead + 1).min(len);
-            s.demand[start..end].iter().fold(0.0f64, |a, b| a.max(*b))
-        })
-        .unwrap_or(0.0)
-}
-
 /// The instances a service wants now, with hysteresis on the way down: a scale-in needs the
 /// long window to agree and to shed more than the tolerance (a service of 100 instances does not
 /// give back 3 because a noisy minute left the window).
 fn desired(s: &Service, current: u32, c: &Config) -> u32 {
     let recent = recent_max(s, c.scale_out_window);
-    let expected = seasonal(s, c).max(s.forecast_rps);
+    let expected = if s.forecast_rps.is_finite() {
+        s.forecast_rps
+    } else {
+        0.0
+    };
     let out = to_instances(s, recent.max(expected), c.headroom);
     if out >= current {
         return out;
+    }
+    // Missing data is not zero demand: an unknown sample in the long window holds the size.
+    let unknown = s
+        .demand
+        .iter()
+        .rev()
+        .take(c.scale_in_window.max(1))
+        .any(|d| !d.is_finite());
+    if unknown || s.demand.is_empty() {
+        return current;
     }
     let down = out.max(to_instances(
         s,
@@ -246,6 +264,17 @@ fn desired(s: &Service, current: u32, c: &Config) -> u32 {
 
 fn demand_now(s: &Service) -> f64 {
     s.demand.last().copied().unwrap_or(0.0)
+}
+
+/// Warm standbys a service keeps: enough to cover its largest recent rise, within its bound.
+pub(crate) fn standbys(s: &Service) -> u32 {
+    if s.standby_max == 0 || s.spike_rps.is_nan() || s.spike_rps <= 0.0 {
+        return 0;
+    }
+    ((s.spike_rps / s.capacity_rps.max(1e-9))
+        .ceil()
+        .min(f64::from(u32::MAX)) as u32)
+        .min(s.standby_max)
 }
 
 /// Weighted fair sharing: water-fills the pool's dominant resource in proportion to priority
@@ -299,6 +328,7 @@ pub fn decide(s: &Snapshot, c: &Config) -> Vec<Action> {
 
     // 1. Recovery; everything else is grouped by service.
     let mut placed: Vec<Vec<usize>> = vec![Vec::new(); services.len()];
+    let mut paused: Vec<Vec<usize>> = vec![Vec::new(); services.len()];
     let mut suspended: Vec<Vec<usize>> = vec![Vec::new(); services.len()];
     let mut on_machine = vec![0u32; s.machines.len()];
     let mut starting = vec![false; s.machines.len()];
@@ -315,7 +345,9 @@ pub fn decide(s: &Snapshot, c: &Config) -> Vec<Action> {
                 instance: idx,
                 reason: format!("failed: replace it with a fresh instance of {}", svc.name),
             }),
-            (InstanceState::Starting | InstanceState::Running, Some(m)) if !healthy(m) => {
+            (InstanceState::Starting | InstanceState::Running | InstanceState::Paused, Some(m))
+                if !healthy(m) =>
+            {
                 let name = s.machines.get(m).map_or("?", |m| m.name.as_str());
                 actions.push(Action::Discard {
                     instance: idx,
@@ -331,9 +363,14 @@ pub fn decide(s: &Snapshot, c: &Config) -> Vec<Action> {
                 on_machine[m] += 1;
                 placed[i.service].push(idx);
             }
+            (InstanceState::Paused, Some(m)) => {
+                at.0[idx] = m as u32;
+                paused[i.service].push(idx);
+            }
             (InstanceState::Suspended, _) | (_, None) => suspended[i.service].push(idx),
         }
     }
+    let standby: Vec<u32> = services.iter().map(standbys).collect();
 
     // 2. Sizing.
     let mut wants: Vec<u32> = services
@@ -368,8 +405,35 @@ pub fn decide(s: &Snapshot, c: &Config) -> Vec<Action> {
             .then(services[a].name.cmp(&services[b].name))
     });
 
-    // 3. Keeping: the instances on the fullest machines stay.
+    // 3. Keeping: the instances on the fullest machines stay (pinned ones first). Paused
+    // standbys hold their memory; one on a machine that left the pool is suspended.
     let mut room = Room::new(&s.machines);
+    // Instances paused this tick (scale-in to a standby, or CPU freed for a higher priority):
+    // standbys of their service, but not unpaused or suspended again in the same plan.
+    let mut held: Vec<Vec<usize>> = vec![Vec::new(); services.len()];
+    let mut standby_candidates = vec![0u32; services.len()];
+    let mut to_pause: Vec<(usize, usize, usize)> = Vec::new();
+    // Paused instances per machine (the rest of its count runs).
+    let mut running_paused = vec![0u32; s.machines.len()];
+    for (si, list) in paused.iter_mut().enumerate() {
+        list.retain(|&idx| {
+            let m = at.get(idx).unwrap_or(usize::MAX);
+            if room.usable.get(m).copied().unwrap_or(false) {
+                room.take_paused(m, &services[si]);
+                running_paused[m] += 1;
+                true
+            } else {
+                actions.push(Action::Suspend {
+                    instance: idx,
+                    reason: format!(
+                        "{} no longer takes live load: its standby goes to the repository",
+                        s.machines.get(m).map_or("?", |x| x.name.as_str())
+                    ),
+                });
+                false
+            }
+        });
+    }
     let mut kept: Vec<Vec<usize>> = vec![Vec::new(); services.len()];
     let mut displaced: Vec<Vec<usize>> = vec![Vec::new(); services.len()];
     for &si in &order {
@@ -382,6 +446,7 @@ pub fn decide(s: &Snapshot, c: &Config) -> Vec<Action> {
             let key = |idx: &usize| {
                 let m = at.get(*idx).unwrap_or(0);
                 (
+                    !s.instances[*idx].pinned,
                     std::cmp::Reverse(on_machine[m]),
                     !at.starting(*idx),
                     m,
@@ -401,6 +466,15 @@ pub fn decide(s: &Snapshot, c: &Config) -> Vec<Action> {
                 kept[si].push(idx);
             } else if (kept[si].len() as u32) < wants[si] {
                 displaced[si].push(idx);
+            } else if ((paused[si].len() + held[si].len()) as u32 + standby_candidates[si])
+                < standby[si]
+                && !at.starting(idx)
+                && room.usable[m]
+            {
+                // Perhaps a warm standby (decided below, once it is known whether its machine
+                // stays in use anyway).
+                standby_candidates[si] += 1;
+                to_pause.push((si, idx, m));
             } else {
                 let reason = scale_in
                     .get_or_insert_with(|| {
@@ -420,6 +494,36 @@ pub fn decide(s: &Snapshot, c: &Config) -> Vec<Action> {
         }
     }
 
+    // Scale-in into a warm standby (it keeps its memory, gives back its CPU) only on a machine
+    // that keeps running instances anyway: a standby never holds an otherwise empty machine.
+    for (si, idx, m) in to_pause {
+        let svc = &services[si];
+        if room.count[m] > running_paused[m] {
+            room.take_paused(m, svc);
+            running_paused[m] += 1;
+            held[si].push(idx);
+            actions.push(Action::Pause {
+                instance: idx,
+                reason: format!(
+                    "scale in to a warm standby: {:.1} req/s needs {} instance(s) of {}",
+                    demand_now(svc),
+                    wants[si],
+                    svc.name
+                ),
+            });
+        } else {
+            actions.push(Action::Suspend {
+                instance: idx,
+                reason: format!(
+                    "scale in: {:.1} req/s needs {} instance(s) of {}",
+                    demand_now(svc),
+                    wants[si],
+                    svc.name
+                ),
+            });
+        }
+    }
+
     // 4. Placing, highest priority first.
     let mut same = Spread::new(s.machines.len());
     room.touched = starting;
@@ -433,14 +537,63 @@ pub fn decide(s: &Snapshot, c: &Config) -> Vec<Action> {
     };
     for (rank, &si) in order.iter().enumerate() {
         let svc = &services[si];
-        if (kept[si].len() as u32) < wants[si] {
+        if (kept[si].len() as u32) < wants[si] || (paused[si].len() as u32) < standby[si] {
             same.load(&at, &kept[si]);
         }
         let mut resumable = suspended[si].iter().copied();
         let mut scale_out: Option<String> = None;
         let mut moving = std::mem::take(&mut displaced[si]).into_iter();
+        // Warm standbys first: they serve in milliseconds. One whose machine lacks the CPU
+        // gets it from a lower priority paused there (server drop in the same second).
+        while (kept[si].len() as u32) < wants[si] && !paused[si].is_empty() {
+            let ready = paused[si].iter().position(|&idx| {
+                at.get(idx)
+                    .is_some_and(|m| room.free[m].vcpus >= i64::from(svc.vcpus))
+            });
+            let (pos, freed) = match ready {
+                Some(pos) => (pos, Vec::new()),
+                None => match paused[si].iter().enumerate().find_map(|(pos, &idx)| {
+                    let m = at.get(idx)?;
+                    cpu_from_lower(s, &at, &order[rank + 1..], &kept, &room, m, svc)
+                        .map(|v| (pos, v))
+                }) {
+                    Some(found) => found,
+                    None => break,
+                },
+            };
+            for (li, k) in freed {
+                let idx = kept[li].swap_remove(k);
+                let low = &services[li];
+                if let Some(m) = at.get(idx) {
+                    room.cpu(m, low, -1);
+                }
+                held[li].push(idx);
+                actions.push(Action::Pause {
+                    instance: idx,
+                    reason: format!(
+                        "server drop: free CPU for {} (priority {} over {})",
+                        svc.name, svc.priority, low.priority
+                    ),
+                });
+            }
+            let idx = paused[si].swap_remove(pos);
+            let m = at.get(idx).unwrap_or(0);
+            room.cpu(m, svc, 1);
+            room.touched[m] = true;
+            same.add(m);
+            kept[si].push(idx);
+            actions.push(Action::Unpause {
+                instance: idx,
+                reason: format!(
+                    "scale out from a warm standby: {:.1} req/s needs {} instance(s) of {}",
+                    demand_now(svc),
+                    wants[si],
+                    svc.name
+                ),
+            });
+        }
         while (kept[si].len() as u32) < wants[si] {
-            let target = match room.best_fit(svc, &same, None, false) {
+            let target = match room.best_fit(svc, &same, Fit::default()) {
                 Some(m) => Some(m),
                 None if !hopeless(&no_room, svc) => {
                     let m = make_room(
@@ -511,6 +664,21 @@ pub fn decide(s: &Snapshot, c: &Config) -> Vec<Action> {
                 kept[si].push(usize::MAX);
             }
         }
+        // Warm standbys beyond what the spike history asks for go to the repository (new ones
+        // are placed once every service is, below).
+        while (paused[si].len() + held[si].len()) as u32 > standby[si] && !paused[si].is_empty() {
+            let idx = paused[si].pop().unwrap_or(usize::MAX);
+            if let Some(m) = at.get(idx) {
+                room.give_paused(m, svc);
+            }
+            actions.push(Action::Suspend {
+                instance: idx,
+                reason: format!(
+                    "standby surplus: {} keeps {} warm standby(s)",
+                    svc.name, standby[si]
+                ),
+            });
+        }
         // Dormant instances beyond what the service may come back to are thrown away (their
         // saved state is only worth keeping while a resume is likely).
         let running = (kept[si].len() as u32).max(wants[si]);
@@ -558,12 +726,138 @@ pub fn decide(s: &Snapshot, c: &Config) -> Vec<Action> {
         }
     }
 
+    for (p, h) in paused.iter_mut().zip(held) {
+        p.extend(h);
+    }
+    prepare_standbys(
+        s,
+        &at,
+        &order,
+        &standby,
+        &kept,
+        &paused,
+        &mut room,
+        &mut actions,
+    );
+
     // 5. Relief and consolidation: never of a machine that is starting something or was just
     // given an instance.
     let mut budget = c.max_moves;
     relieve_hot(s, c, &kept, &mut room, &mut budget, &mut actions);
-    consolidate(s, c, &at, &kept, &mut room, budget, &mut actions);
+    consolidate(s, c, &at, &kept, &paused, &mut room, budget, &mut actions);
     actions
+}
+
+/// Machines looked at for one new standby.
+const STANDBY_CANDIDATES: usize = 256;
+
+/// 4b. Warm standbys, once every service is placed, highest priority first: each on a machine
+/// in use where it can run at once — whose free CPU, plus what lower priorities run there, is
+/// not yet promised to another standby (the most such CPU first). Memory only; none where no
+/// machine in use can give it CPU.
+#[allow(clippy::too_many_arguments)]
+fn prepare_standbys(
+    s: &Snapshot,
+    at: &Where,
+    order: &[usize],
+    standby: &[u32],
+    kept: &[Vec<usize>],
+    paused: &[Vec<usize>],
+    room: &mut Room,
+    actions: &mut Vec<Action>,
+) {
+    let services = &s.services;
+    if !order
+        .iter()
+        .any(|&si| (paused[si].len() as u32) < standby[si])
+    {
+        return;
+    }
+    // (priority, vCPUs) of the instances running on each machine, and CPU already promised.
+    let mut running: Vec<Vec<(i32, i64)>> = vec![Vec::new(); s.machines.len()];
+    for (si, v) in kept.iter().enumerate() {
+        for &idx in v {
+            if let Some(m) = at.get(idx) {
+                running[m].push((services[si].priority, i64::from(services[si].vcpus)));
+            }
+        }
+    }
+    let mut promised = vec![0i64; s.machines.len()];
+    for (si, v) in paused.iter().enumerate() {
+        for &idx in v {
+            if let Some(m) = at.get(idx) {
+                promised[m] += i64::from(services[si].vcpus);
+            }
+        }
+    }
+    room.build_index();
+    for &si in order {
+        let svc = &services[si];
+        let (mem, cpu) = (i64::from(svc.memory_mib), i64::from(svc.vcpus));
+        for _ in paused[si].len()..standby[si] as usize {
+            let takeable = |m: usize| {
+                room.free[m].vcpus
+                    + running[m]
+                        .iter()
+                        .filter(|(p, _)| *p < svc.priority)
+                        .map(|(_, c)| c)
+                        .sum::<i64>()
+                    - promised[m]
+            };
+            let best = room
+                .index
+                .range((false, mem, i64::MIN, 0)..(true, i64::MIN, i64::MIN, 0))
+                .take(STANDBY_CANDIDATES)
+                .map(|k| (takeable(k.3), k.3))
+                .filter(|(t, _)| *t >= cpu)
+                .max_by_key(|&(t, m)| (t, std::cmp::Reverse(m)));
+            let Some((_, m)) = best else {
+                break;
+            };
+            room.take_paused(m, svc);
+            promised[m] += cpu;
+            actions.push(Action::Prepare {
+                service: si,
+                machine: m,
+                reason: format!(
+                    "warm standby: {} rose by up to {:.1} req/s recently; keep {} paused",
+                    svc.name, svc.spike_rps, standby[si]
+                ),
+            });
+        }
+    }
+}
+
+/// Running instances of priorities below `svc` on machine `m` whose pausing frees the CPU one
+/// instance of `svc` needs there, lowest priority first, as (service, position in `kept`).
+fn cpu_from_lower(
+    s: &Snapshot,
+    at: &Where,
+    lower: &[usize],
+    kept: &[Vec<usize>],
+    room: &Room,
+    m: usize,
+    svc: &Service,
+) -> Option<Vec<(usize, usize)>> {
+    let mut free = room.free.get(m)?.vcpus;
+    let mut out = Vec::new();
+    for &li in lower.iter().rev() {
+        let low = &s.services[li];
+        if low.priority >= svc.priority {
+            continue;
+        }
+        // Positions from the end, so that swap_remove in this order keeps the others valid.
+        for (k, &idx) in kept[li].iter().enumerate().rev() {
+            if free >= i64::from(svc.vcpus) {
+                return Some(out);
+            }
+            if at.get(idx) == Some(m) && !at.starting(idx) {
+                free += i64::from(low.vcpus);
+                out.push((li, k));
+            }
+        }
+    }
+    (free >= i64::from(svc.vcpus)).then_some(out)
 }
 
 /// The machine of every instance, in a compact array (looked up at random 100,000s of times a
@@ -624,6 +918,11 @@ impl Spread {
 
     fn get(&self, m: usize) -> u32 {
         self.count.get(m).copied().unwrap_or(0)
+    }
+
+    /// Machines that run the service.
+    fn machines(&self) -> usize {
+        self.dirty.len()
     }
 }
 
@@ -700,9 +999,9 @@ fn relieve_hot(
         let Some((si, idx)) = kept.iter().enumerate().find_map(|(si, v)| {
             v.iter()
                 .find(|&&idx| {
-                    s.instances
-                        .get(idx)
-                        .is_some_and(|i| i.machine == Some(m) && i.state == InstanceState::Running)
+                    s.instances.get(idx).is_some_and(|i| {
+                        i.machine == Some(m) && i.state == InstanceState::Running && !i.pinned
+                    })
                 })
                 .map(|&idx| (si, idx))
         }) else {
@@ -742,11 +1041,13 @@ fn relieve_hot(
 /// Empties the emptiest machines in use onto the others, within `budget` moves, while the
 /// machines in use are cool. A machine is emptied whole or not at all; touched machines (that
 /// start something or were given an instance this tick) are left alone.
+#[allow(clippy::too_many_arguments)]
 fn consolidate(
     s: &Snapshot,
     c: &Config,
     at: &Where,
     kept: &[Vec<usize>],
+    paused: &[Vec<usize>],
     room: &mut Room,
     mut budget: usize,
     actions: &mut Vec<Action>,
@@ -756,11 +1057,18 @@ fn consolidate(
     }
     let (mut total, mut free) = (0i64, 0i64);
     let mut victims: Vec<usize> = Vec::new();
+    let mut paused_on = vec![0u32; s.machines.len()];
+    for &idx in paused.iter().flatten() {
+        if let Some(m) = at.get(idx) {
+            paused_on[m] += 1;
+        }
+    }
+    let running_on = |m: usize| room.count[m].saturating_sub(paused_on[m]);
     for (m, machine) in s.machines.iter().enumerate() {
         if room.count[m] > 0 {
             total += i64::from(machine.memory_mib);
             free += room.free[m].memory;
-            if !room.touched[m] && room.usable[m] && room.count[m] as usize <= budget {
+            if !room.touched[m] && room.usable[m] && running_on(m) as usize <= budget {
                 victims.push(m);
             }
         }
@@ -768,19 +1076,22 @@ fn consolidate(
     if total == 0 || (total - free) as f64 / total as f64 >= c.consolidate_below {
         return;
     }
-    victims.sort_by_key(|&m| (room.count[m], std::cmp::Reverse(room.free[m].memory), m));
+    victims.sort_by_key(|&m| (running_on(m), std::cmp::Reverse(room.free[m].memory), m));
     victims.truncate(CONSOLIDATION_TRIES);
     // The kept instances of those machines, in one scan.
     let mut slot = vec![usize::MAX; s.machines.len()];
     for (k, &m) in victims.iter().enumerate() {
         slot[m] = k;
     }
-    let mut on: Vec<Vec<(usize, usize)>> = vec![Vec::new(); victims.len()];
-    for (si, v) in kept.iter().enumerate() {
-        for &idx in v {
-            if let Some(m) = at.get(idx) {
-                if slot[m] != usize::MAX {
-                    on[slot[m]].push((si, idx));
+    // (service, instance, a paused standby) per victim.
+    let mut on: Vec<Vec<(usize, usize, bool)>> = vec![Vec::new(); victims.len()];
+    for (list, standby) in [(kept, false), (paused, true)] {
+        for (si, v) in list.iter().enumerate() {
+            for &idx in v {
+                if let Some(m) = at.get(idx) {
+                    if slot[m] != usize::MAX {
+                        on[slot[m]].push((si, idx, standby));
+                    }
                 }
             }
         }
@@ -788,34 +1099,61 @@ fn consolidate(
     let mut received = vec![false; s.machines.len()];
     let mut same = Spread::new(s.machines.len());
     for (victim, instances) in victims.into_iter().zip(on) {
-        if instances.len() > budget
-            || received[victim]
-            || instances
-                .iter()
-                .any(|&(_, idx)| s.instances[idx].state != InstanceState::Running)
-        {
+        // Only settled instances move (not one paused or started this tick), never a pinned one.
+        let settled = |&(_, idx, standby): &(usize, usize, bool)| {
+            let i = &s.instances[idx];
+            !i.pinned
+                && i.state
+                    == if standby {
+                        InstanceState::Paused
+                    } else {
+                        InstanceState::Running
+                    }
+        };
+        // Moving a paused standby costs no CPU and little time: only running ones count
+        // against the budget.
+        let running = instances.iter().filter(|x| !x.2).count();
+        if running > budget || received[victim] || !instances.iter().all(settled) {
             continue;
         }
-        let mut moves: Vec<(usize, usize, usize)> = Vec::new();
-        for &(si, idx) in &instances {
+        let mut moves: Vec<(usize, usize, usize, bool)> = Vec::new();
+        for &(si, idx, standby) in &instances {
             let svc = &s.services[si];
             same.load(at, &kept[si]);
-            let Some(to) = room.best_fit(svc, &same, Some(victim), true) else {
+            let fit = Fit {
+                avoid: Some(victim),
+                only_used: true,
+                // A spread service on two machines must not end up on one.
+                only_new: svc.spread && !standby && same.machines() <= 2,
+                paused: standby,
+            };
+            let Some(to) = room.best_fit(svc, &same, fit) else {
                 break;
             };
-            room.give(victim, svc);
-            room.take(to, svc);
-            moves.push((si, idx, to));
+            if standby {
+                room.give_paused(victim, svc);
+                room.take_paused(to, svc);
+            } else {
+                room.give(victim, svc);
+                room.take(to, svc);
+            }
+            moves.push((si, idx, to, standby));
         }
         if moves.len() < instances.len() {
-            for (si, _, to) in moves {
-                room.give(to, &s.services[si]);
-                room.take(victim, &s.services[si]);
+            for (si, _, to, standby) in moves {
+                let svc = &s.services[si];
+                if standby {
+                    room.give_paused(to, svc);
+                    room.take_paused(victim, svc);
+                } else {
+                    room.give(to, svc);
+                    room.take(victim, svc);
+                }
             }
             continue;
         }
-        budget -= moves.len();
-        for (_, idx, to) in moves {
+        budget -= running;
+        for (_, idx, to, _) in moves {
             received[to] = true;
             actions.push(Action::Migrate {
                 instance: idx,
@@ -830,6 +1168,41 @@ fn consolidate(
             return;
         }
     }
+}
+
+/// The one placement: the machine `decide` would pick for one more instance of `service` —
+/// best-fit on the machines in use, spread, an empty machine last — never `avoid`. The
+/// controller uses it wherever a machine is not named (an operator's activate or resume,
+/// manual mode, waking and draining). `None`: no dedicated, healthy machine has room.
+pub fn place(s: &Snapshot, service: usize, avoid: Option<usize>) -> Option<usize> {
+    let svc = s.services.get(service)?;
+    let mut room = Room::new(&s.machines);
+    let mut at = Where(vec![u32::MAX; s.instances.len()]);
+    let mut mine = Vec::new();
+    for (idx, i) in s.instances.iter().enumerate() {
+        let (Some(m), Some(of)) = (i.machine, s.services.get(i.service)) else {
+            continue;
+        };
+        if m >= s.machines.len() {
+            continue;
+        }
+        match i.state {
+            InstanceState::Starting | InstanceState::Running => room.take(m, of),
+            InstanceState::Paused => room.take_paused(m, of),
+            InstanceState::Suspended | InstanceState::Failed => continue,
+        }
+        if i.service == service && i.state != InstanceState::Paused {
+            at.0[idx] = m as u32;
+            mine.push(idx);
+        }
+    }
+    let mut same = Spread::new(s.machines.len());
+    same.load(&at, &mine);
+    let fit = Fit {
+        avoid,
+        ..Fit::default()
+    };
+    room.best_fit(svc, &same, fit)
 }
 
 /// What `actions` do to `s`, at once (the simulator adds the time each takes). New instances
@@ -849,7 +1222,30 @@ pub fn apply(s: &mut Snapshot, actions: &[Action], mut new_id: impl FnMut(&str) 
                     service,
                     machine: Some(machine),
                     state: InstanceState::Starting,
+                    pinned: false,
                 });
+            }
+            Action::Prepare {
+                service, machine, ..
+            } => {
+                let name = s.services.get(service).map_or("", |x| x.name.as_str());
+                let id = new_id(name);
+                s.instances.push(crate::Instance {
+                    id,
+                    service,
+                    machine: Some(machine),
+                    state: InstanceState::Paused,
+                    pinned: false,
+                });
+            }
+            Action::Pause { instance, .. } | Action::Unpause { instance, .. } => {
+                if let Some(i) = s.instances.get_mut(instance) {
+                    i.state = if matches!(a, Action::Pause { .. }) {
+                        InstanceState::Paused
+                    } else {
+                        InstanceState::Running
+                    };
+                }
             }
             Action::Resume {
                 instance, machine, ..

@@ -38,15 +38,33 @@ pub struct Service {
     pub vcpus: u32,
     /// Memory per instance, MiB.
     pub memory_mib: u32,
-    /// Measured demand, requests/s, one sample per tick, oldest first (the last is now).
+    /// Measured demand, requests/s, one sample per tick, oldest first (the last is now). `NaN`
+    /// where the demand is unknown (the switch's report did not arrive): an unknown sample never
+    /// lets a scale-in through.
     pub demand: Vec<f64>,
-    /// The caller's own forecast of the demand over the next few minutes, requests/s (0: none):
-    /// provisioned for like recent demand. The controller derives it from what came one season
-    /// ago; the simulator uses `Config::seasonal_periods` on the demand history instead.
+    /// The forecast of the demand over the next few minutes, requests/s (0: none): provisioned
+    /// for like recent demand. Controller and simulator both take it from a [`crate::Memory`]
+    /// (the demand one season ago, a little ahead of now).
     #[serde(default)]
     pub forecast_rps: f64,
     /// Currently refused by the switch (dropped).
     pub dropped: bool,
+    /// Most warm standbys (instances kept paused in memory, ready in milliseconds) the policy
+    /// may keep for this service; 0: none.
+    #[serde(default)]
+    pub standby_max: u32,
+    /// The largest rise of demand above what the policy had provisioned, over the caller's
+    /// spike window, requests/s ([`crate::Memory::spike`]): standbys are sized to cover it.
+    #[serde(default)]
+    pub spike_rps: f64,
+    /// Put the instances on different machines (so that one machine failure never takes the
+    /// service down) where the pool allows.
+    #[serde(default = "yes")]
+    pub spread: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Where an instance is in its life, as far as the policy cares.
@@ -56,6 +74,9 @@ pub enum InstanceState {
     Starting,
     /// Serving.
     Running,
+    /// A warm standby: booted, then paused in memory. Holds its memory, uses no CPU; serves
+    /// again milliseconds after it is unpaused.
+    Paused,
     /// Dormant in the repository, state kept.
     Suspended,
     /// Broken.
@@ -74,6 +95,10 @@ pub struct Instance {
     pub machine: Option<usize>,
     /// State.
     pub state: InstanceState,
+    /// Placed there by an operator: the policy never migrates it (until the pin is removed or
+    /// expires), except off a machine that failed or left the pool.
+    #[serde(default)]
+    pub pinned: bool,
 }
 
 /// Everything `decide` looks at. Time is an input.
@@ -89,7 +114,7 @@ pub struct Snapshot {
     pub instances: Vec<Instance>,
 }
 
-/// Tuning.
+/// Tuning, in ticks of the caller (made from [`crate::Settings`] for the caller's tick length).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Config {
     /// Capacity kept above the smoothed demand (1.2 = 20% headroom).
@@ -108,12 +133,6 @@ pub struct Config {
     pub max_moves: usize,
     /// Consolidate only while the pool's memory use is below this fraction.
     pub consolidate_below: f64,
-    /// Seasonal periods in ticks (e.g. a day and a week): when the demand history covers one,
-    /// the demand one period ago, a little ahead of now, is a forecast to provision for before
-    /// it arrives. The longest covered period is used. Empty: react only.
-    pub seasonal_periods: Vec<usize>,
-    /// How many ticks ahead the seasonal forecast looks.
-    pub seasonal_lookahead: usize,
     /// How the pool is shared when it cannot hold every service's wish.
     pub sharing: Sharing,
     /// A machine whose measured CPU load is above this fraction is relieved by one migration.
@@ -142,8 +161,6 @@ impl Default for Config {
             dormant_ratio: 1.0,
             max_moves: 2,
             consolidate_below: 0.7,
-            seasonal_periods: Vec::new(),
-            seasonal_lookahead: 0,
             sharing: Sharing::StrictPriority,
             hot_above: 0.9,
         }
@@ -154,6 +171,30 @@ impl Default for Config {
 /// from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Action {
+    /// Start a new instance of `service` on `machine` as a warm standby: boot it, then pause it.
+    Prepare {
+        /// Service (index).
+        service: usize,
+        /// Machine (index).
+        machine: usize,
+        /// Why.
+        reason: String,
+    },
+    /// Pause a running instance in memory (a standby, or server drop that frees CPU in the same
+    /// second).
+    Pause {
+        /// Instance (index).
+        instance: usize,
+        /// Why.
+        reason: String,
+    },
+    /// Let a paused instance run again (milliseconds).
+    Unpause {
+        /// Instance (index).
+        instance: usize,
+        /// Why.
+        reason: String,
+    },
     /// Start a new instance of `service` on `machine`.
     Activate {
         /// Service (index).
@@ -216,6 +257,9 @@ impl Action {
     pub fn reason(&self) -> &str {
         match self {
             Self::Activate { reason, .. }
+            | Self::Prepare { reason, .. }
+            | Self::Pause { reason, .. }
+            | Self::Unpause { reason, .. }
             | Self::Resume { reason, .. }
             | Self::Suspend { reason, .. }
             | Self::Migrate { reason, .. }

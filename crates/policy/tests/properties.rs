@@ -30,6 +30,9 @@ fn service(name: &str, priority: i32, min: u32, max: u32, demand: &[f64]) -> Ser
         demand: demand.to_vec(),
         dropped: false,
         forecast_rps: 0.0,
+        standby_max: 0,
+        spike_rps: 0.0,
+        spread: true,
     }
 }
 
@@ -46,6 +49,7 @@ fn instance(id: &str, service: usize, machine: Option<usize>, state: InstanceSta
         service,
         machine,
         state,
+        pinned: false,
     }
 }
 
@@ -111,7 +115,7 @@ fn arb_snapshot(homogeneous: bool) -> impl Strategy<Value = Snapshot> {
         let services: Vec<Service> = ss
             .iter()
             .enumerate()
-            .map(|(i, (min, extra, demand, size, _))| Service {
+            .map(|(i, (min, extra, demand, size, standby))| Service {
                 name: format!("s{i}"),
                 priority: 100 - i as i32 * 10,
                 capacity_rps: 50.0,
@@ -122,6 +126,9 @@ fn arb_snapshot(homogeneous: bool) -> impl Strategy<Value = Snapshot> {
                 demand: demand.clone(),
                 dropped: false,
                 forecast_rps: 0.0,
+                standby_max: if *standby { 2 } else { 0 },
+                spike_rps: if *standby { 100.0 } else { 0.0 },
+                spread: i % 2 == 0,
             })
             .collect();
         // Place instances only where they fit, so the starting point is valid.
@@ -135,6 +142,7 @@ fn arb_snapshot(homogeneous: bool) -> impl Strategy<Value = Snapshot> {
             let state = match kind {
                 0 => InstanceState::Failed,
                 1 => InstanceState::Suspended,
+                2 => InstanceState::Paused,
                 _ => InstanceState::Running,
             };
             if state == InstanceState::Suspended {
@@ -142,8 +150,13 @@ fn arb_snapshot(homogeneous: bool) -> impl Strategy<Value = Snapshot> {
                 continue;
             }
             let u = used.entry(mi).or_default();
-            if m.dedicated && u.0 + svc.vcpus <= m.vcpus && u.1 + svc.memory_mib <= m.memory_mib {
-                u.0 += svc.vcpus;
+            let cpu = if state == InstanceState::Paused {
+                0
+            } else {
+                svc.vcpus
+            };
+            if m.dedicated && u.0 + cpu <= m.vcpus && u.1 + svc.memory_mib <= m.memory_mib {
+                u.0 += cpu;
                 u.1 += svc.memory_mib;
                 instances.push(instance(&format!("i{n}"), si, Some(mi), state));
             }
@@ -172,7 +185,9 @@ proptest! {
         for (mi, m) in after.machines.iter().enumerate() {
             let (mut cpu, mut mem) = (0, 0);
             for i in after.instances.iter().filter(|i| i.machine == Some(mi) && i.state != InstanceState::Suspended) {
-                cpu += after.services[i.service].vcpus;
+                if i.state != InstanceState::Paused {
+                    cpu += after.services[i.service].vcpus;
+                }
                 mem += after.services[i.service].memory_mib;
             }
             prop_assert!(cpu <= m.vcpus && mem <= m.memory_mib, "{} over-committed: {cpu} vCPU, {mem} MiB", m.name);
@@ -187,7 +202,9 @@ proptest! {
             let instance = |i: usize| i < s.instances.len();
             let service = |n: usize| n < s.services.len();
             let ok = match a {
-                Action::Activate { service: sv, machine, .. } => service(sv) && live_machine(machine),
+                Action::Activate { service: sv, machine, .. } | Action::Prepare { service: sv, machine, .. } => service(sv) && live_machine(machine),
+                Action::Pause { instance: i, .. } => instance(i) && s.instances[i].state == InstanceState::Running,
+                Action::Unpause { instance: i, .. } => instance(i) && s.instances[i].state == InstanceState::Paused,
                 Action::Resume { instance: i, machine, .. } => instance(i) && live_machine(machine),
                 Action::Migrate { instance: i, to, .. } => instance(i) && live_machine(to),
                 Action::Suspend { instance: i, .. } | Action::Discard { instance: i, .. } => instance(i),
@@ -231,8 +248,9 @@ proptest! {
         let (after, rounds) = settle(s, &c, 20);
         prop_assert!(rounds < 20, "no steady state after 20 rounds");
         for (mi, m) in after.machines.iter().enumerate() {
-            let n = after.instances.iter().filter(|i| i.machine == Some(mi) && i.state != InstanceState::Suspended).count() as u32;
-            prop_assert!(n <= m.vcpus.min(m.memory_mib / 256), "{} over-committed", m.name);
+            let here = || after.instances.iter().filter(|i| i.machine == Some(mi) && i.state != InstanceState::Suspended);
+            let (n, running) = (here().count() as u32, here().filter(|i| i.state != InstanceState::Paused).count() as u32);
+            prop_assert!(running <= m.vcpus && n <= m.memory_mib / 256, "{} over-committed", m.name);
         }
     }
 }
@@ -248,7 +266,8 @@ fn a_spike_is_met_within_one_tick() {
         instances: vec![instance("sports-1", 0, Some(0), InstanceState::Running)],
     };
     let plan = decide(&s, &Config::default());
-    // 400 req/s × 1.2 headroom ÷ 50 req/s = 10 instances: 9 more, at once, spread over both.
+    // 400 req/s × 1.2 headroom ÷ 50 req/s = 10 instances: 9 more, at once, over both machines
+    // (the service spreads: one instance goes to m2 even though m1 has room).
     let machines: Vec<usize> = plan
         .iter()
         .filter_map(|a| match a {
@@ -257,12 +276,47 @@ fn a_spike_is_met_within_one_tick() {
         })
         .collect();
     assert_eq!(machines.len(), 9, "{plan:#?}");
+    let on_m1 = machines.iter().filter(|m| **m == 0).count();
+    assert!((1..=7).contains(&on_m1), "{on_m1} more on m1");
+    assert!(machines.contains(&1), "m2 takes some");
+}
+
+#[test]
+fn replicas_spread_while_services_pack() {
+    // Three empty machines, two services of min 2: each service on two machines, and both
+    // services share those machines instead of opening a third.
+    let s = Snapshot {
+        now_s: 0.0,
+        machines: (0..3).map(|n| machine(&format!("m{n}"), 8, 2048)).collect(),
+        services: vec![service("a", 5, 2, 4, &[0.0]), service("b", 1, 2, 4, &[0.0])],
+        instances: vec![],
+    };
+    let (after, _) = settle(s.clone(), &Config::default(), 10);
+    for name in ["a", "b"] {
+        let si = svc_index(&after, name);
+        let on: std::collections::BTreeSet<_> = after
+            .instances
+            .iter()
+            .filter(|i| i.service == si)
+            .filter_map(|i| i.machine)
+            .collect();
+        assert_eq!(on.len(), 2, "{name} is on {on:?}");
+    }
+    let busy: std::collections::BTreeSet<_> =
+        after.instances.iter().filter_map(|i| i.machine).collect();
     assert_eq!(
-        machines.iter().filter(|m| **m == 0).count(),
-        7,
-        "m1 is filled first"
+        busy.len(),
+        2,
+        "the services pack onto two machines: {busy:?}"
     );
-    assert_eq!(machines.iter().filter(|m| **m == 1).count(), 2);
+    // Opting out packs one service onto one machine.
+    let mut packed = s;
+    packed.services.truncate(1);
+    packed.services[0].spread = false;
+    let (after, _) = settle(packed, &Config::default(), 10);
+    let busy: std::collections::BTreeSet<_> =
+        after.instances.iter().filter_map(|i| i.machine).collect();
+    assert_eq!(busy.len(), 1, "spread = false: {busy:?}");
 }
 
 #[test]
@@ -415,7 +469,11 @@ fn cool_machines_are_emptied_by_migration_within_the_move_cap() {
     let s = Snapshot {
         now_s: 0.0,
         machines: (0..3).map(|n| machine(&format!("m{n}"), 8, 2048)).collect(),
-        services: vec![service("web", 1, 1, 10, &[240.0; 10])], // → 6 instances
+        // → 6 instances; `spread = false` (a spread service would keep two machines).
+        services: vec![Service {
+            spread: false,
+            ..service("web", 1, 1, 10, &[240.0; 10])
+        }],
         instances: spots
             .iter()
             .enumerate()

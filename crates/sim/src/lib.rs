@@ -1,24 +1,34 @@
 //! The simulator: discrete time over demand traces, driving the *same* `decide` the controller
 //! runs, next to reference policies — `static` (every service owns machines for its own peak)
 //! and `reactive` (target tracking as Kubernetes' HPA does it: the last 10 minutes' maximum ×
-//! 1.5 headroom ÷ capacity, bin-packed, no priorities) — and the lower bound (at each step the
+//! 1.5 headroom ÷ capacity, bin-packed, no priorities; it reacts within a step after the same
+//! detection delay, paying a cold boot) — and the lower bound (at each step the
 //! fewest machines that hold the instances the demand needs, with perfect foresight, no headroom
 //! and free moves).
 //!
-//! Pure: traces come in as numbers, results go out as data. No I/O, no clock. Instances started
-//! in a step serve from the next step (a cold boot takes seconds; steps are a minute).
+//! Pure: traces come in as numbers, results go out as data. No I/O, no clock.
+//!
+//! Honest time: the policy's tick at the start of a step sees demand only up to the previous
+//! step; what it starts serves after the measured latency (boot, resume from the repository).
+//! Within the step, the fast path ([`vmatrix_policy::react`]) sees the step's demand after the
+//! detection delay and unpauses warm standbys (pausing lower priorities for CPU), which serve
+//! from then on. Requests beyond capacity are held by the switch and served later in the same
+//! step when capacity is left (a step's served volume is the smaller of its demand and its
+//! capacity). CPU and memory are separate: paused standbys hold memory, not CPU; a machine
+//! holding anything is in use.
 
 pub mod plot;
 pub mod scale;
+pub mod suite;
+mod switching;
 
 use std::collections::{BTreeMap, VecDeque};
 
 use serde::Serialize;
-use vmatrix_policy::{apply, remove_indices, InstanceState, Machine, Service};
-pub use vmatrix_policy::{decide, Action, Config, Sharing, Snapshot};
+pub use vmatrix_policy::{decide, Action, Config, Settings, Sharing, Snapshot};
 
 /// A service in the simulation.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct SimService {
     /// Name.
     pub name: String,
@@ -39,6 +49,28 @@ pub struct SimService {
     pub history: Vec<f64>,
     /// Demand, requests/s, one value per step.
     pub demand: Vec<f64>,
+    /// Most warm standbys.
+    pub standby_max: u32,
+    /// Instances on different machines where the pool allows.
+    pub spread: bool,
+}
+
+impl Default for SimService {
+    fn default() -> Self {
+        Self {
+            name: String::new(),
+            priority: 0,
+            capacity_rps: 50.0,
+            min: 1,
+            max: 1,
+            vcpus: 1,
+            memory_mib: 256,
+            history: Vec::new(),
+            demand: Vec::new(),
+            standby_max: 0,
+            spread: true,
+        }
+    }
 }
 
 /// How long the moves take. The defaults are what `vmatrix bench vmm` measured on the reference
@@ -54,6 +86,11 @@ pub struct Latencies {
     pub suspend_s: f64,
     /// Live-migration downtime (the instance serves nothing meanwhile).
     pub migrate_downtime_s: f64,
+    /// From a change of demand to the fast path seeing it: the switch reports load every
+    /// second.
+    pub detect_s: f64,
+    /// Unpausing a paused instance to serving (QMP `cont`).
+    pub unpause_s: f64,
 }
 
 impl Default for Latencies {
@@ -63,6 +100,8 @@ impl Default for Latencies {
             resume_s: 0.31,
             suspend_s: 0.12,
             migrate_downtime_s: 0.08,
+            detect_s: 1.0,
+            unpause_s: 0.01,
         }
     }
 }
@@ -134,6 +173,65 @@ pub struct Served {
     pub served: f64,
     /// Requests not served.
     pub dropped: f64,
+    /// Requests that arrived while the capacity serving them was short and waited (held by the
+    /// switch) for capacity that came later in the step: served, but late.
+    pub held: f64,
+}
+
+/// One service's capacity over one step: instances serving from its start, and changes within
+/// it (an instance that becomes ready, or is paused, part-way).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct StepCapacity {
+    /// Instances serving from the step's start.
+    pub(crate) base: f64,
+    /// (seconds into the step, change in instances).
+    pub(crate) changes: Vec<(f64, f64)>,
+}
+
+impl StepCapacity {
+    pub(crate) fn clear(&mut self) {
+        self.base = 0.0;
+        self.changes.clear();
+    }
+
+    /// An instance serving from `from` to `to` seconds into a step of `step_s`.
+    pub(crate) fn add(&mut self, from: f64, to: f64, step_s: f64) {
+        let (from, to) = (from.clamp(0.0, step_s), to.clamp(0.0, step_s));
+        if to <= from {
+            return;
+        }
+        if from <= 0.0 {
+            self.base += 1.0;
+        } else {
+            self.changes.push((from, 1.0));
+        }
+        if to < step_s {
+            self.changes.push((to, -1.0));
+        }
+    }
+
+    /// Instance-steps served (∫ instances dt ÷ step).
+    pub(crate) fn instances(&self, step_s: f64) -> f64 {
+        self.base
+            + self
+                .changes
+                .iter()
+                .map(|(at, d)| d * (step_s - at) / step_s)
+                .sum::<f64>()
+    }
+
+    /// Requests arriving at `rps` while `C(t) × capacity_rps` is below it: ∫ (rps − C·cap)⁺ dt.
+    pub(crate) fn held(&mut self, rps: f64, capacity_rps: f64, step_s: f64) -> f64 {
+        self.changes
+            .sort_by(|a, b| a.0.partial_cmp(&b.0).unwrap_or(std::cmp::Ordering::Equal));
+        let (mut c, mut t, mut held) = (self.base, 0.0, 0.0);
+        for &(at, d) in &self.changes {
+            held += (rps - c * capacity_rps).max(0.0) * (at - t);
+            c += d;
+            t = at;
+        }
+        held + (rps - c * capacity_rps).max(0.0) * (step_s - t)
+    }
 }
 
 /// One policy's results.
@@ -146,8 +244,16 @@ pub struct Summary {
     /// Busy slots (served demand ÷ per-instance capacity) ÷ instance slots of the machines in
     /// use, averaged over steps.
     pub mean_utilisation: f64,
-    /// Instances started (cold boots and resumes).
+    /// Instances started (cold boots and resumes from the repository).
     pub activations: u64,
+    /// Of those, resumes from the repository.
+    pub resumes: u64,
+    /// Warm standbys unpaused (by the tick or the fast path).
+    pub unpauses: u64,
+    /// Instances paused (standbys made from running instances, or server drop).
+    pub pauses: u64,
+    /// Minutes instances held a machine (running, starting or paused), summed.
+    pub instance_minutes: f64,
     /// Live migrations.
     pub migrations: u64,
     /// Minutes in which some service could not serve all its demand.
@@ -168,20 +274,19 @@ pub struct Summary {
     pub capacity_per_step: Vec<Vec<f64>>,
 }
 
-fn slots_per_machine(pool: &Pool, s: &SimService) -> usize {
+pub(crate) fn slots_per_machine(pool: &Pool, s: &SimService) -> usize {
     (pool.vcpus / s.vcpus.max(1))
         .min(pool.memory_mib / s.memory_mib.max(1))
         .max(1) as usize
 }
 
-/// Counts one step: `instances` is each service's serving capacity in instances (fractions for
-/// instances that start or pause within the step).
-fn account(
+/// Counts one step: `capacity` is each service's capacity over the step.
+pub(crate) fn account(
     sum: &mut Summary,
     pool: &Pool,
     services: &[SimService],
     step: usize,
-    instances: &[f64],
+    capacity: &mut [StepCapacity],
     machines: usize,
 ) {
     let mut violated = false;
@@ -192,14 +297,18 @@ fn account(
     if sum.per_service.len() < services.len() {
         sum.per_service = vec![Served::default(); services.len()];
     }
-    for (k, (s, &n)) in services.iter().zip(instances).enumerate() {
-        let d = s.demand.get(step).copied().unwrap_or(0.0) * pool.step_s;
+    for (k, (s, c)) in services.iter().zip(capacity).enumerate() {
+        let rps = s.demand.get(step).copied().unwrap_or(0.0);
+        let d = rps * pool.step_s;
+        let n = c.instances(pool.step_s);
         let cap = n * s.capacity_rps * pool.step_s;
         let served = d.min(cap);
         let e = &mut sum.per_service[k];
         e.demand += d;
         e.served += served;
         e.dropped += d - served;
+        // What waited and was then served (the rest of the shortfall is dropped).
+        e.held += (c.held(rps, s.capacity_rps, pool.step_s) - (d - served)).max(0.0);
         if d - served > 1e-6 {
             violated = true;
         }
@@ -220,11 +329,11 @@ fn account(
     sum.machines_per_step.push(machines);
 }
 
-fn steps(services: &[SimService]) -> usize {
+pub(crate) fn steps(services: &[SimService]) -> usize {
     services.iter().map(|s| s.demand.len()).max().unwrap_or(0)
 }
 
-fn peak(values: &[f64]) -> f64 {
+pub(crate) fn peak(values: &[f64]) -> f64 {
     values.iter().fold(0.0f64, |a, b| a.max(*b))
 }
 
@@ -243,12 +352,19 @@ pub fn lower_bound(services: &[SimService], pool: &Pool) -> Summary {
             .map(|(s, &n)| n / slots_per_machine(pool, s) as f64)
             .sum::<f64>()
             .ceil() as usize;
-        account(&mut sum, pool, services, t, &need, machines);
+        let mut cap: Vec<StepCapacity> = need
+            .iter()
+            .map(|&base| StepCapacity {
+                base,
+                changes: Vec::new(),
+            })
+            .collect();
+        account(&mut sum, pool, services, t, &mut cap, machines);
     }
     finish(sum, services)
 }
 
-fn finish(mut sum: Summary, services: &[SimService]) -> Summary {
+pub(crate) fn finish(mut sum: Summary, services: &[SimService]) -> Summary {
     let n = steps(services).max(1) as f64;
     sum.mean_utilisation /= n;
     sum.services = services
@@ -292,14 +408,10 @@ fn pack(services: &[SimService], instances: &[usize], pool: &Pool) -> usize {
     bins.len()
 }
 
-/// The share of a step an instance that becomes ready at `ready_at_s` serves.
-fn serving_share(ready_at_s: f64, step_start_s: f64, step_s: f64) -> f64 {
-    ((step_start_s + step_s - ready_at_s) / step_s).clamp(0.0, 1.0)
-}
-
-/// Runs one policy over the traces with vMatrix's `decide`.
-pub fn run(kind: PolicyKind, services: &[SimService], pool: &Pool, config: &Config) -> Summary {
-    run_with(kind, services, pool, config, &mut vmatrix_policy::decide)
+/// Runs one policy over the traces with vMatrix's `decide`, configured by `settings` (the
+/// same [`Settings`] the controller runs).
+pub fn run(kind: PolicyKind, services: &[SimService], pool: &Pool, settings: &Settings) -> Summary {
+    run_with(kind, services, pool, settings, &mut vmatrix_policy::decide)
 }
 
 /// [`run`] with the decision function passed in (the scale benchmark times each call).
@@ -307,14 +419,14 @@ pub fn run_with(
     kind: PolicyKind,
     services: &[SimService],
     pool: &Pool,
-    config: &Config,
+    settings: &Settings,
     decide: &mut dyn FnMut(&Snapshot, &Config) -> Vec<Action>,
 ) -> Summary {
     match kind {
         PolicyKind::Static => run_static(services, pool),
         PolicyKind::Reactive => run_reactive(services, pool),
         PolicyKind::Switching | PolicyKind::SwitchingDrop => {
-            run_switching(kind, services, pool, config, decide)
+            switching::run(kind, services, pool, settings, decide)
         }
     }
 }
@@ -332,9 +444,15 @@ fn run_static(services: &[SimService], pool: &Pool) -> Summary {
         .map(|(s, &n)| n.div_ceil(slots_per_machine(pool, s)))
         .sum();
     sum.activations = instances.iter().sum::<usize>() as u64;
-    let serving: Vec<f64> = instances.iter().map(|&n| n as f64).collect();
+    let mut serving: Vec<StepCapacity> = instances
+        .iter()
+        .map(|&n| StepCapacity {
+            base: n as f64,
+            changes: Vec::new(),
+        })
+        .collect();
     for t in 0..steps(services) {
-        account(&mut sum, pool, services, t, &serving, machines);
+        account(&mut sum, pool, services, t, &mut serving, machines);
     }
     finish(sum, services)
 }
@@ -345,26 +463,25 @@ fn run_reactive(services: &[SimService], pool: &Pool) -> Summary {
     // Booting instances per service: (ready at, how many).
     let mut booting: Vec<VecDeque<(f64, usize)>> = vec![VecDeque::new(); services.len()];
     let mut prev: Vec<usize> = vec![0; services.len()];
+    let rule = |s: &SimService, upto: usize| {
+        let seen = s
+            .history
+            .iter()
+            .chain(&s.demand[..upto.min(s.demand.len())])
+            .rev()
+            .take(window)
+            .fold(0.0f64, |a, b| a.max(*b));
+        ((seen * 1.5 / s.capacity_rps).ceil() as u32).clamp(s.min.max(1), s.max.max(1)) as usize
+    };
     for t in 0..steps(services) {
         let now = t as f64 * pool.step_s;
-        // It sizes from what it has seen (up to the previous step, history included).
-        let target: Vec<usize> = services
-            .iter()
-            .map(|s| {
-                let seen = s
-                    .history
-                    .iter()
-                    .chain(&s.demand[..t.min(s.demand.len())])
-                    .rev()
-                    .take(window)
-                    .fold(0.0f64, |a, b| a.max(*b));
-                ((seen * 1.5 / s.capacity_rps).ceil() as u32).clamp(s.min.max(1), s.max.max(1))
-                    as usize
-            })
-            .collect();
+        let mut targets = Vec::with_capacity(services.len());
         let mut serving = Vec::with_capacity(services.len());
-        for k in 0..services.len() {
-            let (n, p) = (target[k], prev[k]);
+        for (k, s) in services.iter().enumerate() {
+            // At the step's start it sizes from what it has seen (up to the previous step,
+            // history included); `detect_s` into the step it sees the step's demand and scales
+            // out again if that asks for more — the same reaction vMatrix's policy gets.
+            let (mut n, p) = (rule(s, t), prev[k]);
             if n > p {
                 // The first step counts as already running (a cluster that was up before).
                 let ready = if t == 0 {
@@ -389,198 +506,30 @@ fn run_reactive(services: &[SimService], pool: &Pool) -> Summary {
                     }
                 }
             }
+            let seen = rule(s, t + 1);
+            if t > 0 && seen > n {
+                let ready = now + pool.latencies.detect_s + pool.latencies.boot_s;
+                booting[k].push_back((ready, seen - n));
+                sum.activations += (seen - n) as u64;
+                n = seen;
+            }
             let pending: usize = booting[k].iter().map(|b| b.1).sum();
-            let partial: f64 = booting[k]
-                .iter()
-                .map(|&(r, c)| c as f64 * serving_share(r, now, pool.step_s))
-                .sum();
-            serving.push((n - pending) as f64 + partial);
-            booting[k].retain(|&(r, _)| r > now + pool.step_s);
-        }
-        let machines = pack(services, &target, pool);
-        account(&mut sum, pool, services, t, &serving, machines);
-        prev = target;
-    }
-    finish(sum, services)
-}
-
-/// The configuration the simulator runs vMatrix's policy with, for steps of `step_s`: 10%
-/// headroom over the last 2 minutes' maximum, scale-in only when the last 7 minutes agree (and
-/// it sheds more than 10%), and the weekly pattern: the demand one week ago, from now to 5
-/// minutes ahead, is provisioned before it comes back. Chosen on the development traces
-/// (docs/benchmarks.md shows the sweep).
-pub fn switching_config(step_s: f64) -> Config {
-    let ticks = |s: f64| (s / step_s).ceil().max(1.0) as usize;
-    Config {
-        headroom: 1.1,
-        scale_out_window: ticks(120.0),
-        scale_in_window: ticks(420.0),
-        max_moves: 8,
-        consolidate_below: 0.95,
-        seasonal_periods: vec![ticks(86400.0), ticks(7.0 * 86400.0)],
-        seasonal_lookahead: ticks(300.0),
-        ..Config::default()
-    }
-}
-
-fn run_switching(
-    kind: PolicyKind,
-    services: &[SimService],
-    pool: &Pool,
-    config: &Config,
-    decide: &mut dyn FnMut(&Snapshot, &Config) -> Vec<Action>,
-) -> Summary {
-    let mut sum = Summary::default();
-    let machines = if kind == PolicyKind::SwitchingDrop {
-        pool.machines
-    } else {
-        // As many as static peak provisioning with headroom would own: more is never useful.
-        services
-            .iter()
-            .map(|s| {
-                ((peak(&s.demand).max(peak(&s.history)) * config.headroom.max(1.5) / s.capacity_rps)
-                    .ceil() as usize
-                    + s.min as usize
-                    + 1)
-                .div_ceil(slots_per_machine(pool, s))
-            })
-            .sum::<usize>()
-            .max(1)
-    };
-    let keep = config
-        .seasonal_periods
-        .iter()
-        .max()
-        .copied()
-        .unwrap_or(0)
-        .max(config.scale_in_window)
-        .max(config.scale_out_window)
-        + config.seasonal_lookahead
-        + 1;
-    let trim = |d: &mut Vec<f64>| {
-        // Amortised: cut only when twice as long as needed.
-        if d.len() > 2 * keep {
-            d.drain(..d.len() - keep);
-        }
-    };
-    let mut snap = Snapshot {
-        now_s: 0.0,
-        machines: (0..machines)
-            .map(|i| Machine {
-                name: format!("m{i}"),
-                dedicated: true,
-                vcpus: pool.vcpus,
-                memory_mib: pool.memory_mib,
-                healthy: true,
-                cpu_load: 0.0,
-            })
-            .collect(),
-        services: services
-            .iter()
-            .map(|s| {
-                let mut demand = s.history.clone();
-                if demand.len() > keep {
-                    demand.drain(..demand.len() - keep);
-                }
-                Service {
-                    name: s.name.clone(),
-                    priority: s.priority,
-                    capacity_rps: s.capacity_rps,
-                    min: s.min,
-                    max: s.max,
-                    vcpus: s.vcpus,
-                    memory_mib: s.memory_mib,
-                    demand,
-                    forecast_rps: 0.0,
-                    dropped: false,
-                }
-            })
-            .collect(),
-        instances: Vec::new(),
-    };
-    // When each instance serves (kept beside `snap.instances`, index for index).
-    let mut ready_at: Vec<f64> = Vec::new();
-    let mut serial = 0u64;
-    let mut serving = vec![0.0f64; services.len()];
-    let mut busy = vec![false; machines];
-    let mut downtime = vec![0.0f64; services.len()];
-    let mut gone: Vec<usize> = Vec::new();
-    for t in 0..steps(services) {
-        let now = t as f64 * pool.step_s;
-        // The policy sees demand up to the previous step, like the controller does.
-        if t > 0 {
-            for (ss, s) in snap.services.iter_mut().zip(services) {
-                ss.demand.push(s.demand.get(t - 1).copied().unwrap_or(0.0));
-                trim(&mut ss.demand);
-            }
-        }
-        snap.now_s = now;
-        let plan = decide(&snap, config);
-        downtime.iter_mut().for_each(|x| *x = 0.0);
-        busy.iter_mut().for_each(|b| *b = false);
-        gone.clear();
-        for a in &plan {
-            match *a {
-                // Its machine is busy while it saves its state.
-                Action::Suspend { instance, .. } if pool.latencies.suspend_s > 0.0 => {
-                    if let Some(m) = snap.instances.get(instance).and_then(|i| i.machine) {
-                        busy[m] = true;
-                    }
-                }
-                Action::Resume { instance, .. } => {
-                    sum.activations += 1;
-                    if let Some(r) = ready_at.get_mut(instance) {
-                        *r = now + pool.latencies.resume_s;
-                    }
-                }
-                Action::Activate { .. } => sum.activations += 1,
-                Action::Migrate { instance, .. } => {
-                    sum.migrations += 1;
-                    if let Some(i) = snap.instances.get(instance) {
-                        downtime[i.service] += pool.latencies.migrate_downtime_s / pool.step_s;
-                    }
-                }
-                Action::Discard { instance, .. } => gone.push(instance),
-                _ => {}
-            }
-        }
-        let boot = if t == 0 {
-            now
-        } else {
-            now + pool.latencies.boot_s
-        };
-        apply(&mut snap, &plan, |name| {
-            serial += 1;
-            ready_at.push(boot);
-            format!("{name}-{serial}")
-        });
-        // The same removal `apply` made.
-        remove_indices(&mut ready_at, &mut gone);
-        serving.iter_mut().for_each(|x| *x = 0.0);
-        let mut placed = 0;
-        for (i, &r) in snap.instances.iter_mut().zip(&ready_at) {
-            let Some(m) = i.machine else {
-                continue;
+            let mut cap = StepCapacity {
+                base: (n - pending) as f64,
+                changes: Vec::new(),
             };
-            match i.state {
-                InstanceState::Running => serving[i.service] += 1.0,
-                InstanceState::Starting => {
-                    serving[i.service] += serving_share(r, now, pool.step_s);
-                    if r <= now + pool.step_s {
-                        i.state = InstanceState::Running;
-                    }
+            for &(r, c) in &booting[k] {
+                for _ in 0..c {
+                    cap.add(r - now, pool.step_s, pool.step_s);
                 }
-                _ => continue,
             }
-            busy[m] = true;
-            placed += 1;
+            serving.push(cap);
+            booting[k].retain(|&(r, _)| r > now + pool.step_s);
+            targets.push(n);
         }
-        sum.instances_per_step.push(placed);
-        for (s, d) in serving.iter_mut().zip(&downtime) {
-            *s = (*s - d).max(0.0);
-        }
-        let in_use = busy.iter().filter(|b| **b).count();
-        account(&mut sum, pool, services, t, &serving, in_use);
+        let machines = pack(services, &targets, pool);
+        account(&mut sum, pool, services, t, &mut serving, machines);
+        prev = targets;
     }
     finish(sum, services)
 }
@@ -690,6 +639,7 @@ mod tests {
             memory_mib: 256,
             history: Vec::new(),
             demand,
+            ..SimService::default()
         }
     }
 
@@ -698,7 +648,7 @@ mod tests {
     }
 
     fn run(kind: PolicyKind, services: &[SimService], pool: &Pool) -> Summary {
-        super::run(kind, services, pool, &switching_config(pool.step_s))
+        super::run(kind, services, pool, &Settings::default())
     }
 
     #[test]
@@ -719,7 +669,7 @@ mod tests {
     }
 
     #[test]
-    fn a_spike_is_served_one_tick_and_one_boot_after_it_is_seen() {
+    fn a_spike_is_served_one_detection_and_one_boot_into_its_step() {
         let mut demand = vec![40.0; 600];
         for d in &mut demand[300..] {
             *d = 1500.0;
@@ -730,15 +680,51 @@ mod tests {
         let r = run(PolicyKind::Switching, &services, &p);
         let cap = &r.capacity_per_step[0];
         assert!(cap[299] < 200.0, "sized for 40 req/s before: {}", cap[299]);
-        assert!(cap[300] < 1500.0, "the spike's own step is not foreseen");
-        // Step 301: the controller has seen it and cold-booted; new instances serve after 6.4 s.
-        let booted = 1.0 - p.latencies.boot_s / p.step_s;
+        // The tick at step 300's start did not foresee it; 1 s in, the reaction cold-boots what
+        // 1500 req/s needs, serving 6.4 s later.
+        let late = (p.latencies.detect_s + p.latencies.boot_s) / p.step_s;
         assert!(
-            cap[301] >= 1500.0 * booted * 0.99,
-            "step 301 has {} req/s of capacity",
-            cap[301]
+            cap[300] >= 1500.0 * (1.0 - late) * 0.99 && cap[300] < 1500.0 * 1.1,
+            "step 300 has {} req/s of capacity",
+            cap[300]
         );
-        assert!(cap[302] >= 1500.0, "fully scaled out: {}", cap[302]);
+        assert!(cap[301] >= 1500.0, "fully scaled out: {}", cap[301]);
+        let x = &r.services["sports"];
+        // Headroom makes up for most of the late start within the step.
+        assert!(
+            x.dropped < 0.01 * 1500.0 * p.step_s,
+            "dropped {}",
+            x.dropped
+        );
+        // What came in the first 7.4 s beyond one instance waited for the boots.
+        let waited = (1500.0 - 50.0) * (p.latencies.detect_s + p.latencies.boot_s);
+        assert!(
+            (x.held - waited).abs() < waited * 0.1,
+            "held {} vs {waited}",
+            x.held
+        );
+    }
+
+    #[test]
+    fn warm_standbys_serve_a_spike_sooner_than_boots() {
+        // A first spike teaches the spike history; the second finds paused standbys.
+        let mut demand = vec![40.0; 400];
+        for t in (100..110).chain(300..310) {
+            demand[t] = 1500.0;
+        }
+        let mut with = svc("sports", 5, demand.clone());
+        with.standby_max = 30;
+        let p = pool(100);
+        let cold = run(PolicyKind::Switching, &[svc("sports", 5, demand)], &p);
+        let warm = run(PolicyKind::Switching, &[with], &p);
+        let (c, w) = (&cold.services["sports"], &warm.services["sports"]);
+        assert!(warm.unpauses > 0, "standbys were unpaused");
+        assert!(
+            w.held < c.held * 0.8,
+            "held with standbys {} vs without {}",
+            w.held,
+            c.held
+        );
     }
 
     #[test]
@@ -751,9 +737,12 @@ mod tests {
         p.record = true;
         let r = run(PolicyKind::Reactive, &services, &p);
         let cap = &r.capacity_per_step[0];
-        assert_eq!(cap[10], 50.0, "min 1 until it has seen the spike");
-        let booted = 30.0 - 29.0 * p.latencies.boot_s / p.step_s;
-        assert!((cap[11] - booted * 50.0).abs() < 1e-6, "{}", cap[11]);
+        assert_eq!(cap[9], 50.0, "min 1 before the spike");
+        // It sees the spike 1 s into its step and boots 29 more, serving 6.4 s later.
+        let late = (p.latencies.detect_s + p.latencies.boot_s) / p.step_s;
+        let booted = 30.0 - 29.0 * late;
+        assert!((cap[10] - booted * 50.0).abs() < 1e-6, "{}", cap[10]);
+        assert_eq!(cap[11], 1500.0);
         assert_eq!(cap[20], 1500.0);
         assert_eq!(cap[21], 50.0, "the spike left the 10-minute window");
     }

@@ -79,6 +79,7 @@ pub fn fleet(shapes: &[Vec<f64>], f: &Fleet) -> Result<Vec<SimService>, String> 
             memory_mib: if big { 512 } else { 256 },
             history: demand[..f.history].to_vec(),
             demand: demand[f.history..].to_vec(),
+            ..SimService::default()
         });
     }
     // Scale everyone so the fleet's mean demand is `instances` instances' worth.

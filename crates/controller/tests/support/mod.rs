@@ -134,7 +134,7 @@ impl Matrix {
             state: self.dir.path().join("state.db"),
             token: TOKEN.into(),
             policy: false,
-            season: Duration::ZERO,
+            settings: vmatrix_policy::Settings::default(),
         };
         self.controller = Some(Process::start(move || async move {
             // The port of a killed controller may take a moment to be free again.
