@@ -548,6 +548,47 @@ impl Agent {
         }
     }
 
+    /// Pauses a running instance's vCPUs in memory (`pause`), or lets a paused one run again:
+    /// milliseconds, the VM stays where it is. A failure leaves it as it was.
+    pub(crate) async fn pause(
+        self: Arc<Self>,
+        id: InstanceId,
+        generation: u64,
+        pause: bool,
+    ) -> Result<AgentReply> {
+        self.fence(&id, generation)?;
+        let (what, t, back) = if pause {
+            ("pause", Transition::Pause, Transition::Unpause)
+        } else {
+            ("unpause", Transition::Unpause, Transition::Pause)
+        };
+        let Held::Guest(mut guest) = self.take(&id, generation, what, t)? else {
+            return Err(AgentError::Other(format!("instance {id} has no VM here")));
+        };
+        let done = if pause {
+            guest.pause().await
+        } else {
+            guest.cont().await
+        };
+        let failed = done.is_err();
+        let kept = self.put_back(&id, generation, Held::Guest(guest), |s| {
+            if failed {
+                s.step(back)?;
+            }
+            Ok(())
+        });
+        if !kept {
+            return Err(AgentError::Unknown(id));
+        }
+        done?;
+        self.persist(&id, if pause { Phase::Paused } else { Phase::Running });
+        Ok(if pause {
+            AgentReply::Paused
+        } else {
+            AgentReply::Unpaused
+        })
+    }
+
     pub(crate) async fn discard(
         self: Arc<Self>,
         id: InstanceId,

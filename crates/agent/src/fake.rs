@@ -343,6 +343,11 @@ impl Guest for FakeGuest {
         Ok(())
     }
 
+    async fn pause(&mut self) -> Result<(), VmmError> {
+        self.paused = true;
+        Ok(())
+    }
+
     async fn end(self: Box<Self>) {
         self.hv.crash(self.pid);
     }

@@ -59,6 +59,8 @@ pub trait Guest: Send {
     async fn save_state(&mut self, file: &Path, limit: Duration) -> Result<SuspendedVm, VmmError>;
     /// Lets a paused guest run again.
     async fn cont(&mut self) -> Result<(), VmmError>;
+    /// Stops its vCPUs (it keeps its memory).
+    async fn pause(&mut self) -> Result<(), VmmError>;
     /// Ends the VM after its state was saved.
     async fn end(self: Box<Self>);
     /// Kills the VM at once.
@@ -160,6 +162,9 @@ impl Guest for Vm {
     }
     async fn cont(&mut self) -> Result<(), VmmError> {
         Vm::cont(self).await
+    }
+    async fn pause(&mut self) -> Result<(), VmmError> {
+        Vm::pause(self).await
     }
     async fn end(self: Box<Self>) {
         Vm::end(*self).await

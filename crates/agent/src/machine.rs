@@ -369,6 +369,8 @@ impl Agent {
                 self.finish_incoming(id, generation).await
             }
             AgentCommand::Discard { id, generation } => self.discard(id, generation).await,
+            AgentCommand::Pause { id, generation } => self.pause(id, generation, true).await,
+            AgentCommand::Unpause { id, generation } => self.pause(id, generation, false).await,
             AgentCommand::RemoveSaved { id, saved, .. } => self.remove_saved(id, saved).await,
         }
     }
@@ -481,6 +483,10 @@ impl Agent {
             .and_modify(|g| *g = (*g).max(record.plan.generation))
             .or_insert(record.plan.generation);
         let (state, pid) = match &held {
+            // A paused standby stays paused (a health probe would fail it).
+            Held::Guest(g) if record.phase == crate::record::Phase::Paused => {
+                (InstanceState::Paused, g.pid())
+            }
             Held::Guest(g) => (InstanceState::Activating, g.pid()),
             Held::Incoming(i) => (InstanceState::Migrating, i.pid()),
             Held::Taken | Held::Nothing => (InstanceState::Suspended, 0),
@@ -531,6 +537,8 @@ fn key_of(c: &AgentCommand) -> TaskKey {
         AgentCommand::MigrateOut { id, generation, .. } => (id.clone(), *generation, "migrate-out"),
         AgentCommand::FinishIncoming { id, generation } => (id.clone(), *generation, "finish"),
         AgentCommand::Discard { id, generation } => (id.clone(), *generation, "discard"),
+        AgentCommand::Pause { id, generation } => (id.clone(), *generation, "pause"),
+        AgentCommand::Unpause { id, generation } => (id.clone(), *generation, "unpause"),
         AgentCommand::RemoveSaved { id, generation, .. } => {
             (id.clone(), *generation, "remove-saved")
         }

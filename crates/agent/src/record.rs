@@ -22,6 +22,8 @@ use crate::machine::{Agent, Held};
 pub enum Phase {
     /// QEMU runs the guest.
     Running,
+    /// QEMU holds the guest paused (a warm standby).
+    Paused,
     /// QEMU waits, paused, for an incoming migration.
     Incoming,
     /// The state is in the repository; no process.
@@ -128,7 +130,7 @@ pub async fn adopt_left(agent: &Arc<Agent>) -> usize {
             let url = agent.acquire_export(&record.version, user.clone()).await?;
             let spec = agent.vm_spec(&record.plan, url, record.endpoint);
             let held = match record.phase {
-                Phase::Running => {
+                Phase::Running | Phase::Paused => {
                     Some(Held::Guest(agent.hv().adopt(spec, &dir, record.pid).await?))
                 }
                 Phase::Incoming => agent
@@ -145,8 +147,10 @@ pub async fn adopt_left(agent: &Arc<Agent>) -> usize {
             Ok(Some(held)) => {
                 tracing::info!(instance = %id, pid = record.pid, phase = ?record.phase, "adopted a VM");
                 keep.push(record.pid);
-                let (generation, running) =
-                    (record.plan.generation, record.phase == Phase::Running);
+                let (generation, running) = (
+                    record.plan.generation,
+                    matches!(record.phase, Phase::Running | Phase::Paused),
+                );
                 agent.restore(record, dir, held);
                 if running {
                     tokio::spawn(crate::health::watch(agent.clone(), id, generation));

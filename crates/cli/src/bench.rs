@@ -689,7 +689,10 @@ pub fn policy(p: &PolicyBench) -> Result<()> {
     .map_err(|e| anyhow::anyhow!(e))?;
     let built = started.elapsed();
     let pool = Pool::new(p.machines, 16, 4096);
-    let config = Settings::default();
+    let config: Settings = crate::policy_file::load(
+        p.policy_file.as_deref(),
+        &crate::policy_file::PolicyFlags::default(),
+    )?;
     println!(
         "fleet: {} machines (16 vCPU, 4 GiB), {} services (mean demand ≈ {} instances' worth), {} steps of 1 min; built in {:.2}s",
         p.machines,
@@ -832,4 +835,7 @@ pub struct PolicyBench {
     /// Where the shipped demand traces are.
     #[arg(long, default_value = "examples/traces")]
     pub traces: std::path::PathBuf,
+    /// The policy's settings (default: the built-in ones `vmatrix up` runs).
+    #[arg(long)]
+    pub policy_file: Option<std::path::PathBuf>,
 }

@@ -219,9 +219,18 @@ pub async fn ps(client: &ControllerClient, json: bool) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&reply)?);
         return Ok(());
     }
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
     let rows = instances
         .into_iter()
         .map(|i| {
+            // Minutes left of an operator's pin.
+            let pin = if i.pinned_until_ms > now_ms {
+                format!("{}m", (i.pinned_until_ms - now_ms).div_ceil(60_000))
+            } else {
+                "-".into()
+            };
             vec![
                 i.id.to_string(),
                 i.service.to_string(),
@@ -231,12 +240,14 @@ pub async fn ps(client: &ControllerClient, json: bool) -> Result<()> {
                 i.state.as_str().to_owned(),
                 dash(i.endpoint),
                 i.generation.to_string(),
+                pin,
             ]
         })
         .collect();
     table(
         &[
             "INSTANCE", "SERVICE", "IMAGE", "VERSION", "MACHINE", "STATE", "ENDPOINT", "GEN",
+            "PINNED",
         ],
         rows,
     );

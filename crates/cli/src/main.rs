@@ -118,6 +118,12 @@ enum Command {
         /// The service.
         service: ServiceName,
     },
+    /// Let the policy move an instance again: `migrate --to`, `activate --on` and `resume --on`
+    /// pin it where they put it (for the policy's `pin_s`, 30 minutes by default).
+    Unpin {
+        /// The instance.
+        instance: InstanceId,
+    },
     /// Bring a dormant service back.
     Wake {
         /// The service.
@@ -478,6 +484,7 @@ fn run() -> Result<()> {
         Command::Sim(args) => sim::run(*args)?,
         Command::Drop { service } => op(Operation::Drop { service })?,
         Command::Undrop { service } => op(Operation::Undrop { service })?,
+        Command::Unpin { instance } => op(Operation::Unpin { instance })?,
         Command::Wake { service } => op(Operation::Wake { service })?,
         Command::Operation { id } => {
             let c = client()?;

@@ -12,7 +12,7 @@ use vmatrix_core::api::{
 use vmatrix_core::{InstanceId, InstanceState, Transition};
 
 use crate::agents::unexpected;
-use crate::control::{ControlError, Controller, Result};
+use crate::control::{now_ms, ControlError, Controller, Result};
 use crate::db::InstanceRow;
 
 impl Controller {
@@ -265,9 +265,12 @@ impl Controller {
     pub async fn suspend(&self, id: &InstanceId, why: &str) -> Result<String> {
         let _busy = self.claim(id)?;
         let mut row = self.row(id)?;
-        if row.info.state != InstanceState::Running {
+        if !matches!(
+            row.info.state,
+            InstanceState::Running | InstanceState::Paused
+        ) {
             return Err(ControlError::Conflict(format!(
-                "instance {id} is {}; only a running instance suspends",
+                "instance {id} is {}; only a running or paused instance suspends",
                 row.info.state.as_str()
             )));
         }
@@ -318,6 +321,63 @@ impl Controller {
             Err(e) => {
                 // No answer: the suspend may go on there; the agent's reports settle it.
                 self.event("controller", &what, why, &format!("unsettled: {e}"));
+                Err(e)
+            }
+        }
+    }
+
+    /// Pauses a running instance in memory (`pause`: a warm standby, or server drop that frees
+    /// its CPU at once) or lets a paused one serve again. Milliseconds: the VM stays where it
+    /// is; the switch routes only to running instances. A failure leaves it as it was.
+    pub async fn pause(&self, id: &InstanceId, pause: bool, why: &str) -> Result<String> {
+        let _busy = self.claim(id)?;
+        let mut row = self.row(id)?;
+        let (from, t, verb) = if pause {
+            (InstanceState::Running, Transition::Pause, "pause")
+        } else {
+            (InstanceState::Paused, Transition::Unpause, "unpause")
+        };
+        if row.info.state != from {
+            return Err(ControlError::Conflict(format!(
+                "instance {id} is {}; only a {} instance can {verb}",
+                row.info.state.as_str(),
+                from.as_str()
+            )));
+        }
+        let machine = self.machine(&row.info.machine)?;
+        let what = format!("{verb} {id} on {}", machine.name);
+        let generation = row.info.generation;
+        let command = if pause {
+            AgentCommand::Pause {
+                id: id.clone(),
+                generation,
+            }
+        } else {
+            AgentCommand::Unpause {
+                id: id.clone(),
+                generation,
+            }
+        };
+        let started = Instant::now();
+        match self
+            .send_within(&machine, &command, std::time::Duration::from_secs(5))
+            .await
+        {
+            Ok(AgentReply::Paused | AgentReply::Unpaused) => {
+                row.info.state = row.info.state.next(t)?;
+                self.db(|d| d.put_instance(&row))?;
+                let outcome = format!("ok in {:.0} ms", started.elapsed().as_secs_f64() * 1e3);
+                self.event("controller", &what, why, &outcome);
+                Ok(outcome)
+            }
+            Ok(other) => {
+                let e = unexpected(&machine, verb, &other);
+                self.event("controller", &what, why, &format!("unsettled: {e}"));
+                Err(e)
+            }
+            Err(e) => {
+                // The agent refused (as it was) or did not answer (its reports settle it).
+                self.event("controller", &what, why, &format!("failed: {e}"));
                 Err(e)
             }
         }
@@ -567,14 +627,48 @@ impl Controller {
     /// Runs a manual operation to completion.
     pub async fn operate(&self, op: Operation) -> Result<String> {
         let why = "operator request";
+        // An explicit placement holds: the policy does not move the instance for `pin_s`.
+        let until = now_ms() + (self.settings().pin_s * 1000.0) as u64;
+        let pin = |id: &InstanceId| -> Result<()> { self.db(|d| d.pin(id, until)) };
+        // A placement that did not happen pins nothing.
+        let unless_failed = |id: &InstanceId, r: Result<String>| {
+            if r.is_err() {
+                let _ = self.db(|d| d.unpin(id));
+            }
+            r
+        };
         match op {
-            Operation::Activate { service, on } => self
-                .activate(&service, on.as_deref(), why)
-                .await
-                .map(|i| format!("{} activating on {}", i.id, i.machine)),
+            Operation::Activate { service, on } => {
+                let i = self.activate(&service, on.as_deref(), why).await?;
+                if on.is_some() {
+                    pin(&i.id)?;
+                }
+                Ok(format!("{} activating on {}", i.id, i.machine))
+            }
             Operation::Suspend { instance } => self.suspend(&instance, why).await,
-            Operation::Resume { instance, on } => self.resume(&instance, on.as_deref(), why).await,
-            Operation::Migrate { instance, to } => self.migrate(&instance, &to, why).await,
+            Operation::Resume {
+                instance,
+                on: Some(on),
+            } => {
+                pin(&instance)?;
+                let r = self.resume(&instance, Some(&on), why).await;
+                unless_failed(&instance, r)
+            }
+            Operation::Resume { instance, on: None } => self.resume(&instance, None, why).await,
+            Operation::Migrate { instance, to } => {
+                pin(&instance)?;
+                let r = self.migrate(&instance, &to, why).await;
+                unless_failed(&instance, r)
+            }
+            Operation::Unpin { instance } => {
+                self.row(&instance)?;
+                Ok(if self.db(|d| d.unpin(&instance))? {
+                    self.event("api", &format!("unpin {instance}"), why, "ok");
+                    format!("{instance} unpinned: the policy may move it")
+                } else {
+                    format!("{instance} was not pinned")
+                })
+            }
             Operation::Discard { instance } => self.discard(&instance, why).await,
             Operation::Drain { machine } => self.drain(&machine, why).await,
             Operation::Wake { service } => self.wake(&service).await,

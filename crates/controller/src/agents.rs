@@ -26,6 +26,18 @@ impl Controller {
         cmd: &AgentCommand,
         memory_mib: u32,
     ) -> Result<AgentReply> {
+        // The agent gives up on its own after `work_limit`; twice that covers a boot too.
+        self.send_within(machine, cmd, vmatrix_core::api::work_limit(memory_mib) * 2)
+            .await
+    }
+
+    /// [`Controller::send`] with its own timeout (for commands that take milliseconds).
+    pub(crate) async fn send_within(
+        &self,
+        machine: &MachineInfo,
+        cmd: &AgentCommand,
+        timeout: std::time::Duration,
+    ) -> Result<AgentReply> {
         let url = format!("http://{}/agent/v1/command", machine.address);
         let fail = |message: String| ControlError::Agent {
             machine: machine.name.clone(),
@@ -35,8 +47,7 @@ impl Controller {
             .http
             .post(&url)
             .bearer_auth(&self.token)
-            // The agent gives up on its own after `work_limit`; twice that covers a boot too.
-            .timeout(vmatrix_core::api::work_limit(memory_mib) * 2)
+            .timeout(timeout)
             .json(cmd)
             .send()
             .await

@@ -268,6 +268,10 @@ async fn get_load(State(x): State<Ctx>) -> Response {
     Json(x.c.load()).into_response()
 }
 
+async fn policy(State(x): State<Ctx>) -> Response {
+    Json(x.c.settings()).into_response()
+}
+
 async fn metrics(State(x): State<Ctx>) -> Response {
     let mut out = String::new();
     out.push_str("# HELP vmatrix_machines Machines by state.\n# TYPE vmatrix_machines gauge\n");
@@ -281,6 +285,11 @@ async fn metrics(State(x): State<Ctx>) -> Response {
             out.push_str(&format!("vmatrix_machines{{state=\"{state}\"}} {n}\n"));
         }
         let free = ms.iter().filter(|(m, n)| is_free(m, *n)).count();
+        out.push_str(&format!(
+            "# HELP vmatrix_load_reports_missing_total Policy ticks without a fresh load report from the switch (demand unknown: no scale-in).\n\
+             # TYPE vmatrix_load_reports_missing_total counter\nvmatrix_load_reports_missing_total {}\n",
+            x.c.load_missing()
+        ));
         out.push_str(&format!(
             "# HELP vmatrix_machines_free Machines up and running nothing: they can be powered down.\n\
              # TYPE vmatrix_machines_free gauge\nvmatrix_machines_free {free}\n"
@@ -325,6 +334,7 @@ pub fn router(c: Arc<Controller>, token: String) -> Router {
         .route("/api/v1/agents/heartbeat", post(heartbeat))
         .route("/api/v1/routes", get(routes))
         .route("/api/v1/load", get(get_load).post(post_load))
+        .route("/api/v1/policy", get(policy))
         .route("/api/v1/health", get(|| async { "ok" }))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi))

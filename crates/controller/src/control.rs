@@ -76,6 +76,8 @@ pub struct Controller {
     pub(crate) heard: Mutex<HashSet<String>>,
     /// The switch's latest load report, and when it came.
     pub(crate) load: Mutex<Option<(Instant, vmatrix_core::api::LoadReport)>>,
+    /// Woken by every load report: the fast path runs then, not on the tick.
+    pub(crate) load_came: tokio::sync::Notify,
     /// Ticks on which the switch's load report was missing or stale (demand unknown).
     pub(crate) load_missing: std::sync::atomic::AtomicU64,
     /// Demand samples per service, one per reconcile tick, oldest first (the policy's input;
@@ -176,6 +178,7 @@ impl Controller {
             settings: Mutex::new(vmatrix_policy::Settings::default()),
             load: Mutex::new(None),
             load_missing: std::sync::atomic::AtomicU64::new(0),
+            load_came: tokio::sync::Notify::new(),
             demand: Mutex::new(HashMap::new()),
             policy: std::sync::atomic::AtomicBool::new(false),
             reports: Mutex::new(HashMap::new()),
@@ -365,18 +368,12 @@ impl Controller {
         })
     }
 
-    /// Each machine with the number of instances placed on it (activating, running, migrating
-    /// or suspending). A healthy dedicated machine with none is free: it can be powered down.
+    /// Each machine with the number of instances placed on it (activating, running, paused,
+    /// migrating or suspending). A healthy dedicated machine with none is free: it can be powered down.
     pub fn machine_use(&self) -> Result<Vec<(MachineInfo, usize)>> {
         let mut placed: HashMap<String, usize> = HashMap::new();
         for r in self.db(|d| d.instances())? {
-            if matches!(
-                r.info.state,
-                InstanceState::Activating
-                    | InstanceState::Running
-                    | InstanceState::Migrating
-                    | InstanceState::Suspending
-            ) {
+            if r.info.state.is_placed() {
                 *placed.entry(r.info.machine).or_default() += 1;
             }
         }
@@ -451,6 +448,7 @@ impl Controller {
         if let Ok(mut l) = self.load.lock() {
             *l = Some((Instant::now(), report));
         }
+        self.load_came.notify_one();
     }
 
     /// The latest load report (empty when none came).

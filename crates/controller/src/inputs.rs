@@ -169,6 +169,7 @@ impl Controller {
                         }),
                         state: match r.info.state {
                             InstanceState::Running => p::InstanceState::Running,
+                            InstanceState::Paused => p::InstanceState::Paused,
                             InstanceState::Suspended => p::InstanceState::Suspended,
                             InstanceState::Failed => p::InstanceState::Failed,
                             InstanceState::Activating
@@ -238,14 +239,54 @@ impl Controller {
 }
 
 impl Controller {
-    /// Carries out a warm-standby action of the policy (prepare, pause, unpause).
-    pub(crate) fn standby_action(
-        self: &std::sync::Arc<Self>,
-        _snapshot: &p::Snapshot,
-        action: &p::Action,
-    ) -> Result<()> {
-        Err(ControlError::Conflict(format!(
-            "{action:?}: warm standbys are not carried out by the agents yet"
-        )))
+    /// The fast path: on every load report (not on the tick), the policy's
+    /// [`vmatrix_policy::react`] on the demand of now — warm standbys of a service whose demand
+    /// exceeds its running instances are unpaused, lower priorities paused for their CPU.
+    pub async fn fast_loop(self: std::sync::Arc<Self>) {
+        loop {
+            self.load_came.notified().await;
+            if !self.policy.load(Ordering::Relaxed) {
+                continue;
+            }
+            if let Err(e) = self.react() {
+                tracing::warn!("fast path: {e}");
+            }
+        }
+    }
+
+    fn react(self: &std::sync::Arc<Self>) -> Result<()> {
+        let Some(load) = self.fresh_load(LOAD_STALE) else {
+            return Ok(());
+        };
+        let rows = self.db(|d| d.instances())?;
+        if !rows.iter().any(|r| r.info.state == InstanceState::Paused) {
+            return Ok(());
+        }
+        let services = self.services()?;
+        let now: HashMap<String, Vec<f64>> = services
+            .iter()
+            .map(|s| {
+                let rps = load.services.get(s.name.as_str()).map_or(0.0, |l| l.rps);
+                (s.name.to_string(), vec![rps])
+            })
+            .collect();
+        let Inputs { snapshot, .. } = self.inputs(&services, &rows, Some(&now))?;
+        for action in p::react(&snapshot) {
+            let (i, pause, reason) = match &action {
+                p::Action::Pause { instance, reason } => (*instance, true, reason.clone()),
+                p::Action::Unpause { instance, reason } => (*instance, false, reason.clone()),
+                _ => continue,
+            };
+            let Some(id) = snapshot
+                .instances
+                .get(i)
+                .and_then(|x| vmatrix_core::InstanceId::new(&x.id).ok())
+            else {
+                continue;
+            };
+            let me = self.clone();
+            self.spawn_work(async move { me.pause(&id, pause, &reason).await.map(drop) });
+        }
+        Ok(())
     }
 }

@@ -90,6 +90,7 @@ pub async fn serve(
     );
     tokio::spawn(controller.clone().run_loop(Duration::from_secs(1)));
     tokio::spawn(controller.clone().prune_loop());
+    tokio::spawn(controller.clone().fast_loop());
     tracing::info!("controller API on http://{}", config.listen);
     axum::serve(listener, router(controller, config.token)).await?;
     Ok(())

@@ -264,9 +264,35 @@ impl Controller {
                     let reason = reason.clone();
                     self.spawn_work(async move { me.discard(&i, &reason).await.map(drop) });
                 }),
-                p::Action::Prepare { .. } | p::Action::Pause { .. } | p::Action::Unpause { .. } => {
-                    self.standby_action(&snapshot, &action)
+                p::Action::Prepare {
+                    service: s,
+                    machine: m,
+                    reason,
+                } => service(*s).and_then(|s| {
+                    if self.backing_off(s.name.as_str()) {
+                        return Ok(());
+                    }
+                    // Booted like any instance; the next tick pauses it (its service has more
+                    // running than it wants, and a standby's room).
+                    let (name, m, reason) =
+                        (s.name.clone(), machine(*m)?.to_owned(), reason.clone());
+                    self.spawn_work(async move {
+                        me.activate(&name, Some(&m), &reason).await.map(drop)
+                    });
+                    Ok(())
+                }),
+                p::Action::Pause {
+                    instance: i,
+                    reason,
                 }
+                | p::Action::Unpause {
+                    instance: i,
+                    reason,
+                } => instance(*i).map(|i| {
+                    let (reason, pause) =
+                        (reason.clone(), matches!(action, p::Action::Pause { .. }));
+                    self.spawn_work(async move { me.pause(&i, pause, &reason).await.map(drop) });
+                }),
                 p::Action::Drop { service: s, reason } => service(*s)
                     .and_then(|s| self.set_dropped(&s.name, true, "policy", reason).map(drop)),
                 p::Action::Undrop { service: s, reason } => service(*s)

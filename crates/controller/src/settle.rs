@@ -96,6 +96,9 @@ impl Controller {
                     }
                     let step = match (row.info.state, inst.state) {
                         (S::Activating, S::Running) => Some(Transition::Ready),
+                        // A pause or unpause whose answer was lost.
+                        (S::Running, S::Paused) => Some(Transition::Pause),
+                        (S::Paused, S::Running) => Some(Transition::Unpause),
                         (S::Suspending, S::Suspended) => Some(Transition::Suspended),
                         // A suspend or a move that gave up: the guest runs on here.
                         (S::Suspending | S::Migrating, S::Running) if !unsettled => {
@@ -209,7 +212,7 @@ impl Controller {
                     row.info.machine = String::new();
                     "its resume never started there; it stays suspended"
                 }
-                S::Running | S::Activating | S::Suspending => {
+                S::Running | S::Paused | S::Activating | S::Suspending => {
                     row.info.state = row.info.state.next(Transition::Fail)?;
                     "its machine no longer runs it"
                 }

@@ -220,6 +220,12 @@ pub enum Operation {
         /// The service.
         service: ServiceName,
     },
+    /// Let the policy move an instance an operator placed (`migrate --to`, `activate --on`,
+    /// `resume --on` pin it there for the policy's `pin_s`).
+    Unpin {
+        /// The instance.
+        instance: InstanceId,
+    },
 }
 
 /// Where a durable operation is.
@@ -290,6 +296,8 @@ impl AgentCommand {
             | Self::MigrateOut { id, .. }
             | Self::FinishIncoming { id, .. }
             | Self::Discard { id, .. }
+            | Self::Pause { id, .. }
+            | Self::Unpause { id, .. }
             | Self::RemoveSaved { id, .. } => id,
         }
     }
@@ -302,7 +310,7 @@ pub struct AgentInstance {
     pub id: InstanceId,
     /// The generation the agent last acted on.
     pub generation: u64,
-    /// `activating`, `running`, `failed`, `migrating`, `suspending`.
+    /// `activating`, `running`, `paused`, `failed`, `migrating`, `suspending`.
     pub state: InstanceState,
     /// `host:port`.
     pub endpoint: String,
@@ -378,6 +386,20 @@ pub enum AgentCommand {
     },
     /// Let a migrated instance run on the destination.
     FinishIncoming {
+        /// Instance.
+        id: InstanceId,
+        /// Generation.
+        generation: u64,
+    },
+    /// Pause a running instance in memory (a warm standby, or server drop).
+    Pause {
+        /// Instance.
+        id: InstanceId,
+        /// Generation.
+        generation: u64,
+    },
+    /// Let a paused instance run again.
+    Unpause {
         /// Instance.
         id: InstanceId,
         /// Generation.
@@ -461,6 +483,10 @@ pub enum AgentReply {
     },
     /// `discard`: nothing of it is left on the machine.
     Discarded,
+    /// `pause`: its vCPUs are stopped; it holds its memory.
+    Paused,
+    /// `unpause`: it runs again, where it served before.
+    Unpaused,
 }
 
 impl AgentReply {
@@ -473,6 +499,8 @@ impl AgentReply {
             Self::MigratedOut { .. } => "migrated-out",
             Self::Finished { .. } => "finished",
             Self::Discarded => "discarded",
+            Self::Paused => "paused",
+            Self::Unpaused => "unpaused",
         }
     }
 }

@@ -25,6 +25,9 @@ pub enum InstanceState {
     Activating,
     /// Serving.
     Running,
+    /// A warm standby: paused in memory on its machine, serving nothing, using no CPU; it
+    /// serves again milliseconds after it is unpaused.
+    Paused,
     /// Moving to another machine.
     Migrating,
     /// Saving its state into the repository.
@@ -61,6 +64,10 @@ pub enum Transition {
     Fail,
     /// It is thrown away.
     Discard,
+    /// Its vCPUs were stopped (a warm standby).
+    Pause,
+    /// Its vCPUs run again.
+    Unpause,
 }
 
 /// An illegal move between states.
@@ -83,15 +90,22 @@ impl InstanceState {
             (S::Running, T::Ready) => S::Running,
             (S::Running, T::MigrateStarted) => S::Migrating,
             (S::Migrating, T::Moved) => S::Running,
-            (S::Running, T::SuspendStarted) => S::Suspending,
+            (S::Running | S::Paused, T::SuspendStarted) => S::Suspending,
+            (S::Running | S::Paused, T::Pause) => S::Paused,
+            (S::Paused | S::Running, T::Unpause) => S::Running,
             (S::Suspending, T::Suspended) => S::Suspended,
             (S::Suspended, T::Resume) => S::Activating,
             (S::Activating, T::ResumeFailed) => S::Suspended,
             (S::Migrating | S::Suspending, T::Cancelled) => S::Running,
-            (S::Activating | S::Running | S::Migrating | S::Suspending, T::Fail) => S::Failed,
-            (S::Failed | S::Suspended | S::Activating | S::Running, T::Discard) => S::Discarded,
+            (S::Activating | S::Running | S::Paused | S::Migrating | S::Suspending, T::Fail) => {
+                S::Failed
+            }
+            (S::Failed | S::Suspended | S::Activating | S::Running | S::Paused, T::Discard) => {
+                S::Discarded
+            }
             (S::Activating, _)
             | (S::Running, _)
+            | (S::Paused, _)
             | (S::Migrating, _)
             | (S::Suspending, _)
             | (S::Suspended, _)
@@ -110,7 +124,7 @@ impl InstanceState {
     pub fn is_placed(self) -> bool {
         matches!(
             self,
-            Self::Activating | Self::Running | Self::Migrating | Self::Suspending
+            Self::Activating | Self::Running | Self::Paused | Self::Migrating | Self::Suspending
         )
     }
 
@@ -119,6 +133,7 @@ impl InstanceState {
         match self {
             Self::Activating => "activating",
             Self::Running => "running",
+            Self::Paused => "paused",
             Self::Migrating => "migrating",
             Self::Suspending => "suspending",
             Self::Suspended => "suspended",
@@ -132,6 +147,7 @@ impl InstanceState {
         [
             Self::Activating,
             Self::Running,
+            Self::Paused,
             Self::Migrating,
             Self::Suspending,
             Self::Suspended,

@@ -370,7 +370,6 @@ pub fn decide(s: &Snapshot, c: &Config) -> Vec<Action> {
             (InstanceState::Suspended, _) | (_, None) => suspended[i.service].push(idx),
         }
     }
-    let standby: Vec<u32> = services.iter().map(standbys).collect();
 
     // 2. Sizing.
     let mut wants: Vec<u32> = services
@@ -404,6 +403,13 @@ pub fn decide(s: &Snapshot, c: &Config) -> Vec<Action> {
             .cmp(&services[a].priority)
             .then(services[a].name.cmp(&services[b].name))
     });
+
+    // Standbys are instances too: within `max` with the running ones.
+    let standby: Vec<u32> = services
+        .iter()
+        .zip(&wants)
+        .map(|(svc, &w)| standbys(svc).min(svc.max.saturating_sub(w)))
+        .collect();
 
     // 3. Keeping: the instances on the fullest machines stay (pinned ones first). Paused
     // standbys hold their memory; one on a machine that left the pool is suspended.
@@ -783,10 +789,13 @@ fn prepare_standbys(
         }
     }
     let mut promised = vec![0i64; s.machines.len()];
+    // Standbys per machine: a machine that holds nothing else is no place for another.
+    let mut standing = vec![0u32; s.machines.len()];
     for (si, v) in paused.iter().enumerate() {
         for &idx in v {
             if let Some(m) = at.get(idx) {
                 promised[m] += i64::from(services[si].vcpus);
+                standing[m] += 1;
             }
         }
     }
@@ -808,6 +817,7 @@ fn prepare_standbys(
                 .index
                 .range((false, mem, i64::MIN, 0)..(true, i64::MIN, i64::MIN, 0))
                 .take(STANDBY_CANDIDATES)
+                .filter(|k| room.count[k.3] > standing[k.3])
                 .map(|k| (takeable(k.3), k.3))
                 .filter(|(t, _)| *t >= cpu)
                 .max_by_key(|&(t, m)| (t, std::cmp::Reverse(m)));
@@ -815,7 +825,9 @@ fn prepare_standbys(
                 break;
             };
             room.take_paused(m, svc);
+            room.touched[m] = true;
             promised[m] += cpu;
+            standing[m] += 1;
             actions.push(Action::Prepare {
                 service: si,
                 machine: m,
@@ -1116,52 +1128,52 @@ fn consolidate(
         if running > budget || received[victim] || !instances.iter().all(settled) {
             continue;
         }
-        let mut moves: Vec<(usize, usize, usize, bool)> = Vec::new();
-        for &(si, idx, standby) in &instances {
+        // Running instances move; paused standbys there are let go (the standby pass makes
+        // new ones where CPU can be had: a fresh standby costs a boot, not a migration).
+        let mut moves: Vec<(usize, usize, usize)> = Vec::new();
+        for &(si, idx, _) in instances.iter().filter(|x| !x.2) {
             let svc = &s.services[si];
             same.load(at, &kept[si]);
             let fit = Fit {
                 avoid: Some(victim),
                 only_used: true,
                 // A spread service on two machines must not end up on one.
-                only_new: svc.spread && !standby && same.machines() <= 2,
-                paused: standby,
+                only_new: svc.spread && same.machines() <= 2,
+                paused: false,
             };
             let Some(to) = room.best_fit(svc, &same, fit) else {
                 break;
             };
-            if standby {
-                room.give_paused(victim, svc);
-                room.take_paused(to, svc);
-            } else {
-                room.give(victim, svc);
-                room.take(to, svc);
-            }
-            moves.push((si, idx, to, standby));
+            room.give(victim, svc);
+            room.take(to, svc);
+            moves.push((si, idx, to));
         }
-        if moves.len() < instances.len() {
-            for (si, _, to, standby) in moves {
+        if moves.len() < running {
+            for (si, _, to) in moves {
                 let svc = &s.services[si];
-                if standby {
-                    room.give_paused(to, svc);
-                    room.take_paused(victim, svc);
-                } else {
-                    room.give(to, svc);
-                    room.take(victim, svc);
-                }
+                room.give(to, svc);
+                room.take(victim, svc);
             }
             continue;
         }
         budget -= running;
-        for (_, idx, to, _) in moves {
+        let why = format!(
+            "consolidate: empty {} so it can be powered down",
+            s.machines[victim].name
+        );
+        for (_, idx, to) in moves {
             received[to] = true;
             actions.push(Action::Migrate {
                 instance: idx,
                 to,
-                reason: format!(
-                    "consolidate: empty {} so it can be powered down",
-                    s.machines[victim].name
-                ),
+                reason: why.clone(),
+            });
+        }
+        for &(si, idx, _) in instances.iter().filter(|x| x.2) {
+            room.give_paused(victim, &s.services[si]);
+            actions.push(Action::Discard {
+                instance: idx,
+                reason: why.clone(),
             });
         }
         if budget == 0 {
@@ -1286,16 +1298,19 @@ pub fn remove_indices<T>(v: &mut Vec<T>, gone: &mut Vec<usize>) {
     }
     gone.sort_unstable();
     gone.dedup();
-    let mut next = gone.iter().copied().peekable();
-    let mut n = 0;
-    v.retain(|_| {
-        let drop = next.peek() == Some(&n);
-        if drop {
-            next.next();
+    // What comes before the first removal stays where it is.
+    let first = gone[0];
+    let mut write = first;
+    let mut next = 0;
+    for read in first..v.len() {
+        if gone.get(next) == Some(&read) {
+            next += 1;
+            continue;
         }
-        n += 1;
-        !drop
-    });
+        v.swap(write, read);
+        write += 1;
+    }
+    v.truncate(write.min(v.len()));
 }
 
 #[cfg(test)]

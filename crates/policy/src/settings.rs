@@ -48,7 +48,7 @@ impl Default for Settings {
         Self {
             headroom: 1.1,
             scale_out_s: 120.0,
-            scale_in_s: 120.0,
+            scale_in_s: 420.0,
             scale_in_tolerance: 0.1,
             dormant_ratio: 1.0,
             max_moves: 8,

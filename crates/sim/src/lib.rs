@@ -707,10 +707,12 @@ mod tests {
 
     #[test]
     fn warm_standbys_serve_a_spike_sooner_than_boots() {
-        // A first spike teaches the spike history; the second finds paused standbys.
+        // A first spike teaches the spike history (both runs hold the same there); the second
+        // finds paused standbys (on the
+        // machine the service runs on: 7 vCPUs free there).
         let mut demand = vec![40.0; 400];
         for t in (100..110).chain(300..310) {
-            demand[t] = 1500.0;
+            demand[t] = 350.0;
         }
         let mut with = svc("sports", 5, demand.clone());
         with.standby_max = 30;
@@ -720,7 +722,7 @@ mod tests {
         let (c, w) = (&cold.services["sports"], &warm.services["sports"]);
         assert!(warm.unpauses > 0, "standbys were unpaused");
         assert!(
-            w.held < c.held * 0.8,
+            w.held < c.held * 0.7,
             "held with standbys {} vs without {}",
             w.held,
             c.held

@@ -1,16 +1,13 @@
-//! vMatrix's policy in the simulator, with honest time. Each step:
+//! vMatrix's policy in the simulator, with honest time. Each step's demand is seen
+//! `detect_s` into the step (the switch reports every second); until then, what the last tick
+//! set up serves. Then, as the controller does on a load report and on its next one-second
+//! tick, the fast path ([`vmatrix_policy::react`]: unpause standbys, pause lower priorities
+//! for CPU) and `decide` run on the demand seen so far; what they start serves after its
+//! measured latency (unpause, resume from the repository, cold boot) from then on.
 //!
-//! 1. **The tick** at the step's start: `decide` sees demand up to the previous step (and the
-//!    forecast and spike history of the [`Memory`] it was fed); what it starts serves after the
-//!    measured latency (cold boot, resume from the repository, unpause).
-//! 2. **The reaction** `detect_s` into the step, once the step's demand is seen — only where a
-//!    service's demand exceeds what its placed instances serve: the fast path
-//!    ([`vmatrix_policy::react`]: unpause standbys, pause lower priorities for CPU), then
-//!    `decide` again with the step's demand, as the controller's next one-second tick would.
-//!    What it starts serves after `detect_s` plus its latency.
-//!
-//! The controller runs the same two (the fast path on every load report, `decide` every
-//! second), with the same [`Settings`].
+//! The controller runs the same two with the same [`Settings`]: the fast path on every load
+//! report, `decide` every second. (A `decide` at the step's start would see nothing the last
+//! one did not.)
 
 use vmatrix_policy::{apply, react, remove_indices, InstanceState, Machine, Memory, Service};
 
@@ -25,13 +22,15 @@ struct Run<'a> {
     snap: Snapshot,
     /// When each instance serves (beside `snap.instances`, index for index).
     ready_at: Vec<f64>,
-    /// Seconds into this step at which an instance paused mid-step stopped serving (NaN: none).
-    share: Vec<f64>,
+    /// Instances paused part-way into this step, and when they stopped serving (seconds in).
+    stopped: Vec<(usize, f64)>,
     /// Machines busy this step though empty at its end (an instance left or saved its state).
     busy: Vec<bool>,
     /// Instance-steps lost to migration downtime, per service.
     downtime: Vec<f64>,
     serial: u64,
+    /// Paused instances at the end of the last step (the fast path has nothing to do without).
+    paused: usize,
     sum: Summary,
 }
 
@@ -62,7 +61,8 @@ impl Run<'_> {
                     self.sum.pauses += 1;
                     if self.snap.instances[instance].state == InstanceState::Running {
                         // It served until now.
-                        self.share[instance] = (at_s - step_s).clamp(0.0, self.pool.step_s);
+                        let until = (at_s - step_s).clamp(0.0, self.pool.step_s);
+                        self.stopped.push((instance, until));
                     }
                 }
                 Action::Activate { .. } | Action::Prepare { .. } => self.sum.activations += 1,
@@ -78,32 +78,24 @@ impl Run<'_> {
         }
         // The cluster that was up before the first step counts as booted.
         let boot = if first { at_s } else { at_s + lat.boot_s };
-        let (ready_at, share, serial) = (&mut self.ready_at, &mut self.share, &mut self.serial);
+        let (ready_at, serial) = (&mut self.ready_at, &mut self.serial);
         apply(&mut self.snap, plan, |name| {
             *serial += 1;
             ready_at.push(boot);
-            share.push(f64::NAN);
             format!("{name}-{serial}")
         });
-        // The same removal `apply` made.
-        remove_indices(&mut self.ready_at, &mut gone.clone());
-        remove_indices(&mut self.share, &mut gone);
-    }
-
-    /// Whether some service's demand `now` is more than its placed instances serve.
-    fn short(&self, demand_now: &[f64]) -> bool {
-        let mut placed = vec![0u32; self.snap.services.len()];
-        for i in &self.snap.instances {
-            if matches!(i.state, InstanceState::Running | InstanceState::Starting) {
-                placed[i.service] += 1;
-            }
+        // The same removal `apply` made (sorted by it), and the indices after it.
+        remove_indices(&mut self.ready_at, &mut gone);
+        if !gone.is_empty() {
+            self.stopped
+                .retain_mut(|(idx, _)| match gone.binary_search(idx) {
+                    Ok(_) => false,
+                    Err(before) => {
+                        *idx -= before;
+                        true
+                    }
+                });
         }
-        self.snap
-            .services
-            .iter()
-            .zip(&placed)
-            .zip(demand_now)
-            .any(|((s, n), d)| *d > f64::from(*n) * s.capacity_rps + 1e-9)
     }
 }
 
@@ -195,56 +187,45 @@ pub(crate) fn run(
         pool,
         snap,
         ready_at: Vec::new(),
-        share: Vec::new(),
+        stopped: Vec::new(),
         busy: vec![false; machines],
         downtime: vec![0.0; services.len()],
         serial: 0,
+        paused: 0,
         sum: Summary::default(),
     };
     let mut serving = vec![StepCapacity::default(); services.len()];
-    let mut now_demand = vec![0.0f64; services.len()];
     let react_at = lat.detect_s.min(pool.step_s);
     for t in 0..steps(services) {
         let now = t as f64 * pool.step_s;
-        // 1. The tick: demand up to the previous step.
+        // The step's demand is seen `detect_s` into it (at once in the first step: the
+        // cluster that was up before was sized for it). Until then what the last tick set up
+        // serves; the fast path and the tick react then, and what they start serves after its
+        // latency from there.
+        let at = if t == 0 { now } else { now + react_at };
         for ((ss, s), m) in r.snap.services.iter_mut().zip(services).zip(&mut memory) {
-            if t > 0 {
-                let d = s.demand.get(t - 1).copied().unwrap_or(0.0);
-                ss.demand.push(d);
-                trim(&mut ss.demand);
-                m.record(now - pool.step_s, Some(d));
-            }
-            ss.forecast_rps = m.forecast(now);
+            let d = s.demand.get(t).copied().unwrap_or(0.0);
+            ss.demand.push(d);
+            trim(&mut ss.demand);
+            m.record(now, Some(d));
+            ss.forecast_rps = m.forecast(at);
             ss.spike_rps = m.spike();
         }
-        r.snap.now_s = now;
+        r.snap.now_s = at;
         r.busy.iter_mut().for_each(|b| *b = false);
         r.downtime.iter_mut().for_each(|x| *x = 0.0);
-        r.share.iter_mut().for_each(|x| *x = f64::NAN);
-        let plan = decide(&r.snap, &config);
-        r.carry_out(&plan, now, now, t == 0);
-        // 2. The reaction to this step's demand, once seen.
-        for (d, s) in now_demand.iter_mut().zip(services) {
-            *d = s.demand.get(t).copied().unwrap_or(0.0);
-        }
-        if t > 0 && r.short(&now_demand) {
-            let at = now + react_at;
-            for (ss, d) in r.snap.services.iter_mut().zip(&now_demand) {
-                ss.demand.push(*d);
-            }
-            r.snap.now_s = at;
+        r.stopped.clear();
+        if r.paused > 0 {
             let fast = react(&r.snap);
             r.carry_out(&fast, at, now, false);
-            let plan = decide(&r.snap, &config);
-            r.carry_out(&plan, at, now, false);
-            for ss in &mut r.snap.services {
-                ss.demand.pop();
-            }
         }
+        let plan = decide(&r.snap, &config);
+        r.carry_out(&plan, at, now, t == 0);
         // What served, and which machines held something.
         serving.iter_mut().for_each(StepCapacity::clear);
         let mut placed = 0;
-        for ((i, &ready), &until) in r.snap.instances.iter_mut().zip(&r.ready_at).zip(&r.share) {
+        r.paused = 0;
+        for (i, &ready) in r.snap.instances.iter_mut().zip(&r.ready_at) {
             let Some(m) = i.machine else {
                 continue;
             };
@@ -255,14 +236,18 @@ pub(crate) fn run(
                     }
                     serving[i.service].add(ready - now, pool.step_s, pool.step_s);
                 }
-                InstanceState::Paused if !until.is_nan() => {
-                    serving[i.service].add(ready - now, until, pool.step_s);
-                }
-                InstanceState::Paused => {}
+                InstanceState::Paused => r.paused += 1,
                 _ => continue,
             }
             r.busy[m] = true;
             placed += 1;
+        }
+        // What a pause part-way into the step let serve before it.
+        for &(idx, until) in &r.stopped {
+            let i = &r.snap.instances[idx];
+            if i.state == InstanceState::Paused {
+                serving[i.service].add(r.ready_at[idx] - now, until, pool.step_s);
+            }
         }
         r.sum.instances_per_step.push(placed);
         r.sum.instance_minutes += placed as f64 * pool.step_s / 60.0;

@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 
-use vmatrix_sim::{lower_bound, parse_trace, run, PolicyKind, Pool, Settings, SimService, Summary};
+use vmatrix_sim::{parse_trace, run, PolicyKind, Pool, Settings, SimService, Summary};
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -68,8 +68,8 @@ fn served(s: &Summary, name: &str) -> f64 {
 /// Issue 18's targets on every held-out pair of the development traces, with the default
 /// settings (the ones `vmatrix up` runs): the high priority loses at most 0.1% of its demand,
 /// the low one at most 1%, machine-hours at most 0.9× the reactive reference's. (Under a
-/// quarter of static's is out of reach where the lower bound itself is near a quarter:
-/// docs/benchmarks.md says which pairs and by how much; here, within 1.5× the lower bound.)
+/// quarter of static's is out of reach where the lower bound itself is near a quarter: the
+/// report says which pairs and by how much.)
 #[test]
 fn the_default_policy_meets_the_targets_on_every_held_out_pair() {
     let dev = repo().join("../shared/traces");
@@ -110,8 +110,18 @@ fn the_default_policy_meets_the_targets_on_every_held_out_pair() {
         assert!(high <= 0.001, "{} (p10) loses {high}", r.high);
         assert!(low <= 0.01, "{} (p5) loses {low}", r.low);
         assert!(vs <= 0.9, "{} / {}: {vs}× reactive", r.high, r.low);
-        assert!(r.switching.machine_hours <= 1.5 * r.lower.machine_hours);
         assert!(r.switching.machine_hours >= r.lower.machine_hours);
+        // Under a quarter of static's where even the lower bound is well under it; elsewhere
+        // the report names the miss.
+        let quarter = r.switching.machine_hours < 0.25 * r.stat.machine_hours;
+        if r.lower.machine_hours < 0.15 * r.stat.machine_hours {
+            assert!(quarter, "{} / {}: static's target", r.high, r.low);
+        }
+        assert_eq!(
+            quarter,
+            !r.misses().iter().any(|m| m.contains("static")),
+            "the report names a missed target"
+        );
     }
 }
 

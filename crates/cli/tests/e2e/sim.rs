@@ -242,3 +242,74 @@ async fn sim_names_what_is_wrong_in_one_line() {
         "{err}"
     );
 }
+
+/// One configuration: `vmatrix sim` with no policy flags runs exactly the settings a controller
+/// started the way `vmatrix up` starts it runs — and a policy file changes both alike.
+#[tokio::test]
+async fn sim_runs_exactly_the_settings_the_controller_runs() {
+    let data = data_dir();
+    let show = |extra: Vec<String>| async move {
+        let out = vmatrix()
+            .args(["sim", "--show-config"])
+            .args(extra)
+            .output()
+            .await
+            .expect("run vmatrix sim --show-config");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<Value>(&out.stdout).expect("settings as JSON")
+    };
+    let controller = |extra: Vec<String>| {
+        let d = data.path().to_owned();
+        async move {
+            let listen = format!("127.0.0.1:{}", crate::support::free_port());
+            let mut child = vmatrix()
+                .arg("--data")
+                .arg(&d)
+                .args(["controller", "--listen", &listen])
+                .args(extra)
+                .kill_on_drop(true)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("start the controller");
+            let url = format!("http://{listen}/api/v1/policy");
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            let settings = loop {
+                if let Ok(r) = reqwest::get(&url).await {
+                    if r.status().is_success() {
+                        break r.json::<Value>().await.expect("settings as JSON");
+                    }
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "no controller on {listen}"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            };
+            child.kill().await.expect("stop the controller");
+            settings
+        }
+    };
+    let sim = show(vec![]).await;
+    assert_eq!(sim, controller(vec![]).await, "the defaults differ");
+    assert!(sim["headroom"].as_f64().is_some_and(|h| h >= 1.0), "{sim}");
+    let file = data.path().join("policy.toml");
+    std::fs::write(&file, "[policy]\nheadroom = 1.3\nscale_in_s = 900\n").unwrap();
+    let args = vec!["--policy-file".to_string(), file.display().to_string()];
+    let sim = show(args.clone()).await;
+    assert_eq!(sim["headroom"], 1.3);
+    assert_eq!(
+        sim,
+        controller(args).await,
+        "the same file reads differently"
+    );
+    // Flags override alike.
+    let flags = vec!["--scale-out".to_string(), "30s".to_string()];
+    let sim = show(flags.clone()).await;
+    assert_eq!(sim["scale_out_s"], 30.0);
+    assert_eq!(sim, controller(flags).await);
+}
