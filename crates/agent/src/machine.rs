@@ -348,8 +348,10 @@ impl Agent {
             }
         };
         let out = result.await;
-        if out.is_err() {
-            // A failure is not remembered: the same command again tries again.
+        // A failure is not remembered: the same command again tries again. Nor is a pause or
+        // an unpause: they alternate, and each is quick and idempotent (a pause after an
+        // unpause must pause again, not answer with the first pause's result).
+        if out.is_err() || matches!(key.2, "pause" | "unpause") {
             lock(&self.tasks).remove(&key);
         }
         out

@@ -196,6 +196,13 @@ fn pairs(list: &[String], what: &str) -> Result<BTreeMap<String, String>> {
 
 pub fn run(a: SimArgs) -> Result<()> {
     let mut settings = crate::policy_file::load(a.policy_file.as_deref(), &a.policy)?;
+    if let Some(sharing) = &a.sharing {
+        settings.sharing = match sharing.as_str() {
+            "strict-priority" => Sharing::StrictPriority,
+            "weighted-fair" => Sharing::WeightedFair,
+            other => bail!("--sharing {other:?}: use strict-priority or weighted-fair"),
+        };
+    }
     if a.show_config {
         println!("{}", serde_json::to_string_pretty(&settings)?);
         return Ok(());
@@ -282,13 +289,6 @@ pub fn run(a: SimArgs) -> Result<()> {
         }
     }
     let pool = pool_of(&a)?;
-    if let Some(sharing) = &a.sharing {
-        settings.sharing = match sharing.as_str() {
-            "strict-priority" => Sharing::StrictPriority,
-            "weighted-fair" => Sharing::WeightedFair,
-            other => bail!("--sharing {other:?}: use strict-priority or weighted-fair"),
-        };
-    }
     let kinds: Vec<PolicyKind> = match a.kind.as_str() {
         "all" => vec![
             PolicyKind::Static,

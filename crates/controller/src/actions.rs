@@ -589,6 +589,13 @@ impl Controller {
         }) {
             return Ok(format!("{service} is already awake or waking"));
         }
+        if mine.iter().any(|r| r.info.state == InstanceState::Paused) {
+            // Paused for a higher priority's CPU, or a standby the fast path unpauses when its
+            // demand shows: waking it here would take that CPU back.
+            return Ok(format!(
+                "{service} is paused: the policy unpauses it when its demand shows and room returns"
+            ));
+        }
         let why = "a request arrived for a dormant service";
         if let Some(r) = mine
             .iter()

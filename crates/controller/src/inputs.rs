@@ -74,9 +74,13 @@ impl Controller {
         let mut memory = self.memory.lock().unwrap_or_else(|e| e.into_inner());
         memory.retain(|name, _| services.iter().any(|s| s.name.as_str() == name));
         for s in services {
-            let rps = load
-                .as_ref()
-                .map(|l| l.services.get(s.name.as_str()).map_or(0.0, |x| x.rps));
+            // The last second too: a step of load shows at once, as the fast path sees it (a
+            // tick that lagged it would pause again what the fast path just unpaused).
+            let rps = load.as_ref().map(|l| {
+                l.services
+                    .get(s.name.as_str())
+                    .map_or(0.0, |x| x.rps.max(x.rps_now))
+            });
             memory
                 .entry(s.name.to_string())
                 .or_insert_with(|| p::Memory::new(&settings))
@@ -266,7 +270,11 @@ impl Controller {
         let now: HashMap<String, Vec<f64>> = services
             .iter()
             .map(|s| {
-                let rps = load.services.get(s.name.as_str()).map_or(0.0, |l| l.rps);
+                // The last second: a step shows at once (the tick's window is 5 s).
+                let rps = load
+                    .services
+                    .get(s.name.as_str())
+                    .map_or(0.0, |l| l.rps.max(l.rps_now));
                 (s.name.to_string(), vec![rps])
             })
             .collect();

@@ -549,8 +549,11 @@ pub struct ServiceRoute {
 /// One service's measured load, as the switch reports it.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ServiceLoad {
-    /// Requests per second over the last window.
+    /// Requests per second over the last window (5 s: what the policy's tick sizes from).
     pub rps: f64,
+    /// Requests in the last whole second (what the fast path reacts to).
+    #[serde(default)]
+    pub rps_now: f64,
     /// Requests in flight now.
     pub concurrency: u64,
     /// Median latency, ms.

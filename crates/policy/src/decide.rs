@@ -184,7 +184,8 @@ impl Room {
             if free_cpu < cpu || Some(m) == f.avoid {
                 continue;
             }
-            let n = same.get(m);
+            // A service that packs takes the best fit as it comes.
+            let n = if s.spread { same.get(m) } else { 0 };
             if n == 0 {
                 return Some(m);
             }
@@ -445,16 +446,16 @@ pub fn decide(s: &Snapshot, c: &Config) -> Vec<Action> {
     for &si in &order {
         let svc = &services[si];
         let mut mine = std::mem::take(&mut placed[si]);
-        // Which to keep matters only when some must go: the best `want` (fullest machine,
-        // then starting ones — an instance still booting cannot be suspended yet — then by
-        // index) go first, in linear time.
+        // Which to keep matters only when some must go: the best `want` (pinned, then running
+        // ones — they serve now — then the fullest machine, then by index) go first, in linear
+        // time.
         if mine.len() as u32 > wants[si] {
             let key = |idx: &usize| {
                 let m = at.get(*idx).unwrap_or(0);
                 (
                     !s.instances[*idx].pinned,
+                    at.starting(*idx),
                     std::cmp::Reverse(on_machine[m]),
-                    !at.starting(*idx),
                     m,
                     *idx,
                 )
@@ -472,6 +473,12 @@ pub fn decide(s: &Snapshot, c: &Config) -> Vec<Action> {
                 kept[si].push(idx);
             } else if (kept[si].len() as u32) < wants[si] {
                 displaced[si].push(idx);
+            } else if at.starting(idx) {
+                // Surplus, but still booting: it can be neither paused nor suspended yet; it
+                // holds its place, and a later tick decides.
+                if room.usable[m] {
+                    room.take(m, svc);
+                }
             } else if ((paused[si].len() + held[si].len()) as u32 + standby_candidates[si])
                 < standby[si]
                 && !at.starting(idx)
@@ -737,6 +744,7 @@ pub fn decide(s: &Snapshot, c: &Config) -> Vec<Action> {
     }
     prepare_standbys(
         s,
+        c,
         &at,
         &order,
         &standby,
@@ -760,10 +768,11 @@ const STANDBY_CANDIDATES: usize = 256;
 /// 4b. Warm standbys, once every service is placed, highest priority first: each on a machine
 /// in use where it can run at once — whose free CPU, plus what lower priorities run there, is
 /// not yet promised to another standby (the most such CPU first). Memory only; none where no
-/// machine in use can give it CPU.
+/// machine in use can give it CPU, and none for a service whose demand is rising.
 #[allow(clippy::too_many_arguments)]
 fn prepare_standbys(
     s: &Snapshot,
+    c: &Config,
     at: &Where,
     order: &[usize],
     standby: &[u32],
@@ -802,6 +811,19 @@ fn prepare_standbys(
     room.build_index();
     for &si in order {
         let svc = &services[si];
+        // Not while its demand rises (above the least of the scale-out window, with headroom):
+        // a boot then takes CPU from the instances that serve the rise; the rise's scale-in
+        // makes standbys of running instances anyway.
+        let low = svc
+            .demand
+            .iter()
+            .rev()
+            .take(c.scale_out_window.max(1))
+            .filter(|d| d.is_finite())
+            .fold(f64::INFINITY, |a, b| a.min(*b));
+        if demand_now(svc) > low * c.headroom {
+            continue;
+        }
         let (mem, cpu) = (i64::from(svc.memory_mib), i64::from(svc.vcpus));
         for _ in paused[si].len()..standby[si] as usize {
             let takeable = |m: usize| {

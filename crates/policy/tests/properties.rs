@@ -488,13 +488,15 @@ fn cool_machines_are_emptied_by_migration_within_the_move_cap() {
             _ => None,
         })
         .collect();
+    assert!(moves.len() <= 3, "within the cap: {plan:#?}");
     assert_eq!(
-        moves.len(),
-        1,
+        moves[0].0, 5,
         "m3 (one instance) is emptied first: {plan:#?}"
     );
-    assert_eq!(moves[0].0, 5);
-    assert_ne!(moves[0].1, 2);
+    assert!(
+        moves.iter().all(|(_, to)| *to == 0),
+        "onto the fullest: {plan:#?}"
+    );
     let (after, rounds) = settle(s, &c, 10);
     let busy: std::collections::BTreeSet<_> =
         after.instances.iter().filter_map(|i| i.machine).collect();

@@ -195,6 +195,7 @@ impl StepCapacity {
     }
 
     /// An instance serving from `from` to `to` seconds into a step of `step_s`.
+    #[inline]
     pub(crate) fn add(&mut self, from: f64, to: f64, step_s: f64) {
         let (from, to) = (from.clamp(0.0, step_s), to.clamp(0.0, step_s));
         if to <= from {

@@ -230,6 +230,8 @@ pub(crate) fn run(
                 continue;
             };
             match i.state {
+                // Most serve the whole step: counted without the general case's arithmetic.
+                InstanceState::Running if ready <= now => serving[i.service].base += 1.0,
                 InstanceState::Running | InstanceState::Starting => {
                     if ready <= now + pool.step_s {
                         i.state = InstanceState::Running;

@@ -505,10 +505,30 @@ async fn watch_routes(client: ControllerClient, tx: watch::Sender<Arc<Table>>) {
     }
 }
 
+/// Reports the load twice a second (the controller's fast path reacts to each report); a
+/// failed report is logged (the controller counts the demand as unknown meanwhile).
 async fn report_load(client: ControllerClient, stats: Arc<Stats>) {
+    let mut failing = 0u64;
     loop {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let _ = client.report_load(&stats.report()).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        match client.report_load(&stats.report()).await {
+            Ok(()) => {
+                if failing > 0 {
+                    tracing::info!(
+                        "load reports reach the controller again after {failing} failure(s)"
+                    );
+                }
+                failing = 0;
+            }
+            Err(e) => {
+                failing += 1;
+                if failing == 1 || failing.is_power_of_two() {
+                    tracing::warn!(
+                        "load report to the controller failed ({failing} in a row): {e}"
+                    );
+                }
+            }
+        }
     }
 }
 

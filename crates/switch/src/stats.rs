@@ -168,10 +168,18 @@ impl Stats {
                 .filter(|(sec, _)| *sec != u64::MAX && *sec < now && now - sec <= span as u64)
                 .map(|(_, n)| n)
                 .sum();
+            // The last whole second alone: a step of load shows a second after it came.
+            let last: u64 = s
+                .window
+                .iter()
+                .filter(|(sec, _)| *sec != u64::MAX && *sec + 1 == now)
+                .map(|(_, n)| n)
+                .sum();
             out.services.insert(
                 name.clone(),
                 ServiceLoad {
                     rps: counted as f64 / span as f64,
+                    rps_now: last as f64,
                     concurrency: s.concurrency,
                     p50_ms: percentile(&s.buckets, 0.5),
                     p99_ms: percentile(&s.buckets, 0.99),

@@ -6,6 +6,8 @@ mod image;
 mod netns;
 mod policy;
 mod sim;
+mod sim_real;
+mod standby;
 mod support;
 mod switch;
 mod up;
