@@ -26,7 +26,7 @@
 
 use std::collections::BTreeSet;
 
-use crate::model::{Action, Config, InstanceState, Machine, Service, Sharing, Snapshot};
+use crate::model::{Action, Config, InstanceState, Machine, Reason, Service, Sharing, Snapshot};
 
 /// Candidates looked at, after the first that fits, for one that does not yet run the service.
 const SPREAD_LOOKAHEAD: usize = 16;
@@ -337,14 +337,14 @@ pub fn decide(s: &Snapshot, c: &Config) -> Vec<Action> {
         let Some(svc) = services.get(i.service) else {
             actions.push(Action::Discard {
                 instance: idx,
-                reason: format!("service #{} is no longer declared", i.service),
+                reason: format!("service #{} is no longer declared", i.service).into(),
             });
             continue;
         };
         match (i.state, i.machine) {
             (InstanceState::Failed, _) => actions.push(Action::Discard {
                 instance: idx,
-                reason: format!("failed: replace it with a fresh instance of {}", svc.name),
+                reason: format!("failed: replace it with a fresh instance of {}", svc.name).into(),
             }),
             (InstanceState::Starting | InstanceState::Running | InstanceState::Paused, Some(m))
                 if !healthy(m) =>
@@ -352,7 +352,7 @@ pub fn decide(s: &Snapshot, c: &Config) -> Vec<Action> {
                 let name = s.machines.get(m).map_or("?", |m| m.name.as_str());
                 actions.push(Action::Discard {
                     instance: idx,
-                    reason: format!("machine {name} is down: replace its instances"),
+                    reason: format!("machine {name} is down: replace its instances").into(),
                 });
             }
             (InstanceState::Starting | InstanceState::Running, Some(m)) => {
@@ -435,7 +435,8 @@ pub fn decide(s: &Snapshot, c: &Config) -> Vec<Action> {
                     reason: format!(
                         "{} no longer takes live load: its standby goes to the repository",
                         s.machines.get(m).map_or("?", |x| x.name.as_str())
-                    ),
+                    )
+                    .into(),
                 });
                 false
             }
@@ -465,7 +466,7 @@ pub fn decide(s: &Snapshot, c: &Config) -> Vec<Action> {
                 mine.select_nth_unstable_by_key(want - 1, key);
             }
         }
-        let mut scale_in: Option<String> = None;
+        let mut scale_in: Option<Reason> = None;
         for idx in mine {
             let m = at.get(idx).unwrap_or(0);
             if (kept[si].len() as u32) < wants[si] && room.fits(m, svc) {
@@ -497,6 +498,7 @@ pub fn decide(s: &Snapshot, c: &Config) -> Vec<Action> {
                             wants[si],
                             svc.name
                         )
+                        .into()
                     })
                     .clone();
                 actions.push(Action::Suspend {
@@ -522,7 +524,8 @@ pub fn decide(s: &Snapshot, c: &Config) -> Vec<Action> {
                     demand_now(svc),
                     wants[si],
                     svc.name
-                ),
+                )
+                .into(),
             });
         } else {
             actions.push(Action::Suspend {
@@ -532,7 +535,8 @@ pub fn decide(s: &Snapshot, c: &Config) -> Vec<Action> {
                     demand_now(svc),
                     wants[si],
                     svc.name
-                ),
+                )
+                .into(),
             });
         }
     }
@@ -554,7 +558,7 @@ pub fn decide(s: &Snapshot, c: &Config) -> Vec<Action> {
             same.load(&at, &kept[si]);
         }
         let mut resumable = suspended[si].iter().copied();
-        let mut scale_out: Option<String> = None;
+        let mut scale_out: Option<Reason> = None;
         let mut moving = std::mem::take(&mut displaced[si]).into_iter();
         // Warm standbys first: they serve in milliseconds. One whose machine lacks the CPU
         // gets it from a lower priority paused there (server drop in the same second).
@@ -586,7 +590,8 @@ pub fn decide(s: &Snapshot, c: &Config) -> Vec<Action> {
                     reason: format!(
                         "server drop: free CPU for {} (priority {} over {})",
                         svc.name, svc.priority, low.priority
-                    ),
+                    )
+                    .into(),
                 });
             }
             let idx = paused[si].swap_remove(pos);
@@ -602,7 +607,8 @@ pub fn decide(s: &Snapshot, c: &Config) -> Vec<Action> {
                     demand_now(svc),
                     wants[si],
                     svc.name
-                ),
+                )
+                .into(),
             });
         }
         while (kept[si].len() as u32) < wants[si] {
@@ -631,8 +637,8 @@ pub fn decide(s: &Snapshot, c: &Config) -> Vec<Action> {
             room.take(m, svc);
             same.add(m);
             room.touched[m] = true;
-            let why = if (kept[si].len() as u32) < svc.min {
-                format!("keep min {} of {}", svc.min, svc.name)
+            let why: Reason = if (kept[si].len() as u32) < svc.min {
+                format!("keep min {} of {}", svc.min, svc.name).into()
             } else {
                 scale_out
                     .get_or_insert_with(|| {
@@ -643,6 +649,7 @@ pub fn decide(s: &Snapshot, c: &Config) -> Vec<Action> {
                             svc.name,
                             svc.capacity_rps
                         )
+                        .into()
                     })
                     .clone()
             };
@@ -653,7 +660,7 @@ pub fn decide(s: &Snapshot, c: &Config) -> Vec<Action> {
                 actions.push(Action::Migrate {
                     instance: idx,
                     to: m,
-                    reason: format!("{name} no longer takes live load: move off it"),
+                    reason: format!("{name} no longer takes live load: move off it").into(),
                 });
                 // It is on its way: later steps see it where it goes, and leave its source be.
                 at.0[idx] = m as u32;
@@ -665,7 +672,7 @@ pub fn decide(s: &Snapshot, c: &Config) -> Vec<Action> {
                 actions.push(Action::Resume {
                     instance: idx,
                     machine: m,
-                    reason: format!("{why} (resume before cold boot)"),
+                    reason: format!("{why} (resume before cold boot)").into(),
                 });
                 kept[si].push(idx);
             } else {
@@ -689,20 +696,22 @@ pub fn decide(s: &Snapshot, c: &Config) -> Vec<Action> {
                 reason: format!(
                     "standby surplus: {} keeps {} warm standby(s)",
                     svc.name, standby[si]
-                ),
+                )
+                .into(),
             });
         }
         // Dormant instances beyond what the service may come back to are thrown away (their
         // saved state is only worth keeping while a resume is likely).
         let running = (kept[si].len() as u32).max(wants[si]);
         let dormant_cap = (f64::from(running) * c.dormant_ratio).ceil() as usize;
-        let mut surplus: Option<String> = None;
+        let mut surplus: Option<Reason> = None;
         for idx in resumable.skip(dormant_cap) {
             let reason = surplus.get_or_insert_with(|| {
                 format!(
                     "dormant surplus: {} keeps at most {dormant_cap} suspended instance(s)",
                     svc.name
                 )
+                .into()
             });
             actions.push(Action::Discard {
                 instance: idx,
@@ -715,7 +724,8 @@ pub fn decide(s: &Snapshot, c: &Config) -> Vec<Action> {
                 reason: format!(
                     "server drop: its machine left the pool and no room is left for {}",
                     svc.name
-                ),
+                )
+                .into(),
             });
         }
         let have = kept[si].len() as u32;
@@ -726,7 +736,8 @@ pub fn decide(s: &Snapshot, c: &Config) -> Vec<Action> {
                 reason: format!(
                     "server drop: the pool holds {have} of the {} instance(s) {} needs",
                     wished[si], svc.name
-                ),
+                )
+                .into(),
             });
         } else if !short && svc.dropped {
             actions.push(Action::Undrop {
@@ -734,7 +745,8 @@ pub fn decide(s: &Snapshot, c: &Config) -> Vec<Action> {
                 reason: format!(
                     "capacity returned: {} has the {} instance(s) it needs",
                     svc.name, wished[si]
-                ),
+                )
+                .into(),
             });
         }
     }
@@ -856,7 +868,8 @@ fn prepare_standbys(
                 reason: format!(
                     "warm standby: {} rose by up to {:.1} req/s recently; keep {} paused",
                     svc.name, svc.spike_rps, standby[si]
-                ),
+                )
+                .into(),
             });
         }
     }
@@ -1003,7 +1016,8 @@ fn make_room(
             reason: format!(
                 "server drop: make room for {} (priority {} over {})",
                 svc.name, svc.priority, low.priority
-            ),
+            )
+            .into(),
         });
         return Some(m);
     }
@@ -1067,7 +1081,8 @@ fn relieve_hot(
                 s.machines[m].name,
                 s.machines[m].cpu_load * 100.0,
                 c.hot_above * 100.0
-            ),
+            )
+            .into(),
         });
     }
 }
@@ -1179,10 +1194,11 @@ fn consolidate(
             continue;
         }
         budget -= running;
-        let why = format!(
+        let why: Reason = format!(
             "consolidate: empty {} so it can be powered down",
             s.machines[victim].name
-        );
+        )
+        .into();
         for (_, idx, to) in moves {
             received[to] = true;
             actions.push(Action::Migrate {

@@ -99,7 +99,8 @@ pub fn react(s: &Snapshot) -> Vec<Action> {
                     reason: format!(
                         "server drop: free CPU for {} now (priority {} over {})",
                         svc.name, svc.priority, low.priority
-                    ),
+                    )
+                    .into(),
                 });
             }
             free[m] -= need;
@@ -111,7 +112,8 @@ pub fn react(s: &Snapshot) -> Vec<Action> {
                     "spike: {now:.1} req/s on {} is more than its running instances serve: \
                      unpause a warm standby",
                     svc.name
-                ),
+                )
+                .into(),
             });
         }
     }

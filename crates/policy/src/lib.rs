@@ -25,5 +25,7 @@ mod settings;
 pub use decide::{apply, decide, place, remove_indices};
 pub use fast::react;
 pub use memory::Memory;
-pub use model::{Action, Config, Instance, InstanceState, Machine, Service, Sharing, Snapshot};
+pub use model::{
+    Action, Config, Instance, InstanceState, Machine, Reason, Service, Sharing, Snapshot,
+};
 pub use settings::Settings;

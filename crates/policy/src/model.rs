@@ -167,6 +167,10 @@ impl Default for Config {
     }
 }
 
+/// Why an action is taken, for the event log: shared, since a tick gives one reason to many
+/// actions (a scale-out of 40 instances) and a large pool's tick has thousands.
+pub type Reason = std::sync::Arc<str>;
+
 /// One step of a plan, with its reason. Objects are indices into the snapshot the plan was made
 /// from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -178,7 +182,7 @@ pub enum Action {
         /// Machine (index).
         machine: usize,
         /// Why.
-        reason: String,
+        reason: Reason,
     },
     /// Pause a running instance in memory (a standby, or server drop that frees CPU in the same
     /// second).
@@ -186,14 +190,14 @@ pub enum Action {
         /// Instance (index).
         instance: usize,
         /// Why.
-        reason: String,
+        reason: Reason,
     },
     /// Let a paused instance run again (milliseconds).
     Unpause {
         /// Instance (index).
         instance: usize,
         /// Why.
-        reason: String,
+        reason: Reason,
     },
     /// Start a new instance of `service` on `machine`.
     Activate {
@@ -202,7 +206,7 @@ pub enum Action {
         /// Machine (index).
         machine: usize,
         /// Why.
-        reason: String,
+        reason: Reason,
     },
     /// Resume a suspended instance on `machine`.
     Resume {
@@ -211,14 +215,14 @@ pub enum Action {
         /// Machine (index).
         machine: usize,
         /// Why.
-        reason: String,
+        reason: Reason,
     },
     /// Suspend an instance (state kept in the repository).
     Suspend {
         /// Instance (index).
         instance: usize,
         /// Why.
-        reason: String,
+        reason: Reason,
     },
     /// Live-migrate an instance.
     Migrate {
@@ -227,28 +231,28 @@ pub enum Action {
         /// Destination machine (index).
         to: usize,
         /// Why.
-        reason: String,
+        reason: Reason,
     },
     /// Throw an instance away.
     Discard {
         /// Instance (index).
         instance: usize,
         /// Why.
-        reason: String,
+        reason: Reason,
     },
     /// Have the switch refuse a service's excess load.
     Drop {
         /// Service (index).
         service: usize,
         /// Why.
-        reason: String,
+        reason: Reason,
     },
     /// Stop refusing a service's load.
     Undrop {
         /// Service (index).
         service: usize,
         /// Why.
-        reason: String,
+        reason: Reason,
     },
 }
 
