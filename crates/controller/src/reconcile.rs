@@ -214,7 +214,14 @@ impl Controller {
             // Names are resolved now; the agent work runs as its own task (`spawn_work`).
             let me = self.clone();
             let result = match &action {
+                // A standby is booted like any instance; the next tick pauses it (its service
+                // then runs more than it wants, and has a standby's room).
                 p::Action::Activate {
+                    service: s,
+                    machine: m,
+                    reason,
+                }
+                | p::Action::Prepare {
                     service: s,
                     machine: m,
                     reason,
@@ -263,23 +270,6 @@ impl Controller {
                 } => instance(*i).map(|i| {
                     let reason = reason.clone();
                     self.spawn_work(async move { me.discard(&i, &reason).await.map(drop) });
-                }),
-                p::Action::Prepare {
-                    service: s,
-                    machine: m,
-                    reason,
-                } => service(*s).and_then(|s| {
-                    if self.backing_off(s.name.as_str()) {
-                        return Ok(());
-                    }
-                    // Booted like any instance; the next tick pauses it (its service has more
-                    // running than it wants, and a standby's room).
-                    let (name, m, reason) =
-                        (s.name.clone(), machine(*m)?.to_owned(), reason.clone());
-                    self.spawn_work(async move {
-                        me.activate(&name, Some(&m), &reason).await.map(drop)
-                    });
-                    Ok(())
                 }),
                 p::Action::Pause {
                     instance: i,

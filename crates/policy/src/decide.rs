@@ -685,8 +685,12 @@ pub fn decide(s: &Snapshot, c: &Config) -> Vec<Action> {
             }
         }
         // Warm standbys beyond what the spike history asks for go to the repository (new ones
-        // are placed once every service is, below).
-        while (paused[si].len() + held[si].len()) as u32 > standby[si] && !paused[si].is_empty() {
+        // are placed once every service is, below) — but not those a short service waits to
+        // run again (paused for a higher priority's CPU: unpaused first when room returns).
+        let short = wants[si].saturating_sub(kept[si].len() as u32);
+        while (paused[si].len() + held[si].len()) as u32 > standby[si] + short
+            && !paused[si].is_empty()
+        {
             let idx = paused[si].pop().unwrap_or(usize::MAX);
             if let Some(m) = at.get(idx) {
                 room.give_paused(m, svc);
@@ -1256,7 +1260,7 @@ pub fn place(s: &Snapshot, service: usize, avoid: Option<usize>) -> Option<usize
 }
 
 /// What `actions` do to `s`, at once (the simulator adds the time each takes). New instances
-/// start in `Starting` with ids from `new_id(service name)`; discarded ones are removed last, so
+/// start in `Starting` (prepared standbys in `Paused`) with ids from `new_id(service name)`; discarded ones are removed last, so
 /// every index in the plan refers to `s` as it was.
 pub fn apply(s: &mut Snapshot, actions: &[Action], mut new_id: impl FnMut(&str) -> String) {
     let mut gone: Vec<usize> = Vec::new();
@@ -1264,18 +1268,8 @@ pub fn apply(s: &mut Snapshot, actions: &[Action], mut new_id: impl FnMut(&str) 
         match *a {
             Action::Activate {
                 service, machine, ..
-            } => {
-                let name = s.services.get(service).map_or("", |x| x.name.as_str());
-                let id = new_id(name);
-                s.instances.push(crate::Instance {
-                    id,
-                    service,
-                    machine: Some(machine),
-                    state: InstanceState::Starting,
-                    pinned: false,
-                });
             }
-            Action::Prepare {
+            | Action::Prepare {
                 service, machine, ..
             } => {
                 let name = s.services.get(service).map_or("", |x| x.name.as_str());
@@ -1284,7 +1278,12 @@ pub fn apply(s: &mut Snapshot, actions: &[Action], mut new_id: impl FnMut(&str) 
                     id,
                     service,
                     machine: Some(machine),
-                    state: InstanceState::Paused,
+                    // A prepared standby is paused once booted (the simulator times the boot).
+                    state: if matches!(a, Action::Prepare { .. }) {
+                        InstanceState::Paused
+                    } else {
+                        InstanceState::Starting
+                    },
                     pinned: false,
                 });
             }

@@ -245,3 +245,33 @@ fn a_paused_lower_priority_is_resumed_first_when_room_returns() {
         "nothing new starts before the paused ones run: {plan:#?}"
     );
 }
+
+#[test]
+fn a_lower_priority_paused_for_a_spike_waits_paused_not_suspended() {
+    // finance took the machine's CPU at its spike; sports, paused for it, has no standbys of its
+    // own but waits paused to run again (not suspended as a standby surplus).
+    let s = Snapshot {
+        now_s: 0.0,
+        machines: vec![machine("m0", 3, 4096)],
+        services: vec![
+            service("finance", 10, &[140.0; 10], 2),
+            service("sports", 1, &[60.0; 10], 0),
+        ],
+        instances: vec![
+            instance("finance-1", 0, 0, InstanceState::Running),
+            instance("finance-2", 0, 0, InstanceState::Running),
+            instance("finance-3", 0, 0, InstanceState::Running),
+            instance("sports-1", 1, 0, InstanceState::Paused),
+            instance("sports-2", 1, 0, InstanceState::Paused),
+        ],
+    };
+    let plan = decide(&s, &Config::default());
+    assert!(
+        !plan.iter().any(|a| match a {
+            Action::Suspend { instance, .. } | Action::Discard { instance, .. } =>
+                s.instances[*instance].service == 1,
+            _ => false,
+        }),
+        "{plan:#?}"
+    );
+}

@@ -13,7 +13,7 @@ use serde_json::Value;
 use vmatrix_switch::{run_load, LoadOptions};
 
 use crate::cluster::{cli, ps, wait_for, wait_routed};
-use crate::support::{data_dir, free_port, start_up, up_log, vmatrix};
+use crate::support::{data_dir, start_matrix, up_log, vmatrix};
 
 /// Trace seconds per real second.
 const SPEED: f64 = 10.0;
@@ -84,19 +84,13 @@ async fn the_simulator_agrees_with_the_real_matrix_on_a_replayed_trace() {
     .unwrap();
 
     // The real matrix: three machines of 4 vCPUs.
-    let api = format!("127.0.0.1:{}", free_port());
-    let front = format!("127.0.0.1:{}", free_port());
-    let mut up = start_up(
+    let (mut up, front) = start_matrix(
         d,
         &[
             "--machines",
             "3",
             "--vcpus",
             "4",
-            "--listen",
-            &api,
-            "--switch-listen",
-            &front,
             "--policy-file",
             policy.to_str().unwrap(),
         ],

@@ -9,7 +9,7 @@ use serde_json::Value;
 use vmatrix_switch::{run_load, LoadOptions, LoadResult};
 
 use crate::cluster::{cli, ps, wait_for, wait_routed};
-use crate::support::{data_dir, free_port, start_up, up_log};
+use crate::support::{data_dir, start_matrix, up_log};
 
 fn count(list: &[Value], service: &str, state: &str) -> usize {
     list.iter()
@@ -115,20 +115,9 @@ async fn warm_standbys_serve_a_step_of_load_at_once() {
     let _alone = crate::support::UNDER_LOAD.lock().await;
     let data = data_dir();
     let d = data.path();
-    let api = format!("127.0.0.1:{}", free_port());
-    let front = format!("127.0.0.1:{}", free_port());
-    let mut args = vec![
-        "--machines",
-        "2",
-        "--vcpus",
-        "4",
-        "--listen",
-        &api,
-        "--switch-listen",
-        &front,
-    ];
+    let mut args = vec!["--machines", "2", "--vcpus", "4"];
     args.extend(FAST);
-    let mut up = start_up(d, &args).await;
+    let (mut up, front) = start_matrix(d, &args).await;
     let services = d.join("services.toml");
     // 20 req/s per instance: 40 req/s is one running instance and its two standbys.
     std::fs::write(
@@ -204,21 +193,10 @@ async fn a_full_pool_pauses_the_lower_priority_for_a_spike_and_resumes_it_first(
     let _alone = crate::support::UNDER_LOAD.lock().await;
     let data = data_dir();
     let d = data.path();
-    let api = format!("127.0.0.1:{}", free_port());
-    let front = format!("127.0.0.1:{}", free_port());
     // One machine of 3 vCPUs: finance 1 running + 2 standbys (memory only), sports 2 running.
-    let mut args = vec![
-        "--machines",
-        "1",
-        "--vcpus",
-        "3",
-        "--listen",
-        &api,
-        "--switch-listen",
-        &front,
-    ];
+    let mut args = vec!["--machines", "1", "--vcpus", "3"];
     args.extend(FAST);
-    let mut up = start_up(d, &args).await;
+    let (mut up, front) = start_matrix(d, &args).await;
     let finance = "[[service]]\nname = \"finance\"\nimage = \"guest:v1\"\npriority = 10\nmin = 1\n\
                    max = 3\ncapacity_rps = 10\nstandby_max = 2\n";
     let sports = "\n[[service]]\nname = \"sports\"\nimage = \"guest:v1\"\npriority = 1\nmin = 2\n\
@@ -311,20 +289,7 @@ async fn replicas_spread_and_an_operators_move_holds_until_unpinned() {
     let _alone = crate::support::UNDER_LOAD.lock().await;
     let data = data_dir();
     let d = data.path();
-    let api = format!("127.0.0.1:{}", free_port());
-    let front = format!("127.0.0.1:{}", free_port());
-    let mut up = start_up(
-        d,
-        &[
-            "--machines",
-            "3",
-            "--listen",
-            &api,
-            "--switch-listen",
-            &front,
-        ],
-    )
-    .await;
+    let (mut up, _front) = start_matrix(d, &["--machines", "3"]).await;
     let machines_of = |l: &[Value], service: &str| -> std::collections::BTreeSet<String> {
         l.iter()
             .filter(|i| i["service"] == service && i["state"] == "running")

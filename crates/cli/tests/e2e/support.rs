@@ -80,6 +80,15 @@ pub async fn start_up(data: &Path, args: &[&str]) -> tokio::process::Child {
     }
 }
 
+/// `vmatrix up` with `extra` on free ports; returns it and the switch's address.
+pub async fn start_matrix(data: &Path, extra: &[&str]) -> (tokio::process::Child, String) {
+    let api = format!("127.0.0.1:{}", free_port());
+    let front = format!("127.0.0.1:{}", free_port());
+    let mut args = vec!["--listen", api.as_str(), "--switch-listen", front.as_str()];
+    args.extend(extra);
+    (start_up(data, &args).await, front)
+}
+
 /// Starts `vmatrix --data DIR controller --listen ADDR` and waits until its API answers.
 pub async fn start_controller(data: &Path, listen: &str) -> tokio::process::Child {
     let child = vmatrix()
