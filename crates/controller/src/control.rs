@@ -106,6 +106,9 @@ pub struct Controller {
     pub(crate) fresh_after: Mutex<HashMap<(String, InstanceId), u64>>,
     /// Held while a place is chosen and taken (placement is read, then written).
     pub(crate) placing: Mutex<()>,
+    /// Instances booted to be warm standbys: paused as soon as they run (the policy sees them
+    /// as starting until then, so that no tick suspends them meanwhile).
+    pub(crate) prepared: Mutex<HashSet<InstanceId>>,
     /// Services whose automatic activations fail in a row, and until when they wait.
     pub(crate) backoff: Mutex<HashMap<String, Backoff>>,
 }
@@ -188,6 +191,7 @@ impl Controller {
             backoff: Mutex::new(HashMap::new()),
             fresh_after: Mutex::new(HashMap::new()),
             placing: Mutex::new(()),
+            prepared: Mutex::new(HashSet::new()),
         })
     }
 

@@ -117,6 +117,11 @@ impl Controller {
             .map(|(k, s)| (s.name.as_str(), k))
             .collect();
         let at = self.started.elapsed().as_secs_f64();
+        let prepared = self
+            .prepared
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let memory = self.memory.lock().unwrap_or_else(|e| e.into_inner());
         let now = now_ms();
         let snapshot = p::Snapshot {
@@ -172,6 +177,10 @@ impl Controller {
                                 .unwrap_or(usize::MAX)
                         }),
                         state: match r.info.state {
+                            // A standby not paused yet: still on its way.
+                            InstanceState::Running if prepared.contains(&r.info.id) => {
+                                p::InstanceState::Starting
+                            }
                             InstanceState::Running => p::InstanceState::Running,
                             InstanceState::Paused => p::InstanceState::Paused,
                             InstanceState::Suspended => p::InstanceState::Suspended,

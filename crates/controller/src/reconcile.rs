@@ -22,6 +22,19 @@ impl Controller {
         let rows = self.db(|d| d.instances())?;
         let machines = self.machines()?;
         let grace = self.started.elapsed() > Duration::from_millis(DOWN_AFTER_MS * 2);
+        // Standbys on their way that are no longer booting or running (failed, discarded).
+        self.prepared
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|id| {
+                rows.iter().any(|r| {
+                    r.info.id == *id
+                        && matches!(
+                            r.info.state,
+                            InstanceState::Activating | InstanceState::Running
+                        )
+                })
+            });
         let down = self.confirmed_down(&machines);
         if grace {
             self.settle_orphans(&rows, &machines)?;
@@ -214,8 +227,7 @@ impl Controller {
             // Names are resolved now; the agent work runs as its own task (`spawn_work`).
             let me = self.clone();
             let result = match &action {
-                // A standby is booted like any instance; the next tick pauses it (its service
-                // then runs more than it wants, and has a standby's room).
+                // A standby is booted like any instance and paused as soon as it runs.
                 p::Action::Activate {
                     service: s,
                     machine: m,
@@ -232,8 +244,16 @@ impl Controller {
                     }
                     let (name, m, reason) =
                         (s.name.clone(), machine(*m)?.to_owned(), reason.clone());
+                    let standby = matches!(action, p::Action::Prepare { .. });
                     self.spawn_work(async move {
-                        me.activate(&name, Some(&m), &reason).await.map(drop)
+                        let i = me.activate(&name, Some(&m), &reason).await?;
+                        if standby {
+                            me.prepared
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .insert(i.id);
+                        }
+                        Ok(())
                     });
                     Ok(())
                 }),

@@ -114,6 +114,26 @@ impl Controller {
                             // It runs: a saved state it was resumed from is superseded (the
                             // agent removes it).
                             row.saved = None;
+                            let standby = self
+                                .prepared
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .contains(&row.info.id);
+                            if standby {
+                                let (me, id) = (self.clone(), row.info.id.clone());
+                                tokio::spawn(async move {
+                                    let done = me
+                                        .pause(&id, true, "warm standby: booted, now paused")
+                                        .await;
+                                    if let Err(e) = done {
+                                        tracing::warn!("pausing the standby {id}: {e}");
+                                    }
+                                    me.prepared
+                                        .lock()
+                                        .unwrap_or_else(|e| e.into_inner())
+                                        .remove(&id);
+                                });
+                            }
                         }
                         (S::Activating, Transition::Fail) => {
                             self.activation_failed(row.info.service.as_str())
