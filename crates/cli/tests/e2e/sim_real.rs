@@ -107,8 +107,9 @@ async fn the_simulator_agrees_with_the_real_matrix_on_a_replayed_trace() {
     let (_, before, _) = cli(d, &["events", "--json"]).await;
     let first_event = before.lines().count();
     // Instance-seconds: what holds a machine, sampled every second while the load runs.
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let sampler = tokio::spawn({
-        let d = d.to_owned();
+        let (d, done) = (d.to_owned(), done.clone());
         async move {
             let mut held = 0.0;
             let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -119,7 +120,7 @@ async fn the_simulator_agrees_with_the_real_matrix_on_a_replayed_trace() {
                     .iter()
                     .filter(|i| i["machine"].as_str().is_some_and(|m| !m.is_empty()))
                     .count() as f64;
-                if d.join("load-done").exists() {
+                if done.load(std::sync::atomic::Ordering::Relaxed) {
                     return held;
                 }
             }
@@ -137,7 +138,7 @@ async fn the_simulator_agrees_with_the_real_matrix_on_a_replayed_trace() {
         ..opts
     })
     .await;
-    std::fs::write(d.join("load-done"), "").unwrap();
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
     let real_instance_s = sampler.await.unwrap();
     let (_, after, _) = cli(d, &["events", "--json"]).await;
     let events: Vec<Value> = after
