@@ -35,6 +35,8 @@ pub struct FakeKnobs {
     pub fail_save: bool,
     /// How long a live migration takes before its stream is sent.
     pub migrate_delay: Duration,
+    /// How long a booted guest takes before it answers HTTP (a real one: seconds).
+    pub boot_delay: Duration,
 }
 
 /// One fake QEMU process.
@@ -118,13 +120,19 @@ impl FakeHypervisor {
         }
     }
 
-    async fn start(&self, spec: &VmSpec, memory: Memory) -> Result<FakeGuest, VmmError> {
+    async fn start(
+        &self,
+        spec: &VmSpec,
+        memory: Memory,
+        boot_delay: Duration,
+    ) -> Result<FakeGuest, VmmError> {
         let listener = std::net::TcpListener::bind(spec.forward)
             .and_then(|l| l.set_nonblocking(true).map(|()| l))
             .map_err(|e| invalid(format!("fake guest cannot listen on {}: {e}", spec.forward)))?;
         let id = spec.instance.to_string();
         let mem = memory.clone();
         let task = guests().spawn(async move {
+            tokio::time::sleep(boot_delay).await;
             let Ok(listener) = TcpListener::from_std(listener) else {
                 return;
             };
@@ -205,7 +213,8 @@ async fn serve(mut stream: TcpStream, id: String, memory: Memory) {
 #[async_trait]
 impl Hypervisor for FakeHypervisor {
     async fn boot(&self, spec: VmSpec, _dir: &Path) -> Result<Box<dyn Guest>, VmmError> {
-        Ok(Box::new(self.start(&spec, Memory::default()).await?))
+        let delay = self.knobs().boot_delay;
+        Ok(Box::new(self.start(&spec, Memory::default(), delay).await?))
     }
 
     async fn resume(
@@ -219,7 +228,8 @@ impl Hypervisor for FakeHypervisor {
         let memory: HashMap<String, String> =
             serde_json::from_slice(&bytes).map_err(|e| invalid(format!("fake state: {e}")))?;
         Ok(Box::new(
-            self.start(&spec, Arc::new(Mutex::new(memory))).await?,
+            self.start(&spec, Arc::new(Mutex::new(memory)), Duration::ZERO)
+                .await?,
         ))
     }
 
@@ -416,7 +426,7 @@ impl Incoming for FakeIncoming {
             .ok_or_else(|| invalid("fake incoming: the stream broke".into()))?;
         Ok(Box::new(
             this.hv
-                .start(&this.spec, Arc::new(Mutex::new(memory)))
+                .start(&this.spec, Arc::new(Mutex::new(memory)), Duration::ZERO)
                 .await?,
         ))
     }

@@ -23,6 +23,19 @@ impl Controller {
         on: Option<&str>,
         why: &str,
     ) -> Result<InstanceInfo> {
+        self.activate_as(service, on, why, false).await
+    }
+
+    /// Activates a new instance of `service`; a `standby` is paused as soon as it runs, and the
+    /// policy sees it as a standby from the moment its row exists (not as capacity on its way,
+    /// which made the next tick prepare more).
+    pub(crate) async fn activate_as(
+        &self,
+        service: &vmatrix_core::ServiceName,
+        on: Option<&str>,
+        why: &str,
+        standby: bool,
+    ) -> Result<InstanceInfo> {
         let spec = self.spec_of(service)?;
         // Placement and the row that takes the place are one step: activations and resumes
         // run in parallel, and two must never pick the same room.
@@ -43,6 +56,12 @@ impl Controller {
             let id = InstanceId::new(format!("{service}-{seq}"))
                 .map_err(|e| ControlError::Conflict(e.to_string()))?;
             let busy = self.claim(&id)?;
+            if standby {
+                self.prepared
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(id.clone());
+            }
             let row = InstanceRow {
                 info: InstanceInfo {
                     id: id.clone(),
@@ -90,6 +109,10 @@ impl Controller {
             }
             Err(e) => {
                 self.activation_failed(service.as_str());
+                self.prepared
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&id);
                 row.info.state = row.info.state.next(Transition::Fail)?;
                 self.db(|d| d.put_instance(&row))?;
                 self.event(
@@ -330,6 +353,25 @@ impl Controller {
     /// its CPU at once) or lets a paused one serve again. Milliseconds: the VM stays where it
     /// is; the switch routes only to running instances. A failure leaves it as it was.
     pub async fn pause(&self, id: &InstanceId, pause: bool, why: &str) -> Result<String> {
+        if !pause {
+            // A standby still on its way (booting, or up and not paused yet): it serves as soon
+            // as it is up instead of being paused then.
+            let row = self.row(id)?;
+            let on_its_way = matches!(
+                row.info.state,
+                InstanceState::Activating | InstanceState::Running
+            ) && self
+                .prepared
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(id);
+            if on_its_way {
+                let outcome = format!("ok: {} serves once it is up", row.info.state.as_str());
+                let what = format!("unpause {id} on {}", row.info.machine);
+                self.event("controller", &what, why, &outcome);
+                return Ok(outcome);
+            }
+        }
         let _busy = self.claim(id)?;
         let mut row = self.row(id)?;
         let (from, t, verb) = if pause {

@@ -177,9 +177,13 @@ impl Controller {
                                 .unwrap_or(usize::MAX)
                         }),
                         state: match r.info.state {
-                            // A standby not paused yet: still on its way.
-                            InstanceState::Running if prepared.contains(&r.info.id) => {
-                                p::InstanceState::Starting
+                            // A standby on its way (booting, or up and about to be paused)
+                            // is a standby, as the simulator has it: not capacity, or the
+                            // next tick would prepare more.
+                            InstanceState::Activating | InstanceState::Running
+                                if prepared.contains(&r.info.id) =>
+                            {
+                                p::InstanceState::Paused
                             }
                             InstanceState::Running => p::InstanceState::Running,
                             InstanceState::Paused => p::InstanceState::Paused,
@@ -287,7 +291,17 @@ impl Controller {
                 (s.name.to_string(), vec![rps])
             })
             .collect();
-        let Inputs { snapshot, .. } = self.inputs(&services, &rows, Some(&now))?;
+        let Inputs { mut snapshot, .. } = self.inputs(&services, &rows, Some(&now))?;
+        // A standby still booting serves in seconds, not milliseconds: not the fast path's to
+        // unpause (the tick may still take it).
+        let booting = self
+            .prepared
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        snapshot.instances.retain(|i| {
+            !vmatrix_core::InstanceId::new(&i.id).is_ok_and(|id| booting.contains(&id))
+        });
         for action in p::react(&snapshot) {
             let (i, pause, reason) = match &action {
                 p::Action::Pause { instance, reason } => (*instance, true, reason.clone()),

@@ -22,18 +22,17 @@ impl Controller {
         let rows = self.db(|d| d.instances())?;
         let machines = self.machines()?;
         let grace = self.started.elapsed() > Duration::from_millis(DOWN_AFTER_MS * 2);
-        // Standbys on their way that are no longer booting or running (failed, discarded).
+        // Standbys on their way that are no longer booting or running (failed, discarded). One
+        // made after `rows` were read is not in them yet: kept.
         self.prepared
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .retain(|id| {
-                rows.iter().any(|r| {
-                    r.info.id == *id
-                        && matches!(
-                            r.info.state,
-                            InstanceState::Activating | InstanceState::Running
-                        )
-                })
+            .retain(|id| match rows.iter().find(|r| r.info.id == *id) {
+                Some(r) => matches!(
+                    r.info.state,
+                    InstanceState::Activating | InstanceState::Running
+                ),
+                None => true,
             });
         let down = self.confirmed_down(&machines);
         if grace {
@@ -246,14 +245,9 @@ impl Controller {
                         (s.name.clone(), machine(*m)?.to_owned(), reason.clone());
                     let standby = matches!(action, p::Action::Prepare { .. });
                     self.spawn_work(async move {
-                        let i = me.activate(&name, Some(&m), &reason).await?;
-                        if standby {
-                            me.prepared
-                                .lock()
-                                .unwrap_or_else(|e| e.into_inner())
-                                .insert(i.id);
-                        }
-                        Ok(())
+                        me.activate_as(&name, Some(&m), &reason, standby)
+                            .await
+                            .map(drop)
                     });
                     Ok(())
                 }),

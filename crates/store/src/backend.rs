@@ -10,9 +10,13 @@ use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+
 use std::time::SystemTime;
 
 use crate::error::{Result, StoreError};
+
+/// Temporary file names, unique within the process.
+pub(crate) static TMP_SEQ: AtomicU64 = AtomicU64::new(0);
 
 /// Size and modification time of a stored object.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -152,15 +156,11 @@ impl Backend {
 #[derive(Debug)]
 pub struct FileBackend {
     root: PathBuf,
-    counter: AtomicU64,
 }
 
 impl FileBackend {
     fn new(root: PathBuf) -> Self {
-        Self {
-            root,
-            counter: AtomicU64::new(0),
-        }
+        Self { root }
     }
 
     fn path(&self, key: &str) -> Result<PathBuf> {
@@ -196,7 +196,9 @@ impl FileBackend {
         let path = self.path(key)?;
         let dir = path.parent().unwrap_or(&self.root).to_owned();
         fs::create_dir_all(&dir).map_err(|e| self.err("create directory for", key, e))?;
-        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        // One counter per process: several handles on one repository (agents in one process)
+        // must never share a temporary name.
+        let n = TMP_SEQ.fetch_add(1, Ordering::Relaxed);
         let tmp = dir.join(format!(".tmp-{}-{n}", std::process::id()));
         let write = || -> std::io::Result<()> {
             let mut f = fs::File::create(&tmp)?;

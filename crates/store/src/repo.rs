@@ -239,7 +239,15 @@ impl Repository {
             what: what.to_owned(),
         };
         let nonce = blake3::hash(
-            format!("{}-{}-{:?}", lease.pid, lease.host, SystemTime::now()).as_bytes(),
+            format!(
+                "{}-{}-{:?}-{}",
+                lease.pid,
+                lease.host,
+                SystemTime::now(),
+                // Two leases taken at once in one process (several agents in one) differ.
+                crate::backend::TMP_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            )
+            .as_bytes(),
         )
         .to_hex();
         let key = format!("leases/{}.json", &nonce[..16]);

@@ -62,6 +62,8 @@ pub struct Matrix {
     pub controller: Option<Process>,
     pub agents: HashMap<String, (Process, Arc<Agent>)>,
     pub http: reqwest::Client,
+    /// The policy the controller runs (none: it keeps each service's `min`).
+    pub policy: Option<vmatrix_policy::Settings>,
 }
 
 /// A loopback port free right now on `ip`.
@@ -104,6 +106,7 @@ impl Matrix {
             controller: None,
             agents: HashMap::new(),
             http: reqwest::Client::new(),
+            policy: None,
         };
         m.import("guest:v1", b"version one");
         m.start_controller().await;
@@ -133,8 +136,8 @@ impl Matrix {
             listen: self.api,
             state: self.dir.path().join("state.db"),
             token: TOKEN.into(),
-            policy: false,
-            settings: vmatrix_policy::Settings::default(),
+            policy: self.policy.is_some(),
+            settings: self.policy.clone().unwrap_or_default(),
         };
         self.controller = Some(Process::start(move || async move {
             // The port of a killed controller may take a moment to be free again.
@@ -159,6 +162,13 @@ impl Matrix {
             },
         )
         .await;
+    }
+
+    /// Restarts the controller running the policy with `settings`.
+    pub async fn run_policy(&mut self, settings: vmatrix_policy::Settings) {
+        self.policy = Some(settings);
+        self.kill_controller();
+        self.start_controller().await;
     }
 
     pub fn kill_controller(&mut self) {
