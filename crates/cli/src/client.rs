@@ -241,13 +241,14 @@ pub async fn ps(client: &ControllerClient, json: bool) -> Result<()> {
                 dash(i.endpoint),
                 i.generation.to_string(),
                 pin,
+                i.purpose.as_str().to_owned(),
             ]
         })
         .collect();
     table(
         &[
             "INSTANCE", "SERVICE", "IMAGE", "VERSION", "MACHINE", "STATE", "ENDPOINT", "GEN",
-            "PINNED",
+            "PINNED", "PURPOSE",
         ],
         rows,
     );

@@ -71,14 +71,25 @@ pub async fn agent(args: AgentArgs, data: &Path, accel: vmatrix_vmm::AccelChoice
     Ok(())
 }
 
-pub async fn controller(
-    listen: SocketAddr,
-    state: Option<String>,
-    policy: &str,
-    policy_file: Option<&Path>,
-    policy_flags: &crate::policy_file::PolicyFlags,
-    data: &Path,
-) -> Result<()> {
+/// Options of `vmatrix controller`.
+pub struct ControllerArgs<'a> {
+    pub listen: SocketAddr,
+    pub state: Option<String>,
+    pub policy: &'a str,
+    pub policy_file: Option<&'a Path>,
+    pub policy_flags: &'a crate::policy_file::PolicyFlags,
+    pub maintenance_idle: Option<Duration>,
+}
+
+pub async fn controller(args: ControllerArgs<'_>, data: &Path) -> Result<()> {
+    let ControllerArgs {
+        listen,
+        state,
+        policy,
+        policy_file,
+        policy_flags,
+        maintenance_idle,
+    } = args;
     let settings = crate::policy_file::load(policy_file, policy_flags)?;
     let policy = match policy {
         "switching" => true,
@@ -113,6 +124,7 @@ pub async fn controller(
         token,
         policy,
         settings,
+        maintenance_idle,
     };
     tokio::select! {
         r = vmatrix_controller::serve(config) => r.map_err(|e| anyhow!("{e}"))?,
@@ -150,6 +162,8 @@ pub struct UpArgs {
     pub vcpus: u32,
     pub memory: u32,
     pub switch_listen: SocketAddr,
+    pub shared: u32,
+    pub maintenance_idle: Option<Duration>,
 }
 
 pub async fn switch(
@@ -182,6 +196,13 @@ pub async fn switch(
 }
 
 pub async fn up(args: UpArgs, data: &Path, accel: vmatrix_vmm::AccelChoice) -> Result<()> {
+    if args.shared > 250 || args.machines + args.shared > 250 {
+        bail!(
+            "--machines {} --shared {}: at most 250 machines in all (127.0.0.2…)",
+            args.machines,
+            args.shared
+        );
+    }
     if args.machines == 0 || args.machines > 250 {
         bail!("--machines {}: use 1 to 250", args.machines);
     }
@@ -240,6 +261,12 @@ pub async fn up(args: UpArgs, data: &Path, accel: vmatrix_vmm::AccelChoice) -> R
         args.policy.clone(),
     ];
     controller_args.extend(args.policy_flags.to_args());
+    if let Some(idle) = args.maintenance_idle {
+        controller_args.extend([
+            "--maintenance-idle".into(),
+            format!("{}s", idle.as_secs_f64()),
+        ]);
+    }
     if let Some(f) = &args.policy_file {
         controller_args.extend(["--policy-file".into(), f.display().to_string()]);
     }
@@ -253,12 +280,19 @@ pub async fn up(args: UpArgs, data: &Path, accel: vmatrix_vmm::AccelChoice) -> R
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    for i in 1..=args.machines {
-        let listen = format!("127.0.0.{}:{}", i + 1, args.listen.port() + 1);
+    // Dedicated machines rm1… on 127.0.0.2…, then shared ones sm1… after them.
+    let machines: Vec<(String, u32, &str)> = (1..=args.machines)
+        .map(|i| (format!("rm{i}"), i + 1, "dedicated"))
+        .chain((1..=args.shared).map(|i| (format!("sm{i}"), args.machines + i + 1, "shared")))
+        .collect();
+    for (name, host, role) in &machines {
+        let listen = format!("127.0.0.{host}:{}", args.listen.port() + 1);
         children.push(spawn_self(&[
             "agent".into(),
             "--name".into(),
-            format!("rm{i}"),
+            name.clone(),
+            "--role".into(),
+            (*role).into(),
             "--listen".into(),
             listen,
             "--controller".into(),
@@ -290,13 +324,13 @@ pub async fn up(args: UpArgs, data: &Path, accel: vmatrix_vmm::AccelChoice) -> R
                 .filter(|m| m.machine.state == vmatrix_core::api::MachineState::Up)
                 .count()
         });
-        if up as u32 >= args.machines {
+        if up >= machines.len() {
             break;
         }
         if tokio::time::Instant::now() > deadline {
             bail!(
                 "only {up} of {} machines registered within 60 s",
-                args.machines
+                machines.len()
             );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -306,10 +340,15 @@ pub async fn up(args: UpArgs, data: &Path, accel: vmatrix_vmm::AccelChoice) -> R
     let mut out = std::io::stdout();
     let _ = writeln!(
         out,
-        "vMatrix is up: API {api}, switch http://{}, {} machines (rm1..rm{}), accelerator {}, data {}",
+        "vMatrix is up: API {api}, switch http://{}, {} machines (rm1..rm{}{}), accelerator {}, data {}",
         args.switch_listen,
         args.machines,
         args.machines,
+        if args.shared > 0 {
+            format!("; shared sm1..sm{} for maintenance", args.shared)
+        } else {
+            String::new()
+        },
         accel.as_str(),
         data.display()
     );
@@ -339,11 +378,11 @@ pub async fn up(args: UpArgs, data: &Path, accel: vmatrix_vmm::AccelChoice) -> R
     }
     // An agent that crashed (or was killed) before leaves its VMs running for the next one;
     // `up` is ending, so there is no next one.
-    for i in 1..=args.machines {
-        let vms = data.join("agents").join(format!("rm{i}")).join("vms");
+    for (name, _, _) in &machines {
+        let vms = data.join("agents").join(name).join("vms");
         let n = vmatrix_agent::sweep(&vms, &[]);
         if n > 0 {
-            tracing::info!("stopped {n} VM(s) that rm{i}'s agent had left");
+            tracing::info!("stopped {n} VM(s) that {name}'s agent had left");
         }
     }
     Ok(())

@@ -68,6 +68,14 @@ enum Command {
         policy_file: Option<PathBuf>,
         #[command(flatten)]
         policy_flags: policy_file::PolicyFlags,
+        /// Shared machines (sm1…) besides the dedicated ones: where maintenance instances run
+        /// (`vmatrix maintain`), never live traffic.
+        #[arg(long, default_value_t = 0)]
+        shared: u32,
+        /// Discard maintenance instances unused (no console, no commit) for this long, e.g. 2h
+        /// (default: never).
+        #[arg(long, value_parser = parse_duration)]
+        maintenance_idle: Option<std::time::Duration>,
     },
     /// Run the switch: the front door that follows VMs.
     Switch {
@@ -152,6 +160,10 @@ enum Command {
         policy_file: Option<PathBuf>,
         #[command(flatten)]
         policy_flags: policy_file::PolicyFlags,
+        /// Discard maintenance instances unused (no console, no commit) for this long, e.g. 2h
+        /// (default: never).
+        #[arg(long, value_parser = parse_duration)]
+        maintenance_idle: Option<std::time::Duration>,
     },
     /// Run an agent for one real machine.
     Agent {
@@ -252,10 +264,28 @@ enum Command {
         /// The instance.
         instance: InstanceId,
     },
-    /// Move every instance off a machine.
+    /// Move every instance off a machine (host maintenance); `undrain` gives it back.
     Drain {
         /// The machine.
         machine: String,
+    },
+    /// Give a drained machine back to the policy.
+    Undrain {
+        /// The machine.
+        machine: String,
+    },
+    /// Start a maintenance instance of a service on a shared machine: it gets no live traffic
+    /// and the policy never moves, scales or drops it. Patch it (`vmatrix console`), commit it
+    /// as a new version (`vmatrix commit`), end it with `vmatrix discard`.
+    Maintain {
+        /// The service.
+        service: ServiceName,
+        /// Another version to run: a tag of the service's image (`v2`) or `NAME:TAG`.
+        #[arg(long)]
+        version: Option<String>,
+        /// The shared machine to use (default: the one with the most free memory).
+        #[arg(long)]
+        on: Option<String>,
     },
     /// Simulate policies over demand traces and compare them (machine-hours, drops, moves).
     Sim(Box<sim::SimArgs>),
@@ -335,7 +365,17 @@ enum GuestCommand {
     },
 }
 
-pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
+pub(crate) fn parse_duration(s: &str) -> std::result::Result<std::time::Duration, String> {
+    let x = sim::seconds(s).map_err(|e| e.to_string())?;
+    if !(x > 0.0 && x.is_finite()) {
+        return Err(format!(
+            "{s:?}: use a duration above 0, e.g. 90s, 30m or 2h"
+        ));
+    }
+    Ok(std::time::Duration::from_secs_f64(x))
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
     let s = s.trim();
     let (num, mult) = match s.char_indices().last() {
         Some((i, c)) if c.is_ascii_alphabetic() => {
@@ -416,11 +456,15 @@ fn run() -> Result<()> {
             policy,
             policy_file,
             policy_flags,
+            shared,
+            maintenance_idle,
         } => runtime()?.block_on(cluster::up(
             cluster::UpArgs {
                 policy,
                 policy_file,
                 policy_flags,
+                shared,
+                maintenance_idle,
                 machines,
                 listen,
                 vcpus,
@@ -504,12 +548,16 @@ fn run() -> Result<()> {
             policy,
             policy_file,
             policy_flags,
+            maintenance_idle,
         } => runtime()?.block_on(cluster::controller(
-            listen,
-            state,
-            &policy,
-            policy_file.as_deref(),
-            &policy_flags,
+            cluster::ControllerArgs {
+                listen,
+                state,
+                policy: &policy,
+                policy_file: policy_file.as_deref(),
+                policy_flags: &policy_flags,
+                maintenance_idle,
+            },
             &data,
         ))?,
         Command::Agent {
@@ -557,6 +605,16 @@ fn run() -> Result<()> {
         Command::Migrate { instance, to } => op(Operation::Migrate { instance, to })?,
         Command::Discard { instance } => op(Operation::Discard { instance })?,
         Command::Drain { machine } => op(Operation::Drain { machine })?,
+        Command::Undrain { machine } => op(Operation::Undrain { machine })?,
+        Command::Maintain {
+            service,
+            version,
+            on,
+        } => op(Operation::Maintain {
+            service,
+            version,
+            on,
+        })?,
         Command::Image { repo, command } => {
             let url = image::repo_url(repo, &data)?;
             image::run(command, &url, &data)?;

@@ -7,13 +7,28 @@
 use std::time::Instant;
 
 use vmatrix_core::api::{
-    AgentCommand, AgentReply, InstanceInfo, MachineInfo, MachineState, Operation, SavedState,
+    AgentCommand, AgentReply, InstanceInfo, MachineInfo, MachineRole, MachineState, Operation,
+    Purpose, SavedState,
 };
 use vmatrix_core::{InstanceId, InstanceState, Transition};
 
 use crate::agents::unexpected;
 use crate::control::{now_ms, ControlError, Controller, Result};
 use crate::db::InstanceRow;
+
+/// What a new instance is for.
+#[derive(Debug, Clone)]
+pub(crate) enum Start {
+    /// Live traffic.
+    Live,
+    /// A warm standby: paused as soon as it runs; the policy sees it as a standby from the
+    /// moment its row exists (not as capacity on its way, which made the next tick prepare more).
+    Standby,
+    /// An admin's maintenance copy on a shared machine, of `image` or the service's own.
+    Maintenance {
+        image: Option<vmatrix_core::ImageRef>,
+    },
+}
 
 impl Controller {
     /// Starts a new instance of `service` (on `on`, or where placement says).
@@ -23,26 +38,25 @@ impl Controller {
         on: Option<&str>,
         why: &str,
     ) -> Result<InstanceInfo> {
-        self.activate_as(service, on, why, false).await
+        self.activate_as(service, on, why, Start::Live).await
     }
 
-    /// Activates a new instance of `service`; a `standby` is paused as soon as it runs, and the
-    /// policy sees it as a standby from the moment its row exists (not as capacity on its way,
-    /// which made the next tick prepare more).
+    /// Activates a new instance of `service` as `kind` says.
     pub(crate) async fn activate_as(
         &self,
         service: &vmatrix_core::ServiceName,
         on: Option<&str>,
         why: &str,
-        standby: bool,
+        kind: Start,
     ) -> Result<InstanceInfo> {
         let spec = self.spec_of(service)?;
         // Placement and the row that takes the place are one step: activations and resumes
         // run in parallel, and two must never pick the same room.
         let placing = self.placing.lock().unwrap_or_else(|p| p.into_inner());
-        let machine = match on {
-            Some(name) => self.machine_up(name)?,
-            None => self.place(&spec, None)?,
+        let machine = match (&kind, on) {
+            (Start::Maintenance { .. }, on) => self.place_shared(&spec, on)?,
+            (_, Some(name)) => self.machine_up(name)?,
+            (_, None) => self.place(&spec, None)?,
         };
         // The id, the busy claim and the row are made in one step under the database lock, so
         // that two activations at once never take the same id and no heartbeat sees the row
@@ -56,7 +70,7 @@ impl Controller {
             let id = InstanceId::new(format!("{service}-{seq}"))
                 .map_err(|e| ControlError::Conflict(e.to_string()))?;
             let busy = self.claim(&id)?;
-            if standby {
+            if matches!(kind, Start::Standby) {
                 self.prepared
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
@@ -66,13 +80,20 @@ impl Controller {
                 info: InstanceInfo {
                     id: id.clone(),
                     service: service.clone(),
-                    image: spec.image.to_string(),
+                    image: match &kind {
+                        Start::Maintenance { image: Some(i) } => i.to_string(),
+                        _ => spec.image.to_string(),
+                    },
                     version: String::new(),
                     machine: machine.name.clone(),
                     state: InstanceState::Activating,
                     endpoint: String::new(),
                     generation: 1,
                     pinned_until_ms: 0,
+                    purpose: match kind {
+                        Start::Maintenance { .. } => Purpose::Maintenance,
+                        _ => Purpose::Live,
+                    },
                 },
                 saved: None,
                 seq,
@@ -148,6 +169,12 @@ impl Controller {
             return Err(ControlError::Conflict(format!(
                 "machine {to} is {}",
                 dest.state
+            )));
+        }
+        if row.info.purpose == Purpose::Maintenance && dest.role != MachineRole::Shared {
+            return Err(ControlError::Conflict(format!(
+                "instance {id} is a maintenance instance: it moves only to a shared machine, \
+                 and {to} is dedicated"
             )));
         }
         let started = Instant::now();
@@ -288,6 +315,12 @@ impl Controller {
     pub async fn suspend(&self, id: &InstanceId, why: &str) -> Result<String> {
         let _busy = self.claim(id)?;
         let mut row = self.row(id)?;
+        if row.info.purpose == Purpose::Maintenance {
+            return Err(ControlError::Conflict(format!(
+                "instance {id} is a maintenance instance: it is not suspended; commit its \
+                 changes (`vmatrix commit {id} --tag NAME:TAG`) or discard it"
+            )));
+        }
         if !matches!(
             row.info.state,
             InstanceState::Running | InstanceState::Paused
@@ -600,29 +633,50 @@ impl Controller {
         if !self.db(|d| d.set_draining(machine, true))? {
             return Err(ControlError::NotFound(format!("no machine {machine}")));
         }
-        let mut moved = 0;
+        let (mut moved, mut stay) = (0, Vec::new());
         for row in self.db(|d| d.instances())? {
             if row.info.machine == machine && row.info.state == InstanceState::Running {
                 let spec = self.spec_of(&row.info.service)?;
-                let dest = self.place(&spec, Some(machine))?;
+                let dest = match row.info.purpose {
+                    Purpose::Live => self.place(&spec, Some(machine))?,
+                    // An admin's instance moves to another shared machine, if there is room.
+                    Purpose::Maintenance => match self.place_shared_except(&spec, machine) {
+                        Ok(m) => m,
+                        Err(e) => {
+                            stay.push(format!("{} ({e})", row.info.id));
+                            continue;
+                        }
+                    },
+                };
                 self.migrate(&row.info.id, &dest.name, why).await?;
                 moved += 1;
             }
         }
+        let stays = if stay.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; maintenance instance(s) staying: {} (discard or commit them)",
+                stay.join(", ")
+            )
+        };
         self.event(
             "controller",
             &format!("drain {machine}"),
             why,
-            &format!("ok, {moved} moved"),
+            &format!("ok, {moved} moved{stays}"),
         );
-        Ok(format!("{moved} instance(s) moved off {machine}"))
+        Ok(format!("{moved} instance(s) moved off {machine}{stays}"))
     }
 
     /// Brings a dormant service back: resumes a suspended instance, or starts one.
     pub async fn wake(&self, service: &vmatrix_core::ServiceName) -> Result<String> {
         self.spec_of(service)?;
         let rows = self.db(|d| d.instances())?;
-        let mine: Vec<&InstanceRow> = rows.iter().filter(|r| r.info.service == *service).collect();
+        let mine: Vec<&InstanceRow> = rows
+            .iter()
+            .filter(|r| r.info.service == *service && r.info.purpose == Purpose::Live)
+            .collect();
         if mine.iter().any(|r| {
             matches!(
                 r.info.state,
@@ -720,6 +774,20 @@ impl Controller {
             }
             Operation::Discard { instance } => self.discard(&instance, why).await,
             Operation::Drain { machine } => self.drain(&machine, why).await,
+            Operation::Undrain { machine } => self.undrain(&machine, why),
+            Operation::Maintain {
+                service,
+                version,
+                on,
+            } => {
+                let i = self
+                    .maintain(&service, version.as_deref(), on.as_deref(), why)
+                    .await?;
+                Ok(format!(
+                    "{} (maintenance, {}) activating on {}; it gets no live traffic",
+                    i.id, i.image, i.machine
+                ))
+            }
             Operation::Wake { service } => self.wake(&service).await,
             Operation::Drop { service } => self.set_dropped(&service, true, "api", why),
             Operation::Undrop { service } => self.set_dropped(&service, false, "api", why),

@@ -31,6 +31,9 @@ pub enum ControlError {
     /// The request is not possible now.
     #[error("{0}")]
     Conflict(String),
+    /// The request itself is wrong (what is wrong, and what to give instead).
+    #[error("{0}")]
+    BadRequest(String),
     /// An agent answered that the command failed (it left the VM as it was).
     #[error("agent {machine}: {message}")]
     Agent { machine: String, message: String },
@@ -50,6 +53,7 @@ impl ControlError {
     pub fn status(&self) -> u16 {
         match self {
             Self::NotFound(_) => 404,
+            Self::BadRequest(_) => 400,
             Self::Conflict(_) | Self::Transition(_) => 409,
             Self::Agent { .. } | Self::Unreachable { .. } => 502,
             Self::Db(_) => 500,
@@ -107,8 +111,13 @@ pub struct Controller {
     /// Held while a place is chosen and taken (placement is read, then written).
     pub(crate) placing: Mutex<()>,
     /// Instances booted to be warm standbys: paused as soon as they run (the policy sees them
-    /// as starting until then, so that no tick suspends them meanwhile).
+    /// as standbys already, so that no tick prepares more or takes them for capacity).
     pub(crate) prepared: Mutex<HashSet<InstanceId>>,
+    /// Maintenance instances: when an admin last used each (console, commit); those idle past
+    /// `maintenance_idle` are discarded.
+    pub(crate) maintenance_used: Mutex<HashMap<InstanceId, Instant>>,
+    /// How long a maintenance instance may stay unused (none: until discarded).
+    pub(crate) maintenance_idle: Mutex<Option<Duration>>,
     /// Services whose automatic activations fail in a row, and until when they wait.
     pub(crate) backoff: Mutex<HashMap<String, Backoff>>,
 }
@@ -192,6 +201,8 @@ impl Controller {
             fresh_after: Mutex::new(HashMap::new()),
             placing: Mutex::new(()),
             prepared: Mutex::new(HashSet::new()),
+            maintenance_used: Mutex::new(HashMap::new()),
+            maintenance_idle: Mutex::new(None),
         })
     }
 
@@ -420,6 +431,8 @@ impl Controller {
                 // that hit the gap are retried by the switch.
                 .filter(|r| {
                     r.info.service == s.name
+                        // A maintenance instance never gets live traffic.
+                        && r.info.purpose == vmatrix_core::api::Purpose::Live
                         && matches!(
                             r.info.state,
                             InstanceState::Running | InstanceState::Migrating

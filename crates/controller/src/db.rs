@@ -6,7 +6,7 @@ use std::path::Path;
 
 use rusqlite::{params, Connection};
 use vmatrix_core::api::MachineState;
-use vmatrix_core::api::{Event, InstanceInfo, MachineInfo, MachineRole, SavedState};
+use vmatrix_core::api::{Event, InstanceInfo, MachineInfo, MachineRole, Purpose, SavedState};
 use vmatrix_core::{InstanceId, InstanceState, ServiceName, ServiceSpec};
 
 /// Errors of the state store.
@@ -51,6 +51,8 @@ const MIGRATIONS: &[&str] = &[
     // 5: operators' pins (an explicit placement holds until `until_ms`), apart from the rows
     // that operations rewrite.
     "CREATE TABLE pins (instance TEXT PRIMARY KEY, until_ms INTEGER NOT NULL);",
+    // 6: what an instance is for (`live`, or an admin's `maintenance` copy).
+    "ALTER TABLE instances ADD COLUMN purpose TEXT NOT NULL DEFAULT 'live';",
 ];
 
 /// Where a durable operation is.
@@ -277,7 +279,7 @@ impl Db {
     pub fn instances(&self) -> Result<Vec<InstanceRow>> {
         let mut st = self.conn.prepare(
             "SELECT id, service, machine, state, generation, endpoint, version, saved, seq, image,
-                    COALESCE(pins.until_ms, 0) FROM instances LEFT JOIN pins ON pins.instance = instances.id
+                    COALESCE(pins.until_ms, 0), purpose FROM instances LEFT JOIN pins ON pins.instance = instances.id
              WHERE state != 'discarded' ORDER BY service, seq",
         )?;
         let rows = st.query_map([], |r| {
@@ -293,6 +295,7 @@ impl Db {
                 r.get::<_, i64>(8)?,
                 r.get::<_, String>(9)?,
                 r.get::<_, i64>(10)?,
+                r.get::<_, String>(11)?,
             ))
         })?;
         let mut out = Vec::new();
@@ -309,6 +312,7 @@ impl Db {
                 seq,
                 image,
                 pin,
+                purpose,
             ) = row?;
             let bad = |what: &str| DbError::Bad(format!("instance {id}: {what}"));
             out.push(InstanceRow {
@@ -322,6 +326,7 @@ impl Db {
                     endpoint,
                     generation: generation as u64,
                     pinned_until_ms: pin.max(0) as u64,
+                    purpose: Purpose::parse(&purpose).ok_or_else(|| bad("purpose"))?,
                 },
                 saved: saved
                     .map(|s| serde_json::from_str(&s))
@@ -348,9 +353,9 @@ impl Db {
             .map_err(|e| DbError::Bad(e.to_string()))?;
         let i = &row.info;
         self.conn.execute(
-            "INSERT OR REPLACE INTO instances (id, service, machine, state, generation, endpoint, version, saved, seq, image)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-            params![i.id.as_str(), i.service.as_str(), i.machine, i.state.as_str(), i.generation as i64, i.endpoint, i.version, saved, row.seq as i64, i.image],
+            "INSERT OR REPLACE INTO instances (id, service, machine, state, generation, endpoint, version, saved, seq, image, purpose)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            params![i.id.as_str(), i.service.as_str(), i.machine, i.state.as_str(), i.generation as i64, i.endpoint, i.version, saved, row.seq as i64, i.image, i.purpose.as_str()],
         )?;
         Ok(())
     }

@@ -165,6 +165,8 @@ impl Controller {
             // Instances of undeclared services are left out (the loop discards them).
             instances: rows
                 .iter()
+                // Maintenance instances are the admins': the policy never sees them.
+                .filter(|r| r.info.purpose == vmatrix_core::api::Purpose::Live)
                 .filter_map(|r| {
                     Some(p::Instance {
                         id: r.info.id.to_string(),

@@ -14,6 +14,7 @@ mod control;
 mod cpu;
 mod db;
 mod inputs;
+mod maintenance;
 mod ops;
 mod reconcile;
 mod settle;
@@ -40,6 +41,9 @@ pub struct ControllerConfig {
     pub policy: bool,
     /// The policy's settings (the same `vmatrix sim` runs by default).
     pub settings: vmatrix_policy::Settings,
+    /// Maintenance instances unused (no console, no commit) for this long are discarded
+    /// (none: they stay until discarded).
+    pub maintenance_idle: Option<Duration>,
 }
 
 /// Reads the token in `dir/token`, or creates one (mode 0600). Returns it and whether it is new.
@@ -78,6 +82,10 @@ pub async fn serve(
     let controller = Controller::new(db, config.token.clone());
     controller.set_policy(config.policy);
     controller.set_settings(config.settings.clone());
+    *controller
+        .maintenance_idle
+        .lock()
+        .unwrap_or_else(|e| e.into_inner()) = config.maintenance_idle;
     let interrupted = controller.interrupt_left_ops()?;
     if interrupted > 0 {
         tracing::info!("{interrupted} operation(s) were interrupted by the last stop; settling their instances from the machines' reports");

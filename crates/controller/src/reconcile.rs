@@ -9,8 +9,10 @@ use std::time::Duration;
 
 use vmatrix_core::api::MachineInfo;
 use vmatrix_core::api::MachineState;
+use vmatrix_core::api::Purpose;
 use vmatrix_core::{InstanceId, InstanceState, ServiceSpec, Transition};
 
+use crate::actions::Start;
 use crate::control::{now_ms, ControlError, Controller, Probe, Result, DOWN_AFTER_MS};
 
 impl Controller {
@@ -68,15 +70,16 @@ impl Controller {
             }
             let declared = services.iter().any(|s| s.name == row.info.service);
             if row.info.state == InstanceState::Failed || !declared {
-                let why = if declared {
-                    "replace a failed instance"
-                } else {
-                    "its service was removed"
+                let why = match (declared, row.info.purpose) {
+                    (false, _) => "its service was removed",
+                    (true, Purpose::Live) => "replace a failed instance",
+                    (true, Purpose::Maintenance) => "a failed maintenance instance (not replaced)",
                 };
                 let (me, id) = (self.clone(), row.info.id.clone());
                 self.spawn_work(async move { me.discard(&id, why).await.map(drop) });
             }
         }
+        self.expire_maintenance(&rows);
         if self.policy.load(std::sync::atomic::Ordering::Relaxed) {
             return self.run_policy(&services);
         }
@@ -86,6 +89,7 @@ impl Controller {
                 .iter()
                 .filter(|r| {
                     r.info.service == spec.name
+                        && r.info.purpose == Purpose::Live
                         && matches!(
                             r.info.state,
                             InstanceState::Activating
@@ -245,7 +249,8 @@ impl Controller {
                         (s.name.clone(), machine(*m)?.to_owned(), reason.clone());
                     let standby = matches!(action, p::Action::Prepare { .. });
                     self.spawn_work(async move {
-                        me.activate_as(&name, Some(&m), &reason, standby)
+                        let kind = if standby { Start::Standby } else { Start::Live };
+                        me.activate_as(&name, Some(&m), &reason, kind)
                             .await
                             .map(drop)
                     });

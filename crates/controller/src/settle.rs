@@ -403,6 +403,7 @@ mod tests {
                 endpoint: "127.0.0.2:2".into(),
                 generation: 2,
                 pinned_until_ms: 0,
+                purpose: Default::default(),
             },
             saved: None,
             seq: 1,

@@ -85,6 +85,40 @@ pub struct InstanceInfo {
     /// does not move it before then (0: not pinned). Kept apart from the instance's row.
     #[serde(default)]
     pub pinned_until_ms: u64,
+    /// What it is for: live traffic, or an admin's maintenance.
+    #[serde(default)]
+    pub purpose: Purpose,
+}
+
+/// What an instance is for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Purpose {
+    /// Serves the service's live traffic; the policy places, moves, scales and drops it.
+    #[default]
+    Live,
+    /// An admin's copy on a shared machine (`vmatrix maintain`): never routed by the switch,
+    /// never moved, scaled or dropped by the policy; ended by `vmatrix discard` or an idle limit.
+    Maintenance,
+}
+
+impl Purpose {
+    /// The name used in the state database and in `ps`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Live => "live",
+            Self::Maintenance => "maintenance",
+        }
+    }
+
+    /// Parses [`Purpose::as_str`]'s names.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "live" => Some(Self::Live),
+            "maintenance" => Some(Self::Maintenance),
+            _ => None,
+        }
+    }
 }
 
 /// Who dropped a service.
@@ -204,6 +238,22 @@ pub enum Operation {
     Drain {
         /// The machine.
         machine: String,
+    },
+    /// Give a drained machine back to the policy.
+    Undrain {
+        /// The machine.
+        machine: String,
+    },
+    /// Start a maintenance instance of a service on a shared machine: never routed, never
+    /// moved, scaled or dropped by the policy.
+    Maintain {
+        /// The service.
+        service: ServiceName,
+        /// A tag of the service's image to run instead of the service's own (`v2` or
+        /// `NAME:v2`).
+        version: Option<String>,
+        /// A shared machine to put it on.
+        on: Option<String>,
     },
     /// Bring a dormant service back (resume a suspended instance, or start one).
     Wake {

@@ -64,6 +64,8 @@ pub struct Matrix {
     pub http: reqwest::Client,
     /// The policy the controller runs (none: it keeps each service's `min`).
     pub policy: Option<vmatrix_policy::Settings>,
+    /// The controller's idle limit for maintenance instances.
+    pub maintenance_idle: Option<Duration>,
 }
 
 /// A loopback port free right now on `ip`.
@@ -107,6 +109,7 @@ impl Matrix {
             agents: HashMap::new(),
             http: reqwest::Client::new(),
             policy: None,
+            maintenance_idle: None,
         };
         m.import("guest:v1", b"version one");
         m.start_controller().await;
@@ -138,6 +141,7 @@ impl Matrix {
             token: TOKEN.into(),
             policy: self.policy.is_some(),
             settings: self.policy.clone().unwrap_or_default(),
+            maintenance_idle: self.maintenance_idle,
         };
         self.controller = Some(Process::start(move || async move {
             // The port of a killed controller may take a moment to be free again.
