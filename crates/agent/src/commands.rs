@@ -118,6 +118,7 @@ impl Agent {
             saved: None,
             held: Held::Taken,
             dir: self.vm_dir(&plan.id, plan.generation),
+            console: None,
         })
     }
 
@@ -215,6 +216,9 @@ impl Agent {
         let mut slots = lock(&self.slots);
         match slots.get_mut(id) {
             Some(s) if s.plan.generation == generation => {
+                if let Held::Guest(g) = &held {
+                    s.console = g.console();
+                }
                 s.held = held;
                 if let Err(e) = change(s) {
                     s.error = Some(e.to_string());

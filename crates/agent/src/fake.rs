@@ -46,6 +46,8 @@ struct FakeProc {
     memory: Memory,
     /// Its guest's HTTP server, if it runs one.
     server: Option<tokio::task::AbortHandle>,
+    /// Its console socket's server, if it has one.
+    console: Option<tokio::task::AbortHandle>,
 }
 
 /// The fake hypervisor. Clones share their processes and knobs.
@@ -109,13 +111,16 @@ impl FakeHypervisor {
 
     /// Kills a fake process as a crash would.
     pub fn crash(&self, pid: u32) {
-        let server = self
+        let proc = self
             .procs
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(&pid)
-            .and_then(|p| p.server);
-        if let Some(task) = server {
+            .remove(&pid);
+        for task in proc
+            .into_iter()
+            .flat_map(|p| [p.server, p.console])
+            .flatten()
+        {
             task.abort();
         }
     }
@@ -125,6 +130,7 @@ impl FakeHypervisor {
         spec: &VmSpec,
         memory: Memory,
         boot_delay: Duration,
+        dir: Option<&Path>,
     ) -> Result<FakeGuest, VmmError> {
         let listener = std::net::TcpListener::bind(spec.forward)
             .and_then(|l| l.set_nonblocking(true).map(|()| l))
@@ -140,12 +146,29 @@ impl FakeHypervisor {
                 tokio::spawn(serve(stream, id.clone(), mem.clone()));
             }
         });
+        // A console like QEMU's: a socket the guest's "shell" answers on.
+        let (console, console_task) = match dir {
+            Some(dir) => {
+                let dir = vmatrix_vmm::VmDir::new(dir);
+                let _ = std::fs::remove_file(dir.console());
+                let listener = tokio::net::UnixListener::bind(dir.console()).map_err(|e| {
+                    invalid(format!("fake console {}: {e}", dir.console().display()))
+                })?;
+                let task = guests().spawn(fake_shell(listener, spec.instance.to_string()));
+                (
+                    Some(vmatrix_vmm::Console::open(&dir.console(), &dir.serial())),
+                    Some(task.abort_handle()),
+                )
+            }
+            None => (None, None),
+        };
         let pid = NEXT_PID.fetch_add(1, Ordering::Relaxed);
         self.procs.lock().unwrap_or_else(|p| p.into_inner()).insert(
             pid,
             FakeProc {
                 memory: memory.clone(),
                 server: Some(task.abort_handle()),
+                console: console_task,
             },
         );
         Ok(FakeGuest {
@@ -153,7 +176,37 @@ impl FakeHypervisor {
             pid,
             memory,
             paused: false,
+            console,
         })
+    }
+}
+
+/// The fake guest's console: a banner with the instance id, then every byte echoed (as a
+/// terminal does) and a prompt after each line. One client at a time, as QEMU's.
+async fn fake_shell(listener: tokio::net::UnixListener, id: String) {
+    while let Ok((mut s, _)) = listener.accept().await {
+        if s.write_all(format!("{id} login: root\r\nfake$ ").as_bytes())
+            .await
+            .is_err()
+        {
+            continue;
+        }
+        let mut buf = [0u8; 1024];
+        while let Ok(n) = s.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+            let mut echo = Vec::with_capacity(n + 8);
+            for &b in &buf[..n] {
+                echo.push(b);
+                if b == b'\n' {
+                    echo.extend_from_slice(b"fake$ ");
+                }
+            }
+            if s.write_all(&echo).await.is_err() {
+                break;
+            }
+        }
     }
 }
 
@@ -212,9 +265,12 @@ async fn serve(mut stream: TcpStream, id: String, memory: Memory) {
 
 #[async_trait]
 impl Hypervisor for FakeHypervisor {
-    async fn boot(&self, spec: VmSpec, _dir: &Path) -> Result<Box<dyn Guest>, VmmError> {
+    async fn boot(&self, spec: VmSpec, dir: &Path) -> Result<Box<dyn Guest>, VmmError> {
         let delay = self.knobs().boot_delay;
-        Ok(Box::new(self.start(&spec, Memory::default(), delay).await?))
+        Ok(Box::new(
+            self.start(&spec, Memory::default(), delay, Some(dir))
+                .await?,
+        ))
     }
 
     async fn resume(
@@ -228,7 +284,7 @@ impl Hypervisor for FakeHypervisor {
         let memory: HashMap<String, String> =
             serde_json::from_slice(&bytes).map_err(|e| invalid(format!("fake state: {e}")))?;
         Ok(Box::new(
-            self.start(&spec, Arc::new(Mutex::new(memory)), Duration::ZERO)
+            self.start(&spec, Arc::new(Mutex::new(memory)), Duration::ZERO, None)
                 .await?,
         ))
     }
@@ -257,6 +313,7 @@ impl Hypervisor for FakeHypervisor {
             FakeProc {
                 memory: Memory::default(),
                 server: None,
+                console: None,
             },
         );
         Ok(Box::new(FakeIncoming {
@@ -281,6 +338,7 @@ impl Hypervisor for FakeHypervisor {
             pid,
             memory,
             paused: false,
+            console: None,
         }))
     }
 
@@ -312,12 +370,17 @@ struct FakeGuest {
     pid: u32,
     memory: Memory,
     paused: bool,
+    console: Option<vmatrix_vmm::Console>,
 }
 
 #[async_trait]
 impl Guest for FakeGuest {
     fn pid(&self) -> u32 {
         self.pid
+    }
+
+    fn console(&self) -> Option<vmatrix_vmm::Console> {
+        self.console.clone()
     }
 
     async fn save_state(&mut self, file: &Path, limit: Duration) -> Result<SuspendedVm, VmmError> {
@@ -426,7 +489,12 @@ impl Incoming for FakeIncoming {
             .ok_or_else(|| invalid("fake incoming: the stream broke".into()))?;
         Ok(Box::new(
             this.hv
-                .start(&this.spec, Arc::new(Mutex::new(memory)), Duration::ZERO)
+                .start(
+                    &this.spec,
+                    Arc::new(Mutex::new(memory)),
+                    Duration::ZERO,
+                    None,
+                )
                 .await?,
         ))
     }

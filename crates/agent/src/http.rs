@@ -4,7 +4,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -67,6 +68,41 @@ async fn command(State(ctx): State<Ctx>, headers: HeaderMap, body: axum::body::B
     }
 }
 
+#[derive(serde::Deserialize)]
+struct ConsoleQuery {
+    #[serde(default)]
+    write: bool,
+}
+
+/// `GET /agent/v1/console/{id}?write=true`: a console session over WebSocket.
+async fn console(
+    State(ctx): State<Ctx>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(q): Query<ConsoleQuery>,
+    ws: WebSocketUpgrade,
+) -> Response {
+    if !authorized(&headers, &ctx.token) {
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong bearer token".into(),
+        );
+    }
+    let Ok(id) = vmatrix_core::InstanceId::new(id) else {
+        return error(StatusCode::BAD_REQUEST, "not an instance id".into());
+    };
+    match ctx.agent.attach_console(&id, q.write) {
+        Ok((attached, hello)) => {
+            tracing::info!(machine = %ctx.agent.config.name, instance = %id, writer = hello.writer, "console attached");
+            ws.on_upgrade(move |socket| crate::console::session(socket, attached, hello))
+        }
+        Err(e @ crate::console::ConsoleRefusal::Unknown(_)) => {
+            error(StatusCode::NOT_FOUND, e.to_string())
+        }
+        Err(e) => error(StatusCode::CONFLICT, e.to_string()),
+    }
+}
+
 async fn status(State(ctx): State<Ctx>, headers: HeaderMap) -> Response {
     if !authorized(&headers, &ctx.token) {
         return error(
@@ -89,6 +125,7 @@ pub async fn serve(agent: Arc<Agent>, controller: String, token: String) -> std:
     let app = Router::new()
         .route("/agent/v1/command", post(command))
         .route("/agent/v1/status", get(status))
+        .route("/agent/v1/console/:id", get(console))
         .layer(DefaultBodyLimit::max(1 << 20))
         .with_state(ctx);
     tracing::info!(machine = %agent.config.name, "agent listening on {}", agent.config.listen);

@@ -54,6 +54,8 @@ pub trait Hypervisor: Send + Sync + 'static {
 pub trait Guest: Send {
     /// Its process id.
     fn pid(&self) -> u32;
+    /// Its shared serial console, if it has one.
+    fn console(&self) -> Option<vmatrix_vmm::Console>;
     /// Saves memory and device state to `file` and leaves the guest paused, or — on failure or
     /// after `limit` — running as before, with the error.
     async fn save_state(&mut self, file: &Path, limit: Duration) -> Result<SuspendedVm, VmmError>;
@@ -156,6 +158,9 @@ impl Hypervisor for Qemu {
 impl Guest for Vm {
     fn pid(&self) -> u32 {
         Vm::pid(self)
+    }
+    fn console(&self) -> Option<vmatrix_vmm::Console> {
+        Some(Vm::console(self))
     }
     async fn save_state(&mut self, file: &Path, limit: Duration) -> Result<SuspendedVm, VmmError> {
         Vm::save_state(self, file, limit).await

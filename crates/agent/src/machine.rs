@@ -155,6 +155,8 @@ pub(crate) struct Slot {
     pub(crate) saved: Option<SavedState>,
     pub(crate) held: Held,
     pub(crate) dir: PathBuf,
+    /// Its VM's console (kept while an operation holds the VM).
+    pub(crate) console: Option<vmatrix_vmm::Console>,
 }
 
 impl Slot {
@@ -484,6 +486,10 @@ impl Agent {
             .entry(id.clone())
             .and_modify(|g| *g = (*g).max(record.plan.generation))
             .or_insert(record.plan.generation);
+        let console = match &held {
+            Held::Guest(g) => g.console(),
+            _ => None,
+        };
         let (state, pid) = match &held {
             // A paused standby stays paused (a health probe would fail it).
             Held::Guest(g) if record.phase == crate::record::Phase::Paused => {
@@ -505,6 +511,7 @@ impl Agent {
                 saved: record.saved,
                 held,
                 dir,
+                console,
             },
         );
     }

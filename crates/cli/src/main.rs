@@ -4,6 +4,7 @@
 mod bench;
 mod client;
 mod cluster;
+mod console;
 mod image;
 mod policy_file;
 mod sim;
@@ -268,6 +269,15 @@ enum Command {
     Drain {
         /// The machine.
         machine: String,
+    },
+    /// Attach the terminal to an instance's serial console (any instance that runs). Several
+    /// sessions may read; one writes. Ctrl-] detaches.
+    Console {
+        /// The instance.
+        instance: InstanceId,
+        /// Only watch (never take the writer's place).
+        #[arg(long)]
+        read_only: bool,
     },
     /// Give a drained machine back to the policy.
     Undrain {
@@ -606,6 +616,10 @@ fn run() -> Result<()> {
         Command::Discard { instance } => op(Operation::Discard { instance })?,
         Command::Drain { machine } => op(Operation::Drain { machine })?,
         Command::Undrain { machine } => op(Operation::Undrain { machine })?,
+        Command::Console {
+            instance,
+            read_only,
+        } => runtime()?.block_on(console::console(&client()?, &instance, read_only))?,
         Command::Maintain {
             service,
             version,

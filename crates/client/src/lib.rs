@@ -77,6 +77,11 @@ impl ControllerClient {
         &self.base
     }
 
+    /// The bearer token, if known.
+    pub fn token(&self) -> Option<&str> {
+        self.token.as_deref()
+    }
+
     async fn call<T: DeserializeOwned>(
         &self,
         method: reqwest::Method,

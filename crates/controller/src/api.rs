@@ -268,6 +268,36 @@ async fn get_load(State(x): State<Ctx>) -> Response {
     Json(x.c.load()).into_response()
 }
 
+#[derive(Deserialize)]
+struct ConsoleQuery {
+    #[serde(default)]
+    write: bool,
+}
+
+/// `GET /api/v1/instances/{id}/console?write=true`: the instance's serial console over
+/// WebSocket, relayed from its agent.
+async fn console(
+    State(x): State<Ctx>,
+    headers: HeaderMap,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    Query(q): Query<ConsoleQuery>,
+    ws: axum::extract::ws::WebSocketUpgrade,
+) -> Response {
+    if let Err(r) = check(&headers, &x.token) {
+        return r;
+    }
+    let Ok(id) = vmatrix_core::InstanceId::new(id) else {
+        return err(StatusCode::BAD_REQUEST, "not an instance id");
+    };
+    match x.c.open_console(&id, q.write).await {
+        Ok(agent) => {
+            let c = x.c.clone();
+            ws.on_upgrade(move |socket| c.relay_console(id, socket, agent))
+        }
+        Err(e) => fail(e),
+    }
+}
+
 async fn policy(State(x): State<Ctx>) -> Response {
     Json(x.c.settings()).into_response()
 }
@@ -328,6 +358,7 @@ pub fn router(c: Arc<Controller>, token: String) -> Router {
         .route("/api/v1/services", get(services).post(apply))
         .route("/api/v1/machines", get(machines))
         .route("/api/v1/instances", get(instances))
+        .route("/api/v1/instances/:id/console", get(console))
         .route("/api/v1/events", get(events))
         .route("/api/v1/operations", post(operate))
         .route("/api/v1/operations/:id", get(get_operation))

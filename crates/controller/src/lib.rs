@@ -10,6 +10,7 @@
 mod actions;
 mod agents;
 mod api;
+mod console;
 mod control;
 mod cpu;
 mod db;

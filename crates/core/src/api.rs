@@ -626,3 +626,18 @@ pub struct LoadReport {
     /// Service name → load.
     pub services: std::collections::BTreeMap<String, ServiceLoad>,
 }
+
+/// The first message of a console session (a WebSocket text frame, JSON). After it: the
+/// scroll-back and then the live output as binary frames; input goes the other way as binary
+/// frames (the writer's only). The session ends with a close frame saying why.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConsoleHello {
+    /// The instance.
+    pub instance: InstanceId,
+    /// Its machine.
+    pub machine: String,
+    /// Whether this session writes (one at a time; the others read).
+    pub writer: bool,
+    /// Bytes of recent output sent first.
+    pub scrollback_bytes: u64,
+}

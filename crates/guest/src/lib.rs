@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use cpio::CpioWriter;
 
 /// Bumped whenever the builder's output would change for the same inputs.
-const BUILDER_VERSION: &str = "vmatrix-guest-4";
+const BUILDER_VERSION: &str = "vmatrix-guest-5";
 const MIB: u64 = 1024 * 1024;
 /// The smallest disk we build: boot partition plus a small data partition.
 pub const DEFAULT_SIZE: u64 = 64 * MIB;
@@ -32,6 +32,7 @@ const INIT: &str = include_str!("../files/init");
 const HTTP_HANDLER: &str = include_str!("../files/vmx-http");
 const POWEROFF_ACTION: &str = include_str!("../files/poweroff-action");
 const SYSLINUX_CFG: &str = include_str!("../files/syslinux.cfg");
+const INDEX_HTML: &str = "<p>vMatrix reference guest: the page as built</p>\n";
 
 /// Kernel modules the guest needs, by name; their dependencies are added from `modules.dep`.
 const MODULES: &[&str] = &[
@@ -449,6 +450,11 @@ fn build_in(opts: &BuildOptions, inputs: &Inputs, scratch: &Path) -> Result<()> 
     }
     let data_root = scratch.join("data-root");
     fs::create_dir_all(data_root.join("kv")).map_err(io_err("create directory", &data_root))?;
+    // The served page (`/www/index.html`), on the system disk: what maintenance patches.
+    let www = data_root.join("www");
+    fs::create_dir_all(&www).map_err(io_err("create directory", &www))?;
+    let page = www.join("index.html");
+    fs::write(&page, INDEX_HTML).map_err(io_err("write", &page))?;
     if opts.size > DEFAULT_SIZE {
         write_padding(&data_root.join("pad"), data_size * 3 / 4)?;
     }

@@ -1,6 +1,7 @@
 //! The hypervisor driver: one QEMU process per server VM, driven over QMP. It boots a VM from a
 //! base image through a per-instance qcow2 overlay, pauses and continues it, stops it, suspends
-//! it to a state file and resumes it elsewhere, and live-migrates RAM and disk to another QEMU.
+//! it to a state file and resumes it elsewhere, live-migrates RAM and disk to another QEMU, and
+//! shares its serial console.
 //!
 //! Guarantees: the base image is never written; a QEMU process never outlives its owner (see
 //! [`process`]); every failure names the instance and the step. This crate must never decide
@@ -9,6 +10,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod accel;
+pub mod console;
 pub mod error;
 pub mod http;
 pub mod migration;
@@ -17,6 +19,7 @@ pub mod qmp;
 pub mod vm;
 
 pub use accel::{AccelChoice, Accelerator, ProbeBoot};
+pub use console::{Attached, Console, ConsoleError, Input};
 pub use error::{Result, VmmError};
 pub use migration::{IncomingVm, MigrationFailure, MigrationReport, MigrationTarget};
 pub use process::Lifetime;

@@ -3,7 +3,8 @@
 //! ```text
 //! DIR/disk.qcow2   the instance's overlay; its backing (the base image) is never written
 //! DIR/qmp.sock     the QMP socket
-//! DIR/serial.log   the guest's console
+//! DIR/console.sock the guest's serial console (QEMU serves it; see [`crate::console`])
+//! DIR/serial.log   everything the guest printed on it
 //! DIR/qemu.log     QEMU's own output
 //! ```
 //!
@@ -20,6 +21,7 @@ use tokio::time::Instant;
 use vmatrix_core::InstanceId;
 
 use crate::accel::Accelerator;
+use crate::console::Console;
 use crate::error::{io_err, Result, VmmError};
 use crate::http;
 use crate::process::{tail, Lifetime, QemuProcess};
@@ -163,6 +165,10 @@ impl VmDir {
     pub fn qmp(&self) -> PathBuf {
         self.root.join("qmp.sock")
     }
+    /// The serial console's socket.
+    pub fn console(&self) -> PathBuf {
+        self.root.join("console.sock")
+    }
     /// The guest console log.
     pub fn serial(&self) -> PathBuf {
         self.root.join("serial.log")
@@ -189,6 +195,7 @@ pub struct Vm {
     pub(crate) dir: VmDir,
     pub(crate) process: QemuProcess,
     pub(crate) qmp: Qmp,
+    pub(crate) console: Console,
 }
 
 /// The files a suspended instance consists of.
@@ -225,6 +232,7 @@ impl Vm {
 
     pub(crate) async fn start(spec: VmSpec, dir: VmDir, mode: StartMode) -> Result<Self> {
         let _ = std::fs::remove_file(dir.qmp());
+        let _ = std::fs::remove_file(dir.console());
         let args = qemu_args(&spec, &dir, mode)?;
         tracing::debug!(instance = %spec.instance, ?args, "starting QEMU");
         let process = QemuProcess::spawn(QEMU, &args, &dir.qemu_log(), spec.lifetime)?;
@@ -248,11 +256,13 @@ impl Vm {
                 return Err(e);
             }
         };
+        let console = Console::open(&dir.console(), &dir.serial());
         Ok(Self {
             spec,
             dir,
             process,
             qmp,
+            console,
         })
     }
 
@@ -270,12 +280,19 @@ impl Vm {
         })?;
         let deadline = Instant::now() + Duration::from_secs(10);
         let qmp = Qmp::connect(&dir.qmp(), deadline).await?;
+        let console = Console::open(&dir.console(), &dir.serial());
         Ok(Self {
             spec,
             dir,
             process,
             qmp,
+            console,
         })
+    }
+
+    /// The VM's shared serial console.
+    pub fn console(&self) -> Console {
+        self.console.clone()
     }
 
     /// The VM's spec.
@@ -669,7 +686,7 @@ fn qmp_arg(dir: &VmDir) -> String {
 /// QEMU's command line. Both ends of a migration must describe identical hardware, so this is
 /// the only place that builds it.
 pub(crate) fn qemu_args(spec: &VmSpec, dir: &VmDir, mode: StartMode) -> Result<Vec<String>> {
-    for p in [dir.qmp(), dir.serial()] {
+    for p in [dir.qmp(), dir.serial(), dir.console()] {
         if p.to_string_lossy().contains(',') {
             return Err(VmmError::Invalid(format!(
                 "path {} contains ',', which QEMU's option syntax cannot take; use another directory",
@@ -723,8 +740,14 @@ pub(crate) fn qemu_args(spec: &VmSpec, dir: &VmDir, mode: StartMode) -> Result<V
         ),
         "-qmp".into(),
         qmp_arg(dir),
+        // The console is a socket QEMU serves; the VM's console pump is its one client.
+        "-chardev".into(),
+        format!(
+            "socket,id=console0,path={},server=on,wait=off",
+            dir.console().display()
+        ),
         "-serial".into(),
-        format!("file:{}", dir.serial().display()),
+        "chardev:console0".into(),
     ]);
     if mode == StartMode::Incoming {
         args.extend(["-S".into(), "-incoming".into(), "defer".into()]);
