@@ -182,6 +182,17 @@ impl Agent {
         what: &'static str,
         t: Transition,
     ) -> Result<Held> {
+        self.take_with(id, generation, what, Some(t))
+    }
+
+    /// [`Agent::take`], with its state changed by `t` if given.
+    pub(crate) fn take_with(
+        &self,
+        id: &InstanceId,
+        generation: u64,
+        what: &'static str,
+        t: Option<Transition>,
+    ) -> Result<Held> {
         let mut slots = lock(&self.slots);
         let s = slots
             .get_mut(id)
@@ -200,7 +211,9 @@ impl Agent {
                 what,
             });
         }
-        s.step(t)?;
+        if let Some(t) = t {
+            s.step(t)?;
+        }
         Ok(std::mem::replace(&mut s.held, Held::Taken))
     }
 

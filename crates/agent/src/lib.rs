@@ -12,6 +12,7 @@
 //! process adopts what the previous one left ([`record`]).
 
 mod commands;
+mod commit;
 mod console;
 mod exports;
 pub mod fake;

@@ -352,8 +352,9 @@ impl Agent {
         let out = result.await;
         // A failure is not remembered: the same command again tries again. Nor is a pause or
         // an unpause: they alternate, and each is quick and idempotent (a pause after an
-        // unpause must pause again, not answer with the first pause's result).
-        if out.is_err() || matches!(key.2, "pause" | "unpause") {
+        // unpause must pause again, not answer with the first pause's result). Nor a commit:
+        // the next one, later, stores the disk as it is then.
+        if out.is_err() || matches!(key.2, "pause" | "unpause" | "commit") {
             lock(&self.tasks).remove(&key);
         }
         out
@@ -373,6 +374,13 @@ impl Agent {
                 self.finish_incoming(id, generation).await
             }
             AgentCommand::Discard { id, generation } => self.discard(id, generation).await,
+            AgentCommand::Commit {
+                id,
+                generation,
+                image,
+                author,
+                message,
+            } => self.commit(id, generation, image, author, message).await,
             AgentCommand::Pause { id, generation } => self.pause(id, generation, true).await,
             AgentCommand::Unpause { id, generation } => self.pause(id, generation, false).await,
             AgentCommand::RemoveSaved { id, saved, .. } => self.remove_saved(id, saved).await,
@@ -546,6 +554,7 @@ fn key_of(c: &AgentCommand) -> TaskKey {
         AgentCommand::MigrateOut { id, generation, .. } => (id.clone(), *generation, "migrate-out"),
         AgentCommand::FinishIncoming { id, generation } => (id.clone(), *generation, "finish"),
         AgentCommand::Discard { id, generation } => (id.clone(), *generation, "discard"),
+        AgentCommand::Commit { id, generation, .. } => (id.clone(), *generation, "commit"),
         AgentCommand::Pause { id, generation } => (id.clone(), *generation, "pause"),
         AgentCommand::Unpause { id, generation } => (id.clone(), *generation, "unpause"),
         AgentCommand::RemoveSaved { id, generation, .. } => {

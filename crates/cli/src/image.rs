@@ -37,6 +37,15 @@ pub enum ImageCommand {
         #[arg(long)]
         json: bool,
     },
+    /// The history of an image: its tagged versions and what they derive from (commits), with
+    /// who made each, when and why; newest first.
+    Log {
+        /// The image name.
+        name: String,
+        /// JSON for scripts.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show one image version.
     Show {
         /// NAME:TAG.
@@ -264,6 +273,35 @@ pub fn run(cmd: ImageCommand, url: &str, data: &Path) -> Result<()> {
                     human(e.virtual_size),
                     e.chunks
                 );
+            }
+        }
+        ImageCommand::Log { name, json } => {
+            let name = vmatrix_core::ImageName::new(name.as_str())
+                .map_err(|e| anyhow::anyhow!("image name {name:?}: {e}"))?;
+            let repo = Repository::open(url)?;
+            let log = repo.log(&name)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&log)?);
+                return Ok(());
+            }
+            for e in log {
+                let when = std::time::UNIX_EPOCH + std::time::Duration::from_secs(e.created);
+                let tags = if e.tags.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", e.tags.join(", "))
+                };
+                println!("version {}{tags}", e.version);
+                if let Some(p) = &e.parent {
+                    println!("parent  {p}");
+                }
+                println!("author  {}", e.author.as_deref().unwrap_or("(import)"));
+                println!("date    {}", humantime::format_rfc3339_seconds(when));
+                println!("made by {}", e.created_by);
+                if let Some(m) = &e.message {
+                    println!("\n    {m}");
+                }
+                println!();
             }
         }
         ImageCommand::Show { image, json } => {

@@ -279,6 +279,22 @@ enum Command {
         #[arg(long)]
         read_only: bool,
     },
+    /// Store an instance's disk as a new version of its image (only the chunks it changed are
+    /// new); the instance keeps running. Run `sync` in the guest first: what it has not
+    /// written to its disk is not committed.
+    Commit {
+        /// The instance (a maintenance instance, usually).
+        instance: InstanceId,
+        /// The tag to publish, NAME:TAG.
+        #[arg(long)]
+        tag: vmatrix_core::ImageRef,
+        /// Why: kept in the history (`vmatrix image log NAME`).
+        #[arg(long, short = 'm')]
+        message: Option<String>,
+        /// Who (default: $USER@host).
+        #[arg(long)]
+        author: Option<String>,
+    },
     /// Give a drained machine back to the policy.
     Undrain {
         /// The machine.
@@ -373,6 +389,15 @@ enum GuestCommand {
         #[arg(long, default_value = "1")]
         version: String,
     },
+}
+
+/// `$USER@host`, for the history of what an operator did.
+fn whoami() -> String {
+    let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "localhost".into());
+    format!("{user}@{host}")
 }
 
 pub(crate) fn parse_duration(s: &str) -> std::result::Result<std::time::Duration, String> {
@@ -616,6 +641,17 @@ fn run() -> Result<()> {
         Command::Discard { instance } => op(Operation::Discard { instance })?,
         Command::Drain { machine } => op(Operation::Drain { machine })?,
         Command::Undrain { machine } => op(Operation::Undrain { machine })?,
+        Command::Commit {
+            instance,
+            tag,
+            message,
+            author,
+        } => op(Operation::Commit {
+            instance,
+            tag,
+            message,
+            author: Some(author.unwrap_or_else(whoami)),
+        })?,
         Command::Console {
             instance,
             read_only,

@@ -775,6 +775,16 @@ impl Controller {
             Operation::Discard { instance } => self.discard(&instance, why).await,
             Operation::Drain { machine } => self.drain(&machine, why).await,
             Operation::Undrain { machine } => self.undrain(&machine, why),
+            Operation::Commit {
+                instance,
+                tag,
+                message,
+                author,
+            } => {
+                let author = author.unwrap_or_else(|| "api".into());
+                self.commit(&instance, &tag, message.as_deref(), &author)
+                    .await
+            }
             Operation::Maintain {
                 service,
                 version,

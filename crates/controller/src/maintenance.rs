@@ -7,12 +7,31 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use vmatrix_core::api::{InstanceInfo, MachineInfo, MachineRole, MachineState, Purpose};
-use vmatrix_core::{ImageRef, InstanceId, ServiceName, ServiceSpec};
+use vmatrix_core::api::{
+    AgentCommand, AgentReply, InstanceInfo, MachineInfo, MachineRole, MachineState, Purpose,
+};
+use vmatrix_core::{ImageRef, InstanceId, InstanceState, ServiceName, ServiceSpec};
+
+use crate::agents::unexpected;
 
 use crate::actions::Start;
 use crate::control::{ControlError, Controller, Result};
 use crate::db::InstanceRow;
+
+/// How long a commit may take: the disk is read whole (through its base) and hashed.
+const COMMIT_LIMIT: std::time::Duration = std::time::Duration::from_secs(30 * 60);
+
+fn short(version: &str) -> &str {
+    version.get(..12).unwrap_or(version)
+}
+
+fn bytes(n: u64) -> String {
+    if n >= 1 << 30 {
+        format!("{:.1} GiB", n as f64 / f64::from(1u32 << 30))
+    } else {
+        format!("{:.1} MiB", n as f64 / f64::from(1u32 << 20))
+    }
+}
 
 impl Controller {
     /// A shared machine for a maintenance instance of `spec`: `on` (which must be a shared
@@ -116,6 +135,89 @@ impl Controller {
             .await?;
         self.touch_maintenance(&i.id);
         Ok(i)
+    }
+
+    /// Stores the disk of instance `id` as a new version `tag` of its image (the instance keeps
+    /// running; its guest stops only while its disk is copied).
+    pub async fn commit(
+        &self,
+        id: &InstanceId,
+        tag: &ImageRef,
+        message: Option<&str>,
+        author: &str,
+    ) -> Result<String> {
+        let _busy = self.claim(id)?;
+        let row = self.row(id)?;
+        if !matches!(
+            row.info.state,
+            InstanceState::Running | InstanceState::Paused
+        ) {
+            return Err(ControlError::Conflict(format!(
+                "instance {id} is {}: only a running or paused instance's disk is committed",
+                row.info.state.as_str()
+            )));
+        }
+        if author.is_empty() || author.len() > 200 || author.chars().any(char::is_control) {
+            return Err(ControlError::BadRequest(
+                "author: 1 to 200 printable characters, e.g. ann@ops".into(),
+            ));
+        }
+        if message.is_some_and(|m| m.len() > 4096) {
+            return Err(ControlError::BadRequest(
+                "--message: at most 4096 bytes".into(),
+            ));
+        }
+        let machine = self.machine(&row.info.machine)?;
+        let what = format!("commit {id} as {tag}");
+        let why = message.unwrap_or("operator request");
+        self.event(author, &what, why, "started");
+        let command = AgentCommand::Commit {
+            id: id.clone(),
+            generation: row.info.generation,
+            image: tag.clone(),
+            author: author.to_owned(),
+            message: message.map(str::to_owned),
+        };
+        let reply = self
+            .send_within(&machine, &command, COMMIT_LIMIT)
+            .await
+            .and_then(|r| match r {
+                AgentReply::Committed(c) => Ok(c),
+                other => Err(unexpected(&machine, "committed", &other)),
+            });
+        if row.info.purpose == Purpose::Maintenance {
+            self.touch_maintenance(id);
+        }
+        match reply {
+            Ok(c) => {
+                let outcome = if c.published {
+                    format!(
+                        "ok: {} is version {} (from {}): {} new chunk(s), {} stored, of {}; \
+                         the guest paused {} ms; {:.1} s",
+                        c.image,
+                        short(&c.version),
+                        short(&c.parent),
+                        c.new_chunks,
+                        bytes(c.new_stored_bytes),
+                        bytes(c.logical_bytes),
+                        c.paused_ms,
+                        c.seconds
+                    )
+                } else {
+                    format!(
+                        "ok: nothing changed: {} already is version {}",
+                        c.image,
+                        short(&c.version)
+                    )
+                };
+                self.event(author, &what, why, &outcome);
+                Ok(outcome)
+            }
+            Err(e) => {
+                self.event(author, &what, why, &format!("failed: {e}"));
+                Err(e)
+            }
+        }
     }
 
     /// Gives a drained machine back to the policy.

@@ -197,3 +197,70 @@ async fn an_unused_maintenance_instance_is_discarded_after_the_idle_limit() {
         "{events:#?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_publishes_a_new_version_with_its_history_and_the_instance_runs_on() {
+    let mut m = Matrix::new().await;
+    m.start_agent("sm1", 3, MachineRole::Shared).await;
+    m.apply(&WEB.replace("min = 1", "min = 0")).await;
+    m.done(maintain(None, None)).await;
+    let admin = m
+        .wait_state("web-1", "running", Some("sm1"), Duration::from_secs(20))
+        .await;
+    // The fake guest's "disk" is its memory: a patch.
+    m.put_kv(&admin.endpoint, "page", "patched").await;
+    let commit = |tag: &str, author: &str| Operation::Commit {
+        instance: InstanceId::new("web-1").expect("id"),
+        tag: vmatrix_core::ImageRef::parse(tag).expect("tag"),
+        message: Some("patch the page".into()),
+        author: Some(author.into()),
+    };
+    // Bad input is refused before anything is stored.
+    let (status, body) = m.operate(commit("guest:v2", "bad\nname"), 30).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(m.tags("guest"), vec!["guest:v1".to_owned()]);
+
+    let body = m.done(commit("guest:v2", "ann@ops")).await;
+    let result = body["result"].as_str().unwrap_or_default();
+    assert!(result.contains("guest:v2 is version"), "{body}");
+    let (v2, manifest) = m
+        .repo
+        .resolve(&vmatrix_core::ImageRef::parse("guest:v2").expect("ref"))
+        .expect("guest:v2 published");
+    assert_eq!(manifest.parent.as_deref(), Some(admin.version.as_str()));
+    assert_eq!(manifest.author.as_deref(), Some("ann@ops"));
+    assert_eq!(manifest.message.as_deref(), Some("patch the page"));
+    let log = m
+        .repo
+        .log(&vmatrix_core::ImageName::new("guest").expect("name"))
+        .expect("log");
+    assert_eq!(
+        log.iter().map(|e| e.version.as_str()).collect::<Vec<_>>(),
+        vec![v2.as_str(), admin.version.as_str()],
+        "{log:?}"
+    );
+    // The instance ran on, untouched; committing again without a change publishes nothing.
+    let after = m.instance("web-1").await.expect("web-1");
+    assert_eq!(
+        (after.state.as_str(), after.generation),
+        ("running", admin.generation)
+    );
+    assert_eq!(
+        m.get_kv(&admin.endpoint, "page").await.as_deref(),
+        Some("patched")
+    );
+    let body = m.done(commit("guest:v2", "ann@ops")).await;
+    assert!(
+        body["result"]
+            .as_str()
+            .is_some_and(|r| r.contains("nothing changed")),
+        "{body}"
+    );
+    let events = m.events().await;
+    assert!(
+        events
+            .iter()
+            .any(|e| e["who"] == "ann@ops" && e["what"] == "commit web-1 as guest:v2"),
+        "{events:#?}"
+    );
+}

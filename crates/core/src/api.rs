@@ -239,6 +239,17 @@ pub enum Operation {
         /// The machine.
         machine: String,
     },
+    /// Store an instance's disk as a new version (`NAME:TAG`) of its image; it keeps running.
+    Commit {
+        /// The instance.
+        instance: InstanceId,
+        /// The tag to publish.
+        tag: ImageRef,
+        /// Why (kept in the version's history).
+        message: Option<String>,
+        /// Who (default: who the controller knows asked).
+        author: Option<String>,
+    },
     /// Give a drained machine back to the policy.
     Undrain {
         /// The machine.
@@ -348,6 +359,7 @@ impl AgentCommand {
             | Self::Discard { id, .. }
             | Self::Pause { id, .. }
             | Self::Unpause { id, .. }
+            | Self::Commit { id, .. }
             | Self::RemoveSaved { id, .. } => id,
         }
     }
@@ -462,6 +474,20 @@ pub enum AgentCommand {
         /// Generation.
         generation: u64,
     },
+    /// Store the instance's disk (its changes over its base) as a new version `image`; the
+    /// instance keeps running (its vCPUs stop only while its overlay is copied).
+    Commit {
+        /// Instance.
+        id: InstanceId,
+        /// Generation.
+        generation: u64,
+        /// The tag to publish (`NAME:TAG`).
+        image: ImageRef,
+        /// Who commits.
+        author: String,
+        /// Why.
+        message: Option<String>,
+    },
     /// Remove the saved state of a suspended instance that is thrown away (any machine can:
     /// it is in the shared repository).
     RemoveSaved {
@@ -537,6 +563,31 @@ pub enum AgentReply {
     Paused,
     /// `unpause`: it runs again, where it served before.
     Unpaused,
+    /// `commit`: the new version.
+    Committed(CommitReport),
+}
+
+/// What a commit did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CommitReport {
+    /// The tag published.
+    pub image: String,
+    /// Its version id.
+    pub version: String,
+    /// The version the instance ran (the new one's parent).
+    pub parent: String,
+    /// False when nothing changed (the tag already pointed at identical content).
+    pub published: bool,
+    /// The disk's size.
+    pub logical_bytes: u64,
+    /// Chunks new to the repository, and what they took there.
+    pub new_chunks: u64,
+    /// Stored (compressed) bytes of the new chunks.
+    pub new_stored_bytes: u64,
+    /// How long the guest's vCPUs were stopped (its overlay copied).
+    pub paused_ms: u64,
+    /// The whole commit.
+    pub seconds: f64,
 }
 
 impl AgentReply {
@@ -551,6 +602,7 @@ impl AgentReply {
             Self::Discarded => "discarded",
             Self::Paused => "paused",
             Self::Unpaused => "unpaused",
+            Self::Committed(_) => "committed",
         }
     }
 }

@@ -21,6 +21,37 @@ use crate::manifest::{Boot, Manifest, ManifestKind, MANIFEST_FORMAT, MANIFEST_VE
 use crate::repo::{host_name, unix_now, Progress, Repository};
 use crate::scratch::{convert, tempfile_in};
 
+/// Where a stored version comes from: recorded in its manifest.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Provenance<'a> {
+    pub(crate) kind: ManifestKind,
+    pub(crate) source_format: &'a str,
+    /// What made it (`created_by`).
+    pub(crate) what: &'a str,
+    /// A saved overlay's base version.
+    pub(crate) base: Option<&'a str>,
+    /// The version it derives from (default: the one the tag pointed at).
+    pub(crate) parent: Option<&'a str>,
+    /// Who made it.
+    pub(crate) author: Option<&'a str>,
+    /// Why.
+    pub(crate) message: Option<&'a str>,
+}
+
+impl Default for Provenance<'_> {
+    fn default() -> Self {
+        Self {
+            kind: ManifestKind::Disk,
+            source_format: "raw",
+            what: "",
+            base: None,
+            parent: None,
+            author: None,
+            message: None,
+        }
+    }
+}
+
 /// What an import did.
 #[derive(Debug, Clone, Serialize)]
 pub struct ImportReport {
@@ -156,10 +187,12 @@ impl Repository {
             &raw_path,
             source.virtual_size,
             image,
-            ManifestKind::Disk,
-            &source.format,
-            &format!("vmatrix image import {}", path.display()),
-            None,
+            Provenance {
+                kind: ManifestKind::Disk,
+                source_format: &source.format,
+                what: &format!("vmatrix image import {}", path.display()),
+                ..Provenance::default()
+            },
             started,
             progress,
         )
@@ -197,28 +230,36 @@ impl Repository {
             path,
             size,
             image,
-            ManifestKind::State,
-            "qemu-migration-stream",
-            &format!("saved state {}", path.display()),
-            base,
+            Provenance {
+                kind: ManifestKind::State,
+                source_format: "qemu-migration-stream",
+                what: &format!("saved state {}", path.display()),
+                base,
+                ..Provenance::default()
+            },
             started,
             progress,
         )
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn import_raw(
+    pub(crate) fn import_raw(
         &self,
         raw_path: &Path,
         size: u64,
         image: &ImageRef,
-        kind: ManifestKind,
-        source_format: &str,
-        what: &str,
-        base: Option<&str>,
+        from: Provenance<'_>,
         started: Instant,
         progress: Progress<'_>,
     ) -> Result<ImportReport> {
+        let Provenance {
+            kind,
+            source_format,
+            what,
+            base,
+            parent,
+            author,
+            message,
+        } = from;
         let _lease = self.take_lease(&format!("import {image}"))?;
         let chunks = self.store_chunks(raw_path, size, progress)?;
 
@@ -257,7 +298,12 @@ impl Repository {
             name: image.name.clone(),
             created: unix_now(),
             created_by: format!("{what} (pid {} on {})", std::process::id(), host_name()),
-            parent: previous.map(|(id, _)| id),
+            parent: match parent {
+                Some(p) => Some(p.to_owned()),
+                None => previous.map(|(id, _)| id),
+            },
+            author: author.map(str::to_owned),
+            message: message.map(str::to_owned),
             virtual_size: size,
             chunk_size: CHUNK_SIZE as u32,
             boot: Boot::Bios,

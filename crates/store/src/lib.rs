@@ -60,6 +60,7 @@
 pub mod backend;
 pub mod cache;
 pub mod chunk;
+mod commit;
 mod copy;
 pub mod error;
 mod export;
@@ -74,6 +75,7 @@ mod scratch;
 mod verify;
 
 pub use backend::Backend;
+pub use commit::{CommitInfo, LogEntry};
 pub use error::{Result, StoreError};
 pub use pins::Pins;
 pub use repo::{

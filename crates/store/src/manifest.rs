@@ -71,6 +71,12 @@ pub struct Manifest {
     /// in manifests written before it existed, whose ids therefore do not change).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base: Option<String>,
+    /// Who committed it (`vmatrix commit`); absent for imports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub author: Option<String>,
+    /// Why (`vmatrix commit --message`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
 
 fn ser_chunks<S: Serializer>(chunks: &[Option<ChunkId>], s: S) -> Result<S::Ok, S::Error> {
@@ -165,6 +171,8 @@ mod tests {
             boot: Boot::Bios,
             source_format: "raw".into(),
             chunks: vec![Some(ChunkId::of(b"a")), None],
+            author: None,
+            message: None,
         }
     }
 

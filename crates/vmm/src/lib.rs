@@ -16,6 +16,7 @@ pub mod http;
 pub mod migration;
 pub mod process;
 pub mod qmp;
+mod snapshot;
 pub mod vm;
 
 pub use accel::{AccelChoice, Accelerator, ProbeBoot};
