@@ -80,6 +80,8 @@ impl Bucket {
 struct BackendState {
     outstanding: AtomicUsize,
     first_seen: Instant,
+    /// Requests sent to it (attempts, retries included).
+    sent: std::sync::atomic::AtomicU64,
 }
 
 /// A backend that appeared this recently (a migration destination) gets a short per-attempt
@@ -135,9 +137,28 @@ impl Switch {
                 Arc::new(BackendState {
                     outstanding: AtomicUsize::new(0),
                     first_seen: Instant::now(),
+                    sent: std::sync::atomic::AtomicU64::new(0),
                 })
             })
             .clone()
+    }
+
+    /// Requests sent to each backend address (every instance the switch ever routed to).
+    fn backend_metrics(&self) -> String {
+        let name = "vmatrix_switch_backend_requests_total";
+        let mut o = format!(
+            "# HELP {name} Requests sent to each instance endpoint (retries included).\n# TYPE {name} counter\n"
+        );
+        let map = self.backends.read().unwrap_or_else(|p| p.into_inner());
+        let mut rows: Vec<(&String, u64)> = map
+            .iter()
+            .map(|(a, b)| (a, b.sent.load(Ordering::Relaxed)))
+            .collect();
+        rows.sort();
+        for (addr, n) in rows {
+            o.push_str(&format!("{name}{{backend=\"{addr}\"}} {n}\n"));
+        }
+        o
     }
 
     /// Least outstanding requests among the backends not to avoid.
@@ -254,7 +275,9 @@ impl Switch {
         let Some(route) = route else {
             return Ok(match path.as_str() {
                 "/metrics" => {
-                    let mut r = Response::new(Full::new(Bytes::from(self.stats.metrics())));
+                    let mut text = self.stats.metrics();
+                    text.push_str(&self.backend_metrics());
+                    let mut r = Response::new(Full::new(Bytes::from(text)));
                     r.headers_mut().insert(
                         "content-type",
                         HeaderValue::from_static("text/plain; version=0.0.4"),
@@ -387,6 +410,7 @@ impl Switch {
             let fresh = state.first_seen.elapsed() < FRESH_BACKEND;
             let counter = &state.outstanding;
             counter.fetch_add(1, Ordering::Relaxed);
+            state.sent.fetch_add(1, Ordering::Relaxed);
             let outcome = if fresh && idempotent {
                 match tokio::time::timeout(FRESH_ATTEMPT_TIMEOUT, client.request(req)).await {
                     Ok(r) => r.map_err(AttemptError::Client),

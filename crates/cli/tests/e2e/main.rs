@@ -3,6 +3,7 @@
 mod cluster;
 mod durable;
 mod image;
+mod lifecycle;
 mod netns;
 mod policy;
 mod sim;
