@@ -6,6 +6,7 @@ mod client;
 mod cluster;
 mod console;
 mod image;
+mod lifecycle;
 mod policy_file;
 mod sim;
 mod suite;
@@ -295,6 +296,42 @@ enum Command {
         #[arg(long)]
         author: Option<String>,
     },
+    /// Replace a service's live instances by another version, batch by batch, with no failed
+    /// request: each new instance must pass its health check before an old one leaves; one
+    /// that fails stops the rollout and puts the old version back. `--status` shows progress.
+    Rollout {
+        /// The service.
+        service: ServiceName,
+        /// The version to run, NAME:TAG.
+        #[arg(long, required_unless_present = "status")]
+        to: Option<vmatrix_core::ImageRef>,
+        /// Instances replaced at once.
+        #[arg(long, default_value_t = 1)]
+        batch: u32,
+        /// Time between batches, e.g. 30s.
+        #[arg(long, value_parser = parse_duration_or_zero, default_value = "0s")]
+        pause: std::time::Duration,
+        /// How long a new instance may take to pass its health check.
+        #[arg(long, value_parser = parse_duration, default_value = "180s")]
+        health_timeout: std::time::Duration,
+        /// Show where the service's last rollout is, instead.
+        #[arg(long)]
+        status: bool,
+        /// With --status: JSON for scripts.
+        #[arg(long, requires = "status")]
+        json: bool,
+    },
+    /// Return a service to the version it ran before its last rollout, the same way.
+    Rollback {
+        /// The service.
+        service: ServiceName,
+        /// Instances replaced at once.
+        #[arg(long, default_value_t = 1)]
+        batch: u32,
+        /// Time between batches, e.g. 30s.
+        #[arg(long, value_parser = parse_duration_or_zero, default_value = "0s")]
+        pause: std::time::Duration,
+    },
     /// Give a drained machine back to the policy.
     Undrain {
         /// The machine.
@@ -398,6 +435,16 @@ fn whoami() -> String {
         .map(|h| h.trim().to_owned())
         .unwrap_or_else(|_| "localhost".into());
     format!("{user}@{host}")
+}
+
+fn parse_duration_or_zero(s: &str) -> std::result::Result<std::time::Duration, String> {
+    let x = sim::seconds(s).map_err(|e| e.to_string())?;
+    if !(x >= 0.0 && x.is_finite()) {
+        return Err(format!(
+            "{s:?}: use a duration of 0 or more, e.g. 0s or 30s"
+        ));
+    }
+    Ok(std::time::Duration::from_secs_f64(x))
 }
 
 pub(crate) fn parse_duration(s: &str) -> std::result::Result<std::time::Duration, String> {
@@ -641,6 +688,42 @@ fn run() -> Result<()> {
         Command::Discard { instance } => op(Operation::Discard { instance })?,
         Command::Drain { machine } => op(Operation::Drain { machine })?,
         Command::Undrain { machine } => op(Operation::Undrain { machine })?,
+        Command::Rollout {
+            service,
+            status: true,
+            json,
+            ..
+        } => runtime()?.block_on(lifecycle::status(&client()?, &service, json))?,
+        Command::Rollout {
+            service,
+            to,
+            batch,
+            pause,
+            health_timeout,
+            ..
+        } => {
+            let to = to.ok_or_else(|| anyhow::anyhow!("give --to NAME:TAG (or --status)"))?;
+            let rollout = Operation::Rollout {
+                service: service.clone(),
+                to,
+                batch: Some(batch),
+                pause_s: Some(pause.as_secs_f64()),
+                health_timeout_s: Some(health_timeout.as_secs_f64()),
+            };
+            runtime()?.block_on(lifecycle::run(&client()?, &service, rollout))?
+        }
+        Command::Rollback {
+            service,
+            batch,
+            pause,
+        } => {
+            let rollback = Operation::Rollback {
+                service: service.clone(),
+                batch: Some(batch),
+                pause_s: Some(pause.as_secs_f64()),
+            };
+            runtime()?.block_on(lifecycle::run(&client()?, &service, rollback))?
+        }
         Command::Commit {
             instance,
             tag,

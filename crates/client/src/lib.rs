@@ -173,6 +173,13 @@ impl ControllerClient {
             .map(|r| r.instances)
     }
 
+    /// Each service's last rollout.
+    pub async fn rollouts(&self) -> Result<Vec<vmatrix_core::api::RolloutStatus>> {
+        self.get::<vmatrix_core::api::RolloutsReply>("/api/v1/rollouts", SHORT)
+            .await
+            .map(|r| r.rollouts)
+    }
+
     /// Events after `after`, oldest first.
     pub async fn events(&self, after: u64) -> Result<Vec<Event>> {
         self.get::<EventsReply>(&format!("/api/v1/events?after={after}"), SHORT)

@@ -28,6 +28,11 @@ pub(crate) enum Start {
     Maintenance {
         image: Option<vmatrix_core::ImageRef>,
     },
+    /// Live traffic, on `image` (at `version` if known): a rollout's new instance.
+    Version {
+        image: vmatrix_core::ImageRef,
+        version: Option<String>,
+    },
 }
 
 impl Controller {
@@ -81,10 +86,17 @@ impl Controller {
                     id: id.clone(),
                     service: service.clone(),
                     image: match &kind {
-                        Start::Maintenance { image: Some(i) } => i.to_string(),
+                        Start::Maintenance { image: Some(i) } | Start::Version { image: i, .. } => {
+                            i.to_string()
+                        }
                         _ => spec.image.to_string(),
                     },
-                    version: String::new(),
+                    version: match &kind {
+                        Start::Version {
+                            version: Some(v), ..
+                        } => v.clone(),
+                        _ => String::new(),
+                    },
                     machine: machine.name.clone(),
                     state: InstanceState::Activating,
                     endpoint: String::new(),
@@ -775,6 +787,25 @@ impl Controller {
             Operation::Discard { instance } => self.discard(&instance, why).await,
             Operation::Drain { machine } => self.drain(&machine, why).await,
             Operation::Undrain { machine } => self.undrain(&machine, why),
+            Operation::Rollout {
+                service,
+                to,
+                batch,
+                pause_s,
+                health_timeout_s,
+            } => {
+                let opts =
+                    crate::rollout::RolloutOptions::from_request(batch, pause_s, health_timeout_s)?;
+                self.rollout(&service, &to, None, opts, "rollout").await
+            }
+            Operation::Rollback {
+                service,
+                batch,
+                pause_s,
+            } => {
+                let opts = crate::rollout::RolloutOptions::from_request(batch, pause_s, None)?;
+                self.rollback(&service, opts).await
+            }
             Operation::Commit {
                 instance,
                 tag,

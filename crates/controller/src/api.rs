@@ -298,6 +298,13 @@ async fn console(
     }
 }
 
+async fn rollouts(State(x): State<Ctx>) -> Response {
+    match x.c.rollouts() {
+        Ok(rollouts) => Json(vmatrix_core::api::RolloutsReply { rollouts }).into_response(),
+        Err(e) => fail(e),
+    }
+}
+
 async fn policy(State(x): State<Ctx>) -> Response {
     Json(x.c.settings()).into_response()
 }
@@ -366,6 +373,7 @@ pub fn router(c: Arc<Controller>, token: String) -> Router {
         .route("/api/v1/routes", get(routes))
         .route("/api/v1/load", get(get_load).post(post_load))
         .route("/api/v1/policy", get(policy))
+        .route("/api/v1/rollouts", get(rollouts))
         .route("/api/v1/health", get(|| async { "ok" }))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi))

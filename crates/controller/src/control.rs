@@ -61,6 +61,11 @@ impl ControlError {
     }
 }
 
+/// A version id as people read it: its first 12 hex digits.
+pub(crate) fn short_version(version: &str) -> &str {
+    version.get(..12).unwrap_or(version)
+}
+
 pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -118,6 +123,10 @@ pub struct Controller {
     pub(crate) maintenance_used: Mutex<HashMap<InstanceId, Instant>>,
     /// How long a maintenance instance may stay unused (none: until discarded).
     pub(crate) maintenance_idle: Mutex<Option<Duration>>,
+    /// Services rolling out now: the policy leaves them alone.
+    pub(crate) rolling: Mutex<HashSet<String>>,
+    /// Instances a rollout is retiring: out of the routes, discarded in a moment.
+    pub(crate) retiring: Mutex<HashSet<InstanceId>>,
     /// Services whose automatic activations fail in a row, and until when they wait.
     pub(crate) backoff: Mutex<HashMap<String, Backoff>>,
 }
@@ -203,6 +212,8 @@ impl Controller {
             prepared: Mutex::new(HashSet::new()),
             maintenance_used: Mutex::new(HashMap::new()),
             maintenance_idle: Mutex::new(None),
+            rolling: Mutex::new(HashSet::new()),
+            retiring: Mutex::new(HashSet::new()),
         })
     }
 
@@ -423,6 +434,11 @@ impl Controller {
         let services = self.services()?;
         let rows = self.db(|d| d.instances())?;
         let dropped = self.db(|d| d.dropped())?;
+        let retiring = self
+            .retiring
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let mut out = vmatrix_core::api::RouteTable::default();
         for s in services {
             let backends: Vec<(InstanceId, String)> = rows
@@ -431,8 +447,10 @@ impl Controller {
                 // that hit the gap are retried by the switch.
                 .filter(|r| {
                     r.info.service == s.name
-                        // A maintenance instance never gets live traffic.
+                        // A maintenance instance never gets live traffic; a retiring one
+                        // no new request.
                         && r.info.purpose == vmatrix_core::api::Purpose::Live
+                        && !retiring.contains(&r.info.id)
                         && matches!(
                             r.info.state,
                             InstanceState::Running | InstanceState::Migrating

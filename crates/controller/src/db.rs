@@ -6,7 +6,9 @@ use std::path::Path;
 
 use rusqlite::{params, Connection};
 use vmatrix_core::api::MachineState;
-use vmatrix_core::api::{Event, InstanceInfo, MachineInfo, MachineRole, Purpose, SavedState};
+use vmatrix_core::api::{
+    Event, InstanceInfo, MachineInfo, MachineRole, Purpose, RolloutStatus, SavedState,
+};
 use vmatrix_core::{InstanceId, InstanceState, ServiceName, ServiceSpec};
 
 /// Errors of the state store.
@@ -53,7 +55,25 @@ const MIGRATIONS: &[&str] = &[
     "CREATE TABLE pins (instance TEXT PRIMARY KEY, until_ms INTEGER NOT NULL);",
     // 6: what an instance is for (`live`, or an admin's `maintenance` copy).
     "ALTER TABLE instances ADD COLUMN purpose TEXT NOT NULL DEFAULT 'live';",
+    // 7: rollouts (one per service, the last; JSON `RolloutStatus`), and the version each
+    // service runs after a rollout, with the one before (what `rollback` returns to).
+    "CREATE TABLE rollouts (service TEXT PRIMARY KEY, status TEXT NOT NULL);
+     CREATE TABLE service_versions (service TEXT PRIMARY KEY, image TEXT NOT NULL,
+        version TEXT NOT NULL, previous_image TEXT NOT NULL, previous_version TEXT NOT NULL);",
 ];
+
+/// The version a service runs after a rollout, and the one before.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceVersion {
+    /// `NAME:TAG`.
+    pub image: String,
+    /// Version id.
+    pub version: String,
+    /// Before the last rollout: `NAME:TAG`.
+    pub previous_image: String,
+    /// Before the last rollout: version id.
+    pub previous_version: String,
+}
 
 /// Where a durable operation is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -151,6 +171,52 @@ impl Db {
         }
         tx.commit()?;
         Ok(())
+    }
+
+    /// Records a service's rollout.
+    pub fn put_rollout(&self, r: &RolloutStatus) -> Result<()> {
+        let status = serde_json::to_string(r).map_err(|e| DbError::Bad(e.to_string()))?;
+        self.conn.execute(
+            "INSERT OR REPLACE INTO rollouts (service, status) VALUES (?1, ?2)",
+            params![r.service.as_str(), status],
+        )?;
+        Ok(())
+    }
+
+    /// Every service's last rollout.
+    pub fn rollouts(&self) -> Result<Vec<RolloutStatus>> {
+        let mut st = self
+            .conn
+            .prepare("SELECT status FROM rollouts ORDER BY service")?;
+        let rows = st.query_map([], |r| r.get::<_, String>(0))?;
+        rows.map(|r| serde_json::from_str(&r?).map_err(|e| DbError::Bad(e.to_string())))
+            .collect()
+    }
+
+    /// Records the version a service runs now (and the one before).
+    pub fn set_service_version(&self, service: &ServiceName, v: &ServiceVersion) -> Result<()> {
+        self.conn.execute(
+            "INSERT OR REPLACE INTO service_versions (service, image, version, previous_image, previous_version)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![service.as_str(), v.image, v.version, v.previous_image, v.previous_version],
+        )?;
+        Ok(())
+    }
+
+    /// The version a service runs after its last rollout, if it had one.
+    pub fn service_version(&self, service: &ServiceName) -> Result<Option<ServiceVersion>> {
+        let mut st = self.conn.prepare(
+            "SELECT image, version, previous_image, previous_version FROM service_versions WHERE service = ?1",
+        )?;
+        let mut rows = st.query_map(params![service.as_str()], |r| {
+            Ok(ServiceVersion {
+                image: r.get(0)?,
+                version: r.get(1)?,
+                previous_image: r.get(2)?,
+                previous_version: r.get(3)?,
+            })
+        })?;
+        Ok(rows.next().transpose()?)
     }
 
     /// The desired services.

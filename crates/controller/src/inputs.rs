@@ -305,6 +305,13 @@ impl Controller {
             !vmatrix_core::InstanceId::new(&i.id).is_ok_and(|id| booting.contains(&id))
         });
         for action in p::react(&snapshot) {
+            if action
+                .service(&snapshot)
+                .and_then(|k| snapshot.services.get(k))
+                .is_some_and(|svc| self.is_rolling(&svc.name))
+            {
+                continue;
+            }
             let (i, pause, reason) = match &action {
                 p::Action::Pause { instance, reason } => (*instance, true, reason.clone()),
                 p::Action::Unpause { instance, reason } => (*instance, false, reason.clone()),

@@ -18,6 +18,7 @@ mod inputs;
 mod maintenance;
 mod ops;
 mod reconcile;
+mod rollout;
 mod settle;
 
 use std::net::SocketAddr;
@@ -100,6 +101,7 @@ pub async fn serve(
     tokio::spawn(controller.clone().run_loop(Duration::from_secs(1)));
     tokio::spawn(controller.clone().prune_loop());
     tokio::spawn(controller.clone().fast_loop());
+    tokio::spawn(controller.clone().resume_rollouts());
     tracing::info!("controller API on http://{}", config.listen);
     axum::serve(listener, router(controller, config.token)).await?;
     Ok(())

@@ -15,15 +15,11 @@ use vmatrix_core::{ImageRef, InstanceId, InstanceState, ServiceName, ServiceSpec
 use crate::agents::unexpected;
 
 use crate::actions::Start;
-use crate::control::{ControlError, Controller, Result};
+use crate::control::{short_version, ControlError, Controller, Result};
 use crate::db::InstanceRow;
 
 /// How long a commit may take: the disk is read whole (through its base) and hashed.
 const COMMIT_LIMIT: std::time::Duration = std::time::Duration::from_secs(30 * 60);
-
-fn short(version: &str) -> &str {
-    version.get(..12).unwrap_or(version)
-}
 
 fn bytes(n: u64) -> String {
     if n >= 1 << 30 {
@@ -195,8 +191,8 @@ impl Controller {
                         "ok: {} is version {} (from {}): {} new chunk(s), {} stored, of {}; \
                          the guest paused {} ms; {:.1} s",
                         c.image,
-                        short(&c.version),
-                        short(&c.parent),
+                        short_version(&c.version),
+                        short_version(&c.parent),
                         c.new_chunks,
                         bytes(c.new_stored_bytes),
                         bytes(c.logical_bytes),
@@ -207,7 +203,7 @@ impl Controller {
                     format!(
                         "ok: nothing changed: {} already is version {}",
                         c.image,
-                        short(&c.version)
+                        short_version(&c.version)
                     )
                 };
                 self.event(author, &what, why, &outcome);

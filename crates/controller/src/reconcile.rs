@@ -227,6 +227,14 @@ impl Controller {
                 .ok_or_else(|| ControlError::Conflict(format!("policy named service #{k}")))
         };
         for action in p::decide(&snapshot, &config) {
+            // A service rolling out is the rollout's until it ends.
+            if action
+                .service(&snapshot)
+                .and_then(|k| snapshot.services.get(k))
+                .is_some_and(|svc| self.is_rolling(&svc.name))
+            {
+                continue;
+            }
             // Names are resolved now; the agent work runs as its own task (`spawn_work`).
             let me = self.clone();
             let result = match &action {

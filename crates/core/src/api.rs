@@ -250,6 +250,29 @@ pub enum Operation {
         /// Who (default: who the controller knows asked).
         author: Option<String>,
     },
+    /// Replace a service's live instances by a new version, batch by batch, with no failed
+    /// request; stops and reverts by itself when a new instance fails its health check.
+    Rollout {
+        /// The service.
+        service: ServiceName,
+        /// The version to run (`NAME:TAG`).
+        to: ImageRef,
+        /// Instances replaced at once (default 1).
+        batch: Option<u32>,
+        /// Seconds to wait between batches (default 0).
+        pause_s: Option<f64>,
+        /// Seconds a new instance may take to pass its health check (default 180).
+        health_timeout_s: Option<f64>,
+    },
+    /// Return a service to the version it ran before its last rollout, the same way.
+    Rollback {
+        /// The service.
+        service: ServiceName,
+        /// Instances replaced at once (default 1).
+        batch: Option<u32>,
+        /// Seconds to wait between batches (default 0).
+        pause_s: Option<f64>,
+    },
     /// Give a drained machine back to the policy.
     Undrain {
         /// The machine.
@@ -692,4 +715,78 @@ pub struct ConsoleHello {
     pub writer: bool,
     /// Bytes of recent output sent first.
     pub scrollback_bytes: u64,
+}
+
+/// Where a rollout is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RolloutState {
+    /// Replacing batch after batch.
+    Running,
+    /// A new instance failed: putting back the old version.
+    Reverting,
+    /// Every live instance runs the new version.
+    Done,
+    /// It stopped and the service runs the old version again (`message` says why).
+    Reverted,
+    /// It stopped and could not put everything back (`message` says what is left).
+    Failed,
+}
+
+impl RolloutState {
+    /// Still at work (a controller restart resumes it).
+    pub fn is_active(self) -> bool {
+        matches!(self, Self::Running | Self::Reverting)
+    }
+}
+
+/// A service's rollout (or rollback): `GET /api/v1/rollouts`, `vmatrix rollout --status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RolloutStatus {
+    /// The service.
+    pub service: ServiceName,
+    /// `rollout` or `rollback`.
+    pub kind: String,
+    /// Where it is.
+    pub state: RolloutState,
+    /// The image (`NAME:TAG`) and version the service ran before.
+    pub from_image: String,
+    /// The version id it ran before (empty if unknown: no live instance).
+    pub from_version: String,
+    /// The image it goes to.
+    pub to_image: String,
+    /// The version id it goes to (empty until the first new instance has resolved it).
+    pub to_version: String,
+    /// Instances replaced at once.
+    pub batch: u32,
+    /// Seconds between batches.
+    pub pause_s: f64,
+    /// Seconds a new instance may take to pass its health check.
+    pub health_timeout_s: f64,
+    /// Live instances of the old version still to replace.
+    pub old: Vec<InstanceId>,
+    /// Replaced so far: (old, new).
+    pub replaced: Vec<(InstanceId, InstanceId)>,
+    /// New instances of the batch under way, not yet running.
+    #[serde(default)]
+    pub starting: Vec<InstanceId>,
+    /// Live instances that already ran the new version when it started (not replacements: a
+    /// resumed rollout takes over any other instance of the new version it finds).
+    #[serde(default)]
+    pub kept: Vec<InstanceId>,
+    /// Instances to replace in all.
+    pub total: u32,
+    /// Unix ms.
+    pub started_ms: u64,
+    /// Unix ms of the last step.
+    pub updated_ms: u64,
+    /// The last step, or why it stopped.
+    pub message: String,
+}
+
+/// `GET /api/v1/rollouts`: each service's last rollout.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RolloutsReply {
+    /// By service name.
+    pub rollouts: Vec<RolloutStatus>,
 }

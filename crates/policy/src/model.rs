@@ -272,4 +272,20 @@ impl Action {
             | Self::Undrop { reason, .. } => reason,
         }
     }
+
+    /// The service it acts on (an index into `s.services`), as `s` names it.
+    pub fn service(&self, s: &Snapshot) -> Option<usize> {
+        match self {
+            Self::Activate { service, .. }
+            | Self::Prepare { service, .. }
+            | Self::Drop { service, .. }
+            | Self::Undrop { service, .. } => Some(*service),
+            Self::Pause { instance, .. }
+            | Self::Unpause { instance, .. }
+            | Self::Resume { instance, .. }
+            | Self::Suspend { instance, .. }
+            | Self::Migrate { instance, .. }
+            | Self::Discard { instance, .. } => s.instances.get(*instance).map(|i| i.service),
+        }
+    }
 }

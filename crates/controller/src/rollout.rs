@@ -1,0 +1,558 @@
+//! Rollouts and rollbacks by server switching: a service's live instances are replaced by a
+//! new version batch by batch — new instances start beside the old ones (where placement finds
+//! room), each must pass its health check, traffic moves to them (the switch routes running
+//! instances), then the old ones leave the routes, get a grace for requests in flight, and are
+//! discarded. A new instance that fails its health check stops the rollout, and the replaced
+//! batches are put back the same way (reverted). The policy leaves a service alone while it
+//! rolls out. Every step is recorded (`rollouts` table): a restarted controller resumes it.
+//!
+//! This module must never leave a service with fewer running instances than it had: a new
+//! instance runs before an old one leaves (unless the pool has no room at all, when one old
+//! instance leaves first — said in the status).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use vmatrix_core::api::{Purpose, RolloutState, RolloutStatus};
+use vmatrix_core::{ImageRef, InstanceId, InstanceState, ServiceName};
+
+use crate::actions::Start;
+use crate::control::{now_ms, ControlError, Controller, Result};
+use crate::db::ServiceVersion;
+
+/// How long a retired instance stays out of the routes before it is discarded: requests in
+/// flight on it finish (the switch retries an idempotent one that does not).
+const RETIRE_GRACE: Duration = Duration::from_secs(2);
+
+/// A rollout's knobs.
+#[derive(Debug, Clone, Copy)]
+pub struct RolloutOptions {
+    /// Instances replaced at once.
+    pub batch: u32,
+    /// Between batches.
+    pub pause: Duration,
+    /// How long a new instance may take to pass its health check.
+    pub health_timeout: Duration,
+}
+
+impl RolloutOptions {
+    /// From the API's optional fields, checked.
+    pub fn from_request(
+        batch: Option<u32>,
+        pause_s: Option<f64>,
+        health_timeout_s: Option<f64>,
+    ) -> Result<Self> {
+        let batch = batch.unwrap_or(1);
+        if !(1..=100).contains(&batch) {
+            return Err(ControlError::BadRequest(format!(
+                "batch {batch}: use 1 to 100 instances at once"
+            )));
+        }
+        let secs = |what: &str, v: f64, lo: f64, hi: f64| -> Result<Duration> {
+            if !(v.is_finite() && (lo..=hi).contains(&v)) {
+                return Err(ControlError::BadRequest(format!(
+                    "{what} {v}: use {lo} to {hi} seconds"
+                )));
+            }
+            Ok(Duration::from_secs_f64(v))
+        };
+        Ok(Self {
+            batch,
+            pause: secs("pause", pause_s.unwrap_or(0.0), 0.0, 3600.0)?,
+            health_timeout: secs(
+                "health timeout",
+                health_timeout_s.unwrap_or(180.0),
+                5.0,
+                3600.0,
+            )?,
+        })
+    }
+}
+
+impl Controller {
+    /// The rollouts recorded (the last one of each service).
+    pub fn rollouts(&self) -> Result<Vec<RolloutStatus>> {
+        self.db(|d| d.rollouts())
+    }
+
+    /// Whether `service` is rolling out now (the policy leaves it alone).
+    pub(crate) fn is_rolling(&self, service: &str) -> bool {
+        self.rolling
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(service)
+    }
+
+    /// Replaces the live instances of `service` by `to` (a tag, and a version id if known),
+    /// batch by batch; returns when it is done, or fails with why it stopped (reverted).
+    pub async fn rollout(
+        &self,
+        service: &ServiceName,
+        to: &ImageRef,
+        to_version: Option<&str>,
+        opts: RolloutOptions,
+        kind: &str,
+    ) -> Result<String> {
+        let spec = self.spec_of(service)?;
+        if let Some(r) = self
+            .rollouts()?
+            .into_iter()
+            .find(|r| r.service == *service && r.state.is_active())
+        {
+            return Err(ControlError::Conflict(format!(
+                "a {} of {service} to {} is under way ({} of {} replaced); \
+                 `vmatrix rollout --status {service}` follows it",
+                r.kind,
+                r.to_image,
+                r.replaced.len(),
+                r.total
+            )));
+        }
+        {
+            let mut rolling = self.rolling.lock().unwrap_or_else(|e| e.into_inner());
+            if !rolling.insert(service.to_string()) {
+                return Err(ControlError::Conflict(format!(
+                    "a rollout of {service} is starting"
+                )));
+            }
+        }
+        let started = self.start_rollout(service, &spec.image, to, to_version, opts, kind);
+        let result = match started {
+            Ok(st) => self.run_rollout(st).await,
+            Err(e) => Err(e),
+        };
+        self.rolling
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(service.as_str());
+        result
+    }
+
+    fn start_rollout(
+        &self,
+        service: &ServiceName,
+        from: &ImageRef,
+        to: &ImageRef,
+        to_version: Option<&str>,
+        opts: RolloutOptions,
+        kind: &str,
+    ) -> Result<RolloutStatus> {
+        let rows = self.db(|d| d.instances())?;
+        let live: Vec<_> = rows
+            .iter()
+            .filter(|r| {
+                r.info.service == *service
+                    && r.info.purpose == Purpose::Live
+                    && matches!(
+                        r.info.state,
+                        InstanceState::Running
+                            | InstanceState::Paused
+                            | InstanceState::Activating
+                            | InstanceState::Migrating
+                    )
+            })
+            .collect();
+        let from_version = live
+            .iter()
+            .map(|r| r.info.version.clone())
+            .find(|v| !v.is_empty())
+            .unwrap_or_default();
+        let already = |r: &&&crate::db::InstanceRow| {
+            to_version.is_some_and(|v| v == r.info.version) && r.info.image == to.to_string()
+        };
+        let old: Vec<InstanceId> = live
+            .iter()
+            .filter(|r| !already(r))
+            .map(|r| r.info.id.clone())
+            .collect();
+        let kept: Vec<InstanceId> = live
+            .iter()
+            .filter(|r| already(r))
+            .map(|r| r.info.id.clone())
+            .collect();
+        let now = now_ms();
+        let st = RolloutStatus {
+            service: service.clone(),
+            kind: kind.to_owned(),
+            state: RolloutState::Running,
+            from_image: from.to_string(),
+            from_version,
+            to_image: to.to_string(),
+            to_version: to_version.unwrap_or_default().to_owned(),
+            batch: opts.batch,
+            pause_s: opts.pause.as_secs_f64(),
+            health_timeout_s: opts.health_timeout.as_secs_f64(),
+            total: old.len() as u32,
+            old,
+            replaced: Vec::new(),
+            starting: Vec::new(),
+            kept,
+            started_ms: now,
+            updated_ms: now,
+            message: "started".into(),
+        };
+        self.db(|d| d.put_rollout(&st))?;
+        // New instances from now on — the policy's too, once it is back — run the new version.
+        self.set_image(service, to)?;
+        self.event(
+            "api",
+            &format!("{kind} {service} to {to}"),
+            "operator request",
+            &format!(
+                "started: {} instance(s) of {} to replace, {} at a time",
+                st.total, st.from_image, st.batch
+            ),
+        );
+        Ok(st)
+    }
+
+    /// Points the stored spec of `service` at `image`.
+    fn set_image(&self, service: &ServiceName, image: &ImageRef) -> Result<()> {
+        let mut all = self.services()?;
+        for s in all.iter_mut().filter(|s| s.name == *service) {
+            s.image = image.clone();
+        }
+        self.db(|d| d.set_services(&all))
+    }
+
+    fn save(&self, st: &mut RolloutStatus, message: String) -> Result<()> {
+        st.updated_ms = now_ms();
+        st.message = message;
+        self.db(|d| d.put_rollout(st))
+    }
+
+    /// Runs a recorded rollout from where it is to its end.
+    pub(crate) async fn run_rollout(&self, mut st: RolloutStatus) -> Result<String> {
+        if st.state == RolloutState::Reverting {
+            return self
+                .revert(st, "resumed after a controller restart".into())
+                .await;
+        }
+        let to = ImageRef::parse(&st.to_image)
+            .map_err(|e| ControlError::Conflict(format!("rollout target: {e}")))?;
+        let timeout = Duration::from_secs_f64(st.health_timeout_s);
+        let batches = st.total.div_ceil(st.batch.max(1)).max(1);
+        while !st.old.is_empty() {
+            // Instances that left meanwhile (failed, discarded) need no replacing.
+            let rows = self.db(|d| d.instances())?;
+            st.old.retain(|id| {
+                rows.iter()
+                    .any(|r| r.info.id == *id && r.info.state.is_placed())
+            });
+            let batch: Vec<InstanceId> = st.old.iter().take(st.batch as usize).cloned().collect();
+            if batch.is_empty() {
+                break;
+            }
+            // New instances a stopped controller had started for this batch are taken over:
+            // live instances of the new version that replace nothing yet.
+            let claimed = |id: &InstanceId| {
+                st.kept.contains(id)
+                    || st.old.contains(id)
+                    || st.replaced.iter().any(|(_, n)| n == id)
+            };
+            let mut started: Vec<InstanceId> = rows
+                .iter()
+                .filter(|r| {
+                    r.info.service == st.service
+                        && r.info.purpose == Purpose::Live
+                        && r.info.image == st.to_image
+                        && r.info.state.is_placed()
+                        && !claimed(&r.info.id)
+                })
+                .map(|r| r.info.id.clone())
+                .take(batch.len())
+                .collect();
+            let mut failure = None;
+            for old in batch.iter().skip(started.len()) {
+                match self.start_replacement(&st, &to, old).await {
+                    Ok(id) => {
+                        started.push(id);
+                        st.starting = started.clone();
+                        self.save(&mut st, format!("starting {}", join(&started)))?;
+                    }
+                    Err(e) => {
+                        failure = Some(format!("a new instance of {to} did not start: {e}"));
+                        break;
+                    }
+                }
+            }
+            if failure.is_none() {
+                failure = self
+                    .wait_running(&started, timeout)
+                    .await
+                    .err()
+                    .map(|e| e.to_string());
+            }
+            if let Some(why) = failure {
+                for id in &started {
+                    let _ = self
+                        .discard(id, &format!("rollout to {to} stopped: {why}"))
+                        .await;
+                }
+                st.starting.clear();
+                return self.revert(st, why).await;
+            }
+            if st.to_version.is_empty() {
+                st.to_version = self
+                    .row(&started[0])
+                    .map(|r| r.info.version)
+                    .unwrap_or_default();
+            }
+            for (old, new) in batch.iter().zip(&started) {
+                self.retire(old, &format!("{} to {to}: replaced by {new}", st.kind))
+                    .await;
+                st.old.retain(|o| o != old);
+                st.replaced.push((old.clone(), new.clone()));
+            }
+            st.starting.clear();
+            let done = st.replaced.len() as u32;
+            let message = format!(
+                "batch {} of {batches}: {} replaced by {}",
+                done.div_ceil(st.batch.max(1)),
+                join(&batch),
+                join(&started)
+            );
+            self.save(&mut st, message.clone())?;
+            self.event(
+                "controller",
+                &format!("{} {} to {to}", st.kind, st.service),
+                &message,
+                &format!("{done} of {} done", st.total),
+            );
+            if !st.old.is_empty() && st.pause_s > 0.0 {
+                tokio::time::sleep(Duration::from_secs_f64(st.pause_s)).await;
+            }
+        }
+        st.state = RolloutState::Done;
+        let message = format!(
+            "done: {} instance(s) of {} now run {} ({})",
+            st.replaced.len(),
+            st.service,
+            st.to_image,
+            crate::control::short_version(&st.to_version)
+        );
+        self.save(&mut st, message.clone())?;
+        self.db(|d| {
+            d.set_service_version(
+                &st.service,
+                &ServiceVersion {
+                    image: st.to_image.clone(),
+                    version: st.to_version.clone(),
+                    previous_image: st.from_image.clone(),
+                    previous_version: st.from_version.clone(),
+                },
+            )
+        })?;
+        self.event(
+            "controller",
+            &format!("{} {} to {to}", st.kind, st.service),
+            "every batch passed its health check",
+            &message,
+        );
+        Ok(message)
+    }
+
+    /// A new instance of the target version beside `old`; where the pool has no room for it,
+    /// `old` leaves first.
+    async fn start_replacement(
+        &self,
+        st: &RolloutStatus,
+        to: &ImageRef,
+        old: &InstanceId,
+    ) -> Result<InstanceId> {
+        let kind = || Start::Version {
+            image: to.clone(),
+            version: (!st.to_version.is_empty()).then(|| st.to_version.clone()),
+        };
+        let why = format!("{} to {to}: replaces {old}", st.kind);
+        match self.activate_as(&st.service, None, &why, kind()).await {
+            Ok(i) => Ok(i.id),
+            Err(ControlError::Conflict(no_room)) => {
+                // No room beside it: one instance's capacity is missing for a moment.
+                self.event(
+                    "controller",
+                    &format!("{} {} to {to}", st.kind, st.service),
+                    &format!("no room for a new instance beside {old} ({no_room})"),
+                    &format!("{old} leaves first"),
+                );
+                self.retire(old, &format!("{} to {to}: makes room", st.kind))
+                    .await;
+                self.activate_as(&st.service, None, &why, kind())
+                    .await
+                    .map(|i| i.id)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Waits until every instance in `ids` runs (its health check passed).
+    async fn wait_running(&self, ids: &[InstanceId], timeout: Duration) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        for id in ids {
+            loop {
+                match self.db(|d| d.instance(id))? {
+                    Some(r) if r.info.state == InstanceState::Running => break,
+                    Some(r) if r.info.state == InstanceState::Activating => {}
+                    Some(r) => {
+                        return Err(ControlError::Conflict(format!(
+                            "new instance {id} is {} instead of running",
+                            r.info.state.as_str()
+                        )))
+                    }
+                    None => {
+                        return Err(ControlError::Conflict(format!(
+                            "new instance {id} was discarded before it ran"
+                        )))
+                    }
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(ControlError::Conflict(format!(
+                        "new instance {id} did not pass its health check within {} s",
+                        timeout.as_secs()
+                    )));
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes `id` out of the switch's routes, lets its requests in flight finish, discards it.
+    async fn retire(&self, id: &InstanceId, why: &str) {
+        self.retiring
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.clone());
+        tokio::time::sleep(RETIRE_GRACE).await;
+        if let Err(e) = self.discard(id, why).await {
+            tracing::warn!("retiring {id}: {e}");
+        }
+        self.retiring
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
+    }
+
+    /// Puts the old version back in place of every replaced instance, newest first.
+    async fn revert(&self, mut st: RolloutStatus, why: String) -> Result<String> {
+        let from = ImageRef::parse(&st.from_image)
+            .map_err(|e| ControlError::Conflict(format!("rollout source: {e}")))?;
+        st.state = RolloutState::Reverting;
+        self.save(&mut st, format!("stopped: {why}; reverting"))?;
+        self.set_image(&st.service, &from)?;
+        self.event(
+            "controller",
+            &format!("{} {} to {}", st.kind, st.service, st.to_image),
+            &why,
+            &format!(
+                "stopped; reverting {} replaced instance(s)",
+                st.replaced.len()
+            ),
+        );
+        let back = RolloutStatus {
+            to_image: st.from_image.clone(),
+            to_version: st.from_version.clone(),
+            kind: "revert".into(),
+            ..st.clone()
+        };
+        let timeout = Duration::from_secs_f64(st.health_timeout_s);
+        while let Some((old, new)) = st.replaced.last().cloned() {
+            let put_back = async {
+                let id = self.start_replacement(&back, &from, &new).await?;
+                self.wait_running(std::slice::from_ref(&id), timeout)
+                    .await?;
+                Ok::<_, ControlError>(id)
+            }
+            .await;
+            match put_back {
+                Ok(id) => {
+                    self.retire(&new, &format!("revert to {from}: replaced by {id}"))
+                        .await;
+                    st.replaced.pop();
+                    st.old.push(old);
+                    self.save(&mut st, format!("stopped: {why}; reverting"))?;
+                }
+                Err(e) => {
+                    st.state = RolloutState::Failed;
+                    let message = format!(
+                        "stopped: {why}; the revert failed too ({e}): {} instance(s) still run {}",
+                        st.replaced.len(),
+                        st.to_image
+                    );
+                    self.save(&mut st, message.clone())?;
+                    self.event(
+                        "controller",
+                        &format!("{} {} to {}", st.kind, st.service, st.to_image),
+                        &why,
+                        &message,
+                    );
+                    return Err(ControlError::Conflict(message));
+                }
+            }
+        }
+        st.state = RolloutState::Reverted;
+        let message = format!(
+            "{} of {} to {} stopped and reverted: {why}; it runs {} again",
+            st.kind, st.service, st.to_image, st.from_image
+        );
+        self.save(&mut st, message.clone())?;
+        self.event(
+            "controller",
+            &format!("{} {} to {}", st.kind, st.service, st.to_image),
+            &why,
+            "reverted",
+        );
+        Err(ControlError::Conflict(message))
+    }
+
+    /// Returns `service` to the version it ran before its last rollout.
+    pub async fn rollback(&self, service: &ServiceName, opts: RolloutOptions) -> Result<String> {
+        let v = self.db(|d| d.service_version(service))?.ok_or_else(|| {
+            ControlError::Conflict(format!(
+                "{service} has no earlier version to return to: no rollout of it has finished"
+            ))
+        })?;
+        let image = ImageRef::parse(&v.previous_image)
+            .map_err(|e| ControlError::Conflict(format!("the previous image: {e}")))?;
+        let version = (!v.previous_version.is_empty()).then_some(v.previous_version.as_str());
+        self.rollout(service, &image, version, opts, "rollback")
+            .await
+    }
+
+    /// Resumes the rollouts a stopped controller left under way (once the machines have
+    /// reported what runs).
+    pub(crate) async fn resume_rollouts(self: Arc<Self>) {
+        tokio::time::sleep(Duration::from_millis(crate::control::DOWN_AFTER_MS * 2)).await;
+        let Ok(list) = self.rollouts() else { return };
+        for st in list.into_iter().filter(|r| r.state.is_active()) {
+            let service = st.service.to_string();
+            self.rolling
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(service.clone());
+            self.event(
+                "controller",
+                &format!("{} {} to {}", st.kind, st.service, st.to_image),
+                "the controller restarted while it ran",
+                &format!("resumed: {} of {} replaced", st.replaced.len(), st.total),
+            );
+            let me = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = me.run_rollout(st).await {
+                    tracing::warn!("resumed rollout of {service}: {e}");
+                }
+                me.rolling
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&service);
+            });
+        }
+    }
+}
+
+fn join(ids: &[InstanceId]) -> String {
+    ids.iter()
+        .map(|i| i.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
