@@ -1,6 +1,9 @@
 //! Issue 13 with real QEMU: a maintenance instance on a shared machine, patched through its
 //! serial console, committed as a new version that stores only what changed; it never gets
-//! live traffic and the policy never moves it; the dormant v1 is never touched.
+//! live traffic and the policy never moves it. Then a rollout to it under steady load through
+//! the switch with no failed request, a rollback the same way, and a rollout to a version that
+//! never passes its health check, which stops after its first batch and reverts. The dormant
+//! v1 is never touched.
 
 use std::path::Path;
 use std::time::Duration;
@@ -82,7 +85,7 @@ async fn sent_to(front: &str) -> Vec<(String, u64)> {
 
 #[tokio::test]
 #[ignore = "boots real QEMU; run by scripts/test"]
-async fn maintain_patch_through_the_console_and_commit_a_new_version() {
+async fn maintain_patch_commit_then_roll_out_back_and_refuse_a_broken_version() {
     let data = data_dir();
     let d = data.path();
     let (mut up, front) = start_matrix(d, &["--machines", "2", "--shared", "1"]).await;
@@ -244,6 +247,164 @@ async fn maintain_patch_through_the_console_and_commit_a_new_version() {
 
     let (ok, _, err) = cli(d, &["discard", &id]).await;
     assert!(ok, "{err}");
+
+    // Roll out v2 under steady load: no failed request; afterwards every answer is v2's page.
+    let v2_page = "<p>web v2</p>";
+    let v1_page = "the page as built";
+    let (load, ok, out, err) =
+        under_load(&front, cli(d, &["rollout", "web", "--to", "guest:v2"])).await;
+    assert!(ok, "rollout: {err}\n{}", up_log(d));
+    eprintln!("rollout to v2: {} | {load:?}", out.trim());
+    assert_eq!(load.failed(), 0, "rollout to v2 under load: {load:?}");
+    assert!(err.contains("1/2 replaced"), "progress is shown: {err}");
+    assert_eq!(live_versions(d).await, vec![v2.clone(), v2.clone()]);
+    assert_pages(&front, v2_page).await;
+
+    // Back to v1 the same way.
+    let (load, ok, out, err) = under_load(&front, cli(d, &["rollback", "web"])).await;
+    assert!(ok, "rollback: {err}\n{}", up_log(d));
+    eprintln!("rollback to v1: {} | {load:?}", out.trim());
+    assert_eq!(load.failed(), 0, "rollback under load: {load:?}");
+    assert_eq!(live_versions(d).await, vec![v1.clone(), v1.clone()]);
+    assert_pages(&front, v1_page).await;
+
+    // A broken version: an admin wipes the boot code of a maintenance copy and commits it.
+    let (ok, _, err) = cli(d, &["maintain", "web"]).await;
+    assert!(ok, "maintain: {err}");
+    let admin = wait_for(
+        "the second maintenance instance",
+        Duration::from_secs(180),
+        async || {
+            ps(d)
+                .await
+                .into_iter()
+                .find(|i| i["purpose"] == "maintenance" && i["state"] == "running")
+        },
+    )
+    .await;
+    let id = admin["id"].as_str().unwrap().to_owned();
+    let mut s = console(d, &id).await;
+    s.send(Message::Binary(
+        b"\ndd if=/dev/zero of=/dev/vda bs=446 count=1 conv=notrunc; sync; echo WIPED-$((40+2))\n"
+            .to_vec(),
+    ))
+    .await
+    .expect("send");
+    read_until(&mut s, "WIPED-42", Duration::from_secs(30)).await;
+    drop(s);
+    let (ok, _, err) = cli(
+        d,
+        &["commit", &id, "--tag", "guest:broken", "-m", "a bad patch"],
+    )
+    .await;
+    assert!(ok, "commit: {err}");
+    let (ok, _, err) = cli(d, &["discard", &id]).await;
+    assert!(ok, "{err}");
+    let (load, ok, _, err) = under_load(
+        &front,
+        cli(
+            d,
+            &[
+                "rollout",
+                "web",
+                "--to",
+                "guest:broken",
+                "--batch",
+                "1",
+                "--health-timeout",
+                "30s",
+            ],
+        ),
+    )
+    .await;
+    assert!(!ok, "a rollout to a version that never boots fails");
+    eprintln!("rollout to the broken version: {} | {load:?}", err.trim());
+    assert!(err.contains("stopped and reverted"), "{err}");
+    assert_eq!(load.failed(), 0, "a stopped rollout under load: {load:?}");
+    let (ok, status, err) = cli(d, &["rollout", "--status", "web", "--json"]).await;
+    assert!(ok, "{err}");
+    let status: Value = serde_json::from_str(&status).expect("status json");
+    assert_eq!(status["state"], "reverted", "{status}");
+    assert_eq!(
+        status["replaced"].as_array().map(Vec::len),
+        Some(0),
+        "{status}"
+    );
+    assert_eq!(live_versions(d).await, vec![v1.clone(), v1.clone()]);
+    assert_pages(&front, v1_page).await;
+    assert_eq!(
+        version_of(d, "guest:v1").await,
+        v1,
+        "the dormant v1 never changed"
+    );
+
     let _ = up.start_kill();
     let _ = up.wait().await;
+}
+
+/// Runs `work` while 5 requests/s go through the switch to web's page (in 5-second slices
+/// until the work has ended, and one slice more); the slices' counts summed.
+async fn under_load(
+    front: &str,
+    work: impl std::future::Future<Output = (bool, String, String)>,
+) -> (vmatrix_switch::LoadResult, bool, String, String) {
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let target = format!("http://{front}/s/web/www/index.html");
+    let load = tokio::spawn({
+        let done = done.clone();
+        async move {
+            let mut all = vmatrix_switch::LoadResult::default();
+            loop {
+                let last = done.load(std::sync::atomic::Ordering::Relaxed);
+                let r = vmatrix_switch::run_load(&vmatrix_switch::LoadOptions::constant(
+                    target.clone(),
+                    5.0,
+                    Duration::from_secs(5),
+                ))
+                .await;
+                all.sent += r.sent;
+                all.ok += r.ok;
+                for (k, n) in r.errors {
+                    *all.errors.entry(k).or_default() += n;
+                }
+                all.max_ms = all.max_ms.max(r.max_ms);
+                all.p99_ms = all.p99_ms.max(r.p99_ms);
+                if last {
+                    return all;
+                }
+            }
+        }
+    });
+    let (ok, out, err) = work.await;
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let result = load.await.expect("the load ran");
+    (result, ok, out, err)
+}
+
+/// The versions web's live instances run, sorted.
+async fn live_versions(d: &Path) -> Vec<String> {
+    let mut v: Vec<String> = ps(d)
+        .await
+        .iter()
+        .filter(|i| i["service"] == "web" && i["purpose"] == "live" && i["state"] == "running")
+        .filter_map(|i| i["version"].as_str().map(str::to_owned))
+        .collect();
+    v.sort();
+    v
+}
+
+/// 40 requests through the switch all get a page containing `want`.
+async fn assert_pages(front: &str, want: &str) {
+    let http = reqwest::Client::new();
+    for _ in 0..40 {
+        let page = http
+            .get(format!("http://{front}/s/web/www/index.html"))
+            .send()
+            .await
+            .expect("the switch answers")
+            .text()
+            .await
+            .expect("page");
+        assert!(page.contains(want), "{page:?} is not {want:?}");
+    }
 }
