@@ -124,8 +124,14 @@ pub async fn apply(
     services: Vec<vmatrix_core::ServiceSpec>,
 ) -> Result<()> {
     let n = services.len();
-    client.apply(services).await?;
+    let reply = client.apply(services).await?;
     println!("applied {n} service(s); `vmatrix ps` shows the instances as they come up");
+    for s in reply.rollouts {
+        println!(
+            "{s}: its image changed: rolling out its instances one at a time \
+             (`vmatrix rollout --status {s}`)"
+        );
+    }
     Ok(())
 }
 

@@ -154,11 +154,9 @@ impl ControllerClient {
     }
 
     /// Replaces the declared services.
-    pub async fn apply(&self, services: Vec<ServiceSpec>) -> Result<()> {
-        let _: serde_json::Value = self
-            .post("/api/v1/services", &ApplyRequest { services }, SHORT)
-            .await?;
-        Ok(())
+    pub async fn apply(&self, services: Vec<ServiceSpec>) -> Result<vmatrix_core::api::ApplyReply> {
+        self.post("/api/v1/services", &ApplyRequest { services }, SHORT)
+            .await
     }
 
     /// The machines, with what runs on each.

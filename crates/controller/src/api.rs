@@ -93,8 +93,12 @@ async fn apply(State(x): State<Ctx>, headers: HeaderMap, body: axum::body::Bytes
     if let Err(e) = vmatrix_core::validate_services(&req.services) {
         return err(StatusCode::BAD_REQUEST, e.to_string());
     }
-    match x.c.apply(req.services) {
-        Ok(()) => Json(serde_json::json!({ "applied": true })).into_response(),
+    match x.c.apply_and_roll(req.services) {
+        Ok(rollouts) => Json(vmatrix_core::api::ApplyReply {
+            applied: true,
+            rollouts,
+        })
+        .into_response(),
         Err(e) => fail(e),
     }
 }

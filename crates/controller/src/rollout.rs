@@ -83,6 +83,50 @@ impl Controller {
             .contains(service)
     }
 
+    /// Applies the desired services; a service whose image changed and that runs instances is
+    /// rolled out to the new image (one at a time) by a task of its own. Returns those.
+    pub fn apply_and_roll(
+        self: &Arc<Self>,
+        services: Vec<vmatrix_core::ServiceSpec>,
+    ) -> Result<Vec<ServiceName>> {
+        let before = self.services()?;
+        let rows = self.db(|d| d.instances())?;
+        let changed: Vec<(ServiceName, ImageRef, ImageRef)> = services
+            .iter()
+            .filter_map(|s| {
+                let old = before.iter().find(|o| o.name == s.name)?;
+                (old.image != s.image).then(|| (s.name.clone(), old.image.clone(), s.image.clone()))
+            })
+            .filter(|(name, _, _)| {
+                rows.iter().any(|r| {
+                    r.info.service == *name
+                        && r.info.purpose == Purpose::Live
+                        && r.info.state.is_placed()
+                })
+            })
+            .collect();
+        if let Some((name, _, _)) = changed.iter().find(|(n, _, _)| self.is_rolling(n.as_str())) {
+            return Err(ControlError::Conflict(format!(
+                "{name} is rolling out now: apply a new image once it ends \
+                 (`vmatrix rollout --status {name}`); nothing was applied"
+            )));
+        }
+        self.apply(services)?;
+        let opts = RolloutOptions::from_request(None, None, None)?;
+        for (name, from, to) in &changed {
+            let (me, name, from, to) = (self.clone(), name.clone(), from.clone(), to.clone());
+            tokio::spawn(async move {
+                if let Err(e) = me
+                    .rollout_from(&name, Some(&from), &to, None, opts, "rollout")
+                    .await
+                {
+                    tracing::warn!("rollout of {name} after apply: {e}");
+                }
+            });
+        }
+        Ok(changed.into_iter().map(|(n, _, _)| n).collect())
+    }
+
     /// Replaces the live instances of `service` by `to` (a tag, and a version id if known),
     /// batch by batch; returns when it is done, or fails with why it stopped (reverted).
     pub async fn rollout(
@@ -93,7 +137,22 @@ impl Controller {
         opts: RolloutOptions,
         kind: &str,
     ) -> Result<String> {
+        self.rollout_from(service, None, to, to_version, opts, kind)
+            .await
+    }
+
+    /// [`Controller::rollout`] from `from` (default: the image the spec names now).
+    async fn rollout_from(
+        &self,
+        service: &ServiceName,
+        from: Option<&ImageRef>,
+        to: &ImageRef,
+        to_version: Option<&str>,
+        opts: RolloutOptions,
+        kind: &str,
+    ) -> Result<String> {
         let spec = self.spec_of(service)?;
+        let from = from.cloned().unwrap_or_else(|| spec.image.clone());
         if let Some(r) = self
             .rollouts()?
             .into_iter()
@@ -116,7 +175,7 @@ impl Controller {
                 )));
             }
         }
-        let started = self.start_rollout(service, &spec.image, to, to_version, opts, kind);
+        let started = self.start_rollout(service, &from, to, to_version, opts, kind);
         let result = match started {
             Ok(st) => self.run_rollout(st).await,
             Err(e) => Err(e),

@@ -233,3 +233,24 @@ async fn a_controller_restarted_mid_rollout_resumes_it() {
         "{events:#?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn applying_a_new_image_rolls_the_service_out_to_it() {
+    let mut m = Matrix::new().await;
+    two_on_v1(&mut m).await;
+    let v2 = m.import("guest:v2", b"version two");
+    m.apply(&WEB.replace("guest:v1", "guest:v2")).await;
+    wait_for(
+        "web rolled out to v2",
+        Duration::from_secs(60),
+        async || (versions(&m).await == vec![v2.clone(), v2.clone()]).then_some(()),
+    )
+    .await;
+    let st = status(&m).await;
+    assert_eq!(st.state, RolloutState::Done, "{st:?}");
+    assert_eq!(
+        (st.from_image.as_str(), st.to_image.as_str()),
+        ("guest:v1", "guest:v2")
+    );
+    assert_eq!(m.instances().await.len(), 2, "the old ones are gone");
+}

@@ -192,6 +192,17 @@ pub struct Event {
     pub outcome: String,
 }
 
+/// `POST /api/v1/services` reply.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ApplyReply {
+    /// Always true (a refused set answers with an error).
+    pub applied: bool,
+    /// Services whose image changed and that run instances: a rollout to the new image started
+    /// for each (`vmatrix rollout --status NAME`).
+    #[serde(default)]
+    pub rollouts: Vec<ServiceName>,
+}
+
 /// `POST /api/v1/services` body.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ApplyRequest {
