@@ -55,6 +55,12 @@ impl Controller {
         kind: Start,
     ) -> Result<InstanceInfo> {
         let spec = self.spec_of(service)?;
+        // The version a finished rollout pinned the service to, while the spec still names
+        // that image: new instances run exactly it, wherever its tag has moved since.
+        let pinned = self
+            .db(|d| d.service_version(service))?
+            .filter(|v| v.image == spec.image.to_string() && !v.version.is_empty())
+            .map(|v| v.version);
         // Placement and the row that takes the place are one step: activations and resumes
         // run in parallel, and two must never pick the same room.
         let placing = self.placing.lock().unwrap_or_else(|p| p.into_inner());
@@ -95,6 +101,7 @@ impl Controller {
                         Start::Version {
                             version: Some(v), ..
                         } => v.clone(),
+                        Start::Live | Start::Standby => pinned.clone().unwrap_or_default(),
                         _ => String::new(),
                     },
                     machine: machine.name.clone(),

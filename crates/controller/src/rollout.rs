@@ -291,6 +291,17 @@ impl Controller {
             .map_err(|e| ControlError::Conflict(format!("rollout target: {e}")))?;
         let timeout = Duration::from_secs_f64(st.health_timeout_s);
         let batches = st.total.div_ceil(st.batch.max(1)).max(1);
+        // Old instances replaced before a restart that did not leave yet: they leave now.
+        let rows = self.db(|d| d.instances())?;
+        for (old, new) in st.replaced.clone() {
+            if rows
+                .iter()
+                .any(|r| r.info.id == old && r.info.state.is_placed())
+            {
+                self.retire(&old, &format!("{} to {to}: replaced by {new}", st.kind))
+                    .await;
+            }
+        }
         while !st.old.is_empty() {
             // Instances that left meanwhile (failed, discarded) need no replacing.
             let rows = self.db(|d| d.instances())?;
@@ -357,13 +368,18 @@ impl Controller {
                     .map(|r| r.info.version)
                     .unwrap_or_default();
             }
+            // Recorded before the old ones leave: a restart in between retires them again
+            // instead of taking their replacements for new ones.
             for (old, new) in batch.iter().zip(&started) {
-                self.retire(old, &format!("{} to {to}: replaced by {new}", st.kind))
-                    .await;
                 st.old.retain(|o| o != old);
                 st.replaced.push((old.clone(), new.clone()));
             }
             st.starting.clear();
+            self.save(&mut st, format!("retiring {}", join(&batch)))?;
+            for (old, new) in batch.iter().zip(&started) {
+                self.retire(old, &format!("{} to {to}: replaced by {new}", st.kind))
+                    .await;
+            }
             let done = st.replaced.len() as u32;
             let message = format!(
                 "batch {} of {batches}: {} replaced by {}",
@@ -382,13 +398,32 @@ impl Controller {
                 tokio::time::sleep(Duration::from_secs_f64(st.pause_s)).await;
             }
         }
+        // Dormant copies of the old version would bring it back when resumed: they go.
+        let rows = self.db(|d| d.instances())?;
+        let mut dormant = 0;
+        for r in rows.iter().filter(|r| {
+            r.info.service == st.service
+                && r.info.purpose == Purpose::Live
+                && r.info.state == InstanceState::Suspended
+                && r.info.version != st.to_version
+        }) {
+            let why = format!("{} to {to}: a suspended copy of the old version", st.kind);
+            if self.discard(&r.info.id, &why).await.is_ok() {
+                dormant += 1;
+            }
+        }
         st.state = RolloutState::Done;
         let message = format!(
-            "done: {} instance(s) of {} now run {} ({})",
+            "done: {} instance(s) of {} now run {} ({}){}",
             st.replaced.len(),
             st.service,
             st.to_image,
-            crate::control::short_version(&st.to_version)
+            crate::control::short_version(&st.to_version),
+            if dormant > 0 {
+                format!("; {dormant} suspended instance(s) of the old version discarded")
+            } else {
+                String::new()
+            }
         );
         self.save(&mut st, message.clone())?;
         self.db(|d| {

@@ -145,6 +145,23 @@ async fn a_rollout_replaces_batch_by_batch_and_a_rollback_returns() {
     );
     assert_eq!(versions(&m).await, vec![v1.clone(), v1.clone()]);
     assert_eq!(status(&m).await.kind, "rollback");
+    // The service is pinned to the version it returned to: one more instance runs v1, not
+    // what the tag guest:v1 points at now.
+    let body = m
+        .done(Operation::Activate {
+            service: web(),
+            on: None,
+        })
+        .await;
+    let id = body["result"]
+        .as_str()
+        .and_then(|r| r.split(' ').next())
+        .expect("the new id")
+        .to_owned();
+    let third = m
+        .wait_state(&id, "running", None, Duration::from_secs(20))
+        .await;
+    assert_eq!(third.version, v1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
