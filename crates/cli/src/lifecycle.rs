@@ -68,7 +68,10 @@ pub async fn status(client: &ControllerClient, service: &ServiceName, json: bool
         return Ok(());
     }
     let short = |v: &str| v.get(..12).unwrap_or(v).to_owned();
-    println!("{} of {}: {:?}", st.kind, st.service, st.state);
+    println!(
+        "{} of {}: {:?} (asked by {})",
+        st.kind, st.service, st.state, st.requested_by
+    );
     println!("from    {} ({})", st.from_image, short(&st.from_version));
     println!("to      {} ({})", st.to_image, short(&st.to_version));
     println!(

@@ -709,6 +709,7 @@ fn run() -> Result<()> {
                 batch: Some(batch),
                 pause_s: Some(pause.as_secs_f64()),
                 health_timeout_s: Some(health_timeout.as_secs_f64()),
+                author: Some(whoami()),
             };
             runtime()?.block_on(lifecycle::run(&client()?, &service, rollout))?
         }
@@ -721,6 +722,7 @@ fn run() -> Result<()> {
                 service: service.clone(),
                 batch: Some(batch),
                 pause_s: Some(pause.as_secs_f64()),
+                author: Some(whoami()),
             };
             runtime()?.block_on(lifecycle::run(&client()?, &service, rollback))?
         }

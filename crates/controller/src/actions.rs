@@ -800,17 +800,24 @@ impl Controller {
                 batch,
                 pause_s,
                 health_timeout_s,
+                author,
             } => {
-                let opts =
-                    crate::rollout::RolloutOptions::from_request(batch, pause_s, health_timeout_s)?;
+                let opts = crate::rollout::RolloutOptions::from_request(
+                    batch,
+                    pause_s,
+                    health_timeout_s,
+                    author,
+                )?;
                 self.rollout(&service, &to, None, opts, "rollout").await
             }
             Operation::Rollback {
                 service,
                 batch,
                 pause_s,
+                author,
             } => {
-                let opts = crate::rollout::RolloutOptions::from_request(batch, pause_s, None)?;
+                let opts =
+                    crate::rollout::RolloutOptions::from_request(batch, pause_s, None, author)?;
                 self.rollback(&service, opts).await
             }
             Operation::Commit {

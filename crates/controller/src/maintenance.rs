@@ -29,6 +29,16 @@ fn bytes(n: u64) -> String {
     }
 }
 
+/// Who asked, as a request may name it: 1 to 200 printable characters.
+pub(crate) fn check_author(author: &str) -> Result<()> {
+    if author.is_empty() || author.len() > 200 || author.chars().any(char::is_control) {
+        return Err(ControlError::BadRequest(
+            "author: 1 to 200 printable characters, e.g. ann@ops".into(),
+        ));
+    }
+    Ok(())
+}
+
 impl Controller {
     /// A shared machine for a maintenance instance of `spec`: `on` (which must be a shared
     /// machine that is up), else the shared machine with the most free memory that holds it.
@@ -153,11 +163,7 @@ impl Controller {
                 row.info.state.as_str()
             )));
         }
-        if author.is_empty() || author.len() > 200 || author.chars().any(char::is_control) {
-            return Err(ControlError::BadRequest(
-                "author: 1 to 200 printable characters, e.g. ann@ops".into(),
-            ));
-        }
+        check_author(author)?;
         if message.is_some_and(|m| m.len() > 4096) {
             return Err(ControlError::BadRequest(
                 "--message: at most 4096 bytes".into(),

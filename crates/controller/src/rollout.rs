@@ -25,8 +25,10 @@ use crate::db::ServiceVersion;
 const RETIRE_GRACE: Duration = Duration::from_secs(2);
 
 /// A rollout's knobs.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct RolloutOptions {
+    /// Who asks.
+    pub by: String,
     /// Instances replaced at once.
     pub batch: u32,
     /// Between batches.
@@ -41,7 +43,10 @@ impl RolloutOptions {
         batch: Option<u32>,
         pause_s: Option<f64>,
         health_timeout_s: Option<f64>,
+        by: Option<String>,
     ) -> Result<Self> {
+        let by = by.unwrap_or_else(|| "api".into());
+        crate::maintenance::check_author(&by)?;
         let batch = batch.unwrap_or(1);
         if !(1..=100).contains(&batch) {
             return Err(ControlError::BadRequest(format!(
@@ -57,6 +62,7 @@ impl RolloutOptions {
             Ok(Duration::from_secs_f64(v))
         };
         Ok(Self {
+            by,
             batch,
             pause: secs("pause", pause_s.unwrap_or(0.0), 0.0, 3600.0)?,
             health_timeout: secs(
@@ -112,9 +118,15 @@ impl Controller {
             )));
         }
         self.apply(services)?;
-        let opts = RolloutOptions::from_request(None, None, None)?;
+        let opts = RolloutOptions::from_request(None, None, None, Some("apply".into()))?;
         for (name, from, to) in &changed {
-            let (me, name, from, to) = (self.clone(), name.clone(), from.clone(), to.clone());
+            let (me, name, from, to, opts) = (
+                self.clone(),
+                name.clone(),
+                from.clone(),
+                to.clone(),
+                opts.clone(),
+            );
             tokio::spawn(async move {
                 if let Err(e) = me
                     .rollout_from(&name, Some(&from), &to, None, opts, "rollout")
@@ -249,12 +261,13 @@ impl Controller {
             started_ms: now,
             updated_ms: now,
             message: "started".into(),
+            requested_by: opts.by.clone(),
         };
         self.db(|d| d.put_rollout(&st))?;
         // New instances from now on — the policy's too, once it is back — run the new version.
         self.set_image(service, to)?;
         self.event(
-            "api",
+            &opts.by,
             &format!("{kind} {service} to {to}"),
             "operator request",
             &format!(

@@ -31,6 +31,7 @@ fn rollout(to: &str, health_timeout_s: Option<f64>) -> Operation {
         batch: Some(1),
         pause_s: None,
         health_timeout_s,
+        author: Some("ann@ops".into()),
     }
 }
 
@@ -62,6 +63,20 @@ async fn versions(m: &Matrix) -> Vec<String> {
         .collect();
     v.sort();
     v
+}
+
+/// The image web's stored spec names.
+async fn spec_image(m: &Matrix) -> String {
+    let reply: vmatrix_core::api::ServicesReply = m
+        .http
+        .get(m.url("/api/v1/services"))
+        .send()
+        .await
+        .expect("services")
+        .json()
+        .await
+        .expect("services reply");
+    reply.services[0].image.to_string()
 }
 
 async fn two_on_v1(m: &mut Matrix) -> String {
@@ -115,19 +130,11 @@ async fn a_rollout_replaces_batch_by_batch_and_a_rollback_returns() {
         (v1.as_str(), v2.as_str())
     );
     assert!(st.old.is_empty());
+    assert_eq!(st.requested_by, "ann@ops");
     let least = watcher.await.expect("watcher");
     assert!(least >= 2, "only {least} running at one moment");
     // The spec names the new version now.
-    let services: serde_json::Value = m
-        .http
-        .get(m.url("/api/v1/services"))
-        .send()
-        .await
-        .expect("services")
-        .json()
-        .await
-        .expect("json");
-    assert_eq!(services["services"][0]["image"], "guest:v2", "{services}");
+    assert_eq!(spec_image(&m).await, "guest:v2");
 
     // Back to v1 the same way, even though the tag guest:v1 moved meanwhile.
     let v1b = m.import("guest:v1", b"a retagged v1");
@@ -137,6 +144,7 @@ async fn a_rollout_replaces_batch_by_batch_and_a_rollback_returns() {
             service: web(),
             batch: Some(2),
             pause_s: None,
+            author: None,
         })
         .await;
     assert!(
@@ -190,16 +198,7 @@ async fn a_version_that_fails_its_health_check_stops_the_rollout_and_reverts() {
     assert_eq!(versions(&m).await, vec![v1.clone(), v1.clone()]);
     // Nothing of the bad version is left.
     assert_eq!(m.instances().await.len(), 2);
-    let services: serde_json::Value = m
-        .http
-        .get(m.url("/api/v1/services"))
-        .send()
-        .await
-        .expect("services")
-        .json()
-        .await
-        .expect("json");
-    assert_eq!(services["services"][0]["image"], "guest:v1", "{services}");
+    assert_eq!(spec_image(&m).await, "guest:v1");
     // Bad requests are refused up front.
     let (code, body) = m
         .operate(
@@ -209,6 +208,7 @@ async fn a_version_that_fails_its_health_check_stops_the_rollout_and_reverts() {
                 batch: Some(0),
                 pause_s: None,
                 health_timeout_s: None,
+                author: None,
             },
             5,
         )

@@ -274,6 +274,9 @@ pub enum Operation {
         pause_s: Option<f64>,
         /// Seconds a new instance may take to pass its health check (default 180).
         health_timeout_s: Option<f64>,
+        /// Who asks (for the event log and the status).
+        #[serde(default)]
+        author: Option<String>,
     },
     /// Return a service to the version it ran before its last rollout, the same way.
     Rollback {
@@ -283,6 +286,9 @@ pub enum Operation {
         batch: Option<u32>,
         /// Seconds to wait between batches (default 0).
         pause_s: Option<f64>,
+        /// Who asks.
+        #[serde(default)]
+        author: Option<String>,
     },
     /// Give a drained machine back to the policy.
     Undrain {
@@ -793,6 +799,9 @@ pub struct RolloutStatus {
     pub updated_ms: u64,
     /// The last step, or why it stopped.
     pub message: String,
+    /// Who asked for it (`apply` for one an apply started).
+    #[serde(default)]
+    pub requested_by: String,
 }
 
 /// `GET /api/v1/rollouts`: each service's last rollout.

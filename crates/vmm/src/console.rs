@@ -281,6 +281,15 @@ mod tests {
         })
     }
 
+    /// A console over an echoing socket in a fresh directory.
+    async fn over_echo() -> (tempfile::TempDir, Console, tokio::task::JoinHandle<()>) {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("console.sock");
+        let console = Console::open(&sock, &dir.path().join("serial.log"));
+        let qemu = echo_socket(&sock).await;
+        (dir, console, qemu)
+    }
+
     async fn read_until(a: &mut Attached, want: &str) -> String {
         let mut got = String::from_utf8_lossy(&a.scrollback).into_owned();
         while !got.contains(want) {
@@ -295,13 +304,8 @@ mod tests {
 
     #[tokio::test]
     async fn readers_share_the_output_one_writer_at_a_time_and_a_late_reader_gets_the_scrollback() {
-        let dir = tempfile::tempdir().unwrap();
-        let (sock, log) = (
-            dir.path().join("console.sock"),
-            dir.path().join("serial.log"),
-        );
-        let console = Console::open(&sock, &log);
-        let _qemu = echo_socket(&sock).await;
+        let (dir, console, _qemu) = over_echo().await;
+        let log = dir.path().join("serial.log");
         let mut first = console.attach(true);
         let mut second = console.attach(true);
         assert!(first.writer && !second.writer, "one writer");
@@ -330,13 +334,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_scrollback_keeps_only_the_newest_bytes() {
-        let dir = tempfile::tempdir().unwrap();
-        let (sock, log) = (
-            dir.path().join("console.sock"),
-            dir.path().join("serial.log"),
-        );
-        let console = Console::open(&sock, &log);
-        let _qemu = echo_socket(&sock).await;
+        let (_dir, console, _qemu) = over_echo().await;
         let mut w = console.attach(true);
         let big = vec![b'a'; SCROLLBACK + 10];
         w.input.send(big).await.unwrap();
