@@ -428,9 +428,25 @@ enum GuestCommand {
     },
 }
 
-/// `$USER@host`, for the history of what an operator did.
+/// `$USER@host` (or the account of this uid), for the history of what an operator did.
 fn whoami() -> String {
-    let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
+    let user = std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .ok()
+        .filter(|u| !u.is_empty())
+        .unwrap_or_else(|| {
+            // SAFETY: getuid has no preconditions and cannot fail.
+            let uid = unsafe { libc::getuid() };
+            std::fs::read_to_string("/etc/passwd")
+                .ok()
+                .and_then(|p| {
+                    p.lines().find_map(|l| {
+                        let f: Vec<&str> = l.split(':').collect();
+                        (f.get(2) == Some(&uid.to_string().as_str())).then(|| f[0].to_owned())
+                    })
+                })
+                .unwrap_or_else(|| format!("uid{uid}"))
+        });
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_owned())
         .unwrap_or_else(|_| "localhost".into());

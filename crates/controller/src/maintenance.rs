@@ -74,9 +74,13 @@ impl Controller {
                 .ok_or_else(|| ControlError::NotFound(format!("no machine {name}")))?;
             if !shared(m) {
                 return Err(ControlError::Conflict(format!(
-                    "machine {name} is {:?} and {}: maintenance instances run on a shared machine \
+                    "machine {name} is {} and {}: maintenance instances run on a shared machine \
                      that is up (start an agent with --role shared)",
-                    m.role, m.state
+                    match m.role {
+                        MachineRole::Dedicated => "dedicated",
+                        MachineRole::Shared => "shared",
+                    },
+                    m.state
                 )));
             }
             return Ok(m.clone());

@@ -472,7 +472,13 @@ impl Controller {
             version: (!st.to_version.is_empty()).then(|| st.to_version.clone()),
         };
         let why = format!("{} to {to}: replaces {old}", st.kind);
-        match self.activate_as(&st.service, None, &why, kind()).await {
+        // On the old one's machine when it has room for both: the service keeps its layout
+        // (placement elsewhere would count the old one, about to leave, and bunch them up).
+        let beside = self.room_beside(&st.service, old)?;
+        match self
+            .activate_as(&st.service, beside.as_deref(), &why, kind())
+            .await
+        {
             Ok(i) => Ok(i.id),
             Err(ControlError::Conflict(no_room)) => {
                 // No room beside it: one instance's capacity is missing for a moment.
@@ -490,6 +496,37 @@ impl Controller {
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// The machine of `old` if it is up, dedicated and has the CPU and memory for one more
+    /// instance of `service` beside everything placed there.
+    fn room_beside(&self, service: &ServiceName, old: &InstanceId) -> Result<Option<String>> {
+        let spec = self.spec_of(service)?;
+        let Some(machine) = self.db(|d| d.instance(old))?.map(|r| r.info.machine) else {
+            return Ok(None);
+        };
+        let Some(m) = self.machines()?.into_iter().find(|m| m.name == machine) else {
+            return Ok(None);
+        };
+        if m.state != vmatrix_core::api::MachineState::Up
+            || m.role != vmatrix_core::api::MachineRole::Dedicated
+        {
+            return Ok(None);
+        }
+        let services = self.services()?;
+        let (mut cpu, mut mem) = (u64::from(spec.vcpus), u64::from(spec.memory_mib));
+        for r in self.db(|d| d.instances())? {
+            if r.info.machine != machine || !r.info.state.is_placed() {
+                continue;
+            }
+            if let Some(s) = services.iter().find(|s| s.name == r.info.service) {
+                mem += u64::from(s.memory_mib);
+                if r.info.state != InstanceState::Paused {
+                    cpu += u64::from(s.vcpus);
+                }
+            }
+        }
+        Ok((cpu <= u64::from(m.vcpus) && mem <= u64::from(m.memory_mib)).then_some(machine))
     }
 
     /// Waits until every instance in `ids` runs (its health check passed).
