@@ -254,6 +254,15 @@ impl Agent {
                 AgentError::Other(format!("creating {}: {e}", config.data.display()))
             })?;
         }
+        // Disk copies of commits a previous process did not finish.
+        if let Ok(entries) = std::fs::read_dir(config.data.join("tmp")) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with("commit-") || name.starts_with(".vmatrix-commit-") {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
         Ok(Arc::new(Self {
             config,
             hv,

@@ -66,6 +66,11 @@ impl Controller {
         let placing = self.placing.lock().unwrap_or_else(|p| p.into_inner());
         let machine = match (&kind, on) {
             (Start::Maintenance { .. }, on) => self.place_shared(&spec, on)?,
+            // A rollout's preference: there if it has room, else where placement says.
+            (Start::Version { .. }, Some(name)) => match self.room_on(&spec, name)? {
+                Some(m) => m,
+                None => self.place(&spec, None)?,
+            },
             (_, Some(name)) => self.machine_up(name)?,
             (_, None) => self.place(&spec, None)?,
         };

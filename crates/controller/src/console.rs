@@ -53,9 +53,8 @@ impl Controller {
                 message: "no console answer within 10 s".into(),
             })?
             .map_err(|e| match e {
-                tokio_tungstenite::tungstenite::Error::Http(r) => ControlError::Agent {
-                    machine: machine.name.clone(),
-                    message: r
+                tokio_tungstenite::tungstenite::Error::Http(r) => {
+                    let message = r
                         .body()
                         .as_deref()
                         .map(|b| {
@@ -63,8 +62,17 @@ impl Controller {
                                 .map(|e| e.error)
                                 .unwrap_or_else(|_| String::from_utf8_lossy(b).into_owned())
                         })
-                        .unwrap_or_else(|| r.status().to_string()),
-                },
+                        .unwrap_or_else(|| r.status().to_string());
+                    // The agent's refusal keeps its kind (not there, not possible now).
+                    match r.status().as_u16() {
+                        404 => ControlError::NotFound(message),
+                        409 => ControlError::Conflict(message),
+                        _ => ControlError::Agent {
+                            machine: machine.name.clone(),
+                            message,
+                        },
+                    }
+                }
                 other => ControlError::Unreachable {
                     machine: machine.name.clone(),
                     message: other.to_string(),

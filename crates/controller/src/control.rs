@@ -124,7 +124,7 @@ pub struct Controller {
     /// How long a maintenance instance may stay unused (none: until discarded).
     pub(crate) maintenance_idle: Mutex<Option<Duration>>,
     /// Services rolling out now: the policy leaves them alone.
-    pub(crate) rolling: Mutex<HashSet<String>>,
+    pub(crate) rolling: Arc<Mutex<HashSet<String>>>,
     /// Instances a rollout is retiring: out of the routes, discarded in a moment.
     pub(crate) retiring: Mutex<HashSet<InstanceId>>,
     /// Services whose automatic activations fail in a row, and until when they wait.
@@ -212,7 +212,7 @@ impl Controller {
             prepared: Mutex::new(HashSet::new()),
             maintenance_used: Mutex::new(HashMap::new()),
             maintenance_idle: Mutex::new(None),
-            rolling: Mutex::new(HashSet::new()),
+            rolling: Arc::new(Mutex::new(HashSet::new())),
             retiring: Mutex::new(HashSet::new()),
         })
     }

@@ -83,7 +83,6 @@ impl Controller {
                     m.state
                 )));
             }
-            return Ok(m.clone());
         }
         let services = self.services()?;
         let rows = self.db(|d| d.instances())?;
@@ -96,7 +95,7 @@ impl Controller {
         };
         let mut candidates: Vec<(u64, &MachineInfo)> = machines
             .iter()
-            .filter(|m| shared(m))
+            .filter(|m| shared(m) && on.is_none_or(|name| m.name == name))
             .map(|m| (u64::from(m.memory_mib).saturating_sub(used(m)), m))
             .collect();
         if candidates.is_empty() {

@@ -98,7 +98,11 @@ impl Controller {
                         )
                 })
                 .count() as u32;
-            if live < spec.min && !self.backing_off(spec.name.as_str()) {
+            // A rolling service's instances are the rollout's to start and end.
+            if live < spec.min
+                && !self.backing_off(spec.name.as_str())
+                && !self.is_rolling(spec.name.as_str())
+            {
                 // One at a time per service: the next tick sees it and starts the next.
                 let (me, name, min) = (self.clone(), spec.name.clone(), spec.min);
                 self.spawn_work(async move {

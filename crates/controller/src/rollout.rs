@@ -111,15 +111,17 @@ impl Controller {
                 })
             })
             .collect();
-        if let Some((name, _, _)) = changed.iter().find(|(n, _, _)| self.is_rolling(n.as_str())) {
-            return Err(ControlError::Conflict(format!(
-                "{name} is rolling out now: apply a new image once it ends \
-                 (`vmatrix rollout --status {name}`); nothing was applied"
-            )));
-        }
-        self.apply(services)?;
+        let names: Vec<ServiceName> = changed.iter().map(|(n, _, _)| n.clone()).collect();
+        // Claimed before anything is applied, all at once: a rollout under way refuses this
+        // apply (nothing applied), and none can start in between.
+        let claims = self.claim_rolling(&names).map_err(|e| {
+            ControlError::Conflict(format!(
+                "{e}; apply a new image once it ends; nothing was applied"
+            ))
+        })?;
         let opts = RolloutOptions::from_request(None, None, None, Some("apply".into()))?;
-        for (name, from, to) in &changed {
+        self.apply(services)?;
+        for ((name, from, to), claim) in changed.iter().zip(claims) {
             let (me, name, from, to, opts) = (
                 self.clone(),
                 name.clone(),
@@ -128,8 +130,9 @@ impl Controller {
                 opts.clone(),
             );
             tokio::spawn(async move {
+                let claim = [claim];
                 if let Err(e) = me
-                    .rollout_from(&name, Some(&from), &to, None, opts, "rollout")
+                    .rollout_claimed(&claim, &name, Some(&from), &to, None, opts, "rollout")
                     .await
                 {
                     tracing::warn!("rollout of {name} after apply: {e}");
@@ -163,40 +166,82 @@ impl Controller {
         opts: RolloutOptions,
         kind: &str,
     ) -> Result<String> {
-        let spec = self.spec_of(service)?;
-        let from = from.cloned().unwrap_or_else(|| spec.image.clone());
-        if let Some(r) = self
-            .rollouts()?
-            .into_iter()
-            .find(|r| r.service == *service && r.state.is_active())
-        {
-            return Err(ControlError::Conflict(format!(
-                "a {} of {service} to {} is under way ({} of {} replaced); \
-                 `vmatrix rollout --status {service}` follows it",
-                r.kind,
-                r.to_image,
-                r.replaced.len(),
-                r.total
-            )));
-        }
-        {
-            let mut rolling = self.rolling.lock().unwrap_or_else(|e| e.into_inner());
-            if !rolling.insert(service.to_string()) {
+        let claim = self.claim_rolling(std::slice::from_ref(service))?;
+        self.rollout_claimed(&claim, service, from, to, to_version, opts, kind)
+            .await
+    }
+
+    /// Marks `services` as rolling (the policy leaves them alone) in one step, or refuses if
+    /// any of them is rolling or has a rollout under way; each is released when its guard
+    /// drops.
+    fn claim_rolling(&self, services: &[ServiceName]) -> Result<Vec<Rolling>> {
+        let active = self.rollouts()?;
+        let mut rolling = self.rolling.lock().unwrap_or_else(|e| e.into_inner());
+        for service in services {
+            if let Some(r) = active
+                .iter()
+                .find(|r| r.service == *service && r.state.is_active())
+            {
+                return Err(ControlError::Conflict(format!(
+                    "a {} of {service} to {} is under way ({} of {} replaced); \
+                     `vmatrix rollout --status {service}` follows it",
+                    r.kind,
+                    r.to_image,
+                    r.replaced.len(),
+                    r.total
+                )));
+            }
+            if rolling.contains(service.as_str()) {
                 return Err(ControlError::Conflict(format!(
                     "a rollout of {service} is starting"
                 )));
             }
         }
-        let started = self.start_rollout(service, &from, to, to_version, opts, kind);
-        let result = match started {
-            Ok(st) => self.run_rollout(st).await,
-            Err(e) => Err(e),
-        };
-        self.rolling
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(service.as_str());
+        Ok(services
+            .iter()
+            .map(|s| {
+                rolling.insert(s.to_string());
+                Rolling {
+                    set: self.rolling.clone(),
+                    service: s.to_string(),
+                }
+            })
+            .collect())
+    }
+
+    /// A rollout whose service is claimed. An error that stops it midway (not a revert) leaves
+    /// it `failed` with why, never "under way" for good.
+    #[allow(clippy::too_many_arguments)]
+    async fn rollout_claimed(
+        &self,
+        _claim: &[Rolling],
+        service: &ServiceName,
+        from: Option<&ImageRef>,
+        to: &ImageRef,
+        to_version: Option<&str>,
+        opts: RolloutOptions,
+        kind: &str,
+    ) -> Result<String> {
+        let spec = self.spec_of(service)?;
+        let from = from.cloned().unwrap_or_else(|| spec.image.clone());
+        let st = self.start_rollout(service, &from, to, to_version, opts, kind)?;
+        let result = self.run_rollout(st).await;
+        if let Err(e) = &result {
+            self.mark_failed(service, e);
+        }
         result
+    }
+
+    /// Records a rollout still marked under way as failed, with why.
+    fn mark_failed(&self, service: &ServiceName, e: &ControlError) {
+        let Ok(list) = self.rollouts() else { return };
+        if let Some(mut st) = list
+            .into_iter()
+            .find(|r| r.service == *service && r.state.is_active())
+        {
+            st.state = RolloutState::Failed;
+            let _ = self.save(&mut st, format!("stopped: {e}"));
+        }
     }
 
     fn start_rollout(
@@ -354,6 +399,11 @@ impl Controller {
                         self.save(&mut st, format!("starting {}", join(&started)))?;
                     }
                     Err(e) => {
+                        // An old one that left to make room comes back with the revert.
+                        if self.db(|d| d.instance(old))?.is_none() {
+                            st.old.retain(|o| o != old);
+                            st.replaced.push((old.clone(), old.clone()));
+                        }
                         failure = Some(format!("a new instance of {to} did not start: {e}"));
                         break;
                     }
@@ -472,9 +522,10 @@ impl Controller {
             version: (!st.to_version.is_empty()).then(|| st.to_version.clone()),
         };
         let why = format!("{} to {to}: replaces {old}", st.kind);
-        // On the old one's machine when it has room for both: the service keeps its layout
-        // (placement elsewhere would count the old one, about to leave, and bunch them up).
-        let beside = self.room_beside(&st.service, old)?;
+        // On the old one's machine when it has room for both (checked when placing): the
+        // service keeps its layout (placement elsewhere would count the old one, about to
+        // leave, and bunch them up).
+        let beside = self.machine_of(old)?;
         match self
             .activate_as(&st.service, beside.as_deref(), &why, kind())
             .await
@@ -498,14 +549,22 @@ impl Controller {
         }
     }
 
-    /// The machine of `old` if it is up, dedicated and has the CPU and memory for one more
-    /// instance of `service` beside everything placed there.
-    fn room_beside(&self, service: &ServiceName, old: &InstanceId) -> Result<Option<String>> {
-        let spec = self.spec_of(service)?;
-        let Some(machine) = self.db(|d| d.instance(old))?.map(|r| r.info.machine) else {
-            return Ok(None);
-        };
-        let Some(m) = self.machines()?.into_iter().find(|m| m.name == machine) else {
+    /// The machine of `old`, if it still has one.
+    fn machine_of(&self, old: &InstanceId) -> Result<Option<String>> {
+        Ok(self
+            .db(|d| d.instance(old))?
+            .map(|r| r.info.machine)
+            .filter(|m| !m.is_empty()))
+    }
+
+    /// Machine `name` if it is up, dedicated and has the CPU and memory for one more instance
+    /// of `spec` beside everything placed there (called under the placement lock).
+    pub(crate) fn room_on(
+        &self,
+        spec: &vmatrix_core::ServiceSpec,
+        name: &str,
+    ) -> Result<Option<vmatrix_core::api::MachineInfo>> {
+        let Some(m) = self.machines()?.into_iter().find(|m| m.name == name) else {
             return Ok(None);
         };
         if m.state != vmatrix_core::api::MachineState::Up
@@ -516,7 +575,7 @@ impl Controller {
         let services = self.services()?;
         let (mut cpu, mut mem) = (u64::from(spec.vcpus), u64::from(spec.memory_mib));
         for r in self.db(|d| d.instances())? {
-            if r.info.machine != machine || !r.info.state.is_placed() {
+            if r.info.machine != name || !r.info.state.is_placed() {
                 continue;
             }
             if let Some(s) = services.iter().find(|s| s.name == r.info.service) {
@@ -526,7 +585,7 @@ impl Controller {
                 }
             }
         }
-        Ok((cpu <= u64::from(m.vcpus) && mem <= u64::from(m.memory_mib)).then_some(machine))
+        Ok((cpu <= u64::from(m.vcpus) && mem <= u64::from(m.memory_mib)).then_some(m))
     }
 
     /// Waits until every instance in `ids` runs (its health check passed).
@@ -562,14 +621,32 @@ impl Controller {
     }
 
     /// Takes `id` out of the switch's routes, lets its requests in flight finish, discards it.
+    /// A discard refused for now (another operation holds the instance, say) is tried again
+    /// for up to 10 minutes; meanwhile, and if it never succeeds, it stays out of the routes.
     async fn retire(&self, id: &InstanceId, why: &str) {
         self.retiring
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(id.clone());
         tokio::time::sleep(RETIRE_GRACE).await;
-        if let Err(e) = self.discard(id, why).await {
-            tracing::warn!("retiring {id}: {e}");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
+        loop {
+            match self.discard(id, why).await {
+                Ok(_) | Err(ControlError::NotFound(_)) => break,
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    tracing::info!("retiring {id}: {e}; trying again");
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                }
+                Err(e) => {
+                    self.event(
+                        "controller",
+                        &format!("discard {id}"),
+                        why,
+                        &format!("failed for 10 minutes ({e}): it stays out of the routes"),
+                    );
+                    return;
+                }
+            }
         }
         self.retiring
             .lock()
@@ -666,14 +743,18 @@ impl Controller {
     /// Resumes the rollouts a stopped controller left under way (once the machines have
     /// reported what runs).
     pub(crate) async fn resume_rollouts(self: Arc<Self>) {
-        tokio::time::sleep(Duration::from_millis(crate::control::DOWN_AFTER_MS * 2)).await;
+        // The policy must leave these services alone from the first tick, not once resumed.
         let Ok(list) = self.rollouts() else { return };
-        for st in list.into_iter().filter(|r| r.state.is_active()) {
+        let list: Vec<RolloutStatus> = list.into_iter().filter(|r| r.state.is_active()).collect();
+        {
+            let mut rolling = self.rolling.lock().unwrap_or_else(|e| e.into_inner());
+            for st in &list {
+                rolling.insert(st.service.to_string());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(crate::control::DOWN_AFTER_MS * 2)).await;
+        for st in list {
             let service = st.service.to_string();
-            self.rolling
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(service.clone());
             self.event(
                 "controller",
                 &format!("{} {} to {}", st.kind, st.service, st.to_image),
@@ -682,15 +763,32 @@ impl Controller {
             );
             let me = self.clone();
             tokio::spawn(async move {
+                let _claim = Rolling {
+                    set: me.rolling.clone(),
+                    service: service.clone(),
+                };
+                let name = st.service.clone();
                 if let Err(e) = me.run_rollout(st).await {
                     tracing::warn!("resumed rollout of {service}: {e}");
+                    me.mark_failed(&name, &e);
                 }
-                me.rolling
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&service);
             });
         }
+    }
+}
+
+/// A service claimed as rolling; released on drop (whatever ends the rollout, a panic too).
+pub(crate) struct Rolling {
+    set: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+    service: String,
+}
+
+impl Drop for Rolling {
+    fn drop(&mut self) {
+        self.set
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.service);
     }
 }
 

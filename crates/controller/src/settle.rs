@@ -122,6 +122,15 @@ impl Controller {
                             if standby {
                                 let (me, id) = (self.clone(), row.info.id.clone());
                                 tokio::spawn(async move {
+                                    // Unpaused while it booted: it serves instead.
+                                    let still = me
+                                        .prepared
+                                        .lock()
+                                        .unwrap_or_else(|e| e.into_inner())
+                                        .contains(&id);
+                                    if !still {
+                                        return;
+                                    }
                                     let done = me
                                         .pause(&id, true, "warm standby: booted, now paused")
                                         .await;

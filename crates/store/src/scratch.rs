@@ -18,8 +18,10 @@ impl Drop for TempPath {
 
 pub(crate) fn tempfile_in(dir: &Path, what: &str) -> Result<TempPath> {
     fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
+    let seq = crate::backend::TMP_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let nonce =
-        blake3::hash(format!("{:?}{}", SystemTime::now(), std::process::id()).as_bytes()).to_hex();
+        blake3::hash(format!("{:?}{}-{seq}", SystemTime::now(), std::process::id()).as_bytes())
+            .to_hex();
     Ok(TempPath(
         dir.join(format!(".vmatrix-{what}-{}", &nonce[..12])),
     ))

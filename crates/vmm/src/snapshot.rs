@@ -23,7 +23,17 @@ impl Vm {
         let copied = tokio::fs::copy(self.dir.disk(), to)
             .await
             .map_err(io_err("copy the overlay of", &self.dir.disk()));
-        let resumed = if running { self.cont().await } else { Ok(()) };
+        // A `cont` that fails is tried again: a guest left stopped would fail its health check.
+        let mut resumed = Ok(());
+        if running {
+            for _ in 0..3 {
+                resumed = self.cont().await;
+                if resumed.is_ok() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
         let took = stopped.elapsed();
         copied?;
         resumed?;
