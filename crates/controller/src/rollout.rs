@@ -152,22 +152,8 @@ impl Controller {
         opts: RolloutOptions,
         kind: &str,
     ) -> Result<String> {
-        self.rollout_from(service, None, to, to_version, opts, kind)
-            .await
-    }
-
-    /// [`Controller::rollout`] from `from` (default: the image the spec names now).
-    async fn rollout_from(
-        &self,
-        service: &ServiceName,
-        from: Option<&ImageRef>,
-        to: &ImageRef,
-        to_version: Option<&str>,
-        opts: RolloutOptions,
-        kind: &str,
-    ) -> Result<String> {
         let claim = self.claim_rolling(std::slice::from_ref(service))?;
-        self.rollout_claimed(&claim, service, from, to, to_version, opts, kind)
+        self.rollout_claimed(&claim, service, None, to, to_version, opts, kind)
             .await
     }
 
