@@ -185,12 +185,21 @@ async fn pump(
     log: PathBuf,
     ring: Arc<Mutex<VecDeque<u8>>>,
     out: Arc<Mutex<Option<broadcast::Sender<Output>>>>,
-    mut input: mpsc::Receiver<Vec<u8>>,
+    input: mpsc::Receiver<Vec<u8>>,
 ) {
-    pump_until_closed(&socket, &log, &ring, &out, &mut input).await;
-    input.close();
+    pump_until_closed(&socket, &log, &ring, &out, input).await;
     // Dropping the only sender closes every session's output.
     lock(&out).take();
+}
+
+/// Sends the writer's input to the guest, in a task of its own: a guest that does not read its
+/// console stalls only the input, never the output.
+async fn write_input(mut wr: tokio::net::unix::OwnedWriteHalf, mut input: mpsc::Receiver<Vec<u8>>) {
+    while let Some(bytes) = input.recv().await {
+        if wr.write_all(&bytes).await.is_err() {
+            break;
+        }
+    }
 }
 
 async fn pump_until_closed(
@@ -198,7 +207,7 @@ async fn pump_until_closed(
     log: &Path,
     ring: &Mutex<VecDeque<u8>>,
     out: &Mutex<Option<broadcast::Sender<Output>>>,
-    input: &mut mpsc::Receiver<Vec<u8>>,
+    input: mpsc::Receiver<Vec<u8>>,
 ) {
     let started = tokio::time::Instant::now();
     let stream = loop {
@@ -225,39 +234,36 @@ async fn pump_until_closed(
             None
         }
     };
-    let (mut rd, mut wr) = stream.into_split();
+    let (mut rd, wr) = stream.into_split();
+    // Ends with the input channel, or is aborted below when the socket closes (which drops the
+    // receiver: input is refused as closed from then on).
+    let writer = tokio::spawn(write_input(wr, input));
     let mut buf = vec![0u8; 16 * 1024];
     loop {
-        tokio::select! {
-            n = rd.read(&mut buf) => {
-                let n = match n {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => n,
-                };
-                let chunk = &buf[..n];
-                if let Some(f) = file.as_mut() {
-                    if f.write_all(chunk).await.is_err() {
-                        file = None;
-                    }
-                }
-                let mut r = lock(ring);
-                let keep = &chunk[n.saturating_sub(SCROLLBACK)..];
-                let over = (r.len() + keep.len()).saturating_sub(SCROLLBACK);
-                r.drain(..over);
-                r.extend(keep);
-                // No receiver is fine: nobody is attached.
-                if let Some(tx) = lock(out).as_ref() {
-                    let _ = tx.send(Arc::from(chunk));
-                }
-            }
-            bytes = input.recv() => {
-                let Some(bytes) = bytes else { break };
-                if wr.write_all(&bytes).await.is_err() {
-                    break;
-                }
+        let n = match rd.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let chunk = &buf[..n];
+        if let Some(f) = file.as_mut() {
+            // tokio's file writes in the background until flushed: flushed, the log holds the
+            // output before anyone sees it.
+            if f.write_all(chunk).await.is_err() || f.flush().await.is_err() {
+                file = None;
             }
         }
+        let mut r = lock(ring);
+        let keep = &chunk[n.saturating_sub(SCROLLBACK)..];
+        let over = (r.len() + keep.len()).saturating_sub(SCROLLBACK);
+        r.drain(..over);
+        r.extend(keep);
+        // No receiver is fine: nobody is attached.
+        if let Some(tx) = lock(out).as_ref() {
+            let _ = tx.send(Arc::from(chunk));
+        }
     }
+    writer.abort();
+    let _ = writer.await;
 }
 
 #[cfg(test)]
@@ -330,6 +336,34 @@ mod tests {
         // Everything went to the log too.
         let logged = std::fs::read_to_string(&log).unwrap();
         assert!(logged.contains("login banner") && logged.contains("hello"));
+    }
+
+    #[tokio::test]
+    async fn a_guest_that_never_reads_its_console_still_gets_its_output_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("console.sock");
+        let console = Console::open(&sock, &dir.path().join("serial.log"));
+        let listener = tokio::net::UnixListener::bind(&sock).unwrap();
+        // Prints a tick every 50 ms and never reads.
+        let _guest = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            for i in 0.. {
+                if s.write_all(format!("tick {i}\n").as_bytes()).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+        let mut w = console.attach(true);
+        // Far more than the socket buffers: the input side blocks.
+        for _ in 0..64 {
+            let _ = tokio::time::timeout(
+                Duration::from_millis(20),
+                w.input.send(vec![b'x'; 64 * 1024]),
+            )
+            .await;
+        }
+        read_until(&mut w, "tick 30").await;
     }
 
     #[tokio::test]
