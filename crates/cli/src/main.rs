@@ -454,20 +454,20 @@ fn whoami() -> String {
 }
 
 fn parse_duration_or_zero(s: &str) -> std::result::Result<std::time::Duration, String> {
-    let x = sim::seconds(s).map_err(|e| e.to_string())?;
-    if !(x >= 0.0 && x.is_finite()) {
-        return Err(format!(
-            "{s:?}: use a duration of 0 or more, e.g. 0s or 30s"
-        ));
-    }
-    Ok(std::time::Duration::from_secs_f64(x))
+    duration(s, true)
 }
 
 pub(crate) fn parse_duration(s: &str) -> std::result::Result<std::time::Duration, String> {
+    duration(s, false)
+}
+
+/// A duration flag (`90s`, `30m`, `2h`), 0 allowed or not.
+fn duration(s: &str, zero: bool) -> std::result::Result<std::time::Duration, String> {
     let x = sim::seconds(s).map_err(|e| e.to_string())?;
-    if !(x > 0.0 && x.is_finite()) {
+    if !(x.is_finite() && (x > 0.0 || (zero && x == 0.0))) {
         return Err(format!(
-            "{s:?}: use a duration above 0, e.g. 90s, 30m or 2h"
+            "{s:?}: use a duration {}, e.g. 90s, 30m or 2h",
+            if zero { "of 0 or more" } else { "above 0" }
         ));
     }
     Ok(std::time::Duration::from_secs_f64(x))

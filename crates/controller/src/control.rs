@@ -388,6 +388,26 @@ impl Controller {
         })
     }
 
+    /// What the placed instances use on each machine: (vCPUs, MiB); a paused one holds its
+    /// memory but no CPU.
+    pub(crate) fn placed_use(&self) -> Result<HashMap<String, (u64, u64)>> {
+        let services = self.services()?;
+        let mut used: HashMap<String, (u64, u64)> = HashMap::new();
+        for r in self.db(|d| d.instances())? {
+            if !r.info.state.is_placed() {
+                continue;
+            }
+            if let Some(s) = services.iter().find(|s| s.name == r.info.service) {
+                let u = used.entry(r.info.machine.clone()).or_default();
+                u.1 += u64::from(s.memory_mib);
+                if r.info.state != InstanceState::Paused {
+                    u.0 += u64::from(s.vcpus);
+                }
+            }
+        }
+        Ok(used)
+    }
+
     pub(crate) fn row(&self, id: &InstanceId) -> Result<InstanceRow> {
         self.db(|d| d.instance(id))?.ok_or_else(|| {
             ControlError::NotFound(format!("no instance {id}; `vmatrix ps` lists them"))

@@ -84,15 +84,8 @@ impl Controller {
                 )));
             }
         }
-        let services = self.services()?;
-        let rows = self.db(|d| d.instances())?;
-        let used = |m: &MachineInfo| -> u64 {
-            rows.iter()
-                .filter(|r| r.info.machine == m.name && r.info.state.is_placed())
-                .filter_map(|r| services.iter().find(|s| s.name == r.info.service))
-                .map(|s| u64::from(s.memory_mib))
-                .sum()
-        };
+        let placed = self.placed_use()?;
+        let used = |m: &MachineInfo| placed.get(&m.name).map_or(0, |u| u.1);
         let mut candidates: Vec<(u64, &MachineInfo)> = machines
             .iter()
             .filter(|m| shared(m) && on.is_none_or(|name| m.name == name))

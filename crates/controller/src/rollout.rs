@@ -558,19 +558,11 @@ impl Controller {
         {
             return Ok(None);
         }
-        let services = self.services()?;
-        let (mut cpu, mut mem) = (u64::from(spec.vcpus), u64::from(spec.memory_mib));
-        for r in self.db(|d| d.instances())? {
-            if r.info.machine != name || !r.info.state.is_placed() {
-                continue;
-            }
-            if let Some(s) = services.iter().find(|s| s.name == r.info.service) {
-                mem += u64::from(s.memory_mib);
-                if r.info.state != InstanceState::Paused {
-                    cpu += u64::from(s.vcpus);
-                }
-            }
-        }
+        let (cpu, mem) = self.placed_use()?.remove(name).unwrap_or_default();
+        let (cpu, mem) = (
+            cpu + u64::from(spec.vcpus),
+            mem + u64::from(spec.memory_mib),
+        );
         Ok((cpu <= u64::from(m.vcpus) && mem <= u64::from(m.memory_mib)).then_some(m))
     }
 
