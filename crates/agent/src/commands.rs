@@ -14,9 +14,7 @@ use vmatrix_store::ExportFormat;
 use vmatrix_vmm::{MigrationTarget, SuspendedVm, VmSpec};
 
 use crate::hypervisor::Guest;
-use crate::machine::{
-    free_port, lock, parse_addr, work_limit, Agent, AgentError, Held, Result, Slot,
-};
+use crate::machine::{lock, parse_addr, work_limit, Agent, AgentError, Held, Result, Slot};
 use crate::record::Phase;
 
 impl Agent {
@@ -107,12 +105,11 @@ impl Agent {
         self.fence(&plan.id, plan.generation)?;
         let version = self.version_of(plan).await?;
         plan.version = Some(version.clone());
-        let ip = self.config.listen.ip();
         Ok(Slot {
             plan: plan.clone(),
             version,
             state,
-            endpoint: SocketAddr::new(ip, free_port(ip)?),
+            endpoint: self.endpoint_for(plan)?,
             pid: 0,
             error: None,
             saved: None,
@@ -428,7 +425,7 @@ impl Agent {
         }
         let started = async {
             let spec = self.vm_setup(&plan, &version, endpoint, &dir).await?;
-            Ok::<_, AgentError>(self.hv.incoming(spec, &dir, endpoint.ip()).await?)
+            Ok::<_, AgentError>(self.hv.incoming(spec, &dir, self.config.listen.ip()).await?)
         }
         .await;
         let incoming = match started {

@@ -117,7 +117,7 @@ async fn status(State(ctx): State<Ctx>, headers: HeaderMap) -> Response {
 /// address and sends heartbeats to `controller` until the process ends.
 pub async fn serve(agent: Arc<Agent>, controller: String, token: String) -> std::io::Result<()> {
     // The address first: an agent that cannot serve must not touch the VMs it would adopt.
-    let listener = tokio::net::TcpListener::bind(agent.config.listen).await?;
+    let listener = bind_when_there(agent.config.listen).await?;
     let ctx = Ctx {
         agent: agent.clone(),
         token: Arc::new(token.clone()),
@@ -143,6 +143,23 @@ pub async fn serve(agent: Arc<Agent>, controller: String, token: String) -> std:
         .map_err(|e| std::io::Error::other(format!("the agent API task ended: {e}")))?
 }
 
+/// Binds `addr`, waiting up to 30 s for the address to appear (a machine whose network is
+/// being set up as its agent starts, as `vmatrix up` does with each machine's namespace).
+async fn bind_when_there(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match tokio::net::TcpListener::bind(addr).await {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::AddrNotAvailable
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            r => return r,
+        }
+    }
+}
+
 async fn heartbeat(agent: Arc<Agent>, controller: String, token: String) {
     let client = vmatrix_client::ControllerClient::new(&controller, Some(token));
     let mut warned = false;
@@ -150,7 +167,14 @@ async fn heartbeat(agent: Arc<Agent>, controller: String, token: String) {
         let beat = tokio::time::Instant::now();
         let report = agent.report();
         match client.heartbeat(&report).await {
-            Ok(()) => warned = false,
+            Ok(reply) => {
+                warned = false;
+                if let Some(view) = reply.network {
+                    let agent = agent.clone();
+                    // A few `bridge` calls when the hosts change; never on the beat's clock.
+                    tokio::task::spawn_blocking(move || agent.apply_network(&view));
+                }
+            }
             // Said once until it works again (rate-limited by its own state).
             Err(e) if !warned => {
                 tracing::warn!("heartbeat to {controller}: {e}");

@@ -59,6 +59,9 @@ pub struct AgentConfig {
     pub accel: Accelerator,
     /// Chunk cache bound, bytes.
     pub cache_bytes: u64,
+    /// Bridged networking: this host's attachment to the service network (`None`: every VM
+    /// gets QEMU's user-mode NAT with one forwarded port).
+    pub net: Option<vmatrix_net::HostNetConfig>,
 }
 
 /// Why a command failed.
@@ -211,6 +214,8 @@ pub struct Agent {
     /// across restarts) plus a counter.
     report_base: u64,
     report_count: std::sync::atomic::AtomicU64,
+    /// The service network on this host, and the script QEMU runs to attach a TAP to it.
+    pub(crate) net: Option<(vmatrix_net::HostNet, PathBuf)>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -263,7 +268,30 @@ impl Agent {
                 }
             }
         }
+        let net = match &config.net {
+            None => None,
+            Some(c) => {
+                let host = vmatrix_net::HostNet::setup(c.clone()).map_err(|e| {
+                    AgentError::Other(format!(
+                        "setting up the service network (bridge {}): {e}",
+                        c.bridge
+                    ))
+                })?;
+                let script = host
+                    .tap_script(&config.data)
+                    .map_err(|e| AgentError::Other(e.to_string()))?;
+                tracing::info!(
+                    "service network {} on bridge {} (gateway {}, VXLAN endpoint {})",
+                    c.net,
+                    c.bridge,
+                    c.address,
+                    c.vtep.map_or("none".into(), |v| v.to_string())
+                );
+                Some((host, script))
+            }
+        };
         Ok(Arc::new(Self {
+            net,
             config,
             hv,
             repo,
@@ -315,7 +343,52 @@ impl Agent {
         spec.vcpus = plan.vcpus;
         spec.guest_port = plan.port;
         spec.lifetime = Lifetime::Machine;
+        if let (Some(attach), Some((_, script))) = (plan.net, &self.net) {
+            spec.tap = Some(vmatrix_vmm::TapSpec {
+                ifname: vmatrix_net::tap_name(plan.id.as_str(), plan.generation),
+                script: script.clone(),
+                address: attach.address,
+                prefix: attach.prefix,
+                gateway: attach.gateway,
+            });
+        }
         spec
+    }
+
+    /// Where this machine reaches the service of a new VM for `plan`: its own address on the
+    /// service network (bridged), or a free port on the agent's address forwarded to it.
+    pub(crate) fn endpoint_for(&self, plan: &InstancePlan) -> Result<SocketAddr> {
+        match (plan.net, &self.net) {
+            (Some(attach), Some(_)) => Ok(SocketAddr::new(attach.address.into(), plan.port)),
+            (Some(attach), None) => Err(AgentError::Other(format!(
+                "instance {} has the service-network address {} but machine {} has no service \
+                 network; start its agent with --service-net (as `vmatrix up` does as root)",
+                plan.id, attach.address, self.config.name
+            ))),
+            (None, _) => {
+                let ip = self.config.listen.ip();
+                Ok(SocketAddr::new(ip, free_port(ip)?))
+            }
+        }
+    }
+
+    /// Applies what the controller said of the service network (its hosts) in answer to a
+    /// heartbeat.
+    pub fn apply_network(&self, view: &vmatrix_core::api::NetworkView) {
+        if let Some((host, _)) = &self.net {
+            if let Err(e) = host.set_peers(&view.vteps) {
+                tracing::warn!("updating the service network's peers: {e}");
+            }
+        }
+    }
+
+    /// Removes this host's service network (bridge and VXLAN device): the machine goes away.
+    pub fn remove_network(&self) {
+        if let Some((host, _)) = &self.net {
+            if let Err(e) = host.remove() {
+                tracing::warn!("removing the service network: {e}");
+            }
+        }
     }
 
     /// Carries out one command from the controller as a task of its own, keyed by (instance,
@@ -435,6 +508,7 @@ impl Agent {
             vcpus: self.config.vcpus,
             memory_mib: self.config.memory_mib,
             instances,
+            vtep: self.config.net.as_ref().and_then(|n| n.vtep),
             seq,
         }
     }

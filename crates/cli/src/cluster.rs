@@ -22,6 +22,7 @@ pub struct AgentArgs {
     pub repo: Option<String>,
     pub cache_size: u64,
     pub keep_vms: bool,
+    pub net: crate::network::AgentNet,
 }
 
 pub async fn agent(args: AgentArgs, data: &Path, accel: vmatrix_vmm::AccelChoice) -> Result<()> {
@@ -55,6 +56,7 @@ pub async fn agent(args: AgentArgs, data: &Path, accel: vmatrix_vmm::AccelChoice
         repo,
         accel,
         cache_bytes: args.cache_size,
+        net: args.net.config()?,
     };
     let agent = vmatrix_agent::Agent::new(config, std::sync::Arc::new(vmatrix_agent::Qemu))?;
     tokio::select! {
@@ -65,6 +67,7 @@ pub async fn agent(args: AgentArgs, data: &Path, accel: vmatrix_vmm::AccelChoice
             } else {
                 tracing::info!("agent stopping; its VMs stop with it");
                 agent.stop_all().await;
+                agent.remove_network();
             }
         }
     }
@@ -79,6 +82,7 @@ pub struct ControllerArgs<'a> {
     pub policy_file: Option<&'a Path>,
     pub policy_flags: &'a crate::policy_file::PolicyFlags,
     pub maintenance_idle: Option<Duration>,
+    pub net: crate::network::ControllerNet,
 }
 
 pub async fn controller(args: ControllerArgs<'_>, data: &Path) -> Result<()> {
@@ -89,7 +93,9 @@ pub async fn controller(args: ControllerArgs<'_>, data: &Path) -> Result<()> {
         policy_file,
         policy_flags,
         maintenance_idle,
+        net,
     } = args;
+    let network = net.config()?;
     let settings = crate::policy_file::load(policy_file, policy_flags)?;
     let policy = match policy {
         "switching" => true,
@@ -125,6 +131,8 @@ pub async fn controller(args: ControllerArgs<'_>, data: &Path) -> Result<()> {
         policy,
         settings,
         maintenance_idle,
+        also_listen: net.also_listen.clone(),
+        network,
     };
     tokio::select! {
         r = vmatrix_controller::serve(config) => r.map_err(|e| anyhow!("{e}"))?,
@@ -137,13 +145,24 @@ pub async fn controller(args: ControllerArgs<'_>, data: &Path) -> Result<()> {
 struct Child(tokio::process::Child);
 
 fn spawn_self(args: &[String]) -> Result<Child> {
+    spawn_self_in(args, false)
+}
+
+/// Starts `vmatrix ARGS…` as a child of `up`; with `own_net`, in a new network namespace of its
+/// own (a machine of the bridged model: it and its VMs are the namespace's only users, so it
+/// vanishes with them).
+fn spawn_self_in(args: &[String], own_net: bool) -> Result<Child> {
     let exe = std::env::current_exe().context("finding the vmatrix binary")?;
     let mut cmd = tokio::process::Command::new(exe);
     cmd.args(args).kill_on_drop(true);
-    // SAFETY: prctl is async-signal-safe; the child dies with this process even on kill -9.
+    // SAFETY: prctl and unshare are async-signal-safe; the child dies with this process even
+    // on kill -9.
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            if own_net && libc::unshare(libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
             Ok(())
         });
     }
@@ -164,6 +183,7 @@ pub struct UpArgs {
     pub switch_listen: SocketAddr,
     pub shared: u32,
     pub maintenance_idle: Option<Duration>,
+    pub net: crate::network::UpNet,
 }
 
 pub async fn switch(
@@ -251,6 +271,16 @@ pub async fn up(args: UpArgs, data: &Path, accel: vmatrix_vmm::AccelChoice) -> R
     let data_s = data.display().to_string();
     // Bad settings fail here, before anything starts.
     crate::policy_file::load(args.policy_file.as_deref(), &args.policy_flags)?;
+    let machine_count = (args.machines + args.shared) as usize;
+    let mut topology = if args.net.bridged()? {
+        Some(crate::network::Topology::create(
+            args.listen.port(),
+            &args.net,
+            machine_count,
+        )?)
+    } else {
+        None
+    };
     let mut controller_args: Vec<String> = vec![
         "controller".into(),
         "--listen".into(),
@@ -270,6 +300,24 @@ pub async fn up(args: UpArgs, data: &Path, accel: vmatrix_vmm::AccelChoice) -> R
     if let Some(f) = &args.policy_file {
         controller_args.extend(["--policy-file".into(), f.display().to_string()]);
     }
+    // Bridged: the agents reach the controller over the underlay.
+    let agents_api = match &topology {
+        Some(t) => {
+            let also = SocketAddr::new(t.host_address().into(), args.listen.port());
+            controller_args.extend([
+                "--also-listen".into(),
+                also.to_string(),
+                "--service-net".into(),
+                t.net.to_string(),
+                "--vni".into(),
+                t.vni().to_string(),
+                "--front-vtep".into(),
+                t.host_address().to_string(),
+            ]);
+            format!("http://{also}")
+        }
+        None => format!("http://{}", args.listen),
+    };
     let mut children = vec![spawn_self(&controller_args)?];
     let api = format!("http://{}", args.listen);
     let client = connect(Some(api.clone()), data)?;
@@ -285,9 +333,12 @@ pub async fn up(args: UpArgs, data: &Path, accel: vmatrix_vmm::AccelChoice) -> R
         .map(|i| (format!("rm{i}"), i + 1, "dedicated"))
         .chain((1..=args.shared).map(|i| (format!("sm{i}"), args.machines + i + 1, "shared")))
         .collect();
-    for (name, host, role) in &machines {
-        let listen = format!("127.0.0.{host}:{}", args.listen.port() + 1);
-        children.push(spawn_self(&[
+    for (i, (name, host, role)) in machines.iter().enumerate() {
+        let listen = match &topology {
+            Some(t) => format!("{}:{}", t.machine_address(i), args.listen.port() + 1),
+            None => format!("127.0.0.{host}:{}", args.listen.port() + 1),
+        };
+        let mut agent_args: Vec<String> = vec![
             "agent".into(),
             "--name".into(),
             name.clone(),
@@ -296,7 +347,7 @@ pub async fn up(args: UpArgs, data: &Path, accel: vmatrix_vmm::AccelChoice) -> R
             "--listen".into(),
             listen,
             "--controller".into(),
-            api.clone(),
+            agents_api.clone(),
             "--data".into(),
             data_s.clone(),
             "--vcpus".into(),
@@ -305,7 +356,29 @@ pub async fn up(args: UpArgs, data: &Path, accel: vmatrix_vmm::AccelChoice) -> R
             args.memory.to_string(),
             "--accel".into(),
             accel.as_str().into(),
-        ])?);
+        ];
+        match topology.as_mut() {
+            None => children.push(spawn_self(&agent_args)?),
+            Some(t) => {
+                agent_args.extend([
+                    "--service-net".into(),
+                    t.net.to_string(),
+                    "--vtep".into(),
+                    t.machine_address(i).to_string(),
+                    "--vni".into(),
+                    t.vni().to_string(),
+                ]);
+                // The machine's own namespace; the agent waits until its address is there.
+                let child = spawn_self_in(&agent_args, true)?;
+                let pid = child
+                    .0
+                    .id()
+                    .ok_or_else(|| anyhow!("machine {name}'s agent ended at once"))?;
+                children.push(child);
+                t.attach(i, pid)
+                    .with_context(|| format!("joining machine {name} to the underlay"))?;
+            }
+        }
     }
     children.push(spawn_self(&[
         "switch".into(),
@@ -338,6 +411,20 @@ pub async fn up(args: UpArgs, data: &Path, accel: vmatrix_vmm::AccelChoice) -> R
     // `up` runs until Ctrl-C whatever happens to its stdout: a closed pipe must not end the
     // matrix (println! would panic on it), so the status lines ignore write errors.
     let mut out = std::io::stdout();
+    let _ = writeln!(
+        out,
+        "networking: {}",
+        match &topology {
+            Some(t) => format!(
+                "bridged; service network {} over VXLAN {}, each machine a network namespace on \
+                 underlay {}",
+                t.net,
+                t.vni(),
+                args.net.underlay
+            ),
+            None => "user-mode NAT (forwarded ports on 127.0.0.x)".into(),
+        }
+    );
     let _ = writeln!(
         out,
         "vMatrix is up: API {api}, switch http://{}, {} machines (rm1..rm{}{}), accelerator {}, data {}",
@@ -385,5 +472,7 @@ pub async fn up(args: UpArgs, data: &Path, accel: vmatrix_vmm::AccelChoice) -> R
             tracing::info!("stopped {n} VM(s) that {name}'s agent had left");
         }
     }
+    // The machines' namespaces went with their agents and VMs; this host's part goes now.
+    drop(topology);
     Ok(())
 }

@@ -7,6 +7,7 @@ mod cluster;
 mod console;
 mod image;
 mod lifecycle;
+mod network;
 mod policy_file;
 mod sim;
 mod suite;
@@ -78,6 +79,8 @@ enum Command {
         /// (default: never).
         #[arg(long, value_parser = parse_duration)]
         maintenance_idle: Option<std::time::Duration>,
+        #[command(flatten)]
+        net: network::UpNet,
     },
     /// Run the switch: the front door that follows VMs.
     Switch {
@@ -166,6 +169,8 @@ enum Command {
         /// (default: never).
         #[arg(long, value_parser = parse_duration)]
         maintenance_idle: Option<std::time::Duration>,
+        #[command(flatten)]
+        net: network::ControllerNet,
     },
     /// Run an agent for one real machine.
     Agent {
@@ -198,6 +203,8 @@ enum Command {
         /// them). A crashed or killed agent always leaves them running for the next one.
         #[arg(long, default_value = "stop", value_parser = ["stop", "keep"])]
         on_exit: String,
+        #[command(flatten)]
+        net: network::AgentNet,
     },
     /// Declare the services (replaces the previous set).
     Apply {
@@ -556,6 +563,7 @@ fn run() -> Result<()> {
             policy_flags,
             shared,
             maintenance_idle,
+            net,
         } => runtime()?.block_on(cluster::up(
             cluster::UpArgs {
                 policy,
@@ -563,6 +571,7 @@ fn run() -> Result<()> {
                 policy_flags,
                 shared,
                 maintenance_idle,
+                net,
                 machines,
                 listen,
                 vcpus,
@@ -647,6 +656,7 @@ fn run() -> Result<()> {
             policy_file,
             policy_flags,
             maintenance_idle,
+            net,
         } => runtime()?.block_on(cluster::controller(
             cluster::ControllerArgs {
                 listen,
@@ -655,6 +665,7 @@ fn run() -> Result<()> {
                 policy_file: policy_file.as_deref(),
                 policy_flags: &policy_flags,
                 maintenance_idle,
+                net,
             },
             &data,
         ))?,
@@ -668,8 +679,10 @@ fn run() -> Result<()> {
             repo,
             cache_size,
             on_exit,
+            net,
         } => runtime()?.block_on(cluster::agent(
             cluster::AgentArgs {
+                net,
                 controller,
                 listen,
                 name,

@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use vmatrix_core::api::{
-    AgentReport, ApplyRequest, ErrorBody, Event, EventsReply, InstanceInfo, InstancesReply,
+    AgentReport, ApplyRequest, ErrorBody, HeartbeatReply, Event, EventsReply, InstanceInfo, InstancesReply,
     LoadReport, MachinesReply, Operation, OperationReply, RouteTable, ServicesReply,
 };
 use vmatrix_core::ServiceSpec;
@@ -205,10 +205,9 @@ impl ControllerClient {
         .await
     }
 
-    /// An agent's heartbeat.
-    pub async fn heartbeat(&self, report: &AgentReport) -> Result<()> {
-        let _: serde_json::Value = self.post("/api/v1/agents/heartbeat", report, SHORT).await?;
-        Ok(())
+    /// An agent's heartbeat; the answer says what the machine must know of the others.
+    pub async fn heartbeat(&self, report: &AgentReport) -> Result<HeartbeatReply> {
+        self.post("/api/v1/agents/heartbeat", report, SHORT).await
     }
 
     /// The switch's route table; with `version`, a long poll of up to `wait` until it differs.

@@ -85,6 +85,24 @@ impl Controller {
             let seq = db.next_seq(service)?;
             let id = InstanceId::new(format!("{service}-{seq}"))
                 .map_err(|e| ControlError::Conflict(e.to_string()))?;
+            // Its own address on the service network, for its whole life (under the same
+            // lock: two activations never take the same one).
+            let address = match self.net_config() {
+                None => None,
+                Some(n) => {
+                    let used = db.addresses_in_use()?;
+                    let free = n.net.instance_addresses().find(|a| !used.contains(a));
+                    Some(free.ok_or_else(|| {
+                        ControlError::Conflict(format!(
+                            "no free address left on the service network {}: {} instances hold \
+                             them all; discard some or start the controller with a larger \
+                             --service-net",
+                            n.net,
+                            used.len()
+                        ))
+                    })?)
+                }
+            };
             let busy = self.claim(&id)?;
             if matches!(kind, Start::Standby) {
                 self.prepared
@@ -118,6 +136,7 @@ impl Controller {
                         Start::Maintenance { .. } => Purpose::Maintenance,
                         _ => Purpose::Live,
                     },
+                    address,
                 },
                 saved: None,
                 seq,
@@ -128,7 +147,7 @@ impl Controller {
         drop(placing);
         let id = row.info.id.clone();
         let cmd = AgentCommand::Activate {
-            plan: Self::plan(&spec, &row, 1)?,
+            plan: self.plan(&spec, &row, 1)?,
             state: None,
         };
         let started = self
@@ -204,7 +223,7 @@ impl Controller {
         let started = Instant::now();
         let what = format!("migrate {id} {} → {to}", source.name);
         let next_gen = row.info.generation + 1;
-        let plan = Self::plan(&spec, &row, next_gen)?;
+        let plan = self.plan(&spec, &row, next_gen)?;
         row.info.state = row.info.state.next(Transition::MigrateStarted)?;
         self.db(|d| d.put_instance(&row))?;
         self.event("controller", &what, why, "started");
@@ -539,7 +558,7 @@ impl Controller {
         drop(placing);
         let started = Instant::now();
         let cmd = AgentCommand::Activate {
-            plan: Self::plan(&spec, &row, row.info.generation)?,
+            plan: self.plan(&spec, &row, row.info.generation)?,
             state: Some(saved),
         };
         let resumed = self

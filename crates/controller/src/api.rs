@@ -218,7 +218,7 @@ async fn heartbeat(State(x): State<Ctx>, headers: HeaderMap, body: axum::body::B
         Err(r) => return r,
     };
     match x.c.heartbeat(report).await {
-        Ok(()) => Json(serde_json::json!({ "ok": true })).into_response(),
+        Ok(reply) => Json(reply).into_response(),
         Err(e) => fail(e),
     }
 }

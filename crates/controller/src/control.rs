@@ -16,6 +16,18 @@ use vmatrix_core::{InstanceId, InstanceState, ServiceSpec};
 use crate::cpu::CpuMeter;
 use crate::db::{Db, DbError, InstanceRow};
 
+/// Bridged networking as the controller runs it: the service network its instances get
+/// addresses on, and the hosts that carry it besides the machines (the switches').
+#[derive(Debug, Clone)]
+pub struct NetConfig {
+    /// The service network.
+    pub net: vmatrix_net::ServiceNet,
+    /// Its VXLAN network identifier.
+    pub vni: u32,
+    /// The tunnel endpoints of hosts that are not machines (the switch's host).
+    pub fronts: Vec<std::net::Ipv4Addr>,
+}
+
 /// A machine with no heartbeat for this long is down.
 pub const DOWN_AFTER_MS: u64 = 5_000;
 
@@ -123,6 +135,8 @@ pub struct Controller {
     pub(crate) maintenance_used: Mutex<HashMap<InstanceId, Instant>>,
     /// How long a maintenance instance may stay unused (none: until discarded).
     pub(crate) maintenance_idle: Mutex<Option<Duration>>,
+    /// Bridged networking's service network (`None`: user-mode NAT on every machine).
+    pub network: Mutex<Option<NetConfig>>,
     /// Services rolling out now: the policy leaves them alone.
     pub(crate) rolling: Arc<Mutex<HashSet<String>>>,
     /// Instances a rollout is retiring: out of the routes, discarded in a moment.
@@ -212,6 +226,7 @@ impl Controller {
             prepared: Mutex::new(HashSet::new()),
             maintenance_used: Mutex::new(HashMap::new()),
             maintenance_idle: Mutex::new(None),
+            network: Mutex::new(None),
             rolling: Arc::new(Mutex::new(HashSet::new())),
             retiring: Mutex::new(HashSet::new()),
         })
@@ -325,6 +340,14 @@ impl Controller {
     }
 
     /// Machines.
+    /// Bridged networking's settings, if the controller runs it.
+    pub(crate) fn net_config(&self) -> Option<NetConfig> {
+        self.network
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     pub fn machines(&self) -> Result<Vec<MachineInfo>> {
         self.db(|d| d.machines(now_ms(), DOWN_AFTER_MS))
     }
@@ -364,10 +387,13 @@ impl Controller {
     /// The plan of an instance at `generation`: its service's sizes, and the image and version
     /// pinned in its row (the spec's current image only for a first activation).
     pub(crate) fn plan(
+        &self,
         spec: &ServiceSpec,
         row: &InstanceRow,
         generation: u64,
     ) -> Result<InstancePlan> {
+        let net = self.net_config();
+        let net = net.as_ref();
         let image = if row.info.image.is_empty() {
             spec.image.clone()
         } else {
@@ -385,6 +411,13 @@ impl Controller {
             memory_mib: spec.memory_mib,
             port: spec.port,
             health: spec.health.clone(),
+            net: net.and_then(|n| {
+                row.info.address.map(|address| vmatrix_core::api::NetAttach {
+                    address,
+                    prefix: n.net.prefix(),
+                    gateway: n.net.gateway(),
+                })
+            }),
         })
     }
 

@@ -60,6 +60,8 @@ const MIGRATIONS: &[&str] = &[
     "CREATE TABLE rollouts (service TEXT PRIMARY KEY, status TEXT NOT NULL);
      CREATE TABLE service_versions (service TEXT PRIMARY KEY, image TEXT NOT NULL,
         version TEXT NOT NULL, previous_image TEXT NOT NULL, previous_version TEXT NOT NULL);",
+    // 8: each instance's own address on the service network (bridged networking).
+    "ALTER TABLE instances ADD COLUMN address TEXT NOT NULL DEFAULT '';",
 ];
 
 /// The version a service runs after a rollout, and the one before.
@@ -345,7 +347,7 @@ impl Db {
     pub fn instances(&self) -> Result<Vec<InstanceRow>> {
         let mut st = self.conn.prepare(
             "SELECT id, service, machine, state, generation, endpoint, version, saved, seq, image,
-                    COALESCE(pins.until_ms, 0), purpose FROM instances LEFT JOIN pins ON pins.instance = instances.id
+                    COALESCE(pins.until_ms, 0), purpose, address FROM instances LEFT JOIN pins ON pins.instance = instances.id
              WHERE state != 'discarded' ORDER BY service, seq",
         )?;
         let rows = st.query_map([], |r| {
@@ -362,6 +364,7 @@ impl Db {
                 r.get::<_, String>(9)?,
                 r.get::<_, i64>(10)?,
                 r.get::<_, String>(11)?,
+                r.get::<_, String>(12)?,
             ))
         })?;
         let mut out = Vec::new();
@@ -379,6 +382,7 @@ impl Db {
                 image,
                 pin,
                 purpose,
+                address,
             ) = row?;
             let bad = |what: &str| DbError::Bad(format!("instance {id}: {what}"));
             out.push(InstanceRow {
@@ -393,6 +397,11 @@ impl Db {
                     generation: generation as u64,
                     pinned_until_ms: pin.max(0) as u64,
                     purpose: Purpose::parse(&purpose).ok_or_else(|| bad("purpose"))?,
+                    address: if address.is_empty() {
+                        None
+                    } else {
+                        Some(address.parse().map_err(|_| bad("address"))?)
+                    },
                 },
                 saved: saved
                     .map(|s| serde_json::from_str(&s))
@@ -419,11 +428,26 @@ impl Db {
             .map_err(|e| DbError::Bad(e.to_string()))?;
         let i = &row.info;
         self.conn.execute(
-            "INSERT OR REPLACE INTO instances (id, service, machine, state, generation, endpoint, version, saved, seq, image, purpose)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
-            params![i.id.as_str(), i.service.as_str(), i.machine, i.state.as_str(), i.generation as i64, i.endpoint, i.version, saved, row.seq as i64, i.image, i.purpose.as_str()],
+            "INSERT OR REPLACE INTO instances (id, service, machine, state, generation, endpoint, version, saved, seq, image, purpose, address)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+            params![i.id.as_str(), i.service.as_str(), i.machine, i.state.as_str(), i.generation as i64, i.endpoint, i.version, saved, row.seq as i64, i.image, i.purpose.as_str(), i.address.map(|a| a.to_string()).unwrap_or_default()],
         )?;
         Ok(())
+    }
+
+    /// The service-network addresses held by instances that are not discarded.
+    pub fn addresses_in_use(&self) -> Result<std::collections::HashSet<std::net::Ipv4Addr>> {
+        let mut st = self
+            .conn
+            .prepare("SELECT address FROM instances WHERE state != 'discarded' AND address != ''")?;
+        let rows = st.query_map([], |r| r.get::<_, String>(0))?;
+        let mut out = std::collections::HashSet::new();
+        for a in rows {
+            if let Ok(a) = a?.parse() {
+                out.insert(a);
+            }
+        }
+        Ok(out)
     }
 
     /// The next per-service sequence number (ids are never reused).

@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use api::router;
-pub use control::{ControlError, Controller};
+pub use control::{ControlError, Controller, NetConfig};
 pub use db::{Db, DbError, OpState};
 pub use ops::OpView;
 
@@ -46,6 +46,10 @@ pub struct ControllerConfig {
     /// Maintenance instances unused (no console, no commit) for this long are discarded
     /// (none: they stay until discarded).
     pub maintenance_idle: Option<Duration>,
+    /// More addresses the API also listens on (e.g. the underlay bridge the agents reach).
+    pub also_listen: Vec<SocketAddr>,
+    /// Bridged networking: the service network the instances get addresses on.
+    pub network: Option<control::NetConfig>,
 }
 
 /// Reads the token in `dir/token`, or creates one (mode 0600). Returns it and whether it is new.
@@ -80,6 +84,10 @@ pub async fn serve(
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     // The address first: a controller that cannot serve must not start a second loop.
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
+    let mut more = Vec::new();
+    for a in &config.also_listen {
+        more.push(tokio::net::TcpListener::bind(a).await?);
+    }
     let db = Db::open(&config.state)?;
     let controller = Controller::new(db, config.token.clone());
     controller.set_policy(config.policy);
@@ -88,6 +96,7 @@ pub async fn serve(
         .maintenance_idle
         .lock()
         .unwrap_or_else(|e| e.into_inner()) = config.maintenance_idle;
+    *controller.network.lock().unwrap_or_else(|e| e.into_inner()) = config.network.clone();
     let interrupted = controller.interrupt_left_ops()?;
     if interrupted > 0 {
         tracing::info!("{interrupted} operation(s) were interrupted by the last stop; settling their instances from the machines' reports");
@@ -103,6 +112,16 @@ pub async fn serve(
     tokio::spawn(controller.clone().fast_loop());
     tokio::spawn(controller.clone().resume_rollouts());
     tracing::info!("controller API on http://{}", config.listen);
-    axum::serve(listener, router(controller, config.token)).await?;
+    let app = router(controller, config.token);
+    for (l, a) in more.into_iter().zip(config.also_listen.clone()) {
+        tracing::info!("controller API also on http://{a}");
+        let app = app.clone();
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(l, app).await {
+                tracing::error!("the API on {a} ended: {e}");
+            }
+        });
+    }
+    axum::serve(listener, app).await?;
     Ok(())
 }

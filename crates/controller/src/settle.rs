@@ -6,7 +6,9 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
-use vmatrix_core::api::{AgentCommand, AgentReply, AgentReport, MachineInfo, MachineState};
+use vmatrix_core::api::{
+    AgentCommand, AgentReply, AgentReport, HeartbeatReply, MachineInfo, MachineState, NetworkView,
+};
 use vmatrix_core::{InstanceId, InstanceState, Transition};
 
 use crate::agents::unexpected;
@@ -15,7 +17,7 @@ use crate::db::InstanceRow;
 
 impl Controller {
     /// Takes in an agent's heartbeat: the machine's capacity and what really runs there.
-    pub async fn heartbeat(self: &Arc<Self>, report: AgentReport) -> Result<()> {
+    pub async fn heartbeat(self: &Arc<Self>, report: AgentReport) -> Result<HeartbeatReply> {
         let info = MachineInfo {
             name: report.name.clone(),
             address: report.address.clone(),
@@ -54,7 +56,41 @@ impl Controller {
         if let Ok(mut reports) = self.reports.lock() {
             reports.insert(report.name.clone(), report.clone());
         }
-        self.settle(&report, &info)
+        self.settle(&report, &info)?;
+        Ok(HeartbeatReply {
+            network: self.network_view(),
+        })
+    }
+
+    /// The service network as the machines must see it: every host that carries it (the
+    /// machines that reported a tunnel endpoint and are up, and the fronts).
+    pub(crate) fn network_view(&self) -> Option<NetworkView> {
+        let n = self.net_config()?;
+        let up: std::collections::HashSet<String> = self
+            .machines()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|m| m.state == MachineState::Up)
+            .map(|m| m.name)
+            .collect();
+        let mut vteps: Vec<std::net::Ipv4Addr> = self
+            .reports
+            .lock()
+            .map(|r| {
+                r.values()
+                    .filter(|rep| up.contains(&rep.name))
+                    .filter_map(|rep| rep.vtep)
+                    .collect()
+            })
+            .unwrap_or_default();
+        vteps.extend(n.fronts.iter().copied());
+        vteps.sort();
+        vteps.dedup();
+        Some(NetworkView {
+            service_net: n.net.to_string(),
+            vni: n.vni,
+            vteps,
+        })
     }
 
     /// Whether `machine`'s latest report (since this process started) lists `id`; `None` if

@@ -88,6 +88,10 @@ pub struct InstanceInfo {
     /// What it is for: live traffic, or an admin's maintenance.
     #[serde(default)]
     pub purpose: Purpose,
+    /// Its own address on the service network (bridged networking; `None` with user-mode
+    /// networking). It belongs to the instance for its whole life and moves with it.
+    #[serde(default)]
+    pub address: Option<std::net::Ipv4Addr>,
 }
 
 /// What an instance is for.
@@ -371,6 +375,9 @@ pub struct AgentReport {
     pub memory_mib: u32,
     /// What runs there now.
     pub instances: Vec<AgentInstance>,
+    /// Its VXLAN tunnel endpoint when it carries the service network (bridged networking).
+    #[serde(default)]
+    pub vtep: Option<std::net::Ipv4Addr>,
     /// Increases with every report, also across agent restarts: a command's reply carries the
     /// sequence number from which its effect shows in the reports ([`CommandReply::seq`]), so
     /// the controller never judges an instance by a report taken before it changed.
@@ -451,6 +458,41 @@ pub struct InstancePlan {
     pub port: u16,
     /// Health path.
     pub health: String,
+    /// Its place on the service network (bridged networking), `None` for user-mode NAT.
+    #[serde(default)]
+    pub net: Option<NetAttach>,
+}
+
+/// An instance's place on the service network: its address, the network's prefix length and
+/// the gateway every host answers for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetAttach {
+    /// The instance's address.
+    pub address: std::net::Ipv4Addr,
+    /// The service network's prefix length.
+    pub prefix: u8,
+    /// The gateway (the same address on every host).
+    pub gateway: std::net::Ipv4Addr,
+}
+
+/// The controller's answer to a heartbeat: what the machine must know of the others.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeartbeatReply {
+    /// The service network as the machines share it (`None`: user-mode networking).
+    #[serde(default)]
+    pub network: Option<NetworkView>,
+}
+
+/// The shared service network: which hosts carry it (VXLAN tunnel endpoints) — every machine
+/// and the switch's host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkView {
+    /// The service network, `A.B.C.D/N`.
+    pub service_net: String,
+    /// The VXLAN network identifier.
+    pub vni: u32,
+    /// Every tunnel endpoint (the receiving machine's own among them).
+    pub vteps: Vec<std::net::Ipv4Addr>,
 }
 
 /// A command from the controller to an agent. Every command carries the instance's generation;

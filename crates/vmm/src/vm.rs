@@ -103,8 +103,12 @@ pub struct VmSpec {
     pub memory_mib: u32,
     /// Virtual CPUs.
     pub vcpus: u32,
-    /// Host address and port forwarded to the guest's service port.
+    /// Where this host reaches the guest's service: with user networking the host address
+    /// and port forwarded to it, with a TAP the instance's own address and service port.
     pub forward: SocketAddr,
+    /// Bridged networking: the guest's NIC is a TAP on this host's service bridge and the
+    /// guest has an address of its own (`None`: QEMU's user-mode NAT with one forwarded port).
+    pub tap: Option<TapSpec>,
     /// The guest's service port.
     pub guest_port: u16,
     /// The accelerator.
@@ -128,6 +132,7 @@ impl VmSpec {
             vcpus: 1,
             forward,
             guest_port: 80,
+            tap: None,
             accel,
             lifetime: Lifetime::Owner,
         }
@@ -140,6 +145,27 @@ impl VmSpec {
             ..self.clone()
         }
     }
+}
+
+/// A guest NIC on a TAP device attached to this host's service bridge.
+///
+/// QEMU creates the TAP (named `ifname`) and runs `script` with its name to attach it to the
+/// bridge; the TAP disappears with the QEMU process, so nothing is left behind however QEMU
+/// ends. The guest learns its address from SMBIOS OEM strings (type 11):
+/// `vmatrix.net.address=A/PREFIX` and `vmatrix.net.gateway=G`. Only the device (virtio-net,
+/// its MAC) is guest-visible hardware: both ends of a move may use different TAP names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TapSpec {
+    /// The TAP device's name on this host (at most 15 bytes).
+    pub ifname: String,
+    /// The executable QEMU runs with the TAP's name to attach it (`ip link set … master`).
+    pub script: PathBuf,
+    /// The instance's address on the service network.
+    pub address: std::net::Ipv4Addr,
+    /// The service network's prefix length.
+    pub prefix: u8,
+    /// Its gateway (the same address on every host).
+    pub gateway: std::net::Ipv4Addr,
 }
 
 /// The files of one VM directory.
@@ -694,6 +720,20 @@ pub(crate) fn qemu_args(spec: &VmSpec, dir: &VmDir, mode: StartMode) -> Result<V
             )));
         }
     }
+    if let Some(tap) = &spec.tap {
+        let script = tap.script.to_string_lossy();
+        if tap.ifname.is_empty()
+            || tap.ifname.len() > 15
+            || !tap.ifname.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            || script.contains(',')
+        {
+            return Err(VmmError::Invalid(format!(
+                "TAP {:?} with script {script:?}: a TAP name is 1–15 letters, digits or '-', and \
+                 the script's path cannot contain ','",
+                tap.ifname
+            )));
+        }
+    }
     let file_node = serde_json::json!({
         "driver": "file", "filename": dir.disk(), "node-name": "disk0-file",
     });
@@ -727,12 +767,19 @@ pub(crate) fn qemu_args(spec: &VmSpec, dir: &VmDir, mode: StartMode) -> Result<V
         "-device".into(),
         format!("virtio-blk-pci,drive={DISK_NODE},id=vdisk0,bootindex=1"),
         "-netdev".into(),
-        format!(
-            "user,id=net0,restrict=on,hostfwd=tcp:{}:{}-:{}",
-            spec.forward.ip(),
-            spec.forward.port(),
-            spec.guest_port
-        ),
+        match &spec.tap {
+            None => format!(
+                "user,id=net0,restrict=on,hostfwd=tcp:{}:{}-:{}",
+                spec.forward.ip(),
+                spec.forward.port(),
+                spec.guest_port
+            ),
+            Some(tap) => format!(
+                "tap,id=net0,ifname={},script={},downscript=no",
+                tap.ifname,
+                tap.script.display()
+            ),
+        },
         "-device".into(),
         format!(
             "virtio-net-pci,netdev=net0,id=nic0,mac={}",
@@ -749,6 +796,16 @@ pub(crate) fn qemu_args(spec: &VmSpec, dir: &VmDir, mode: StartMode) -> Result<V
         "-serial".into(),
         "chardev:console0".into(),
     ]);
+    if let Some(tap) = &spec.tap {
+        // The guest's own address, read by its init (or any guest) from the SMBIOS tables.
+        args.extend([
+            "-smbios".into(),
+            format!(
+                "type=11,value=vmatrix.net.address={}/{},value=vmatrix.net.gateway={}",
+                tap.address, tap.prefix, tap.gateway
+            ),
+        ]);
+    }
     if mode == StartMode::Incoming {
         args.extend(["-S".into(), "-incoming".into(), "defer".into()]);
     }
@@ -802,6 +859,40 @@ mod tests {
                 .collect::<Vec<_>>()
         };
         assert_eq!(hw(&a), hw(&b));
+    }
+
+    #[test]
+    fn a_tap_nic_carries_the_address_and_keeps_the_hardware() {
+        let mut s = spec();
+        s.tap = Some(TapSpec {
+            ifname: "vmx-web-1-g1".into(),
+            script: "/d/tap-up".into(),
+            address: "10.77.0.5".parse().unwrap(),
+            prefix: 16,
+            gateway: "10.77.0.1".parse().unwrap(),
+        });
+        let a = qemu_args(&s, &VmDir::new("/a"), StartMode::Boot).unwrap();
+        let joined = a.join(" ");
+        assert!(joined.contains("tap,id=net0,ifname=vmx-web-1-g1,script=/d/tap-up,downscript=no"));
+        assert!(!joined.contains("hostfwd"));
+        assert!(joined.contains(
+            "type=11,value=vmatrix.net.address=10.77.0.5/16,value=vmatrix.net.gateway=10.77.0.1"
+        ));
+        // The destination of a move has another TAP name: the same guest hardware.
+        let mut moved = s.clone();
+        if let Some(t) = moved.tap.as_mut() {
+            t.ifname = "vmx-web-1-g2".into();
+        }
+        let b = qemu_args(&moved, &VmDir::new("/a"), StartMode::Incoming).unwrap();
+        let hw = |v: &[String]| {
+            v.iter()
+                .filter(|a| !a.starts_with("tap,") && *a != "-S" && !a.contains("incoming") && *a != "defer")
+                .cloned()
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(hw(&a), hw(&b));
+        s.tap.as_mut().unwrap().ifname = "a,b".into();
+        assert!(qemu_args(&s, &VmDir::new("/a"), StartMode::Boot).is_err());
     }
 
     #[test]
