@@ -57,6 +57,7 @@ impl Agent {
         if let Some(reply) = self.claim_slot(&plan, slot)? {
             return Ok(reply);
         }
+        self.clone().rules_for_new_tap().await;
         let started = async {
             let spec = self.vm_setup(&plan, &version, endpoint, &dir).await?;
             match &state {
@@ -117,6 +118,13 @@ impl Agent {
             dir: self.vm_dir(&plan.id, plan.generation),
             console: None,
         })
+    }
+
+    /// The rules with the new slot's TAP in them, before its QEMU starts (bridged only).
+    async fn rules_for_new_tap(self: Arc<Self>) {
+        if self.net.is_some() {
+            let _ = tokio::task::spawn_blocking(move || self.apply_rules()).await;
+        }
     }
 
     /// The new VM's directory, and its spec over this machine's export of its version.
@@ -423,6 +431,7 @@ impl Agent {
                 let _ = std::fs::remove_dir_all(old.dir);
             }
         }
+        self.clone().rules_for_new_tap().await;
         let started = async {
             let spec = self.vm_setup(&plan, &version, endpoint, &dir).await?;
             Ok::<_, AgentError>(self.hv.incoming(spec, &dir, self.config.listen.ip()).await?)

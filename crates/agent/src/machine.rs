@@ -216,6 +216,8 @@ pub struct Agent {
     report_count: std::sync::atomic::AtomicU64,
     /// The service network on this host, and the script QEMU runs to attach a TAP to it.
     pub(crate) net: Option<(vmatrix_net::HostNet, PathBuf)>,
+    /// The controller's last view of the service network (who may reach whom).
+    view: Mutex<Option<vmatrix_core::api::NetworkView>>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -292,6 +294,7 @@ impl Agent {
         };
         Ok(Arc::new(Self {
             net,
+            view: Mutex::new(None),
             config,
             hv,
             repo,
@@ -372,13 +375,56 @@ impl Agent {
         }
     }
 
-    /// Applies what the controller said of the service network (its hosts) in answer to a
-    /// heartbeat.
+    /// Applies what the controller said of the service network (its hosts, who may reach
+    /// whom) in answer to a heartbeat.
     pub fn apply_network(&self, view: &vmatrix_core::api::NetworkView) {
         if let Some((host, _)) = &self.net {
             if let Err(e) = host.set_peers(&view.vteps) {
                 tracing::warn!("updating the service network's peers: {e}");
             }
+            *lock(&self.view) = Some(view.clone());
+            self.apply_rules();
+        }
+    }
+
+    /// Applies this host's isolation and egress rules from the last view and the TAPs of the
+    /// VMs here (before a new VM starts, so that its TAP may send at once). Only a change
+    /// reaches nftables.
+    pub(crate) fn apply_rules(&self) {
+        let Some((host, _)) = &self.net else {
+            return;
+        };
+        let view = lock(&self.view).clone();
+        let taps: Vec<(String, std::net::Ipv4Addr)> = lock(&self.slots)
+            .values()
+            .filter_map(|s| {
+                let a = s.plan.net?;
+                Some((
+                    vmatrix_net::tap_name(s.plan.id.as_str(), s.plan.generation),
+                    a.address,
+                ))
+            })
+            .collect();
+        let net = host.config.net;
+        let rules = vmatrix_net::firewall::Rules {
+            net,
+            host_addresses: net.host_addresses(),
+            hosts: view.as_ref().map(|v| v.vteps.clone()).unwrap_or_default(),
+            services: view
+                .map(|v| v.services)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|s| vmatrix_net::firewall::ServiceRules {
+                    name: s.name.to_string(),
+                    members: s.members,
+                    allow_from: s.allow_from.iter().map(|a| a.to_string()).collect(),
+                    egress: s.egress,
+                })
+                .collect(),
+            taps,
+        };
+        if let Err(e) = host.apply_rules(&rules) {
+            tracing::warn!("applying the service network's rules: {e}");
         }
     }
 

@@ -37,6 +37,7 @@ fn setup() -> (tempfile::TempDir, Arc<Agent>, FakeHypervisor) {
             repo: repo_url,
             accel: vmatrix_vmm::Accelerator::Tcg,
             cache_bytes: 1 << 24,
+            net: None,
         },
         Arc::new(fake.clone()),
     )
@@ -66,6 +67,7 @@ fn plan(generation: u64) -> InstancePlan {
         memory_mib: 256,
         port: 80,
         health: "/health".into(),
+        net: None,
     }
 }
 

@@ -83,6 +83,7 @@ impl AgentNet {
             net,
             vtep: self.vtep,
             vni: check_vni(self.vni)?,
+            table: "vmatrix".into(),
         }))
     }
 }
@@ -233,11 +234,16 @@ impl Topology {
             address: net.front(0),
             vtep: Some(topo.host_address()),
             vni: topo.vni(),
+            table: format!("vmatrix{tag}"),
         })
         .context("attaching this host to the service network")?;
+        topo.front = Some(front);
+        let front = topo.front.as_ref().expect("just set");
         let peers: Vec<Ipv4Addr> = (0..machines).map(|i| topo.machine_address(i)).collect();
         front.set_peers(&peers)?;
-        topo.front = Some(front);
+        front
+            .apply_front_rules()
+            .context("closing this host to the instances (nftables)")?;
         Ok(topo)
     }
 
@@ -281,6 +287,7 @@ impl Topology {
 
     /// Removes what a killed `up` on the same port may have left in this namespace.
     fn sweep(tag: u16) {
+        let _ = vmatrix_net::firewall::remove(&format!("vmatrix{tag}"));
         for name in [
             format!("vmxs{tag}"),
             format!("vmxv{tag}"),

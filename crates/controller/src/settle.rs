@@ -86,10 +86,27 @@ impl Controller {
         vteps.extend(n.fronts.iter().copied());
         vteps.sort();
         vteps.dedup();
+        let rows = self.db(|d| d.instances()).unwrap_or_default();
+        let services = self
+            .services()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|s| vmatrix_core::api::ServiceAccess {
+                members: rows
+                    .iter()
+                    .filter(|r| r.info.service == s.name)
+                    .filter_map(|r| r.info.address)
+                    .collect(),
+                name: s.name,
+                allow_from: s.allow_from,
+                egress: s.egress,
+            })
+            .collect();
         Some(NetworkView {
             service_net: n.net.to_string(),
             vni: n.vni,
             vteps,
+            services,
         })
     }
 
@@ -425,6 +442,7 @@ mod tests {
             vcpus: 4,
             memory_mib: 4096,
             instances: Vec::new(),
+            vtep: None,
             seq,
         }
     }
@@ -449,6 +467,7 @@ mod tests {
                 generation: 2,
                 pinned_until_ms: 0,
                 purpose: Default::default(),
+                address: None,
             },
             saved: None,
             seq: 1,

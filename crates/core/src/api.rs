@@ -493,6 +493,25 @@ pub struct NetworkView {
     pub vni: u32,
     /// Every tunnel endpoint (the receiving machine's own among them).
     pub vteps: Vec<std::net::Ipv4Addr>,
+    /// Who may reach whom: every service with the addresses its instances hold.
+    #[serde(default)]
+    pub services: Vec<ServiceAccess>,
+}
+
+/// One service on the service network: its instances' addresses, the services allowed to
+/// open connections to them, and whether they may reach outside.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceAccess {
+    /// The service.
+    pub name: ServiceName,
+    /// Its instances' addresses.
+    pub members: Vec<std::net::Ipv4Addr>,
+    /// Services whose instances may connect to these.
+    #[serde(default)]
+    pub allow_from: Vec<ServiceName>,
+    /// Outbound traffic beyond the service network allowed.
+    #[serde(default)]
+    pub egress: bool,
 }
 
 /// A command from the controller to an agent. Every command carries the instance's generation;

@@ -46,6 +46,14 @@ pub struct ServiceSpec {
     /// never takes the service down (false: pack them).
     #[serde(default = "yes")]
     pub spread: bool,
+    /// Services whose instances may open connections to this one's (bridged networking);
+    /// instances of one service always reach each other, other services never unless listed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_from: Vec<ServiceName>,
+    /// Whether its instances may reach addresses outside the service network (NAT through
+    /// their host). Off by default.
+    #[serde(default)]
+    pub egress: bool,
 }
 
 fn yes() -> bool {
@@ -256,6 +264,22 @@ fn check_services(specs: &[ServiceSpec]) -> Result<(), Invalid> {
             error,
         })?;
     }
+    for (index, s) in specs.iter().enumerate() {
+        if let Some(unknown) = s.allow_from.iter().find(|a| !seen.contains_key(a)) {
+            return Err(Invalid {
+                index,
+                first: None,
+                error: FieldError {
+                    service: s.name.clone(),
+                    field: "allow_from",
+                    message: format!(
+                        "allow_from names {unknown}, which is not a service in this file; \
+                         declare it or remove it from the list"
+                    ),
+                },
+            });
+        }
+    }
     Ok(())
 }
 
@@ -379,6 +403,8 @@ image = "guest:v1"
             health: "/health".into(),
             standby_max: 0,
             spread: true,
+            allow_from: Vec::new(),
+            egress: false,
         }
     }
 

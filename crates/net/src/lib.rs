@@ -13,6 +13,8 @@
 //! it made in [`HostNet::remove`].
 #![forbid(unsafe_code)]
 
+pub mod firewall;
+
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -126,6 +128,13 @@ impl ServiceNet {
         (2..self.size() - 1 - FRONT_ADDRESSES).map(|i| self.nth(i))
     }
 
+    /// The addresses of hosts on it: the gateway and every front address.
+    pub fn host_addresses(&self) -> Vec<Ipv4Addr> {
+        std::iter::once(self.gateway())
+            .chain((0..FRONT_ADDRESSES).map(|i| self.front(i)))
+            .collect()
+    }
+
     /// Whether `a` is an instance address of this network.
     pub fn is_instance_address(&self, a: Ipv4Addr) -> bool {
         let off = u32::from(a).wrapping_sub(u32::from(self.net.network()));
@@ -168,6 +177,8 @@ pub struct HostNetConfig {
     pub vtep: Option<Ipv4Addr>,
     /// The VXLAN network identifier.
     pub vni: u32,
+    /// The nftables table of this host's rules (vMatrix's own; at most one per host).
+    pub table: String,
 }
 
 /// The service network on this host, as set up by [`HostNet::setup`].
@@ -176,6 +187,8 @@ pub struct HostNet {
     /// How it was set up.
     pub config: HostNetConfig,
     peers: std::sync::Mutex<BTreeSet<Ipv4Addr>>,
+    /// The rules last applied (only a change is applied again).
+    rules: std::sync::Mutex<String>,
 }
 
 fn check_name(name: &str) -> Result<()> {
@@ -236,7 +249,44 @@ impl HostNet {
         Ok(Self {
             config,
             peers: std::sync::Mutex::new(BTreeSet::new()),
+            rules: std::sync::Mutex::new(String::new()),
         })
+    }
+
+    /// Applies isolation and egress for a machine (see [`firewall`]): bridged IPv4 goes
+    /// through the host's filter (`bridge-nf-call-iptables`), routed egress is enabled, and
+    /// the table is replaced when the rules changed.
+    pub fn apply_rules(&self, rules: &firewall::Rules) -> Result<()> {
+        let script = firewall::script(&self.config.table, rules);
+        self.apply_script(script, true)
+    }
+
+    /// Applies a front host's rules: nothing here accepts a connection from an instance.
+    pub fn apply_front_rules(&self) -> Result<()> {
+        let script =
+            firewall::front_script(&self.config.table, &self.config.net, &self.config.bridge);
+        self.apply_script(script, false)
+    }
+
+    fn apply_script(&self, script: String, machine: bool) -> Result<()> {
+        let mut last = self.rules.lock().unwrap_or_else(|p| p.into_inner());
+        if *last == script {
+            return Ok(());
+        }
+        if machine && last.is_empty() {
+            for (key, value) in [
+                ("/proc/sys/net/bridge/bridge-nf-call-iptables", "1"),
+                ("/proc/sys/net/ipv4/ip_forward", "1"),
+            ] {
+                std::fs::write(key, value).map_err(|source| NetError::Io {
+                    path: key.into(),
+                    source,
+                })?;
+            }
+        }
+        firewall::apply(&script)?;
+        *last = script;
+        Ok(())
     }
 
     /// Keeps one flooding entry per other host (`vteps` may include this one); broadcasts
@@ -309,8 +359,9 @@ impl HostNet {
         Ok(path)
     }
 
-    /// Removes the VXLAN device and the bridge (the TAPs go with their QEMUs).
+    /// Removes the rules, the VXLAN device and the bridge (the TAPs go with their QEMUs).
     pub fn remove(&self) -> Result<()> {
+        firewall::remove(&self.config.table)?;
         delete_link(&self.config.vxlan)?;
         delete_link(&self.config.bridge)
     }
@@ -330,7 +381,7 @@ fn flood_entries(vx: &str) -> Result<BTreeSet<Ipv4Addr>> {
         .collect())
 }
 
-/// A TAP device name for instance `id` at `generation`: `vmx` and a short hash (TAP names
+/// A TAP device name for instance `id` at `generation`: `vmt` and a short hash (TAP names
 /// are at most 15 bytes; the two ends of a move differ by generation).
 pub fn tap_name(id: &str, generation: u64) -> String {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -338,7 +389,7 @@ pub fn tap_name(id: &str, generation: u64) -> String {
         h ^= u64::from(b);
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
-    format!("vmx{:010x}", h & 0xff_ffff_ffff)
+    format!("vmt{:010x}", h & 0xff_ffff_ffff)
 }
 
 #[cfg(test)]
@@ -369,7 +420,7 @@ mod tests {
     #[test]
     fn tap_names_fit_and_differ_by_generation() {
         let a = tap_name("web-1", 1);
-        assert!(a.len() <= 15 && a.starts_with("vmx"), "{a}");
+        assert!(a.len() <= 15 && a.starts_with("vmt"), "{a}");
         assert_ne!(a, tap_name("web-1", 2));
         assert_eq!(a, tap_name("web-1", 1));
     }

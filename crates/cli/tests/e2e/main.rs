@@ -5,6 +5,7 @@ mod durable;
 mod image;
 mod lifecycle;
 mod netns;
+mod network;
 mod policy;
 mod sim;
 mod sim_real;

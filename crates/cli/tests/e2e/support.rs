@@ -58,6 +58,7 @@ pub async fn start_up(data: &Path, args: &[&str]) -> tokio::process::Child {
         .arg(data)
         .arg("up")
         .args(args)
+        .args(net_args(args))
         .stdout(std::process::Stdio::piped())
         .stderr(
             std::fs::File::create(data.join("up.log"))
@@ -199,6 +200,28 @@ pub fn free_port() -> u16 {
             return port;
         }
     }
+}
+
+/// Networks of its own for a `vmatrix up` whose `args` name none (tests run two at a time, and
+/// two matrices must not route the same networks): derived from its `--listen` port.
+pub fn net_args(args: &[&str]) -> Vec<String> {
+    if args.iter().any(|a| *a == "--service-net" || *a == "--network") {
+        return Vec::new();
+    }
+    let port: u16 = args
+        .iter()
+        .position(|a| *a == "--listen")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|l| l.rsplit(':').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(free_port);
+    let k = 100 + (port / 2) % 120;
+    vec![
+        "--service-net".into(),
+        format!("10.{k}.0.0/17"),
+        "--underlay".into(),
+        format!("10.{k}.200.0/24"),
+    ]
 }
 
 /// The last lines `vmatrix up` (and its children) logged, for failure messages.

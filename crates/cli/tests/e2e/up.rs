@@ -25,6 +25,10 @@ async fn up_stops_every_process_it_started_on_ctrl_c() {
             "--switch-listen",
             &format!("127.0.0.1:{}", crate::support::free_port()),
         ])
+        .args(crate::support::net_args(&[
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ]))
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -96,6 +100,14 @@ async fn up_stops_every_process_it_started_on_ctrl_c() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // Nor any interface of its network (bridged, as root: named after the API port).
+    let left: Vec<String> = std::fs::read_dir("/sys/class/net")
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("vmx") && n.contains(&port.to_string()))
+        .collect();
+    assert!(left.is_empty(), "interfaces left behind: {left:?}");
 }
 
 /// Command lines of live processes that mention `needle`.

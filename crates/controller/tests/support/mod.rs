@@ -142,6 +142,8 @@ impl Matrix {
             policy: self.policy.is_some(),
             settings: self.policy.clone().unwrap_or_default(),
             maintenance_idle: self.maintenance_idle,
+            also_listen: Vec::new(),
+            network: None,
         };
         self.controller = Some(Process::start(move || async move {
             // The port of a killed controller may take a moment to be free again.
@@ -197,6 +199,7 @@ impl Matrix {
             repo: self.repo_url.clone(),
             accel: vmatrix_vmm::Accelerator::Tcg,
             cache_bytes: 64 << 20,
+            net: None,
         };
         let agent = Agent::new(config, Arc::new(self.fake.clone())).expect("agent");
         let (a, controller) = (agent.clone(), format!("http://{}", self.api));

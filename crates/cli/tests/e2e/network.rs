@@ -1,0 +1,185 @@
+//! Issue 11 with real QEMU: bridged instances on three machines, each a network namespace of its
+//! own joined by VXLAN. An instance live-migrates from machine 1 to machine 3 while a client
+//! holds a streaming response to it directly, others hold streams through the switch, another
+//! holds a TCP echo connection, and 50 requests/s run through the switch: no connection breaks,
+//! no request fails, and the instance keeps its address.
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use vmatrix_switch::{run_load, LoadOptions};
+
+use crate::cluster::{cli, ps, wait_for, wait_routed};
+use crate::support::{data_dir, start_matrix, up_log};
+
+/// Reads a streaming response to its end: the lines, and the longest pause between two.
+async fn hold_stream(url: String) -> Result<(Vec<String>, Duration), String> {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(120))
+        .build()
+        .map_err(|e| e.to_string())?;
+    let mut resp = client.get(&url).send().await.map_err(|e| e.to_string())?;
+    if !resp.status().is_success() {
+        return Err(format!("{url}: {}", resp.status()));
+    }
+    let mut text = String::new();
+    let mut last = Instant::now();
+    let mut longest = Duration::ZERO;
+    while let Some(chunk) = resp.chunk().await.map_err(|e| format!("{url}: {e}"))? {
+        longest = longest.max(last.elapsed());
+        last = Instant::now();
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    Ok((text.lines().map(str::to_owned).collect(), longest))
+}
+
+/// Holds a TCP connection to the guest's echo port, sending a line every 100 ms and reading it
+/// back, for `n` lines: the longest round trip.
+async fn hold_echo(addr: String, n: usize) -> Result<Duration, String> {
+    let s = tokio::net::TcpStream::connect(&addr)
+        .await
+        .map_err(|e| format!("{addr}: {e}"))?;
+    let (r, mut w) = s.into_split();
+    let mut r = BufReader::new(r).lines();
+    let mut longest = Duration::ZERO;
+    for i in 0..n {
+        let t = Instant::now();
+        w.write_all(format!("ping {i}\n").as_bytes())
+            .await
+            .map_err(|e| format!("echo write {i}: {e}"))?;
+        let line = tokio::time::timeout(Duration::from_secs(10), r.next_line())
+            .await
+            .map_err(|_| format!("echo {i}: no answer within 10 s"))?
+            .map_err(|e| format!("echo read {i}: {e}"))?
+            .ok_or_else(|| format!("echo {i}: connection closed"))?;
+        if line != format!("ping {i}") {
+            return Err(format!("echo {i}: got {line:?}"));
+        }
+        longest = longest.max(t.elapsed());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(longest)
+}
+
+#[tokio::test]
+#[ignore = "boots real QEMU on bridges in network namespaces (root); run by scripts/test"]
+async fn connections_survive_a_live_migration_across_vxlan_hosts() {
+    let _alone = crate::support::UNDER_LOAD.lock().await;
+    let data = data_dir();
+    let d = data.path();
+    let (mut up, front) = start_matrix(
+        d,
+        &["--machines", "3", "--policy", "min", "--network", "bridge"],
+    )
+    .await;
+    let (_, out, _) = cli(d, &["machines"]).await;
+    eprintln!("{out}");
+    let services = d.join("web.toml");
+    std::fs::write(
+        &services,
+        "[[service]]\nname = \"web\"\nimage = \"guest:v1\"\nmin = 2\n",
+    )
+    .unwrap();
+    let (ok, _, err) = cli(d, &["apply", "-f", services.to_str().unwrap()]).await;
+    assert!(ok, "{err}\n{}", up_log(d));
+    let list = wait_for("two instances running", Duration::from_secs(180), async || {
+        let l = ps(d).await;
+        (l.iter().filter(|i| i["state"] == "running").count() == 2).then_some(l)
+    })
+    .await;
+    // Spread over two machines, each with an address of its own on the service network.
+    let machines: Vec<&str> = list.iter().filter_map(|i| i["machine"].as_str()).collect();
+    assert_ne!(machines[0], machines[1], "{list:?}");
+    for i in &list {
+        let addr = i["address"].as_str().expect("an address");
+        assert_eq!(i["endpoint"], format!("{addr}:80"), "{i}");
+    }
+    // The one to move, and a machine neither runs on (machine 3 when it started on 1).
+    let moving: Value = list.iter().find(|i| i["machine"] == "rm1").cloned().unwrap_or_else(|| list[0].clone());
+    let id = moving["id"].as_str().unwrap().to_owned();
+    let address = moving["address"].as_str().unwrap().to_owned();
+    let from = moving["machine"].as_str().unwrap().to_owned();
+    let to = ["rm1", "rm2", "rm3"]
+        .into_iter()
+        .find(|m| !machines.contains(m))
+        .unwrap();
+    wait_routed(&front, "web").await;
+
+    // Held connections: a stream straight to the instance, four through the switch (spread
+    // over both instances by least connections), and a TCP echo session to its port 7.
+    let direct = tokio::spawn(hold_stream(format!("http://{address}/stream?n=120&ms=100")));
+    let through: Vec<_> = (0..4)
+        .map(|_| tokio::spawn(hold_stream(format!("http://{front}/s/web/stream?n=120&ms=100"))))
+        .collect();
+    let echo = tokio::spawn(hold_echo(format!("{address}:7"), 100));
+    let load = tokio::spawn(run_load(&LoadOptions::constant(
+        format!("http://{front}/s/web/health"),
+        50.0,
+        Duration::from_secs(10),
+    )));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (ok, moved, err) = cli(d, &["migrate", &id, "--to", to]).await;
+    assert!(ok, "migrate {id} {from} → {to}: {err}\n{}", up_log(d));
+
+    let r = load.await.unwrap();
+    eprintln!(
+        "migration {from} → {to} under 50 req/s ({}): {} sent, {} ok, {} failed; p50 {:.1} ms, \
+         p99 {:.1} ms, max {:.1} ms",
+        moved.trim(),
+        r.sent,
+        r.ok,
+        r.failed(),
+        r.p50_ms,
+        r.p99_ms,
+        r.max_ms
+    );
+    let (lines, gap) = direct.await.unwrap().expect("the direct stream held");
+    assert_eq!(lines.len(), 120, "every line of the direct stream: {lines:?}");
+    eprintln!("direct stream: 120 lines, longest pause {gap:?}");
+    let mut on_moved = 0;
+    for t in through {
+        let (lines, gap) = t.await.unwrap().expect("a stream through the switch held");
+        assert_eq!(lines.len(), 120, "every line through the switch: {lines:?}");
+        let served_by = lines[0].rsplit(' ').next().unwrap_or("").to_owned();
+        eprintln!("stream through the switch from {served_by}: 120 lines, longest pause {gap:?}");
+        if served_by == id {
+            on_moved += 1;
+        }
+    }
+    assert!(on_moved > 0, "no stream through the switch was on the moving instance");
+    let echo_rtt = echo.await.unwrap().expect("the TCP echo session held");
+    eprintln!("TCP echo: 100 round trips, longest {echo_rtt:?}");
+    assert!(r.sent >= 450, "the load ran: {r:?}");
+    assert_eq!(r.failed(), 0, "requests failed during the move: {:?}", r.errors);
+    assert!(r.max_ms < 250.0, "max latency {:.1} ms during the move", r.max_ms);
+
+    let after = ps(d).await;
+    let now = after.iter().find(|i| i["id"] == id.as_str()).unwrap();
+    assert_eq!(now["machine"], to, "{now}");
+    assert_eq!(now["address"], address.as_str(), "the address moved with it");
+    let got: Value = reqwest::get(format!("http://{address}/"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(got["instance"], id.as_str());
+
+    // SIGINT: `up` stops everything, its network included.
+    let pid = up.id().unwrap().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let _ = tokio::time::timeout(Duration::from_secs(60), up.wait()).await;
+    let addr: std::net::Ipv4Addr = address.parse().unwrap();
+    let reachable = tokio::time::timeout(
+        Duration::from_secs(2),
+        tokio::net::TcpStream::connect((addr, 80)),
+    )
+    .await
+    .is_ok_and(|r| r.is_ok());
+    assert!(!reachable, "the service network outlived `up`");
+}
