@@ -434,7 +434,11 @@ impl Agent {
         self.clone().rules_for_new_tap().await;
         let started = async {
             let spec = self.vm_setup(&plan, &version, endpoint, &dir).await?;
-            Ok::<_, AgentError>(self.hv.incoming(spec, &dir, self.config.listen.ip()).await?)
+            Ok::<_, AgentError>(
+                self.hv
+                    .incoming(spec, &dir, self.config.listen.ip())
+                    .await?,
+            )
         }
         .await;
         let incoming = match started {

@@ -480,6 +480,7 @@ async fn bench_routes(backend: SocketAddr) -> Result<SocketAddr> {
             service: vmatrix_core::ServiceName::new("bench")?,
             priority: 0,
             backends: vec![(InstanceId::new("bench-1")?, backend.to_string())],
+            moving: Vec::new(),
             dropped: false,
             admit_rps: 0.0,
         }],

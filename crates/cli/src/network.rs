@@ -140,11 +140,7 @@ fn bridging_possible() -> std::result::Result<(), String> {
         return Err("/dev/net/tun is missing".into());
     }
     for tool in ["ip", "bridge", "nsenter"] {
-        if std::process::Command::new(tool)
-            .arg("-V")
-            .output()
-            .is_err()
-        {
+        if std::process::Command::new(tool).arg("-V").output().is_err() {
             return Err(format!(
                 "{tool} is missing (Debian packages iproute2, util-linux)"
             ));
@@ -274,11 +270,7 @@ impl Topology {
         let pid = pid.to_string();
         run("ip", &["link", "set", &inner, "netns", &pid])?;
         let ns = format!("--net=/proc/{pid}/ns/net");
-        let cidr = format!(
-            "{}/{}",
-            self.machine_address(i),
-            self.underlay.prefix_len()
-        );
+        let cidr = format!("{}/{}", self.machine_address(i), self.underlay.prefix_len());
         run("nsenter", &[&ns, "ip", "link", "set", "lo", "up"])?;
         run("nsenter", &[&ns, "ip", "addr", "add", &cidr, "dev", &inner])?;
         run("nsenter", &[&ns, "ip", "link", "set", &inner, "up"])?;

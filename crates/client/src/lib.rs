@@ -11,8 +11,9 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use vmatrix_core::api::{
-    AgentReport, ApplyRequest, ErrorBody, HeartbeatReply, Event, EventsReply, InstanceInfo, InstancesReply,
-    LoadReport, MachinesReply, Operation, OperationReply, RouteTable, ServicesReply,
+    AgentReport, ApplyRequest, ErrorBody, Event, EventsReply, HeartbeatReply, InstanceInfo,
+    InstancesReply, LoadReport, MachinesReply, Operation, OperationReply, RouteTable,
+    ServicesReply,
 };
 use vmatrix_core::ServiceSpec;
 

@@ -412,11 +412,13 @@ impl Controller {
             port: spec.port,
             health: spec.health.clone(),
             net: net.and_then(|n| {
-                row.info.address.map(|address| vmatrix_core::api::NetAttach {
-                    address,
-                    prefix: n.net.prefix(),
-                    gateway: n.net.gateway(),
-                })
+                row.info
+                    .address
+                    .map(|address| vmatrix_core::api::NetAttach {
+                        address,
+                        prefix: n.net.prefix(),
+                        gateway: n.net.gateway(),
+                    })
             }),
         })
     }
@@ -512,6 +514,12 @@ impl Controller {
                 })
                 .map(|r| (r.info.id.clone(), r.info.endpoint.clone()))
                 .collect();
+            let moving: Vec<String> = rows
+                .iter()
+                .filter(|r| r.info.state == InstanceState::Migrating)
+                .map(|r| r.info.endpoint.clone())
+                .filter(|e| backends.iter().any(|(_, b)| b == e))
+                .collect();
             let mark = dropped.iter().find(|(d, _)| d == s.name.as_str());
             // Short of capacity, the running instances keep serving what they can.
             let admit_rps = match mark {
@@ -524,6 +532,7 @@ impl Controller {
                 service: s.name,
                 priority: s.priority,
                 backends,
+                moving,
             });
         }
         let bytes = serde_json::to_vec(&out.services).unwrap_or_default();

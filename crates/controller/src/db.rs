@@ -437,9 +437,9 @@ impl Db {
 
     /// The service-network addresses held by instances that are not discarded.
     pub fn addresses_in_use(&self) -> Result<std::collections::HashSet<std::net::Ipv4Addr>> {
-        let mut st = self
-            .conn
-            .prepare("SELECT address FROM instances WHERE state != 'discarded' AND address != ''")?;
+        let mut st = self.conn.prepare(
+            "SELECT address FROM instances WHERE state != 'discarded' AND address != ''",
+        )?;
         let rows = st.query_map([], |r| r.get::<_, String>(0))?;
         let mut out = std::collections::HashSet::new();
         for a in rows {

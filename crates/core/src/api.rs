@@ -741,6 +741,10 @@ pub struct ServiceRoute {
     pub priority: i32,
     /// Running instances: `(instance id, host:port)`.
     pub backends: Vec<(InstanceId, String)>,
+    /// Those of `backends` in a live migration: they serve on, but get a new request only when
+    /// no other backend can take it (a request would wait out the switch-over's pause).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub moving: Vec<String>,
     /// Dropped: refuse its requests at once with 503 — those above `admit_rps`.
     pub dropped: bool,
     /// When dropped, the requests per second still let through to the running instances

@@ -70,10 +70,18 @@ pub fn script(table: &str, rules: &Rules) -> String {
     let mut out = String::new();
     // Create-then-delete makes the replacement one transaction whether or not it existed.
     for family in ["inet", "bridge"] {
-        let _ = writeln!(out, "table {family} {table} {{}}\ndelete table {family} {table}");
+        let _ = writeln!(
+            out,
+            "table {family} {table} {{}}\ndelete table {family} {table}"
+        );
     }
     let _ = writeln!(out, "table inet {table} {{");
-    set(&mut out, "hostaddrs", "ipv4_addr", &addrs(&rules.host_addresses));
+    set(
+        &mut out,
+        "hostaddrs",
+        "ipv4_addr",
+        &addrs(&rules.host_addresses),
+    );
     set(&mut out, "underlay", "ipv4_addr", &addrs(&rules.hosts));
     let egress: Vec<Ipv4Addr> = rules
         .services
@@ -83,8 +91,11 @@ pub fn script(table: &str, rules: &Rules) -> String {
         .collect();
     set(&mut out, "egress", "ipv4_addr", &addrs(&egress));
     // Per service: its members (mN) and what they may open connections to (rN).
-    let by_name: BTreeMap<&str, &ServiceRules> =
-        rules.services.iter().map(|s| (s.name.as_str(), s)).collect();
+    let by_name: BTreeMap<&str, &ServiceRules> = rules
+        .services
+        .iter()
+        .map(|s| (s.name.as_str(), s))
+        .collect();
     let mut east_west = String::new();
     for (i, s) in rules.services.iter().enumerate() {
         let mut reach = s.members.clone();
@@ -190,7 +201,10 @@ pub fn apply(script: &str) -> Result<(), NetError> {
 pub fn remove(table: &str) -> Result<(), NetError> {
     for family in ["inet", "bridge"] {
         let listed = run("nft", &["list", "tables", family]).unwrap_or_default();
-        if listed.lines().any(|l| l.trim() == format!("table {family} {table}")) {
+        if listed
+            .lines()
+            .any(|l| l.trim() == format!("table {family} {table}"))
+        {
             run("nft", &["delete", "table", family, table])?;
         }
     }
@@ -225,9 +239,18 @@ mod tests {
         };
         let s = script("vmatrix", &rules);
         // web may open connections to db (db allows it), db not to web.
-        assert!(s.contains("set r0 { type ipv4_addr; elements = { 10.77.0.2, 10.77.0.3 }; }"), "{s}");
-        assert!(s.contains("set r1 { type ipv4_addr; elements = { 10.77.0.3 }; }"), "{s}");
-        assert!(s.contains("set egress { type ipv4_addr; elements = { 10.77.0.2 }; }"), "{s}");
+        assert!(
+            s.contains("set r0 { type ipv4_addr; elements = { 10.77.0.2, 10.77.0.3 }; }"),
+            "{s}"
+        );
+        assert!(
+            s.contains("set r1 { type ipv4_addr; elements = { 10.77.0.3 }; }"),
+            "{s}"
+        );
+        assert!(
+            s.contains("set egress { type ipv4_addr; elements = { 10.77.0.2 }; }"),
+            "{s}"
+        );
         assert!(s.contains("\"vmt0123456789\" . 10.77.0.2"), "{s}");
         assert!(s.contains("delete table inet vmatrix"));
         assert!(s.contains("masquerade"));

@@ -7,6 +7,7 @@
 //! The switch must never decide where instances run; it only follows the controller's routes
 //! and asks it to wake a service.
 
+mod connect;
 mod load;
 mod proxy;
 mod stats;

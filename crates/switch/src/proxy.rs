@@ -9,11 +9,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{HeaderName, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::sync::watch;
@@ -92,6 +92,11 @@ const FRESH_BACKEND: Duration = Duration::from_secs(5);
 const FRESH_ATTEMPT_TIMEOUT: Duration = Duration::from_millis(1500);
 
 const MAX_BODY: usize = 16 * 1024 * 1024;
+
+/// How many requests in flight an instance in a live migration counts as beyond its own: new
+/// requests go elsewhere unless the others are that much busier (a request that reaches it at
+/// the switch-over waits out the pause; sending all load elsewhere could overload the rest).
+const MOVING_PENALTY: usize = 2;
 const HOP_BY_HOP: [&str; 8] = [
     "connection",
     "keep-alive",
@@ -103,11 +108,19 @@ const HOP_BY_HOP: [&str; 8] = [
     "upgrade",
 ];
 
-type Resp = Response<Full<Bytes>>;
+/// A response to a client: the switch's own (whole), or an instance's streamed through as it
+/// comes.
+type Resp = Response<BoxBody<Bytes, hyper::Error>>;
+
+fn whole(body: impl Into<Bytes>) -> BoxBody<Bytes, hyper::Error> {
+    Full::new(body.into())
+        .map_err(|never| match never {})
+        .boxed()
+}
 
 fn reply(status: StatusCode, body: impl Into<String>) -> Resp {
     let json = serde_json::json!({ "error": body.into() }).to_string();
-    let mut r = Response::new(Full::new(Bytes::from(json)));
+    let mut r = Response::new(whole(json));
     *r.status_mut() = status;
     r.headers_mut()
         .insert("content-type", HeaderValue::from_static("application/json"));
@@ -161,7 +174,8 @@ impl Switch {
         o
     }
 
-    /// Least outstanding requests among the backends not to avoid.
+    /// Least outstanding requests among the backends not to avoid; one in a live migration
+    /// counts [`MOVING_PENALTY`] more (it gets new requests only when the others are busier).
     fn pick(&self, route: &ServiceRoute, avoid: &HashSet<String>) -> Option<String> {
         if let [(_, only)] = route.backends.as_slice() {
             return (!avoid.contains(only)).then(|| only.clone());
@@ -171,7 +185,14 @@ impl Switch {
             .iter()
             .map(|(_, a)| a)
             .filter(|a| !avoid.contains(*a))
-            .min_by_key(|a| self.backend(a).outstanding.load(Ordering::Relaxed))
+            .min_by_key(|a| {
+                let penalty = if route.moving.contains(a) {
+                    MOVING_PENALTY
+                } else {
+                    0
+                };
+                self.backend(a).outstanding.load(Ordering::Relaxed) + penalty
+            })
             .cloned()
     }
 
@@ -277,14 +298,14 @@ impl Switch {
                 "/metrics" => {
                     let mut text = self.stats.metrics();
                     text.push_str(&self.backend_metrics());
-                    let mut r = Response::new(Full::new(Bytes::from(text)));
+                    let mut r = Response::new(whole(text));
                     r.headers_mut().insert(
                         "content-type",
                         HeaderValue::from_static("text/plain; version=0.0.4"),
                     );
                     r
                 }
-                "/health" => Response::new(Full::new(Bytes::from_static(b"ok\n"))),
+                "/health" => Response::new(whole(Bytes::from_static(b"ok\n"))),
                 _ => {
                     let known: Vec<&String> = table.services.keys().collect();
                     reply(
@@ -408,8 +429,10 @@ impl Switch {
             };
             let state = self.backend(&addr);
             let fresh = state.first_seen.elapsed() < FRESH_BACKEND;
-            let counter = &state.outstanding;
-            counter.fetch_add(1, Ordering::Relaxed);
+            state.outstanding.fetch_add(1, Ordering::Relaxed);
+            // Counts the request in flight until its response has been streamed out (or it
+            // failed): least-connections sees a long response or a stream as the load it is.
+            let in_flight = InFlight(state.clone());
             state.sent.fetch_add(1, Ordering::Relaxed);
             let outcome = if fresh && idempotent {
                 match tokio::time::timeout(FRESH_ATTEMPT_TIMEOUT, client.request(req)).await {
@@ -419,25 +442,21 @@ impl Switch {
             } else {
                 client.request(req).await.map_err(AttemptError::Client)
             };
-            counter.fetch_sub(1, Ordering::Relaxed);
             match outcome {
                 Ok(resp) => {
+                    // The body is streamed through as the instance sends it (a long response
+                    // or a stream is never held here); once its head is out, a failure can only
+                    // break the client's connection, as with any proxy.
                     let (p, b) = resp.into_parts();
-                    match b.collect().await {
-                        Ok(bytes) => {
-                            let mut r = Response::from_parts(p, Full::new(bytes.to_bytes()));
-                            for h in HOP_BY_HOP {
-                                r.headers_mut().remove(HeaderName::from_static(h));
-                            }
-                            break r;
-                        }
-                        Err(e) => {
-                            break reply(
-                                StatusCode::BAD_GATEWAY,
-                                format!("instance {addr} broke off its answer: {e}"),
-                            )
-                        }
+                    let body = Counted {
+                        body: b,
+                        _in_flight: in_flight,
+                    };
+                    let mut r = Response::from_parts(p, body.boxed());
+                    for h in HOP_BY_HOP {
+                        r.headers_mut().remove(HeaderName::from_static(h));
                     }
+                    break r;
                 }
                 // No response byte came back: a connect failure is always safe to retry; any
                 // other failure only for an idempotent request.
@@ -465,6 +484,41 @@ impl Switch {
             self.stats.held(service, t.elapsed().as_secs_f64() * 1000.0);
         }
         result
+    }
+}
+
+/// One request counted in a backend's `outstanding` until dropped.
+struct InFlight(Arc<BackendState>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.outstanding.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A response body that keeps its request counted until it is done (or dropped).
+struct Counted {
+    body: Incoming,
+    _in_flight: InFlight,
+}
+
+impl hyper::body::Body for Counted {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        std::pin::Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
     }
 }
 
@@ -618,16 +672,13 @@ pub async fn serve(config: SwitchConfig) -> std::io::Result<()> {
 }
 
 /// The connection pool to backends of one worker.
-type Backends = Client<HttpConnector, Full<Bytes>>;
+type Backends = Client<crate::connect::Connector, Full<Bytes>>;
 
 async fn accept_loop(switch: Arc<Switch>, listener: std::net::TcpListener) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::from_std(listener)?;
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(Duration::from_secs(2)));
     let client: Backends = Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(30))
-        .build(connector);
+        .build(crate::connect::Connector);
     loop {
         let (stream, _) = listener.accept().await?;
         let _ = stream.set_nodelay(true);

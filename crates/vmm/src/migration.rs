@@ -184,9 +184,12 @@ impl IncomingVm {
     pub async fn finish(mut self, limit: Duration) -> Result<Vm> {
         let done = async {
             self.vm.wait_incoming(limit).await?;
+            // The guest first (it is stopped until then), the export it no longer needs after.
+            self.vm.cont().await?;
+            tracing::debug!(instance = %self.vm.spec.instance, "the migrated guest runs here");
             // An adopted destination may have stopped its NBD server already.
             let _ = self.vm.qmp.execute(&NbdServerStop {}).await;
-            self.vm.cont().await
+            Ok(())
         }
         .await;
         match done {
@@ -205,7 +208,8 @@ impl IncomingVm {
 }
 
 impl Vm {
-    /// Moves this VM, RAM and disk, to the destination behind `target`, then stops this QEMU.
+    /// Moves this VM, RAM and disk, to the destination behind `target`, then stops this QEMU
+    /// (in the background: it is gone moments after this returns).
     /// On failure the source keeps running and is returned inside the error.
     pub async fn migrate_out(
         self,
@@ -224,7 +228,10 @@ impl Vm {
         let started = Instant::now();
         match self.migrate_steps(target, started, limit).await {
             Ok(report) => {
-                self.quit().await;
+                // The guest is the destination's now and waits, stopped, until the caller
+                // lets it run there: this QEMU ends in the background rather than in that
+                // pause (a quit takes a few hundred milliseconds on a busy host).
+                tokio::spawn(async move { self.quit().await });
                 Ok(report)
             }
             Err(error) => {
@@ -293,7 +300,7 @@ impl Vm {
         self.qmp
             .execute(&MigrateSetParameters {
                 max_bandwidth: Some(UNTHROTTLED),
-                ..Default::default()
+                downtime_limit: Some(DOWNTIME_STEPS[0].1),
             })
             .await?;
         self.qmp
@@ -301,8 +308,39 @@ impl Vm {
                 uri: format!("tcp:{}", target.migration),
             })
             .await?;
-        self.wait_migration_status("live migration", limit, &["pre-switchover"])
-            .await?;
+        // Until the switch-over: the downtime allowed grows while a busy guest keeps the
+        // migration from converging.
+        let migrating = Instant::now();
+        let mut step = 0;
+        loop {
+            if let Some(&(after, ms)) = DOWNTIME_STEPS.get(step + 1) {
+                if migrating.elapsed() >= after {
+                    step += 1;
+                    tracing::debug!(instance = %self.spec.instance, "allowing {ms} ms of downtime");
+                    self.qmp
+                        .execute(&MigrateSetParameters {
+                            max_bandwidth: None,
+                            downtime_limit: Some(ms),
+                        })
+                        .await?;
+                }
+            }
+            let left = limit.saturating_sub(migrating.elapsed());
+            let wait = Duration::from_secs(1).min(left.max(Duration::from_millis(1)));
+            match self
+                .wait_migration_status("live migration", wait, &["pre-switchover"])
+                .await
+            {
+                Ok(_) => break,
+                Err(VmmError::Timeout { .. }) if migrating.elapsed() < limit => {}
+                Err(VmmError::Timeout { .. }) => {
+                    return Err(self.timeout("the live migration converging", limit))
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let stopped = Instant::now();
+        tracing::debug!(instance = %self.spec.instance, "switch-over: the guest is stopped");
         // The guest is stopped now: end the mirror (a final sync), then switch over.
         let disk_bytes = self
             .qmp
@@ -324,6 +362,11 @@ impl Vm {
             })
             .await?;
         let info = self.wait_migration("live migration", limit).await?;
+        tracing::debug!(
+            instance = %self.spec.instance,
+            "switch-over: completed {} ms after the guest stopped",
+            stopped.elapsed().as_millis()
+        );
         Ok(MigrationReport {
             total_ms: info.total_time.unwrap_or(0),
             downtime_ms: info.downtime.unwrap_or(0),
@@ -374,6 +417,15 @@ impl Vm {
         }
     }
 }
+
+/// The downtime QEMU may take at the switch-over (ms), from the given time into the migration:
+/// short at first (a guest mostly idle converges at once), longer while a busy guest keeps the
+/// migration from converging.
+const DOWNTIME_STEPS: [(Duration, u64); 3] = [
+    (Duration::ZERO, 50),
+    (Duration::from_secs(5), 300),
+    (Duration::from_secs(15), 2000),
+];
 
 /// A port that is free on `ip` right now (the kernel picks it).
 fn free_port(ip: IpAddr) -> Result<u16> {

@@ -724,7 +724,10 @@ pub(crate) fn qemu_args(spec: &VmSpec, dir: &VmDir, mode: StartMode) -> Result<V
         let script = tap.script.to_string_lossy();
         if tap.ifname.is_empty()
             || tap.ifname.len() > 15
-            || !tap.ifname.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            || !tap
+                .ifname
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
             || script.contains(',')
         {
             return Err(VmmError::Invalid(format!(
@@ -886,7 +889,9 @@ mod tests {
         let b = qemu_args(&moved, &VmDir::new("/a"), StartMode::Incoming).unwrap();
         let hw = |v: &[String]| {
             v.iter()
-                .filter(|a| !a.starts_with("tap,") && *a != "-S" && !a.contains("incoming") && *a != "defer")
+                .filter(|a| {
+                    !a.starts_with("tap,") && *a != "-S" && !a.contains("incoming") && *a != "defer"
+                })
                 .cloned()
                 .collect::<Vec<_>>()
         };

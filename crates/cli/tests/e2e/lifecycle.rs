@@ -16,11 +16,11 @@ use tokio_tungstenite::tungstenite::Message;
 use crate::cluster::{cli, ps, wait_for, wait_routed};
 use crate::support::{data_dir, start_matrix, up_log};
 
-type Socket =
+pub(crate) type Socket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// The console of `id` as the writer, over the controller's WebSocket.
-async fn console(d: &Path, id: &str) -> Socket {
+pub(crate) async fn console(d: &Path, id: &str) -> Socket {
     let api = std::fs::read_to_string(d.join("controller/api")).expect("api file");
     let token = std::fs::read_to_string(d.join("controller/token")).expect("token");
     let url = format!(
@@ -46,7 +46,7 @@ async fn console(d: &Path, id: &str) -> Socket {
 }
 
 /// Reads console output until it contains `want`.
-async fn read_until(s: &mut Socket, want: &str, limit: Duration) -> String {
+pub(crate) async fn read_until(s: &mut Socket, want: &str, limit: Duration) -> String {
     let mut got = String::new();
     let deadline = tokio::time::Instant::now() + limit;
     while !got.contains(want) {

@@ -3,6 +3,7 @@
 mod cluster;
 mod durable;
 mod image;
+mod isolation;
 mod lifecycle;
 mod netns;
 mod network;

@@ -50,8 +50,73 @@ pub fn snapshot(dir: &Path) -> Vec<(String, u64, std::time::SystemTime)> {
     out
 }
 
+/// A running `vmatrix up`. Dropped (a test that ends, or fails), it is stopped as an operator
+/// would stop it — SIGINT, so that it removes its VMs and its network — and whatever a killed
+/// one left in this network namespace (its interfaces and nftables table, named after its API
+/// port) is removed.
+pub struct Up {
+    child: tokio::process::Child,
+    port: u16,
+}
+
+impl std::ops::Deref for Up {
+    type Target = tokio::process::Child;
+    fn deref(&self) -> &Self::Target {
+        &self.child
+    }
+}
+
+impl std::ops::DerefMut for Up {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.child
+    }
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        if let (Ok(None), Some(pid)) = (self.child.try_wait(), self.child.id()) {
+            // SAFETY: plain kill(2) of our own child.
+            unsafe {
+                libc::kill(pid as libc::pid_t, libc::SIGINT);
+            }
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            while matches!(self.child.try_wait(), Ok(None)) && std::time::Instant::now() < deadline
+            {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            let _ = self.child.start_kill();
+        }
+        let tag = self.port.to_string();
+        if let Ok(entries) = std::fs::read_dir("/sys/class/net") {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with("vmx") && name.ends_with(&tag)
+                    || name.starts_with(&format!("vmxr{tag}n"))
+                {
+                    let _ = std::process::Command::new("ip")
+                        .args(["link", "del", &name])
+                        .status();
+                }
+            }
+        }
+        for family in ["inet", "bridge"] {
+            let _ = std::process::Command::new("nft")
+                .args(["delete", "table", family, &format!("vmatrix{tag}")])
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
+    }
+}
+
 /// Starts `vmatrix --data DIR up ARGS…` and waits (up to 120 s) until it says it is up.
-pub async fn start_up(data: &Path, args: &[&str]) -> tokio::process::Child {
+pub async fn start_up(data: &Path, args: &[&str]) -> Up {
+    let port: u16 = args
+        .iter()
+        .position(|a| *a == "--listen")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|l| l.rsplit(':').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(7070);
     use tokio::io::{AsyncBufReadExt, BufReader};
     let mut up = vmatrix()
         .arg("--data")
@@ -76,13 +141,13 @@ pub async fn start_up(data: &Path, args: &[&str]) -> tokio::process::Child {
         if line.contains("vMatrix is up") {
             // Keep reading what `up` prints afterwards: a closed pipe is not what a terminal does.
             tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-            return up;
+            return Up { child: up, port };
         }
     }
 }
 
 /// `vmatrix up` with `extra` on free ports; returns it and the switch's address.
-pub async fn start_matrix(data: &Path, extra: &[&str]) -> (tokio::process::Child, String) {
+pub async fn start_matrix(data: &Path, extra: &[&str]) -> (Up, String) {
     let api = format!("127.0.0.1:{}", free_port());
     let front = format!("127.0.0.1:{}", free_port());
     let mut args = vec!["--listen", api.as_str(), "--switch-listen", front.as_str()];
@@ -205,7 +270,7 @@ pub fn free_port() -> u16 {
 /// Networks of its own for a `vmatrix up` whose `args` name none (tests run two at a time, and
 /// two matrices must not route the same networks): derived from its `--listen` port.
 pub fn net_args(args: &[&str]) -> Vec<String> {
-    if args.iter().any(|a| *a == "--service-net" || *a == "--network") {
+    if args.contains(&"--service-net") {
         return Vec::new();
     }
     let port: u16 = args
