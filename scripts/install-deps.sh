@@ -9,8 +9,9 @@
 set -euo pipefail
 
 packages=(qemu-system-x86 busybox-static linux-image-amd64 syslinux syslinux-common mtools
-          dosfstools fdisk cpio kmod zstd curl)
-tools=(qemu-system-x86_64 qemu-img qemu-io qemu-nbd busybox mcopy mkfs.fat syslinux sfdisk cpio depmod curl)
+          dosfstools fdisk cpio kmod zstd curl iproute2 nftables util-linux)
+tools=(qemu-system-x86_64 qemu-img qemu-io qemu-nbd busybox mcopy mkfs.fat syslinux sfdisk cpio depmod curl
+       ip bridge nft nsenter)
 
 missing_tools() {
   local t

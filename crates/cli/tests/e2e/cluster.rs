@@ -248,10 +248,7 @@ async fn up_apply_migrate_suspend_resume_and_survive_a_controller_crash() {
         .last()
         .and_then(|e| e["id"].as_u64())
         .expect("the old controller logged events");
-    kill9("the controller", |c| {
-        c.contains(" controller ") && c.contains(&listen)
-    });
-    let mut controller = start_controller(d, &listen).await;
+    let mut controller = crate::support::kill9_and_restart_controller(d, &listen).await;
     // A controller process logs `register` at the first heartbeat it gets from each machine
     // (the old one logged them long ago): one after the mark is a heartbeat the new controller
     // took in; it then settles its rows by that report, which the watch below gives time to.

@@ -11,8 +11,7 @@ use serde_json::Value;
 
 use crate::cluster::{cli, ps, wait_for};
 use crate::support::{
-    data_dir, free_port, is_qemu_of, kill9, processes, start_controller, start_up, up_log, vmatrix,
-    VmSweep,
+    data_dir, free_port, is_qemu_of, kill9, processes, start_up, up_log, vmatrix, VmSweep,
 };
 
 fn field(list: &[Value], id: &str, key: &str) -> String {
@@ -111,14 +110,10 @@ async fn kill_controller_during(data: &Path, listen: &str, args: &[&str]) -> tok
         .spawn()
         .expect("start the op");
     tokio::time::sleep(Duration::from_millis(200)).await;
-    // `up`'s controller, or the one this test started again (`--data DIR controller …`).
-    kill9("the controller", |c| {
-        c.contains("vmatrix")
-            && c.contains(" controller ")
-            && c.contains(&data.display().to_string())
-    });
+    // `up`'s controller, or the one this test started again (same command line).
+    let controller = crate::support::kill9_and_restart_controller(data, listen).await;
     let _ = op.wait().await;
-    start_controller(data, listen).await
+    controller
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -334,8 +329,13 @@ image = "web:prod-v1"
         .skip(1)
         .map(str::to_owned)
         .collect();
+    // On the same host: bridged, the machine's network namespace (its VMs keep it alive).
+    let mut again = std::process::Command::new("nsenter");
+    again
+        .arg(format!("--net=/proc/{}/ns/net", pids[0]))
+        .arg(env!("CARGO_BIN_EXE_vmatrix"));
     let _agent = Terminated(
-        std::process::Command::new(env!("CARGO_BIN_EXE_vmatrix"))
+        again
             .args(&args)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())

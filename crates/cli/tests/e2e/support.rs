@@ -166,6 +166,33 @@ pub async fn start_controller(data: &Path, listen: &str) -> tokio::process::Chil
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("start the controller");
+    wait_controller(child, listen).await
+}
+
+/// Kills the controller of `data` (`up`'s, or one a test started again) with SIGKILL and
+/// starts it again with the same command line (its network flags included), waiting until
+/// its API answers on `listen`.
+pub async fn kill9_and_restart_controller(data: &Path, listen: &str) -> tokio::process::Child {
+    let marker = data.display().to_string();
+    let is_it =
+        |c: &str| c.contains("vmatrix") && c.contains(" controller ") && c.contains(&marker);
+    let (_, cmdline) = processes(is_it).pop().expect("the controller runs");
+    kill9("the controller", is_it);
+    let args: Vec<String> = cmdline
+        .split_whitespace()
+        .skip(1)
+        .map(str::to_owned)
+        .collect();
+    let child = vmatrix()
+        .args(&args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start the controller again");
+    wait_controller(child, listen).await
+}
+
+async fn wait_controller(child: tokio::process::Child, listen: &str) -> tokio::process::Child {
     let url = format!("http://{listen}/api/v1/health");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while !reqwest::get(&url)
