@@ -481,6 +481,7 @@ async fn bench_routes(backend: SocketAddr) -> Result<SocketAddr> {
             priority: 0,
             backends: vec![(InstanceId::new("bench-1")?, backend.to_string())],
             moving: Vec::new(),
+            tcp: Vec::new(),
             dropped: false,
             admit_rps: 0.0,
         }],

@@ -184,6 +184,7 @@ pub struct UpArgs {
     pub shared: u32,
     pub maintenance_idle: Option<Duration>,
     pub net: crate::network::UpNet,
+    pub tls: crate::network::TlsFlags,
 }
 
 pub async fn switch(
@@ -191,6 +192,7 @@ pub async fn switch(
     listen: SocketAddr,
     hold: u64,
     max_held: usize,
+    tls: Option<vmatrix_switch::TlsConfig>,
     data: &Path,
 ) -> Result<()> {
     let controller = match controller {
@@ -207,6 +209,7 @@ pub async fn switch(
         hold_timeout: Duration::from_secs(hold),
         max_held,
         retry_window: Duration::from_secs(10),
+        tls,
     };
     tokio::select! {
         r = vmatrix_switch::serve(config) => r.context("switch")?,
@@ -271,6 +274,7 @@ pub async fn up(args: UpArgs, data: &Path, accel: vmatrix_vmm::AccelChoice) -> R
     let data_s = data.display().to_string();
     // Bad settings fail here, before anything starts.
     crate::policy_file::load(args.policy_file.as_deref(), &args.policy_flags)?;
+    args.tls.config()?;
     let machine_count = (args.machines + args.shared) as usize;
     let mut topology = if args.net.bridged()? {
         Some(crate::network::Topology::create(
@@ -380,7 +384,7 @@ pub async fn up(args: UpArgs, data: &Path, accel: vmatrix_vmm::AccelChoice) -> R
             }
         }
     }
-    children.push(spawn_self(&[
+    let mut switch_args: Vec<String> = vec![
         "switch".into(),
         "--listen".into(),
         args.switch_listen.to_string(),
@@ -388,7 +392,9 @@ pub async fn up(args: UpArgs, data: &Path, accel: vmatrix_vmm::AccelChoice) -> R
         api.clone(),
         "--data".into(),
         data_s.clone(),
-    ])?);
+    ];
+    switch_args.extend(args.tls.to_args());
+    children.push(spawn_self(&switch_args)?);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         let up = client.machines().await.map_or(0, |r| {

@@ -81,6 +81,8 @@ enum Command {
         maintenance_idle: Option<std::time::Duration>,
         #[command(flatten)]
         net: network::UpNet,
+        #[command(flatten)]
+        tls: network::TlsFlags,
     },
     /// Run the switch: the front door that follows VMs.
     Switch {
@@ -96,6 +98,8 @@ enum Command {
         /// Most requests held per waking service.
         #[arg(long, default_value_t = 1000)]
         max_held: usize,
+        #[command(flatten)]
+        tls: network::TlsFlags,
     },
     /// Send load: a constant rate or a trace (CSV t_seconds,value), and report what came back.
     Load {
@@ -564,8 +568,10 @@ fn run() -> Result<()> {
             shared,
             maintenance_idle,
             net,
+            tls,
         } => runtime()?.block_on(cluster::up(
             cluster::UpArgs {
+                tls,
                 policy,
                 policy_file,
                 policy_flags,
@@ -586,11 +592,13 @@ fn run() -> Result<()> {
             listen,
             hold_timeout,
             max_held,
+            tls,
         } => runtime()?.block_on(cluster::switch(
             controller,
             listen,
             hold_timeout,
             max_held,
+            tls.config()?,
             &data,
         ))?,
         Command::Load {

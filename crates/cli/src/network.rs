@@ -149,6 +149,52 @@ fn bridging_possible() -> std::result::Result<(), String> {
     Ok(())
 }
 
+/// HTTPS flags of `vmatrix switch` (and `up`, which passes them on).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct TlsFlags {
+    /// Serve HTTPS here too (HTTP/1.1 and HTTP/2 by ALPN), e.g. 127.0.0.1:8443; needs
+    /// --tls-cert and --tls-key.
+    #[arg(long)]
+    pub tls_listen: Option<SocketAddr>,
+    /// The certificate chain for HTTPS, PEM, leaf first.
+    #[arg(long)]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// Its private key, PEM.
+    #[arg(long)]
+    pub tls_key: Option<std::path::PathBuf>,
+}
+
+impl TlsFlags {
+    /// The switch's TLS settings: all three flags, or none.
+    pub fn config(&self) -> Result<Option<vmatrix_switch::TlsConfig>> {
+        match (&self.tls_listen, &self.tls_cert, &self.tls_key) {
+            (None, None, None) => Ok(None),
+            (Some(listen), Some(cert), Some(key)) => Ok(Some(vmatrix_switch::TlsConfig {
+                listen: *listen,
+                cert: cert.clone(),
+                key: key.clone(),
+            })),
+            _ => bail!("HTTPS needs all of --tls-listen, --tls-cert and --tls-key"),
+        }
+    }
+
+    /// The same flags for a child process.
+    pub fn to_args(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if let (Some(l), Some(c), Some(k)) = (&self.tls_listen, &self.tls_cert, &self.tls_key) {
+            out.extend([
+                "--tls-listen".into(),
+                l.to_string(),
+                "--tls-cert".into(),
+                c.display().to_string(),
+                "--tls-key".into(),
+                k.display().to_string(),
+            ]);
+        }
+        out
+    }
+}
+
 /// The hosts `up` models on this box: an underlay bridge, one namespace per machine and this
 /// host's attachment to the service network. Removed when dropped.
 pub struct Topology {

@@ -409,7 +409,7 @@ impl Controller {
             version: (!row.info.version.is_empty()).then(|| row.info.version.clone()),
             vcpus: spec.vcpus,
             memory_mib: spec.memory_mib,
-            port: spec.port,
+            port: spec.http_port(),
             health: spec.health.clone(),
             net: net.and_then(|n| {
                 row.info
@@ -520,6 +520,20 @@ impl Controller {
                 .map(|r| r.info.endpoint.clone())
                 .filter(|e| backends.iter().any(|(_, b)| b == e))
                 .collect();
+            // TCP ports reach instances at their own addresses (bridged networking).
+            let tcp = s
+                .tcp_ports()
+                .map(|(name, port, listen)| vmatrix_core::api::TcpRoute {
+                    name: name.to_owned(),
+                    listen,
+                    backends: rows
+                        .iter()
+                        .filter(|r| backends.iter().any(|(id, _)| *id == r.info.id))
+                        .filter_map(|r| r.info.address)
+                        .map(|a| format!("{a}:{port}"))
+                        .collect(),
+                })
+                .collect();
             let mark = dropped.iter().find(|(d, _)| d == s.name.as_str());
             // Short of capacity, the running instances keep serving what they can.
             let admit_rps = match mark {
@@ -533,6 +547,7 @@ impl Controller {
                 priority: s.priority,
                 backends,
                 moving,
+                tcp,
             });
         }
         let bytes = serde_json::to_vec(&out.services).unwrap_or_default();

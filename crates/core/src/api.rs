@@ -745,12 +745,26 @@ pub struct ServiceRoute {
     /// no other backend can take it (a request would wait out the switch-over's pause).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub moving: Vec<String>,
+    /// Its `tcp` ports, each with the instances' `address:port` to send connections to.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tcp: Vec<TcpRoute>,
     /// Dropped: refuse its requests at once with 503 — those above `admit_rps`.
     pub dropped: bool,
     /// When dropped, the requests per second still let through to the running instances
     /// (their capacity, when the policy dropped it for want of room; 0 when an operator did).
     #[serde(default)]
     pub admit_rps: f64,
+}
+
+/// A service's `tcp` port as the switch carries it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TcpRoute {
+    /// The port's name.
+    pub name: String,
+    /// The switch's port for it.
+    pub listen: u16,
+    /// The running instances' `address:port` (bridged instances only).
+    pub backends: Vec<String>,
 }
 
 /// One service's measured load, as the switch reports it.

@@ -13,5 +13,7 @@ mod state;
 
 pub use image::{ImageName, ImageRef, ImageRefError, Tag};
 pub use names::{InstanceId, NameError, ServiceName};
-pub use spec::{parse_services, validate_services, FieldError, ServiceSpec, SpecError};
+pub use spec::{
+    parse_services, validate_services, FieldError, PortSpec, Protocol, ServiceSpec, SpecError,
+};
 pub use state::{IllegalTransition, InstanceState, Transition};

@@ -54,6 +54,55 @@ pub struct ServiceSpec {
     /// their host). Off by default.
     #[serde(default)]
     pub egress: bool,
+    /// The ports it serves besides HTTP on `port`: `tcp` ones are proxied by the switch on
+    /// their own `listen` port (bridged networking). An `http` entry names the HTTP port.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<PortSpec>,
+}
+
+/// One port a service serves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortSpec {
+    /// `[a-z0-9-]`, unique within the service.
+    pub name: String,
+    /// The guest's port.
+    pub port: u16,
+    /// How the switch carries it.
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// For `tcp`: the switch's port for it (unique across services).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen: Option<u16>,
+}
+
+/// How the switch carries a port.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// HTTP/1.1 and HTTP/2, routed by `Host` or `/s/NAME/`, with retries, holds and drops.
+    #[default]
+    Http,
+    /// Bytes both ways on a port of its own, least connections.
+    Tcp,
+}
+
+impl ServiceSpec {
+    /// The guest's HTTP port: an `http` entry of `ports` if there is one, else `port`.
+    pub fn http_port(&self) -> u16 {
+        self.ports
+            .iter()
+            .find(|p| p.protocol == Protocol::Http)
+            .map_or(self.port, |p| p.port)
+    }
+
+    /// The `tcp` ports: (name, guest port, switch port).
+    pub fn tcp_ports(&self) -> impl Iterator<Item = (&str, u16, u16)> {
+        self.ports.iter().filter_map(|p| match (p.protocol, p.listen) {
+            (Protocol::Tcp, Some(l)) => Some((p.name.as_str(), p.port, l)),
+            _ => None,
+        })
+    }
 }
 
 fn yes() -> bool {
@@ -201,6 +250,54 @@ impl ServiceSpec {
         if s.port == 0 {
             return fail("port", format!("port must be 1-65535 (got {})", s.port));
         }
+        let mut names = std::collections::HashSet::new();
+        for p in &s.ports {
+            if p.name.is_empty()
+                || p.name.len() > 32
+                || !p
+                    .name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            {
+                return fail(
+                    "ports",
+                    format!(
+                        "port name {} must be 1-32 characters from a-z 0-9 -",
+                        quoted(&p.name)
+                    ),
+                );
+            }
+            if !names.insert(p.name.as_str()) {
+                return fail("ports", format!("port name {} is declared twice", p.name));
+            }
+            if p.port == 0 {
+                return fail("ports", format!("port {}: port must be 1-65535", p.name));
+            }
+            match (p.protocol, p.listen) {
+                (Protocol::Tcp, None) | (Protocol::Tcp, Some(0)) => {
+                    return fail(
+                        "ports",
+                        format!(
+                            "port {}: a tcp port needs `listen = PORT`, the switch's port for it (1-65535)",
+                            p.name
+                        ),
+                    )
+                }
+                (Protocol::Http, Some(_)) => {
+                    return fail(
+                        "ports",
+                        format!(
+                            "port {}: an http port is reached through the switch's HTTP listener; remove `listen`",
+                            p.name
+                        ),
+                    )
+                }
+                _ => {}
+            }
+        }
+        if s.ports.iter().filter(|p| p.protocol == Protocol::Http).count() > 1 {
+            return fail("ports", "at most one http port per service".into());
+        }
         if !PRIORITY_RANGE.contains(&s.priority) {
             return fail(
                 "priority",
@@ -264,7 +361,25 @@ fn check_services(specs: &[ServiceSpec]) -> Result<(), Invalid> {
             error,
         })?;
     }
+    let mut listens: std::collections::HashMap<u16, &ServiceName> =
+        std::collections::HashMap::new();
     for (index, s) in specs.iter().enumerate() {
+        for (name, _, listen) in s.tcp_ports() {
+            if let Some(other) = listens.insert(listen, &s.name) {
+                return Err(Invalid {
+                    index,
+                    first: None,
+                    error: FieldError {
+                        service: s.name.clone(),
+                        field: "ports",
+                        message: format!(
+                            "port {name}: the switch's port {listen} is taken by service {other}; \
+                             each tcp port needs a listen port of its own"
+                        ),
+                    },
+                });
+            }
+        }
         if let Some(unknown) = s.allow_from.iter().find(|a| !seen.contains_key(a)) {
             return Err(Invalid {
                 index,
@@ -405,6 +520,7 @@ image = "guest:v1"
             spread: true,
             allow_from: Vec::new(),
             egress: false,
+            ports: Vec::new(),
         }
     }
 

@@ -11,7 +11,10 @@ mod connect;
 mod load;
 mod proxy;
 mod stats;
+mod tcp;
+mod tls;
 
 pub use load::{run_load, LoadOptions, LoadResult};
 pub use proxy::{serve, SwitchConfig};
+pub use tls::TlsConfig;
 pub use stats::Stats;

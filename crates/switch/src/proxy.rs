@@ -37,17 +37,19 @@ pub struct SwitchConfig {
     pub max_held: usize,
     /// How long an idempotent request keeps retrying while its service moves.
     pub retry_window: Duration,
+    /// HTTPS (HTTP/1.1 and HTTP/2 by ALPN) with this certificate, if set.
+    pub tls: Option<crate::tls::TlsConfig>,
 }
 
-struct Table {
+pub(crate) struct Table {
     version: String,
-    services: HashMap<String, ServiceRoute>,
+    pub(crate) services: HashMap<String, ServiceRoute>,
 }
 
-struct Switch {
-    config: SwitchConfig,
-    routes: watch::Receiver<Arc<Table>>,
-    stats: Arc<Stats>,
+pub(crate) struct Switch {
+    pub(crate) config: SwitchConfig,
+    pub(crate) routes: watch::Receiver<Arc<Table>>,
+    pub(crate) stats: Arc<Stats>,
     backends: std::sync::RwLock<HashMap<String, Arc<BackendState>>>,
     held: Mutex<HashMap<String, usize>>,
     waking: Mutex<HashSet<String>>,
@@ -77,11 +79,11 @@ impl Bucket {
 }
 
 /// Per backend address: requests in flight, and when the switch first sent it one.
-struct BackendState {
-    outstanding: AtomicUsize,
+pub(crate) struct BackendState {
+    pub(crate) outstanding: AtomicUsize,
     first_seen: Instant,
     /// Requests sent to it (attempts, retries included).
-    sent: std::sync::atomic::AtomicU64,
+    pub(crate) sent: std::sync::atomic::AtomicU64,
 }
 
 /// A backend that appeared this recently (a migration destination) gets a short per-attempt
@@ -135,7 +137,7 @@ fn is_idempotent(m: &Method) -> bool {
 }
 
 impl Switch {
-    fn backend(&self, addr: &str) -> Arc<BackendState> {
+    pub(crate) fn backend(&self, addr: &str) -> Arc<BackendState> {
         if let Some(b) = self
             .backends
             .read()
@@ -198,7 +200,7 @@ impl Switch {
 
     /// Whether a request of a dropped service gets through: only what its running instances
     /// can serve (`admit_rps`), the excess is refused.
-    fn admit_dropped(&self, route: &vmatrix_core::api::ServiceRoute) -> bool {
+    pub(crate) fn admit_dropped(&self, route: &vmatrix_core::api::ServiceRoute) -> bool {
         if route.admit_rps <= 0.0 || route.backends.is_empty() {
             return false;
         }
@@ -232,7 +234,34 @@ impl Switch {
         r
     }
 
-    fn wake(self: &Arc<Self>, service: &str) {
+    /// Takes a place in `service`'s hold queue (a request or connection waiting for it to
+    /// wake); false when the queue is full.
+    pub(crate) fn hold(&self, service: &str) -> bool {
+        self.held
+            .lock()
+            .map(|mut h| {
+                let n = h.entry(service.to_owned()).or_default();
+                if *n >= self.config.max_held {
+                    false
+                } else {
+                    *n += 1;
+                    true
+                }
+            })
+            .unwrap_or(false)
+    }
+
+    /// Gives back a place in the hold queue taken at `since`.
+    pub(crate) fn unhold(&self, service: &str, since: Instant) {
+        if let Ok(mut h) = self.held.lock() {
+            if let Some(n) = h.get_mut(service) {
+                *n = n.saturating_sub(1);
+            }
+        }
+        self.stats.held(service, since.elapsed().as_secs_f64() * 1000.0);
+    }
+
+    pub(crate) fn wake(self: &Arc<Self>, service: &str) {
         let fresh = self
             .waking
             .lock()
@@ -323,7 +352,12 @@ impl Switch {
             self.stats.set_priority(&name, route.priority);
             return Ok(self.refuse(&name, "is dropped: the pool is short", "5"));
         }
-        let (parts, body) = req.into_parts();
+        let (mut parts, body) = req.into_parts();
+        // An upgrade (WebSocket): the client's side of it, joined to the instance's if the
+        // instance switches protocols.
+        let upgrade = is_upgrade(&parts.headers)
+            .then(|| parts.extensions.remove::<hyper::upgrade::OnUpgrade>())
+            .flatten();
         let body = match Limited::new(body, MAX_BODY).collect().await {
             Ok(b) => b.to_bytes(),
             Err(_) => {
@@ -336,7 +370,7 @@ impl Switch {
         self.stats.begin(&name);
         let started = Instant::now();
         let resp = self
-            .forward(&client, &name, &parts, forward_path, body)
+            .forward(&client, &name, &parts, forward_path, body, upgrade)
             .await;
         let ok = !(resp.status().is_server_error());
         self.stats
@@ -351,6 +385,7 @@ impl Switch {
         parts: &hyper::http::request::Parts,
         path: String,
         body: Bytes,
+        mut upgrade: Option<hyper::upgrade::OnUpgrade>,
     ) -> Resp {
         let idempotent = is_idempotent(&parts.method);
         let started = Instant::now();
@@ -373,20 +408,7 @@ impl Switch {
                 if route.backends.is_empty() {
                     // Dormant: wake it and hold the request (bounded).
                     if held_since.is_none() {
-                        let admitted = self
-                            .held
-                            .lock()
-                            .map(|mut h| {
-                                let n = h.entry(service.to_owned()).or_default();
-                                if *n >= self.config.max_held {
-                                    false
-                                } else {
-                                    *n += 1;
-                                    true
-                                }
-                            })
-                            .unwrap_or(false);
-                        if !admitted {
+                        if !self.hold(service) {
                             return self.refuse(service, "is waking and its queue is full", "2");
                         }
                         held_since = Some(Instant::now());
@@ -424,6 +446,13 @@ impl Switch {
                     req = req.header(k, v);
                 }
             }
+            if upgrade.is_some() {
+                for h in ["connection", "upgrade"] {
+                    if let Some(v) = parts.headers.get(h) {
+                        req = req.header(h, v);
+                    }
+                }
+            }
             let Ok(req) = req.body(Full::new(body.clone())) else {
                 break reply(StatusCode::BAD_REQUEST, "request cannot be forwarded");
             };
@@ -443,7 +472,17 @@ impl Switch {
                 client.request(req).await.map_err(AttemptError::Client)
             };
             match outcome {
-                Ok(resp) => {
+                Ok(mut resp) => {
+                    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                        if let (Some(client_side), Some(backend_side)) = (
+                            upgrade.take(),
+                            resp.extensions_mut().remove::<hyper::upgrade::OnUpgrade>(),
+                        ) {
+                            tokio::spawn(join_upgrades(client_side, backend_side, in_flight));
+                            let (p, _) = resp.into_parts();
+                            break Response::from_parts(p, whole(Bytes::new()));
+                        }
+                    }
                     // The body is streamed through as the instance sends it (a long response
                     // or a stream is never held here); once its head is out, a failure can only
                     // break the client's connection, as with any proxy.
@@ -476,19 +515,14 @@ impl Switch {
             }
         };
         if let Some(t) = held_since {
-            if let Ok(mut h) = self.held.lock() {
-                if let Some(n) = h.get_mut(service) {
-                    *n = n.saturating_sub(1);
-                }
-            }
-            self.stats.held(service, t.elapsed().as_secs_f64() * 1000.0);
+            self.unhold(service, t);
         }
         result
     }
 }
 
 /// One request counted in a backend's `outstanding` until dropped.
-struct InFlight(Arc<BackendState>);
+pub(crate) struct InFlight(pub(crate) Arc<BackendState>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
@@ -519,6 +553,32 @@ impl hyper::body::Body for Counted {
 
     fn size_hint(&self) -> hyper::body::SizeHint {
         self.body.size_hint()
+    }
+}
+
+/// Whether a request asks to switch protocols (`Connection: upgrade` and `Upgrade`).
+fn is_upgrade(h: &hyper::HeaderMap) -> bool {
+    h.contains_key(hyper::header::UPGRADE)
+        && h.get_all(hyper::header::CONNECTION).iter().any(|v| {
+            v.to_str()
+                .is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
+        })
+}
+
+/// Once both sides have switched protocols, copies bytes both ways until either ends; the
+/// backend counts the connection as in flight meanwhile.
+async fn join_upgrades(
+    client: hyper::upgrade::OnUpgrade,
+    backend: hyper::upgrade::OnUpgrade,
+    _in_flight: InFlight,
+) {
+    match tokio::try_join!(client, backend) {
+        Ok((c, b)) => {
+            let mut c = TokioIo::new(c);
+            let mut b = TokioIo::new(b);
+            let _ = tokio::io::copy_bidirectional(&mut c, &mut b).await;
+        }
+        Err(e) => tracing::debug!("upgrade: {e}"),
     }
 }
 
@@ -636,7 +696,18 @@ pub async fn serve(config: SwitchConfig) -> std::io::Result<()> {
     });
     let listener = std::net::TcpListener::bind(config.listen)?;
     listener.set_nonblocking(true)?;
-    tracing::info!("switch listening on http://{}", config.listen);
+    tracing::info!("switch listening on http://{} (HTTP/1.1, h2c)", config.listen);
+    let tls = match &config.tls {
+        None => None,
+        Some(t) => {
+            let acceptor = crate::tls::acceptor(t)?;
+            let l = std::net::TcpListener::bind(t.listen)?;
+            l.set_nonblocking(true)?;
+            tracing::info!("switch listening on https://{} (HTTP/1.1, HTTP/2)", t.listen);
+            Some((l, acceptor))
+        }
+    };
+    tokio::spawn(crate::tcp::run(switch.clone()));
     // One single-threaded runtime per core, each accepting on the same socket with its own pool
     // of backend connections: a request and its backend connection stay on one thread, as in
     // nginx's workers (a work-stealing runtime bounced them between threads, costing wake-ups).
@@ -644,6 +715,10 @@ pub async fn serve(config: SwitchConfig) -> std::io::Result<()> {
     let (failed, mut failure) = tokio::sync::mpsc::channel::<std::io::Error>(workers);
     for n in 0..workers {
         let listener = listener.try_clone()?;
+        let tls = match &tls {
+            Some((l, a)) => Some((l.try_clone()?, a.clone())),
+            None => None,
+        };
         let switch = switch.clone();
         let failed = failed.clone();
         std::thread::Builder::new()
@@ -659,7 +734,7 @@ pub async fn serve(config: SwitchConfig) -> std::io::Result<()> {
                         return;
                     }
                 };
-                if let Err(e) = runtime.block_on(accept_loop(switch, listener)) {
+                if let Err(e) = runtime.block_on(accept_loop(switch, listener, tls)) {
                     let _ = failed.blocking_send(e);
                 }
             })?;
@@ -674,24 +749,56 @@ pub async fn serve(config: SwitchConfig) -> std::io::Result<()> {
 /// The connection pool to backends of one worker.
 type Backends = Client<crate::connect::Connector, Full<Bytes>>;
 
-async fn accept_loop(switch: Arc<Switch>, listener: std::net::TcpListener) -> std::io::Result<()> {
+async fn accept_loop(
+    switch: Arc<Switch>,
+    listener: std::net::TcpListener,
+    tls: Option<(std::net::TcpListener, tokio_rustls::TlsAcceptor)>,
+) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::from_std(listener)?;
+    let tls = match tls {
+        Some((l, a)) => Some((tokio::net::TcpListener::from_std(l)?, a)),
+        None => None,
+    };
     let client: Backends = Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(30))
         .build(crate::connect::Connector);
     loop {
-        let (stream, _) = listener.accept().await?;
-        let _ = stream.set_nodelay(true);
-        let sw = switch.clone();
-        let client = client.clone();
-        tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| sw.clone().handle(client.clone(), req));
-            let _ = hyper::server::conn::http1::Builder::new()
-                .keep_alive(true)
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
-        });
+        let secure = async {
+            match &tls {
+                Some((l, a)) => l.accept().await.map(|(s, _)| (s, a.clone())),
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            r = listener.accept() => {
+                let (stream, _) = r?;
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(serve_client(switch.clone(), client.clone(), TokioIo::new(stream)));
+            }
+            r = secure => {
+                let (stream, acceptor) = r?;
+                let _ = stream.set_nodelay(true);
+                let (sw, client) = (switch.clone(), client.clone());
+                tokio::spawn(async move {
+                    match acceptor.accept(stream).await {
+                        Ok(s) => serve_client(sw, client, TokioIo::new(s)).await,
+                        Err(e) => tracing::debug!("TLS handshake: {e}"),
+                    }
+                });
+            }
+        }
     }
+}
+
+/// Serves one client connection: HTTP/1.1 (with upgrades) or HTTP/2, whichever it speaks.
+async fn serve_client<I>(switch: Arc<Switch>, client: Backends, io: I)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let svc = hyper::service::service_fn(move |req| switch.clone().handle(client.clone(), req));
+    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+        .serve_connection_with_upgrades(io, svc)
+        .await;
 }
 
 #[cfg(test)]

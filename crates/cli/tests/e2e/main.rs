@@ -8,6 +8,7 @@ mod lifecycle;
 mod netns;
 mod network;
 mod policy;
+mod protocols;
 mod sim;
 mod sim_real;
 mod standby;

@@ -95,6 +95,7 @@ impl Drop for Up {
                 {
                     let _ = std::process::Command::new("ip")
                         .args(["link", "del", &name])
+                        .stderr(std::process::Stdio::null())
                         .status();
                 }
             }
