@@ -98,10 +98,12 @@ impl ServiceSpec {
 
     /// The `tcp` ports: (name, guest port, switch port).
     pub fn tcp_ports(&self) -> impl Iterator<Item = (&str, u16, u16)> {
-        self.ports.iter().filter_map(|p| match (p.protocol, p.listen) {
-            (Protocol::Tcp, Some(l)) => Some((p.name.as_str(), p.port, l)),
-            _ => None,
-        })
+        self.ports
+            .iter()
+            .filter_map(|p| match (p.protocol, p.listen) {
+                (Protocol::Tcp, Some(l)) => Some((p.name.as_str(), p.port, l)),
+                _ => None,
+            })
     }
 }
 
@@ -295,7 +297,12 @@ impl ServiceSpec {
                 _ => {}
             }
         }
-        if s.ports.iter().filter(|p| p.protocol == Protocol::Http).count() > 1 {
+        if s.ports
+            .iter()
+            .filter(|p| p.protocol == Protocol::Http)
+            .count()
+            > 1
+        {
             return fail("ports", "at most one http port per service".into());
         }
         if !PRIORITY_RANGE.contains(&s.priority) {

@@ -16,5 +16,5 @@ mod tls;
 
 pub use load::{run_load, LoadOptions, LoadResult};
 pub use proxy::{serve, SwitchConfig};
-pub use tls::TlsConfig;
 pub use stats::Stats;
+pub use tls::TlsConfig;

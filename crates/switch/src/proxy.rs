@@ -258,7 +258,8 @@ impl Switch {
                 *n = n.saturating_sub(1);
             }
         }
-        self.stats.held(service, since.elapsed().as_secs_f64() * 1000.0);
+        self.stats
+            .held(service, since.elapsed().as_secs_f64() * 1000.0);
     }
 
     pub(crate) fn wake(self: &Arc<Self>, service: &str) {
@@ -560,8 +561,10 @@ impl hyper::body::Body for Counted {
 fn is_upgrade(h: &hyper::HeaderMap) -> bool {
     h.contains_key(hyper::header::UPGRADE)
         && h.get_all(hyper::header::CONNECTION).iter().any(|v| {
-            v.to_str()
-                .is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
+            v.to_str().is_ok_and(|s| {
+                s.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
         })
 }
 
@@ -696,14 +699,20 @@ pub async fn serve(config: SwitchConfig) -> std::io::Result<()> {
     });
     let listener = std::net::TcpListener::bind(config.listen)?;
     listener.set_nonblocking(true)?;
-    tracing::info!("switch listening on http://{} (HTTP/1.1, h2c)", config.listen);
+    tracing::info!(
+        "switch listening on http://{} (HTTP/1.1, h2c)",
+        config.listen
+    );
     let tls = match &config.tls {
         None => None,
         Some(t) => {
             let acceptor = crate::tls::acceptor(t)?;
             let l = std::net::TcpListener::bind(t.listen)?;
             l.set_nonblocking(true)?;
-            tracing::info!("switch listening on https://{} (HTTP/1.1, HTTP/2)", t.listen);
+            tracing::info!(
+                "switch listening on https://{} (HTTP/1.1, HTTP/2)",
+                t.listen
+            );
             Some((l, acceptor))
         }
     };

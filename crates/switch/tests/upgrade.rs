@@ -27,19 +27,27 @@ async fn controller(backend: SocketAddr) -> SocketAddr {
             let Ok((s, _)) = l.accept().await else { return };
             let table = table.clone();
             tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                    let table = table.clone();
-                    async move {
-                        if req.uri().path() == "/api/v1/routes"
-                            && req.uri().query().is_some_and(|q| q.contains("version=v1"))
-                        {
-                            // A long poll that never changes: hold it a while.
-                            tokio::time::sleep(Duration::from_secs(5)).await;
+                let svc = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let table = table.clone();
+                        async move {
+                            if req.uri().path() == "/api/v1/routes"
+                                && req.uri().query().is_some_and(|q| q.contains("version=v1"))
+                            {
+                                // A long poll that never changes: hold it a while.
+                                tokio::time::sleep(Duration::from_secs(5)).await;
+                            }
+                            let body = if req.uri().path() == "/api/v1/routes" {
+                                table
+                            } else {
+                                "{}".into()
+                            };
+                            Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                                http_body_util::Full::new(bytes::Bytes::from(body)),
+                            ))
                         }
-                        let body = if req.uri().path() == "/api/v1/routes" { table } else { "{}".into() };
-                        Ok::<_, std::convert::Infallible>(hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from(body))))
-                    }
-                });
+                    },
+                );
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
                     .await;
@@ -57,7 +65,9 @@ async fn backend() -> SocketAddr {
         loop {
             let Ok((s, _)) = l.accept().await else { return };
             tokio::spawn(async move {
-                let Ok(mut ws) = tokio_tungstenite::accept_async(s).await else { return };
+                let Ok(mut ws) = tokio_tungstenite::accept_async(s).await else {
+                    return;
+                };
                 while let Some(Ok(Message::Text(t))) = ws.next().await {
                     if ws.send(Message::Text(format!("echo: {t}"))).await.is_err() {
                         return;
@@ -95,7 +105,10 @@ async fn websocket_upgrades_pass_through() {
                 break ws;
             }
             Err(e) => {
-                assert!(tokio::time::Instant::now() < deadline, "no WebSocket through the switch: {e}");
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "no WebSocket through the switch: {e}"
+                );
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }

@@ -36,9 +36,22 @@ async fn tcp_ports_https_and_http2_through_the_switch() {
     let _up = start_up(
         d,
         &[
-            "--machines", "1", "--policy", "min", "--network", "bridge", "--listen", &api,
-            "--switch-listen", &front, "--tls-listen", &https,
-            "--tls-cert", cert.to_str().unwrap(), "--tls-key", key.to_str().unwrap(),
+            "--machines",
+            "1",
+            "--policy",
+            "min",
+            "--network",
+            "bridge",
+            "--listen",
+            &api,
+            "--switch-listen",
+            &front,
+            "--tls-listen",
+            &https,
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
         ],
     )
     .await;
@@ -55,15 +68,25 @@ async fn tcp_ports_https_and_http2_through_the_switch() {
     let (ok, _, err) = cli(d, &["apply", "-f", services.to_str().unwrap()]).await;
     assert!(ok, "{err}\n{}", up_log(d));
     wait_for("web running", Duration::from_secs(180), async || {
-        ps(d).await.iter().any(|i| i["state"] == "running").then_some(())
+        ps(d)
+            .await
+            .iter()
+            .any(|i| i["state"] == "running")
+            .then_some(())
     })
     .await;
     wait_routed(&front, "web").await;
 
     // The tcp port: the guest's echo through the switch's own port for it.
-    let s = wait_for("the switch's tcp port", Duration::from_secs(30), async || {
-        tokio::net::TcpStream::connect(("127.0.0.1", echo)).await.ok()
-    })
+    let s = wait_for(
+        "the switch's tcp port",
+        Duration::from_secs(30),
+        async || {
+            tokio::net::TcpStream::connect(("127.0.0.1", echo))
+                .await
+                .ok()
+        },
+    )
     .await;
     let (r, mut w) = s.into_split();
     let mut r = BufReader::new(r).lines();
@@ -75,7 +98,10 @@ async fn tcp_ports_https_and_http2_through_the_switch() {
             .await
             .expect("an echo within 10 s")
             .unwrap();
-        assert_eq!(line.as_deref(), Some(format!("through the switch {i}").as_str()));
+        assert_eq!(
+            line.as_deref(),
+            Some(format!("through the switch {i}").as_str())
+        );
     }
     eprintln!("tcp port {echo} → web's port 7: 3 lines echoed");
 
@@ -86,7 +112,10 @@ async fn tcp_ports_https_and_http2_through_the_switch() {
         .build()
         .unwrap();
     let resp = client
-        .get(format!("https://localhost:{}/s/web/", https.rsplit(':').next().unwrap()))
+        .get(format!(
+            "https://localhost:{}/s/web/",
+            https.rsplit(':').next().unwrap()
+        ))
         .send()
         .await
         .expect("HTTPS through the switch");
@@ -94,7 +123,10 @@ async fn tcp_ports_https_and_http2_through_the_switch() {
     assert_eq!(resp.status(), 200);
     let body: serde_json::Value = resp.json().await.unwrap();
     assert_eq!(body["instance"], "web-1");
-    eprintln!("HTTPS: HTTP/2, certificate verified, answered by {}", body["instance"]);
+    eprintln!(
+        "HTTPS: HTTP/2, certificate verified, answered by {}",
+        body["instance"]
+    );
     // A client that does not trust the CA is refused.
     let untrusting = reqwest::Client::builder()
         .tls_built_in_root_certs(false)
