@@ -511,6 +511,51 @@ image = "guest:v1"
         assert_eq!(parse_services("s.toml", syntax).unwrap_err().line, 1);
     }
 
+    #[test]
+    fn ports_and_reach_are_checked_across_the_file() {
+        let file = |a: &str, b: &str| {
+            format!(
+                "[[service]]\nname = \"web\"\nimage = \"guest:v1\"\n{a}\n\n\
+                 [[service]]\nname = \"db\"\nimage = \"guest:v1\"\n{b}\n"
+            )
+        };
+        let ok = parse_services(
+            "s.toml",
+            &file(
+                "ports = [{ name = \"http\", port = 8080, protocol = \"http\" }]",
+                "ports = [{ name = \"pg\", port = 5432, protocol = \"tcp\", listen = 15432 }]\nallow_from = [\"web\"]",
+            ),
+        )
+        .unwrap();
+        assert_eq!(ok[0].http_port(), 8080);
+        assert_eq!(ok[1].tcp_ports().collect::<Vec<_>>(), [("pg", 5432, 15432)]);
+        let cases = [
+            (
+                file(
+                    "",
+                    "ports = [{ name = \"pg\", port = 5432, protocol = \"tcp\" }]",
+                ),
+                "needs `listen = PORT`",
+            ),
+            (
+                file(
+                    "ports = [{ name = \"a\", port = 7, protocol = \"tcp\", listen = 9000 }]",
+                    "ports = [{ name = \"b\", port = 7, protocol = \"tcp\", listen = 9000 }]",
+                ),
+                "taken by service web",
+            ),
+            (file("", "allow_from = [\"shop\"]"), "allow_from names shop"),
+            (
+                file("ports = [{ name = \"Web\", port = 80 }]", ""),
+                "must be 1-32 characters",
+            ),
+        ];
+        for (text, want) in cases {
+            let e = parse_services("s.toml", &text).unwrap_err();
+            assert!(e.to_string().contains(want), "{e}");
+        }
+    }
+
     fn spec(name: &str) -> ServiceSpec {
         ServiceSpec {
             name: ServiceName::new(name).unwrap(),
