@@ -67,6 +67,17 @@ pub(crate) async fn wait_routed(front: &str, service: &str) {
     .await;
 }
 
+/// `vmatrix apply -f FILE`, then waits until `n` instances run; returns them.
+pub(crate) async fn apply_and_wait(d: &Path, file: &Path, n: usize, limit: Duration) -> Vec<Value> {
+    let (ok, _, err) = cli(d, &["apply", "-f", file.to_str().unwrap()]).await;
+    assert!(ok, "{err}\n{}", crate::support::up_log(d));
+    wait_for(&format!("{n} instances running"), limit, async || {
+        let l = ps(d).await;
+        (l.iter().filter(|i| i["state"] == "running").count() == n).then_some(l)
+    })
+    .await
+}
+
 pub(crate) async fn wait_for<T>(
     what: &str,
     timeout: Duration,

@@ -9,9 +9,9 @@ use std::time::Duration;
 use futures::SinkExt;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::cluster::{cli, ps, wait_for};
+use crate::cluster::apply_and_wait;
 use crate::lifecycle::{console, read_until};
-use crate::support::{data_dir, free_port, net_args, start_up, up_log};
+use crate::support::{data_dir, free_port, net_args, start_up};
 
 /// A namespace on the matrix's underlay bridge standing for the world outside, with a TCP
 /// listener; removed (listener first) when dropped.
@@ -147,17 +147,7 @@ async fn services_are_isolated_and_egress_is_per_service() {
          [[service]]\nname = \"c\"\nimage = \"guest:v1\"\negress = true\n",
     )
     .unwrap();
-    let (ok, _, err) = cli(d, &["apply", "-f", services.to_str().unwrap()]).await;
-    assert!(ok, "{err}\n{}", up_log(d));
-    let list = wait_for(
-        "four instances running",
-        Duration::from_secs(240),
-        async || {
-            let l = ps(d).await;
-            (l.iter().filter(|i| i["state"] == "running").count() == 4).then_some(l)
-        },
-    )
-    .await;
+    let list = apply_and_wait(d, &services, 4, Duration::from_secs(240)).await;
     let addr = |id: &str| {
         list.iter()
             .find(|i| i["id"] == id)

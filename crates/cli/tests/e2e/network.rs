@@ -10,7 +10,7 @@ use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use vmatrix_switch::{run_load, LoadOptions};
 
-use crate::cluster::{cli, ps, wait_for, wait_routed};
+use crate::cluster::{apply_and_wait, cli, ps, wait_routed};
 use crate::support::{data_dir, start_matrix, up_log};
 
 /// Reads a streaming response to its end: the lines, and the longest pause between two.
@@ -81,17 +81,7 @@ async fn connections_survive_a_live_migration_across_vxlan_hosts() {
         "[[service]]\nname = \"web\"\nimage = \"guest:v1\"\nmin = 2\nmax = 2\n",
     )
     .unwrap();
-    let (ok, _, err) = cli(d, &["apply", "-f", services.to_str().unwrap()]).await;
-    assert!(ok, "{err}\n{}", up_log(d));
-    let list = wait_for(
-        "two instances running",
-        Duration::from_secs(180),
-        async || {
-            let l = ps(d).await;
-            (l.iter().filter(|i| i["state"] == "running").count() == 2).then_some(l)
-        },
-    )
-    .await;
+    let list = apply_and_wait(d, &services, 2, Duration::from_secs(180)).await;
     // Spread over two machines, each with an address of its own on the service network.
     let machines: Vec<&str> = list.iter().filter_map(|i| i["machine"].as_str()).collect();
     assert_ne!(machines[0], machines[1], "{list:?}");

@@ -111,13 +111,7 @@ impl Drop for Up {
 
 /// Starts `vmatrix --data DIR up ARGS…` and waits (up to 120 s) until it says it is up.
 pub async fn start_up(data: &Path, args: &[&str]) -> Up {
-    let port: u16 = args
-        .iter()
-        .position(|a| *a == "--listen")
-        .and_then(|i| args.get(i + 1))
-        .and_then(|l| l.rsplit(':').next())
-        .and_then(|p| p.parse().ok())
-        .unwrap_or(7070);
+    let port = listen_port(args).unwrap_or(7070);
     use tokio::io::{AsyncBufReadExt, BufReader};
     let mut up = vmatrix()
         .arg("--data")
@@ -295,19 +289,22 @@ pub fn free_port() -> u16 {
     }
 }
 
+/// The API port in `up`'s arguments (`--listen ADDR:PORT`).
+fn listen_port(args: &[&str]) -> Option<u16> {
+    args.iter()
+        .position(|a| *a == "--listen")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|l| l.rsplit(':').next())
+        .and_then(|p| p.parse().ok())
+}
+
 /// Networks of its own for a `vmatrix up` whose `args` name none (tests run two at a time, and
 /// two matrices must not route the same networks): derived from its `--listen` port.
 pub fn net_args(args: &[&str]) -> Vec<String> {
     if args.contains(&"--service-net") {
         return Vec::new();
     }
-    let port: u16 = args
-        .iter()
-        .position(|a| *a == "--listen")
-        .and_then(|i| args.get(i + 1))
-        .and_then(|l| l.rsplit(':').next())
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(free_port);
+    let port = listen_port(args).unwrap_or_else(free_port);
     let k = 100 + (port / 2) % 120;
     vec![
         "--service-net".into(),
