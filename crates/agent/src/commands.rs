@@ -57,8 +57,8 @@ impl Agent {
         if let Some(reply) = self.claim_slot(&plan, slot)? {
             return Ok(reply);
         }
-        self.clone().rules_for_new_tap().await;
         let started = async {
+            self.clone().rules_for_new_tap().await?;
             let spec = self.vm_setup(&plan, &version, endpoint, &dir).await?;
             match &state {
                 None => Ok(self.hv.boot(spec, &dir).await?),
@@ -121,10 +121,13 @@ impl Agent {
     }
 
     /// The rules with the new slot's TAP in them, before its QEMU starts (bridged only).
-    async fn rules_for_new_tap(self: Arc<Self>) {
-        if self.net.is_some() {
-            let _ = tokio::task::spawn_blocking(move || self.apply_rules()).await;
+    async fn rules_for_new_tap(self: Arc<Self>) -> Result<()> {
+        if self.net.is_none() {
+            return Ok(());
         }
+        tokio::task::spawn_blocking(move || self.apply_rules())
+            .await
+            .map_err(|e| AgentError::Other(format!("the rules' task ended: {e}")))?
     }
 
     /// The new VM's directory, and its spec over this machine's export of its version.
@@ -431,8 +434,8 @@ impl Agent {
                 let _ = std::fs::remove_dir_all(old.dir);
             }
         }
-        self.clone().rules_for_new_tap().await;
         let started = async {
+            self.clone().rules_for_new_tap().await?;
             let spec = self.vm_setup(&plan, &version, endpoint, &dir).await?;
             Ok::<_, AgentError>(
                 self.hv

@@ -218,6 +218,8 @@ pub struct Agent {
     pub(crate) net: Option<(vmatrix_net::HostNet, PathBuf)>,
     /// The controller's last view of the service network (who may reach whom).
     view: Mutex<Option<vmatrix_core::api::NetworkView>>,
+    /// Held while rules are built and applied, so an older snapshot never lands last.
+    rules_lock: Mutex<()>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -292,9 +294,10 @@ impl Agent {
                 Some((host, script))
             }
         };
-        Ok(Arc::new(Self {
+        let agent = Arc::new(Self {
             net,
             view: Mutex::new(None),
+            rules_lock: Mutex::new(()),
             config,
             hv,
             repo,
@@ -310,7 +313,10 @@ impl Agent {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_micros() as u64),
             report_count: std::sync::atomic::AtomicU64::new(0),
-        }))
+        });
+        // Closed until the controller's view arrives: no instance reaches anything yet.
+        agent.apply_rules()?;
+        Ok(agent)
     }
 
     pub(crate) fn vms_dir(&self) -> PathBuf {
@@ -383,33 +389,40 @@ impl Agent {
                 tracing::warn!("updating the service network's peers: {e}");
             }
             *lock(&self.view) = Some(view.clone());
-            self.apply_rules();
+            if let Err(e) = self.apply_rules() {
+                tracing::warn!("{e}");
+            }
         }
     }
 
     /// Applies this host's isolation and egress rules from the last view and the TAPs of the
     /// VMs here (before a new VM starts, so that its TAP may send at once). Only a change
     /// reaches nftables.
-    pub(crate) fn apply_rules(&self) {
+    pub(crate) fn apply_rules(&self) -> Result<()> {
         let Some((host, _)) = &self.net else {
-            return;
+            return Ok(());
         };
+        let _one = lock(&self.rules_lock);
         let view = lock(&self.view).clone();
-        let taps: Vec<(String, std::net::Ipv4Addr)> = lock(&self.slots)
+        let taps: Vec<vmatrix_net::firewall::Tap> = lock(&self.slots)
             .values()
             .filter_map(|s| {
                 let a = s.plan.net?;
-                Some((
-                    vmatrix_net::tap_name(s.plan.id.as_str(), s.plan.generation),
-                    a.address,
-                ))
+                Some(vmatrix_net::firewall::Tap {
+                    name: vmatrix_net::tap_name(s.plan.id.as_str(), s.plan.generation),
+                    mac: vmatrix_vmm::mac_for(&s.plan.id),
+                    address: a.address,
+                })
             })
             .collect();
         let net = host.config.net;
         let rules = vmatrix_net::firewall::Rules {
             net,
             host_addresses: net.host_addresses(),
-            hosts: view.as_ref().map(|v| v.vteps.clone()).unwrap_or_default(),
+            hosts: view
+                .as_ref()
+                .map(|v| v.vteps.iter().chain(&v.hosts).copied().collect())
+                .unwrap_or_default(),
             services: view
                 .map(|v| v.services)
                 .unwrap_or_default()
@@ -423,9 +436,9 @@ impl Agent {
                 .collect(),
             taps,
         };
-        if let Err(e) = host.apply_rules(&rules) {
-            tracing::warn!("applying the service network's rules: {e}");
-        }
+        host.apply_rules(&rules).map_err(|e| {
+            AgentError::Other(format!("applying the service network's rules: {e}"))
+        })
     }
 
     /// Removes this host's service network (bridge and VXLAN device): the machine goes away.

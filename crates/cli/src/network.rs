@@ -47,6 +47,7 @@ impl ControllerNet {
             net: ServiceNet::parse(net)?,
             vni: check_vni(self.vni)?,
             fronts: self.front_vtep.clone(),
+            hosts: Vec::new(),
         }))
     }
 }

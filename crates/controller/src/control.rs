@@ -26,6 +26,8 @@ pub struct NetConfig {
     pub vni: u32,
     /// The tunnel endpoints of hosts that are not machines (the switch's host).
     pub fronts: Vec<std::net::Ipv4Addr>,
+    /// More host addresses no instance may reach (the controller's own).
+    pub hosts: Vec<std::net::Ipv4Addr>,
 }
 
 /// A machine with no heartbeat for this long is down.

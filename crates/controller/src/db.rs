@@ -435,11 +435,13 @@ impl Db {
         Ok(())
     }
 
-    /// The service-network addresses held by instances that are not discarded.
+    /// The service-network addresses not to give out: those of every instance row, discarded
+    /// ones included until their rows are pruned (a day later) — a VM whose machine was lost may
+    /// still run with its address, and hosts may still send to it.
     pub fn addresses_in_use(&self) -> Result<std::collections::HashSet<std::net::Ipv4Addr>> {
-        let mut st = self.conn.prepare(
-            "SELECT address FROM instances WHERE state != 'discarded' AND address != ''",
-        )?;
+        let mut st = self
+            .conn
+            .prepare("SELECT address FROM instances WHERE address != ''")?;
         let rows = st.query_map([], |r| r.get::<_, String>(0))?;
         let mut out = std::collections::HashSet::new();
         for a in rows {

@@ -96,7 +96,18 @@ pub async fn serve(
         .maintenance_idle
         .lock()
         .unwrap_or_else(|e| e.into_inner()) = config.maintenance_idle;
-    *controller.network.lock().unwrap_or_else(|e| e.into_inner()) = config.network.clone();
+    let network = config.network.clone().map(|mut n| {
+        // The controller's own addresses are hosts no instance may reach.
+        for a in std::iter::once(config.listen).chain(config.also_listen.iter().copied()) {
+            if let std::net::IpAddr::V4(ip) = a.ip() {
+                if !ip.is_loopback() {
+                    n.hosts.push(ip);
+                }
+            }
+        }
+        n
+    });
+    *controller.network.lock().unwrap_or_else(|e| e.into_inner()) = network;
     let interrupted = controller.interrupt_left_ops()?;
     if interrupted > 0 {
         tracing::info!("{interrupted} operation(s) were interrupted by the last stop; settling their instances from the machines' reports");

@@ -86,6 +86,22 @@ impl Controller {
         vteps.extend(n.fronts.iter().copied());
         vteps.sort();
         vteps.dedup();
+        // Every host address, whatever the machine's state: a machine that is down now is
+        // still no place an instance may reach.
+        let mut hosts: Vec<std::net::Ipv4Addr> = n.hosts.clone();
+        if let Ok(r) = self.reports.lock() {
+            for rep in r.values() {
+                hosts.extend(rep.vtep);
+                if let Ok(a) = rep.address.parse::<std::net::SocketAddr>() {
+                    if let std::net::IpAddr::V4(ip) = a.ip() {
+                        hosts.push(ip);
+                    }
+                }
+            }
+        }
+        hosts.extend(n.fronts.iter().copied());
+        hosts.sort();
+        hosts.dedup();
         let rows = self.db(|d| d.instances()).unwrap_or_default();
         let services = self
             .services()
@@ -106,6 +122,7 @@ impl Controller {
             service_net: n.net.to_string(),
             vni: n.vni,
             vteps,
+            hosts,
             services,
         })
     }

@@ -493,6 +493,10 @@ pub struct NetworkView {
     pub vni: u32,
     /// Every tunnel endpoint (the receiving machine's own among them).
     pub vteps: Vec<std::net::Ipv4Addr>,
+    /// Every address of a host (machines in any state, the controller, the fronts): never
+    /// reachable from an instance.
+    #[serde(default)]
+    pub hosts: Vec<std::net::Ipv4Addr>,
     /// Who may reach whom: every service with the addresses its instances hold.
     #[serde(default)]
     pub services: Vec<ServiceAccess>,

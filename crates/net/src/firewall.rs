@@ -8,7 +8,8 @@
 //! - nothing on a host (agent, controller, switch, sshd…) accepts a connection from an instance;
 //! - outbound traffic beyond the service network only for `egress` services, masqueraded, and
 //!   never to a host's underlay address;
-//! - an instance sends only with its own MAC-less address from its own TAP (anti-spoofing).
+//! - a TAP sends only its guest's MAC and address, and only IPv4, ARP and QEMU's RARP
+//!   announcement (anti-spoofing, before the bridge learns anything from the frame).
 //!
 //! An address no view names yet (an instance just created) is held to "reaches nothing": the
 //! rules fail closed. A TCP segment that is not a connection's first passes, so connections
@@ -44,8 +45,19 @@ pub struct Rules {
     pub hosts: Vec<Ipv4Addr>,
     /// The services.
     pub services: Vec<ServiceRules>,
-    /// This host's TAPs and the address each may send from.
-    pub taps: Vec<(String, Ipv4Addr)>,
+    /// This host's TAPs with the MAC and address each may send from.
+    pub taps: Vec<Tap>,
+}
+
+/// A VM's TAP on this host and what its guest may send as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tap {
+    /// The TAP device.
+    pub name: String,
+    /// The guest NIC's MAC.
+    pub mac: String,
+    /// The instance's address.
+    pub address: Ipv4Addr,
 }
 
 fn set(out: &mut String, name: &str, kind: &str, elems: &[String]) {
@@ -116,9 +128,10 @@ pub fn script(table: &str, rules: &Rules) -> String {
         out,
         "  chain forward {{\n    type filter hook forward priority 0; policy accept;\n\
          \x20   ct state established,related accept\n\
+         \x20   ip saddr != {net} ip daddr {net} drop\n\
          \x20   ip saddr != {net} accept\n\
          \x20   ip saddr @hostaddrs accept\n\
-         \x20   meta l4proto tcp tcp flags & (syn | ack) != syn accept\n\
+         \x20   ip daddr {net} meta l4proto tcp tcp flags & (syn | ack) != syn accept\n\
          \x20   ip daddr {net} jump east_west\n\
          \x20   ip daddr @underlay drop\n\
          \x20   ip saddr @egress accept\n\
@@ -135,18 +148,26 @@ pub fn script(table: &str, rules: &Rules) -> String {
     let taps: Vec<String> = rules
         .taps
         .iter()
-        .map(|(t, a)| format!("\"{t}\" . {a}"))
+        .map(|t| format!("\"{}\" . {}", t.name, t.address))
         .collect();
     set(&mut out, "taps", "ifname . ipv4_addr", &taps);
+    let macs: Vec<String> = rules
+        .taps
+        .iter()
+        .map(|t| format!("\"{}\" . {}", t.name, t.mac))
+        .collect();
+    set(&mut out, "macs", "ifname . ether_addr", &macs);
+    // Before the bridge learns a MAC (prerouting): a frame from a TAP must carry its guest's
+    // MAC and, for IPv4 and ARP, its address; nothing but IPv4, ARP and QEMU's RARP
+    // announcement leaves a TAP (no IPv6, no VLAN tags).
     let _ = write!(
         out,
-        "  chain spoof {{\n\
-         \x20   iifname \"vmt*\" ether type ip iifname . ip saddr != @taps drop\n\
-         \x20   iifname \"vmt*\" ether type arp iifname . arp saddr ip != @taps drop\n  }}\n\
-         \x20 chain forward {{\n    type filter hook forward priority -200; policy accept;\n\
-         \x20   jump spoof\n  }}\n\
-         \x20 chain input {{\n    type filter hook input priority -200; policy accept;\n\
-         \x20   jump spoof\n  }}\n}}\n"
+        "  chain prerouting {{\n    type filter hook prerouting priority -300; policy accept;\n\
+         \x20   iifname != \"vmt*\" accept\n\
+         \x20   iifname . ether saddr != @macs drop\n\
+         \x20   ether type != {{ ip, arp, 0x8035 }} drop\n\
+         \x20   ether type ip iifname . ip saddr != @taps drop\n\
+         \x20   ether type arp iifname . arp saddr ip != @taps drop\n  }}\n}}\n"
     );
     out
 }
@@ -235,7 +256,11 @@ mod tests {
                     egress: false,
                 },
             ],
-            taps: vec![("vmt0123456789".into(), "10.77.0.2".parse().unwrap())],
+            taps: vec![Tap {
+                name: "vmt0123456789".into(),
+                mac: "52:54:00:01:02:03".into(),
+                address: "10.77.0.2".parse().unwrap(),
+            }],
         };
         let s = script("vmatrix", &rules);
         // web may open connections to db (db allows it), db not to web.
@@ -252,6 +277,8 @@ mod tests {
             "{s}"
         );
         assert!(s.contains("\"vmt0123456789\" . 10.77.0.2"), "{s}");
+        assert!(s.contains("\"vmt0123456789\" . 52:54:00:01:02:03"), "{s}");
+        assert!(s.contains("ether type != { ip, arp, 0x8035 } drop"), "{s}");
         assert!(s.contains("delete table inet vmatrix"));
         assert!(s.contains("masquerade"));
     }

@@ -294,13 +294,19 @@ impl HostNet {
             return Ok(());
         }
         if machine && last.is_empty() {
+            // Bridged IPv4 must pass the host's filter, or nothing here is enforced.
+            if !std::path::Path::new("/proc/sys/net/bridge").exists() {
+                let _ = run("modprobe", &["br_netfilter"]);
+            }
             for (key, value) in [
                 ("/proc/sys/net/bridge/bridge-nf-call-iptables", "1"),
                 ("/proc/sys/net/ipv4/ip_forward", "1"),
             ] {
-                std::fs::write(key, value).map_err(|source| NetError::Io {
-                    path: key.into(),
-                    source,
+                std::fs::write(key, value).map_err(|e| {
+                    NetError::Invalid(format!(
+                        "cannot set {key} ({e}): without it isolation cannot be enforced; \
+                         is the br_netfilter module available (modprobe br_netfilter)?"
+                    ))
                 })?;
             }
         }

@@ -307,10 +307,12 @@ impl Switch {
             let (name, tail) = rest.split_once('/').unwrap_or((rest, ""));
             (Some(name.to_owned()), format!("/{tail}{query}"))
         } else {
+            // HTTP/1.1's Host header, or HTTP/2's :authority (in the URI).
             let host = req
                 .headers()
                 .get("host")
                 .and_then(|h| h.to_str().ok())
+                .or_else(|| req.uri().host())
                 .unwrap_or("")
                 .split(':')
                 .next()
@@ -755,6 +757,9 @@ pub async fn serve(config: SwitchConfig) -> std::io::Result<()> {
     }
 }
 
+/// How long a TLS client has to finish its handshake.
+const TLS_HANDSHAKE: Duration = Duration::from_secs(10);
+
 /// The connection pool to backends of one worker.
 type Backends = Client<crate::connect::Connector, Full<Bytes>>;
 
@@ -780,18 +785,36 @@ async fn accept_loop(
         };
         tokio::select! {
             r = listener.accept() => {
-                let (stream, _) = r?;
+                let (stream, _) = match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::warn!("accepting a connection: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
                 let _ = stream.set_nodelay(true);
                 tokio::spawn(serve_client(switch.clone(), client.clone(), TokioIo::new(stream)));
             }
             r = secure => {
-                let (stream, acceptor) = r?;
+                let (stream, acceptor) = match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // Out of file descriptors, say: the plain listener and the process
+                        // go on; a moment later accepting is tried again.
+                        tracing::warn!("accepting an HTTPS connection: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
                 let _ = stream.set_nodelay(true);
                 let (sw, client) = (switch.clone(), client.clone());
                 tokio::spawn(async move {
-                    match acceptor.accept(stream).await {
-                        Ok(s) => serve_client(sw, client, TokioIo::new(s)).await,
-                        Err(e) => tracing::debug!("TLS handshake: {e}"),
+                    // A client that never finishes its handshake does not hold a socket long.
+                    match tokio::time::timeout(TLS_HANDSHAKE, acceptor.accept(stream)).await {
+                        Ok(Ok(s)) => serve_client(sw, client, TokioIo::new(s)).await,
+                        Ok(Err(e)) => tracing::debug!("TLS handshake: {e}"),
+                        Err(_) => tracing::debug!("TLS handshake: no ClientHello within 10 s"),
                     }
                 });
             }

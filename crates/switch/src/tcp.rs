@@ -53,7 +53,15 @@ pub(crate) async fn run(switch: Arc<Switch>) {
                 Err(e) => tracing::warn!(service, "cannot listen on tcp://{addr}: {e}"),
             }
         }
-        if routes.changed().await.is_err() {
+        // A port that could not be bound (busy a moment) is tried again in a second.
+        let all_bound = wanted.keys().all(|p| listeners.contains_key(p));
+        if all_bound {
+            if routes.changed().await.is_err() {
+                return;
+            }
+        } else if let Ok(Err(_)) =
+            tokio::time::timeout(Duration::from_secs(1), routes.changed()).await
+        {
             return;
         }
     }

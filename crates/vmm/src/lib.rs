@@ -24,4 +24,6 @@ pub use console::{Attached, Console, ConsoleError, Input};
 pub use error::{Result, VmmError};
 pub use migration::{IncomingVm, MigrationFailure, MigrationReport, MigrationTarget};
 pub use process::Lifetime;
-pub use vm::{BaseImage, ImageFormat, StopOutcome, SuspendedVm, TapSpec, Vm, VmDir, VmSpec};
+pub use vm::{
+    mac_for, BaseImage, ImageFormat, StopOutcome, SuspendedVm, TapSpec, Vm, VmDir, VmSpec,
+};

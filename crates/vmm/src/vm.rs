@@ -689,7 +689,7 @@ fn shell_quote(path: &Path) -> String {
 }
 
 /// A stable MAC per instance, so the guest sees the same NIC after every move.
-fn mac_for(instance: &InstanceId) -> String {
+pub fn mac_for(instance: &InstanceId) -> String {
     let h = instance
         .as_str()
         .bytes()
