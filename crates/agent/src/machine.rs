@@ -436,9 +436,8 @@ impl Agent {
                 .collect(),
             taps,
         };
-        host.apply_rules(&rules).map_err(|e| {
-            AgentError::Other(format!("applying the service network's rules: {e}"))
-        })
+        host.apply_rules(&rules)
+            .map_err(|e| AgentError::Other(format!("applying the service network's rules: {e}")))
     }
 
     /// Removes this host's service network (bridge and VXLAN device): the machine goes away.
