@@ -183,13 +183,7 @@ async fn services_are_isolated_and_egress_is_per_service() {
     assert!(!can_connect(d, "a-1", &format!("{outside_addr}:9000"), 8).await);
 
     drop(outside);
-    let pid = up.id().unwrap().to_string();
-    assert!(std::process::Command::new("kill")
-        .args(["-INT", &pid])
-        .status()
-        .unwrap()
-        .success());
-    let _ = tokio::time::timeout(Duration::from_secs(60), up.wait()).await;
+    up.interrupt().await;
     let tables = std::process::Command::new("nft")
         .args(["list", "tables"])
         .output()

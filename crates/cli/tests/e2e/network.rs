@@ -204,13 +204,7 @@ async fn connections_survive_a_live_migration_across_vxlan_hosts() {
     assert_eq!(got["instance"], id.as_str());
 
     // SIGINT: `up` stops everything, its network included.
-    let pid = up.id().unwrap().to_string();
-    assert!(std::process::Command::new("kill")
-        .args(["-INT", &pid])
-        .status()
-        .unwrap()
-        .success());
-    let _ = tokio::time::timeout(Duration::from_secs(60), up.wait()).await;
+    up.interrupt().await;
     // Nothing of its network is left on this host: no route to the service network, no
     // interface (never probe the address itself: without the route a packet would leave for
     // the real network).

@@ -72,6 +72,19 @@ impl std::ops::DerefMut for Up {
     }
 }
 
+impl Up {
+    /// Ctrl-C, as a terminal sends it; waits (60 s at most) until `up` has stopped everything.
+    pub async fn interrupt(&mut self) {
+        let pid = self.child.id().expect("vmatrix up runs").to_string();
+        assert!(std::process::Command::new("kill")
+            .args(["-INT", &pid])
+            .status()
+            .expect("kill")
+            .success());
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(60), self.child.wait()).await;
+    }
+}
+
 impl Drop for Up {
     fn drop(&mut self) {
         if let (Ok(None), Some(pid)) = (self.child.try_wait(), self.child.id()) {
