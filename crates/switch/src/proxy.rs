@@ -779,36 +779,31 @@ async fn accept_loop(
     loop {
         let secure = async {
             match &tls {
-                Some((l, a)) => l.accept().await.map(|(s, _)| (s, a.clone())),
+                Some((l, a)) => (l.accept().await, Some(a.clone())),
                 None => std::future::pending().await,
             }
         };
-        tokio::select! {
-            r = listener.accept() => {
-                let (stream, _) = match r {
-                    Ok(x) => x,
-                    Err(e) => {
-                        tracing::warn!("accepting a connection: {e}");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                };
-                let _ = stream.set_nodelay(true);
-                tokio::spawn(serve_client(switch.clone(), client.clone(), TokioIo::new(stream)));
+        // Either listener; TLS connections come with their acceptor.
+        let (accepted, acceptor) = tokio::select! {
+            r = listener.accept() => (r, None),
+            r = secure => r,
+        };
+        let stream = match accepted {
+            Ok((s, _)) => s,
+            Err(e) => {
+                // Out of file descriptors, say: the process goes on and accepts again soon.
+                tracing::warn!("accepting a connection: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
             }
-            r = secure => {
-                let (stream, acceptor) = match r {
-                    Ok(x) => x,
-                    Err(e) => {
-                        // Out of file descriptors, say: the plain listener and the process
-                        // go on; a moment later accepting is tried again.
-                        tracing::warn!("accepting an HTTPS connection: {e}");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                };
-                let _ = stream.set_nodelay(true);
-                let (sw, client) = (switch.clone(), client.clone());
+        };
+        let _ = stream.set_nodelay(true);
+        let (sw, client) = (switch.clone(), client.clone());
+        match acceptor {
+            None => {
+                tokio::spawn(serve_client(sw, client, TokioIo::new(stream)));
+            }
+            Some(acceptor) => {
                 tokio::spawn(async move {
                     // A client that never finishes its handshake does not hold a socket long.
                     match tokio::time::timeout(TLS_HANDSHAKE, acceptor.accept(stream)).await {

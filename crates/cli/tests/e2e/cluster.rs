@@ -78,6 +78,31 @@ pub(crate) async fn apply_and_wait(d: &Path, file: &Path, n: usize, limit: Durat
     .await
 }
 
+/// Waits (30 s at most) until the switch at `front` has carried `n` requests of `service`.
+pub(crate) async fn wait_switch_requests(front: &str, service: &str, n: f64) {
+    let http = reqwest::Client::new();
+    let metric = format!("vmatrix_switch_requests_total{{service=\"{service}\"}}");
+    wait_for("the load under way", Duration::from_secs(30), async || {
+        let m = http
+            .get(format!("http://{front}/metrics"))
+            .send()
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        let done: f64 = m
+            .lines()
+            .find(|l| l.starts_with(&metric))?
+            .rsplit(' ')
+            .next()?
+            .parse()
+            .ok()?;
+        (done >= n).then_some(())
+    })
+    .await;
+}
+
 pub(crate) async fn wait_for<T>(
     what: &str,
     timeout: Duration,

@@ -124,7 +124,8 @@ async fn connections_survive_a_live_migration_across_vxlan_hosts() {
         );
         async move { run_load(&opts).await }
     });
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Move once the load is under way (2 s of it).
+    crate::cluster::wait_switch_requests(&front, "web", 100.0).await;
     let (ok, moved, err) = cli(d, &["migrate", &id, "--to", to]).await;
     assert!(ok, "migrate {id} {from} → {to}: {err}\n{}", up_log(d));
 

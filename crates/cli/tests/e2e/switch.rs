@@ -84,25 +84,7 @@ async fn the_switch_hides_moves_wakes_dormant_services_and_drops_fast() {
         }
     });
     // Move only once the switch has carried a steady stream for a while.
-    wait_for("the load under way", Duration::from_secs(30), async || {
-        let m = http
-            .get(format!("http://{front}/metrics"))
-            .send()
-            .await
-            .ok()?
-            .text()
-            .await
-            .ok()?;
-        let done: f64 = m
-            .lines()
-            .find(|l| l.starts_with("vmatrix_switch_requests_total{service=\"web\"}"))?
-            .rsplit(' ')
-            .next()?
-            .parse()
-            .ok()?;
-        (done >= 100.0).then_some(())
-    })
-    .await;
+    crate::cluster::wait_switch_requests(&front, "web", 100.0).await;
     let (ok, out, err) = cli(d, &["migrate", web["id"].as_str().unwrap(), "--to", to]).await;
     assert!(ok, "migrate: {err}");
     let r = load.await.unwrap();
