@@ -142,7 +142,7 @@ pub async fn controller(args: ControllerArgs<'_>, data: &Path) -> Result<()> {
 }
 
 /// A child process of `up`, killed when `up` ends.
-struct Child(tokio::process::Child);
+pub(crate) struct Child(pub(crate) tokio::process::Child);
 
 fn spawn_self(args: &[String]) -> Result<Child> {
     spawn_self_in(args, false)
@@ -151,7 +151,7 @@ fn spawn_self(args: &[String]) -> Result<Child> {
 /// Starts `vmatrix ARGS…` as a child of `up`; with `own_net`, in a new network namespace of its
 /// own (a machine of the bridged model: it and its VMs are the namespace's only users, so it
 /// vanishes with them).
-fn spawn_self_in(args: &[String], own_net: bool) -> Result<Child> {
+pub(crate) fn spawn_self_in(args: &[String], own_net: bool) -> Result<Child> {
     let exe = std::env::current_exe().context("finding the vmatrix binary")?;
     let mut cmd = tokio::process::Command::new(exe);
     cmd.args(args).kill_on_drop(true);

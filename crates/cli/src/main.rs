@@ -11,6 +11,7 @@ mod network;
 mod policy_file;
 mod sim;
 mod suite;
+mod switch_bench;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -394,17 +395,10 @@ enum BenchCommand {
         work: PathBuf,
     },
     /// The switch against nginx proxy_pass in front of the same backend (needs nginx and wrk).
-    Switch {
-        /// wrk connections.
-        #[arg(long, default_value_t = 50)]
-        connections: u32,
-        /// Seconds per run.
-        #[arg(long, default_value_t = 10)]
-        seconds: u32,
-        /// Alternating rounds.
-        #[arg(long, default_value_t = 2)]
-        rounds: u32,
-    },
+    Switch(switch_bench::SwitchBench),
+    /// The bridged backend of `bench switch` (run by it in a namespace of its own).
+    #[command(hide = true)]
+    Backend(switch_bench::BackendArgs),
     /// The policy at scale: 10,000 machines, 1,000 services, 100,000 instances, a week of
     /// 1-minute ticks through the simulator; prints the wall time and `decide` per tick.
     Policy(bench::PolicyBench),
@@ -505,6 +499,11 @@ fn parse_size(s: &str) -> Result<u64, String> {
     n.checked_mul(mult)
         .ok_or_else(|| format!("{s:?} is too large"))
 }
+
+/// mimalloc instead of glibc's allocator: the switch allocates a few small buffers per request
+/// on every core, where glibc's malloc and free were a tenth of its CPU.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
     match run() {
@@ -794,11 +793,10 @@ fn run() -> Result<()> {
         Command::Bench(BenchCommand::Vmm { runs, memory, work }) => {
             runtime()?.block_on(bench::vmm(accel, runs, memory, &work))?
         }
-        Command::Bench(BenchCommand::Switch {
-            connections,
-            seconds,
-            rounds,
-        }) => runtime()?.block_on(bench::switch(connections, seconds, rounds))?,
+        Command::Bench(BenchCommand::Switch(b)) => runtime()?.block_on(switch_bench::switch(&b))?,
+        Command::Bench(BenchCommand::Backend(a)) => {
+            runtime()?.block_on(switch_bench::backend(a))?
+        }
         Command::Bench(BenchCommand::Policy(p)) => bench::policy(&p)?,
         Command::Bench(BenchCommand::Store { size, work }) => {
             runtime()?.block_on(bench::store(accel, size, &work))?

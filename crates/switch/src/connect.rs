@@ -11,14 +11,9 @@
 //! (`TCP_THIN_LINEAR_TIMEOUTS`), so a segment lost in a move's short gap is resent soon
 //! instead of after exponentially growing waits.
 
-use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use hyper::Uri;
-use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 /// Deadlines of the successive connect attempts to one address.
@@ -27,36 +22,6 @@ pub const ATTEMPTS: [Duration; 3] = [
     Duration::from_secs(1),
     Duration::from_secs(3),
 ];
-
-/// A connector for hyper's client: plain TCP to `host:port` with [`ATTEMPTS`].
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Connector;
-
-impl tower_service::Service<Uri> for Connector {
-    type Response = TokioIo<TcpStream>;
-    type Error = std::io::Error;
-    type Future = Pin<Box<dyn Future<Output = std::io::Result<Self::Response>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        Box::pin(async move {
-            let host = uri.host().unwrap_or("");
-            let port = uri.port_u16().unwrap_or(80);
-            let addr: SocketAddr = match host.parse::<std::net::IpAddr>() {
-                Ok(ip) => SocketAddr::new(ip, port),
-                Err(_) => tokio::net::lookup_host((host, port))
-                    .await?
-                    .next()
-                    .ok_or_else(|| std::io::Error::other(format!("{host} has no address")))?,
-            };
-            let stream = connect(addr).await?;
-            Ok(TokioIo::new(stream))
-        })
-    }
-}
 
 /// Connects to `addr` with [`ATTEMPTS`].
 pub async fn connect(addr: SocketAddr) -> std::io::Result<TcpStream> {

@@ -9,10 +9,12 @@
 
 mod connect;
 mod load;
+mod pool;
 mod proxy;
 mod stats;
 mod tcp;
 mod tls;
+mod workers;
 
 pub use load::{run_load, LoadOptions, LoadResult};
 pub use proxy::{serve, SwitchConfig};

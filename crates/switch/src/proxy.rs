@@ -12,10 +12,9 @@ use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper::header::{HeaderName, HeaderValue};
+use hyper::header::{Entry, HeaderName, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use tokio::sync::watch;
 use vmatrix_client::ControllerClient;
 use vmatrix_core::api::{RouteTable, ServiceRoute};
@@ -292,9 +291,9 @@ impl Switch {
         });
     }
 
-    async fn handle(
+    pub(crate) async fn handle(
         self: Arc<Self>,
-        client: Backends,
+        client: Arc<crate::pool::Pool>,
         req: Request<Incoming>,
     ) -> Result<Resp, Infallible> {
         let path = req.uri().path().to_owned();
@@ -361,14 +360,18 @@ impl Switch {
         let upgrade = is_upgrade(&parts.headers)
             .then(|| parts.extensions.remove::<hyper::upgrade::OnUpgrade>())
             .flatten();
-        let body = match Limited::new(body, MAX_BODY).collect().await {
-            Ok(b) => b.to_bytes(),
-            Err(_) => {
-                return Ok(reply(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "request body over 16 MiB",
-                ))
-            }
+        use hyper::body::Body as _;
+        let body = match body.is_end_stream() {
+            true => Bytes::new(),
+            false => match Limited::new(body, MAX_BODY).collect().await {
+                Ok(b) => b.to_bytes(),
+                Err(_) => {
+                    return Ok(reply(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "request body over 16 MiB",
+                    ))
+                }
+            },
         };
         self.stats.begin(&name);
         let started = Instant::now();
@@ -383,7 +386,7 @@ impl Switch {
 
     async fn forward(
         self: &Arc<Self>,
-        client: &Backends,
+        client: &crate::pool::Pool,
         service: &str,
         parts: &hyper::http::request::Parts,
         path: String,
@@ -395,6 +398,32 @@ impl Switch {
         let mut held_since: Option<Instant> = None;
         let mut avoid: HashSet<String> = HashSet::new();
         let mut routes = self.routes.clone();
+        // What goes to the instance: the path in origin form and the end-to-end headers (an
+        // upgrade keeps its own two); HTTP/2's :authority becomes the Host header.
+        let Ok(uri) = path.parse::<hyper::Uri>() else {
+            return reply(StatusCode::BAD_REQUEST, "request cannot be forwarded");
+        };
+        let upgrading = upgrade.is_some();
+        let headers_for = |addr: &str| {
+            let mut headers = parts.headers.clone();
+            for h in HOP_BY_HOP {
+                headers.remove(h);
+            }
+            if upgrading {
+                for h in [hyper::header::CONNECTION, hyper::header::UPGRADE] {
+                    if let Some(v) = parts.headers.get(&h) {
+                        headers.insert(h, v.clone());
+                    }
+                }
+            }
+            if let Entry::Vacant(host) = headers.entry(hyper::header::HOST) {
+                let authority = parts.uri.authority().map_or(addr, |a| a.as_str());
+                if let Ok(v) = HeaderValue::from_str(authority) {
+                    host.insert(v);
+                }
+            }
+            headers
+        };
         let result = loop {
             let table = routes.borrow_and_update().clone();
             let Some(route) = table.services.get(service) else {
@@ -441,24 +470,10 @@ impl Switch {
                 let _ = tokio::time::timeout(Duration::from_millis(50), routes.changed()).await;
                 continue;
             };
-            let mut req = Request::builder()
-                .method(parts.method.clone())
-                .uri(format!("http://{addr}{path}"));
-            for (k, v) in parts.headers.iter() {
-                if !HOP_BY_HOP.contains(&k.as_str()) {
-                    req = req.header(k, v);
-                }
-            }
-            if upgrade.is_some() {
-                for h in ["connection", "upgrade"] {
-                    if let Some(v) = parts.headers.get(h) {
-                        req = req.header(h, v);
-                    }
-                }
-            }
-            let Ok(req) = req.body(Full::new(body.clone())) else {
-                break reply(StatusCode::BAD_REQUEST, "request cannot be forwarded");
-            };
+            let mut req = Request::new(Full::new(body.clone()));
+            *req.method_mut() = parts.method.clone();
+            *req.uri_mut() = uri.clone();
+            *req.headers_mut() = headers_for(&addr);
             let state = self.backend(&addr);
             let fresh = state.first_seen.elapsed() < FRESH_BACKEND;
             state.outstanding.fetch_add(1, Ordering::Relaxed);
@@ -467,12 +482,12 @@ impl Switch {
             let in_flight = InFlight(state.clone());
             state.sent.fetch_add(1, Ordering::Relaxed);
             let outcome = if fresh && idempotent {
-                match tokio::time::timeout(FRESH_ATTEMPT_TIMEOUT, client.request(req)).await {
+                match tokio::time::timeout(FRESH_ATTEMPT_TIMEOUT, client.send(&addr, req)).await {
                     Ok(r) => r.map_err(AttemptError::Client),
                     Err(_) => Err(AttemptError::Stalled),
                 }
             } else {
-                client.request(req).await.map_err(AttemptError::Client)
+                client.send(&addr, req).await.map_err(AttemptError::Client)
             };
             match outcome {
                 Ok(mut resp) => {
@@ -590,7 +605,7 @@ async fn join_upgrades(
 /// Why one attempt to a backend produced no response.
 #[derive(Debug)]
 enum AttemptError {
-    Client(hyper_util::client::legacy::Error),
+    Client(crate::pool::SendError),
     Stalled,
 }
 
@@ -719,113 +734,7 @@ pub async fn serve(config: SwitchConfig) -> std::io::Result<()> {
         }
     };
     tokio::spawn(crate::tcp::run(switch.clone()));
-    // One single-threaded runtime per core, each accepting on the same socket with its own pool
-    // of backend connections: a request and its backend connection stay on one thread, as in
-    // nginx's workers (a work-stealing runtime bounced them between threads, costing wake-ups).
-    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let (failed, mut failure) = tokio::sync::mpsc::channel::<std::io::Error>(workers);
-    for n in 0..workers {
-        let listener = listener.try_clone()?;
-        let tls = match &tls {
-            Some((l, a)) => Some((l.try_clone()?, a.clone())),
-            None => None,
-        };
-        let switch = switch.clone();
-        let failed = failed.clone();
-        std::thread::Builder::new()
-            .name(format!("switch-{n}"))
-            .spawn(move || {
-                let runtime = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(r) => r,
-                    Err(e) => {
-                        let _ = failed.blocking_send(e);
-                        return;
-                    }
-                };
-                if let Err(e) = runtime.block_on(accept_loop(switch, listener, tls)) {
-                    let _ = failed.blocking_send(e);
-                }
-            })?;
-    }
-    drop(failed);
-    match failure.recv().await {
-        Some(e) => Err(e),
-        None => Ok(()),
-    }
-}
-
-/// How long a TLS client has to finish its handshake.
-const TLS_HANDSHAKE: Duration = Duration::from_secs(10);
-
-/// The connection pool to backends of one worker.
-type Backends = Client<crate::connect::Connector, Full<Bytes>>;
-
-async fn accept_loop(
-    switch: Arc<Switch>,
-    listener: std::net::TcpListener,
-    tls: Option<(std::net::TcpListener, tokio_rustls::TlsAcceptor)>,
-) -> std::io::Result<()> {
-    let listener = tokio::net::TcpListener::from_std(listener)?;
-    let tls = match tls {
-        Some((l, a)) => Some((tokio::net::TcpListener::from_std(l)?, a)),
-        None => None,
-    };
-    let client: Backends = Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(30))
-        .build(crate::connect::Connector);
-    loop {
-        let secure = async {
-            match &tls {
-                Some((l, a)) => (l.accept().await, Some(a.clone())),
-                None => std::future::pending().await,
-            }
-        };
-        // Either listener; TLS connections come with their acceptor.
-        let (accepted, acceptor) = tokio::select! {
-            r = listener.accept() => (r, None),
-            r = secure => r,
-        };
-        let stream = match accepted {
-            Ok((s, _)) => s,
-            Err(e) => {
-                // Out of file descriptors, say: the process goes on and accepts again soon.
-                tracing::warn!("accepting a connection: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
-        let (sw, client) = (switch.clone(), client.clone());
-        match acceptor {
-            None => {
-                tokio::spawn(serve_client(sw, client, TokioIo::new(stream)));
-            }
-            Some(acceptor) => {
-                tokio::spawn(async move {
-                    // A client that never finishes its handshake does not hold a socket long.
-                    match tokio::time::timeout(TLS_HANDSHAKE, acceptor.accept(stream)).await {
-                        Ok(Ok(s)) => serve_client(sw, client, TokioIo::new(s)).await,
-                        Ok(Err(e)) => tracing::debug!("TLS handshake: {e}"),
-                        Err(_) => tracing::debug!("TLS handshake: no ClientHello within 10 s"),
-                    }
-                });
-            }
-        }
-    }
-}
-
-/// Serves one client connection: HTTP/1.1 (with upgrades) or HTTP/2, whichever it speaks.
-async fn serve_client<I>(switch: Arc<Switch>, client: Backends, io: I)
-where
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-{
-    let svc = hyper::service::service_fn(move |req| switch.clone().handle(client.clone(), req));
-    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-        .serve_connection_with_upgrades(io, svc)
-        .await;
+    crate::workers::run(switch, listener, tls).await
 }
 
 #[cfg(test)]
