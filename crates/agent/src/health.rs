@@ -40,6 +40,17 @@ pub(crate) async fn watch(agent: Arc<Agent>, id: InstanceId, generation: u64) {
         let probe =
             vmatrix_vmm::http::request(endpoint, "GET", &health, &[], Duration::from_secs(2)).await;
         let healthy = matches!(probe, Ok(ref r) if r.status == 200);
+        let why = match &probe {
+            Ok(r) => format!("status {}", r.status),
+            Err(e) => e.to_string(),
+        };
+        if !healthy
+            && state == InstanceState::Running
+            && (misses == 0 || misses + 1 == UNHEALTHY_AFTER)
+        {
+            let net = agent.network_diagnosis(&id, generation).unwrap_or_default();
+            tracing::warn!(instance = %id, "{health} did not answer ({why}). {net}");
+        }
         let alive = pid > 0 && agent.hv().alive(pid);
         let mut done = false;
         agent.observe(&id, generation, state, |s| {
@@ -61,7 +72,9 @@ pub(crate) async fn watch(agent: Arc<Agent>, id: InstanceId, generation: u64) {
                 (InstanceState::Running, false) => {
                     misses += 1;
                     if misses >= UNHEALTHY_AFTER {
-                        s.fail(format!("{health} failed {misses} times in a row"));
+                        s.fail(format!(
+                            "{health} failed {misses} times in a row (last: {why})"
+                        ));
                         done = true;
                     }
                 }

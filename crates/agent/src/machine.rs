@@ -604,6 +604,30 @@ impl Agent {
         Some(Some((s.endpoint, s.plan.health.clone(), s.state, s.pid)))
     }
 
+    /// What the host's network says about an instance's TAP (bridged only): its link and
+    /// counters, and where the bridge sends frames for the guest's MAC. Logged when a running
+    /// instance stops answering, to tell a guest that hangs from a frame path that broke.
+    pub(crate) fn network_diagnosis(&self, id: &InstanceId, generation: u64) -> Option<String> {
+        let (host, _) = self.net.as_ref()?;
+        let tap = vmatrix_net::tap_name(id.as_str(), generation);
+        let mac = vmatrix_vmm::mac_for(id);
+        let link = vmatrix_net::run("ip", &["-s", "-o", "link", "show", "dev", &tap])
+            .unwrap_or_else(|e| e.to_string());
+        let fdb = vmatrix_net::run("bridge", &["fdb", "show", "br", &host.config.bridge])
+            .map(|all| {
+                all.lines()
+                    .filter(|l| l.starts_with(&mac))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            })
+            .unwrap_or_else(|e| e.to_string());
+        Some(format!(
+            "TAP {tap}: {}; bridge entries for {mac}: {}",
+            link.split_whitespace().collect::<Vec<_>>().join(" "),
+            if fdb.is_empty() { "none" } else { fdb.as_str() }
+        ))
+    }
+
     pub(crate) fn hv(&self) -> &dyn Hypervisor {
         &*self.hv
     }

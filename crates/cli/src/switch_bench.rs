@@ -282,8 +282,16 @@ fn wrk(url: &str, connections: u32, seconds: u32) -> Result<(f64, f64)> {
 }
 
 /// `vmatrix bench switch`: requests/s and p99 of nginx `proxy_pass` (keep-alive upstream) and of
-/// the switch, in front of the same backend, alternating; medians per side.
+/// the switch, in front of the same backend, alternating; medians per side. Ctrl-C stops it
+/// and removes what it built.
 pub async fn switch(b: &SwitchBench) -> Result<()> {
+    tokio::select! {
+        r = measure(b) => r,
+        _ = crate::shutdown_signal() => bail!("interrupted; the bench's network and processes are removed"),
+    }
+}
+
+async fn measure(b: &SwitchBench) -> Result<()> {
     let (connections, seconds, rounds) = (b.connections, b.seconds, b.rounds.max(1));
     let backend = start_backend(b).await?;
     let routes = bench_routes(backend.addr).await?;
