@@ -34,6 +34,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::error::{Result, VmmError};
+use crate::process::{set_nice, MIGRATING_NICE};
 use crate::qmp::commands::*;
 use crate::vm::{
     create_overlay, prepare_dir, StartMode, Vm, VmDir, VmSpec, DISK_NODE, UNTHROTTLED,
@@ -105,6 +106,8 @@ impl IncomingVm {
         prepare_dir(&dir)?;
         create_overlay(&spec, &dir.disk()).await?;
         let mut vm = Vm::start(spec, dir, StartMode::Incoming).await?;
+        // Loading a guest yields to the guests that serve (its own vCPUs wait anyway).
+        set_nice(vm.pid(), MIGRATING_NICE, true);
         let listening = async {
             let nbd = SocketAddr::new(listen, free_port(listen)?);
             let migration = SocketAddr::new(listen, free_port(listen)?);
@@ -184,6 +187,7 @@ impl IncomingVm {
     pub async fn finish(mut self, limit: Duration) -> Result<Vm> {
         let done = async {
             self.vm.wait_incoming(limit).await?;
+            set_nice(self.vm.pid(), 0, true);
             // The guest first (it is stopped until then), the export it no longer needs after.
             self.vm.cont().await?;
             tracing::debug!(instance = %self.vm.spec.instance, "the migrated guest runs here");
@@ -226,6 +230,9 @@ impl Vm {
         limit: Duration,
     ) -> std::result::Result<MigrationReport, MigrationFailure> {
         let started = Instant::now();
+        // Moving the guest (the migration thread, the mirror) yields to the guests that serve;
+        // this guest's own vCPUs keep their priority.
+        set_nice(self.pid(), MIGRATING_NICE, false);
         match self.migrate_steps(target, started, limit).await {
             Ok(report) => {
                 // The guest is the destination's now and waits, stopped, until the caller
@@ -235,6 +242,7 @@ impl Vm {
                 Ok(report)
             }
             Err(error) => {
+                set_nice(self.pid(), 0, false);
                 self.clean_up_failed_migration().await;
                 Err(MigrationFailure {
                     error,
