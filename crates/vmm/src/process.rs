@@ -243,7 +243,10 @@ mod nice_tests {
         if unsafe { libc::geteuid() } != 0 {
             return;
         }
-        let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
         let pid = child.id();
         let nice_of = |pid: u32| -> i64 {
             let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();

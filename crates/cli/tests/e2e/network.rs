@@ -11,7 +11,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use vmatrix_switch::{run_load, LoadOptions};
 
 use crate::cluster::{apply_and_wait, cli, ps, wait_routed};
-use crate::support::{data_dir, start_matrix, up_log};
+use crate::support::{data_dir, serial_logs, start_matrix, up_log};
 
 /// Reads a streaming response to its end: the lines, and the longest pause between two.
 async fn hold_stream(url: String) -> Result<(Vec<String>, Duration), String> {
@@ -142,14 +142,19 @@ async fn connections_survive_a_live_migration_across_vxlan_hosts() {
         r.max_ms
     );
     eprintln!("load errors: {:?}", r.errors);
-    let (lines, gap) = direct
-        .await
-        .unwrap()
-        .unwrap_or_else(|e| panic!("the direct stream broke: {e}\n{}", up_log(d)));
+    let (lines, gap) = direct.await.unwrap().unwrap_or_else(|e| {
+        panic!(
+            "the direct stream broke: {e}\n{}\n{}",
+            up_log(d),
+            serial_logs(d, &id)
+        )
+    });
     assert_eq!(
         lines.len(),
         60,
-        "every line of the direct stream: {lines:?}"
+        "every line of the direct stream: {lines:?}\n{}\n{}",
+        up_log(d),
+        serial_logs(d, &id)
     );
     eprintln!("direct stream: 60 lines, longest pause {gap:?}");
     let mut on_moved = 0;

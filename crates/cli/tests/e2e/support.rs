@@ -328,6 +328,40 @@ pub fn net_args(args: &[&str]) -> Vec<String> {
 }
 
 /// The last lines `vmatrix up` (and its children) logged, for failure messages.
+/// The last lines of the serial console of every VM directory of `instance` under `data`
+/// (source and destination of a move): what the guest said when something broke.
+pub fn serial_logs(data: &Path, instance: &str) -> String {
+    fn walk(dir: &Path, instance: &str, out: &mut String, depth: usize) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            if !p.is_dir() || depth > 6 {
+                continue;
+            }
+            let log = p.join("serial.log");
+            if p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with(instance))
+                && log.is_file()
+            {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                let lines: Vec<&str> = text.lines().collect();
+                out.push_str(&format!(
+                    "--- {}\n{}\n",
+                    log.display(),
+                    lines[lines.len().saturating_sub(15)..].join("\n")
+                ));
+            } else {
+                walk(&p, instance, out, depth + 1);
+            }
+        }
+    }
+    let mut out = String::new();
+    walk(data, instance, &mut out, 0);
+    out
+}
+
 pub fn up_log(data: &Path) -> String {
     let text = std::fs::read_to_string(data.join("up.log")).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
