@@ -3,20 +3,57 @@
 //! guest that stops answering, marks the instance failed so the controller can replace it.
 //! It holds no lock while it probes, and skips a round while an operation holds the VM.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use vmatrix_core::{InstanceId, InstanceState, Transition};
+use vmatrix_core::{HealthCheck, InstanceId, InstanceState, Probe, Transition};
 
 use crate::machine::Agent;
 
-/// Health probes in a row that may fail before a running instance counts as failed.
-const UNHEALTHY_AFTER: u32 = 5;
+/// What one round probes.
+pub(crate) struct Target {
+    /// The instance's HTTP endpoint.
+    pub endpoint: SocketAddr,
+    pub check: HealthCheck,
+    /// Where a TCP check connects (`None`: the port cannot be reached from here).
+    pub tcp: Option<SocketAddr>,
+    pub state: InstanceState,
+    pub pid: u32,
+}
 
-/// How long a booting instance may take to answer its health check.
-const BOOT_LIMIT: Duration = Duration::from_secs(180);
+/// How often a booting instance is probed (its first success makes it running at once).
+const BOOTING_EVERY: Duration = Duration::from_millis(200);
 
-/// Watches instance `id` at `generation` until it leaves this machine or fails.
+/// Probes once: `Ok` if healthy, else why not.
+async fn probe(t: &Target) -> Result<(), String> {
+    let limit = t.check.interval.clamp(Duration::from_millis(500), Duration::from_secs(2));
+    match &t.check.probe {
+        Probe::Http(path) => {
+            match vmatrix_vmm::http::request(t.endpoint, "GET", path, &[], limit).await {
+                Ok(r) if r.status == 200 => Ok(()),
+                Ok(r) => Err(format!("{path} answered {}", r.status)),
+                Err(e) => Err(e.to_string()),
+            }
+        }
+        Probe::Tcp(port) => {
+            let Some(addr) = t.tcp else {
+                return Err(format!(
+                    "tcp port {port} is reachable only with bridged networking (user-mode NAT forwards the HTTP port alone)"
+                ));
+            };
+            match tokio::time::timeout(limit, tokio::net::TcpStream::connect(addr)).await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => Err(format!("tcp {addr}: {e}")),
+                Err(_) => Err(format!("tcp {addr}: no answer within {limit:?}")),
+            }
+        }
+    }
+}
+
+/// Watches instance `id` at `generation` until it leaves this machine or fails: a booting one
+/// must answer within the check's `grace`; a running one fails after `failures` misses in a
+/// row, probed every `interval`.
 pub(crate) async fn watch(agent: Arc<Agent>, id: InstanceId, generation: u64) {
     let started = tokio::time::Instant::now();
     let mut misses = 0;
@@ -25,11 +62,12 @@ pub(crate) async fn watch(agent: Arc<Agent>, id: InstanceId, generation: u64) {
             None => return,
             Some(t) => t,
         };
-        let Some((endpoint, health, state, pid)) = target else {
+        let Some(t) = target else {
             // An operation holds the VM: whoever holds it watches it now; look again later.
             tokio::time::sleep(Duration::from_millis(500)).await;
             continue;
         };
+        let state = t.state;
         if !matches!(state, InstanceState::Activating | InstanceState::Running) {
             if matches!(state, InstanceState::Failed | InstanceState::Suspended) {
                 return;
@@ -37,19 +75,13 @@ pub(crate) async fn watch(agent: Arc<Agent>, id: InstanceId, generation: u64) {
             tokio::time::sleep(Duration::from_millis(500)).await;
             continue;
         }
-        let probe =
-            vmatrix_vmm::http::request(endpoint, "GET", &health, &[], Duration::from_secs(2)).await;
-        let healthy = matches!(probe, Ok(ref r) if r.status == 200);
-        let why = match &probe {
-            Ok(r) => format!("status {}", r.status),
-            Err(e) => e.to_string(),
-        };
-        if !healthy
-            && state == InstanceState::Running
-            && (misses == 0 || misses + 1 == UNHEALTHY_AFTER)
-        {
+        let outcome = probe(&t).await;
+        let healthy = outcome.is_ok();
+        let why = outcome.err().unwrap_or_default();
+        let (check, pid) = (&t.check, t.pid);
+        if !healthy && state == InstanceState::Running && (misses == 0 || misses + 1 == check.failures) {
             let net = agent.network_diagnosis(&id, generation).unwrap_or_default();
-            tracing::warn!(instance = %id, "{health} did not answer ({why}). {net}");
+            tracing::warn!(instance = %id, "health {check}: {why}. {net}");
         }
         let alive = pid > 0 && agent.hv().alive(pid);
         let mut done = false;
@@ -61,19 +93,19 @@ pub(crate) async fn watch(agent: Arc<Agent>, id: InstanceId, generation: u64) {
             }
             match (state, healthy) {
                 (InstanceState::Activating, true) => s.step(Transition::Ready),
-                (InstanceState::Activating, false) if started.elapsed() > BOOT_LIMIT => {
+                (InstanceState::Activating, false) if started.elapsed() > check.grace => {
                     s.fail(format!(
-                        "no answer on {health} within {} s",
-                        BOOT_LIMIT.as_secs()
+                        "no healthy answer within its grace of {} ({check}; last: {why})",
+                        humantime::format_duration(check.grace)
                     ));
                     done = true;
                 }
                 (InstanceState::Running, true) => misses = 0,
                 (InstanceState::Running, false) => {
                     misses += 1;
-                    if misses >= UNHEALTHY_AFTER {
+                    if misses >= check.failures {
                         s.fail(format!(
-                            "{health} failed {misses} times in a row (last: {why})"
+                            "health failed {misses} times in a row ({check}; last: {why})"
                         ));
                         done = true;
                     }
@@ -85,10 +117,10 @@ pub(crate) async fn watch(agent: Arc<Agent>, id: InstanceId, generation: u64) {
             return;
         }
         let pause = if state == InstanceState::Activating {
-            200
+            BOOTING_EVERY
         } else {
-            2000
+            check.interval
         };
-        tokio::time::sleep(Duration::from_millis(pause)).await;
+        tokio::time::sleep(pause).await;
     }
 }

@@ -589,19 +589,35 @@ impl Agent {
 
     // For the health watcher.
 
-    /// (endpoint, health path, state, pid) of the instance at `generation`, if it is there and
-    /// no operation holds it.
+    /// What the health watcher probes for the instance at `generation`, if it is there and no
+    /// operation holds it.
     pub(crate) fn probe_target(
         &self,
         id: &InstanceId,
         generation: u64,
-    ) -> Option<Option<(SocketAddr, String, InstanceState, u32)>> {
+    ) -> Option<Option<crate::health::Target>> {
         let slots = lock(&self.slots);
         let s = slots.get(id).filter(|s| s.plan.generation == generation)?;
         if matches!(s.held, Held::Taken) {
             return Some(None);
         }
-        Some(Some((s.endpoint, s.plan.health.clone(), s.state, s.pid)))
+        // A TCP port is reached at the instance's own address (bridged); with user-mode NAT
+        // only the forwarded HTTP port is reachable, at the endpoint.
+        let tcp = match s.plan.health.probe {
+            vmatrix_core::Probe::Tcp(port) => match s.plan.net {
+                Some(n) => Some(SocketAddr::from((n.address, port))),
+                None if port == s.plan.port => Some(s.endpoint),
+                None => None,
+            },
+            vmatrix_core::Probe::Http(_) => None,
+        };
+        Some(Some(crate::health::Target {
+            endpoint: s.endpoint,
+            check: s.plan.health.clone(),
+            tcp,
+            state: s.state,
+            pid: s.pid,
+        }))
     }
 
     /// What the host's network says about an instance's TAP (bridged only): its link and

@@ -66,7 +66,7 @@ fn plan(generation: u64) -> InstancePlan {
         vcpus: 1,
         memory_mib: 256,
         port: 80,
-        health: "/health".into(),
+        health: vmatrix_core::HealthCheck::default(),
         net: None,
     }
 }

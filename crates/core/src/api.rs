@@ -456,8 +456,8 @@ pub struct InstancePlan {
     pub memory_mib: u32,
     /// Guest port.
     pub port: u16,
-    /// Health path.
-    pub health: String,
+    /// Its health check (plans written before checks were tables carry just the path).
+    pub health: crate::health::HealthCheck,
     /// Its place on the service network (bridged networking), `None` for user-mode NAT.
     #[serde(default)]
     pub net: Option<NetAttach>,

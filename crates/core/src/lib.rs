@@ -6,11 +6,13 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod health;
 mod image;
 mod names;
 mod spec;
 mod state;
 
+pub use health::{HealthCheck, Probe};
 pub use image::{ImageName, ImageRef, ImageRefError, Tag};
 pub use names::{InstanceId, NameError, ServiceName};
 pub use spec::{

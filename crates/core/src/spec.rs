@@ -4,6 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::health::{HealthCheck, MAX_HEALTH_LEN};
 use crate::{ImageRef, ServiceName};
 
 /// One service: a named workload with an image, a priority and bounds on its instances.
@@ -35,9 +36,10 @@ pub struct ServiceSpec {
     /// The guest's service port.
     #[serde(default = "default_port")]
     pub port: u16,
-    /// The guest's health path.
-    #[serde(default = "default_health")]
-    pub health: String,
+    /// How its instances' health is checked: a path (`"/health"`) or a table
+    /// (`{ http = "/health", grace = "120s", interval = "2s", failures = 5 }`, `{ tcp = 22 }`).
+    #[serde(default)]
+    pub health: HealthCheck,
     /// Most warm standbys (instances kept paused in memory, serving again in milliseconds when
     /// demand rises); the policy sizes them from the service's spike history. 0: none.
     #[serde(default)]
@@ -123,9 +125,6 @@ fn default_memory() -> u32 {
 fn default_port() -> u16 {
     80
 }
-fn default_health() -> String {
-    "/health".into()
-}
 
 /// A services file: `[[service]]` tables.
 #[derive(Debug, Clone, Deserialize)]
@@ -164,7 +163,6 @@ const MAX_CAPACITY_RPS: f64 = 1_000_000.0;
 /// The lowest and highest priority.
 const PRIORITY_RANGE: std::ops::RangeInclusive<i32> = -1000..=1000;
 /// The longest health path, bytes.
-const MAX_HEALTH_LEN: usize = 256;
 
 /// What is wrong with one field of one service spec. The CLI and the controller's API both
 /// check specs with [`ServiceSpec::validate`] and [`validate_services`], so they agree.
@@ -180,7 +178,7 @@ pub struct FieldError {
 }
 
 /// A value quoted for an error message: escaped, and cut short when long.
-fn quoted(value: &str) -> String {
+pub(crate) fn quoted(value: &str) -> String {
     const SHOWN: usize = 64;
     let mut out: String = value.chars().take(SHOWN).collect();
     if out.len() < value.len() {
@@ -316,18 +314,8 @@ impl ServiceSpec {
                 ),
             );
         }
-        let h = &s.health;
-        if !h.starts_with('/')
-            || h.len() > MAX_HEALTH_LEN
-            || !h.bytes().all(|b| b.is_ascii_graphic())
-        {
-            return fail(
-                "health",
-                format!(
-                    "health must be a path such as \"/health\": a '/' then printable ASCII without spaces or control characters, at most {MAX_HEALTH_LEN} bytes (got {})",
-                    quoted(h)
-                ),
-            );
+        if let Some(problem) = s.health.problem() {
+            return fail("health", problem);
         }
         Ok(())
     }
@@ -567,7 +555,7 @@ image = "guest:v1"
             vcpus: 1,
             memory_mib: 256,
             port: 80,
-            health: "/health".into(),
+            health: HealthCheck::default(),
             standby_max: 0,
             spread: true,
             allow_from: Vec::new(),
@@ -603,7 +591,7 @@ image = "guest:v1"
         s.capacity_rps = 1_000_000.0;
         s.port = 65535;
         s.priority = 1000;
-        s.health = format!("/{}", "a".repeat(255));
+        s.health = HealthCheck::http(format!("/{}", "a".repeat(255)));
         assert_eq!(s.validate(), Ok(()));
         s.min = 0;
         s.vcpus = 1;
@@ -611,7 +599,7 @@ image = "guest:v1"
         s.capacity_rps = 0.001;
         s.port = 1;
         s.priority = -1000;
-        s.health = "/h?x=1&y=%20~".into();
+        s.health = HealthCheck::http("/h?x=1&y=%20~");
         assert_eq!(s.validate(), Ok(()));
         assert_eq!(validate_services(&[]), Ok(()));
     }
@@ -678,22 +666,22 @@ image = "guest:v1"
     #[test]
     fn health_is_a_short_printable_path() {
         rejects(
-            |s| s.health = "/h\r\nX: y".into(),
+            |s| s.health = HealthCheck::http("/h\r\nX: y"),
             "health",
             r#"(got "/h\r\nX: y")"#,
         );
-        rejects(|s| s.health = "/h\n".into(), "health", r#"\n"#);
-        rejects(|s| s.health = "/h\0".into(), "health", "health must be");
-        rejects(|s| s.health = "/a b".into(), "health", "without spaces");
-        rejects(|s| s.health = "/a\tb".into(), "health", "health must be");
-        rejects(|s| s.health = "/é".into(), "health", "health must be");
-        rejects(|s| s.health = "/\u{7f}".into(), "health", "health must be");
-        rejects(|s| s.health = "health".into(), "health", "health must be");
-        rejects(|s| s.health = String::new(), "health", "health must be");
+        rejects(|s| s.health = HealthCheck::http("/h\n"), "health", r#"\n"#);
+        rejects(|s| s.health = HealthCheck::http("/h\0"), "health", "health must be");
+        rejects(|s| s.health = HealthCheck::http("/a b"), "health", "without spaces");
+        rejects(|s| s.health = HealthCheck::http("/a\tb"), "health", "health must be");
+        rejects(|s| s.health = HealthCheck::http("/é"), "health", "health must be");
+        rejects(|s| s.health = HealthCheck::http("/\u{7f}"), "health", "health must be");
+        rejects(|s| s.health = HealthCheck::http("health"), "health", "health must be");
+        rejects(|s| s.health = HealthCheck::http(""), "health", "health must be");
         // Too long, and the message quotes only the start of it.
         let long = format!("/{}", "a".repeat(256));
         let mut s = spec("web");
-        s.health = long.clone();
+        s.health = HealthCheck::http(long.clone());
         let e = s.validate().unwrap_err();
         assert_eq!(e.field, "health");
         assert!(e.message.contains("at most 256 bytes"), "{e}");

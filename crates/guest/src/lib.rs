@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use cpio::CpioWriter;
 
 /// Bumped whenever the builder's output would change for the same inputs.
-const BUILDER_VERSION: &str = "vmatrix-guest-6";
+const BUILDER_VERSION: &str = "vmatrix-guest-7";
 const MIB: u64 = 1024 * 1024;
 /// The smallest disk we build: boot partition plus a small data partition.
 pub const DEFAULT_SIZE: u64 = 64 * MIB;

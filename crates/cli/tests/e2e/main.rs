@@ -2,6 +2,7 @@
 
 mod cluster;
 mod durable;
+mod health;
 mod image;
 mod isolation;
 mod lifecycle;
