@@ -27,7 +27,10 @@ const BOOTING_EVERY: Duration = Duration::from_millis(200);
 
 /// Probes once: `Ok` if healthy, else why not.
 async fn probe(t: &Target) -> Result<(), String> {
-    let limit = t.check.interval.clamp(Duration::from_millis(500), Duration::from_secs(2));
+    let limit = t
+        .check
+        .interval
+        .clamp(Duration::from_millis(500), Duration::from_secs(2));
     match &t.check.probe {
         Probe::Http(path) => {
             match vmatrix_vmm::http::request(t.endpoint, "GET", path, &[], limit).await {
@@ -79,7 +82,10 @@ pub(crate) async fn watch(agent: Arc<Agent>, id: InstanceId, generation: u64) {
         let healthy = outcome.is_ok();
         let why = outcome.err().unwrap_or_default();
         let (check, pid) = (&t.check, t.pid);
-        if !healthy && state == InstanceState::Running && (misses == 0 || misses + 1 == check.failures) {
+        if !healthy
+            && state == InstanceState::Running
+            && (misses == 0 || misses + 1 == check.failures)
+        {
             let net = agent.network_diagnosis(&id, generation).unwrap_or_default();
             tracing::warn!(instance = %id, "health {check}: {why}. {net}");
         }

@@ -80,8 +80,7 @@ impl HealthCheck {
                 show(self.grace)
             ));
         }
-        if self.interval < Duration::from_millis(500) || self.interval > Duration::from_secs(300)
-        {
+        if self.interval < Duration::from_millis(500) || self.interval > Duration::from_secs(300) {
             return Some(format!(
                 "health interval must be 500ms to 5m (got {})",
                 show(self.interval)
@@ -142,7 +141,11 @@ struct Table {
     failures: Option<u32>,
 }
 
-fn duration<E: de::Error>(field: &str, v: Option<String>, default: Duration) -> Result<Duration, E> {
+fn duration<E: de::Error>(
+    field: &str,
+    v: Option<String>,
+    default: Duration,
+) -> Result<Duration, E> {
     match v {
         None => Ok(default),
         Some(s) => humantime::parse_duration(s.trim()).map_err(|e| {
@@ -246,7 +249,10 @@ mod tests {
         h.failures = 1;
         h.grace = Duration::ZERO;
         assert!(h.problem().unwrap().contains("grace"));
-        assert!(HealthCheck::http("health").problem().unwrap().contains("path"));
+        assert!(HealthCheck::http("health")
+            .problem()
+            .unwrap()
+            .contains("path"));
         let mut t = HealthCheck::http("/h");
         t.probe = Probe::Tcp(0);
         assert!(t.problem().unwrap().contains("tcp port"));

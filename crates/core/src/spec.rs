@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::health::{HealthCheck, MAX_HEALTH_LEN};
+use crate::health::HealthCheck;
 use crate::{ImageRef, ServiceName};
 
 /// One service: a named workload with an image, a priority and bounds on its instances.
@@ -162,7 +162,6 @@ const MAX_MEMORY_MIB: u32 = 1_048_576;
 const MAX_CAPACITY_RPS: f64 = 1_000_000.0;
 /// The lowest and highest priority.
 const PRIORITY_RANGE: std::ops::RangeInclusive<i32> = -1000..=1000;
-/// The longest health path, bytes.
 
 /// What is wrong with one field of one service spec. The CLI and the controller's API both
 /// check specs with [`ServiceSpec::validate`] and [`validate_services`], so they agree.
@@ -671,13 +670,41 @@ image = "guest:v1"
             r#"(got "/h\r\nX: y")"#,
         );
         rejects(|s| s.health = HealthCheck::http("/h\n"), "health", r#"\n"#);
-        rejects(|s| s.health = HealthCheck::http("/h\0"), "health", "health must be");
-        rejects(|s| s.health = HealthCheck::http("/a b"), "health", "without spaces");
-        rejects(|s| s.health = HealthCheck::http("/a\tb"), "health", "health must be");
-        rejects(|s| s.health = HealthCheck::http("/é"), "health", "health must be");
-        rejects(|s| s.health = HealthCheck::http("/\u{7f}"), "health", "health must be");
-        rejects(|s| s.health = HealthCheck::http("health"), "health", "health must be");
-        rejects(|s| s.health = HealthCheck::http(""), "health", "health must be");
+        rejects(
+            |s| s.health = HealthCheck::http("/h\0"),
+            "health",
+            "health must be",
+        );
+        rejects(
+            |s| s.health = HealthCheck::http("/a b"),
+            "health",
+            "without spaces",
+        );
+        rejects(
+            |s| s.health = HealthCheck::http("/a\tb"),
+            "health",
+            "health must be",
+        );
+        rejects(
+            |s| s.health = HealthCheck::http("/é"),
+            "health",
+            "health must be",
+        );
+        rejects(
+            |s| s.health = HealthCheck::http("/\u{7f}"),
+            "health",
+            "health must be",
+        );
+        rejects(
+            |s| s.health = HealthCheck::http("health"),
+            "health",
+            "health must be",
+        );
+        rejects(
+            |s| s.health = HealthCheck::http(""),
+            "health",
+            "health must be",
+        );
         // Too long, and the message quotes only the start of it.
         let long = format!("/{}", "a".repeat(256));
         let mut s = spec("web");

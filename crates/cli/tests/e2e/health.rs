@@ -56,9 +56,11 @@ async fn failing_health_is_replaced_after_its_failures_and_grace_is_kept() {
         running("web").await
     })
     .await;
-    wait_for("echo running on its tcp check", Duration::from_secs(180), async || {
-        running("echo").await
-    })
+    wait_for(
+        "echo running on its tcp check",
+        Duration::from_secs(180),
+        async || running("echo").await,
+    )
     .await;
     let id = first["id"].as_str().unwrap().to_owned();
     let address = first["address"].as_str().unwrap().to_owned();
@@ -72,18 +74,22 @@ async fn failing_health_is_replaced_after_its_failures_and_grace_is_kept() {
         .unwrap();
     assert!(sick.status().is_success(), "{sick:?}");
     let t = Instant::now();
-    let failed = wait_for("web's instance failed", Duration::from_secs(60), async || {
-        event(d, &format!("{id} failed"), "3 times in a row").await
-    })
+    let failed = wait_for(
+        "web's instance failed",
+        Duration::from_secs(60),
+        async || event(d, &format!("{id} failed"), "3 times in a row").await,
+    )
     .await;
     let took = t.elapsed();
     eprintln!("sick → failed in {took:?}: {failed}");
     assert!(failed.contains("503"), "{failed}");
     // Three probes a second apart, each answered at once: a few seconds, not the default 10 s.
     assert!(took < Duration::from_secs(9), "{took:?}");
-    let replacement = wait_for("a replacement running", Duration::from_secs(180), async || {
-        running("web").await.filter(|i| i["id"] != id.as_str())
-    })
+    let replacement = wait_for(
+        "a replacement running",
+        Duration::from_secs(180),
+        async || running("web").await.filter(|i| i["id"] != id.as_str()),
+    )
     .await;
     eprintln!("replaced by {}", replacement["id"]);
 
@@ -95,9 +101,11 @@ async fn failing_health_is_replaced_after_its_failures_and_grace_is_kept() {
     std::fs::write(&services, with_slow).unwrap();
     let (ok, _, err) = cli(d, &["apply", "-f", services.to_str().unwrap()]).await;
     assert!(ok, "{err}");
-    let failed = wait_for("slow failed for its grace", Duration::from_secs(120), async || {
-        event(d, "slow-", "grace of 1s").await
-    })
+    let failed = wait_for(
+        "slow failed for its grace",
+        Duration::from_secs(120),
+        async || event(d, "slow-", "grace of 1s").await,
+    )
     .await;
     eprintln!("{failed}");
     // The others, on the default grace, kept running.
