@@ -669,42 +669,18 @@ image = "guest:v1"
             "health",
             r#"(got "/h\r\nX: y")"#,
         );
-        rejects(|s| s.health = HealthCheck::http("/h\n"), "health", r#"\n"#);
-        rejects(
-            |s| s.health = HealthCheck::http("/h\0"),
-            "health",
-            "health must be",
-        );
-        rejects(
-            |s| s.health = HealthCheck::http("/a b"),
-            "health",
-            "without spaces",
-        );
-        rejects(
-            |s| s.health = HealthCheck::http("/a\tb"),
-            "health",
-            "health must be",
-        );
-        rejects(
-            |s| s.health = HealthCheck::http("/é"),
-            "health",
-            "health must be",
-        );
-        rejects(
-            |s| s.health = HealthCheck::http("/\u{7f}"),
-            "health",
-            "health must be",
-        );
-        rejects(
-            |s| s.health = HealthCheck::http("health"),
-            "health",
-            "health must be",
-        );
-        rejects(
-            |s| s.health = HealthCheck::http(""),
-            "health",
-            "health must be",
-        );
+        for (path, says) in [
+            ("/h\n", r#"\n"#),
+            ("/h\0", "health must be"),
+            ("/a b", "without spaces"),
+            ("/a\tb", "health must be"),
+            ("/é", "health must be"),
+            ("/\u{7f}", "health must be"),
+            ("health", "health must be"),
+            ("", "health must be"),
+        ] {
+            rejects(|s| s.health = HealthCheck::http(path), "health", says);
+        }
         // Too long, and the message quotes only the start of it.
         let long = format!("/{}", "a".repeat(256));
         let mut s = spec("web");

@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use crate::cluster::{cli, ps, wait_for};
-use crate::support::{data_dir, free_port, start_up, up_log};
+use crate::support::{data_dir, start_matrix, up_log};
 
 async fn event(d: &std::path::Path, what: &str, outcome: &str) -> Option<String> {
     let (_, events, _) = cli(d, &["events"]).await;
@@ -21,22 +21,9 @@ async fn event(d: &std::path::Path, what: &str, outcome: &str) -> Option<String>
 async fn failing_health_is_replaced_after_its_failures_and_grace_is_kept() {
     let data = data_dir();
     let d = data.path();
-    let (api, front) = (free_port(), free_port());
-    let (api, front) = (format!("127.0.0.1:{api}"), format!("127.0.0.1:{front}"));
-    let _up = start_up(
+    let (_up, _front) = start_matrix(
         d,
-        &[
-            "--machines",
-            "2",
-            "--policy",
-            "min",
-            "--network",
-            "bridge",
-            "--listen",
-            &api,
-            "--switch-listen",
-            &front,
-        ],
+        &["--machines", "2", "--policy", "min", "--network", "bridge"],
     )
     .await;
     let services = d.join("services.toml");
