@@ -369,3 +369,43 @@ fn push_and_pull_send_only_missing_chunks() {
         .unwrap();
     assert_eq!(fs::read(&out).unwrap(), fs::read(&v2).unwrap());
 }
+
+/// The formats other hypervisors write (VMware's vmdk, VirtualBox's vdi, Hyper-V's vhdx), made
+/// with `qemu-img convert` from one raw disk: each imports as the same disk (nothing new is
+/// stored) and exports byte for byte.
+#[test]
+#[ignore = "needs qemu-img; run by scripts/test"]
+fn vmdk_vdi_and_vhdx_import_as_the_same_disk() {
+    let fx = Fixture::new(Kind::File);
+    let (dir, repo) = (&fx.dir, &fx.repo);
+    let raw = dir.path().join("disk.raw");
+    disk_like(&raw, 24 * MIB, 2);
+    repo.import(&raw, &r("disk:raw"), dir.path(), &|_| {})
+        .unwrap();
+    for format in ["vmdk", "vdi", "vhdx"] {
+        let file = dir.path().join(format!("disk.{format}"));
+        let st = std::process::Command::new("qemu-img")
+            .args(["convert", "-O", format])
+            .arg(&raw)
+            .arg(&file)
+            .status()
+            .unwrap();
+        assert!(st.success(), "{format}");
+        let report = repo
+            .import(&file, &r(&format!("disk:{format}")), dir.path(), &|_| {})
+            .unwrap();
+        assert_eq!(
+            report.new_chunks, 0,
+            "{format}: the same content dedups fully"
+        );
+        let out = dir.path().join(format!("out-{format}.raw"));
+        repo.export(
+            &r(&format!("disk:{format}")),
+            &out,
+            ExportFormat::Raw,
+            &|_| {},
+        )
+        .unwrap();
+        assert_eq!(fs::read(&out).unwrap(), fs::read(&raw).unwrap(), "{format}");
+    }
+}

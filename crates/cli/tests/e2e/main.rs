@@ -2,6 +2,7 @@
 
 mod cluster;
 mod durable;
+mod formats;
 mod health;
 mod image;
 mod isolation;
