@@ -86,7 +86,13 @@ pub(crate) async fn watch(agent: Arc<Agent>, id: InstanceId, generation: u64) {
             && state == InstanceState::Running
             && (misses == 0 || misses + 1 == check.failures)
         {
-            let net = agent.network_diagnosis(&id, generation).unwrap_or_default();
+            // `ip` and `bridge` run as processes: not on the runtime's threads.
+            let (a, i) = (agent.clone(), id.clone());
+            let net = tokio::task::spawn_blocking(move || a.network_diagnosis(&i, generation))
+                .await
+                .ok()
+                .flatten()
+                .unwrap_or_default();
             tracing::warn!(instance = %id, "health {check}: {why}. {net}");
         }
         let alive = pid > 0 && agent.hv().alive(pid);

@@ -219,7 +219,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_request_on_a_connection_the_instance_closed_goes_on_a_new_one() {
+    async fn a_connection_the_instance_closed_is_not_reused() {
         // A backend that closes each connection after one answer (Connection: close).
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap().to_string();
