@@ -8,16 +8,19 @@
 # so qemu-utils is installed again afterwards (it then resolves to 7.2) and the result checked.
 set -euo pipefail
 
-packages=(qemu-system-x86 busybox-static linux-image-amd64 syslinux syslinux-common mtools
-          dosfstools fdisk cpio kmod zstd curl iproute2 nftables util-linux)
-tools=(qemu-system-x86_64 qemu-img qemu-io qemu-nbd busybox mcopy mkfs.fat syslinux sfdisk cpio depmod curl
-       ip bridge nft nsenter)
+packages=(qemu-system-x86 busybox-static linux-image-amd64 syslinux syslinux-common syslinux-efi
+          mtools dosfstools fdisk cpio kmod zstd curl iproute2 nftables util-linux e2fsprogs ovmf
+          mmdebstrap openssh-client)
+tools=(qemu-system-x86_64 qemu-img qemu-io qemu-nbd busybox mcopy mmd mkfs.fat syslinux sfdisk cpio depmod curl
+       ip bridge nft nsenter mke2fs mmdebstrap ssh ssh-keygen)
 
 missing_tools() {
   local t
   for t in "${tools[@]}"; do command -v "$t" >/dev/null 2>&1 || echo "$t"; done
   ls /boot/vmlinuz-* >/dev/null 2>&1 || echo "kernel(/boot/vmlinuz-*)"
   [ -f /usr/lib/syslinux/mbr/mbr.bin ] || echo "syslinux-mbr"
+  [ -f /usr/lib/SYSLINUX.EFI/efi64/syslinux.efi ] || echo "syslinux-efi"
+  [ -f /usr/share/OVMF/OVMF_CODE_4M.fd ] || echo "ovmf"
 }
 
 missing_packages() {

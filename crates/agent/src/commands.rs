@@ -143,7 +143,14 @@ impl Agent {
         let url = self
             .acquire_export(version, (plan.id.clone(), plan.generation))
             .await?;
-        Ok(self.vm_spec(plan, url, endpoint))
+        let spec = self.vm_spec(plan, url, endpoint);
+        if let Some(seed) = spec.seed.clone() {
+            let plan = plan.clone();
+            tokio::task::spawn_blocking(move || crate::seed::write(&seed, &plan))
+                .await
+                .map_err(|e| AgentError::Other(format!("the seed's task ended: {e}")))??;
+        }
+        Ok(spec)
     }
 
     /// Puts a VM that just started into its slot and records it beside the VM; if the

@@ -42,7 +42,7 @@ impl Agent {
             let _ = std::fs::remove_file(&copy);
             return Err(AgentError::Unknown(id));
         }
-        let (format, paused) = match copied {
+        let (format, copied) = match copied {
             Ok(c) => c,
             Err(e) => {
                 let _ = std::fs::remove_file(&copy);
@@ -84,7 +84,8 @@ impl Agent {
             logical_bytes: report.logical_bytes,
             new_chunks: report.new_chunks,
             new_stored_bytes: report.new_stored_bytes,
-            paused_ms: paused.as_millis() as u64,
+            paused_ms: copied.paused.as_millis() as u64,
+            frozen: copied.frozen,
             seconds: started.elapsed().as_secs_f64(),
         }))
     }

@@ -20,7 +20,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use vmatrix_vmm::{MigrationTarget, SuspendedVm, VmSpec, VmmError};
+use vmatrix_vmm::{MigrationTarget, OverlayCopy, SuspendedVm, VmSpec, VmmError};
 
 use crate::hypervisor::{Guest, Hypervisor, Incoming};
 
@@ -423,12 +423,12 @@ impl Guest for FakeGuest {
 
     /// The fake's "disk": its memory as JSON at the start of 1 MiB (as `Matrix::import` makes
     /// images), raw.
-    async fn copy_disk(&mut self, to: &Path) -> Result<(&'static str, Duration), VmmError> {
+    async fn copy_disk(&mut self, to: &Path) -> Result<(&'static str, OverlayCopy), VmmError> {
         let mut bytes = serde_json::to_vec(&*self.memory.lock().unwrap_or_else(|p| p.into_inner()))
             .map_err(|e| invalid(e.to_string()))?;
         bytes.resize(1 << 20, 0);
         std::fs::write(to, &bytes).map_err(|e| invalid(format!("fake disk copy: {e}")))?;
-        Ok(("raw", Duration::ZERO))
+        Ok(("raw", OverlayCopy::default()))
     }
 
     async fn end(self: Box<Self>) {

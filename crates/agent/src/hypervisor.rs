@@ -10,7 +10,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use vmatrix_vmm::{IncomingVm, MigrationTarget, SuspendedVm, Vm, VmSpec, VmmError};
+use vmatrix_vmm::{IncomingVm, MigrationTarget, OverlayCopy, SuspendedVm, Vm, VmSpec, VmmError};
 
 /// Starts, resumes and adopts VMs on this machine.
 #[async_trait]
@@ -66,7 +66,7 @@ pub trait Guest: Send {
     /// Writes its whole disk as the guest sees it at one instant to `to` and says in which
     /// format (`qcow2`: an overlay over its base, read through it; `raw`), with how long the
     /// guest was stopped for it. The guest runs on.
-    async fn copy_disk(&mut self, to: &Path) -> Result<(&'static str, Duration), VmmError>;
+    async fn copy_disk(&mut self, to: &Path) -> Result<(&'static str, OverlayCopy), VmmError>;
     /// Ends the VM after its state was saved.
     async fn end(self: Box<Self>);
     /// Kills the VM at once.
@@ -175,7 +175,7 @@ impl Guest for Vm {
     async fn pause(&mut self) -> Result<(), VmmError> {
         Vm::pause(self).await
     }
-    async fn copy_disk(&mut self, to: &Path) -> Result<(&'static str, Duration), VmmError> {
+    async fn copy_disk(&mut self, to: &Path) -> Result<(&'static str, OverlayCopy), VmmError> {
         Ok(("qcow2", Vm::copy_overlay(self, to).await?))
     }
     async fn end(self: Box<Self>) {

@@ -21,6 +21,7 @@ mod http;
 pub mod hypervisor;
 mod machine;
 pub mod record;
+mod seed;
 
 pub use http::serve;
 pub use hypervisor::{Hypervisor, Qemu};

@@ -35,6 +35,9 @@ use vmatrix_store::nbd::NbdServer;
 use vmatrix_store::Repository;
 use vmatrix_vmm::{Accelerator, BaseImage, Lifetime, VmSpec};
 
+/// The cloud-init seed disk in a VM directory.
+pub(crate) const SEED_FILE: &str = "seed.img";
+
 use crate::hypervisor::{Guest, Hypervisor, Incoming};
 use crate::record::{Phase, VmRecord};
 
@@ -337,6 +340,7 @@ impl Agent {
         Ok(())
     }
 
+    /// The VM directory of `id` at `generation`.
     pub(crate) fn vm_dir(&self, id: &InstanceId, generation: u64) -> PathBuf {
         self.vms_dir().join(format!("{id}-g{generation}"))
     }
@@ -352,6 +356,8 @@ impl Agent {
         spec.vcpus = plan.vcpus;
         spec.guest_port = plan.port;
         spec.lifetime = Lifetime::Machine;
+        spec.hardware = plan.hardware;
+        spec.seed = Some(self.vm_dir(&plan.id, plan.generation).join(SEED_FILE));
         if let (Some(attach), Some((_, script))) = (plan.net, &self.net) {
             spec.tap = Some(vmatrix_vmm::TapSpec {
                 ifname: vmatrix_net::tap_name(plan.id.as_str(), plan.generation),

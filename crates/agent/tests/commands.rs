@@ -68,6 +68,8 @@ fn plan(generation: u64) -> InstancePlan {
         port: 80,
         health: vmatrix_core::HealthCheck::default(),
         net: None,
+        hardware: Default::default(),
+        cloud_init: Default::default(),
     }
 }
 

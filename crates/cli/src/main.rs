@@ -14,7 +14,7 @@ mod suite;
 mod switch_bench;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -416,14 +416,25 @@ enum BenchCommand {
 
 #[derive(Subcommand)]
 enum GuestCommand {
-    /// Build the reference guest disk (cached: seconds when nothing changed).
+    /// Build a reference guest disk (cached: seconds when nothing changed).
     Build {
         /// Where to write the raw disk image.
         #[arg(long, default_value = "vmatrix-guest.img")]
         out: PathBuf,
-        /// Disk size, e.g. 64M or 4G; above 64M the data partition is padded with realistic data.
-        #[arg(long, default_value = "64M", value_parser = parse_size)]
-        size: u64,
+        /// The operating system: busybox (boots in seconds) or debian (Debian 12 with systemd,
+        /// cloud-init, openssh-server and qemu-guest-agent, built by mmdebstrap as root).
+        #[arg(long, default_value = "busybox")]
+        os: vmatrix_guest::Os,
+        /// Disk size, e.g. 64M or 4G (default: 64M for busybox, 2G for debian); a busybox disk
+        /// above 64M has its data partition padded with realistic data.
+        #[arg(long, value_parser = parse_size)]
+        size: Option<u64>,
+        /// Debian packages to add to the Debian guest, comma-separated (e.g. nginx-light,postgresql).
+        #[arg(long, value_delimiter = ',')]
+        packages: Vec<String>,
+        /// The Debian mirror to build from (default deb.debian.org, with security updates).
+        #[arg(long)]
+        mirror: Option<String>,
         /// Service name baked into the image.
         #[arg(long, default_value = "reference")]
         service: String,
@@ -431,6 +442,14 @@ enum GuestCommand {
         #[arg(long, default_value = "1")]
         version: String,
     },
+}
+
+/// Reads a file a services file names, relative to the services file.
+pub(crate) fn beside(file: &Path) -> impl Fn(&str) -> std::result::Result<String, String> + '_ {
+    move |name| {
+        let path = file.parent().unwrap_or(Path::new(".")).join(name);
+        std::fs::read_to_string(&path).map_err(|e| format!("reading {}: {e}", path.display()))
+    }
 }
 
 /// `$USER@host` (or the account of this uid), for the history of what an operator did.
@@ -707,7 +726,8 @@ fn run() -> Result<()> {
             // Validate before looking for a controller: a bad file is reported either way.
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("reading {}", file.display()))?;
-            let services = vmatrix_core::parse_services(&file.display().to_string(), &text)?;
+            let services =
+                vmatrix_core::parse_services(&file.display().to_string(), &text, &beside(&file))?;
             let c = client()?;
             runtime()?.block_on(client::apply(&c, services))?
         }
@@ -803,15 +823,24 @@ fn run() -> Result<()> {
         }
         Command::Guest(GuestCommand::Build {
             out,
+            os,
             size,
+            packages,
+            mirror,
             service,
             version,
         }) => {
+            if os == vmatrix_guest::Os::Busybox && (!packages.is_empty() || mirror.is_some()) {
+                anyhow::bail!("--packages and --mirror are for --os debian; the busybox guest has no packages");
+            }
             let opts = vmatrix_guest::BuildOptions {
                 out,
-                size,
+                size: size.unwrap_or(os.default_size()),
                 service,
                 version,
+                os,
+                packages,
+                mirror,
             };
             let image = vmatrix_guest::build(&opts).with_context(|| {
                 format!("building the reference guest at {}", opts.out.display())

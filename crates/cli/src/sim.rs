@@ -216,7 +216,11 @@ pub fn run(a: SimArgs) -> Result<()> {
         .ok_or_else(|| anyhow!("--services FILE is required"))?;
     let text = std::fs::read_to_string(&services_file)
         .with_context(|| format!("reading {}", services_file.display()))?;
-    let specs = vmatrix_core::parse_services(&services_file.display().to_string(), &text)?;
+    let specs = vmatrix_core::parse_services(
+        &services_file.display().to_string(),
+        &text,
+        &crate::beside(&services_file),
+    )?;
     let traces = pairs(&a.traces, "--trace")?;
     let peaks = pairs(&a.peak_rps, "--peak-rps")?;
     let window = match &a.window {

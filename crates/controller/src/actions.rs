@@ -16,6 +16,9 @@ use crate::agents::unexpected;
 use crate::control::{now_ms, ControlError, Controller, Result};
 use crate::db::InstanceRow;
 
+/// How long an operator's command waits for an automatic operation on its instance.
+const OPERATOR_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
+
 /// What a new instance is for.
 #[derive(Debug, Clone)]
 pub(crate) enum Start {
@@ -770,6 +773,18 @@ impl Controller {
         ))
     }
 
+    /// Waits (up to [`OPERATOR_WAIT`]) until no operation holds `id`; what then still holds it
+    /// is refused by the operation itself with a clear message.
+    async fn wait_not_busy(&self, id: &InstanceId) {
+        let deadline = std::time::Instant::now() + OPERATOR_WAIT;
+        if self.is_busy(id) {
+            tracing::info!(instance = %id, "an operator's command waits for the operation on it to finish");
+        }
+        while self.is_busy(id) && std::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+
     /// Runs a manual operation to completion.
     pub async fn operate(&self, op: Operation) -> Result<String> {
         let why = "operator request";
@@ -783,6 +798,24 @@ impl Controller {
             }
             r
         };
+        // An operator's command on an instance that an automatic operation is moving waits for
+        // it (as a queue would) instead of failing; for a move, the pin above is set first, so
+        // the policy starts nothing new on it meanwhile.
+        match &op {
+            Operation::Migrate { instance, .. }
+            | Operation::Resume {
+                instance,
+                on: Some(_),
+            } => {
+                pin(instance)?;
+                self.wait_not_busy(instance).await;
+            }
+            Operation::Suspend { instance }
+            | Operation::Resume { instance, on: None }
+            | Operation::Discard { instance }
+            | Operation::Commit { instance, .. } => self.wait_not_busy(instance).await,
+            _ => {}
+        }
         match op {
             Operation::Activate { service, on } => {
                 let i = self.activate(&service, on.as_deref(), why).await?;
@@ -796,13 +829,11 @@ impl Controller {
                 instance,
                 on: Some(on),
             } => {
-                pin(&instance)?;
                 let r = self.resume(&instance, Some(&on), why).await;
                 unless_failed(&instance, r)
             }
             Operation::Resume { instance, on: None } => self.resume(&instance, None, why).await,
             Operation::Migrate { instance, to } => {
-                pin(&instance)?;
                 let r = self.migrate(&instance, &to, why).await;
                 unless_failed(&instance, r)
             }

@@ -422,6 +422,11 @@ impl Controller {
                         gateway: n.net.gateway(),
                     })
             }),
+            hardware: spec.hardware(),
+            cloud_init: vmatrix_core::api::CloudInit {
+                ssh_authorized_keys: spec.ssh_authorized_keys.clone(),
+                user_data: spec.user_data.clone(),
+            },
         })
     }
 

@@ -191,7 +191,7 @@ impl Controller {
                 let outcome = if c.published {
                     format!(
                         "ok: {} is version {} (from {}): {} new chunk(s), {} stored, of {}; \
-                         the guest paused {} ms; {:.1} s",
+                         the guest paused {} ms{}; {:.1} s",
                         c.image,
                         short_version(&c.version),
                         short_version(&c.parent),
@@ -199,6 +199,11 @@ impl Controller {
                         bytes(c.new_stored_bytes),
                         bytes(c.logical_bytes),
                         c.paused_ms,
+                        match c.frozen {
+                            Some(n) =>
+                                format!(" with {n} file system(s) frozen by its guest agent"),
+                            None => String::new(),
+                        },
                         c.seconds
                     )
                 } else {

@@ -461,6 +461,23 @@ pub struct InstancePlan {
     /// Its place on the service network (bridged networking), `None` for user-mode NAT.
     #[serde(default)]
     pub net: Option<NetAttach>,
+    /// Its virtual hardware (plans written before it was a choice: the defaults).
+    #[serde(default)]
+    pub hardware: crate::Hardware,
+    /// What its cloud-init seed carries besides its id, hostname and network.
+    #[serde(default)]
+    pub cloud_init: CloudInit,
+}
+
+/// The service's part of an instance's cloud-init seed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CloudInit {
+    /// SSH public keys for the image's default user.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ssh_authorized_keys: Vec<String>,
+    /// The service's user-data (its content).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_data: Option<String>,
 }
 
 /// An instance's place on the service network: its address, the network's prefix length and
@@ -691,6 +708,9 @@ pub struct CommitReport {
     pub new_stored_bytes: u64,
     /// How long the guest's vCPUs were stopped (its overlay copied).
     pub paused_ms: u64,
+    /// File systems the guest agent froze for the copy (`None`: the guest has no agent).
+    #[serde(default)]
+    pub frozen: Option<u64>,
     /// The whole commit.
     pub seconds: f64,
 }

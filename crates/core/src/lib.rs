@@ -6,12 +6,14 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod hardware;
 pub mod health;
 mod image;
 mod names;
 mod spec;
 mod state;
 
+pub use hardware::Hardware;
 pub use health::{HealthCheck, Probe};
 pub use image::{ImageName, ImageRef, ImageRefError, Tag};
 pub use names::{InstanceId, NameError, ServiceName};

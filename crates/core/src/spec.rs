@@ -60,7 +60,46 @@ pub struct ServiceSpec {
     /// their own `listen` port (bridged networking). An `http` entry names the HTTP port.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<PortSpec>,
+    /// The chipset: `pc` (default) or `q35`.
+    #[serde(default)]
+    pub machine: crate::hardware::Machine,
+    /// The firmware: `bios` (default) or `uefi` (OVMF).
+    #[serde(default)]
+    pub firmware: crate::hardware::Firmware,
+    /// The disk bus: `virtio` (default), `sata` or `ide`.
+    #[serde(default)]
+    pub disk_bus: crate::hardware::DiskBus,
+    /// The network card: `virtio` (default) or `e1000`.
+    #[serde(default)]
+    pub nic: crate::hardware::Nic,
+    /// The CPU model under KVM: `baseline` (default, migratable between CPU generations) or
+    /// `host` (every host feature; moves only between like machines).
+    #[serde(default)]
+    pub cpu: crate::hardware::CpuModel,
+    /// SSH public keys cloud-init installs for the image's default user, in each instance.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ssh_authorized_keys: Vec<String>,
+    /// cloud-init user-data for each instance. In a services file, the path of a file (relative
+    /// to the services file) that `vmatrix apply` reads and sends as its content.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_data: Option<String>,
 }
+
+/// The largest user-data accepted (cloud-init's own seeds are small; 64 KiB is generous).
+pub const MAX_USER_DATA: usize = 64 * 1024;
+/// The most SSH keys per service.
+const MAX_SSH_KEYS: usize = 64;
+
+/// What user-data may start with: the formats cloud-init recognizes.
+const USER_DATA_STARTS: &[&str] = &[
+    "#cloud-config",
+    "#!",
+    "#include",
+    "#cloud-boothook",
+    "#part-handler",
+    "Content-Type:",
+    "MIME-Version:",
+];
 
 /// One port a service serves.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -316,7 +355,68 @@ impl ServiceSpec {
         if let Some(problem) = s.health.problem() {
             return fail("health", problem);
         }
+        if let Some(problem) = s.hardware().problem() {
+            return fail("disk_bus", problem);
+        }
+        if s.ssh_authorized_keys.len() > MAX_SSH_KEYS {
+            return fail(
+                "ssh_authorized_keys",
+                format!(
+                    "ssh_authorized_keys holds {} keys; at most {MAX_SSH_KEYS} are accepted",
+                    s.ssh_authorized_keys.len()
+                ),
+            );
+        }
+        for key in &s.ssh_authorized_keys {
+            let mut words = key.split_whitespace();
+            let kind = words.next().unwrap_or_default();
+            let body = words.next().unwrap_or_default();
+            if !(kind.starts_with("ssh-") || kind.starts_with("ecdsa-") || kind.starts_with("sk-"))
+                || body.len() < 16
+                || key.len() > 16 * 1024
+                || key.contains(['\n', '\r'])
+            {
+                return fail(
+                    "ssh_authorized_keys",
+                    format!(
+                        "ssh_authorized_keys holds {}, which is not an SSH public key line (like \"ssh-ed25519 AAAA… user@host\", as in a .pub file)",
+                        quoted(&key.chars().take(40).collect::<String>())
+                    ),
+                );
+            }
+        }
+        if let Some(data) = &s.user_data {
+            if data.len() > MAX_USER_DATA {
+                return fail(
+                    "user_data",
+                    format!(
+                        "user_data is {} bytes; at most {MAX_USER_DATA} are accepted",
+                        data.len()
+                    ),
+                );
+            }
+            if !USER_DATA_STARTS.iter().any(|p| data.starts_with(p)) {
+                return fail(
+                    "user_data",
+                    "user_data must be the content of a cloud-init user-data file, starting with \
+                     #cloud-config or #! (a services file names the file: user_data = \"file.yaml\", \
+                     which `vmatrix apply` reads)"
+                        .into(),
+                );
+            }
+        }
         Ok(())
+    }
+
+    /// The virtual hardware of its instances.
+    pub fn hardware(&self) -> crate::Hardware {
+        crate::Hardware {
+            machine: self.machine,
+            firmware: self.firmware,
+            disk_bus: self.disk_bus,
+            nic: self.nic,
+            cpu: self.cpu,
+        }
     }
 }
 
@@ -398,8 +498,13 @@ pub fn validate_services(specs: &[ServiceSpec]) -> Result<(), FieldError> {
     check_services(specs).map_err(|i| i.error)
 }
 
-/// Parses and validates a services file.
-pub fn parse_services(file: &str, text: &str) -> Result<Vec<ServiceSpec>, SpecError> {
+/// Parses and validates a services file. `read` gives the content of a file the services file
+/// names (`user_data = "file.yaml"`), relative to it; its error is shown with the line.
+pub fn parse_services(
+    file: &str,
+    text: &str,
+    read: &dyn Fn(&str) -> Result<String, String>,
+) -> Result<Vec<ServiceSpec>, SpecError> {
     let err = |line, message: String| SpecError {
         file: file.to_owned(),
         line,
@@ -420,11 +525,22 @@ pub fn parse_services(file: &str, text: &str) -> Result<Vec<ServiceSpec>, SpecEr
         .iter()
         .map(|s| line_of(text, s.span().start))
         .collect();
-    let specs: Vec<ServiceSpec> = parsed
+    let mut specs: Vec<ServiceSpec> = parsed
         .service
         .into_iter()
         .map(toml::Spanned::into_inner)
         .collect();
+    for (spec, line) in specs.iter_mut().zip(&lines) {
+        if let Some(name) = spec.user_data.take() {
+            let content = read(&name).map_err(|e| {
+                err(
+                    *line,
+                    format!("service {}: user_data = {name:?}: {e}", spec.name),
+                )
+            })?;
+            spec.user_data = Some(content);
+        }
+    }
     check_services(&specs).map_err(|i| {
         let line = lines[i.index];
         match i.first {
@@ -444,6 +560,10 @@ pub fn parse_services(file: &str, text: &str) -> Result<Vec<ServiceSpec>, SpecEr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn no_files(name: &str) -> Result<String, String> {
+        Err(format!("no file {name} in tests"))
+    }
 
     const GOOD: &str = r#"
 [[service]]
@@ -465,7 +585,7 @@ image = "guest:v1"
 
     #[test]
     fn parses_the_example_with_defaults() {
-        let s = parse_services("services.toml", GOOD).unwrap();
+        let s = parse_services("services.toml", GOOD, &no_files).unwrap();
         assert_eq!(s.len(), 2);
         assert_eq!(s[0].priority, 10);
         assert_eq!(s[1].min, 1);
@@ -475,27 +595,32 @@ image = "guest:v1"
     #[test]
     fn errors_name_the_line() {
         let unknown = GOOD.replace("vcpus = 1", "vcpu = 1");
-        let e = parse_services("s.toml", &unknown).unwrap_err();
+        let e = parse_services("s.toml", &unknown, &no_files).unwrap_err();
         assert_eq!(e.line, 9, "{e}");
         assert!(e.message.contains("vcpu"), "{e}");
 
         let bad_name = GOOD.replace("name = \"sports\"", "name = \"Sports\"");
-        let e = parse_services("s.toml", &bad_name).unwrap_err();
+        let e = parse_services("s.toml", &bad_name, &no_files).unwrap_err();
         assert_eq!(e.line, 15, "{e}");
 
         let inverted = GOOD.replace("min = 1\nmax = 4", "min = 5\nmax = 4");
-        let e = parse_services("s.toml", &inverted).unwrap_err();
+        let e = parse_services("s.toml", &inverted, &no_files).unwrap_err();
         assert_eq!(e.line, 2, "{e}");
         assert!(e
             .to_string()
             .starts_with("s.toml:2: service finance: min (5) is above max (4)"));
 
         let twice = format!("{GOOD}\n[[service]]\nname = \"finance\"\nimage = \"guest:v1\"\n");
-        let e = parse_services("s.toml", &twice).unwrap_err();
+        let e = parse_services("s.toml", &twice, &no_files).unwrap_err();
         assert!(e.message.contains("declared twice"), "{e}");
 
         let syntax = "[[service]\nname = 1";
-        assert_eq!(parse_services("s.toml", syntax).unwrap_err().line, 1);
+        assert_eq!(
+            parse_services("s.toml", syntax, &no_files)
+                .unwrap_err()
+                .line,
+            1
+        );
     }
 
     #[test]
@@ -512,6 +637,7 @@ image = "guest:v1"
                 "ports = [{ name = \"http\", port = 8080, protocol = \"http\" }]",
                 "ports = [{ name = \"pg\", port = 5432, protocol = \"tcp\", listen = 15432 }]\nallow_from = [\"web\"]",
             ),
+            &no_files,
         )
         .unwrap();
         assert_eq!(ok[0].http_port(), 8080);
@@ -538,7 +664,7 @@ image = "guest:v1"
             ),
         ];
         for (text, want) in cases {
-            let e = parse_services("s.toml", &text).unwrap_err();
+            let e = parse_services("s.toml", &text, &no_files).unwrap_err();
             assert!(e.to_string().contains(want), "{e}");
         }
     }
@@ -560,6 +686,13 @@ image = "guest:v1"
             allow_from: Vec::new(),
             egress: false,
             ports: Vec::new(),
+            machine: Default::default(),
+            firmware: Default::default(),
+            disk_bus: Default::default(),
+            nic: Default::default(),
+            cpu: Default::default(),
+            ssh_authorized_keys: Vec::new(),
+            user_data: None,
         }
     }
 
@@ -601,6 +734,52 @@ image = "guest:v1"
         s.health = HealthCheck::http("/h?x=1&y=%20~");
         assert_eq!(s.validate(), Ok(()));
         assert_eq!(validate_services(&[]), Ok(()));
+    }
+
+    #[test]
+    fn hardware_keys_and_user_data_are_checked_on_the_server_side() {
+        let text = "[[service]]\nname = \"old\"\nimage = \"win:xp\"\nmachine = \"pc\"\n\
+                    firmware = \"uefi\"\ndisk_bus = \"ide\"\nnic = \"e1000\"\ncpu = \"host\"\n\
+                    ssh_authorized_keys = [\"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIO admin@x\"]\n";
+        let s = &parse_services("s.toml", text, &no_files).unwrap()[0];
+        assert_eq!(s.hardware().nic, crate::hardware::Nic::E1000);
+        assert_eq!(s.hardware().firmware, crate::hardware::Firmware::Uefi);
+        let e =
+            parse_services("s.toml", &text.replace("\"pc\"", "\"q35\""), &no_files).unwrap_err();
+        assert!(e.to_string().contains("q35 has no IDE"), "{e}");
+        let e = parse_services("s.toml", &text.replace("e1000", "rtl8139"), &no_files).unwrap_err();
+        assert!(e.to_string().contains("rtl8139"), "{e}");
+        rejects(
+            |s| s.ssh_authorized_keys = vec!["hunter2".into()],
+            "ssh_authorized_keys",
+            "not an SSH public key line",
+        );
+        rejects(
+            |s| s.user_data = Some("cloud.yaml".into()),
+            "user_data",
+            "starting with #cloud-config",
+        );
+        rejects(
+            |s| s.user_data = Some(format!("#cloud-config\n{}", "x".repeat(MAX_USER_DATA))),
+            "user_data",
+            "at most 65536",
+        );
+        let mut ok = spec("web");
+        ok.user_data = Some("#cloud-config\npackages: []\n".into());
+        assert_eq!(ok.validate(), Ok(()));
+        // A services file names the file; its content is what the spec carries.
+        let with = |data: &str| format!("{text}user_data = \"{data}\"\n");
+        let read = |name: &str| match name {
+            "ok.yaml" => Ok("#cloud-config\n{}\n".to_owned()),
+            "notes.txt" => Ok("remember the milk".to_owned()),
+            other => Err(format!("no such file {other}")),
+        };
+        let s = parse_services("s.toml", &with("ok.yaml"), &read).unwrap();
+        assert_eq!(s[0].user_data.as_deref(), Some("#cloud-config\n{}\n"));
+        let e = parse_services("s.toml", &with("gone.yaml"), &read).unwrap_err();
+        assert!(e.to_string().contains("no such file gone.yaml"), "{e}");
+        let e = parse_services("s.toml", &with("notes.txt"), &read).unwrap_err();
+        assert!(e.to_string().contains("#cloud-config"), "{e}");
     }
 
     #[test]
@@ -721,7 +900,7 @@ image = "guest:v1"
         ];
         for (from, to, field) in cases {
             let text = GOOD.replace(from, to);
-            let e = parse_services("s.toml", &text).unwrap_err();
+            let e = parse_services("s.toml", &text, &no_files).unwrap_err();
             assert_eq!(e.line, 2, "{e}");
             assert!(
                 e.message.starts_with(&format!("service finance: {field} ")),

@@ -32,6 +32,13 @@ pub enum VmmError {
     /// The QMP socket could not be reached or broke.
     #[error("QMP connection to {socket} failed: {detail}")]
     QmpConnection { socket: PathBuf, detail: String },
+    /// The guest agent did not carry out a command.
+    #[error("guest agent of {instance}: {command} failed: {detail}")]
+    GuestAgent {
+        instance: String,
+        command: String,
+        detail: String,
+    },
     /// QEMU answered a QMP command with an error.
     #[error("QMP command {command} failed: {class}: {desc}")]
     QmpCommand {

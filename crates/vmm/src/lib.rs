@@ -10,13 +10,16 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod accel;
+pub mod args;
 pub mod console;
 pub mod error;
 pub mod http;
 pub mod migration;
 pub mod process;
+pub mod qga;
 pub mod qmp;
 mod snapshot;
+pub use snapshot::OverlayCopy;
 pub mod vm;
 
 pub use accel::{AccelChoice, Accelerator, ProbeBoot};

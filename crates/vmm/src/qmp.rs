@@ -206,6 +206,22 @@ pub mod commands {
         pub running: bool,
     }
 
+    /// Lists the character devices.
+    #[derive(Debug, Serialize)]
+    pub struct QueryChardev {}
+    command!(QueryChardev, "query-chardev", Vec<ChardevInfo>);
+
+    /// One character device.
+    #[derive(Debug, Clone, Deserialize)]
+    pub struct ChardevInfo {
+        /// Its id (`-chardev …,id=LABEL`).
+        pub label: String,
+        /// Whether the guest side has it open (for a virtio-serial port: a program in the
+        /// guest opened the port).
+        #[serde(rename = "frontend-open", default)]
+        pub frontend_open: bool,
+    }
+
     /// Pauses the vCPUs.
     #[derive(Debug, Serialize)]
     pub struct Stop {}

@@ -1,8 +1,10 @@
 //! A point-in-time copy of a running VM's disk overlay, for committing its changes as a new
 //! version. The vCPUs stop for the copy only: QEMU's `stop` drains and flushes the disk, so the
-//! qcow2 file is consistent while it is copied; the guest runs again at once. What the guest
-//! still holds in its own page cache is not on the disk: run `sync` in it first (or freeze its
-//! filesystems with a guest agent).
+//! qcow2 file is consistent while it is copied; the guest runs again at once. Where the guest
+//! runs qemu-guest-agent, its file systems are frozen first (everything in its page cache
+//! written, nothing more until the thaw), so the copy is what a clean unmount would leave;
+//! without an agent, what the guest still holds in its page cache is not on the disk (run
+//! `sync` in it first).
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -10,12 +12,36 @@ use std::time::{Duration, Instant};
 use crate::error::{io_err, Result};
 use crate::vm::Vm;
 
+/// How a copy of the overlay went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct OverlayCopy {
+    /// How long the vCPUs were stopped.
+    pub paused: Duration,
+    /// How many file systems the guest agent froze for the copy (`None`: no agent).
+    pub frozen: Option<u64>,
+}
+
 impl Vm {
-    /// Copies the disk overlay to `to` (a qcow2 over the same base) as it is at one instant;
-    /// returns how long the vCPUs were stopped. The guest runs afterwards if it ran before,
-    /// whether or not the copy worked.
-    pub async fn copy_overlay(&mut self, to: &Path) -> Result<Duration> {
+    /// Copies the disk overlay to `to` (a qcow2 over the same base) as it is at one instant.
+    /// The guest runs afterwards if it ran before, whether or not the copy worked.
+    pub async fn copy_overlay(&mut self, to: &Path) -> Result<OverlayCopy> {
         let running = self.status().await?.running;
+        let frozen = if running {
+            match self.freeze().await {
+                Ok(n) => n,
+                Err(e) => {
+                    // Half-frozen is worse than not frozen: thaw whatever was, copy as is.
+                    tracing::warn!(instance = %self.spec.instance, "{e}; copying unfrozen");
+                    let _ = self.thaw().await;
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        if let Some(n) = frozen {
+            tracing::info!(instance = %self.spec.instance, "froze {n} file system(s) for the copy");
+        }
         let stopped = Instant::now();
         if running {
             self.pause().await?;
@@ -35,8 +61,25 @@ impl Vm {
             }
         }
         let took = stopped.elapsed();
+        if frozen.is_some() {
+            // A guest left frozen blocks every write: try hard.
+            let mut thawed = self.thaw().await;
+            for _ in 0..5 {
+                if thawed.is_ok() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                thawed = self.thaw().await;
+            }
+            if let Err(e) = thawed {
+                tracing::error!(instance = %self.spec.instance, "{e}: its file systems may still be frozen");
+            }
+        }
         copied?;
         resumed?;
-        Ok(took)
+        Ok(OverlayCopy {
+            paused: took,
+            frozen,
+        })
     }
 }

@@ -18,9 +18,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use tokio::time::Instant;
-use vmatrix_core::InstanceId;
+use vmatrix_core::hardware::Firmware;
+use vmatrix_core::{Hardware, InstanceId};
 
 use crate::accel::Accelerator;
+use crate::args::{qemu_args, qmp_arg};
 use crate::console::Console;
 use crate::error::{io_err, Result, VmmError};
 use crate::http;
@@ -115,6 +117,11 @@ pub struct VmSpec {
     pub accel: Accelerator,
     /// Whether QEMU dies with this process or lives until killed (an agent's VMs).
     pub lifetime: Lifetime,
+    /// The virtual hardware (machine, firmware, disk bus, NIC, CPU model).
+    pub hardware: Hardware,
+    /// A read-only raw disk attached after the system disk: the instance's cloud-init seed
+    /// (made by its owner, with the same bytes at both ends of a move).
+    pub seed: Option<PathBuf>,
 }
 
 impl VmSpec {
@@ -135,6 +142,8 @@ impl VmSpec {
             tap: None,
             accel,
             lifetime: Lifetime::Owner,
+            hardware: Hardware::default(),
+            seed: None,
         }
     }
 
@@ -203,6 +212,14 @@ impl VmDir {
     pub fn qemu_log(&self) -> PathBuf {
         self.root.join("qemu.log")
     }
+    /// The guest agent's socket (qemu-guest-agent's channel).
+    pub fn guest_agent(&self) -> PathBuf {
+        self.root.join("qga.sock")
+    }
+    /// The UEFI variable store (a copy of OVMF's empty one; UEFI VMs only).
+    pub fn efivars(&self) -> PathBuf {
+        self.root.join("efivars.fd")
+    }
 }
 
 /// How QEMU should start.
@@ -259,6 +276,18 @@ impl Vm {
     pub(crate) async fn start(spec: VmSpec, dir: VmDir, mode: StartMode) -> Result<Self> {
         let _ = std::fs::remove_file(dir.qmp());
         let _ = std::fs::remove_file(dir.console());
+        let _ = std::fs::remove_file(dir.guest_agent());
+        if spec.hardware.firmware == Firmware::Uefi && !dir.efivars().exists() {
+            // A fresh variable store; an incoming guest brings its variables in the stream.
+            let from = std::path::Path::new(crate::args::OVMF_VARS);
+            std::fs::copy(from, dir.efivars()).map_err(|e| {
+                VmmError::Invalid(format!(
+                    "firmware = \"uefi\" needs OVMF's variable store {}: {e}; install Debian's \
+                     ovmf (scripts/install-deps.sh)",
+                    from.display()
+                ))
+            })?;
+        }
         let args = qemu_args(&spec, &dir, mode)?;
         tracing::debug!(instance = %spec.instance, ?args, "starting QEMU");
         let process = QemuProcess::spawn(QEMU, &args, &dir.qemu_log(), spec.lifetime)?;
@@ -410,12 +439,13 @@ impl Vm {
         self.qmp.execute(&Cont {}).await.map(drop)
     }
 
-    /// Stops the VM: presses the power button and waits up to `grace` for the guest to shut
-    /// down, then makes QEMU quit (and kills it if even that hangs).
+    /// Stops the VM: asks its guest agent, or presses the power button, and waits up to `grace`
+    /// for the guest to shut down, then makes QEMU quit (and kills it if even that hangs).
     pub async fn stop(mut self, grace: Duration) -> Result<StopOutcome> {
-        if self.qmp.execute(&SystemPowerdown {}).await.is_ok()
-            && self.process.wait_exit(Instant::now() + grace).await
-        {
+        // The guest agent where there is one (it needs no ACPI support), else the button.
+        let asked = matches!(self.agent_shutdown().await, Ok(true))
+            || self.qmp.execute(&SystemPowerdown {}).await.is_ok();
+        if asked && self.process.wait_exit(Instant::now() + grace).await {
             return Ok(StopOutcome::Graceful);
         }
         self.quit().await;
@@ -704,211 +734,9 @@ pub fn mac_for(instance: &InstanceId) -> String {
     )
 }
 
-/// The `-qmp` argument: unique per VM directory, so it also identifies the process.
-fn qmp_arg(dir: &VmDir) -> String {
-    format!("unix:{},server=on,wait=off", dir.qmp().display())
-}
-
-/// QEMU's command line. Both ends of a migration must describe identical hardware, so this is
-/// the only place that builds it.
-pub(crate) fn qemu_args(spec: &VmSpec, dir: &VmDir, mode: StartMode) -> Result<Vec<String>> {
-    for p in [dir.qmp(), dir.serial(), dir.console()] {
-        if p.to_string_lossy().contains(',') {
-            return Err(VmmError::Invalid(format!(
-                "path {} contains ',', which QEMU's option syntax cannot take; use another directory",
-                p.display()
-            )));
-        }
-    }
-    if let Some(tap) = &spec.tap {
-        let script = tap.script.to_string_lossy();
-        if tap.ifname.is_empty()
-            || tap.ifname.len() > 15
-            || !tap
-                .ifname
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
-            || script.contains(',')
-        {
-            return Err(VmmError::Invalid(format!(
-                "TAP {:?} with script {script:?}: a TAP name is 1–15 letters, digits or '-', and \
-                 the script's path cannot contain ','",
-                tap.ifname
-            )));
-        }
-    }
-    let file_node = serde_json::json!({
-        "driver": "file", "filename": dir.disk(), "node-name": "disk0-file",
-    });
-    let disk_node = serde_json::json!({
-        "driver": "qcow2", "file": "disk0-file", "node-name": DISK_NODE,
-    });
-    let mut args: Vec<String> = vec![
-        "-name".into(),
-        format!("vmatrix-{}", spec.instance),
-        "-nodefaults".into(),
-        "-no-user-config".into(),
-        "-display".into(),
-        "none".into(),
-        "-machine".into(),
-        format!("pc,accel={}", spec.accel.as_str()),
-    ];
-    if spec.accel == Accelerator::Kvm {
-        args.extend(["-cpu".into(), "host".into()]);
-    }
-    args.extend([
-        "-m".into(),
-        spec.memory_mib.to_string(),
-        "-smp".into(),
-        spec.vcpus.to_string(),
-        "-smbios".into(),
-        format!("type=1,serial={}", spec.instance),
-        "-blockdev".into(),
-        file_node.to_string(),
-        "-blockdev".into(),
-        disk_node.to_string(),
-        "-device".into(),
-        format!("virtio-blk-pci,drive={DISK_NODE},id=vdisk0,bootindex=1"),
-        "-netdev".into(),
-        match &spec.tap {
-            None => format!(
-                "user,id=net0,restrict=on,hostfwd=tcp:{}:{}-:{}",
-                spec.forward.ip(),
-                spec.forward.port(),
-                spec.guest_port
-            ),
-            Some(tap) => format!(
-                "tap,id=net0,ifname={},script={},downscript=no",
-                tap.ifname,
-                tap.script.display()
-            ),
-        },
-        "-device".into(),
-        // guest_announce=off: after a migration QEMU itself announces the MAC (RARP); with
-        // the guest's help (the default), the guest acknowledged each announcement on the
-        // control queue, busy-waiting for QEMU's answer with the network stack locked, and about
-        // one migration in ten under TCG left the guest spinning there, deaf and mute.
-        format!(
-            "virtio-net-pci,netdev=net0,id=nic0,mac={},guest_announce=off",
-            mac_for(&spec.instance)
-        ),
-        "-qmp".into(),
-        qmp_arg(dir),
-        // The console is a socket QEMU serves; the VM's console pump is its one client.
-        "-chardev".into(),
-        format!(
-            "socket,id=console0,path={},server=on,wait=off",
-            dir.console().display()
-        ),
-        "-serial".into(),
-        "chardev:console0".into(),
-    ]);
-    if let Some(tap) = &spec.tap {
-        // The guest's own address, read by its init (or any guest) from the SMBIOS tables.
-        args.extend([
-            "-smbios".into(),
-            format!(
-                "type=11,value=vmatrix.net.address={}/{},value=vmatrix.net.gateway={}",
-                tap.address, tap.prefix, tap.gateway
-            ),
-        ]);
-    }
-    if mode == StartMode::Incoming {
-        args.extend(["-S".into(), "-incoming".into(), "defer".into()]);
-    }
-    Ok(args)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn spec() -> VmSpec {
-        VmSpec::new(
-            InstanceId::new("web-1").unwrap(),
-            Path::new("/img/base.img"),
-            "127.0.0.2:20001".parse().unwrap(),
-            Accelerator::Tcg,
-        )
-    }
-
-    #[test]
-    fn command_line_is_safe_and_complete() {
-        let args = qemu_args(&spec(), &VmDir::new("/d/web-1"), StartMode::Boot).unwrap();
-        let joined = args.join(" ");
-        assert!(
-            joined.contains("restrict=on"),
-            "user networking must be restricted"
-        );
-        assert!(joined.contains("hostfwd=tcp:127.0.0.2:20001-:80"));
-        assert!(joined.contains("type=1,serial=web-1"));
-        assert!(joined.contains("accel=tcg"));
-        assert!(!joined.contains("-incoming"));
-        assert!(!joined.contains("-cpu host"));
-        let incoming = qemu_args(&spec(), &VmDir::new("/d/x"), StartMode::Incoming).unwrap();
-        assert!(incoming.join(" ").ends_with("-S -incoming defer"));
-    }
-
-    #[test]
-    fn both_ends_of_a_move_have_the_same_hardware() {
-        let a = qemu_args(&spec(), &VmDir::new("/a"), StartMode::Boot).unwrap();
-        let moved = spec().with_forward("127.0.0.3:20002".parse().unwrap());
-        let b = qemu_args(&moved, &VmDir::new("/a"), StartMode::Incoming).unwrap();
-        let hw = |v: &[String]| {
-            v.iter()
-                .filter(|a| {
-                    !a.contains("hostfwd")
-                        && !a.starts_with("-S")
-                        && !a.contains("incoming")
-                        && *a != "defer"
-                })
-                .cloned()
-                .collect::<Vec<_>>()
-        };
-        assert_eq!(hw(&a), hw(&b));
-    }
-
-    #[test]
-    fn a_tap_nic_carries_the_address_and_keeps_the_hardware() {
-        let mut s = spec();
-        s.tap = Some(TapSpec {
-            ifname: "vmx-web-1-g1".into(),
-            script: "/d/tap-up".into(),
-            address: "10.77.0.5".parse().unwrap(),
-            prefix: 16,
-            gateway: "10.77.0.1".parse().unwrap(),
-        });
-        let a = qemu_args(&s, &VmDir::new("/a"), StartMode::Boot).unwrap();
-        let joined = a.join(" ");
-        assert!(joined.contains("tap,id=net0,ifname=vmx-web-1-g1,script=/d/tap-up,downscript=no"));
-        assert!(!joined.contains("hostfwd"));
-        assert!(joined.contains(
-            "type=11,value=vmatrix.net.address=10.77.0.5/16,value=vmatrix.net.gateway=10.77.0.1"
-        ));
-        // The destination of a move has another TAP name: the same guest hardware.
-        let mut moved = s.clone();
-        if let Some(t) = moved.tap.as_mut() {
-            t.ifname = "vmx-web-1-g2".into();
-        }
-        let b = qemu_args(&moved, &VmDir::new("/a"), StartMode::Incoming).unwrap();
-        let hw = |v: &[String]| {
-            v.iter()
-                .filter(|a| {
-                    !a.starts_with("tap,") && *a != "-S" && !a.contains("incoming") && *a != "defer"
-                })
-                .cloned()
-                .collect::<Vec<_>>()
-        };
-        assert_eq!(hw(&a), hw(&b));
-        s.tap.as_mut().unwrap().ifname = "a,b".into();
-        assert!(qemu_args(&s, &VmDir::new("/a"), StartMode::Boot).is_err());
-    }
-
-    #[test]
-    fn commas_in_paths_are_refused() {
-        let err = qemu_args(&spec(), &VmDir::new("/d/a,b"), StartMode::Boot).unwrap_err();
-        assert!(err.to_string().contains("','"), "{err}");
-    }
 
     #[test]
     fn shell_quoting_survives_quotes() {

@@ -71,11 +71,21 @@ pub(crate) async fn wait_routed(front: &str, service: &str) {
 pub(crate) async fn apply_and_wait(d: &Path, file: &Path, n: usize, limit: Duration) -> Vec<Value> {
     let (ok, _, err) = cli(d, &["apply", "-f", file.to_str().unwrap()]).await;
     assert!(ok, "{err}\n{}", crate::support::up_log(d));
-    wait_for(&format!("{n} instances running"), limit, async || {
+    let deadline = Instant::now() + limit;
+    loop {
         let l = ps(d).await;
-        (l.iter().filter(|i| i["state"] == "running").count() == n).then_some(l)
-    })
-    .await
+        if l.iter().filter(|i| i["state"] == "running").count() == n {
+            return l;
+        }
+        if Instant::now() >= deadline {
+            let (_, events, _) = cli(d, &["events"]).await;
+            panic!(
+                "timed out waiting for {n} instances running: {l:?}\nevents:\n{events}\nlast lines of vmatrix up:\n{}",
+                crate::support::up_log(d)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
 
 /// Waits (30 s at most) until the switch at `front` has carried `n` requests of `service`.

@@ -242,7 +242,10 @@ impl Matrix {
     }
 
     pub async fn apply(&self, services: &str) {
-        let specs = vmatrix_core::parse_services("test.toml", services).expect("valid services");
+        let specs = vmatrix_core::parse_services("test.toml", services, &|name: &str| {
+            Err(format!("no file {name} in tests"))
+        })
+        .expect("valid services");
         let r = self
             .http
             .post(self.url("/api/v1/services"))

@@ -1,0 +1,361 @@
+//! QEMU's command line for one VM: the only place that builds it, because both ends of a
+//! migration must describe identical guest hardware. What is host-side only (the forwarded
+//! port, the TAP's name, file paths) may differ between the ends; everything the guest sees is a
+//! function of the [`VmSpec`] alone.
+
+use vmatrix_core::hardware::{CpuModel, DiskBus, Firmware, Machine, Nic};
+
+use crate::accel::Accelerator;
+use crate::error::{Result, VmmError};
+use crate::vm::{mac_for, StartMode, VmDir, VmSpec, DISK_NODE};
+
+/// OVMF's code, read-only and shared (Debian's `ovmf`).
+pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
+/// OVMF's empty variable store, copied into each UEFI VM's directory.
+pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+/// The CPU model under KVM by default: x86-64-v2 plus AES on QEMU's qemu64 (what Proxmox
+/// calls `x86-64-v2-AES`), which every x86 server of the last decade provides, so an instance
+/// can move between machines of different CPU generations.
+pub const BASELINE_CPU: &str = "qemu64,+cx16,+lahf_lm,+popcnt,+pni,+sse4.1,+sse4.2,+ssse3,+aes";
+
+/// The `-qmp` argument: unique per VM directory, so it also identifies the process.
+pub(crate) fn qmp_arg(dir: &VmDir) -> String {
+    format!("unix:{},server=on,wait=off", dir.qmp().display())
+}
+
+/// QEMU's command line. Both ends of a migration must describe identical hardware, so this is
+/// the only place that builds it.
+pub(crate) fn qemu_args(spec: &VmSpec, dir: &VmDir, mode: StartMode) -> Result<Vec<String>> {
+    let mut paths = vec![
+        dir.qmp(),
+        dir.serial(),
+        dir.console(),
+        dir.guest_agent(),
+        dir.efivars(),
+    ];
+    paths.extend(spec.seed.clone());
+    for p in paths {
+        if p.to_string_lossy().contains(',') {
+            return Err(VmmError::Invalid(format!(
+                "path {} contains ',', which QEMU's option syntax cannot take; use another directory",
+                p.display()
+            )));
+        }
+    }
+    if let Some(tap) = &spec.tap {
+        let script = tap.script.to_string_lossy();
+        if tap.ifname.is_empty()
+            || tap.ifname.len() > 15
+            || !tap
+                .ifname
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            || script.contains(',')
+        {
+            return Err(VmmError::Invalid(format!(
+                "TAP {:?} with script {script:?}: a TAP name is 1–15 letters, digits or '-', and \
+                 the script's path cannot contain ','",
+                tap.ifname
+            )));
+        }
+    }
+    let hw = spec.hardware;
+    if let Some(problem) = hw.problem() {
+        return Err(VmmError::Invalid(problem));
+    }
+    let file_node = serde_json::json!({
+        "driver": "file", "filename": dir.disk(), "node-name": "disk0-file",
+    });
+    let disk_node = serde_json::json!({
+        "driver": "qcow2", "file": "disk0-file", "node-name": DISK_NODE,
+    });
+    let machine = match hw.machine {
+        Machine::Pc => "pc",
+        Machine::Q35 => "q35",
+    };
+    let mut args: Vec<String> = vec![
+        "-name".into(),
+        format!("vmatrix-{}", spec.instance),
+        "-nodefaults".into(),
+        "-no-user-config".into(),
+        "-display".into(),
+        "none".into(),
+        "-machine".into(),
+        format!("{machine},accel={}", spec.accel.as_str()),
+    ];
+    if spec.accel == Accelerator::Kvm {
+        let cpu = match hw.cpu {
+            CpuModel::Baseline => BASELINE_CPU,
+            CpuModel::Host => "host",
+        };
+        args.extend(["-cpu".into(), cpu.into()]);
+    }
+    if hw.firmware == Firmware::Uefi {
+        args.extend([
+            "-drive".into(),
+            format!("if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}"),
+            "-drive".into(),
+            format!(
+                "if=pflash,format=raw,unit=1,file={}",
+                dir.efivars().display()
+            ),
+        ]);
+    }
+    args.extend([
+        "-m".into(),
+        spec.memory_mib.to_string(),
+        "-smp".into(),
+        spec.vcpus.to_string(),
+        "-smbios".into(),
+        format!("type=1,serial={}", spec.instance),
+        "-blockdev".into(),
+        file_node.to_string(),
+        "-blockdev".into(),
+        disk_node.to_string(),
+    ]);
+    if hw.disk_bus == DiskBus::Sata {
+        args.extend(["-device".into(), "ahci,id=sata0".into()]);
+    }
+    args.extend([
+        "-device".into(),
+        disk_device(hw.disk_bus, DISK_NODE, "vdisk0", 0, Some(1)),
+    ]);
+    if let Some(seed) = &spec.seed {
+        // The instance's cloud-init seed, the same bytes at both ends of a move: read-only on
+        // virtio; an IDE or SATA hard disk cannot be read-only in QEMU, so there the guest
+        // could write to it (cloud-init never does; its own copy is rebuilt at each start).
+        let read_only = hw.disk_bus == DiskBus::Virtio;
+        args.extend([
+            "-blockdev".into(),
+            serde_json::json!({
+                "driver": "raw", "node-name": "seed0", "read-only": read_only,
+                "file": {"driver": "file", "filename": seed, "read-only": read_only},
+            })
+            .to_string(),
+            "-device".into(),
+            disk_device(hw.disk_bus, "seed0", "seed0-dev", 1, None),
+        ]);
+    }
+    let nic = match hw.nic {
+        // guest_announce=off: after a migration QEMU itself announces the MAC (RARP); with
+        // the guest's help (the default), the guest acknowledged each announcement on the
+        // control queue, busy-waiting for QEMU's answer with the network stack locked, and about
+        // one migration in ten under TCG left the guest spinning there, deaf and mute.
+        Nic::Virtio => format!(
+            "virtio-net-pci,netdev=net0,id=nic0,mac={},guest_announce=off",
+            mac_for(&spec.instance)
+        ),
+        Nic::E1000 => format!("e1000,netdev=net0,id=nic0,mac={}", mac_for(&spec.instance)),
+    };
+    args.extend([
+        "-netdev".into(),
+        match &spec.tap {
+            None => format!(
+                "user,id=net0,restrict=on,hostfwd=tcp:{}:{}-:{}",
+                spec.forward.ip(),
+                spec.forward.port(),
+                spec.guest_port
+            ),
+            Some(tap) => format!(
+                "tap,id=net0,ifname={},script={},downscript=no",
+                tap.ifname,
+                tap.script.display()
+            ),
+        },
+        "-device".into(),
+        nic,
+        "-qmp".into(),
+        qmp_arg(dir),
+        // The console is a socket QEMU serves; the VM's console pump is its one client.
+        "-chardev".into(),
+        format!(
+            "socket,id=console0,path={},server=on,wait=off",
+            dir.console().display()
+        ),
+        "-serial".into(),
+        "chardev:console0".into(),
+        // The guest agent's channel (qemu-guest-agent, where the guest runs it).
+        "-chardev".into(),
+        format!(
+            "socket,id=qga0,path={},server=on,wait=off",
+            dir.guest_agent().display()
+        ),
+        "-device".into(),
+        "virtio-serial-pci,id=vserial0".into(),
+        "-device".into(),
+        "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0".into(),
+    ]);
+    if let Some(tap) = &spec.tap {
+        // The guest's own address, read by its init (or any guest) from the SMBIOS tables.
+        args.extend([
+            "-smbios".into(),
+            format!(
+                "type=11,value=vmatrix.net.address={}/{},value=vmatrix.net.gateway={}",
+                tap.address, tap.prefix, tap.gateway
+            ),
+        ]);
+    }
+    if mode == StartMode::Incoming {
+        args.extend(["-S".into(), "-incoming".into(), "defer".into()]);
+    }
+    Ok(args)
+}
+
+/// The `-device` for a disk on `bus`: `unit` is its place on the controller (0: the system
+/// disk), `bootindex` set for the one to boot.
+fn disk_device(bus: DiskBus, drive: &str, id: &str, unit: u8, bootindex: Option<u8>) -> String {
+    let boot = bootindex.map_or(String::new(), |b| format!(",bootindex={b}"));
+    match bus {
+        DiskBus::Virtio => format!("virtio-blk-pci,drive={drive},id={id}{boot}"),
+        DiskBus::Sata => format!("ide-hd,drive={drive},id={id},bus=sata0.{unit}{boot}"),
+        DiskBus::Ide => format!("ide-hd,drive={drive},id={id},bus=ide.0,unit={unit}{boot}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use vmatrix_core::{Hardware, InstanceId};
+
+    use super::*;
+    use crate::vm::TapSpec;
+
+    fn spec() -> VmSpec {
+        VmSpec::new(
+            InstanceId::new("web-1").unwrap(),
+            Path::new("/img/base.img"),
+            "127.0.0.2:20001".parse().unwrap(),
+            Accelerator::Tcg,
+        )
+    }
+
+    #[test]
+    fn command_line_is_safe_and_complete() {
+        let args = qemu_args(&spec(), &VmDir::new("/d/web-1"), StartMode::Boot).unwrap();
+        let joined = args.join(" ");
+        assert!(
+            joined.contains("restrict=on"),
+            "user networking must be restricted"
+        );
+        assert!(joined.contains("hostfwd=tcp:127.0.0.2:20001-:80"));
+        assert!(joined.contains("type=1,serial=web-1"));
+        assert!(joined.contains("accel=tcg"));
+        assert!(!joined.contains("-incoming"));
+        assert!(!joined.contains("-cpu host"));
+        let incoming = qemu_args(&spec(), &VmDir::new("/d/x"), StartMode::Incoming).unwrap();
+        assert!(incoming.join(" ").ends_with("-S -incoming defer"));
+    }
+
+    #[test]
+    fn both_ends_of_a_move_have_the_same_hardware() {
+        let a = qemu_args(&spec(), &VmDir::new("/a"), StartMode::Boot).unwrap();
+        let moved = spec().with_forward("127.0.0.3:20002".parse().unwrap());
+        let b = qemu_args(&moved, &VmDir::new("/a"), StartMode::Incoming).unwrap();
+        let hw = |v: &[String]| {
+            v.iter()
+                .filter(|a| {
+                    !a.contains("hostfwd")
+                        && !a.starts_with("-S")
+                        && !a.contains("incoming")
+                        && *a != "defer"
+                })
+                .cloned()
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(hw(&a), hw(&b));
+    }
+
+    #[test]
+    fn a_tap_nic_carries_the_address_and_keeps_the_hardware() {
+        let mut s = spec();
+        s.tap = Some(TapSpec {
+            ifname: "vmx-web-1-g1".into(),
+            script: "/d/tap-up".into(),
+            address: "10.77.0.5".parse().unwrap(),
+            prefix: 16,
+            gateway: "10.77.0.1".parse().unwrap(),
+        });
+        let a = qemu_args(&s, &VmDir::new("/a"), StartMode::Boot).unwrap();
+        let joined = a.join(" ");
+        assert!(joined.contains("tap,id=net0,ifname=vmx-web-1-g1,script=/d/tap-up,downscript=no"));
+        assert!(!joined.contains("hostfwd"));
+        assert!(joined.contains(
+            "type=11,value=vmatrix.net.address=10.77.0.5/16,value=vmatrix.net.gateway=10.77.0.1"
+        ));
+        // The destination of a move has another TAP name: the same guest hardware.
+        let mut moved = s.clone();
+        if let Some(t) = moved.tap.as_mut() {
+            t.ifname = "vmx-web-1-g2".into();
+        }
+        let b = qemu_args(&moved, &VmDir::new("/a"), StartMode::Incoming).unwrap();
+        let hw = |v: &[String]| {
+            v.iter()
+                .filter(|a| {
+                    !a.starts_with("tap,") && *a != "-S" && !a.contains("incoming") && *a != "defer"
+                })
+                .cloned()
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(hw(&a), hw(&b));
+        s.tap.as_mut().unwrap().ifname = "a,b".into();
+        assert!(qemu_args(&s, &VmDir::new("/a"), StartMode::Boot).is_err());
+    }
+
+    #[test]
+    fn commas_in_paths_are_refused() {
+        let err = qemu_args(&spec(), &VmDir::new("/d/a,b"), StartMode::Boot).unwrap_err();
+        assert!(err.to_string().contains("','"), "{err}");
+    }
+
+    #[test]
+    fn hardware_choices_reach_the_command_line() {
+        let mut s = spec();
+        s.seed = Some("/d/seed.img".into());
+        let joined = qemu_args(&s, &VmDir::new("/d"), StartMode::Boot)
+            .unwrap()
+            .join(" ");
+        assert!(joined.contains("-machine pc,accel=tcg"));
+        assert!(joined.contains("virtio-blk-pci,drive=disk0,id=vdisk0,bootindex=1"));
+        assert!(joined.contains("virtio-blk-pci,drive=seed0,id=seed0-dev"));
+        assert!(joined.contains("\"read-only\":true"));
+        assert!(joined.contains("virtio-net-pci"));
+        assert!(joined.contains("name=org.qemu.guest_agent.0"));
+        assert!(!joined.contains("pflash"));
+
+        s.hardware = Hardware {
+            machine: Machine::Q35,
+            firmware: Firmware::Uefi,
+            disk_bus: DiskBus::Sata,
+            nic: Nic::E1000,
+            cpu: CpuModel::Baseline,
+        };
+        s.accel = Accelerator::Kvm;
+        let joined = qemu_args(&s, &VmDir::new("/d"), StartMode::Boot)
+            .unwrap()
+            .join(" ");
+        assert!(joined.contains("-machine q35,accel=kvm"));
+        assert!(joined.contains(&format!("-cpu {BASELINE_CPU}")), "{joined}");
+        assert!(joined.contains("ahci,id=sata0"));
+        assert!(joined.contains("ide-hd,drive=disk0,id=vdisk0,bus=sata0.0,bootindex=1"));
+        assert!(joined.contains("ide-hd,drive=seed0,id=seed0-dev,bus=sata0.1"));
+        assert!(joined.contains("e1000,netdev=net0"));
+        assert!(joined.contains(&format!("file={OVMF_CODE}")));
+        assert!(joined.contains("file=/d/efivars.fd"));
+
+        s.hardware.cpu = CpuModel::Host;
+        let joined = qemu_args(&s, &VmDir::new("/d"), StartMode::Boot)
+            .unwrap()
+            .join(" ");
+        assert!(joined.contains("-cpu host"));
+
+        s.hardware.disk_bus = DiskBus::Ide;
+        let err = qemu_args(&s, &VmDir::new("/d"), StartMode::Boot).unwrap_err();
+        assert!(err.to_string().contains("q35 has no IDE"), "{err}");
+        s.hardware.machine = Machine::Pc;
+        let joined = qemu_args(&s, &VmDir::new("/d"), StartMode::Boot)
+            .unwrap()
+            .join(" ");
+        assert!(joined.contains("ide-hd,drive=disk0,id=vdisk0,bus=ide.0,unit=0,bootindex=1"));
+    }
+}
