@@ -39,8 +39,9 @@ pub const PACKAGES: &[&str] = &[
     "ifupdown",
     "iproute2",
     "e2fsprogs",
-    "busybox",
+    "busybox-static",
     "procps",
+    "sudo",
 ];
 /// The kernel command line: the root by label, whatever the disk bus; `eth0` whatever the NIC.
 const APPEND: &str = "root=LABEL=vmxroot ro console=ttyS0 net.ifnames=0 quiet";

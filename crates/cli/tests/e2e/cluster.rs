@@ -88,6 +88,41 @@ pub(crate) async fn apply_and_wait(d: &Path, file: &Path, n: usize, limit: Durat
     }
 }
 
+/// Live-migrates `id` (of `service`) to `to` while `rps` requests per second go to its health
+/// path through the switch at `front` for `seconds` (the move starts 2 s in); prints and
+/// returns the move's report and what the load saw. Panics, with `up`'s log, if the move fails.
+pub(crate) async fn migrate_under_load(
+    d: &Path,
+    front: &str,
+    (service, id, to): (&str, &str, &str),
+    rps: f64,
+    seconds: u64,
+) -> (String, vmatrix_switch::LoadResult) {
+    use vmatrix_switch::{run_load, LoadOptions};
+    let load = tokio::spawn(run_load_owned(LoadOptions::constant(
+        format!("http://{front}/s/{service}/health"),
+        rps,
+        Duration::from_secs(seconds),
+    )));
+    async fn run_load_owned(o: LoadOptions) -> vmatrix_switch::LoadResult {
+        run_load(&o).await
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (ok, out, err) = cli(d, &["migrate", id, "--to", to]).await;
+    assert!(ok, "migrate: {out}{err}\n{}", crate::support::up_log(d));
+    let r = load.await.unwrap();
+    eprintln!(
+        "{id} → {to} under {rps} req/s ({}): {} sent, {} failed; p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        out.trim(),
+        r.sent,
+        r.failed(),
+        r.p50_ms,
+        r.p99_ms,
+        r.max_ms
+    );
+    (out, r)
+}
+
 /// Waits (30 s at most) until the switch at `front` has carried `n` requests of `service`.
 pub(crate) async fn wait_switch_requests(front: &str, service: &str, n: f64) {
     let http = reqwest::Client::new();

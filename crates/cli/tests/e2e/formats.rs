@@ -7,9 +7,8 @@ use std::time::Duration;
 
 use futures::SinkExt;
 use tokio_tungstenite::tungstenite::Message;
-use vmatrix_switch::{run_load, LoadOptions};
 
-use crate::cluster::{apply_and_wait, cli, ps, wait_for, wait_routed};
+use crate::cluster::{apply_and_wait, cli, migrate_under_load, ps, wait_for, wait_routed};
 use crate::lifecycle::{console, read_until};
 use crate::support::{data_dir, start_matrix, up_log};
 
@@ -127,28 +126,7 @@ async fn guests_on_sata_e1000_uefi_and_ide_boot_serve_and_move() {
     } else {
         "rm1"
     };
-    let load = tokio::spawn({
-        let target = format!("http://{front}/s/modern/health");
-        async move {
-            run_load(&LoadOptions::constant(
-                target,
-                10.0,
-                Duration::from_secs(10),
-            ))
-            .await
-        }
-    });
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let (ok, out, err) = cli(d, &["migrate", "modern-1", "--to", to]).await;
-    assert!(ok, "migrate: {out}{err}\n{}", up_log(d));
-    let r = load.await.unwrap();
-    eprintln!(
-        "modern-1 → {to} ({}): {} sent, {} failed, p99 {:.0} ms",
-        out.trim(),
-        r.sent,
-        r.failed(),
-        r.p99_ms
-    );
+    let (_, r) = migrate_under_load(d, &front, ("modern", "modern-1", to), 10.0, 10).await;
     assert_eq!(r.failed(), 0, "{:?}", r.errors);
     let seen = hardware_seen(d, "modern-1").await;
     assert!(on_ata(&seen, "2:e1000:uefi"), "{seen}");
