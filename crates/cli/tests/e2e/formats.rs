@@ -91,6 +91,7 @@ async fn hardware_seen(d: &std::path::Path, id: &str) -> String {
 #[tokio::test]
 #[ignore = "boots real QEMU on bridges in network namespaces (root); run by scripts/test"]
 async fn guests_on_sata_e1000_uefi_and_ide_boot_serve_and_move() {
+    let _alone = crate::support::UNDER_LOAD.lock().await;
     let data = data_dir();
     let d = data.path();
     let (_up, front) = start_matrix(
