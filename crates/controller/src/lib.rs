@@ -16,6 +16,7 @@ mod cpu;
 mod db;
 mod inputs;
 mod maintenance;
+mod operate;
 mod ops;
 mod reconcile;
 mod rollout;
