@@ -85,8 +85,7 @@ impl Inputs {
             .collect();
         let mbr = read(Path::new(disk::SYSLINUX_MBR))?;
         let syslinux = which("syslinux").map(|p| read(&p)).transpose()?;
-        let mut efi = read(Path::new(disk::SYSLINUX_EFI))?;
-        efi.extend(read(Path::new(disk::LDLINUX_E64))?);
+        let efi = disk::efi_loader_bytes()?;
 
         let mut h = blake3::Hasher::new();
         for part in [

@@ -113,8 +113,7 @@ impl Inputs {
             sources.push(format!("deb {SECURITY_MIRROR} {SUITE}-security main"));
         }
         let mbr = read(Path::new(disk::SYSLINUX_MBR))?;
-        let mut efi = read(Path::new(disk::SYSLINUX_EFI))?;
-        efi.extend(read(Path::new(disk::LDLINUX_E64))?);
+        let efi = disk::efi_loader_bytes()?;
 
         let mut h = blake3::Hasher::new();
         for part in [

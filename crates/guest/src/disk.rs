@@ -25,6 +25,13 @@ pub(crate) const LAYOUT_FILES: &[(&str, &str)] = &[
     (LDLINUX_E64, "syslinux-common"),
 ];
 
+/// The UEFI loader's files, for a build's key (the boot partition copies them).
+pub(crate) fn efi_loader_bytes() -> Result<Vec<u8>> {
+    let mut bytes = crate::read(Path::new(SYSLINUX_EFI))?;
+    bytes.extend(crate::read(Path::new(LDLINUX_E64))?);
+    Ok(bytes)
+}
+
 /// The boot loader's configuration: `kernel` and `initrd` are file names in the boot
 /// partition's root, `append` the kernel command line.
 pub(crate) fn syslinux_cfg(append: &str) -> String {

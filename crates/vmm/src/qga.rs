@@ -73,7 +73,7 @@ impl Vm {
                 .map_err(|e| format!("connect to {}: {e}", path.display()))?;
             let (read, mut write) = stream.into_split();
             let mut read = BufReader::new(read);
-            let id = (u32::from(std::process::id() as u16) << 16) | rand_u16();
+            let id = NEXT_SYNC.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let sync = json!({"execute": "guest-sync-delimited", "arguments": {"id": id}});
             // A 0xFF byte first: the agent drops any partial command an earlier client left.
             let mut hello = vec![0xffu8];
@@ -183,13 +183,8 @@ async fn read_json(
     }
 }
 
-/// A sync id that differs between calls (no `rand` dependency for 16 bits).
-fn rand_u16() -> u32 {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
-    nanos & 0xffff
-}
+/// Sync ids: each exchange's own, so a stale reply to an earlier, interrupted one is told apart.
+static NEXT_SYNC: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
 
 #[cfg(test)]
 mod tests {

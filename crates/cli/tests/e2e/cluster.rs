@@ -89,7 +89,8 @@ pub(crate) async fn apply_and_wait(d: &Path, file: &Path, n: usize, limit: Durat
 }
 
 /// Live-migrates `id` (of `service`) to `to` while `rps` requests per second go to its health
-/// path through the switch at `front` for `seconds` (the move starts 2 s in); prints and
+/// path through the switch at `front` for `seconds` (the move starts once two seconds' worth
+/// went through); prints and
 /// returns the move's report and what the load saw. Panics, with `up`'s log, if the move fails.
 pub(crate) async fn migrate_under_load(
     d: &Path,
@@ -99,6 +100,7 @@ pub(crate) async fn migrate_under_load(
     seconds: u64,
 ) -> (String, vmatrix_switch::LoadResult) {
     use vmatrix_switch::{run_load, LoadOptions};
+    let before = switch_requests(front, service).await.unwrap_or(0.0);
     let load = tokio::spawn(run_load_owned(LoadOptions::constant(
         format!("http://{front}/s/{service}/health"),
         rps,
@@ -107,7 +109,8 @@ pub(crate) async fn migrate_under_load(
     async fn run_load_owned(o: LoadOptions) -> vmatrix_switch::LoadResult {
         run_load(&o).await
     }
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Move once the switch has carried two seconds of this load.
+    wait_switch_requests(front, service, before + 2.0 * rps).await;
     let (ok, out, err) = cli(d, &["migrate", id, "--to", to]).await;
     assert!(ok, "migrate: {out}{err}\n{}", crate::support::up_log(d));
     let r = load.await.unwrap();
@@ -123,27 +126,28 @@ pub(crate) async fn migrate_under_load(
     (out, r)
 }
 
+/// How many requests of `service` the switch at `front` has carried (`None` while its metrics
+/// do not answer).
+pub(crate) async fn switch_requests(front: &str, service: &str) -> Option<f64> {
+    let metric = format!("vmatrix_switch_requests_total{{service=\"{service}\"}}");
+    let m = reqwest::get(format!("http://{front}/metrics"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    m.lines()
+        .find(|l| l.starts_with(&metric))?
+        .rsplit(' ')
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// Waits (30 s at most) until the switch at `front` has carried `n` requests of `service`.
 pub(crate) async fn wait_switch_requests(front: &str, service: &str, n: f64) {
-    let http = reqwest::Client::new();
-    let metric = format!("vmatrix_switch_requests_total{{service=\"{service}\"}}");
     wait_for("the load under way", Duration::from_secs(30), async || {
-        let m = http
-            .get(format!("http://{front}/metrics"))
-            .send()
-            .await
-            .ok()?
-            .text()
-            .await
-            .ok()?;
-        let done: f64 = m
-            .lines()
-            .find(|l| l.starts_with(&metric))?
-            .rsplit(' ')
-            .next()?
-            .parse()
-            .ok()?;
-        (done >= n).then_some(())
+        (switch_requests(front, service).await? >= n).then_some(())
     })
     .await;
 }
