@@ -101,6 +101,8 @@ async fn can_connect(d: &Path, id: &str, to: &str, n: u32) -> bool {
         .nth(1)
         .and_then(|r| r.chars().next())
         .unwrap_or('?');
+    // Closed, not dropped: the writer's role goes back before the next session asks for it.
+    let _ = s.close(None).await;
     eprintln!(
         "{id} → {to}: {}",
         if code == '0' {

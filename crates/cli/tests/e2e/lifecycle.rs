@@ -19,7 +19,9 @@ use crate::support::{data_dir, start_matrix, up_log};
 pub(crate) type Socket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
-/// The console of `id` as the writer, over the controller's WebSocket.
+/// The console of `id` as the writer, over the controller's WebSocket. A session that a test
+/// just closed may hold the writer's role for a moment (its end travels through the
+/// controller to the agent): until it is released, the greeting says read-only, so ask again.
 pub(crate) async fn console(d: &Path, id: &str) -> Socket {
     let api = std::fs::read_to_string(d.join("controller/api")).expect("api file");
     let token = std::fs::read_to_string(d.join("controller/token")).expect("token");
@@ -27,22 +29,30 @@ pub(crate) async fn console(d: &Path, id: &str) -> Socket {
         "{}/api/v1/instances/{id}/console?write=true",
         api.trim().replacen("http", "ws", 1)
     );
-    let mut req = url.into_client_request().expect("request");
-    req.headers_mut().insert(
-        "authorization",
-        format!("Bearer {}", token.trim()).parse().expect("header"),
-    );
-    let (mut s, _) = tokio_tungstenite::connect_async(req)
-        .await
-        .expect("console");
-    match s.next().await {
-        Some(Ok(Message::Text(t))) => {
-            let hello: Value = serde_json::from_str(&t).expect("hello");
-            assert_eq!(hello["writer"], true, "{hello}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut req = url.clone().into_client_request().expect("request");
+        req.headers_mut().insert(
+            "authorization",
+            format!("Bearer {}", token.trim()).parse().expect("header"),
+        );
+        let (mut s, _) = tokio_tungstenite::connect_async(req)
+            .await
+            .expect("console");
+        let hello: Value = match s.next().await {
+            Some(Ok(Message::Text(t))) => serde_json::from_str(&t).expect("hello"),
+            other => panic!("no console greeting: {other:?}"),
+        };
+        if hello["writer"] == true {
+            return s;
         }
-        other => panic!("no console greeting: {other:?}"),
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the console's writer role was not released within 30 s: {hello}"
+        );
+        let _ = s.close(None).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    s
 }
 
 /// Reads console output until it contains `want`.

@@ -318,7 +318,7 @@ pub fn net_args(args: &[&str]) -> Vec<String> {
         return Vec::new();
     }
     let port = listen_port(args).unwrap_or_else(free_port);
-    let k = 100 + (port / 2) % 120;
+    let k = net_octet(port, 100 + (port / 2) % 120);
     vec![
         "--service-net".into(),
         format!("10.{k}.0.0/17"),
@@ -327,11 +327,39 @@ pub fn net_args(args: &[&str]) -> Vec<String> {
     ]
 }
 
-/// The last lines `vmatrix up` (and its children) logged, for failure messages.
+/// The second octet `k` of the networks (10.k.0.0/16) of the matrix whose API listens on
+/// `port`: the same for every call about that matrix; from `start` on, one that no other
+/// matrix of this run took and this host does not route now — two matrices never share one
+/// (`up` refuses a network that overlaps a route, and tests run two at a time, here and in
+/// other processes).
+fn net_octet(port: u16, start: u16) -> u16 {
+    static TAKEN: std::sync::Mutex<Vec<(u16, u16)>> = std::sync::Mutex::new(Vec::new());
+    let mut taken = TAKEN.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, k)) = taken.iter().find(|(p, _)| *p == port) {
+        return *k;
+    }
+    let routes = std::process::Command::new("ip")
+        .args(["-4", "route", "show", "table", "all"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    let k = (0..120)
+        .map(|i| 100 + (start - 100 + i) % 120)
+        .find(|k| !taken.iter().any(|(_, t)| t == k) && !routes.contains(&format!("10.{k}.")))
+        .unwrap_or(start);
+    taken.push((port, k));
+    k
+}
+
 /// The last lines of the serial console of every VM directory of `instance` under `data`
 /// (source and destination of a move): what the guest said when something broke.
 pub fn serial_logs(data: &Path, instance: &str) -> String {
-    fn walk(dir: &Path, instance: &str, out: &mut String, depth: usize) {
+    serial_tails(data, instance, 15)
+}
+
+/// The last `keep` lines of the serial console of every VM directory of `instance`.
+pub fn serial_tails(data: &Path, instance: &str, keep: usize) -> String {
+    fn walk(dir: &Path, instance: &str, keep: usize, out: &mut String, depth: usize) {
         let Ok(entries) = std::fs::read_dir(dir) else {
             return;
         };
@@ -350,18 +378,19 @@ pub fn serial_logs(data: &Path, instance: &str) -> String {
                 out.push_str(&format!(
                     "--- {}\n{}\n",
                     log.display(),
-                    lines[lines.len().saturating_sub(15)..].join("\n")
+                    lines[lines.len().saturating_sub(keep)..].join("\n")
                 ));
             } else {
-                walk(&p, instance, out, depth + 1);
+                walk(&p, instance, keep, out, depth + 1);
             }
         }
     }
     let mut out = String::new();
-    walk(data, instance, &mut out, 0);
+    walk(data, instance, keep, &mut out, 0);
     out
 }
 
+/// The last lines `vmatrix up` (and its children) logged, for failure messages.
 pub fn up_log(data: &Path) -> String {
     let text = std::fs::read_to_string(data.join("up.log")).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();

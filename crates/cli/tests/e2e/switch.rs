@@ -93,6 +93,25 @@ async fn the_switch_hides_moves_wakes_dormant_services_and_drops_fast() {
         out.trim(), r.sent, r.ok, r.failed(), r.p50_ms, r.p99_ms, r.max_ms
     );
     assert!(r.sent >= 350, "the load ran: {r:?}");
+    if r.failed() > 0 {
+        // Where this host's side of the service network thought the instance was.
+        let port = api.rsplit_once(':').unwrap().1;
+        let show = |args: &[&str]| {
+            std::process::Command::new(args[0])
+                .args(&args[1..])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default()
+        };
+        eprintln!(
+            "front fdb:\n{}\nfront neighbours:\n{}\nps:\n{:#?}\n{}\n{}",
+            show(&["bridge", "fdb", "show", "dev", &format!("vmxv{port}")]),
+            show(&["ip", "neigh", "show", "dev", &format!("vmxs{port}")]),
+            ps(d).await,
+            crate::support::serial_tails(d, web["id"].as_str().unwrap(), 80),
+            crate::support::up_log(d)
+        );
+    }
     assert_eq!(
         r.failed(),
         0,
