@@ -69,11 +69,11 @@ impl Agent {
         let guest = match started {
             Ok(g) => g,
             Err(e) => {
-                self.abandon(&plan, &version, &dir);
+                self.abandon(&plan, &dir);
                 return Err(e);
             }
         };
-        self.install(&plan, &version, &dir, Held::Guest(guest), Phase::Running)?;
+        self.install(&plan, &dir, Held::Guest(guest), Phase::Running)?;
         if let Some(saved) = state {
             // The instance runs again from it: the saved state is superseded.
             let repo = self.repo.clone();
@@ -117,6 +117,7 @@ impl Agent {
             held: Held::Taken,
             dir: self.vm_dir(&plan.id, plan.generation),
             console: None,
+            volume_versions: Vec::new(),
         })
     }
 
@@ -143,7 +144,12 @@ impl Agent {
         let url = self
             .acquire_export(version, (plan.id.clone(), plan.generation))
             .await?;
-        let spec = self.vm_spec(plan, url, endpoint);
+        let mut spec = self.vm_spec(plan, url, endpoint);
+        let (volumes, versions) = self
+            .attach_volumes(plan, (plan.id.clone(), plan.generation), None)
+            .await?;
+        spec.volumes = volumes;
+        self.note_volume_versions(plan, versions);
         if let Some(seed) = spec.seed.clone() {
             let plan = plan.clone();
             tokio::task::spawn_blocking(move || crate::seed::write(&seed, &plan))
@@ -155,14 +161,7 @@ impl Agent {
 
     /// Puts a VM that just started into its slot and records it beside the VM; if the
     /// instance was discarded meanwhile, the VM is killed and everything it left removed.
-    fn install(
-        &self,
-        plan: &InstancePlan,
-        version: &str,
-        dir: &Path,
-        held: Held,
-        phase: Phase,
-    ) -> Result<()> {
+    fn install(&self, plan: &InstancePlan, dir: &Path, held: Held, phase: Phase) -> Result<()> {
         let pid = match &held {
             Held::Guest(g) => g.pid(),
             Held::Incoming(i) => i.pid(),
@@ -172,7 +171,7 @@ impl Agent {
             s.pid = pid;
             Ok(())
         }) {
-            self.discarded_meanwhile(dir, version, &plan.id, plan.generation, None);
+            self.discarded_meanwhile(dir, &plan.id, plan.generation, None);
             return Err(AgentError::Other(format!(
                 "instance {} was discarded while it started",
                 plan.id
@@ -183,9 +182,9 @@ impl Agent {
     }
 
     /// Undoes a start that failed: its slot, its use of the export and its directory.
-    pub(crate) fn abandon(&self, plan: &InstancePlan, version: &str, dir: &Path) {
+    pub(crate) fn abandon(&self, plan: &InstancePlan, dir: &Path) {
         self.forget(&plan.id, plan.generation);
-        self.release_export(version, &(plan.id.clone(), plan.generation));
+        self.release_exports(&(plan.id.clone(), plan.generation));
         let _ = std::fs::remove_dir_all(dir);
     }
 
@@ -303,12 +302,17 @@ impl Agent {
                 "instance {id} has no running VM"
             )));
         };
-        let (dir, plan, version) = {
+        let (dir, plan, version, volume_versions) = {
             let slots = lock(&self.slots);
             let s = slots
                 .get(&id)
                 .ok_or_else(|| AgentError::Unknown(id.clone()))?;
-            (s.dir.clone(), s.plan.clone(), s.version.clone())
+            (
+                s.dir.clone(),
+                s.plan.clone(),
+                s.version.clone(),
+                s.volume_versions.clone(),
+            )
         };
         let saved = SavedState {
             state: ImageRef::parse(&format!("{id}:state-g{generation}"))
@@ -321,6 +325,9 @@ impl Agent {
             let files = guest
                 .save_state(&state_file, work_limit(plan.memory_mib))
                 .await?;
+            // The guest is stopped: its volumes as it left them go first (a resume anywhere
+            // attaches them from there).
+            self.store_volumes(&plan, &dir, &volume_versions).await?;
             let repo = self.repo.clone();
             let (st, ov, base) = (saved.state.clone(), saved.overlay.clone(), version.clone());
             tokio::task::spawn_blocking(move || -> vmatrix_store::Result<()> {
@@ -355,7 +362,7 @@ impl Agent {
                 Ok(())
             });
             if !kept {
-                self.discarded_meanwhile(&dir, &version, &id, generation, None);
+                self.discarded_meanwhile(&dir, &id, generation, None);
             }
             return Err(e);
         }
@@ -378,7 +385,7 @@ impl Agent {
         });
         if !kept {
             // Discarded while it was saved: nothing of it may stay behind.
-            self.discarded_meanwhile(&dir, &version, &id, generation, Some(&saved));
+            self.discarded_meanwhile(&dir, &id, generation, Some(&saved));
             return Err(AgentError::Other(format!(
                 "instance {id} was discarded while it was suspended"
             )));
@@ -387,7 +394,7 @@ impl Agent {
         for f in ["state.bin", "disk.qcow2", "qmp.sock"] {
             let _ = std::fs::remove_file(dir.join(f));
         }
-        self.release_export(&version, &(id.clone(), generation));
+        self.release_exports(&(id.clone(), generation));
         Ok(AgentReply::Suspended { saved })
     }
 
@@ -396,13 +403,12 @@ impl Agent {
     pub(crate) fn discarded_meanwhile(
         &self,
         dir: &Path,
-        version: &str,
         id: &InstanceId,
         generation: u64,
         saved: Option<&SavedState>,
     ) {
         let _ = std::fs::remove_dir_all(dir);
-        self.release_export(version, &(id.clone(), generation));
+        self.release_exports(&(id.clone(), generation));
         if let Some(saved) = saved.cloned() {
             let repo = self.repo.clone();
             tokio::task::spawn_blocking(move || {
@@ -454,18 +460,12 @@ impl Agent {
         let incoming = match started {
             Ok(i) => i,
             Err(e) => {
-                self.abandon(&plan, &version, &dir);
+                self.abandon(&plan, &dir);
                 return Err(e);
             }
         };
         let t = incoming.target();
-        self.install(
-            &plan,
-            &version,
-            &dir,
-            Held::Incoming(incoming),
-            Phase::Incoming,
-        )?;
+        self.install(&plan, &dir, Held::Incoming(incoming), Phase::Incoming)?;
         Ok(AgentReply::Prepared {
             target: MigrationTargetBody {
                 nbd: t.nbd.to_string(),
@@ -496,23 +496,18 @@ impl Agent {
                 "instance {id} has no running VM"
             )));
         };
-        let (dir, memory, version, gen) = {
+        let (dir, memory, gen) = {
             let slots = lock(&self.slots);
             let s = slots
                 .get(&id)
                 .ok_or_else(|| AgentError::Unknown(id.clone()))?;
-            (
-                s.dir.clone(),
-                s.plan.memory_mib,
-                s.version.clone(),
-                s.plan.generation,
-            )
+            (s.dir.clone(), s.plan.memory_mib, s.plan.generation)
         };
         match guest.migrate_out(&t, work_limit(memory)).await {
             Ok((total, down)) => {
                 self.forget(&id, gen);
                 let _ = std::fs::remove_dir_all(&dir);
-                self.release_export(&version, &(id.clone(), gen));
+                self.release_exports(&(id.clone(), gen));
                 Ok(AgentReply::MigratedOut {
                     total_ms: total,
                     downtime_ms: down,
@@ -640,14 +635,30 @@ impl Agent {
             }
         };
         if let Some(s) = slot {
+            // A VM that ran here (running, paused or failed) leaves its volumes as its guest
+            // wrote them: they are stored before its files go. A destination that never took
+            // over holds only a partial copy; a suspended instance's are stored already.
+            let ran_here = matches!(s.held, Held::Guest(_))
+                || (matches!(s.held, Held::Nothing) && s.state == InstanceState::Failed);
             match s.held {
                 Held::Guest(g) => g.kill().await,
                 Held::Incoming(i) => i.abort().await,
                 // An operation holds it: it finds the slot gone and kills the VM itself.
                 Held::Taken | Held::Nothing => {}
             }
+            if ran_here && !s.plan.volumes.is_empty() {
+                if let Err(e) = self
+                    .store_volumes(&s.plan, &s.dir, &s.volume_versions)
+                    .await
+                {
+                    // Its files stay for an operator to recover (the error says where).
+                    tracing::error!(instance = %id, "{e}; its volume files are left in {}", s.dir.display());
+                    self.release_exports(&(id.clone(), s.plan.generation));
+                    return Err(e);
+                }
+            }
             let _ = std::fs::remove_dir_all(&s.dir);
-            self.release_export(&s.version, &(id.clone(), s.plan.generation));
+            self.release_exports(&(id.clone(), s.plan.generation));
         }
         Ok(AgentReply::Discarded)
     }

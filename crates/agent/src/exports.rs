@@ -84,16 +84,19 @@ impl Agent {
         Ok(url)
     }
 
-    pub(crate) fn release_export(&self, version: &str, user: &(InstanceId, u64)) {
+    /// Ends `user`'s use of every export (its system disk's version and its volumes'); an
+    /// export no one uses any more stops.
+    pub(crate) fn release_exports(&self, user: &(InstanceId, u64)) {
         let mut exports = lock(&self.exports);
-        if let Some(e) = exports.get_mut(version) {
+        let before = exports.len();
+        for e in exports.values_mut() {
             e.users.remove(user);
-            if e.users.is_empty() {
-                exports.remove(version);
-                let write = self.pins_writer(exports.keys().cloned().collect());
-                drop(exports);
-                Self::in_background(write);
-            }
+        }
+        exports.retain(|_, e| !e.users.is_empty());
+        if exports.len() != before {
+            let write = self.pins_writer(exports.keys().cloned().collect());
+            drop(exports);
+            Self::in_background(write);
         }
     }
 

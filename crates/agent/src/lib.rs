@@ -22,6 +22,7 @@ pub mod hypervisor;
 mod machine;
 pub mod record;
 mod seed;
+mod volumes;
 
 pub use http::serve;
 pub use hypervisor::{Hypervisor, Qemu};

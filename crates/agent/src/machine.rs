@@ -163,6 +163,8 @@ pub(crate) struct Slot {
     pub(crate) dir: PathBuf,
     /// Its VM's console (kept while an operation holds the VM).
     pub(crate) console: Option<vmatrix_vmm::Console>,
+    /// The versions its volumes started from ("" for a blank one), as its plan lists them.
+    pub(crate) volume_versions: Vec<String>,
 }
 
 impl Slot {
@@ -174,6 +176,7 @@ impl Slot {
             pid: self.pid,
             phase,
             saved: self.saved.clone(),
+            volume_versions: self.volume_versions.clone(),
         }
     }
 
@@ -704,6 +707,7 @@ impl Agent {
                 pid,
                 error: None,
                 saved: record.saved,
+                volume_versions: record.volume_versions,
                 held,
                 dir,
                 console,

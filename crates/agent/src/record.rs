@@ -45,6 +45,9 @@ pub struct VmRecord {
     pub phase: Phase,
     /// Where its state went, when suspended.
     pub saved: Option<SavedState>,
+    /// The versions its volumes started from ("" for a blank one).
+    #[serde(default)]
+    pub volume_versions: Vec<String>,
 }
 
 const FILE: &str = "vm.json";
@@ -128,7 +131,11 @@ pub async fn adopt_left(agent: &Arc<Agent>) -> usize {
         }
         let taken = async {
             let url = agent.acquire_export(&record.version, user.clone()).await?;
-            let spec = agent.vm_spec(&record.plan, url, record.endpoint);
+            let mut spec = agent.vm_spec(&record.plan, url, record.endpoint);
+            spec.volumes = agent
+                .attach_volumes(&record.plan, user.clone(), Some(&record.volume_versions))
+                .await?
+                .0;
             let held = match record.phase {
                 Phase::Running | Phase::Paused => {
                     Some(Held::Guest(agent.hv().adopt(spec, &dir, record.pid).await?))
@@ -159,12 +166,12 @@ pub async fn adopt_left(agent: &Arc<Agent>) -> usize {
             }
             Ok(None) => {
                 tracing::info!(instance = %id, "ending an incoming migration that never completed (its source has the guest)");
-                agent.release_export(&record.version, &user);
+                agent.release_exports(&user);
                 let _ = std::fs::remove_dir_all(&dir);
             }
             Err(e) => {
                 tracing::warn!(instance = %id, "cannot adopt its VM: {e}; removing it");
-                agent.release_export(&record.version, &user);
+                agent.release_exports(&user);
                 let _ = std::fs::remove_dir_all(&dir);
             }
         }

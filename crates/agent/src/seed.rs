@@ -200,6 +200,7 @@ mod tests {
                 ssh_authorized_keys: vec!["ssh-ed25519 AAAAC3Nza \"quoted\" admin@x".into()],
                 user_data: None,
             },
+            volumes: Vec::new(),
         }
     }
 

@@ -70,6 +70,7 @@ fn plan(generation: u64) -> InstancePlan {
         net: None,
         hardware: Default::default(),
         cloud_init: Default::default(),
+        volumes: Vec::new(),
     }
 }
 

@@ -61,6 +61,12 @@ impl Controller {
             .db(|d| d.service_version(service))?
             .filter(|v| v.image == spec.image.to_string() && !v.version.is_empty())
             .map(|v| v.version);
+        // A live instance of a service with volumes takes a slot; the slot of an instance
+        // that failed is given back once its discard has stored its volumes.
+        let slotted = !spec.volumes.is_empty() && !matches!(kind, Start::Maintenance { .. });
+        if slotted {
+            self.wait_for_failed_slots(&spec).await?;
+        }
         // Placement and the row that takes the place are one step: activations and resumes
         // run in parallel, and two must never pick the same room.
         let placing = self.placing.lock().unwrap_or_else(|p| p.into_inner());
@@ -103,6 +109,11 @@ impl Controller {
                     })?)
                 }
             };
+            let slot = if slotted {
+                crate::volumes::lowest_free_slot(&db.instances()?, service)
+            } else {
+                0
+            };
             let busy = self.claim(&id)?;
             if matches!(kind, Start::Standby) {
                 self.prepared
@@ -137,6 +148,7 @@ impl Controller {
                         _ => Purpose::Live,
                     },
                     address,
+                    slot,
                 },
                 saved: None,
                 seq,

@@ -427,6 +427,7 @@ impl Controller {
                 ssh_authorized_keys: spec.ssh_authorized_keys.clone(),
                 user_data: spec.user_data.clone(),
             },
+            volumes: Self::volume_plans(spec, row.info.slot)?,
         })
     }
 

@@ -62,6 +62,8 @@ const MIGRATIONS: &[&str] = &[
         version TEXT NOT NULL, previous_image TEXT NOT NULL, previous_version TEXT NOT NULL);",
     // 8: each instance's own address on the service network (bridged networking).
     "ALTER TABLE instances ADD COLUMN address TEXT NOT NULL DEFAULT '';",
+    // 9: each instance's slot in its service (services with volumes; 0: none).
+    "ALTER TABLE instances ADD COLUMN slot INTEGER NOT NULL DEFAULT 0;",
 ];
 
 /// The version a service runs after a rollout, and the one before.
@@ -347,7 +349,7 @@ impl Db {
     pub fn instances(&self) -> Result<Vec<InstanceRow>> {
         let mut st = self.conn.prepare(
             "SELECT id, service, machine, state, generation, endpoint, version, saved, seq, image,
-                    COALESCE(pins.until_ms, 0), purpose, address FROM instances LEFT JOIN pins ON pins.instance = instances.id
+                    COALESCE(pins.until_ms, 0), purpose, address, slot FROM instances LEFT JOIN pins ON pins.instance = instances.id
              WHERE state != 'discarded' ORDER BY service, seq",
         )?;
         let rows = st.query_map([], |r| {
@@ -365,6 +367,7 @@ impl Db {
                 r.get::<_, i64>(10)?,
                 r.get::<_, String>(11)?,
                 r.get::<_, String>(12)?,
+                r.get::<_, i64>(13)?,
             ))
         })?;
         let mut out = Vec::new();
@@ -383,6 +386,7 @@ impl Db {
                 pin,
                 purpose,
                 address,
+                slot,
             ) = row?;
             let bad = |what: &str| DbError::Bad(format!("instance {id}: {what}"));
             out.push(InstanceRow {
@@ -402,6 +406,7 @@ impl Db {
                     } else {
                         Some(address.parse().map_err(|_| bad("address"))?)
                     },
+                    slot: u32::try_from(slot).map_err(|_| bad("slot"))?,
                 },
                 saved: saved
                     .map(|s| serde_json::from_str(&s))
@@ -428,9 +433,9 @@ impl Db {
             .map_err(|e| DbError::Bad(e.to_string()))?;
         let i = &row.info;
         self.conn.execute(
-            "INSERT OR REPLACE INTO instances (id, service, machine, state, generation, endpoint, version, saved, seq, image, purpose, address)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
-            params![i.id.as_str(), i.service.as_str(), i.machine, i.state.as_str(), i.generation as i64, i.endpoint, i.version, saved, row.seq as i64, i.image, i.purpose.as_str(), i.address.map(|a| a.to_string()).unwrap_or_default()],
+            "INSERT OR REPLACE INTO instances (id, service, machine, state, generation, endpoint, version, saved, seq, image, purpose, address, slot)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+            params![i.id.as_str(), i.service.as_str(), i.machine, i.state.as_str(), i.generation as i64, i.endpoint, i.version, saved, row.seq as i64, i.image, i.purpose.as_str(), i.address.map(|a| a.to_string()).unwrap_or_default(), i64::from(i.slot)],
         )?;
         Ok(())
     }

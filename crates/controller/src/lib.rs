@@ -21,6 +21,7 @@ mod ops;
 mod reconcile;
 mod rollout;
 mod settle;
+mod volumes;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -485,6 +485,7 @@ mod tests {
                 pinned_until_ms: 0,
                 purpose: Default::default(),
                 address: None,
+                slot: 0,
             },
             saved: None,
             seq: 1,

@@ -92,6 +92,10 @@ pub struct InstanceInfo {
     /// networking). It belongs to the instance for its whole life and moves with it.
     #[serde(default)]
     pub address: Option<std::net::Ipv4Addr>,
+    /// Its slot in its service (1, 2, …) when the service has volumes: the volumes it runs
+    /// with are the slot's (0: no volumes).
+    #[serde(default)]
+    pub slot: u32,
 }
 
 /// What an instance is for.
@@ -467,6 +471,9 @@ pub struct InstancePlan {
     /// What its cloud-init seed carries besides its id, hostname and network.
     #[serde(default)]
     pub cloud_init: CloudInit,
+    /// Its slot's persistent volumes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<crate::VolumePlan>,
 }
 
 /// The service's part of an instance's cloud-init seed.

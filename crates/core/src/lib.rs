@@ -12,6 +12,7 @@ mod image;
 mod names;
 mod spec;
 mod state;
+pub mod volume;
 
 pub use hardware::Hardware;
 pub use health::{HealthCheck, Probe};
@@ -21,3 +22,4 @@ pub use spec::{
     parse_services, validate_services, FieldError, PortSpec, Protocol, ServiceSpec, SpecError,
 };
 pub use state::{IllegalTransition, InstanceState, Transition};
+pub use volume::{VolumePlan, VolumeSpec};

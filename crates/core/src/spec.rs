@@ -83,6 +83,10 @@ pub struct ServiceSpec {
     /// to the services file) that `vmatrix apply` reads and sends as its content.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user_data: Option<String>,
+    /// Persistent volumes of each instance slot (`[[service.volume]]`): data disks that
+    /// survive discard, recovery, suspend and scale-in.
+    #[serde(default, rename = "volume", skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<crate::VolumeSpec>,
 }
 
 /// The largest user-data accepted (cloud-init's own seeds are small; 64 KiB is generous).
@@ -384,6 +388,9 @@ impl ServiceSpec {
                     ),
                 );
             }
+        }
+        if let Some(problem) = crate::volume::volumes_problem(s.name.as_str(), &s.volumes) {
+            return fail("volume", problem);
         }
         if let Some(data) = &s.user_data {
             if data.len() > MAX_USER_DATA {

@@ -136,6 +136,7 @@ pub(crate) fn qemu_args(spec: &VmSpec, dir: &VmDir, mode: StartMode) -> Result<V
             disk_device(hw.disk_bus, "seed0", "seed0-dev", 1, None),
         ]);
     }
+    args.extend(crate::volume::volume_args(spec, dir)?);
     let nic = match hw.nic {
         // guest_announce=off: after a migration QEMU itself announces the MAC (RARP); with
         // the guest's help (the default), the guest acknowledged each announcement on the

@@ -21,6 +21,7 @@ pub mod qmp;
 mod snapshot;
 pub use snapshot::OverlayCopy;
 pub mod vm;
+pub mod volume;
 
 pub use accel::{AccelChoice, Accelerator, ProbeBoot};
 pub use console::{Attached, Console, ConsoleError, Input};
@@ -30,3 +31,4 @@ pub use process::Lifetime;
 pub use vm::{
     mac_for, BaseImage, ImageFormat, StopOutcome, SuspendedVm, TapSpec, Vm, VmDir, VmSpec,
 };
+pub use volume::VolumeDisk;

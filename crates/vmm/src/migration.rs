@@ -24,6 +24,9 @@
 //!                                            cont  → the guest runs here
 //! ```
 //!
+//! Persistent volumes go the same way, each its own mirror job to its own export (named after
+//! its node), all ready before the RAM moves and all ended at the switch-over.
+//!
 //! If anything fails before the switch-over, the mirror is cancelled and its target removed;
 //! the source keeps running and is handed back to the caller.
 
@@ -105,6 +108,8 @@ impl IncomingVm {
         let dir = VmDir::new(dir);
         prepare_dir(&dir)?;
         create_overlay(&spec, &dir.disk()).await?;
+        crate::volume::create_volumes(&spec, &dir).await?;
+        let volumes: Vec<String> = spec.volumes.iter().map(|v| v.node()).collect();
         let mut vm = Vm::start(spec, dir, StartMode::Incoming).await?;
         // Loading a guest yields to the guests that serve (its own vCPUs wait anyway).
         set_nice(vm.pid(), MIGRATING_NICE, true);
@@ -128,6 +133,18 @@ impl IncomingVm {
                     name: DISK_NODE.into(),
                 })
                 .await?;
+            // Each volume too, under its node's name.
+            for node in &volumes {
+                vm.qmp
+                    .execute(&BlockExportAdd {
+                        kind: "nbd",
+                        id: format!("{EXPORT_ID}-{node}"),
+                        node_name: node.clone(),
+                        writable: true,
+                        name: node.clone(),
+                    })
+                    .await?;
+            }
             vm.qmp
                 .execute(&MigrateIncoming {
                     uri: format!("tcp:{migration}"),
@@ -243,7 +260,7 @@ impl Vm {
             }
             Err(error) => {
                 set_nice(self.pid(), 0, false);
-                self.clean_up_failed_migration().await;
+                self.clean_up_failed_migration(target).await;
                 Err(MigrationFailure {
                     error,
                     source: Box::new(self),
@@ -258,39 +275,48 @@ impl Vm {
         started: Instant,
         limit: Duration,
     ) -> Result<MigrationReport> {
-        self.qmp
-            .execute(&BlockdevAddNbd {
-                driver: "nbd",
-                node_name: MIRROR_TARGET.into(),
-                server: SocketAddress::Inet {
-                    host: target.nbd.ip().to_string(),
-                    port: target.nbd.port().to_string(),
-                },
-                export: target.export.clone(),
-            })
-            .await?;
-        self.qmp
-            .execute(&BlockdevMirror {
-                job_id: MIRROR_JOB.into(),
-                device: DISK_NODE.into(),
-                target: MIRROR_TARGET.into(),
-                sync: "top",
-                copy_mode: "write-blocking",
-            })
-            .await?;
+        for m in self.mirrors(target) {
+            self.qmp
+                .execute(&BlockdevAddNbd {
+                    driver: "nbd",
+                    node_name: m.target_node.clone(),
+                    server: SocketAddress::Inet {
+                        host: target.nbd.ip().to_string(),
+                        port: target.nbd.port().to_string(),
+                    },
+                    export: m.export.clone(),
+                })
+                .await?;
+            self.qmp
+                .execute(&BlockdevMirror {
+                    job_id: m.job.clone(),
+                    device: m.node.clone(),
+                    target: m.target_node.clone(),
+                    sync: "top",
+                    copy_mode: "write-blocking",
+                })
+                .await?;
+        }
         let deadline = Instant::now() + limit;
+        let jobs_wanted: Vec<String> = self.mirrors(target).into_iter().map(|m| m.job).collect();
         loop {
             let jobs = self.qmp.execute(&QueryBlockJobs {}).await?;
-            match jobs.iter().find(|j| j.device == MIRROR_JOB) {
-                Some(j) if j.ready => break,
-                Some(_) => {}
-                None => {
-                    return Err(VmmError::Migration {
-                        instance: self.spec.instance.clone(),
-                        operation: "disk mirror",
-                        detail: "the mirror job ended before it was ready".into(),
-                    })
+            let mut all_ready = true;
+            for want in &jobs_wanted {
+                match jobs.iter().find(|j| j.device == *want) {
+                    Some(j) if j.ready => {}
+                    Some(_) => all_ready = false,
+                    None => {
+                        return Err(VmmError::Migration {
+                            instance: self.spec.instance.clone(),
+                            operation: "disk mirror",
+                            detail: format!("the mirror job {want} ended before it was ready"),
+                        })
+                    }
                 }
+            }
+            if all_ready {
+                break;
             }
             if Instant::now() >= deadline {
                 return Err(self.timeout("the disk mirror becoming ready", limit));
@@ -349,21 +375,23 @@ impl Vm {
         }
         let stopped = Instant::now();
         tracing::debug!(instance = %self.spec.instance, "switch-over: the guest is stopped");
-        // The guest is stopped now: end the mirror (a final sync), then switch over.
-        let disk_bytes = self
-            .qmp
-            .execute(&QueryBlockJobs {})
-            .await?
+        // The guest is stopped now: end the mirrors (a final sync), then switch over.
+        let jobs = self.qmp.execute(&QueryBlockJobs {}).await?;
+        let disk_bytes = jobs
             .iter()
-            .find(|j| j.device == MIRROR_JOB)
-            .map_or(0, |j| j.offset);
-        self.qmp
-            .execute(&BlockJobCancel {
-                device: MIRROR_JOB.into(),
-            })
-            .await?;
-        self.wait_job_gone(MIRROR_JOB, Duration::from_secs(60))
-            .await?;
+            .filter(|j| jobs_wanted.contains(&j.device))
+            .map(|j| j.offset)
+            .sum();
+        for job in &jobs_wanted {
+            self.qmp
+                .execute(&BlockJobCancel {
+                    device: job.clone(),
+                })
+                .await?;
+        }
+        for job in &jobs_wanted {
+            self.wait_job_gone(job, Duration::from_secs(60)).await?;
+        }
         self.qmp
             .execute(&MigrateContinue {
                 state: "pre-switchover",
@@ -401,28 +429,59 @@ impl Vm {
         Ok(())
     }
 
-    async fn clean_up_failed_migration(&mut self) {
-        let _ = self
-            .qmp
-            .execute(&BlockJobCancel {
-                device: MIRROR_JOB.into(),
-            })
-            .await;
-        let _ = self
-            .wait_job_gone(MIRROR_JOB, Duration::from_secs(10))
-            .await;
-        let _ = self
-            .qmp
-            .execute(&BlockdevDel {
-                node_name: MIRROR_TARGET.into(),
-            })
-            .await;
+    async fn clean_up_failed_migration(&mut self, target: &MigrationTarget) {
+        for m in self.mirrors(target) {
+            let _ = self
+                .qmp
+                .execute(&BlockJobCancel {
+                    device: m.job.clone(),
+                })
+                .await;
+            let _ = self.wait_job_gone(&m.job, Duration::from_secs(10)).await;
+            let _ = self
+                .qmp
+                .execute(&BlockdevDel {
+                    node_name: m.target_node,
+                })
+                .await;
+        }
         // A migration that failed after the guest stopped leaves it paused.
         if let Ok(s) = self.status().await {
             if !s.running {
                 let _ = self.cont().await;
             }
         }
+    }
+}
+
+/// One disk a migration mirrors: its node here, the destination's export it goes to, the
+/// mirror job and the node of the NBD client.
+struct Mirror {
+    node: String,
+    export: String,
+    job: String,
+    target_node: String,
+}
+
+impl Vm {
+    /// The disks to mirror: the system disk, then each volume (exported under its node's name).
+    fn mirrors(&self, target: &MigrationTarget) -> Vec<Mirror> {
+        let mut out = vec![Mirror {
+            node: DISK_NODE.into(),
+            export: target.export.clone(),
+            job: MIRROR_JOB.into(),
+            target_node: MIRROR_TARGET.into(),
+        }];
+        for v in &self.spec.volumes {
+            let node = v.node();
+            out.push(Mirror {
+                export: node.clone(),
+                job: format!("{MIRROR_JOB}-{node}"),
+                target_node: format!("{MIRROR_TARGET}-{node}"),
+                node,
+            });
+        }
+        out
     }
 }
 

@@ -47,7 +47,7 @@ pub enum ImageFormat {
 }
 
 impl ImageFormat {
-    fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::Raw => "raw",
             Self::Qcow2 => "qcow2",
@@ -122,6 +122,8 @@ pub struct VmSpec {
     /// A read-only raw disk attached after the system disk: the instance's cloud-init seed
     /// (made by its owner, with the same bytes at both ends of a move).
     pub seed: Option<PathBuf>,
+    /// Persistent volumes, attached after the seed.
+    pub volumes: Vec<crate::volume::VolumeDisk>,
 }
 
 impl VmSpec {
@@ -144,6 +146,7 @@ impl VmSpec {
             lifetime: Lifetime::Owner,
             hardware: Hardware::default(),
             seed: None,
+            volumes: Vec::new(),
         }
     }
 
@@ -270,6 +273,7 @@ impl Vm {
         let dir = VmDir::new(dir);
         prepare_dir(&dir)?;
         create_overlay(&spec, &dir.disk()).await?;
+        crate::volume::create_volumes(&spec, &dir).await?;
         Self::start(spec, dir, StartMode::Boot).await
     }
 
@@ -606,6 +610,8 @@ impl Vm {
         if suspended.disk != dir.disk() {
             std::fs::copy(&suspended.disk, dir.disk()).map_err(io_err("copy", &suspended.disk))?;
         }
+        // The volumes as they were stored when it was suspended.
+        crate::volume::create_volumes(&spec, &dir).await?;
         let mut vm = Self::start(spec, dir, StartMode::Incoming).await?;
         let loaded = async {
             vm.qmp

@@ -18,3 +18,4 @@ mod standby;
 mod support;
 mod switch;
 mod up;
+mod volumes;

@@ -132,6 +132,7 @@ fn spec(name: &str) -> ServiceSpec {
         cpu: Default::default(),
         ssh_authorized_keys: Vec::new(),
         user_data: None,
+        volumes: Vec::new(),
     }
 }
 

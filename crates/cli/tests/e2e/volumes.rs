@@ -1,0 +1,194 @@
+//! Issue 14's persistent volumes with real QEMU: a value written through `/disk` lands on the
+//! slot's volume; the instance's QEMU is killed and its replacement — a fresh instance from
+//! the untouched image — returns it; it is suspended and resumed on the other machine and the
+//! value is there; a live migration carries it; each store of the volume adds only the chunks the guest changed.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::cluster::{cli, ps, wait_for};
+use crate::support::{data_dir, is_qemu_of, kill9, start_matrix, up_log};
+
+async fn image_version(d: &Path, image: &str) -> String {
+    let (ok, out, err) = cli(d, &["image", "show", image, "--json"]).await;
+    assert!(ok, "image show {image}: {err}");
+    let v: Value = serde_json::from_str(&out).expect("image show --json");
+    v["version"].as_str().expect("version").to_owned()
+}
+
+async fn put(address: &str, key: &str, value: &str) {
+    let r = reqwest::Client::new()
+        .put(format!("http://{address}/disk/{key}"))
+        .body(value.to_owned())
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .expect("PUT /disk");
+    assert!(r.status().is_success(), "PUT /disk/{key}: {}", r.status());
+}
+
+async fn get(address: &str, key: &str) -> String {
+    let r = reqwest::Client::new()
+        .get(format!("http://{address}/disk/{key}"))
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .expect("GET /disk");
+    assert!(r.status().is_success(), "GET /disk/{key}: {}", r.status());
+    r.text().await.expect("body").trim().to_owned()
+}
+
+/// The running instance of web that is not `not`, once there is one.
+async fn running_web(d: &Path, not: &str) -> Value {
+    wait_for(
+        "a running instance of web",
+        Duration::from_secs(240),
+        async || {
+            ps(d)
+                .await
+                .into_iter()
+                .find(|i| i["service"] == "web" && i["state"] == "running" && i["id"] != not)
+        },
+    )
+    .await
+}
+
+/// `line` without its terminal colours.
+fn plain(line: &str) -> String {
+    let mut out = String::new();
+    let mut escape = false;
+    for c in line.chars() {
+        match (escape, c) {
+            (false, '\x1b') => escape = true,
+            (true, 'm') => escape = false,
+            (false, c) => out.push(c),
+            _ => {}
+        }
+    }
+    out
+}
+
+/// The new chunks of each store of a volume, as the agents logged them.
+fn stores(d: &Path) -> Vec<u64> {
+    std::fs::read_to_string(d.join("up.log"))
+        .unwrap_or_default()
+        .lines()
+        .map(plain)
+        .filter(|l| l.contains("volume stored"))
+        .filter_map(|l| {
+            l.split("new_chunks=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+#[tokio::test]
+#[ignore = "boots real QEMU on bridges in network namespaces (root); run by scripts/test"]
+async fn a_volume_outlives_a_killed_instance_and_moves_with_suspend_and_resume() {
+    let data = data_dir();
+    let d = data.path();
+    let (_up, _front) = start_matrix(
+        d,
+        &["--machines", "2", "--policy", "min", "--network", "bridge"],
+    )
+    .await;
+    let services = d.join("services.toml");
+    std::fs::write(
+        &services,
+        "[[service]]\nname = \"web\"\nimage = \"guest:v1\"\n\
+         [[service.volume]]\nname = \"data\"\nsize = \"64M\"\n",
+    )
+    .unwrap();
+    let (ok, _, err) = cli(d, &["apply", "-f", services.to_str().unwrap()]).await;
+    assert!(ok, "{err}\n{}", up_log(d));
+    let first = running_web(d, "").await;
+    let (id, address) = (
+        first["id"].as_str().unwrap().to_owned(),
+        first["address"].as_str().unwrap().to_owned(),
+    );
+    assert_eq!(first["slot"], 1, "{first}");
+    let image_before = image_version(d, "guest:v1").await;
+
+    // 1. Written to the volume; the instance's QEMU killed; its replacement has it.
+    put(&address, "color", "blue").await;
+    assert_eq!(get(&address, "color").await, "blue");
+    kill9(&format!("{id}'s QEMU"), is_qemu_of(d, &id));
+    let second = running_web(d, &id).await;
+    let (id2, address2) = (
+        second["id"].as_str().unwrap().to_owned(),
+        second["address"].as_str().unwrap().to_owned(),
+    );
+    assert_eq!(
+        second["slot"], 1,
+        "the replacement takes the slot: {second}"
+    );
+    assert_eq!(
+        get(&address2, "color").await,
+        "blue",
+        "the value written before the kill\n{}",
+        up_log(d)
+    );
+    assert_eq!(
+        image_version(d, "guest:v1").await,
+        image_before,
+        "the dormant image is untouched"
+    );
+    eprintln!("{id} killed; {id2} (slot 1) returned the value from the volume");
+
+    // 2. Suspended, resumed on the other machine: the value is there.
+    put(&address2, "color", "green").await;
+    let from = second["machine"].as_str().unwrap().to_owned();
+    let to = if from == "rm1" { "rm2" } else { "rm1" };
+    let (ok, _, err) = cli(d, &["suspend", &id2]).await;
+    assert!(ok, "suspend: {err}\n{}", up_log(d));
+    let (ok, _, err) = cli(d, &["resume", &id2, "--on", to]).await;
+    assert!(ok, "resume: {err}\n{}", up_log(d));
+    let back = wait_for(
+        "the resumed instance running",
+        Duration::from_secs(120),
+        async || {
+            ps(d)
+                .await
+                .into_iter()
+                .find(|i| i["id"] == id2.as_str() && i["state"] == "running")
+        },
+    )
+    .await;
+    assert_eq!(back["machine"], to);
+    let address3 = back["address"].as_str().unwrap().to_owned();
+    assert_eq!(get(&address3, "color").await, "green");
+    eprintln!("{id2} suspended on {from}, resumed on {to}: the value is there");
+
+    // 3. A live migration back mirrors the volume with the system disk: a value written just
+    // before the move is read just after it.
+    put(&address3, "color", "red").await;
+    let (ok, out, err) = cli(d, &["migrate", &id2, "--to", &from]).await;
+    assert!(ok, "migrate: {err}\n{}", up_log(d));
+    let moved = ps(d)
+        .await
+        .into_iter()
+        .find(|i| i["id"] == id2.as_str())
+        .expect("still there");
+    assert_eq!(moved["machine"], from.as_str(), "{moved}");
+    assert_eq!(get(&address3, "color").await, "red");
+    eprintln!(
+        "{id2} migrated back to {from} with its volume ({})",
+        out.trim()
+    );
+
+    // 4. Each store added only what the guest changed: the 64 MiB volume is 1,024 chunks.
+    let s = stores(d);
+    assert!(s.len() >= 2, "two stores (discard, suspend) logged: {s:?}");
+    let last = *s.last().unwrap();
+    assert!(
+        last <= 32,
+        "the suspend's store of the volume added {last} chunks (of 1,024): {s:?}"
+    );
+    eprintln!("volume stores, new chunks each: {s:?}");
+}
