@@ -12,6 +12,7 @@ mod policy_file;
 mod sim;
 mod suite;
 mod switch_bench;
+mod volume;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -377,6 +378,14 @@ enum Command {
         repo: Option<String>,
         #[command(subcommand)]
         command: image::ImageCommand,
+    },
+    /// Persistent volumes in the repository: list them, snapshot them.
+    Volume {
+        /// Repository: file:///path (or a plain path) or s3://bucket/prefix. Default: DATA/repo.
+        #[arg(long, env = "VMATRIX_REPO", global = true)]
+        repo: Option<String>,
+        #[command(subcommand)]
+        command: volume::VolumeCommand,
     },
 }
 
@@ -809,6 +818,10 @@ fn run() -> Result<()> {
         Command::Image { repo, command } => {
             let url = image::repo_url(repo, &data)?;
             image::run(command, &url, &data)?;
+        }
+        Command::Volume { repo, command } => {
+            let url = image::repo_url(repo, &data)?;
+            volume::run(command, &url)?;
         }
         Command::Bench(BenchCommand::Vmm { runs, memory, work }) => {
             runtime()?.block_on(bench::vmm(accel, runs, memory, &work))?

@@ -191,4 +191,23 @@ async fn a_volume_outlives_a_killed_instance_and_moves_with_suspend_and_resume()
         "the suspend's store of the volume added {last} chunks (of 1,024): {s:?}"
     );
     eprintln!("volume stores, new chunks each: {s:?}");
+
+    // 5. `vmatrix volume`: the slot's volume is listed and kept under a snapshot's name.
+    let (ok, out, err) = cli(d, &["volume", "snapshot", "vol-web-1-data", "before"]).await;
+    assert!(ok, "volume snapshot: {err}");
+    let (ok, out2, err) = cli(d, &["volume", "ls", "--json"]).await;
+    assert!(ok, "volume ls: {err}");
+    let listed: Value = serde_json::from_str(&out2).expect("volume ls --json");
+    let vol = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["volume"] == "vol-web-1-data")
+        .unwrap_or_else(|| panic!("vol-web-1-data listed: {listed}"));
+    assert_eq!(vol["size"], 64 << 20, "{vol}");
+    assert!(
+        vol["snapshots"][0].as_str().unwrap().starts_with("before"),
+        "{vol}"
+    );
+    eprintln!("{}", out.trim());
 }
