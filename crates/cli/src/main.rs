@@ -507,25 +507,7 @@ fn duration(s: &str, zero: bool) -> std::result::Result<std::time::Duration, Str
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (num, mult) = match s.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let mult = match c.to_ascii_uppercase() {
-                'K' => 1u64 << 10,
-                'M' => 1 << 20,
-                'G' => 1 << 30,
-                'T' => 1 << 40,
-                _ => return Err(format!("unknown unit {c:?} in {s:?}: use K, M, G or T")),
-            };
-            (&s[..i], mult)
-        }
-        _ => (s, 1),
-    };
-    let n: u64 = num.parse().map_err(|_| {
-        format!("{s:?} is not a size: use a whole number with K, M, G or T (e.g. 4G)")
-    })?;
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("{s:?} is too large"))
+    vmatrix_core::volume::parse_size(s)
 }
 
 /// mimalloc instead of glibc's allocator: the switch allocates a few small buffers per request

@@ -69,7 +69,7 @@ pub(crate) async fn read_until(s: &mut Socket, want: &str, limit: Duration) -> S
     got
 }
 
-async fn version_of(d: &Path, image: &str) -> String {
+pub(crate) async fn version_of(d: &Path, image: &str) -> String {
     let (ok, out, err) = cli(d, &["image", "show", image, "--json"]).await;
     assert!(ok, "image show {image}: {err}");
     let v: Value = serde_json::from_str(&out).expect("image show --json");

@@ -11,13 +11,6 @@ use serde_json::Value;
 use crate::cluster::{cli, ps, wait_for};
 use crate::support::{data_dir, is_qemu_of, kill9, start_matrix, up_log};
 
-async fn image_version(d: &Path, image: &str) -> String {
-    let (ok, out, err) = cli(d, &["image", "show", image, "--json"]).await;
-    assert!(ok, "image show {image}: {err}");
-    let v: Value = serde_json::from_str(&out).expect("image show --json");
-    v["version"].as_str().expect("version").to_owned()
-}
-
 async fn put(address: &str, key: &str, value: &str) {
     let r = reqwest::Client::new()
         .put(format!("http://{address}/disk/{key}"))
@@ -113,7 +106,7 @@ async fn a_volume_outlives_a_killed_instance_and_moves_with_suspend_and_resume()
         first["address"].as_str().unwrap().to_owned(),
     );
     assert_eq!(first["slot"], 1, "{first}");
-    let image_before = image_version(d, "guest:v1").await;
+    let image_before = crate::lifecycle::version_of(d, "guest:v1").await;
 
     // 1. Written to the volume; the instance's QEMU killed; its replacement has it.
     put(&address, "color", "blue").await;
@@ -135,7 +128,7 @@ async fn a_volume_outlives_a_killed_instance_and_moves_with_suspend_and_resume()
         up_log(d)
     );
     assert_eq!(
-        image_version(d, "guest:v1").await,
+        crate::lifecycle::version_of(d, "guest:v1").await,
         image_before,
         "the dormant image is untouched"
     );
