@@ -503,7 +503,7 @@ impl Agent {
         // an unpause: they alternate, and each is quick and idempotent (a pause after an
         // unpause must pause again, not answer with the first pause's result). Nor a commit:
         // the next one, later, stores the disk as it is then.
-        if out.is_err() || matches!(key.2, "pause" | "unpause" | "commit") {
+        if out.is_err() || matches!(key.2, "pause" | "unpause" | "commit" | "set-volume") {
             lock(&self.tasks).remove(&key);
         }
         out
@@ -533,6 +533,7 @@ impl Agent {
             AgentCommand::Pause { id, generation } => self.pause(id, generation, true).await,
             AgentCommand::Unpause { id, generation } => self.pause(id, generation, false).await,
             AgentCommand::RemoveSaved { id, saved, .. } => self.remove_saved(id, saved).await,
+            AgentCommand::SetVolume { volume, snapshot } => self.set_volume(volume, snapshot).await,
         }
     }
 
@@ -751,5 +752,13 @@ fn key_of(c: &AgentCommand) -> TaskKey {
         AgentCommand::RemoveSaved { id, generation, .. } => {
             (id.clone(), *generation, "remove-saved")
         }
+        // Volume and instance names follow the same rules.
+        AgentCommand::SetVolume { volume, .. } => (
+            InstanceId::new(volume.as_str()).unwrap_or_else(|_| {
+                InstanceId::new("volume").expect("a constant valid instance id")
+            }),
+            0,
+            "set-volume",
+        ),
     }
 }

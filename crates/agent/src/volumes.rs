@@ -5,8 +5,8 @@
 
 use std::path::Path;
 
-use vmatrix_core::api::InstancePlan;
-use vmatrix_core::InstanceId;
+use vmatrix_core::api::{AgentReply, InstancePlan};
+use vmatrix_core::{ImageName, ImageRef, InstanceId};
 use vmatrix_store::{CommitInfo, StoreError};
 use vmatrix_vmm::{BaseImage, VmDir, VolumeDisk};
 
@@ -129,5 +129,56 @@ impl Agent {
         {
             s.volume_versions = versions;
         }
+    }
+
+    /// `set-volume`: restores snapshot `snapshot` of `volume` as its `latest`, or removes
+    /// every tag of the volume.
+    pub(crate) async fn set_volume(
+        &self,
+        volume: ImageName,
+        snapshot: Option<String>,
+    ) -> Result<AgentReply> {
+        let repo = self.repo.clone();
+        let tag = |t: &str| {
+            ImageRef::parse(&format!("{volume}:{t}"))
+                .map_err(|e| AgentError::Other(format!("volume {volume}: {e}")))
+        };
+        let latest = tag(vmatrix_core::volume::LATEST)?;
+        let changed = match snapshot {
+            Some(s) => {
+                let from = tag(&s)?;
+                tokio::task::spawn_blocking(move || {
+                    repo.tag(&from, &latest)
+                        .map(|v| vec![format!("{latest} -> {v} ({from})")])
+                })
+                .await
+                .map_err(|e| AgentError::Other(e.to_string()))?
+            }
+            None => {
+                let name = volume.to_string();
+                tokio::task::spawn_blocking(move || {
+                    let mut removed = Vec::new();
+                    for e in repo.list()? {
+                        let Ok(image) = ImageRef::parse(&e.image) else {
+                            continue;
+                        };
+                        if image.name.as_str() == name {
+                            repo.remove(&image)?;
+                            removed.push(format!("{image} removed"));
+                        }
+                    }
+                    if removed.is_empty() {
+                        return Err(StoreError::NotFound {
+                            what: format!("volume {name} (`vmatrix volume ls` lists them)"),
+                        });
+                    }
+                    Ok(removed)
+                })
+                .await
+                .map_err(|e| AgentError::Other(e.to_string()))?
+            }
+        }
+        .map_err(|e| AgentError::Other(format!("volume {volume}: {e}")))?;
+        Ok(AgentReply::VolumeSet { changed })
     }
 }

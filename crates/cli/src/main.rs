@@ -379,7 +379,7 @@ enum Command {
         #[command(subcommand)]
         command: image::ImageCommand,
     },
-    /// Persistent volumes in the repository: list them, snapshot them.
+    /// Persistent volumes: list, snapshot, restore, remove.
     Volume {
         /// Repository: file:///path (or a plain path) or s3://bucket/prefix. Default: DATA/repo.
         #[arg(long, env = "VMATRIX_REPO", global = true)]
@@ -801,10 +801,10 @@ fn run() -> Result<()> {
             let url = image::repo_url(repo, &data)?;
             image::run(command, &url, &data)?;
         }
-        Command::Volume { repo, command } => {
-            let url = image::repo_url(repo, &data)?;
-            volume::run(command, &url)?;
-        }
+        Command::Volume { repo, command } => match command.operation()? {
+            Some(o) => op(o)?,
+            None => volume::run(command, &image::repo_url(repo, &data)?)?,
+        },
         Command::Bench(BenchCommand::Vmm { runs, memory, work }) => {
             runtime()?.block_on(bench::vmm(accel, runs, memory, &work))?
         }

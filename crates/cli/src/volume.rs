@@ -23,6 +23,45 @@ pub enum VolumeCommand {
         /// The snapshot's name (letters, digits, `.`, `_`, `-`; not `latest`).
         label: String,
     },
+    /// Make a snapshot the volume's current contents, for the next instance of its slot.
+    /// Refused by the controller while an instance holds the slot (scale in or discard it).
+    Restore {
+        /// The volume (vol-SERVICE-SLOT-NAME).
+        volume: String,
+        /// The snapshot.
+        label: String,
+    },
+    /// Remove a volume and its snapshots (the data goes at the next `vmatrix image gc`).
+    /// Refused by the controller while an instance holds the slot.
+    Rm {
+        /// The volume (vol-SERVICE-SLOT-NAME).
+        volume: String,
+    },
+}
+
+impl VolumeCommand {
+    /// The controller's operation for the commands that change what a slot attaches (checked
+    /// there against the instances), or `None` for the ones done on the repository here.
+    pub fn operation(&self) -> Result<Option<vmatrix_core::api::Operation>> {
+        use vmatrix_core::api::Operation;
+        let name = |v: &str| {
+            vmatrix_core::ImageName::new(v).map_err(|e| {
+                anyhow::anyhow!(
+                    "{e}; `vmatrix volume ls` lists the volumes (vol-SERVICE-SLOT-NAME)"
+                )
+            })
+        };
+        Ok(match self {
+            Self::Restore { volume, label } => Some(Operation::RestoreVolume {
+                volume: name(volume)?,
+                snapshot: label.clone(),
+            }),
+            Self::Rm { volume } => Some(Operation::RemoveVolume {
+                volume: name(volume)?,
+            }),
+            Self::Ls { .. } | Self::Snapshot { .. } => None,
+        })
+    }
 }
 
 /// One volume in the repository.
@@ -96,6 +135,9 @@ pub fn run(cmd: VolumeCommand, url: &str) -> Result<()> {
                     r.snapshots.join(", ")
                 );
             }
+        }
+        VolumeCommand::Restore { .. } | VolumeCommand::Rm { .. } => {
+            bail!("restore and rm go through the controller (`VolumeCommand::operation`)")
         }
         VolumeCommand::Snapshot { volume, label } => {
             if label == vmatrix_core::volume::LATEST {

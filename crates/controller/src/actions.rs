@@ -110,7 +110,15 @@ impl Controller {
                 }
             };
             let slot = if slotted {
-                crate::volumes::lowest_free_slot(&db.instances()?, service)
+                let busy: Vec<u32> = self
+                    .volume_busy
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .iter()
+                    .filter(|(s, _)| s == service.as_str())
+                    .map(|(_, n)| *n)
+                    .collect();
+                crate::volumes::lowest_free_slot(&db.instances()?, service, &busy)
             } else {
                 0
             };

@@ -62,10 +62,12 @@ impl Controller {
                 message: format!("bad or cut reply: {e}"),
             })?;
             // Reports from this machine older than this say nothing about the instance now.
-            self.fresh_after
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert((machine.name.clone(), cmd.instance().clone()), body.seq);
+            if let Some(id) = cmd.instance() {
+                self.fresh_after
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert((machine.name.clone(), id.clone()), body.seq);
+            }
             Ok(body.reply)
         } else {
             let body: Option<ErrorBody> = resp.json().await.ok();

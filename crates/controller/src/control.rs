@@ -143,6 +143,9 @@ pub struct Controller {
     pub(crate) rolling: Arc<Mutex<HashSet<String>>>,
     /// Instances a rollout is retiring: out of the routes, discarded in a moment.
     pub(crate) retiring: Mutex<HashSet<InstanceId>>,
+    /// Slots (service, slot) whose volume an operator's restore or removal is changing: no
+    /// new instance takes them meanwhile.
+    pub(crate) volume_busy: Mutex<HashSet<(String, u32)>>,
     /// Services whose automatic activations fail in a row, and until when they wait.
     pub(crate) backoff: Mutex<HashMap<String, Backoff>>,
 }
@@ -231,6 +234,7 @@ impl Controller {
             network: Mutex::new(None),
             rolling: Arc::new(Mutex::new(HashSet::new())),
             retiring: Mutex::new(HashSet::new()),
+            volume_busy: Mutex::new(HashSet::new()),
         })
     }
 

@@ -140,6 +140,10 @@ impl Controller {
             Operation::Wake { service } => self.wake(&service).await,
             Operation::Drop { service } => self.set_dropped(&service, true, "api", why),
             Operation::Undrop { service } => self.set_dropped(&service, false, "api", why),
+            Operation::RestoreVolume { volume, snapshot } => {
+                self.set_volume(&volume, Some(&snapshot), why).await
+            }
+            Operation::RemoveVolume { volume } => self.set_volume(&volume, None, why).await,
         }
     }
 }

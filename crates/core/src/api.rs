@@ -335,6 +335,20 @@ pub enum Operation {
         /// The instance.
         instance: InstanceId,
     },
+    /// Make a volume's snapshot its current contents (`latest`): refused while an instance
+    /// holds the volume's slot.
+    RestoreVolume {
+        /// The volume (`vol-SERVICE-SLOT-NAME`).
+        volume: crate::ImageName,
+        /// The snapshot's tag.
+        snapshot: String,
+    },
+    /// Remove a volume and its snapshots (the data goes at the next gc): refused while an
+    /// instance holds the volume's slot.
+    RemoveVolume {
+        /// The volume (`vol-SERVICE-SLOT-NAME`).
+        volume: crate::ImageName,
+    },
 }
 
 /// Where a durable operation is.
@@ -400,10 +414,10 @@ pub struct CommandReply {
 }
 
 impl AgentCommand {
-    /// The instance the command is about.
-    pub fn instance(&self) -> &InstanceId {
+    /// The instance the command is about (none for a volume's).
+    pub fn instance(&self) -> Option<&InstanceId> {
         match self {
-            Self::Activate { plan, .. } | Self::PrepareIncoming { plan } => &plan.id,
+            Self::Activate { plan, .. } | Self::PrepareIncoming { plan } => Some(&plan.id),
             Self::Suspend { id, .. }
             | Self::MigrateOut { id, .. }
             | Self::FinishIncoming { id, .. }
@@ -411,7 +425,8 @@ impl AgentCommand {
             | Self::Pause { id, .. }
             | Self::Unpause { id, .. }
             | Self::Commit { id, .. }
-            | Self::RemoveSaved { id, .. } => id,
+            | Self::RemoveSaved { id, .. } => Some(id),
+            Self::SetVolume { .. } => None,
         }
     }
 }
@@ -627,6 +642,15 @@ pub enum AgentCommand {
         /// What to remove.
         saved: SavedState,
     },
+    /// Point a volume's `latest` at its snapshot `snapshot`, or with none remove every tag of
+    /// the volume (any machine can: it is in the shared repository). The controller has
+    /// checked that no instance holds the volume's slot.
+    SetVolume {
+        /// The volume.
+        volume: crate::ImageName,
+        /// The snapshot to restore; `None`: remove the volume.
+        snapshot: Option<String>,
+    },
 }
 
 /// The two repository objects that hold a suspended instance.
@@ -694,6 +718,11 @@ pub enum AgentReply {
     Unpaused,
     /// `commit`: the new version.
     Committed(CommitReport),
+    /// `set-volume`: the tags it changed (`NAME:TAG -> version`, or removed).
+    VolumeSet {
+        /// What changed, one line each.
+        changed: Vec<String>,
+    },
 }
 
 /// What a commit did.
@@ -735,6 +764,7 @@ impl AgentReply {
             Self::Paused => "paused",
             Self::Unpaused => "unpaused",
             Self::Committed(_) => "committed",
+            Self::VolumeSet { .. } => "volume-set",
         }
     }
 }

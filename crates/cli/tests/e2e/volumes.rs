@@ -203,4 +203,50 @@ async fn a_volume_outlives_a_killed_instance_and_moves_with_suspend_and_resume()
         "{vol}"
     );
     eprintln!("{}", out.trim());
+
+    // 6. A restore is refused while an instance holds the slot; with none, the slot's next
+    // instance starts from the snapshot ("green"), not from what the last one wrote ("red").
+    let (ok, _, err) = cli(d, &["volume", "restore", "vol-web-1-data", "before"]).await;
+    assert!(!ok, "a restore under a running instance is refused");
+    assert!(err.contains(&id2) && err.contains("holds"), "{err}");
+    let (ok, _, err) = cli(d, &["volume", "rm", "vol-web-1-data"]).await;
+    assert!(
+        !ok && err.contains("holds"),
+        "rm under a running instance: {err}"
+    );
+    let without = d.join("without-web.toml");
+    std::fs::write(
+        &without,
+        "[[service]]\nname = \"other\"\nimage = \"guest:v1\"\nmin = 0\n",
+    )
+    .unwrap();
+    let (ok, _, err) = cli(d, &["apply", "-f", without.to_str().unwrap()]).await;
+    assert!(ok, "apply without web: {err}");
+    wait_for(
+        "web's instances gone",
+        Duration::from_secs(120),
+        async || {
+            ps(d)
+                .await
+                .iter()
+                .all(|i| i["service"] != "web")
+                .then_some(())
+        },
+    )
+    .await;
+    let (ok, out, err) = cli(d, &["volume", "restore", "vol-web-1-data", "before"]).await;
+    assert!(ok, "restore with no instance in the slot: {err}");
+    eprintln!("{}", out.trim());
+    let (ok, _, err) = cli(d, &["apply", "-f", services.to_str().unwrap()]).await;
+    assert!(ok, "apply web again: {err}");
+    let again = running_web(d, &id2).await;
+    assert_eq!(again["slot"], 1, "{again}");
+    assert_eq!(
+        get(again["address"].as_str().unwrap(), "color").await,
+        "green",
+        "the slot's next instance starts from the snapshot"
+    );
+    // Not a volume: one line that says so.
+    let (ok, _, err) = cli(d, &["volume", "restore", "guest", "v1"]).await;
+    assert!(!ok && err.contains("not a volume"), "{err}");
 }
