@@ -1,9 +1,10 @@
 //! Issue 14's real server VM: the Debian 12 guest (systemd, cloud-init, openssh-server,
 //! qemu-guest-agent) built by `vmatrix guest build --os debian`, imported and run as a service
-//! with an SSH key and user-data. Its boot (about a minute under TCG) is within its grace and
+//! with an SSH key, user-data and a volume. Its boot (about a minute under TCG) is within its grace and
 //! never taken for a failure; it serves through the switch; cloud-init gave it the instance id
 //! as hostname, the key and the service's user-data; a commit freezes its file systems through
-//! the guest agent; and it moves live under load without a failed request.
+//! the guest agent; `/disk` writes to its volume (made ext4 and mounted by the guest); and it
+//! moves live under load, volume included, without a failed request.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -118,7 +119,8 @@ async fn a_debian_server_boots_within_its_grace_takes_its_config_and_moves_live(
         format!(
             "[[service]]\nname = \"deb\"\nimage = \"debian:12\"\nmemory_mib = 1024\n\
              health = {{ http = \"/health\", grace = \"120s\" }}\n\
-             ssh_authorized_keys = [\"{}\"]\nuser_data = \"user.yaml\"\n",
+             ssh_authorized_keys = [\"{}\"]\nuser_data = \"user.yaml\"\n\
+             [[service.volume]]\nname = \"data\"\nsize = \"256M\"\n",
             public.trim()
         ),
     )
@@ -178,6 +180,31 @@ async fn a_debian_server_boots_within_its_grace_takes_its_config_and_moves_live(
     assert_eq!(page, "from user-data\n");
     eprintln!("ssh debian@{address} hostname → {hostname}; user-data's page served");
 
+    // Its volume: blank at first, made ext4 and mounted at /volume by the guest; `/disk`
+    // writes go there.
+    let mounted = ssh(
+        &key,
+        &address,
+        "findmnt -n -o FSTYPE /volume; cat /run/vmx-volume",
+    );
+    let mounted = mounted.unwrap_or_else(|e| panic!("the volume: {e}"));
+    assert!(
+        mounted.starts_with("ext4") && mounted.contains("vmx-vol-data"),
+        "{mounted}"
+    );
+    let put = reqwest::Client::new()
+        .put(format!("http://{front}/s/deb/disk/city"))
+        .body("Lisbon")
+        .send()
+        .await
+        .unwrap();
+    assert!(put.status().is_success(), "{}", put.status());
+    assert_eq!(
+        ssh(&key, &address, "cat /volume/kv/city").as_deref(),
+        Ok("Lisbon"),
+        "/disk writes to the volume"
+    );
+
     // The guest agent freezes its file systems for a commit.
     let (ok, out, err) = cli(d, &["commit", "deb-1", "--tag", "debian:12-patched"]).await;
     assert!(ok, "commit: {err}\n{}", up_log(d));
@@ -221,4 +248,16 @@ async fn a_debian_server_boots_within_its_grace_takes_its_config_and_moves_live(
     let moved = now.iter().find(|i| i["id"] == "deb-1").unwrap();
     assert_eq!(moved["machine"], to);
     assert_eq!(ssh(&key, &address, "hostname").as_deref(), Ok("deb-1"));
+    // The volume moved with it.
+    let city = reqwest::get(format!("http://{front}/s/deb/disk/city"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(city.trim(), "Lisbon");
+    eprintln!(
+        "deb-1's volume ({}) moved with it",
+        mounted.replace('\n', " ")
+    );
 }
