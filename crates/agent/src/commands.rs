@@ -17,6 +17,9 @@ use crate::hypervisor::Guest;
 use crate::machine::{lock, parse_addr, work_limit, Agent, AgentError, Held, Result, Slot};
 use crate::record::Phase;
 
+/// How long a discarded guest with an agent may take to shut down cleanly before it is killed.
+const DISCARD_GRACE: Duration = Duration::from_secs(20);
+
 impl Agent {
     /// Inserts a new slot for `plan` unless one exists: then answers what is there (the same
     /// activation again), or refuses.
@@ -641,6 +644,14 @@ impl Agent {
             let ran_here = matches!(s.held, Held::Guest(_))
                 || (matches!(s.held, Held::Nothing) && s.state == InstanceState::Failed);
             match s.held {
+                // One that runs well shuts down cleanly where its guest agent can do it.
+                Held::Guest(g)
+                    if matches!(s.state, InstanceState::Running | InstanceState::Paused) =>
+                {
+                    if g.discard(DISCARD_GRACE).await {
+                        tracing::info!(instance = %id, "shut down cleanly by its guest agent");
+                    }
+                }
                 Held::Guest(g) => g.kill().await,
                 Held::Incoming(i) => i.abort().await,
                 // An operation holds it: it finds the slot gone and kills the VM itself.

@@ -71,6 +71,13 @@ pub trait Guest: Send {
     async fn end(self: Box<Self>);
     /// Kills the VM at once.
     async fn kill(self: Box<Self>);
+    /// Ends a VM that is thrown away while it runs well: a clean shutdown by its guest agent
+    /// where it has one (within `grace`), else killed. True when it shut down cleanly.
+    async fn discard(self: Box<Self>, grace: Duration) -> bool {
+        let _ = grace;
+        self.kill().await;
+        false
+    }
     /// Live-migrates to `target` and ends this VM; on failure the guest runs on here and
     /// comes back with the error.
     async fn migrate_out(
@@ -183,6 +190,9 @@ impl Guest for Vm {
     }
     async fn kill(self: Box<Self>) {
         Vm::kill(*self).await
+    }
+    async fn discard(self: Box<Self>, grace: Duration) -> bool {
+        Vm::discard(*self, grace).await
     }
     async fn migrate_out(
         self: Box<Self>,

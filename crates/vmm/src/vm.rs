@@ -557,6 +557,20 @@ impl Vm {
         self.quit().await;
     }
 
+    /// Ends a VM that is thrown away: shut down cleanly by its guest agent where it has one
+    /// (its file systems unmounted, its volumes consistent) within `grace`, else — no agent, or
+    /// no end in time — killed at once, as a guest without an agent always is. True when it
+    /// shut down cleanly.
+    pub async fn discard(mut self, grace: Duration) -> bool {
+        if matches!(self.agent_shutdown().await, Ok(true))
+            && self.process.wait_exit(Instant::now() + grace).await
+        {
+            return true;
+        }
+        self.process.kill().await;
+        false
+    }
+
     /// Polls `query-migrate` until it completes; errors if it fails or takes longer than
     /// `limit`.
     pub(crate) async fn wait_migration(

@@ -4,7 +4,8 @@
 //! never taken for a failure; it serves through the switch; cloud-init gave it the instance id
 //! as hostname, the key and the service's user-data; a commit freezes its file systems through
 //! the guest agent; `/disk` writes to its volume (made ext4 and mounted by the guest); and it
-//! moves live under load, volume included, without a failed request.
+//! moves live under load, volume included, without a failed request; discarded, it shuts
+//! down cleanly through its guest agent.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -260,4 +261,16 @@ async fn a_debian_server_boots_within_its_grace_takes_its_config_and_moves_live(
         "deb-1's volume ({}) moved with it",
         mounted.replace('\n', " ")
     );
+
+    // Discarded, it shuts down cleanly through its guest agent (not killed).
+    let (ok, _, err) = cli(d, &["discard", "deb-1"]).await;
+    assert!(ok, "discard: {err}");
+    let log = std::fs::read_to_string(d.join("up.log")).unwrap_or_default();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("deb-1") && l.contains("shut down cleanly by its guest agent")),
+        "no clean shutdown logged:\n{}",
+        up_log(d)
+    );
+    eprintln!("deb-1 discarded: shut down cleanly by its guest agent");
 }
