@@ -71,11 +71,19 @@ async fn check(endpoint: &str, value: &str) {
     }
 }
 
-/// One QEMU process for the instance in this test's matrix (`data`), no second copy.
-fn one_copy(data: &Path, id: &str) -> u32 {
-    let p = processes(is_qemu_of(data, id));
-    assert_eq!(p.len(), 1, "QEMU processes of {id}: {p:?}");
-    p[0].0
+/// One QEMU process for the instance in this test's matrix (`data`), no second copy. A move's
+/// source QEMU ends in the background moments after the switch-over (a quit, killed after
+/// 2 s), so a second copy is given 15 s to go; one that stays fails the test.
+async fn one_copy(data: &Path, id: &str) -> u32 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let p = processes(is_qemu_of(data, id));
+        if p.len() == 1 || std::time::Instant::now() >= deadline {
+            assert_eq!(p.len(), 1, "QEMU processes of {id}: {p:?}");
+            return p[0].0;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// A process the test started that ends with SIGTERM (an agent then stops its VMs), also if
@@ -250,7 +258,7 @@ image = "web:prod-v1"
     .await;
     assert_eq!(moved["version"], v1.as_str(), "it keeps its version");
     check(moved["endpoint"].as_str().unwrap_or(""), "one").await;
-    one_copy(data, "web-1");
+    one_copy(data, "web-1").await;
 
     // 2. The controller dies 0.2 s into a migration and comes back.
     let _controller =
@@ -262,7 +270,7 @@ image = "web:prod-v1"
     .await;
     assert_eq!(settled["version"], v1.as_str());
     check(settled["endpoint"].as_str().unwrap_or(""), "one").await;
-    one_copy(data, "web-1");
+    one_copy(data, "web-1").await;
 
     // 3. The controller dies 0.2 s into a suspend and comes back.
     // (The controller started above is the one killed now; its handle only reaps it.)
@@ -287,7 +295,7 @@ image = "web:prod-v1"
         "resumed on its own version, not the new tag"
     );
     check(web2["endpoint"].as_str().unwrap_or(""), "two").await;
-    one_copy(data, "web-2");
+    one_copy(data, "web-2").await;
     // No stuck row: every instance ends running (a replacement the controller started for
     // `min` while web-2 was suspended included — on the new version of the tag).
     let all = wait_for(
@@ -300,7 +308,7 @@ image = "web:prod-v1"
     )
     .await;
     for i in &all {
-        one_copy(data, i["id"].as_str().unwrap_or(""));
+        one_copy(data, i["id"].as_str().unwrap_or("")).await;
     }
 
     // 4. A machine's agent dies with SIGKILL and starts again: the same QEMUs serve on.
@@ -315,7 +323,10 @@ image = "web:prod-v1"
         .map(|i| i["id"].as_str().unwrap_or("").to_owned())
         .collect();
     assert!(here.len() >= 2, "two instances on {machine}: {list:?}");
-    let pids: Vec<u32> = here.iter().map(|id| one_copy(data, id)).collect();
+    let mut pids: Vec<u32> = Vec::new();
+    for id in &here {
+        pids.push(one_copy(data, id).await);
+    }
     let agent_of = |c: &str| {
         c.contains("vmatrix agent")
             && c.contains(&format!("--name {machine} "))
@@ -345,7 +356,11 @@ image = "web:prod-v1"
     // Several heartbeats of the new agent later…
     tokio::time::sleep(Duration::from_secs(6)).await;
     for (id, pid) in here.iter().zip(&pids) {
-        assert_eq!(one_copy(data, id), *pid, "{id} is served by the same QEMU");
+        assert_eq!(
+            one_copy(data, id).await,
+            *pid,
+            "{id} is served by the same QEMU"
+        );
         let i = instance(data, id).await;
         assert_eq!(i["state"], "running", "{id}");
         let (s, _) = http(
