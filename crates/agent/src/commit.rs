@@ -29,9 +29,7 @@ impl Agent {
                 .ok_or_else(|| AgentError::Unknown(id.clone()))?;
             s.version.clone()
         };
-        let scratch = self.config.data.join("tmp");
-        std::fs::create_dir_all(&scratch)
-            .map_err(|e| AgentError::Other(format!("{}: {e}", scratch.display())))?;
+        let scratch = self.scratch_dir()?;
         let copy = scratch.join(format!("commit-{id}-{generation}.disk"));
         // The VM leaves its slot only for the copy; its state does not change.
         let Held::Guest(mut guest) = self.take_with(&id, generation, "commit", None)? else {

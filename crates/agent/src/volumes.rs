@@ -74,9 +74,7 @@ impl Agent {
         started_from: &[String],
     ) -> Result<Vec<String>> {
         let mut stored = Vec::new();
-        let scratch = self.config.data.join("tmp");
-        std::fs::create_dir_all(&scratch)
-            .map_err(|e| AgentError::Other(format!("{}: {e}", scratch.display())))?;
+        let scratch = self.scratch_dir()?;
         for (i, v) in plan.volumes.iter().enumerate() {
             let file = VmDir::new(dir).volume(&v.name);
             if !file.exists() {
@@ -119,6 +117,14 @@ impl Agent {
             stored.push(report.version);
         }
         Ok(stored)
+    }
+
+    /// The agent's scratch directory (commits convert disks there), made if missing.
+    pub(crate) fn scratch_dir(&self) -> Result<std::path::PathBuf> {
+        let scratch = self.config.data.join("tmp");
+        std::fs::create_dir_all(&scratch)
+            .map_err(|e| AgentError::Other(format!("{}: {e}", scratch.display())))?;
+        Ok(scratch)
     }
 
     /// Records in the slot of `plan` the versions its volumes started from.

@@ -98,7 +98,7 @@ pub enum ImageCommand {
         #[arg(long)]
         cache: Option<PathBuf>,
         /// Cache size bound, e.g. 2G.
-        #[arg(long, default_value = "2G", value_parser = crate::parse_size)]
+        #[arg(long, default_value = "2G", value_parser = vmatrix_core::volume::parse_size)]
         cache_size: u64,
     },
     /// Remove unreferenced versions and chunks (safe while imports run).

@@ -202,7 +202,7 @@ enum Command {
         #[arg(long)]
         repo: Option<String>,
         /// Chunk cache bound.
-        #[arg(long, default_value = "2G", value_parser = parse_size)]
+        #[arg(long, default_value = "2G", value_parser = vmatrix_core::volume::parse_size)]
         cache_size: u64,
         /// What happens to this machine's VMs when the agent is stopped (SIGTERM, Ctrl-C):
         /// stop (the machine leaves the matrix) or keep (an upgrade: the next agent adopts
@@ -415,7 +415,7 @@ enum BenchCommand {
     /// 64 MiB image and copy-then-boot.
     Store {
         /// Size of the big image.
-        #[arg(long, default_value = "4G", value_parser = parse_size)]
+        #[arg(long, default_value = "4G", value_parser = vmatrix_core::volume::parse_size)]
         size: u64,
         /// Where to keep the images and repositories (reused between runs).
         #[arg(long, default_value = "/tmp")]
@@ -436,7 +436,7 @@ enum GuestCommand {
         os: vmatrix_guest::Os,
         /// Disk size, e.g. 64M or 4G (default: 64M for busybox, 2G for debian); a busybox disk
         /// above 64M has its data partition padded with realistic data.
-        #[arg(long, value_parser = parse_size)]
+        #[arg(long, value_parser = vmatrix_core::volume::parse_size)]
         size: Option<u64>,
         /// Debian packages to add to the Debian guest, comma-separated (e.g. nginx-light,postgresql).
         #[arg(long, value_delimiter = ',')]
@@ -504,10 +504,6 @@ fn duration(s: &str, zero: bool) -> std::result::Result<std::time::Duration, Str
         ));
     }
     Ok(std::time::Duration::from_secs_f64(x))
-}
-
-fn parse_size(s: &str) -> Result<u64, String> {
-    vmatrix_core::volume::parse_size(s)
 }
 
 /// mimalloc instead of glibc's allocator: the switch allocates a few small buffers per request
