@@ -75,7 +75,8 @@ pub(crate) fn qemu_args(spec: &VmSpec, dir: &VmDir, mode: StartMode) -> Result<V
     };
     let mut args: Vec<String> = vec![
         "-name".into(),
-        format!("vmatrix-{}", spec.instance),
+        // Thread names ("CPU 0/TCG", "live_migration") make a busy host readable in `top -H`.
+        format!("vmatrix-{},debug-threads=on", spec.instance),
         "-nodefaults".into(),
         "-no-user-config".into(),
         "-display".into(),

@@ -37,7 +37,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::error::{Result, VmmError};
-use crate::process::{set_nice, MIGRATING_NICE};
+use crate::process::{set_nice, Threads, MIGRATING_NICE};
 use crate::qmp::commands::*;
 use crate::vm::{
     create_overlay, prepare_dir, StartMode, Vm, VmDir, VmSpec, DISK_NODE, UNTHROTTLED,
@@ -110,9 +110,9 @@ impl IncomingVm {
         create_overlay(&spec, &dir.disk()).await?;
         crate::volume::create_volumes(&spec, &dir).await?;
         let volumes: Vec<String> = spec.volumes.iter().map(|v| v.node()).collect();
-        let mut vm = Vm::start(spec, dir, StartMode::Incoming).await?;
-        // Loading a guest yields to the guests that serve (its own vCPUs wait anyway).
-        set_nice(vm.pid(), MIGRATING_NICE, true);
+        // Started at MIGRATING_NICE: loading a guest yields to the guests that serve (its own
+        // vCPUs wait anyway).
+        let mut vm = Vm::start(spec, dir, StartMode::Incoming, MIGRATING_NICE).await?;
         let listening = async {
             let nbd = SocketAddr::new(listen, free_port(listen)?);
             let migration = SocketAddr::new(listen, free_port(listen)?);
@@ -204,7 +204,7 @@ impl IncomingVm {
     pub async fn finish(mut self, limit: Duration) -> Result<Vm> {
         let done = async {
             self.vm.wait_incoming(limit).await?;
-            set_nice(self.vm.pid(), 0, true);
+            set_nice(self.vm.pid(), 0, Threads::All);
             // The guest first (it is stopped until then), the export it no longer needs after.
             self.vm.cont().await?;
             tracing::debug!(instance = %self.vm.spec.instance, "the migrated guest runs here");
@@ -247,9 +247,6 @@ impl Vm {
         limit: Duration,
     ) -> std::result::Result<MigrationReport, MigrationFailure> {
         let started = Instant::now();
-        // Moving the guest (the migration thread, the mirror) yields to the guests that serve;
-        // this guest's own vCPUs keep their priority.
-        set_nice(self.pid(), MIGRATING_NICE, false);
         match self.migrate_steps(target, started, limit).await {
             Ok(report) => {
                 // The guest is the destination's now and waits, stopped, until the caller
@@ -259,7 +256,7 @@ impl Vm {
                 Ok(report)
             }
             Err(error) => {
-                set_nice(self.pid(), 0, false);
+                set_nice(self.pid(), 0, Threads::All);
                 self.clean_up_failed_migration(target).await;
                 Err(MigrationFailure {
                     error,
@@ -342,6 +339,15 @@ impl Vm {
                 uri: format!("tcp:{}", target.migration),
             })
             .await?;
+        // Sending RAM yields to the guests that serve (this one's I/O included). QEMU starts
+        // its migration thread once the stream's connection is up, moments after `migrate`.
+        let niced = Instant::now();
+        while set_nice(self.pid(), MIGRATING_NICE, Threads::Migration) == 0
+            && niced.elapsed() < Duration::from_millis(200)
+            && crate::process::running_as_root()
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         // Until the switch-over: the downtime allowed grows while a busy guest keeps the
         // migration from converging.
         let migrating = Instant::now();

@@ -48,6 +48,18 @@ pub struct QemuProcess {
 impl QemuProcess {
     /// Starts `program` with `args`; its stdout and stderr go to `log`.
     pub fn spawn(program: &str, args: &[String], log: &Path, lifetime: Lifetime) -> Result<Self> {
+        Self::spawn_niced(program, args, log, lifetime, 0)
+    }
+
+    /// [`QemuProcess::spawn`] at nice value `nice` from its first instruction (a QEMU that
+    /// loads an incoming guest yields from its start-up on; only root may raise it back).
+    pub fn spawn_niced(
+        program: &str,
+        args: &[String],
+        log: &Path,
+        lifetime: Lifetime,
+        nice: i32,
+    ) -> Result<Self> {
         let log_file = std::fs::File::create(log).map_err(io_err("create", log))?;
         let log_err = log_file.try_clone().map_err(io_err("open", log))?;
         let mut cmd = Command::new(program);
@@ -59,11 +71,19 @@ impl QemuProcess {
             .kill_on_drop(lifetime == Lifetime::Owner);
         // SAFETY: getpid is async-signal-safe; captured before the fork.
         let owner = unsafe { libc::getpid() };
-        // SAFETY: the closure runs between fork and exec and calls only async-signal-safe
-        // functions (prctl, getppid), allocating nothing.
-        if lifetime == Lifetime::Owner {
+        let nice = if running_as_root() { nice } else { 0 };
+        let owned = lifetime == Lifetime::Owner;
+        if owned || nice != 0 {
+            // SAFETY: the closure runs between fork and exec and calls only async-signal-safe
+            // functions (prctl, getppid, setpriority), allocating nothing.
             unsafe {
                 cmd.pre_exec(move || {
+                    if nice != 0 {
+                        libc::setpriority(libc::PRIO_PROCESS, 0, nice);
+                    }
+                    if !owned {
+                        return Ok(());
+                    }
                     if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                         return Err(std::io::Error::last_os_error());
                     }
@@ -200,37 +220,64 @@ pub fn tail(path: &Path, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
-/// The nice value of every thread of a QEMU in a live migration, on both ends: the work of
-/// moving it (the migration thread, the mirror, loading RAM) yields the CPU to guests that serve
-/// and to the switch; on a busy host it made the other guests stall for hundreds of
-/// milliseconds.
+/// The nice value of the threads that move a guest, on both ends: on the source the migration
+/// thread (QEMU's "live_migration"), on the destination the whole QEMU until its guest runs
+/// there (loading RAM; its vCPUs wait anyway). The move yields the CPU to the guests that serve
+/// and to the switch: on a busy host it made the other guests stall for hundreds of
+/// milliseconds. The source's main thread keeps its priority: it carries the moving guest's
+/// own network and disk I/O, which serves requests until the switch-over.
 pub const MIGRATING_NICE: i32 = 10;
 
-/// Sets the nice value of the threads of `pid` — with `vcpus`, the guest's vCPU threads too
-/// (QEMU names them "CPU n/…") — threads started later inherit it from the thread that starts
-/// them. Best effort, and only as root: an unprivileged process could not give the priority
-/// back afterwards.
-pub fn set_nice(pid: u32, nice: i32, vcpus: bool) {
+/// Which threads of a QEMU [`set_nice`] changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Threads {
+    /// Every thread.
+    All,
+    /// The migration thread only ("live_migration"; QEMU names its threads with
+    /// `-name …,debug-threads=on`).
+    Migration,
+}
+
+impl Threads {
+    fn wants(self, comm: &str) -> bool {
+        match self {
+            Threads::All => true,
+            Threads::Migration => comm.starts_with("live_migration"),
+        }
+    }
+}
+
+/// Whether this process runs as root (only root may give a thread its priority back).
+pub fn running_as_root() -> bool {
     // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 || pid == 0 {
-        return;
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Sets the nice value of the `which` threads of `pid` (threads started later inherit it from
+/// the thread that starts them). Best effort, and only as root: an unprivileged process could
+/// not give the priority back afterwards. Returns how many threads it changed.
+pub fn set_nice(pid: u32, nice: i32, which: Threads) -> usize {
+    if !running_as_root() || pid == 0 {
+        return 0;
     }
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return;
+        return 0;
     };
+    let mut changed = 0;
     for t in tasks.flatten() {
-        if !vcpus
-            && std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.starts_with("CPU "))
+        if which != Threads::All
+            && !std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| which.wants(&c))
         {
             continue;
         }
         if let Some(tid) = t.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) {
             // SAFETY: setpriority on a thread id; a thread that just ended only makes it fail.
-            unsafe {
-                libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice);
+            if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice) } == 0 {
+                changed += 1;
             }
         }
     }
+    changed
 }
 
 #[cfg(test)]
@@ -254,9 +301,11 @@ mod nice_tests {
             let rest = &stat[stat.rfind(')').unwrap() + 2..];
             rest.split_whitespace().nth(16).unwrap().parse().unwrap()
         };
-        set_nice(pid, MIGRATING_NICE, false);
+        set_nice(pid, MIGRATING_NICE, Threads::Migration);
+        assert_eq!(nice_of(pid), 0, "sleep has no migration thread");
+        set_nice(pid, MIGRATING_NICE, Threads::All);
         assert_eq!(nice_of(pid), i64::from(MIGRATING_NICE));
-        set_nice(pid, 0, true);
+        set_nice(pid, 0, Threads::All);
         assert_eq!(nice_of(pid), 0);
         child.kill().unwrap();
         child.wait().unwrap();

@@ -274,10 +274,16 @@ impl Vm {
         prepare_dir(&dir)?;
         create_overlay(&spec, &dir.disk()).await?;
         crate::volume::create_volumes(&spec, &dir).await?;
-        Self::start(spec, dir, StartMode::Boot).await
+        Self::start(spec, dir, StartMode::Boot, 0).await
     }
 
-    pub(crate) async fn start(spec: VmSpec, dir: VmDir, mode: StartMode) -> Result<Self> {
+    /// Starts QEMU in `dir` at nice value `nice` (0 but for a migration's destination).
+    pub(crate) async fn start(
+        spec: VmSpec,
+        dir: VmDir,
+        mode: StartMode,
+        nice: i32,
+    ) -> Result<Self> {
         let _ = std::fs::remove_file(dir.qmp());
         let _ = std::fs::remove_file(dir.console());
         let _ = std::fs::remove_file(dir.guest_agent());
@@ -294,7 +300,7 @@ impl Vm {
         }
         let args = qemu_args(&spec, &dir, mode)?;
         tracing::debug!(instance = %spec.instance, ?args, "starting QEMU");
-        let process = QemuProcess::spawn(QEMU, &args, &dir.qemu_log(), spec.lifetime)?;
+        let process = QemuProcess::spawn_niced(QEMU, &args, &dir.qemu_log(), spec.lifetime, nice)?;
         let deadline = Instant::now() + Duration::from_secs(10);
         let qmp = match Qmp::connect(&dir.qmp(), deadline).await {
             Ok(q) => q,
@@ -626,7 +632,7 @@ impl Vm {
         }
         // The volumes as they were stored when it was suspended.
         crate::volume::create_volumes(&spec, &dir).await?;
-        let mut vm = Self::start(spec, dir, StartMode::Incoming).await?;
+        let mut vm = Self::start(spec, dir, StartMode::Incoming, 0).await?;
         let loaded = async {
             vm.qmp
                 .execute(&MigrateIncoming {

@@ -104,6 +104,27 @@ async fn connections_survive_a_live_migration_across_vxlan_hosts() {
         .unwrap();
     wait_routed(&front, "web").await;
 
+    // The same load with nothing moving: the tail this host gives the guests anyway.
+    let steady = run_load(&LoadOptions::constant(
+        format!("http://{front}/s/web/health"),
+        50.0,
+        Duration::from_secs(10),
+    ))
+    .await;
+    eprintln!(
+        "steady, no move, 50 req/s: {} sent, {} failed; p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        steady.sent,
+        steady.failed(),
+        steady.p50_ms,
+        steady.p99_ms,
+        steady.max_ms
+    );
+    assert_eq!(steady.failed(), 0, "{:?}", steady.errors);
+
+    let before = crate::cluster::switch_requests(&front, "web")
+        .await
+        .unwrap_or(0.0);
+
     // Held connections: a stream straight to the instance, two through the switch (one on
     // each instance: least connections), and a TCP echo session to its port 7.
     let direct = tokio::spawn(hold_stream(format!("http://{address}/stream?n=60&ms=200")));
@@ -116,6 +137,7 @@ async fn connections_survive_a_live_migration_across_vxlan_hosts() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let echo = tokio::spawn(hold_echo(format!("{address}:7"), 100));
+    let load_started = std::time::Instant::now();
     let load = tokio::spawn({
         let opts = LoadOptions::constant(
             format!("http://{front}/s/web/health"),
@@ -125,9 +147,11 @@ async fn connections_survive_a_live_migration_across_vxlan_hosts() {
         async move { run_load(&opts).await }
     });
     // Move once the load is under way (2 s of it).
-    crate::cluster::wait_switch_requests(&front, "web", 100.0).await;
+    crate::cluster::wait_switch_requests(&front, "web", before + 100.0).await;
+    let move_began = load_started.elapsed().as_secs_f64();
     let (ok, moved, err) = cli(d, &["migrate", &id, "--to", to]).await;
     assert!(ok, "migrate {id} {from} → {to}: {err}\n{}", up_log(d));
+    let move_ended = load_started.elapsed().as_secs_f64();
 
     let r = load.await.unwrap();
     eprintln!(
@@ -142,6 +166,11 @@ async fn connections_survive_a_live_migration_across_vxlan_hosts() {
         r.max_ms
     );
     eprintln!("load errors: {:?}", r.errors);
+    eprintln!(
+        "the move ran from {move_began:.2} s to {move_ended:.2} s of the load; slowest \
+         requests (sent at s, ms): {:.2?}",
+        r.slowest
+    );
     let (lines, gap) = direct.await.unwrap().unwrap_or_else(|e| {
         panic!(
             "the direct stream broke: {e}\n{}\n{}",
@@ -183,10 +212,12 @@ async fn connections_survive_a_live_migration_across_vxlan_hosts() {
         "requests failed during the move: {:?}",
         r.errors
     );
-    // The issue's target is a max under 250 ms. On this 2-core TCG host a migration stalls
-    // every guest for a few hundred ms (the instance that does not move too: see its stream's
-    // pause above), so the bound checked is one no retry-and-reconnect path could meet (the
-    // old user-mode network's p99 was 1.5 s); the figures are printed and reported.
+    // The issue's target is a max under 250 ms. On this 2-core TCG host the two guests already
+    // use most of the CPU at 50 req/s (a shell forked per request), so the slowest requests are
+    // the ones around the move's start (a QEMU starting) and its switch-over (a SYN lost with
+    // the stopped source, resent after 150 ms, then served by a guest whose translated code is
+    // cold): 216–404 ms over six runs. The bound checked is one no retry-and-reconnect path
+    // could meet (the old user-mode network's p99 was 1.5 s); the figures are printed.
     assert!(
         r.max_ms < 1000.0,
         "max latency {:.1} ms during the move",
