@@ -21,11 +21,10 @@ struct Ctx {
 }
 
 fn authorized(headers: &HeaderMap, token: &str) -> bool {
-    headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|t| t == token)
+    vmatrix_core::auth::bearer_matches(
+        headers.get("authorization").and_then(|v| v.to_str().ok()),
+        token,
+    )
 }
 
 fn error(status: StatusCode, msg: String) -> Response {

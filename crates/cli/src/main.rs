@@ -512,6 +512,12 @@ fn duration(s: &str, zero: bool) -> std::result::Result<std::time::Duration, Str
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
+    // Whatever vMatrix writes — state, tokens, the repository (saved guest RAM among it), VM
+    // disks, logs — is its owner's alone: files 0600, directories 0700.
+    // SAFETY: umask has no preconditions and cannot fail.
+    unsafe {
+        libc::umask(0o077);
+    }
     match run() {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -33,11 +33,10 @@ fn err(status: StatusCode, msg: impl Into<String>) -> Response {
 }
 
 fn check(headers: &HeaderMap, token: &str) -> Result<(), Response> {
-    let ok = headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|t| t == token);
+    let ok = vmatrix_core::auth::bearer_matches(
+        headers.get("authorization").and_then(|v| v.to_str().ok()),
+        token,
+    );
     if ok {
         Ok(())
     } else {

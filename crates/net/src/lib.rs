@@ -380,7 +380,7 @@ impl HostNet {
             path: tmp.clone(),
             source,
         })?;
-        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).map_err(io)?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
         std::fs::rename(&tmp, &path).map_err(io)?;
         Ok(path)
     }

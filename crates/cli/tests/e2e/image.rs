@@ -208,6 +208,8 @@ async fn an_import_killed_midway_leaves_a_clean_repository() {
     let (ok, out, err) = run(&["import", "big:v1", disk.to_str().unwrap()], &repo).await;
     assert!(ok, "re-import: {err}");
     eprintln!("re-import after the kill: {out}");
+    // Chunks hold whole disks (and saved guest RAM): nobody but their owner reads them.
+    crate::support::assert_private(&repo);
     let whole = chunk_files(&repo);
     assert!(
         written < whole,

@@ -50,6 +50,26 @@ pub fn snapshot(dir: &Path) -> Vec<(String, u64, std::time::SystemTime)> {
     out
 }
 
+/// Every file and directory under `dir` is its owner's alone (no group or other bits), as
+/// vMatrix writes them.
+pub fn assert_private(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let mut stack = vec![dir.to_owned()];
+    let mut seen = 0;
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).expect("read_dir").flatten() {
+            let m = e.metadata().expect("metadata");
+            let mode = m.permissions().mode() & 0o777;
+            assert_eq!(mode & 0o077, 0, "{} has mode {mode:o}", e.path().display());
+            seen += 1;
+            if m.is_dir() {
+                stack.push(e.path());
+            }
+        }
+    }
+    assert!(seen > 0, "nothing under {}", dir.display());
+}
+
 /// A running `vmatrix up`. Dropped (a test that ends, or fails), it is stopped as an operator
 /// would stop it — SIGINT, so that it removes its VMs and its network — and whatever a killed
 /// one left in this network namespace (its interfaces and nftables table, named after its API

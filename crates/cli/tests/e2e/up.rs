@@ -44,7 +44,8 @@ async fn up_stops_every_process_it_started_on_ctrl_c() {
             break;
         }
     }
-    let services = data.path().join("one.toml");
+    let elsewhere = data_dir();
+    let services = elsewhere.path().join("one.toml");
     std::fs::write(
         &services,
         "[[service]]\nname = \"web\"\nimage = \"guest:v1\"\n",
@@ -78,6 +79,8 @@ async fn up_stops_every_process_it_started_on_ctrl_c() {
         processes_mentioning(&marker).len() >= 3,
         "controller, agent and QEMU run"
     );
+    // State, tokens, logs, the repository and the VM's files: its owner's alone.
+    crate::support::assert_private(data.path());
 
     // Ctrl-C, as a terminal would send it.
     let pid = child.id().expect("pid").to_string();
