@@ -193,6 +193,7 @@ pub async fn switch(
     hold: u64,
     max_held: usize,
     tls: Option<vmatrix_switch::TlsConfig>,
+    limits: vmatrix_switch::Limits,
     data: &Path,
 ) -> Result<()> {
     let controller = match controller {
@@ -210,6 +211,7 @@ pub async fn switch(
         max_held,
         retry_window: Duration::from_secs(10),
         tls,
+        limits,
     };
     tokio::select! {
         r = vmatrix_switch::serve(config) => r.context("switch")?,

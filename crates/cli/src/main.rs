@@ -102,6 +102,8 @@ enum Command {
         max_held: usize,
         #[command(flatten)]
         tls: network::TlsFlags,
+        #[command(flatten)]
+        limits: network::SwitchLimitFlags,
     },
     /// Send load: a constant rate or a trace (CSV t_seconds,value), and report what came back.
     Load {
@@ -604,12 +606,14 @@ fn run() -> Result<()> {
             hold_timeout,
             max_held,
             tls,
+            limits,
         } => runtime()?.block_on(cluster::switch(
             controller,
             listen,
             hold_timeout,
             max_held,
             tls.config()?,
+            limits.limits()?,
             &data,
         ))?,
         Command::Load {

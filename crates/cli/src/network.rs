@@ -150,6 +150,44 @@ fn bridging_possible() -> std::result::Result<(), String> {
     Ok(())
 }
 
+/// The limits of `vmatrix switch`: what one client, or all, may take of it.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SwitchLimitFlags {
+    /// Seconds a client has to send a request head (and a first byte after connecting).
+    #[arg(long, default_value_t = 10)]
+    pub header_timeout: u64,
+    /// Client connections open at once, in all (more are closed at once).
+    #[arg(long, default_value_t = 10_000)]
+    pub max_connections: usize,
+    /// Client connections open at once from one address.
+    #[arg(long, default_value_t = 512)]
+    pub max_connections_per_client: usize,
+    /// Memory for request bodies held whole (those of up to 64 KiB, so that they can be
+    /// retried); larger bodies stream and take none. E.g. 64M.
+    #[arg(long, default_value = "64M", value_parser = vmatrix_core::volume::parse_size)]
+    pub body_memory: u64,
+    /// Seconds an instance has to send a response's head (then 504).
+    #[arg(long, default_value_t = 60)]
+    pub backend_timeout: u64,
+}
+
+impl SwitchLimitFlags {
+    pub fn limits(&self) -> Result<vmatrix_switch::Limits> {
+        let limits = vmatrix_switch::Limits {
+            header_timeout: std::time::Duration::from_secs(self.header_timeout),
+            max_connections: self.max_connections,
+            max_connections_per_client: self.max_connections_per_client,
+            body_memory: usize::try_from(self.body_memory)
+                .map_err(|_| anyhow::anyhow!("--body-memory {} is too large", self.body_memory))?,
+            backend_timeout: std::time::Duration::from_secs(self.backend_timeout),
+        };
+        if let Some(p) = limits.problem() {
+            bail!("switch limits: {p}");
+        }
+        Ok(limits)
+    }
+}
+
 /// HTTPS flags of `vmatrix switch` (and `up`, which passes them on).
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct TlsFlags {

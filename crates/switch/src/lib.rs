@@ -5,9 +5,13 @@
 //! requests at once with 503, and measures per-service load for the policy.
 //!
 //! The switch must never decide where instances run; it only follows the controller's routes
-//! and asks it to wake a service.
+//! and asks it to wake a service. Nor may any client take more of it than its limits allow
+//! ([`Limits`]: connections, header time, request bodies in memory, time to answer).
 
+mod body;
 mod connect;
+mod follow;
+mod limits;
 mod load;
 mod pool;
 mod proxy;
@@ -16,6 +20,7 @@ mod tcp;
 mod tls;
 mod workers;
 
+pub use limits::{Limits, BUFFERED_BODY};
 pub use load::{run_load, LoadOptions, LoadResult};
 pub use proxy::{serve, SwitchConfig};
 pub use stats::Stats;

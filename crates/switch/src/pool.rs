@@ -24,7 +24,11 @@ use hyper_util::rt::TokioIo;
 /// How long an unused connection is kept.
 pub(crate) const IDLE: Duration = Duration::from_secs(30);
 
-type Sender = SendRequest<Full<Bytes>>;
+/// What the switch sends an instance: a body read whole (small: it can be sent again on a
+/// retry), or the client's own, streamed through.
+pub(crate) type ProxyBody = http_body_util::Either<Full<Bytes>, Incoming>;
+
+type Sender = SendRequest<ProxyBody>;
 
 struct Conn {
     send: Sender,
@@ -99,11 +103,22 @@ impl Pool {
     }
 
     /// Sends `req` to `addr` on an idle connection or a new one.
+    #[cfg(test)]
     pub(crate) async fn send(
         &self,
         addr: &str,
-        mut req: Request<Full<Bytes>>,
+        req: Request<ProxyBody>,
     ) -> Result<Response<Incoming>, SendError> {
+        self.send_or_return(addr, req).await.map_err(|(e, _)| e)
+    }
+
+    /// Sends `req` to `addr` on an idle connection or a new one; when no connection could be
+    /// made, the request comes back unsent with the error (its body, if streamed, unread).
+    pub(crate) async fn send_or_return(
+        &self,
+        addr: &str,
+        mut req: Request<ProxyBody>,
+    ) -> Result<Response<Incoming>, (SendError, Option<Request<ProxyBody>>)> {
         // Idle connections first; one that turns out closed gives the request back unsent.
         while let Some(mut send) = self.checkout(addr) {
             let pending = send.try_send_request(req);
@@ -112,14 +127,17 @@ impl Pool {
                 Ok(resp) => return Ok(resp),
                 Err(mut e) => match e.take_message() {
                     Some(unsent) => req = unsent,
-                    None => return Err(SendError::Request(e.into_error())),
+                    None => return Err((SendError::Request(e.into_error()), None)),
                 },
             }
         }
-        let mut send = Self::open(addr).await?;
+        let mut send = match Self::open(addr).await {
+            Ok(s) => s,
+            Err(e) => return Err((e, Some(req))),
+        };
         let pending = send.send_request(req);
         self.keep(addr, send);
-        Ok(pending.await?)
+        pending.await.map_err(|e| (SendError::Request(e), None))
     }
 
     /// Closes connections unused for [`IDLE`] and forgets closed ones.
@@ -175,11 +193,11 @@ mod tests {
         addr
     }
 
-    fn get() -> Request<Full<Bytes>> {
+    fn get() -> Request<ProxyBody> {
         Request::builder()
             .uri("/")
             .header("host", "x")
-            .body(Full::new(Bytes::new()))
+            .body(http_body_util::Either::Left(Full::new(Bytes::new())))
             .unwrap()
     }
 

@@ -17,8 +17,9 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::sync::watch;
 use vmatrix_client::ControllerClient;
-use vmatrix_core::api::{RouteTable, ServiceRoute};
+use vmatrix_core::api::ServiceRoute;
 
+use crate::body::RequestBody;
 use crate::stats::Stats;
 
 /// How the switch is set up.
@@ -38,10 +39,12 @@ pub struct SwitchConfig {
     pub retry_window: Duration,
     /// HTTPS (HTTP/1.1 and HTTP/2 by ALPN) with this certificate, if set.
     pub tls: Option<crate::tls::TlsConfig>,
+    /// What clients may take (connections, header time, bodies in memory, answer time).
+    pub limits: crate::limits::Limits,
 }
 
 pub(crate) struct Table {
-    version: String,
+    pub(crate) version: String,
     pub(crate) services: HashMap<String, ServiceRoute>,
 }
 
@@ -55,6 +58,10 @@ pub(crate) struct Switch {
     controller: ControllerClient,
     /// Token buckets of dropped services that still admit what their instances can serve.
     admitted: Mutex<HashMap<String, Bucket>>,
+    /// Client connections open, against the limits.
+    pub(crate) connections: Arc<crate::limits::Connections>,
+    /// Request bodies held in memory, against the budget.
+    bodies: Arc<crate::limits::BodyBudget>,
 }
 
 /// A token bucket: `rate` requests per second, bursts of up to one second's worth.
@@ -91,8 +98,6 @@ pub(crate) struct BackendState {
 /// such a connection stalls; a retry on a fresh connection does not.
 const FRESH_BACKEND: Duration = Duration::from_secs(5);
 const FRESH_ATTEMPT_TIMEOUT: Duration = Duration::from_millis(1500);
-
-const MAX_BODY: usize = 16 * 1024 * 1024;
 
 /// How many requests in flight an instance in a live migration counts as beyond its own: new
 /// requests go elsewhere unless the others are that much busier (a request that reaches it at
@@ -221,6 +226,49 @@ impl Switch {
             .take(route.admit_rps, now)
     }
 
+    /// The request's body as it goes on: small ones of known length read whole (within the
+    /// header timeout, against the body budget), the others streamed; or the refusal to send.
+    async fn request_body(&self, body: Incoming) -> Result<RequestBody, Resp> {
+        use hyper::body::Body as _;
+        if body.is_end_stream() {
+            return Ok(RequestBody::empty());
+        }
+        let n = match body.size_hint().exact() {
+            Some(n) if n <= crate::limits::BUFFERED_BODY => n as usize,
+            _ => return Ok(RequestBody::Stream(Some(body))),
+        };
+        let Some(held) = self.bodies.reserve(n) else {
+            let mut r = reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "the switch holds {} bytes of request bodies, its limit (--body-memory); retry later",
+                    self.bodies.used()
+                ),
+            );
+            r.headers_mut()
+                .insert("retry-after", HeaderValue::from_static("1"));
+            return Err(r);
+        };
+        let limit = self.config.limits.header_timeout;
+        match tokio::time::timeout(limit, Limited::new(body, n).collect()).await {
+            Ok(Ok(b)) => Ok(RequestBody::Whole {
+                bytes: b.to_bytes(),
+                _held: Some(held),
+            }),
+            Ok(Err(e)) => Err(reply(
+                StatusCode::BAD_REQUEST,
+                format!("reading the request body: {e}"),
+            )),
+            Err(_) => Err(reply(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "the request body ({n} bytes) did not arrive within {} s",
+                    limit.as_secs_f64()
+                ),
+            )),
+        }
+    }
+
     /// Refuses a request at once: 503 with `Retry-After`, counted as dropped.
     fn refuse(&self, service: &str, why: &str, retry_after: &'static str) -> Resp {
         self.stats.dropped(service);
@@ -329,6 +377,7 @@ impl Switch {
                 "/metrics" => {
                     let mut text = self.stats.metrics();
                     text.push_str(&self.backend_metrics());
+                    text.push_str(&crate::limits::metrics(&self.connections, &self.bodies));
                     let mut r = Response::new(whole(text));
                     r.headers_mut().insert(
                         "content-type",
@@ -360,18 +409,12 @@ impl Switch {
         let upgrade = is_upgrade(&parts.headers)
             .then(|| parts.extensions.remove::<hyper::upgrade::OnUpgrade>())
             .flatten();
-        use hyper::body::Body as _;
-        let body = match body.is_end_stream() {
-            true => Bytes::new(),
-            false => match Limited::new(body, MAX_BODY).collect().await {
-                Ok(b) => b.to_bytes(),
-                Err(_) => {
-                    return Ok(reply(
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        "request body over 16 MiB",
-                    ))
-                }
-            },
+        let body = match self.request_body(body).await {
+            Ok(b) => b,
+            Err(refusal) => {
+                self.stats.set_priority(&name, route.priority);
+                return Ok(refusal);
+            }
         };
         self.stats.begin(&name);
         let started = Instant::now();
@@ -390,7 +433,7 @@ impl Switch {
         service: &str,
         parts: &hyper::http::request::Parts,
         path: String,
-        body: Bytes,
+        mut body: RequestBody,
         mut upgrade: Option<hyper::upgrade::OnUpgrade>,
     ) -> Resp {
         let idempotent = is_idempotent(&parts.method);
@@ -470,7 +513,17 @@ impl Switch {
                 let _ = tokio::time::timeout(Duration::from_millis(50), routes.changed()).await;
                 continue;
             };
-            let mut req = Request::new(Full::new(body.clone()));
+            let Some(sending) = body.for_attempt() else {
+                break reply(
+                    StatusCode::BAD_GATEWAY,
+                    format!(
+                        "the request's body was streamed to an instance of {service} that \
+                         failed; a streamed body is not sent twice"
+                    ),
+                );
+            };
+            let resendable = body.resendable();
+            let mut req = Request::new(sending);
             *req.method_mut() = parts.method.clone();
             *req.uri_mut() = uri.clone();
             *req.headers_mut() = headers_for(&addr);
@@ -481,13 +534,23 @@ impl Switch {
             // failed): least-connections sees a long response or a stream as the load it is.
             let in_flight = InFlight(state.clone());
             state.sent.fetch_add(1, Ordering::Relaxed);
-            let outcome = if fresh && idempotent {
-                match tokio::time::timeout(FRESH_ATTEMPT_TIMEOUT, client.send(&addr, req)).await {
-                    Ok(r) => r.map_err(AttemptError::Client),
-                    Err(_) => Err(AttemptError::Stalled),
-                }
+            let (limit, on_timeout) = if fresh && idempotent && resendable {
+                (FRESH_ATTEMPT_TIMEOUT, AttemptError::Stalled)
             } else {
-                client.send(&addr, req).await.map_err(AttemptError::Client)
+                let t = self.config.limits.backend_timeout;
+                (t, AttemptError::TimedOut(t))
+            };
+            let outcome = match tokio::time::timeout(limit, client.send_or_return(&addr, req)).await
+            {
+                Ok(Ok(r)) => Ok(r),
+                Ok(Err((e, unsent))) => {
+                    // Not sent (no connection): a streamed body is still whole.
+                    if let Some(req) = unsent {
+                        body.put_back(req.into_body());
+                    }
+                    Err(AttemptError::Client(e))
+                }
+                Err(_) => Err(on_timeout),
             };
             match outcome {
                 Ok(mut resp) => {
@@ -517,6 +580,12 @@ impl Switch {
                 }
                 // No response byte came back: a connect failure is always safe to retry; any
                 // other failure only for an idempotent request.
+                Err(e @ AttemptError::TimedOut(_)) => {
+                    break reply(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        format!("instance {addr} of {service}: {e}"),
+                    )
+                }
                 Err(e)
                     if (e.is_connect() || idempotent)
                         && started.elapsed() < self.config.retry_window =>
@@ -607,6 +676,8 @@ async fn join_upgrades(
 enum AttemptError {
     Client(crate::pool::SendError),
     Stalled,
+    /// No response head within the backend timeout.
+    TimedOut(Duration),
 }
 
 impl AttemptError {
@@ -623,75 +694,23 @@ impl std::fmt::Display for AttemptError {
                 f,
                 "no answer within {FRESH_ATTEMPT_TIMEOUT:?} from a just-moved instance"
             ),
-        }
-    }
-}
-
-fn to_table(t: RouteTable) -> Table {
-    Table {
-        version: t.version,
-        services: t
-            .services
-            .into_iter()
-            .map(|s| (s.service.to_string(), s))
-            .collect(),
-    }
-}
-
-/// Keeps the route table current with a long-poll watch; keeps serving the last table while
-/// the controller is away.
-async fn watch_routes(client: ControllerClient, tx: watch::Sender<Arc<Table>>) {
-    let mut warned = false;
-    loop {
-        let version = tx.borrow().version.clone();
-        match client.routes(&version, Duration::from_secs(25)).await {
-            Ok(t) => {
-                warned = false;
-                if t.version != version {
-                    tracing::debug!(version = t.version, "new routes");
-                    let _ = tx.send(Arc::new(to_table(t)));
-                }
-                continue;
-            }
-            Err(e) if !warned => {
-                tracing::warn!("route watch: {e}; serving the last routes");
-                warned = true;
-            }
-            Err(_) => {}
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-}
-
-/// Reports the load twice a second (the controller's fast path reacts to each report); a
-/// failed report is logged (the controller counts the demand as unknown meanwhile).
-async fn report_load(client: ControllerClient, stats: Arc<Stats>) {
-    let mut failing = 0u64;
-    loop {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        match client.report_load(&stats.report()).await {
-            Ok(()) => {
-                if failing > 0 {
-                    tracing::info!(
-                        "load reports reach the controller again after {failing} failure(s)"
-                    );
-                }
-                failing = 0;
-            }
-            Err(e) => {
-                failing += 1;
-                if failing == 1 || failing.is_power_of_two() {
-                    tracing::warn!(
-                        "load report to the controller failed ({failing} in a row): {e}"
-                    );
-                }
-            }
+            Self::TimedOut(t) => write!(
+                f,
+                "no response within {} s (the switch's --backend-timeout)",
+                t.as_secs_f64()
+            ),
         }
     }
 }
 
 /// Serves the switch until the process ends.
 pub async fn serve(config: SwitchConfig) -> std::io::Result<()> {
+    if let Some(problem) = config.limits.problem() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("switch limits: {problem}"),
+        ));
+    }
     let (tx, rx) = watch::channel(Arc::new(Table {
         version: String::new(),
         services: HashMap::new(),
@@ -699,8 +718,8 @@ pub async fn serve(config: SwitchConfig) -> std::io::Result<()> {
     let stats = Arc::new(Stats::default());
     let controller = config.controller.trim_end_matches('/').to_owned();
     let client = ControllerClient::new(&controller, Some(config.token.clone()));
-    tokio::spawn(watch_routes(client.clone(), tx));
-    tokio::spawn(report_load(client.clone(), stats.clone()));
+    tokio::spawn(crate::follow::watch_routes(client.clone(), tx));
+    tokio::spawn(crate::follow::report_load(client.clone(), stats.clone()));
     let switch = Arc::new(Switch {
         config: SwitchConfig {
             controller,
@@ -713,6 +732,8 @@ pub async fn serve(config: SwitchConfig) -> std::io::Result<()> {
         waking: Mutex::new(HashSet::new()),
         admitted: Mutex::new(HashMap::new()),
         controller: client,
+        connections: crate::limits::Connections::new(config.limits),
+        bodies: crate::limits::BodyBudget::new(config.limits.body_memory),
     });
     let listener = std::net::TcpListener::bind(config.listen)?;
     listener.set_nonblocking(true)?;

@@ -12,19 +12,18 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::sync::mpsc;
 
 use crate::pool::Pool;
 use crate::proxy::Switch;
 
-/// How long a TLS client has to finish its handshake.
-const TLS_HANDSHAKE: Duration = Duration::from_secs(10);
-
 /// A client connection handed to a worker; TLS ones come with their acceptor.
 struct Accepted {
     stream: std::net::TcpStream,
     tls: Option<tokio_rustls::TlsAcceptor>,
+    /// Its place among the connections the limits allow, given back when it closes.
+    place: crate::limits::Connection,
 }
 
 struct Worker {
@@ -70,15 +69,27 @@ pub(crate) async fn run(
             r = listener.accept() => (r, None),
             r = secure => r,
         };
-        let stream = match accepted.and_then(|(s, _)| {
+        let stream = match accepted.and_then(|(s, peer)| {
             let _ = s.set_nodelay(true);
-            s.into_std()
+            Ok((s.into_std()?, peer))
         }) {
             Ok(s) => s,
             Err(e) => {
                 // Out of file descriptors, say: the process goes on and accepts again soon.
                 tracing::warn!("accepting a connection: {e}");
                 tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let (stream, peer) = stream;
+        let place = match switch.connections.admit(peer.ip()) {
+            Ok(p) => p,
+            Err(why) => {
+                // Closed at once. Said now and then, not for each one of a flood.
+                let n = switch.connections.refused.load(Ordering::Relaxed);
+                if n.is_power_of_two() {
+                    tracing::warn!("closing a connection from {peer}: {why} ({n} closed so far)");
+                }
                 continue;
             }
         };
@@ -92,6 +103,7 @@ pub(crate) async fn run(
         let accepted = Accepted {
             stream,
             tls: acceptor,
+            place,
         };
         if w.tx.send(accepted).is_err() {
             // Its thread ended (a panic): the client's connection closes; the others go on.
@@ -115,22 +127,30 @@ async fn serve(
             sweeper.sweep();
         }
     });
-    while let Some(Accepted { stream, tls }) = rx.recv().await {
+    while let Some(Accepted { stream, tls, place }) = rx.recv().await {
         let (sw, pool, open) = (switch.clone(), pool.clone(), open.clone());
         tokio::spawn(async move {
-            let _done = Closed(open);
+            let _done = (Closed(open), place);
             let stream = match tokio::net::TcpStream::from_std(stream) {
                 Ok(s) => s,
                 Err(e) => return tracing::warn!("taking a client connection: {e}"),
             };
+            // A client that connects and sends nothing, or never finishes its TLS handshake,
+            // does not hold a socket for longer than a request head may take.
+            let limit = sw.config.limits.header_timeout;
             match tls {
-                None => serve_client(sw, pool, TokioIo::new(stream)).await,
-                // A client that never finishes its handshake does not hold a socket long.
+                None => match tokio::time::timeout(limit, stream.readable()).await {
+                    Ok(Ok(())) => serve_client(sw, pool, TokioIo::new(stream)).await,
+                    Ok(Err(e)) => tracing::debug!("client connection: {e}"),
+                    Err(_) => tracing::debug!("client sent nothing within {limit:?}: closed"),
+                },
                 Some(acceptor) => {
-                    match tokio::time::timeout(TLS_HANDSHAKE, acceptor.accept(stream)).await {
+                    match tokio::time::timeout(limit, acceptor.accept(stream)).await {
                         Ok(Ok(s)) => serve_client(sw, pool, TokioIo::new(s)).await,
                         Ok(Err(e)) => tracing::debug!("TLS handshake: {e}"),
-                        Err(_) => tracing::debug!("TLS handshake: no ClientHello within 10 s"),
+                        Err(_) => {
+                            tracing::debug!("TLS handshake not done within {limit:?}: closed")
+                        }
                     }
                 }
             }
@@ -152,8 +172,12 @@ async fn serve_client<I>(switch: Arc<Switch>, pool: Arc<Pool>, io: I)
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
+    let header_timeout = switch.config.limits.header_timeout;
     let svc = hyper::service::service_fn(move |req| switch.clone().handle(pool.clone(), req));
-    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-        .serve_connection_with_upgrades(io, svc)
-        .await;
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout);
+    let _ = builder.serve_connection_with_upgrades(io, svc).await;
 }

@@ -5,57 +5,10 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+mod support;
+
 use futures::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
-
-/// A stand-in controller: one fixed route table; load reports accepted.
-async fn controller(backend: SocketAddr) -> SocketAddr {
-    let table = serde_json::json!({
-        "version": "v1",
-        "services": [{
-            "service": "ws",
-            "priority": 0,
-            "backends": [["ws-1", backend.to_string()]],
-            "dropped": false
-        }]
-    })
-    .to_string();
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((s, _)) = l.accept().await else { return };
-            let table = table.clone();
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(
-                    move |req: hyper::Request<hyper::body::Incoming>| {
-                        let table = table.clone();
-                        async move {
-                            if req.uri().path() == "/api/v1/routes"
-                                && req.uri().query().is_some_and(|q| q.contains("version=v1"))
-                            {
-                                // A long poll that never changes: hold it a while.
-                                tokio::time::sleep(Duration::from_secs(5)).await;
-                            }
-                            let body = if req.uri().path() == "/api/v1/routes" {
-                                table
-                            } else {
-                                "{}".into()
-                            };
-                            Ok::<_, std::convert::Infallible>(hyper::Response::new(
-                                http_body_util::Full::new(bytes::Bytes::from(body)),
-                            ))
-                        }
-                    },
-                );
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
-                    .await;
-            });
-        }
-    });
-    addr
-}
 
 /// A WebSocket server that answers each text message with "echo: " and the message.
 async fn backend() -> SocketAddr {
@@ -82,20 +35,7 @@ async fn backend() -> SocketAddr {
 #[tokio::test]
 async fn websocket_upgrades_pass_through() {
     let backend = backend().await;
-    let controller = controller(backend).await;
-    let listen: SocketAddr = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap()
-    };
-    tokio::spawn(vmatrix_switch::serve(vmatrix_switch::SwitchConfig {
-        listen,
-        controller: format!("http://{controller}"),
-        token: "test".into(),
-        hold_timeout: Duration::from_secs(5),
-        max_held: 10,
-        retry_window: Duration::from_secs(5),
-        tls: None,
-    }));
+    let listen = support::switch("ws", backend, vmatrix_switch::Limits::default()).await;
     // Until the switch has its routes.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let mut ws = loop {
