@@ -334,6 +334,8 @@ pub async fn up(args: UpArgs, data: &Path, accel: vmatrix_vmm::AccelChoice) -> R
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // Health needs no token; everything else does, and a fresh controller has just written it.
+    let client = connect(Some(api.clone()), data)?;
     // Dedicated machines rm1… on 127.0.0.2…, then shared ones sm1… after them.
     let machines: Vec<(String, u32, &str)> = (1..=args.machines)
         .map(|i| (format!("rm{i}"), i + 1, "dedicated"))

@@ -1,6 +1,8 @@
 //! The REST API under `/api/v1/`, `/openapi.json` and `/metrics`. Transports only parse: each
-//! handler turns the request into a call on the [`Controller`]. Every mutating call and all
-//! agent traffic need the bearer token.
+//! handler turns the request into a call on the [`Controller`]. Every route needs the bearer
+//! token — reads too: the instance list names every endpoint, which would let a client go
+//! around the switch's drop and admission — but `/api/v1/health` (liveness) and
+//! `/openapi.json` (the API's description).
 
 // Handlers' helpers return `Result<_, Response>`: a response is the natural error of a handler,
 // and boxing it would only add noise to every call site.
@@ -30,6 +32,18 @@ struct Ctx {
 
 fn err(status: StatusCode, msg: impl Into<String>) -> Response {
     (status, Json(ErrorBody { error: msg.into() })).into_response()
+}
+
+/// Lets a request through to its route only with the bearer token.
+async fn require_token(
+    State(x): State<Ctx>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match check(req.headers(), &x.token) {
+        Ok(()) => next.run(req).await,
+        Err(r) => r,
+    }
 }
 
 fn check(headers: &HeaderMap, token: &str) -> Result<(), Response> {
@@ -80,10 +94,7 @@ async fn services(State(x): State<Ctx>) -> Response {
     }
 }
 
-async fn apply(State(x): State<Ctx>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
-    if let Err(r) = check(&headers, &x.token) {
-        return r;
-    }
+async fn apply(State(x): State<Ctx>, body: axum::body::Bytes) -> Response {
     let req: ApplyRequest = match parse(&body) {
         Ok(r) => r,
         Err(r) => return r,
@@ -152,13 +163,9 @@ async fn events(State(x): State<Ctx>, Query(q): Query<EventsQuery>) -> Response 
 
 async fn operate(
     State(x): State<Ctx>,
-    headers: HeaderMap,
     Query(q): Query<WaitQuery>,
     body: axum::body::Bytes,
 ) -> Response {
-    if let Err(r) = check(&headers, &x.token) {
-        return r;
-    }
     let op: Operation = match parse(&body) {
         Ok(o) => o,
         Err(r) => return r,
@@ -208,10 +215,7 @@ async fn get_operation(
     op_reply(&x, id, q.wait).await
 }
 
-async fn heartbeat(State(x): State<Ctx>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
-    if let Err(r) = check(&headers, &x.token) {
-        return r;
-    }
+async fn heartbeat(State(x): State<Ctx>, body: axum::body::Bytes) -> Response {
     let report: AgentReport = match parse(&body) {
         Ok(r) => r,
         Err(r) => return r,
@@ -230,14 +234,7 @@ struct RoutesQuery {
 
 /// The route table; with `version`, waits (up to `wait` seconds) until it differs — a
 /// long-poll watch.
-async fn routes(
-    State(x): State<Ctx>,
-    headers: HeaderMap,
-    Query(q): Query<RoutesQuery>,
-) -> Response {
-    if let Err(r) = check(&headers, &x.token) {
-        return r;
-    }
+async fn routes(State(x): State<Ctx>, Query(q): Query<RoutesQuery>) -> Response {
     let deadline =
         tokio::time::Instant::now() + std::time::Duration::from_secs(q.wait.unwrap_or(0).min(60));
     loop {
@@ -254,10 +251,7 @@ async fn routes(
     }
 }
 
-async fn post_load(State(x): State<Ctx>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
-    if let Err(r) = check(&headers, &x.token) {
-        return r;
-    }
+async fn post_load(State(x): State<Ctx>, body: axum::body::Bytes) -> Response {
     match parse(&body) {
         Ok(report) => {
             x.c.set_load(report);
@@ -281,14 +275,10 @@ struct ConsoleQuery {
 /// WebSocket, relayed from its agent.
 async fn console(
     State(x): State<Ctx>,
-    headers: HeaderMap,
     axum::extract::Path(id): axum::extract::Path<String>,
     Query(q): Query<ConsoleQuery>,
     ws: axum::extract::ws::WebSocketUpgrade,
 ) -> Response {
-    if let Err(r) = check(&headers, &x.token) {
-        return r;
-    }
     let Ok(id) = vmatrix_core::InstanceId::new(id) else {
         return err(StatusCode::BAD_REQUEST, "not an instance id");
     };
@@ -364,6 +354,9 @@ pub fn router(c: Arc<Controller>, token: String) -> Router {
         c,
         token: Arc::new(token),
     };
+    let open = Router::new()
+        .route("/api/v1/health", get(|| async { "ok" }))
+        .route("/openapi.json", get(openapi));
     Router::new()
         .route("/api/v1/services", get(services).post(apply))
         .route("/api/v1/machines", get(machines))
@@ -377,9 +370,12 @@ pub fn router(c: Arc<Controller>, token: String) -> Router {
         .route("/api/v1/load", get(get_load).post(post_load))
         .route("/api/v1/policy", get(policy))
         .route("/api/v1/rollouts", get(rollouts))
-        .route("/api/v1/health", get(|| async { "ok" }))
         .route("/metrics", get(metrics))
-        .route("/openapi.json", get(openapi))
+        .route_layer(axum::middleware::from_fn_with_state(
+            ctx.clone(),
+            require_token,
+        ))
+        .merge(open)
         .layer(DefaultBodyLimit::max(1 << 20))
         .with_state(ctx)
 }

@@ -52,6 +52,7 @@ async fn post(client: &reqwest::Client, url: &str, body: String) -> (u16, Value)
 async fn stored(client: &reqwest::Client, url: &str) -> Value {
     let body: Value = client
         .get(url)
+        .bearer_auth(TOKEN)
         .send()
         .await
         .expect("API answers")

@@ -167,13 +167,13 @@ pub(crate) async fn wait_for<T>(
     }
 }
 
-/// The events the controller at `listen` logged after event `after`, oldest first (reads need
-/// no token); empty while it does not answer.
-async fn events_after(listen: &str, mut after: u64) -> Vec<Value> {
+/// The events the controller at `listen` (data directory `d`) logged after event `after`,
+/// oldest first; empty while it does not answer.
+async fn events_after(d: &Path, listen: &str, mut after: u64) -> Vec<Value> {
     let mut all = Vec::new();
     loop {
-        let Ok(r) = reqwest::get(format!("http://{listen}/api/v1/events?after={after}")).await
-        else {
+        let url = format!("http://{listen}/api/v1/events?after={after}");
+        let Ok(r) = crate::support::api_get(d, &url).await else {
             return all;
         };
         let Ok(page) = r.json::<Value>().await else {
@@ -328,7 +328,7 @@ async fn up_apply_migrate_suspend_resume_and_survive_a_controller_crash() {
     // kill -9 the controller; start a new one on the same state: nothing lost or duplicated.
     let before = placements(d).await;
     // Everything logged so far is the old controller's: only events after this one count.
-    let mark = events_after(&listen, 0)
+    let mark = events_after(d, &listen, 0)
         .await
         .last()
         .and_then(|e| e["id"].as_u64())
@@ -342,7 +342,7 @@ async fn up_apply_migrate_suspend_resume_and_survive_a_controller_crash() {
         "a heartbeat from rm1, rm2 and rm3 at the new controller",
         Duration::from_secs(30),
         async || {
-            let new = events_after(&listen, mark).await;
+            let new = events_after(d, &listen, mark).await;
             ["rm1", "rm2", "rm3"]
                 .iter()
                 .all(|m| {
@@ -459,8 +459,34 @@ async fn unauthenticated_changes_are_refused_and_bad_files_point_at_the_line() {
             .unwrap();
         assert_eq!(r.status(), 401, "{path} with a wrong token");
     }
-    let r = client.get(format!("{url}/instances")).send().await.unwrap();
-    assert_eq!(r.status(), 200, "reads need no token");
+    // Reads too: the instance list names every endpoint (a way around the switch).
+    for path in [
+        "instances",
+        "machines",
+        "services",
+        "events",
+        "load",
+        "policy",
+        "rollouts",
+    ] {
+        let r = client.get(format!("{url}/{path}")).send().await.unwrap();
+        assert_eq!(r.status(), 401, "GET {path} without a token");
+    }
+    let r = client
+        .get(format!("http://{listen}/metrics"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401, "GET /metrics without a token");
+    let r = client
+        .get(format!("{url}/instances"))
+        .bearer_auth(token.trim())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "reads with the token");
+    let r = client.get(format!("{url}/health")).send().await.unwrap();
+    assert_eq!(r.status(), 200, "liveness needs no token");
     let r = client
         .post(format!("{url}/operations"))
         .bearer_auth(token.trim())
@@ -485,6 +511,7 @@ async fn unauthenticated_changes_are_refused_and_bad_files_point_at_the_line() {
     assert!(openapi["paths"]["/api/v1/operations"].is_object());
     let metrics = client
         .get(format!("http://{listen}/metrics"))
+        .bearer_auth(token.trim())
         .send()
         .await
         .unwrap()

@@ -333,7 +333,7 @@ image = "web:prod-v1"
             && c.contains(&data.display().to_string())
     };
     let (_, cmdline) = processes(agent_of).pop().expect("the agent");
-    let last_event = events_count(&listen).await;
+    let last_event = events_count(data, &listen).await;
     kill9("the agent", agent_of);
     let args: Vec<String> = cmdline
         .split_whitespace()
@@ -371,7 +371,7 @@ image = "web:prod-v1"
         .await;
         assert_eq!(s, 200, "{id} answers");
     }
-    let since = events_since(&listen, last_event).await;
+    let since = events_since(data, &listen, last_event).await;
     assert!(
         !since.iter().any(|e| {
             let o = e["outcome"].as_str().unwrap_or("");
@@ -381,8 +381,9 @@ image = "web:prod-v1"
     );
 }
 
-async fn events_count(listen: &str) -> u64 {
-    let v: Value = reqwest::get(format!("http://{listen}/api/v1/events?limit=10000"))
+async fn events_count(d: &Path, listen: &str) -> u64 {
+    let url = format!("http://{listen}/api/v1/events?limit=10000");
+    let v: Value = crate::support::api_get(d, &url)
         .await
         .expect("events")
         .json()
@@ -395,14 +396,13 @@ async fn events_count(listen: &str) -> u64 {
         .unwrap_or(0)
 }
 
-async fn events_since(listen: &str, after: u64) -> Vec<Value> {
-    let v: Value = reqwest::get(format!(
-        "http://{listen}/api/v1/events?after={after}&limit=10000"
-    ))
-    .await
-    .expect("events")
-    .json()
-    .await
-    .expect("json");
+async fn events_since(d: &Path, listen: &str, after: u64) -> Vec<Value> {
+    let url = format!("http://{listen}/api/v1/events?after={after}&limit=10000");
+    let v: Value = crate::support::api_get(d, &url)
+        .await
+        .expect("events")
+        .json()
+        .await
+        .expect("json");
     v["events"].as_array().cloned().unwrap_or_default()
 }

@@ -50,6 +50,17 @@ pub fn snapshot(dir: &Path) -> Vec<(String, u64, std::time::SystemTime)> {
     out
 }
 
+/// GET `url` from the controller whose data directory is `data`, with its token (every route
+/// but health needs it).
+pub async fn api_get(data: &Path, url: &str) -> reqwest::Result<reqwest::Response> {
+    let token = std::fs::read_to_string(data.join("controller/token")).unwrap_or_default();
+    reqwest::Client::new()
+        .get(url)
+        .bearer_auth(token.trim())
+        .send()
+        .await
+}
+
 /// Every file and directory under `dir` is its owner's alone (no group or other bits), as
 /// vMatrix writes them.
 pub fn assert_private(dir: &Path) {

@@ -196,9 +196,7 @@ async fn the_switch_hides_moves_wakes_dormant_services_and_drops_fast() {
     ))
     .await;
     assert_eq!(r.failed(), 0, "{r:?}");
-    let seen: Value = http
-        .get(format!("http://{api}/api/v1/load"))
-        .send()
+    let seen: Value = crate::support::api_get(d, &format!("http://{api}/api/v1/load"))
         .await
         .unwrap()
         .json()

@@ -107,7 +107,18 @@ impl Matrix {
             fake: FakeHypervisor::new(),
             controller: None,
             agents: HashMap::new(),
-            http: reqwest::Client::new(),
+            // Every route but health needs the token.
+            http: reqwest::Client::builder()
+                .default_headers(
+                    [(
+                        reqwest::header::AUTHORIZATION,
+                        format!("Bearer {TOKEN}").parse().expect("header"),
+                    )]
+                    .into_iter()
+                    .collect(),
+                )
+                .build()
+                .expect("HTTP client"),
             policy: None,
             maintenance_idle: None,
         };
