@@ -381,17 +381,11 @@ image = "web:prod-v1"
     );
 }
 
+/// The id of the last event logged so far (0: none).
 async fn events_count(d: &Path, listen: &str) -> u64 {
-    let url = format!("http://{listen}/api/v1/events?limit=10000");
-    let v: Value = crate::support::api_get(d, &url)
+    events_since(d, listen, 0)
         .await
-        .expect("events")
-        .json()
-        .await
-        .expect("json");
-    v["events"]
-        .as_array()
-        .and_then(|e| e.last())
+        .last()
         .and_then(|e| e["id"].as_u64())
         .unwrap_or(0)
 }
