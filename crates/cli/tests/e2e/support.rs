@@ -170,7 +170,11 @@ pub async fn start_up(data: &Path, args: &[&str]) -> Up {
         )
         .spawn()
         .expect("start vmatrix up");
-    let mut lines = BufReader::new(up.stdout.take().expect("piped stdout")).lines();
+    let stdout = up.stdout.take().expect("piped stdout");
+    // Guarded from here: an `up` that never comes up (a panic below) is stopped and its
+    // network removed like any other.
+    let up = Up { child: up, port };
+    let mut lines = BufReader::new(stdout).lines();
     loop {
         let line = tokio::time::timeout(std::time::Duration::from_secs(120), lines.next_line())
             .await
@@ -180,7 +184,7 @@ pub async fn start_up(data: &Path, args: &[&str]) -> Up {
         if line.contains("vMatrix is up") {
             // Keep reading what `up` prints afterwards: a closed pipe is not what a terminal does.
             tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-            return Up { child: up, port };
+            return up;
         }
     }
 }
