@@ -374,6 +374,21 @@ impl Switch {
         let route = service.as_deref().and_then(|s| table.services.get(s));
         let Some(route) = route else {
             return Ok(match path.as_str() {
+                // They name every instance endpoint: a way around drop and admission, so
+                // only for the token's holders.
+                "/metrics"
+                    if !vmatrix_core::auth::bearer_matches(
+                        req.headers()
+                            .get("authorization")
+                            .and_then(|v| v.to_str().ok()),
+                        &self.config.token,
+                    ) =>
+                {
+                    reply(
+                        StatusCode::UNAUTHORIZED,
+                        "the switch's metrics need its bearer token (authorization: Bearer TOKEN)",
+                    )
+                }
                 "/metrics" => {
                     let mut text = self.stats.metrics();
                     text.push_str(&self.backend_metrics());

@@ -137,7 +137,7 @@ async fn connections_beyond_the_per_client_limit_are_closed_at_once() {
     };
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let text = reqwest::get(format!("http://{switch}/metrics"))
+        let text = support::metrics_request(switch)
             .await
             .unwrap()
             .text()
@@ -191,7 +191,7 @@ async fn connections_beyond_the_per_client_limit_are_closed_at_once() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     drop(open);
-    let text = reqwest::get(format!("http://{switch}/metrics"))
+    let text = support::metrics_request(switch)
         .await
         .unwrap()
         .text()
@@ -199,6 +199,11 @@ async fn connections_beyond_the_per_client_limit_are_closed_at_once() {
         .unwrap();
     let refused = metric(&text, "vmatrix_switch_connections_refused_total");
     assert!((1..u64::MAX).contains(&refused), "{text}");
+    // They name every instance endpoint: not for clients without the token.
+    let r = reqwest::get(format!("http://{switch}/metrics"))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
 }
 
 #[tokio::test]
@@ -224,7 +229,7 @@ async fn a_large_upload_streams_to_the_instance_and_holds_no_memory() {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let metrics = reqwest::get(format!("http://{switch}/metrics"))
+    let metrics = support::metrics_request(switch)
         .await
         .unwrap()
         .text()

@@ -100,7 +100,7 @@ pub(crate) async fn migrate_under_load(
     seconds: u64,
 ) -> (String, vmatrix_switch::LoadResult) {
     use vmatrix_switch::{run_load, LoadOptions};
-    let before = switch_requests(front, service).await.unwrap_or(0.0);
+    let before = switch_requests(d, front, service).await.unwrap_or(0.0);
     let load = tokio::spawn(run_load_owned(LoadOptions::constant(
         format!("http://{front}/s/{service}/health"),
         rps,
@@ -110,7 +110,7 @@ pub(crate) async fn migrate_under_load(
         run_load(&o).await
     }
     // Move once the switch has carried two seconds of this load.
-    wait_switch_requests(front, service, before + 2.0 * rps).await;
+    wait_switch_requests(d, front, service, before + 2.0 * rps).await;
     let (ok, out, err) = cli(d, &["migrate", id, "--to", to]).await;
     assert!(ok, "migrate: {out}{err}\n{}", crate::support::up_log(d));
     let r = load.await.unwrap();
@@ -128,9 +128,9 @@ pub(crate) async fn migrate_under_load(
 
 /// How many requests of `service` the switch at `front` has carried (`None` while its metrics
 /// do not answer).
-pub(crate) async fn switch_requests(front: &str, service: &str) -> Option<f64> {
+pub(crate) async fn switch_requests(d: &Path, front: &str, service: &str) -> Option<f64> {
     let metric = format!("vmatrix_switch_requests_total{{service=\"{service}\"}}");
-    let m = reqwest::get(format!("http://{front}/metrics"))
+    let m = crate::support::api_get(d, &format!("http://{front}/metrics"))
         .await
         .ok()?
         .text()
@@ -145,9 +145,9 @@ pub(crate) async fn switch_requests(front: &str, service: &str) -> Option<f64> {
 }
 
 /// Waits (30 s at most) until the switch at `front` has carried `n` requests of `service`.
-pub(crate) async fn wait_switch_requests(front: &str, service: &str, n: f64) {
+pub(crate) async fn wait_switch_requests(d: &Path, front: &str, service: &str, n: f64) {
     wait_for("the load under way", Duration::from_secs(30), async || {
-        (switch_requests(front, service).await? >= n).then_some(())
+        (switch_requests(d, front, service).await? >= n).then_some(())
     })
     .await;
 }

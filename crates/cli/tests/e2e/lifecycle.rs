@@ -77,8 +77,8 @@ pub(crate) async fn version_of(d: &Path, image: &str) -> String {
 }
 
 /// Requests the switch sent to each instance endpoint.
-async fn sent_to(front: &str) -> Vec<(String, u64)> {
-    let text = reqwest::get(format!("http://{front}/metrics"))
+async fn sent_to(d: &Path, front: &str) -> Vec<(String, u64)> {
+    let text = crate::support::api_get(d, &format!("http://{front}/metrics"))
         .await
         .expect("switch metrics")
         .text()
@@ -235,7 +235,7 @@ async fn maintain_patch_commit_then_roll_out_back_and_refuse_a_broken_version() 
 
     // The maintenance instance got no switch traffic, the live ones all of it; it was never
     // moved (still generation 1, on sm1).
-    let sent = sent_to(&front).await;
+    let sent = sent_to(d, &front).await;
     let to_admin: u64 = sent
         .iter()
         .filter(|(a, _)| *a == endpoint)

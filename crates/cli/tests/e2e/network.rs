@@ -121,7 +121,7 @@ async fn connections_survive_a_live_migration_across_vxlan_hosts() {
     );
     assert_eq!(steady.failed(), 0, "{:?}", steady.errors);
 
-    let before = crate::cluster::switch_requests(&front, "web")
+    let before = crate::cluster::switch_requests(d, &front, "web")
         .await
         .unwrap_or(0.0);
 
@@ -147,7 +147,7 @@ async fn connections_survive_a_live_migration_across_vxlan_hosts() {
         async move { run_load(&opts).await }
     });
     // Move once the load is under way (2 s of it).
-    crate::cluster::wait_switch_requests(&front, "web", before + 100.0).await;
+    crate::cluster::wait_switch_requests(d, &front, "web", before + 100.0).await;
     let move_began = load_started.elapsed().as_secs_f64();
     let (ok, moved, err) = cli(d, &["migrate", &id, "--to", to]).await;
     assert!(ok, "migrate {id} {from} → {to}: {err}\n{}", up_log(d));

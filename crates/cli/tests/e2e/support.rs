@@ -50,8 +50,8 @@ pub fn snapshot(dir: &Path) -> Vec<(String, u64, std::time::SystemTime)> {
     out
 }
 
-/// GET `url` from the controller whose data directory is `data`, with its token (every route
-/// but health needs it).
+/// GET `url` from the controller whose data directory is `data`, or its switch's `/metrics`,
+/// with its token (every controller route but health needs it).
 pub async fn api_get(data: &Path, url: &str) -> reqwest::Result<reqwest::Response> {
     let token = std::fs::read_to_string(data.join("controller/token")).unwrap_or_default();
     reqwest::Client::new()

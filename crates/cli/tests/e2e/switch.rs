@@ -84,7 +84,7 @@ async fn the_switch_hides_moves_wakes_dormant_services_and_drops_fast() {
         }
     });
     // Move only once the switch has carried a steady stream for a while.
-    crate::cluster::wait_switch_requests(&front, "web", 100.0).await;
+    crate::cluster::wait_switch_requests(d, &front, "web", 100.0).await;
     let (ok, out, err) = cli(d, &["migrate", web["id"].as_str().unwrap(), "--to", to]).await;
     assert!(ok, "migrate: {err}");
     let r = load.await.unwrap();

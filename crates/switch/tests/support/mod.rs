@@ -56,6 +56,18 @@ pub async fn controller(service: &str, backend: SocketAddr) -> SocketAddr {
     addr
 }
 
+/// The token the switches of these tests hold.
+pub const TOKEN: &str = "test";
+
+/// GET the switch's `/metrics` with its token.
+pub async fn metrics_request(switch: SocketAddr) -> reqwest::Result<reqwest::Response> {
+    reqwest::Client::new()
+        .get(format!("http://{switch}/metrics"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+}
+
 /// Starts a switch with `limits` in front of `service` on `backend` and returns its address
 /// once it routes the service.
 pub async fn switch(
@@ -71,7 +83,7 @@ pub async fn switch(
     tokio::spawn(vmatrix_switch::serve(vmatrix_switch::SwitchConfig {
         listen,
         controller: format!("http://{controller}"),
-        token: "test".into(),
+        token: TOKEN.into(),
         hold_timeout: Duration::from_secs(5),
         max_held: 10,
         retry_window: Duration::from_secs(5),
@@ -81,7 +93,7 @@ pub async fn switch(
     // Until it knows the service (an unknown one is a 404 naming the known ones).
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
-        if let Ok(r) = reqwest::get(format!("http://{listen}/metrics")).await {
+        if let Ok(r) = metrics_request(listen).await {
             let text = r.text().await.unwrap_or_default();
             if text.contains("vmatrix_switch_client_connections") {
                 if let Ok(r) = reqwest::get(format!("http://{listen}/s/{service}/nothing")).await {
