@@ -70,17 +70,41 @@ async fn closed_within(s: &mut TcpStream, within: Duration) -> bool {
     }
 }
 
+/// A switch with `limits` in front of a fresh [`instance`], and that instance's byte count.
+async fn switch_with(limits: Limits) -> (SocketAddr, Arc<AtomicU64>) {
+    let seen = Arc::new(AtomicU64::new(0));
+    let switch = support::switch("web", instance(seen.clone()).await, limits).await;
+    (switch, seen)
+}
+
+/// Sends a whole GET on `s` and says whether a 200 came back.
+async fn served(s: &mut TcpStream) -> bool {
+    if s.write_all(b"GET /s/web/ HTTP/1.1\r\nHost: web\r\n\r\n")
+        .await
+        .is_err()
+    {
+        return false;
+    }
+    let mut buf = [0u8; 512];
+    matches!(s.read(&mut buf).await, Ok(n) if String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"))
+}
+
+/// The switch's metrics, read with its token.
+async fn metrics_text(switch: SocketAddr) -> String {
+    support::metrics_request(switch)
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn half_sent_requests_and_silent_clients_are_closed_after_the_header_timeout() {
-    let seen = Arc::new(AtomicU64::new(0));
-    let switch = support::switch(
-        "web",
-        instance(seen).await,
-        Limits {
-            header_timeout: Duration::from_secs(1),
-            ..Limits::default()
-        },
-    )
+    let (switch, _) = switch_with(Limits {
+        header_timeout: Duration::from_secs(1),
+        ..Limits::default()
+    })
     .await;
     let started = Instant::now();
     let mut held = Vec::new();
@@ -118,15 +142,10 @@ async fn half_sent_requests_and_silent_clients_are_closed_after_the_header_timeo
 
 #[tokio::test]
 async fn connections_beyond_the_per_client_limit_are_closed_at_once() {
-    let seen = Arc::new(AtomicU64::new(0));
-    let switch = support::switch(
-        "web",
-        instance(seen).await,
-        Limits {
-            max_connections_per_client: 5,
-            ..Limits::default()
-        },
-    )
+    let (switch, _) = switch_with(Limits {
+        max_connections_per_client: 5,
+        ..Limits::default()
+    })
     .await;
     // The readiness probes' connections close soon; wait until none is counted.
     let metric = |text: &str, name: &str| -> u64 {
@@ -137,12 +156,7 @@ async fn connections_beyond_the_per_client_limit_are_closed_at_once() {
     };
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let text = support::metrics_request(switch)
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = metrics_text(switch).await;
         // This request's own connection only.
         if metric(&text, "vmatrix_switch_client_connections") <= 1 {
             break;
@@ -153,12 +167,7 @@ async fn connections_beyond_the_per_client_limit_are_closed_at_once() {
     let mut open = Vec::new();
     for _ in 0..5 {
         let mut s = TcpStream::connect(switch).await.unwrap();
-        s.write_all(b"GET /s/web/ HTTP/1.1\r\nHost: web\r\n\r\n")
-            .await
-            .unwrap();
-        let mut buf = [0u8; 512];
-        let n = s.read(&mut buf).await.unwrap();
-        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+        assert!(served(&mut s).await, "one of the first five was not served");
         open.push(s);
     }
     // The sixth from this address: closed without an answer.
@@ -175,14 +184,8 @@ async fn connections_beyond_the_per_client_limit_are_closed_at_once() {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let mut s = TcpStream::connect(switch).await.unwrap();
-        s.write_all(b"GET /s/web/ HTTP/1.1\r\nHost: web\r\n\r\n")
-            .await
-            .unwrap();
-        let mut buf = [0u8; 512];
-        if let Ok(n) = s.read(&mut buf).await {
-            if String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200") {
-                break;
-            }
+        if served(&mut s).await {
+            break;
         }
         assert!(
             Instant::now() < deadline,
@@ -191,12 +194,7 @@ async fn connections_beyond_the_per_client_limit_are_closed_at_once() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     drop(open);
-    let text = support::metrics_request(switch)
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = metrics_text(switch).await;
     let refused = metric(&text, "vmatrix_switch_connections_refused_total");
     assert!((1..u64::MAX).contains(&refused), "{text}");
     // They name every instance endpoint: not for clients without the token.
@@ -208,8 +206,7 @@ async fn connections_beyond_the_per_client_limit_are_closed_at_once() {
 
 #[tokio::test]
 async fn a_large_upload_streams_to_the_instance_and_holds_no_memory() {
-    let seen = Arc::new(AtomicU64::new(0));
-    let switch = support::switch("web", instance(seen.clone()).await, Limits::default()).await;
+    let (switch, seen) = switch_with(Limits::default()).await;
     const TOTAL: usize = 32 << 20;
     let mut s = TcpStream::connect(switch).await.unwrap();
     s.write_all(
@@ -229,12 +226,7 @@ async fn a_large_upload_streams_to_the_instance_and_holds_no_memory() {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let metrics = support::metrics_request(switch)
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(switch).await;
     assert!(
         metrics.contains("vmatrix_switch_request_body_bytes 0\n"),
         "{metrics}"
@@ -258,15 +250,10 @@ async fn a_large_upload_streams_to_the_instance_and_holds_no_memory() {
 
 #[tokio::test]
 async fn small_bodies_held_whole_count_against_the_memory_budget() {
-    let seen = Arc::new(AtomicU64::new(0));
-    let switch = support::switch(
-        "web",
-        instance(seen).await,
-        Limits {
-            body_memory: 64 * 1024,
-            ..Limits::default()
-        },
-    )
+    let (switch, _) = switch_with(Limits {
+        body_memory: 64 * 1024,
+        ..Limits::default()
+    })
     .await;
     // A 40 KiB body, half sent: the switch holds its place in the budget while it waits.
     let mut first = TcpStream::connect(switch).await.unwrap();
@@ -311,15 +298,10 @@ async fn small_bodies_held_whole_count_against_the_memory_budget() {
 
 #[tokio::test]
 async fn an_instance_that_does_not_answer_gets_a_504() {
-    let seen = Arc::new(AtomicU64::new(0));
-    let switch = support::switch(
-        "web",
-        instance(seen).await,
-        Limits {
-            backend_timeout: Duration::from_secs(1),
-            ..Limits::default()
-        },
-    )
+    let (switch, _) = switch_with(Limits {
+        backend_timeout: Duration::from_secs(1),
+        ..Limits::default()
+    })
     .await;
     let t = Instant::now();
     let r = reqwest::Client::new()
