@@ -373,12 +373,9 @@ impl Topology {
             let _ = delete_link(&name);
         }
         let prefix = format!("vmxr{tag}n");
-        if let Ok(entries) = std::fs::read_dir("/sys/class/net") {
-            for e in entries.flatten() {
-                let name = e.file_name().to_string_lossy().into_owned();
-                if name.starts_with(&prefix) {
-                    let _ = delete_link(&name);
-                }
+        for name in vmatrix_net::links() {
+            if name.starts_with(&prefix) {
+                let _ = delete_link(&name);
             }
         }
     }

@@ -339,6 +339,15 @@ async fn metrics(State(x): State<Ctx>) -> Response {
             ));
         }
     }
+    out.push_str(
+        "# HELP vmatrix_heartbeats_total Heartbeats taken in per machine since this controller started.\n\
+         # TYPE vmatrix_heartbeats_total counter\n",
+    );
+    for (machine, n) in x.c.heartbeats() {
+        out.push_str(&format!(
+            "vmatrix_heartbeats_total{{machine=\"{machine}\"}} {n}\n"
+        ));
+    }
     ([("content-type", "text/plain; version=0.0.4")], out).into_response()
 }
 

@@ -95,8 +95,9 @@ pub struct Controller {
     /// When each instance's last operation ended: a heartbeat sent before that is stale for it.
     pub(crate) settled: Mutex<HashMap<InstanceId, Instant>>,
     pub(crate) started: Instant,
-    /// Machines heard from since this process started.
-    pub(crate) heard: Mutex<HashSet<String>>,
+    /// Machines heard from since this process started, with how many of their heartbeats
+    /// were taken in (`vmatrix_heartbeats_total`).
+    pub(crate) heard: Mutex<HashMap<String, u64>>,
     /// The switch's latest load report, and when it came.
     pub(crate) load: Mutex<Option<(Instant, vmatrix_core::api::LoadReport)>>,
     /// Woken by every load report: the fast path runs then, not on the tick.
@@ -212,7 +213,7 @@ impl Controller {
             busy: Mutex::new(HashSet::new()),
             settled: Mutex::new(HashMap::new()),
             started: Instant::now(),
-            heard: Mutex::new(HashSet::new()),
+            heard: Mutex::new(HashMap::new()),
             cpu: Mutex::new(HashMap::new()),
             memory: Mutex::new(HashMap::new()),
             settings: Mutex::new(vmatrix_policy::Settings::default()),

@@ -29,7 +29,7 @@ impl Controller {
         let first = self
             .heard
             .lock()
-            .map(|mut h| h.insert(report.name.clone()))
+            .map(|h| !h.contains_key(&report.name))
             .unwrap_or(false);
         self.db(|d| d.upsert_machine(&info, now_ms()))?;
         if let Ok(mut cpu) = self.cpu.lock() {
@@ -57,9 +57,23 @@ impl Controller {
             reports.insert(report.name.clone(), report.clone());
         }
         self.settle(&report, &info)?;
+        if let Ok(mut heard) = self.heard.lock() {
+            *heard.entry(report.name.clone()).or_default() += 1;
+        }
         Ok(HeartbeatReply {
             network: self.network_view(),
         })
+    }
+
+    /// Heartbeats taken in per machine since this process started, by machine name.
+    pub fn heartbeats(&self) -> Vec<(String, u64)> {
+        let mut all: Vec<(String, u64)> = self
+            .heard
+            .lock()
+            .map(|h| h.iter().map(|(m, n)| (m.clone(), *n)).collect())
+            .unwrap_or_default();
+        all.sort();
+        all
     }
 
     /// The service network as the machines must see it: every host that carries it (the

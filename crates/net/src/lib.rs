@@ -72,9 +72,30 @@ pub fn run(tool: &str, args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Whether interface `name` exists in this network namespace.
+/// The interfaces of this process's network namespace.
+///
+/// Read from `/proc/self/net/dev`, which follows the namespace the process is in; `/sys/class/net`
+/// shows the namespace whoever mounted `/sys` was in, so in a namespace entered with `unshare` or
+/// `nsenter` (an agent of `vmatrix up`) it lists the host's interfaces, not its own.
+pub fn links() -> Vec<String> {
+    std::fs::read_to_string("/proc/self/net/dev")
+        .map(|text| parse_links(&text))
+        .unwrap_or_default()
+}
+
+/// The interface names in the text of `/proc/net/dev` (two header lines, then `name: counters`).
+fn parse_links(text: &str) -> Vec<String> {
+    text.lines()
+        .skip(2)
+        .filter_map(|l| l.split_once(':'))
+        .map(|(name, _)| name.trim().to_owned())
+        .filter(|n| !n.is_empty())
+        .collect()
+}
+
+/// Whether interface `name` exists in this process's network namespace (see [`links`]).
 pub fn link_exists(name: &str) -> bool {
-    Path::new("/sys/class/net").join(name).exists()
+    links().iter().any(|l| l == name)
 }
 
 /// Deletes interface `name` if it exists.
@@ -421,6 +442,18 @@ pub fn tap_name(id: &str, generation: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn interface_names_from_proc_net_dev() {
+        let text = "Inter-|   Receive                            |  Transmit\n \
+ face |bytes    packets errs drop fifo frame compressed multicast|bytes\n    \
+lo:  1296      16    0    0    0     0          0         0     1296\n\
+vmxs39600: 0 0 0 0 0 0 0 0 0\n  eth0: 9 1 0 0 0 0 0 0 9\n";
+        assert_eq!(parse_links(text), ["lo", "vmxs39600", "eth0"]);
+        // This process's own namespace has a loopback interface.
+        assert!(link_exists("lo"));
+        assert!(!link_exists("vmx-no-such"));
+    }
 
     #[test]
     fn addresses_of_a_service_network() {

@@ -345,16 +345,73 @@ image = "web:prod-v1"
     again
         .arg(format!("--net=/proc/{}/ns/net", pids[0]))
         .arg(env!("CARGO_BIN_EXE_vmatrix"));
-    let _agent = Terminated(
+    let agent_log = data.join("agent-again.log");
+    let log = std::fs::File::create(&agent_log).expect("the restarted agent's log");
+    let mut agent = Terminated(
         again
             .args(&args)
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
+            .stderr(log)
             .spawn()
             .expect("start the agent again"),
     );
-    // Several heartbeats of the new agent later…
-    tokio::time::sleep(Duration::from_secs(6)).await;
+    let agent_said = || std::fs::read_to_string(&agent_log).unwrap_or_default();
+    // The new agent adopts every VM the killed one left and finds them healthy…
+    let machines: Value =
+        crate::support::api_get(data, &format!("http://{listen}/api/v1/machines"))
+            .await
+            .expect("machines")
+            .json()
+            .await
+            .expect("json");
+    let address = machines["machines"]
+        .as_array()
+        .and_then(|ms| ms.iter().find(|m| m["name"] == machine))
+        .and_then(|m| m["address"].as_str())
+        .unwrap_or_else(|| panic!("{machine} in {machines}"))
+        .to_owned();
+    wait_for(
+        &format!("the restarted agent of {machine} to report {here:?} running"),
+        Duration::from_secs(60),
+        async || {
+            if let Ok(Some(status)) = agent.0.try_wait() {
+                panic!("the restarted agent exited ({status}):\n{}", agent_said());
+            }
+            let url = format!("http://{address}/agent/v1/status");
+            let report: Value = crate::support::api_get(data, &url)
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            let running = report["instances"].as_array()?.iter().filter(|i| {
+                i["state"] == "running" && here.iter().any(|id| i["id"] == id.as_str())
+            });
+            (running.count() == here.len()).then_some(())
+        },
+    )
+    .await;
+    // …and the controller takes in three of its heartbeats that say so.
+    let heartbeats = async || {
+        let metrics = crate::support::api_get(data, &format!("http://{listen}/metrics"))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        let series = format!("vmatrix_heartbeats_total{{machine=\"{machine}\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(series.as_str()))
+            .and_then(|n| n.trim().parse::<u64>().ok())
+    };
+    let seen = heartbeats().await.unwrap_or(0);
+    wait_for(
+        &format!("three heartbeats of {machine} after its adoption"),
+        Duration::from_secs(30),
+        async || heartbeats().await.filter(|n| *n >= seen + 3),
+    )
+    .await;
     for (id, pid) in here.iter().zip(&pids) {
         assert_eq!(
             one_copy(data, id).await,
@@ -362,7 +419,13 @@ image = "web:prod-v1"
             "{id} is served by the same QEMU"
         );
         let i = instance(data, id).await;
-        assert_eq!(i["state"], "running", "{id}");
+        assert_eq!(
+            i["state"],
+            "running",
+            "{id}; the restarted agent logged:\n{}\n{}",
+            agent_said(),
+            up_log(data)
+        );
         let (s, _) = http(
             "GET",
             format!("http://{}/health", i["endpoint"].as_str().unwrap_or("")),
