@@ -29,7 +29,11 @@ impl Controller {
         let first = self
             .heard
             .lock()
-            .map(|h| !h.contains_key(&report.name))
+            .map(|mut h| {
+                let new = !h.contains_key(&report.name);
+                h.entry(report.name.clone()).or_insert(0);
+                new
+            })
             .unwrap_or(false);
         self.db(|d| d.upsert_machine(&info, now_ms()))?;
         if let Ok(mut cpu) = self.cpu.lock() {
@@ -57,6 +61,7 @@ impl Controller {
             reports.insert(report.name.clone(), report.clone());
         }
         self.settle(&report, &info)?;
+        // Counted once taken in: a heartbeat that failed to settle does not count.
         if let Ok(mut heard) = self.heard.lock() {
             *heard.entry(report.name.clone()).or_default() += 1;
         }

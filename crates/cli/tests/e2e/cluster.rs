@@ -129,17 +129,22 @@ pub(crate) async fn migrate_under_load(
 /// How many requests of `service` the switch at `front` has carried (`None` while its metrics
 /// do not answer).
 pub(crate) async fn switch_requests(d: &Path, front: &str, service: &str) -> Option<f64> {
-    let metric = format!("vmatrix_switch_requests_total{{service=\"{service}\"}}");
-    let m = crate::support::api_get(d, &format!("http://{front}/metrics"))
+    let series = format!("vmatrix_switch_requests_total{{service=\"{service}\"}}");
+    metric(d, front, &series).await
+}
+
+/// The value of one `series` (name and labels, as printed) at `http://{at}/metrics`, read with
+/// the data directory `d`'s token (`None` while it does not answer or lacks the series).
+pub(crate) async fn metric(d: &Path, at: &str, series: &str) -> Option<f64> {
+    let m = crate::support::api_get(d, &format!("http://{at}/metrics"))
         .await
         .ok()?
         .text()
         .await
         .ok()?;
     m.lines()
-        .find(|l| l.starts_with(&metric))?
-        .rsplit(' ')
-        .next()?
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))?
+        .trim()
         .parse()
         .ok()
 }

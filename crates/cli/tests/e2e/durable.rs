@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::cluster::{cli, ps, wait_for};
+use crate::cluster::{cli, metric, ps, wait_for};
 use crate::support::{
     data_dir, free_port, is_qemu_of, kill9, processes, start_up, up_log, vmatrix, VmSweep,
 };
@@ -392,24 +392,16 @@ image = "web:prod-v1"
     )
     .await;
     // …and the controller takes in three of its heartbeats that say so.
-    let heartbeats = async || {
-        let metrics = crate::support::api_get(data, &format!("http://{listen}/metrics"))
-            .await
-            .ok()?
-            .text()
-            .await
-            .ok()?;
-        let series = format!("vmatrix_heartbeats_total{{machine=\"{machine}\"}} ");
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(series.as_str()))
-            .and_then(|n| n.trim().parse::<u64>().ok())
-    };
-    let seen = heartbeats().await.unwrap_or(0);
+    let series = format!("vmatrix_heartbeats_total{{machine=\"{machine}\"}}");
+    let seen = metric(data, &listen, &series).await.unwrap_or(0.0);
     wait_for(
         &format!("three heartbeats of {machine} after its adoption"),
         Duration::from_secs(30),
-        async || heartbeats().await.filter(|n| *n >= seen + 3),
+        async || {
+            metric(data, &listen, &series)
+                .await
+                .filter(|n| *n >= seen + 3.0)
+        },
     )
     .await;
     for (id, pid) in here.iter().zip(&pids) {
