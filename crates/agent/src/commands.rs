@@ -541,6 +541,7 @@ impl Agent {
                     // Finished already (the same command again).
                     return Ok(AgentReply::Finished {
                         endpoint: s.endpoint.to_string(),
+                        answered_ms: None,
                     });
                 }
                 return Err(AgentError::Busy {
@@ -570,8 +571,25 @@ impl Agent {
                     )));
                 }
                 self.persist(&id, Phase::Running);
+                let answered = crate::health::first_answer(
+                    &self,
+                    &id,
+                    generation,
+                    crate::health::FIRST_ANSWER_WITHIN,
+                )
+                .await;
+                let answered_ms = match answered {
+                    Ok(t) => Some(t.as_millis() as u64),
+                    Err(why) => {
+                        tracing::warn!(instance = %id, "after its migration: {why}");
+                        None
+                    }
+                };
                 tokio::spawn(crate::health::watch(self.clone(), id, generation));
-                Ok(AgentReply::Finished { endpoint })
+                Ok(AgentReply::Finished {
+                    endpoint,
+                    answered_ms,
+                })
             }
             Err(e) => {
                 self.put_back(&id, generation, Held::Nothing, |s| {

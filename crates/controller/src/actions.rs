@@ -321,7 +321,14 @@ impl Controller {
             )
             .await;
         match finished {
-            Ok(_) => {
+            Ok(reply) => {
+                let answered = match reply {
+                    AgentReply::Finished {
+                        answered_ms: Some(ms),
+                        ..
+                    } => format!(", serving {ms} ms after"),
+                    _ => String::new(),
+                };
                 row.info.machine = dest.name.clone();
                 row.info.generation = next_gen;
                 row.info.endpoint = target.endpoint;
@@ -329,7 +336,7 @@ impl Controller {
                 self.db(|d| d.put_instance(&row))?;
                 let (total, down) = out;
                 let outcome = format!(
-                    "ok in {:.2}s (QEMU total {total} ms, downtime {down} ms)",
+                    "ok in {:.2}s (QEMU total {total} ms, downtime {down} ms{answered})",
                     started.elapsed().as_secs_f64()
                 );
                 self.event("controller", &what, why, &outcome);

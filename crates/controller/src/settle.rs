@@ -385,7 +385,7 @@ impl Controller {
             };
             let what = format!("finish the migration of {} on {}", row.info.id, dest.name);
             match me.send(&dest, &cmd, memory).await {
-                Ok(AgentReply::Finished { endpoint }) => {
+                Ok(AgentReply::Finished { endpoint, .. }) => {
                     let mut row = row;
                     row.info.machine = dest.name.clone();
                     row.info.generation = generation;

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use support::{wait_for, Matrix, TOKEN};
 use vmatrix_agent::fake::FakeKnobs;
 use vmatrix_core::api::{MachineRole, Operation};
-use vmatrix_core::{InstanceId, ServiceName};
+use vmatrix_core::{InstanceId, InstanceState, ServiceName};
 
 const WEB: &str = r#"
 [[service]]
@@ -160,6 +160,35 @@ async fn a_client_that_hangs_up_does_not_stop_its_migration() {
         Some("kept")
     );
     assert_eq!(m.fake.pids().len(), 1, "one copy: {:?}", m.fake.pids());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migration_ends_once_the_instance_answers_at_its_new_place() {
+    let mut m = Matrix::new().await;
+    web_on_rm1(&mut m, 1).await;
+    m.start_agent("rm2", 3, MachineRole::Dedicated).await;
+    let body = m
+        .done(Operation::Migrate {
+            instance: id("web-1"),
+            to: "rm2".into(),
+        })
+        .await;
+    // The destination's agent probed the instance's health check before it said finished.
+    let result = body["result"].as_str().unwrap_or_default();
+    let ms: u64 = result
+        .split("serving ")
+        .nth(1)
+        .and_then(|r| r.split(" ms after").next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no 'serving N ms after' in {result:?}"));
+    assert!(ms < 2000, "{result}");
+    // Running where it moved the moment the operation is done, and answering there.
+    let now = m.instance("web-1").await.expect("web-1");
+    assert_eq!(
+        (now.machine.as_str(), now.state),
+        ("rm2", InstanceState::Running)
+    );
+    m.put_kv(&now.endpoint, "k", "v").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -709,6 +709,10 @@ pub enum AgentReply {
     Finished {
         /// Where it serves.
         endpoint: String,
+        /// How long after the switch-over it first answered its health check there (`None`:
+        /// it did not within the agent's wait, or the command was a repeat).
+        #[serde(default)]
+        answered_ms: Option<u64>,
     },
     /// `discard`: nothing of it is left on the machine.
     Discarded,

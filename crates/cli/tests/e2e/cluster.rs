@@ -210,6 +210,7 @@ async fn http(endpoint: &str, method: &str, path: &str, body: &[u8]) -> (u16, St
 #[tokio::test]
 #[ignore = "boots real QEMU; run by scripts/test"]
 async fn up_apply_migrate_suspend_resume_and_survive_a_controller_crash() {
+    let _host = crate::support::share_host().await;
     let data = data_dir();
     let d = data.path();
     let port = free_port();
@@ -426,6 +427,7 @@ async fn up_apply_migrate_suspend_resume_and_survive_a_controller_crash() {
 
 #[tokio::test]
 async fn unauthenticated_changes_are_refused_and_bad_files_point_at_the_line() {
+    let _host = crate::support::share_host().await;
     let data = data_dir();
     let d = data.path();
     let listen = format!("127.0.0.1:{}", free_port());

@@ -70,7 +70,7 @@ fn ssh(key: &Path, address: &str, command: &str) -> Result<String, String> {
 async fn a_debian_server_boots_within_its_grace_takes_its_config_and_moves_live() {
     // A 1 GiB guest booting for a minute, and a migration under load: not beside the other
     // tests that need the CPU (the build, when not cached, takes a core too).
-    let _alone = crate::support::UNDER_LOAD.lock().await;
+    let _alone = crate::support::under_load().await;
     let image = tokio::task::spawn_blocking(debian_image).await.unwrap();
     let data = data_dir();
     let d = data.path();

@@ -127,7 +127,7 @@ async fn kill_controller_during(data: &Path, listen: &str, args: &[&str]) -> tok
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "boots real QEMU guests"]
 async fn no_operation_loses_a_server_whatever_is_killed() {
-    let _serial = crate::support::UNDER_LOAD.lock().await;
+    let _serial = crate::support::under_load().await;
     let dir = data_dir();
     let data = dir.path();
     let _sweep = VmSweep(data);

@@ -15,6 +15,7 @@ use crate::support::{data_dir, start_matrix, up_log};
 #[tokio::test]
 #[ignore = "boots real QEMU on bridges in network namespaces (root); run by scripts/test"]
 async fn vmdk_and_vhdx_images_import_and_boot() {
+    let _host = crate::support::share_host().await;
     let data = data_dir();
     let d = data.path();
     let (_up, front) = start_matrix(
@@ -91,7 +92,7 @@ async fn hardware_seen(d: &std::path::Path, id: &str) -> String {
 #[tokio::test]
 #[ignore = "boots real QEMU on bridges in network namespaces (root); run by scripts/test"]
 async fn guests_on_sata_e1000_uefi_and_ide_boot_serve_and_move() {
-    let _alone = crate::support::UNDER_LOAD.lock().await;
+    let _alone = crate::support::under_load().await;
     let data = data_dir();
     let d = data.path();
     let (_up, front) = start_matrix(

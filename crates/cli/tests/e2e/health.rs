@@ -19,6 +19,7 @@ async fn event(d: &std::path::Path, what: &str, outcome: &str) -> Option<String>
 #[tokio::test]
 #[ignore = "boots real QEMU on bridges in network namespaces (root); run by scripts/test"]
 async fn failing_health_is_replaced_after_its_failures_and_grace_is_kept() {
+    let _host = crate::support::share_host().await;
     let data = data_dir();
     let d = data.path();
     let (_up, _front) = start_matrix(

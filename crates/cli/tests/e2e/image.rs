@@ -33,6 +33,7 @@ fn write_disk(path: &Path, mib: usize, seed: u8) {
 #[tokio::test]
 #[ignore = "needs qemu-img (real tier)"]
 async fn bad_input_gets_one_line_and_leaves_the_repository_alone() {
+    let _host = crate::support::share_host().await;
     let dir = data_dir();
     let repo = dir.path().join("repo");
     let disk = dir.path().join("disk.raw");
@@ -148,6 +149,7 @@ fn chunk_files(repo: &Path) -> usize {
 #[tokio::test]
 #[ignore = "needs qemu-img (real tier)"]
 async fn an_import_killed_midway_leaves_a_clean_repository() {
+    let _host = crate::support::share_host().await;
     use std::os::unix::process::ExitStatusExt;
 
     let dir = data_dir();

@@ -129,6 +129,7 @@ async fn connects(d: &Path, id: &str, to: &str, n: u32) -> bool {
 #[tokio::test]
 #[ignore = "boots real QEMU on bridges in network namespaces (root); run by scripts/test"]
 async fn services_are_isolated_and_egress_is_per_service() {
+    let _host = crate::support::share_host().await;
     let data = data_dir();
     let d = data.path();
     let port = free_port();

@@ -97,7 +97,7 @@ async fn sent_to(d: &Path, front: &str) -> Vec<(String, u64)> {
 #[ignore = "boots real QEMU; run by scripts/test"]
 async fn maintain_patch_commit_then_roll_out_back_and_refuse_a_broken_version() {
     // Its rollouts must not fail a request under load: not beside another test's load.
-    let _alone = crate::support::UNDER_LOAD.lock().await;
+    let _alone = crate::support::under_load().await;
     let data = data_dir();
     let d = data.path();
     let (mut up, front) = start_matrix(d, &["--machines", "2", "--shared", "1"]).await;

@@ -91,6 +91,7 @@ async fn ps(data: &Path, api: &str) -> Vec<Value> {
 #[tokio::test]
 #[ignore = "boots real QEMU in network namespaces (root); run by scripts/test"]
 async fn an_instance_migrates_between_hosts_in_network_namespaces() {
+    let _host = crate::support::share_host().await;
     let data = data_dir();
     let d = data.path();
     let n = (std::process::id() % 200) as u8 + 20;

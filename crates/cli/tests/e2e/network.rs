@@ -65,7 +65,7 @@ async fn hold_echo(addr: String, n: usize) -> Result<Duration, String> {
 #[tokio::test]
 #[ignore = "boots real QEMU on bridges in network namespaces (root); run by scripts/test"]
 async fn connections_survive_a_live_migration_across_vxlan_hosts() {
-    let _alone = crate::support::UNDER_LOAD.lock().await;
+    let _alone = crate::support::host_alone().await;
     let data = data_dir();
     let d = data.path();
     let (mut up, front) = start_matrix(
@@ -212,16 +212,17 @@ async fn connections_survive_a_live_migration_across_vxlan_hosts() {
         "requests failed during the move: {:?}",
         r.errors
     );
-    // The target is a max under 250 ms. On this 2-core TCG host the two guests already
-    // use most of the CPU at 50 req/s (a shell forked per request), so the slowest requests are
-    // the ones around the move's start (a QEMU starting) and its switch-over (a SYN lost with
-    // the stopped source, resent after 150 ms, then served by a guest whose translated code is
-    // cold): 216–404 ms over six runs. The bound checked is one no retry-and-reconnect path
-    // could meet (the old user-mode network's p99 was 1.5 s); the figures are printed.
+    // The target: a max under 250 ms. What made the tail was the moved guest's first
+    // requests at its new place (its new QEMU has translated none of its code yet under TCG:
+    // ~200 ms for one request against ~10 ms warm); the destination's agent now reports the
+    // move finished only once the instance has answered its health check there, and until
+    // then the switch keeps it marked as moving. This test has the host to itself (`HOST`):
+    // one busy core beside it takes the max to ~250 ms, two to ~1 s.
     assert!(
-        r.max_ms < 1000.0,
-        "max latency {:.1} ms during the move",
-        r.max_ms
+        r.max_ms < 250.0,
+        "max latency {:.1} ms during the move (slowest: {:.2?})",
+        r.max_ms,
+        r.slowest
     );
 
     let after = ps(d).await;

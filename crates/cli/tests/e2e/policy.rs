@@ -26,7 +26,7 @@ async fn dropped_by(d: &std::path::Path, service: &str) -> Value {
 #[tokio::test]
 #[ignore = "boots real QEMU; run by scripts/test"]
 async fn the_policy_scales_out_drops_the_lower_priority_and_scales_back_in() {
-    let _alone = crate::support::UNDER_LOAD.lock().await;
+    let _alone = crate::support::under_load().await;
     let data = data_dir();
     let d = data.path();
     let api = format!("127.0.0.1:{}", free_port());

@@ -12,6 +12,7 @@ use crate::support::{data_dir, free_port, start_up, up_log};
 #[tokio::test]
 #[ignore = "boots real QEMU on bridges in network namespaces (root); run by scripts/test"]
 async fn tcp_ports_https_and_http2_through_the_switch() {
+    let _host = crate::support::share_host().await;
     let data = data_dir();
     let d = data.path();
     // A certificate for 127.0.0.1 and localhost, signed by a CA only this test trusts.

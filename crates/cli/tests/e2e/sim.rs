@@ -11,6 +11,7 @@ fn repo(path: &str) -> String {
 
 #[tokio::test]
 async fn sim_writes_the_report_the_summary_the_steps_and_the_charts() {
+    let _host = crate::support::share_host().await;
     let out = data_dir();
     let o = out.path().join("run");
     let run = vmatrix()
@@ -222,6 +223,7 @@ async fn sim_writes_the_report_the_summary_the_steps_and_the_charts() {
 
 #[tokio::test]
 async fn sim_names_what_is_wrong_in_one_line() {
+    let _host = crate::support::share_host().await;
     let run = vmatrix()
         .args(["sim", "--services", &repo("examples/sim/services.toml")])
         .args([
@@ -247,6 +249,7 @@ async fn sim_names_what_is_wrong_in_one_line() {
 /// started the way `vmatrix up` starts it runs — and a policy file changes both alike.
 #[tokio::test]
 async fn sim_runs_exactly_the_settings_the_controller_runs() {
+    let _host = crate::support::share_host().await;
     let data = data_dir();
     let show = |extra: Vec<String>| async move {
         let out = vmatrix()

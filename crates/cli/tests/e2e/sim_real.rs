@@ -34,7 +34,7 @@ fn within(a: f64, b: f64, share: f64) -> bool {
 #[tokio::test]
 #[ignore = "boots real QEMU; run by scripts/test"]
 async fn the_simulator_agrees_with_the_real_matrix_on_a_replayed_trace() {
-    let _alone = crate::support::UNDER_LOAD.lock().await;
+    let _alone = crate::support::under_load().await;
     let data = data_dir();
     let d = data.path();
     // The slice, rescaled to requests/s and compressed: a value every 6 real seconds.

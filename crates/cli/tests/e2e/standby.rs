@@ -112,7 +112,7 @@ async fn teach_a_spike(
 #[tokio::test]
 #[ignore = "boots real QEMU; run by scripts/test"]
 async fn warm_standbys_serve_a_step_of_load_at_once() {
-    let _alone = crate::support::UNDER_LOAD.lock().await;
+    let _alone = crate::support::under_load().await;
     let data = data_dir();
     let d = data.path();
     let mut args = vec!["--machines", "2", "--vcpus", "4"];
@@ -203,7 +203,7 @@ async fn warm_standbys_serve_a_step_of_load_at_once() {
 #[tokio::test]
 #[ignore = "boots real QEMU; run by scripts/test"]
 async fn a_full_pool_pauses_the_lower_priority_for_a_spike_and_resumes_it_first() {
-    let _alone = crate::support::UNDER_LOAD.lock().await;
+    let _alone = crate::support::under_load().await;
     let data = data_dir();
     let d = data.path();
     // One machine of 3 vCPUs: finance 1 running + 2 standbys (memory only), sports 2 running.
@@ -299,7 +299,7 @@ async fn a_full_pool_pauses_the_lower_priority_for_a_spike_and_resumes_it_first(
 #[tokio::test]
 #[ignore = "boots real QEMU; run by scripts/test"]
 async fn replicas_spread_and_an_operators_move_holds_until_unpinned() {
-    let _alone = crate::support::UNDER_LOAD.lock().await;
+    let _alone = crate::support::under_load().await;
     let data = data_dir();
     let d = data.path();
     let (mut up, _front) = start_matrix(d, &["--machines", "3"]).await;

@@ -13,7 +13,7 @@ use crate::support::{data_dir, free_port, start_up};
 #[tokio::test]
 #[ignore = "boots real QEMU; run by scripts/test"]
 async fn the_switch_hides_moves_wakes_dormant_services_and_drops_fast() {
-    let _alone = crate::support::UNDER_LOAD.lock().await;
+    let _alone = crate::support::under_load().await;
     let data = data_dir();
     let d = data.path();
     let api = format!("127.0.0.1:{}", free_port());

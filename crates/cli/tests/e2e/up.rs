@@ -11,6 +11,7 @@ use crate::support::{data_dir, vmatrix};
 #[tokio::test]
 #[ignore = "boots real QEMU; run by scripts/test"]
 async fn up_stops_every_process_it_started_on_ctrl_c() {
+    let _host = crate::support::share_host().await;
     let data = data_dir();
     let port = crate::support::free_port();
     let mut child = vmatrix()
@@ -123,6 +124,7 @@ fn processes_mentioning(needle: &str) -> Vec<String> {
 
 #[tokio::test]
 async fn guest_build_is_cached_and_bad_sizes_are_explained() {
+    let _host = crate::support::share_host().await;
     let dir = data_dir();
     let out: PathBuf = dir.path().join("g.img");
     let bad = vmatrix()
@@ -148,6 +150,7 @@ async fn guest_build_is_cached_and_bad_sizes_are_explained() {
 
 #[tokio::test]
 async fn an_unknown_accelerator_is_refused_with_the_choices() {
+    let _host = crate::support::share_host().await;
     let out = vmatrix()
         .args(["--accel", "xen", "up"])
         .output()

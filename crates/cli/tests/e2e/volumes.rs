@@ -85,7 +85,7 @@ fn stores(d: &Path) -> Vec<u64> {
 #[ignore = "boots real QEMU on bridges in network namespaces (root); run by scripts/test"]
 async fn a_volume_outlives_a_killed_instance_and_moves_with_suspend_and_resume() {
     // It boots, suspends, resumes and migrates guests: not beside the tests that time moves.
-    let _alone = crate::support::UNDER_LOAD.lock().await;
+    let _alone = crate::support::under_load().await;
     let data = data_dir();
     let d = data.path();
     let (_up, _front) = start_matrix(
