@@ -12,31 +12,32 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use vmatrix_core::api::{AgentCommand, ErrorBody};
 
+use vmatrix_client::{ClientError, ControllerClient};
+
+use crate::identity::Identity;
 use crate::machine::{Agent, FailureKind};
 
 #[derive(Clone)]
 struct Ctx {
     agent: Arc<Agent>,
-    token: Arc<String>,
+    identity: Arc<Identity>,
 }
 
-fn authorized(headers: &HeaderMap, token: &str) -> bool {
-    vmatrix_core::auth::bearer_matches(
-        headers.get("authorization").and_then(|v| v.to_str().ok()),
-        token,
-    )
+/// Whether a call carries the machine's credential (only the controller has it).
+fn authorized(headers: &HeaderMap, identity: &Identity) -> bool {
+    identity.matches(headers.get("authorization").and_then(|v| v.to_str().ok()))
 }
+
+const UNAUTHORIZED: &str =
+    "missing or wrong bearer token: the agent's API takes only its machine's credential";
 
 fn error(status: StatusCode, msg: String) -> Response {
     (status, Json(ErrorBody { error: msg })).into_response()
 }
 
 async fn command(State(ctx): State<Ctx>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
-    if !authorized(&headers, &ctx.token) {
-        return error(
-            StatusCode::UNAUTHORIZED,
-            "missing or wrong bearer token".into(),
-        );
+    if !authorized(&headers, &ctx.identity) {
+        return error(StatusCode::UNAUTHORIZED, UNAUTHORIZED.into());
     }
     let cmd: AgentCommand = match serde_json::from_slice(&body) {
         Ok(c) => c,
@@ -81,11 +82,8 @@ async fn console(
     Query(q): Query<ConsoleQuery>,
     ws: WebSocketUpgrade,
 ) -> Response {
-    if !authorized(&headers, &ctx.token) {
-        return error(
-            StatusCode::UNAUTHORIZED,
-            "missing or wrong bearer token".into(),
-        );
+    if !authorized(&headers, &ctx.identity) {
+        return error(StatusCode::UNAUTHORIZED, UNAUTHORIZED.into());
     }
     let Ok(id) = vmatrix_core::InstanceId::new(id) else {
         return error(StatusCode::BAD_REQUEST, "not an instance id".into());
@@ -103,23 +101,28 @@ async fn console(
 }
 
 async fn status(State(ctx): State<Ctx>, headers: HeaderMap) -> Response {
-    if !authorized(&headers, &ctx.token) {
-        return error(
-            StatusCode::UNAUTHORIZED,
-            "missing or wrong bearer token".into(),
-        );
+    if !authorized(&headers, &ctx.identity) {
+        return error(StatusCode::UNAUTHORIZED, UNAUTHORIZED.into());
     }
     Json(ctx.agent.report()).into_response()
 }
 
-/// Adopts the VMs a previous agent process left, then serves the agent API on its listen
-/// address and sends heartbeats to `controller` until the process ends.
-pub async fn serve(agent: Arc<Agent>, controller: String, token: String) -> std::io::Result<()> {
+/// Joins the controller (once: the credential is kept in the data directory), adopts the VMs
+/// a previous agent process left, then serves the agent API on its listen address and sends
+/// heartbeats to `controller` until the process ends. `join_token` is used only to join.
+pub async fn serve(
+    agent: Arc<Agent>,
+    controller: String,
+    join_token: String,
+) -> std::io::Result<()> {
     // The address first: an agent that cannot serve must not touch the VMs it would adopt.
     let listener = bind_when_there(agent.config.listen).await?;
+    let identity = Arc::new(Identity::load(&agent.config.data, &controller, join_token));
+    // A name that has joined already (another agent runs with it) ends this one here.
+    identity.ensure(|| agent.report()).await?;
     let ctx = Ctx {
         agent: agent.clone(),
-        token: Arc::new(token.clone()),
+        identity: identity.clone(),
     };
     let app = Router::new()
         .route("/agent/v1/command", post(command))
@@ -136,7 +139,7 @@ pub async fn serve(agent: Arc<Agent>, controller: String, token: String) -> std:
     if adopted > 0 {
         tracing::info!(machine = %agent.config.name, "adopted {adopted} VM(s)");
     }
-    tokio::spawn(heartbeat(agent, controller, token));
+    tokio::spawn(heartbeat(agent, controller, identity));
     server
         .await
         .map_err(|e| std::io::Error::other(format!("the agent API task ended: {e}")))?
@@ -159,8 +162,8 @@ async fn bind_when_there(addr: std::net::SocketAddr) -> std::io::Result<tokio::n
     }
 }
 
-async fn heartbeat(agent: Arc<Agent>, controller: String, token: String) {
-    let client = vmatrix_client::ControllerClient::new(&controller, Some(token));
+async fn heartbeat(agent: Arc<Agent>, controller: String, identity: Arc<Identity>) {
+    let mut client = ControllerClient::new(&controller, Some(identity.current()));
     let mut warned = false;
     loop {
         let beat = tokio::time::Instant::now();
@@ -174,6 +177,19 @@ async fn heartbeat(agent: Arc<Agent>, controller: String, token: String) {
                     tokio::task::spawn_blocking(move || agent.apply_network(&view));
                 }
             }
+            // The controller does not know this machine (its state was lost): join again.
+            Err(ClientError::Refused { status: 401, .. }) => match identity.join(&report).await {
+                Ok(()) => {
+                    tracing::info!("joined the controller again as {}", report.name);
+                    client = ControllerClient::new(&controller, Some(identity.current()));
+                }
+                Err(e) => {
+                    if !warned {
+                        tracing::warn!("joining {controller} again: {e}");
+                        warned = true;
+                    }
+                }
+            },
             // Said once until it works again (rate-limited by its own state).
             Err(e) if !warned => {
                 tracing::warn!("heartbeat to {controller}: {e}");

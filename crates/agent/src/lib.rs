@@ -19,6 +19,7 @@ pub mod fake;
 mod health;
 mod http;
 pub mod hypervisor;
+mod identity;
 mod machine;
 pub mod record;
 mod seed;

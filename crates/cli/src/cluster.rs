@@ -34,7 +34,7 @@ pub async fn agent(args: AgentArgs, data: &Path, accel: vmatrix_vmm::AccelChoice
         "shared" => MachineRole::Shared,
         other => bail!("--role {other:?}: use dedicated or shared"),
     };
-    let token = required_token(data)?;
+    let join_token = join_token(data)?;
     let guest = data.join("guest/reference.img.parts");
     let accel = vmatrix_vmm::accel::resolve(
         accel,
@@ -45,7 +45,11 @@ pub async fn agent(args: AgentArgs, data: &Path, accel: vmatrix_vmm::AccelChoice
     )
     .await;
     let repo = crate::image::repo_url(args.repo, data)?;
+    vmatrix_core::MachineName::new(name.as_str()).map_err(|e| anyhow!("--name: {e}"))?;
     let machine_data = data.join("agents").join(&name);
+    // One agent per machine: a second one with this name and data would adopt and stop the
+    // first one's VMs.
+    let _only = lock_machine_data(&machine_data, &name)?;
     let config = vmatrix_agent::AgentConfig {
         name,
         listen: args.listen,
@@ -60,7 +64,7 @@ pub async fn agent(args: AgentArgs, data: &Path, accel: vmatrix_vmm::AccelChoice
     };
     let agent = vmatrix_agent::Agent::new(config, std::sync::Arc::new(vmatrix_agent::Qemu))?;
     tokio::select! {
-        r = vmatrix_agent::serve(agent.clone(), args.controller, token) => r.context("agent API")?,
+        r = vmatrix_agent::serve(agent.clone(), args.controller, join_token) => r.context("agent")?,
         _ = crate::shutdown_signal() => {
             if args.keep_vms {
                 tracing::info!("agent stopping; its VMs keep running for the next agent (--on-exit keep)");
@@ -72,6 +76,57 @@ pub async fn agent(args: AgentArgs, data: &Path, accel: vmatrix_vmm::AccelChoice
         }
     }
     Ok(())
+}
+
+/// The token this machine joins with: `VMATRIX_JOIN_TOKEN`, or the controller's
+/// `DATA/controller/join-token` on its own machine, or the operator's token (which may join
+/// machines too).
+fn join_token(data: &Path) -> Result<String> {
+    if let Ok(t) = std::env::var("VMATRIX_JOIN_TOKEN") {
+        if !t.trim().is_empty() {
+            return Ok(t.trim().to_owned());
+        }
+    }
+    if let Ok(t) = std::fs::read_to_string(data.join("controller/join-token")) {
+        if !t.trim().is_empty() {
+            return Ok(t.trim().to_owned());
+        }
+    }
+    required_token(data).map_err(|_| {
+        anyhow!(
+            "no join token: set VMATRIX_JOIN_TOKEN to the controller's join token (in its \
+             DATA/controller/join-token)"
+        )
+    })
+}
+
+/// Takes the lock of a machine's data directory for as long as the agent runs (a second agent
+/// with the same name and data directory is refused with the first one's pid).
+fn lock_machine_data(dir: &Path, name: &str) -> Result<std::fs::File> {
+    use std::io::{Read, Seek};
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join("agent.lock");
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    if f.try_lock().is_err() {
+        let mut pid = String::new();
+        let _ = f.read_to_string(&mut pid);
+        bail!(
+            "another agent runs as machine {name} with this data directory ({}; pid {}): stop \
+             it first, or give this one another --name",
+            dir.display(),
+            pid.trim()
+        );
+    }
+    f.set_len(0)?;
+    f.rewind()?;
+    std::io::Write::write_all(&mut f, std::process::id().to_string().as_bytes())?;
+    Ok(f)
 }
 
 /// Options of `vmatrix controller`.
@@ -115,6 +170,15 @@ pub async fn controller(args: ControllerArgs<'_>, data: &Path) -> Result<()> {
     };
     let (token, new) =
         vmatrix_controller::load_or_create_token(&dir).context("creating the API token")?;
+    let (join_token, new_join) =
+        vmatrix_controller::load_or_create_join_token(&dir).context("creating the join token")?;
+    if new_join {
+        let _ = writeln!(
+            std::io::stdout(),
+            "join token for agents (VMATRIX_JOIN_TOKEN; stored with mode 0600 in {})",
+            dir.join("join-token").display()
+        );
+    }
     if new {
         // Not println!: a controller must not die because nobody reads its stdout.
         let _ = writeln!(
@@ -128,6 +192,7 @@ pub async fn controller(args: ControllerArgs<'_>, data: &Path) -> Result<()> {
         listen,
         state,
         token,
+        join_token,
         policy,
         settings,
         maintenance_idle,

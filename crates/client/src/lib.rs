@@ -206,7 +206,13 @@ impl ControllerClient {
         .await
     }
 
-    /// An agent's heartbeat; the answer says what the machine must know of the others.
+    /// A machine joins (this client's token is the join token): its own credential.
+    pub async fn join(&self, report: &AgentReport) -> Result<vmatrix_core::api::JoinReply> {
+        self.post("/api/v1/agents/join", report, SHORT).await
+    }
+
+    /// An agent's heartbeat (this client's token is the machine's credential); the answer says
+    /// what the machine must know of the others.
     pub async fn heartbeat(&self, report: &AgentReport) -> Result<HeartbeatReply> {
         self.post("/api/v1/agents/heartbeat", report, SHORT).await
     }

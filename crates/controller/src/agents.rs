@@ -46,7 +46,7 @@ impl Controller {
         let resp = self
             .http
             .post(&url)
-            .bearer_auth(&self.token)
+            .bearer_auth(self.agent_bearer(&machine.name))
             .timeout(timeout)
             .json(cmd)
             .send()

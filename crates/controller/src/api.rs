@@ -215,11 +215,38 @@ async fn get_operation(
     op_reply(&x, id, q.wait).await
 }
 
-async fn heartbeat(State(x): State<Ctx>, body: axum::body::Bytes) -> Response {
+fn authorization(headers: &HeaderMap) -> Option<&str> {
+    headers.get("authorization").and_then(|v| v.to_str().ok())
+}
+
+/// A machine's first report, with the join token: its credential.
+async fn join(State(x): State<Ctx>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
     let report: AgentReport = match parse(&body) {
         Ok(r) => r,
         Err(r) => return r,
     };
+    match x.c.join(&report, authorization(&headers)) {
+        Ok(reply) => Json(reply).into_response(),
+        Err(e) => fail(e),
+    }
+}
+
+/// A machine's report, with its own credential: who sends it is known before the body is read.
+async fn heartbeat(State(x): State<Ctx>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
+    let caller = match x.c.machine_with(authorization(&headers)) {
+        Ok(m) => m,
+        Err(e) => return fail(e),
+    };
+    let report: AgentReport = match parse(&body) {
+        Ok(r) => r,
+        Err(r) => return r,
+    };
+    if let Err(e) = report.validate() {
+        return err(StatusCode::BAD_REQUEST, e);
+    }
+    if let Err(e) = x.c.check_machine(&caller, &report.name) {
+        return fail(e);
+    }
     match x.c.heartbeat(report).await {
         Ok(reply) => Json(reply).into_response(),
         Err(e) => fail(e),
@@ -363,9 +390,13 @@ pub fn router(c: Arc<Controller>, token: String) -> Router {
         c,
         token: Arc::new(token),
     };
+    // Open, or with credentials of their own: machines join with the join token and report
+    // with their own credential (never the operator's token).
     let open = Router::new()
         .route("/api/v1/health", get(|| async { "ok" }))
-        .route("/openapi.json", get(openapi));
+        .route("/openapi.json", get(openapi))
+        .route("/api/v1/agents/join", post(join))
+        .route("/api/v1/agents/heartbeat", post(heartbeat));
     Router::new()
         .route("/api/v1/services", get(services).post(apply))
         .route("/api/v1/machines", get(machines))
@@ -374,7 +405,6 @@ pub fn router(c: Arc<Controller>, token: String) -> Router {
         .route("/api/v1/events", get(events))
         .route("/api/v1/operations", post(operate))
         .route("/api/v1/operations/:id", get(get_operation))
-        .route("/api/v1/agents/heartbeat", post(heartbeat))
         .route("/api/v1/routes", get(routes))
         .route("/api/v1/load", get(get_load).post(post_load))
         .route("/api/v1/policy", get(policy))

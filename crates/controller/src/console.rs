@@ -41,9 +41,11 @@ impl Controller {
         let mut request = url
             .into_client_request()
             .map_err(|e| ControlError::Conflict(format!("console of {id}: {e}")))?;
-        let bearer = format!("Bearer {}", self.token).parse().map_err(|_| {
-            ControlError::Conflict("the agents' token is not a header value".into())
-        })?;
+        let bearer = format!("Bearer {}", self.agent_bearer(&machine.name))
+            .parse()
+            .map_err(|_| {
+                ControlError::Conflict("the agents' token is not a header value".into())
+            })?;
         request.headers_mut().insert("authorization", bearer);
         let connect = tokio_tungstenite::connect_async(request);
         let (socket, _) = tokio::time::timeout(std::time::Duration::from_secs(10), connect)

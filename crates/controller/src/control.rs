@@ -48,6 +48,12 @@ pub enum ControlError {
     /// The request itself is wrong (what is wrong, and what to give instead).
     #[error("{0}")]
     BadRequest(String),
+    /// The caller did not prove who it is (no credential, or one the controller does not know).
+    #[error("{0}")]
+    Unauthorized(String),
+    /// The caller is known but may not do this (a machine's credential used for another).
+    #[error("{0}")]
+    Forbidden(String),
     /// An agent answered that the command failed (it left the VM as it was).
     #[error("agent {machine}: {message}")]
     Agent { machine: String, message: String },
@@ -68,6 +74,8 @@ impl ControlError {
         match self {
             Self::NotFound(_) => 404,
             Self::BadRequest(_) => 400,
+            Self::Unauthorized(_) => 401,
+            Self::Forbidden(_) => 403,
             Self::Conflict(_) | Self::Transition(_) => 409,
             Self::Agent { .. } | Self::Unreachable { .. } => 502,
             Self::Db(_) => 500,
@@ -91,6 +99,10 @@ pub struct Controller {
     pub(crate) db: Mutex<Db>,
     pub(crate) http: reqwest::Client,
     pub(crate) token: String,
+    /// What a new machine joins with (besides the operator's token); empty: none.
+    pub(crate) join_token: Mutex<String>,
+    /// Each joined machine's credential, by name (the database holds them too).
+    pub(crate) credentials: Mutex<HashMap<String, String>>,
     pub(crate) busy: Mutex<HashSet<InstanceId>>,
     /// When each instance's last operation ended: a heartbeat sent before that is stale for it.
     pub(crate) settled: Mutex<HashMap<InstanceId, Instant>>,
@@ -210,6 +222,8 @@ impl Controller {
                 .build()
                 .expect("a plain HTTP client builds"),
             token,
+            join_token: Mutex::new(String::new()),
+            credentials: Mutex::new(HashMap::new()),
             busy: Mutex::new(HashSet::new()),
             settled: Mutex::new(HashMap::new()),
             started: Instant::now(),

@@ -64,6 +64,9 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE instances ADD COLUMN address TEXT NOT NULL DEFAULT '';",
     // 9: each instance's slot in its service (services with volumes; 0: none).
     "ALTER TABLE instances ADD COLUMN slot INTEGER NOT NULL DEFAULT 0;",
+    // 10: each machine's own credential, given when it joined (bound to its name).
+    "CREATE TABLE credentials (machine TEXT PRIMARY KEY, secret TEXT NOT NULL,
+        joined_ms INTEGER NOT NULL);",
 ];
 
 /// The version a service runs after a rollout, and the one before.
@@ -287,6 +290,24 @@ impl Db {
             params![m.name, m.address, role, m.vcpus, m.memory_mib, now_ms as i64],
         )?;
         Ok(())
+    }
+
+    /// Every machine's credential: (machine, secret).
+    pub fn credentials(&self) -> Result<Vec<(String, String)>> {
+        let mut st = self
+            .conn
+            .prepare("SELECT machine, secret FROM credentials ORDER BY machine")?;
+        let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<std::result::Result<_, _>>()?)
+    }
+
+    /// Records machine `name`'s credential; false (and nothing changed) if it has one.
+    pub fn add_credential(&self, name: &str, secret: &str, now_ms: u64) -> Result<bool> {
+        Ok(self.conn.execute(
+            "INSERT INTO credentials (machine, secret, joined_ms) VALUES (?1, ?2, ?3)
+             ON CONFLICT(machine) DO NOTHING",
+            params![name, secret, now_ms as i64],
+        )? > 0)
     }
 
     /// Marks a machine as draining (no new placements).

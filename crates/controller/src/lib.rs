@@ -14,6 +14,7 @@ mod console;
 mod control;
 mod cpu;
 mod db;
+mod identity;
 mod inputs;
 mod maintenance;
 mod operate;
@@ -39,8 +40,10 @@ pub struct ControllerConfig {
     pub listen: SocketAddr,
     /// The SQLite database file.
     pub state: PathBuf,
-    /// The bearer token.
+    /// The operator's bearer token.
     pub token: String,
+    /// The token new machines join with (empty: only the operator's token joins one).
+    pub join_token: String,
     /// Run the load-driven policy (else the loop only keeps each service's `min`).
     pub policy: bool,
     /// The policy's settings (the same `vmatrix sim` runs by default).
@@ -56,25 +59,34 @@ pub struct ControllerConfig {
 
 /// Reads the token in `dir/token`, or creates one (mode 0600). Returns it and whether it is new.
 pub fn load_or_create_token(dir: &Path) -> std::io::Result<(String, bool)> {
+    load_or_create_secret(&dir.join("token"))
+}
+
+/// Reads the join token in `dir/join-token` (what new machines join with: it grants nothing
+/// else), or creates one (mode 0600). Returns it and whether it is new.
+pub fn load_or_create_join_token(dir: &Path) -> std::io::Result<(String, bool)> {
+    load_or_create_secret(&dir.join("join-token"))
+}
+
+fn load_or_create_secret(path: &Path) -> std::io::Result<(String, bool)> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let path = dir.join("token");
-    if let Ok(t) = std::fs::read_to_string(&path) {
+    if let Ok(t) = std::fs::read_to_string(path) {
         let t = t.trim().to_owned();
         if !t.is_empty() {
             return Ok((t, false));
         }
     }
-    std::fs::create_dir_all(dir)?;
-    let mut seed = [0u8; 32];
-    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut seed)?;
-    let token = blake3::hash(&seed).to_hex()[..40].to_string();
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let token = identity::random_secret()?;
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(0o600)
-        .open(&path)?;
+        .open(path)?;
     f.write_all(token.as_bytes())?;
     f.sync_all()?;
     Ok((token, true))
@@ -92,6 +104,8 @@ pub async fn serve(
     }
     let db = Db::open(&config.state)?;
     let controller = Controller::new(db, config.token.clone());
+    controller.set_join_token(config.join_token.clone());
+    controller.load_credentials()?;
     controller.set_policy(config.policy);
     controller.set_settings(config.settings.clone());
     *controller

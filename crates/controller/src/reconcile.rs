@@ -165,7 +165,7 @@ impl Controller {
         let answered = self
             .http
             .get(format!("http://{}/agent/v1/status", machine.address))
-            .bearer_auth(&self.token)
+            .bearer_auth(self.agent_bearer(&machine.name))
             .timeout(Duration::from_secs(3))
             .send()
             .await

@@ -79,7 +79,7 @@ async fn a_slow_suspend_keeps_heartbeats_and_the_neighbours_running() {
         let r = m
             .http
             .get(&status_url)
-            .bearer_auth(TOKEN)
+            .bearer_auth(m.credential("rm1"))
             .send()
             .await
             .expect("status");
@@ -370,18 +370,34 @@ async fn a_hung_machine_does_not_delay_a_replacement_elsewhere() {
     // (sent here) claim an instance the controller does not want, so it is told to discard it.
     let hung = std::net::TcpListener::bind("127.0.0.4:0").expect("bind");
     let hung_addr = hung.local_addr().expect("addr");
+    let report = serde_json::json!({
+        "name": "rm3", "address": hung_addr.to_string(), "role": "shared",
+        "vcpus": 8, "memory_mib": 4096,
+        "instances": [{"id": "ghost-1", "generation": 1, "state": "running",
+                       "endpoint": "127.0.0.4:1", "cpu_seconds": 0.0, "error": null}],
+    });
+    // It joined as any machine does, and reports with its credential.
+    let joined: serde_json::Value = m
+        .http
+        .post(m.url("/api/v1/agents/join"))
+        .bearer_auth(support::JOIN_TOKEN)
+        .json(&report)
+        .send()
+        .await
+        .expect("join")
+        .json()
+        .await
+        .expect("a credential");
+    let credential = joined["credential"]
+        .as_str()
+        .expect("credential")
+        .to_owned();
     let (http, api) = (m.http.clone(), m.url("/api/v1/agents/heartbeat"));
     let beats = tokio::spawn(async move {
         loop {
-            let report = serde_json::json!({
-                "name": "rm3", "address": hung_addr.to_string(), "role": "shared",
-                "vcpus": 8, "memory_mib": 4096,
-                "instances": [{"id": "ghost-1", "generation": 1, "state": "running",
-                               "endpoint": "127.0.0.4:1", "cpu_seconds": 0.0, "error": null}],
-            });
             let _ = http
                 .post(&api)
-                .bearer_auth(TOKEN)
+                .bearer_auth(&credential)
                 .json(&report)
                 .send()
                 .await;

@@ -403,6 +403,57 @@ pub struct AgentReport {
     pub seq: u64,
 }
 
+/// Most vCPUs, memory and instances one agent may report (far beyond any real machine: what
+/// the controller refuses is nonsense, not big hosts).
+pub const MAX_REPORTED_VCPUS: u32 = 4096;
+/// See [`MAX_REPORTED_VCPUS`]: 64 TiB.
+pub const MAX_REPORTED_MEMORY_MIB: u32 = 64 << 20;
+/// See [`MAX_REPORTED_VCPUS`].
+pub const MAX_REPORTED_INSTANCES: usize = 4096;
+
+impl AgentReport {
+    /// Checks what the controller takes in: a valid machine name, an `ip:port` address, and
+    /// vCPUs, memory and instances within bounds. The error says which field and why.
+    pub fn validate(&self) -> Result<(), String> {
+        crate::MachineName::new(self.name.as_str()).map_err(|e| e.to_string())?;
+        if self.address.parse::<std::net::SocketAddr>().is_err() {
+            return Err(format!(
+                "machine {}: address {:?} is not an ip:port address",
+                self.name, self.address
+            ));
+        }
+        if !(1..=MAX_REPORTED_VCPUS).contains(&self.vcpus) {
+            return Err(format!(
+                "machine {}: {} vCPUs; an agent offers 1 to {MAX_REPORTED_VCPUS}",
+                self.name, self.vcpus
+            ));
+        }
+        if !(1..=MAX_REPORTED_MEMORY_MIB).contains(&self.memory_mib) {
+            return Err(format!(
+                "machine {}: {} MiB of memory; an agent offers 1 MiB to 64 TiB",
+                self.name, self.memory_mib
+            ));
+        }
+        if self.instances.len() > MAX_REPORTED_INSTANCES {
+            return Err(format!(
+                "machine {}: {} instances reported; at most {MAX_REPORTED_INSTANCES}",
+                self.name,
+                self.instances.len()
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `POST /api/v1/agents/join`'s answer: the machine's own credential. The agent keeps it
+/// (mode 0600) and proves with it that it is that machine: its heartbeats carry it, and the
+/// controller's commands to it do.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JoinReply {
+    /// The credential, bound to the machine's name.
+    pub credential: String,
+}
+
 /// The body of an agent's answer to a command.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CommandReply {
@@ -953,4 +1004,45 @@ pub struct RolloutStatus {
 pub struct RolloutsReply {
     /// By service name.
     pub rollouts: Vec<RolloutStatus>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report() -> AgentReport {
+        AgentReport {
+            name: "rm1".into(),
+            address: "127.0.0.1:7071".into(),
+            role: MachineRole::Dedicated,
+            vcpus: 4,
+            memory_mib: 4096,
+            instances: Vec::new(),
+            vtep: None,
+            seq: 1,
+        }
+    }
+
+    #[test]
+    fn an_agent_report_is_checked_field_by_field() {
+        assert_eq!(report().validate(), Ok(()));
+        type Spoil = fn(&mut AgentReport);
+        let cases: [(Spoil, &str); 6] = [
+            (
+                |r| r.name = "../../evil\nname".into(),
+                "invalid machine name",
+            ),
+            (|r| r.name = "RM1".into(), "invalid machine name"),
+            (|r| r.address = "somewhere".into(), "not an ip:port"),
+            (|r| r.vcpus = u32::MAX, "vCPUs"),
+            (|r| r.vcpus = 0, "vCPUs"),
+            (|r| r.memory_mib = 0, "memory"),
+        ];
+        for (spoil, why) in cases {
+            let mut r = report();
+            spoil(&mut r);
+            let e = r.validate().expect_err(why);
+            assert!(e.contains(why), "{e:?} should say {why:?}");
+        }
+    }
 }

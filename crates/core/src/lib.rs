@@ -18,7 +18,7 @@ pub mod volume;
 pub use hardware::Hardware;
 pub use health::{HealthCheck, Probe};
 pub use image::{ImageName, ImageRef, ImageRefError, Tag};
-pub use names::{InstanceId, NameError, ServiceName};
+pub use names::{InstanceId, MachineName, NameError, ServiceName};
 pub use spec::{
     parse_services, validate_services, FieldError, PortSpec, Protocol, ServiceSpec, SpecError,
 };

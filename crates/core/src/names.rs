@@ -115,6 +115,13 @@ name_type!(
     "service name"
 );
 
+name_type!(
+    /// The name of a real machine (an agent's `--name`): part of file paths, events and
+    /// metrics, and what a machine's credential is bound to.
+    MachineName,
+    "machine name"
+);
+
 #[cfg(test)]
 mod tests {
     use super::*;

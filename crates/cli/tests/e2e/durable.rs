@@ -378,7 +378,7 @@ image = "web:prod-v1"
                 panic!("the restarted agent exited ({status}):\n{}", agent_said());
             }
             let url = format!("http://{address}/agent/v1/status");
-            let report: Value = crate::support::api_get(data, &url)
+            let report: Value = crate::support::agent_get(data, machine, &url)
                 .await
                 .ok()?
                 .json()

@@ -88,6 +88,22 @@ pub async fn api_get(data: &Path, url: &str) -> reqwest::Result<reqwest::Respons
         .await
 }
 
+/// GET `url` from the agent of machine `machine` (of the matrix in `data`) with that
+/// machine's credential (the only bearer an agent's API takes).
+pub async fn agent_get(
+    data: &Path,
+    machine: &str,
+    url: &str,
+) -> reqwest::Result<reqwest::Response> {
+    let credential = std::fs::read_to_string(data.join("agents").join(machine).join("credential"))
+        .unwrap_or_default();
+    reqwest::Client::new()
+        .get(url)
+        .bearer_auth(credential.trim())
+        .send()
+        .await
+}
+
 /// Every file and directory under `dir` is its owner's alone (no group or other bits), as
 /// vMatrix writes them.
 pub fn assert_private(dir: &Path) {

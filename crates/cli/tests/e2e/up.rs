@@ -160,3 +160,61 @@ async fn an_unknown_accelerator_is_refused_with_the_choices() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("auto, kvm or tcg"), "{err}");
 }
+
+/// A second agent with a running machine's name is refused, whether it shares the first one's
+/// data directory (its lock) or not (the controller: the name has joined already), and the
+/// first one's machine goes on reporting.
+#[tokio::test]
+#[ignore = "starts vmatrix up (root: network namespaces); run by scripts/test"]
+async fn a_second_agent_with_a_machines_name_is_refused() {
+    let _host = crate::support::share_host().await;
+    let data = data_dir();
+    let d = data.path();
+    let (mut up, _front) = crate::support::start_matrix(d, &["--machines", "1"]).await;
+    let api = std::fs::read_to_string(d.join("controller/api")).unwrap();
+    let at = api.trim().trim_start_matches("http://").to_owned();
+    let series = "vmatrix_heartbeats_total{machine=\"rm1\"}";
+    let other = data_dir();
+    let join_token = std::fs::read_to_string(d.join("controller/join-token")).unwrap();
+    for (dir, why) in [
+        (
+            d,
+            "another agent runs as machine rm1 with this data directory",
+        ),
+        (other.path(), "has joined already"),
+    ] {
+        let listen = format!("127.0.0.1:{}", crate::support::free_port());
+        let out = vmatrix()
+            .arg("--data")
+            .arg(dir)
+            .args([
+                "agent", "--name", "rm1", "--accel", "tcg", "--listen", &listen,
+            ])
+            .args(["--controller", api.trim(), "--repo"])
+            .arg(d.join("repo"))
+            .env("VMATRIX_JOIN_TOKEN", join_token.trim())
+            .stdin(Stdio::null())
+            .output();
+        let out = tokio::time::timeout(Duration::from_secs(60), out)
+            .await
+            .expect("the second agent ends by itself")
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{said}");
+        assert!(said.contains(why), "{said}");
+    }
+    // The live agent was not disturbed: its heartbeats go on being taken in.
+    let before = crate::cluster::metric(d, &at, series)
+        .await
+        .expect("rm1's heartbeats");
+    crate::cluster::wait_for(
+        "rm1's heartbeats to go on",
+        Duration::from_secs(15),
+        async || {
+            let now = crate::cluster::metric(d, &at, series).await?;
+            (now >= before + 3.0).then_some(())
+        },
+    )
+    .await;
+    up.interrupt().await;
+}

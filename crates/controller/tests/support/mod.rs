@@ -19,6 +19,8 @@ use vmatrix_core::ImageRef;
 use vmatrix_store::Repository;
 
 pub const TOKEN: &str = "component-token";
+/// What the test machines join with.
+pub const JOIN_TOKEN: &str = "component-join-token";
 
 /// A runtime of its own: dropping it in the background is a crash of what runs on it.
 pub struct Process {
@@ -150,6 +152,7 @@ impl Matrix {
             listen: self.api,
             state: self.dir.path().join("state.db"),
             token: TOKEN.into(),
+            join_token: JOIN_TOKEN.into(),
             policy: self.policy.is_some(),
             settings: self.policy.clone().unwrap_or_default(),
             maintenance_idle: self.maintenance_idle,
@@ -217,7 +220,7 @@ impl Matrix {
         let process = Process::start(move || async move {
             for _ in 0..100 {
                 if let Err(e) =
-                    vmatrix_agent::serve(a.clone(), controller.clone(), TOKEN.into()).await
+                    vmatrix_agent::serve(a.clone(), controller.clone(), JOIN_TOKEN.into()).await
                 {
                     tracing::debug!("agent: {e}");
                 }
@@ -246,6 +249,15 @@ impl Matrix {
         self.agents
             .insert(name.into(), (Process { rt: None }, a.clone()));
         a
+    }
+
+    /// Machine `name`'s credential, as its agent keeps it.
+    pub fn credential(&self, name: &str) -> String {
+        let path = self.dir.path().join("agents").join(name).join("credential");
+        std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+            .trim()
+            .to_owned()
     }
 
     pub fn agent(&self, name: &str) -> &Arc<Agent> {

@@ -1,0 +1,111 @@
+//! Who a machine is. A machine joins once, with the join token (or the operator's), and gets a
+//! credential of its own, bound to its name; from then on its heartbeats must carry that
+//! credential, and the controller's commands to its agent carry it too. A heartbeat for a
+//! name from anyone else — a forged report, or a second agent started with the same name — is
+//! refused, and so is a second join of a name that has a credential.
+
+use vmatrix_core::api::{AgentReport, JoinReply};
+
+use crate::control::{ControlError, Controller, Result};
+
+/// 40 hex digits from the kernel's random source: tokens and machine credentials.
+pub(crate) fn random_secret() -> std::io::Result<String> {
+    let mut seed = [0u8; 32];
+    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut seed)?;
+    Ok(blake3::hash(&seed).to_hex()[..40].to_string())
+}
+
+impl Controller {
+    /// Sets the token new machines join with (empty: only the operator's token joins one).
+    pub fn set_join_token(&self, token: String) {
+        *self.join_token.lock().unwrap_or_else(|p| p.into_inner()) = token;
+    }
+
+    /// Loads the machines' credentials from the database (at start).
+    pub(crate) fn load_credentials(&self) -> Result<()> {
+        let all = self.db(|d| d.credentials())?;
+        *self.credentials.lock().unwrap_or_else(|p| p.into_inner()) = all.into_iter().collect();
+        Ok(())
+    }
+
+    /// `POST /api/v1/agents/join`: a machine's first report, with the join token or the
+    /// operator's as `authorization`. A name that has a credential already is refused.
+    pub fn join(&self, report: &AgentReport, authorization: Option<&str>) -> Result<JoinReply> {
+        let join = self
+            .join_token
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let allowed = vmatrix_core::auth::bearer_matches(authorization, &join)
+            || vmatrix_core::auth::bearer_matches(authorization, &self.token);
+        if !allowed {
+            return Err(ControlError::Unauthorized(
+                "joining needs the join token (DATA/controller/join-token on the controller's \
+                 machine) as the bearer token"
+                    .into(),
+            ));
+        }
+        report.validate().map_err(ControlError::BadRequest)?;
+        let secret = random_secret().map_err(|e| {
+            ControlError::Conflict(format!("making a credential for {}: {e}", report.name))
+        })?;
+        let name = report.name.clone();
+        if !self.db(|d| d.add_credential(&name, &secret, crate::control::now_ms()))? {
+            return Err(ControlError::Conflict(format!(
+                "machine {name} has joined already and has its own credential: another agent \
+                 with this name is refused. Its agent keeps the credential in its data \
+                 directory (agents/{name}/credential); start that agent, or give this one \
+                 another --name"
+            )));
+        }
+        self.credentials
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.clone(), secret.clone());
+        self.event(&name, "join", &format!("agent at {}", report.address), "ok");
+        Ok(JoinReply { credential: secret })
+    }
+
+    /// The machine whose credential `authorization` carries (every credential is compared, each
+    /// in constant time); none: the caller is no machine that joined.
+    pub(crate) fn machine_with(&self, authorization: Option<&str>) -> Result<String> {
+        let all = self.credentials.lock().unwrap_or_else(|p| p.into_inner());
+        let mut found = None;
+        for (name, secret) in all.iter() {
+            if vmatrix_core::auth::bearer_matches(authorization, secret) {
+                found = Some(name.clone());
+            }
+        }
+        found.ok_or_else(|| {
+            ControlError::Unauthorized(
+                "heartbeats carry the machine's own credential, which its agent got when it \
+                 joined; this one is no machine's (an agent whose controller lost its state \
+                 joins again)"
+                    .into(),
+            )
+        })
+    }
+
+    /// Whether machine `caller` (from its credential) may report as `name`.
+    pub(crate) fn check_machine(&self, caller: &str, name: &str) -> Result<()> {
+        if caller == name {
+            Ok(())
+        } else {
+            Err(ControlError::Forbidden(format!(
+                "a report for machine {name} with the credential of machine {caller}: refused \
+                 (only the agent that joined as {name} reports for it)"
+            )))
+        }
+    }
+
+    /// The bearer the controller shows machine `name`'s agent: its credential (empty if it
+    /// has none: the agent then refuses, and its next heartbeat makes it join).
+    pub(crate) fn agent_bearer(&self, name: &str) -> String {
+        self.credentials
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
+            .unwrap_or_default()
+    }
+}

@@ -1,0 +1,182 @@
+//! Machine identity through the real controller and agents over the fake hypervisor: a machine
+//! joins once with the join token and reports with its own credential; a forged heartbeat (for
+//! another machine, or with the operator's token), a second join of a name, and a report of
+//! nonsense are refused and change nothing; the agent's API takes only its credential.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::Value;
+use support::{wait_for, Matrix, JOIN_TOKEN, TOKEN};
+use vmatrix_core::api::{AgentReport, MachineRole};
+
+const WEB: &str = "[[service]]\nname = \"web\"\nimage = \"guest:v1\"\nmin = 1\nmax = 1\n";
+
+/// A report for `name` that says it runs nothing.
+fn empty_report(name: &str, vcpus: u32) -> AgentReport {
+    AgentReport {
+        name: name.into(),
+        address: "127.0.0.1:9".into(),
+        role: MachineRole::Dedicated,
+        vcpus,
+        memory_mib: 4096,
+        instances: Vec::new(),
+        vtep: None,
+        seq: u64::MAX / 2,
+    }
+}
+
+async fn post(m: &Matrix, path: &str, bearer: Option<&str>, report: &AgentReport) -> (u16, String) {
+    let mut req = m.http.post(m.url(path)).json(report);
+    if let Some(b) = bearer {
+        req = req.bearer_auth(b);
+    }
+    let r = req.send().await.expect("post");
+    (r.status().as_u16(), r.text().await.unwrap_or_default())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn machines_are_who_their_credentials_say() {
+    let mut m = Matrix::new().await;
+    m.start_agent("rm1", 2, MachineRole::Dedicated).await;
+    m.start_agent("rm2", 3, MachineRole::Dedicated).await;
+    m.apply(WEB).await;
+    let web = m
+        .wait_state("web-1", "running", None, Duration::from_secs(20))
+        .await;
+    let (victim, other) = if web.machine == "rm1" {
+        ("rm1", "rm2")
+    } else {
+        ("rm2", "rm1")
+    };
+    let (victim_cred, other_cred) = (m.credential(victim), m.credential(other));
+    assert_eq!(victim_cred.len(), 40, "a credential of its own");
+    assert_ne!(victim_cred, other_cred);
+
+    // A forged heartbeat that says the victim runs nothing: with the operator's token, with
+    // the other machine's credential, with the join token, with none.
+    let forged = empty_report(victim, 8);
+    for (bearer, status, why) in [
+        (Some(TOKEN), 401, "no machine's"),
+        (Some(JOIN_TOKEN), 401, "no machine's"),
+        (None, 401, "no machine's"),
+        (
+            Some(other_cred.as_str()),
+            403,
+            "with the credential of machine",
+        ),
+    ] {
+        let (got, body) = post(&m, "/api/v1/agents/heartbeat", bearer, &forged).await;
+        assert_eq!(got, status, "{bearer:?}: {body}");
+        assert!(body.contains(why), "{body}");
+    }
+    // A second agent with the victim's name cannot join, whatever token it has.
+    for bearer in [JOIN_TOKEN, TOKEN] {
+        let (got, body) = post(&m, "/api/v1/agents/join", Some(bearer), &forged).await;
+        assert_eq!(got, 409, "{body}");
+        assert!(body.contains("has joined already"), "{body}");
+    }
+    // A new name needs the join token (or the operator's), and a report that makes sense.
+    let (got, _) = post(
+        &m,
+        "/api/v1/agents/join",
+        Some("guess"),
+        &empty_report("rm9", 8),
+    )
+    .await;
+    assert_eq!(got, 401);
+    let evil = empty_report("../../evil\nname", u32::MAX);
+    let (got, body) = post(&m, "/api/v1/agents/join", Some(JOIN_TOKEN), &evil).await;
+    assert_eq!(got, 400, "{body}");
+    assert!(body.contains("invalid machine name"), "{body}");
+    let (got, body) = post(
+        &m,
+        "/api/v1/agents/join",
+        Some(JOIN_TOKEN),
+        &empty_report("rm9", u32::MAX),
+    )
+    .await;
+    assert_eq!(got, 400, "{body}");
+    assert!(body.contains("vCPUs"), "{body}");
+    // Nonsense from a machine that joined is refused too.
+    let (got, body) = post(&m, "/api/v1/agents/heartbeat", Some(&other_cred), &evil).await;
+    assert_eq!(got, 400, "{body}");
+    // A machine that never joined cannot report either.
+    let (got, body) = post(
+        &m,
+        "/api/v1/agents/heartbeat",
+        Some(TOKEN),
+        &empty_report("rm9", 8),
+    )
+    .await;
+    assert_eq!(got, 401, "{body}");
+
+    // Nothing of it took: only the two real machines, the instance still running where it
+    // was after more of its agent's heartbeats, and no machine was declared lost.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let machines: Vec<String> = m
+        .machines()
+        .await
+        .iter()
+        .filter_map(|x| x["name"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(machines, ["rm1", "rm2"]);
+    let now = m.instance("web-1").await.expect("web-1");
+    assert_eq!(
+        (now.machine.as_str(), now.state.as_str(), now.generation),
+        (victim, "running", web.generation)
+    );
+    let events = m.events().await;
+    assert!(
+        !events
+            .iter()
+            .any(|e| e["outcome"].as_str().is_some_and(|o| o.contains("lost"))),
+        "{events:?}"
+    );
+    let joins = events.iter().filter(|e| e["what"] == "join").count();
+    assert_eq!(joins, 2, "{events:?}");
+
+    // The agent's API takes its machine's credential only.
+    let status = format!("http://{}/agent/v1/status", m.agent(victim).config.listen);
+    for (bearer, want) in [
+        (TOKEN, 401),
+        (other_cred.as_str(), 401),
+        (victim_cred.as_str(), 200),
+    ] {
+        let r = m
+            .http
+            .get(&status)
+            .bearer_auth(bearer)
+            .send()
+            .await
+            .expect("status");
+        assert_eq!(r.status().as_u16(), want, "{bearer}");
+    }
+
+    // A restarted agent reports with the credential it kept: same machine, no new join.
+    m.kill_agent(victim);
+    m.start_agent(
+        victim,
+        if victim == "rm1" { 2 } else { 3 },
+        MachineRole::Dedicated,
+    )
+    .await;
+    assert_eq!(m.credential(victim), victim_cred);
+    wait_for(
+        "web-1 running after the restart",
+        Duration::from_secs(15),
+        async || {
+            let i = m.instance("web-1").await?;
+            (i.state.as_str() == "running" && i.machine == victim).then_some(())
+        },
+    )
+    .await;
+    let joins: Vec<Value> = m
+        .events()
+        .await
+        .into_iter()
+        .filter(|e| e["what"] == "join")
+        .collect();
+    assert_eq!(joins.len(), 2, "{joins:?}");
+}
