@@ -134,7 +134,8 @@ pub async fn serve(
     // It answers at once (a controller probing a machine whose heartbeats paused sees it is
     // alive); commands wait until the VMs a previous process left are adopted, and heartbeats
     // start only then (a report without them would make the controller think them lost).
-    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let limits = vmatrix_serve::ApiLimits::default();
+    let server = tokio::spawn(vmatrix_serve::serve_api(listener, app, limits));
     let adopted = crate::record::adopt_left(&agent).await;
     if adopted > 0 {
         tracing::info!(machine = %agent.config.name, "adopted {adopted} VM(s)");

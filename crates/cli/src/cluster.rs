@@ -198,6 +198,7 @@ pub async fn controller(args: ControllerArgs<'_>, data: &Path) -> Result<()> {
         maintenance_idle,
         also_listen: net.also_listen.clone(),
         network,
+        limits: vmatrix_controller::ApiLimits::default(),
     };
     tokio::select! {
         r = vmatrix_controller::serve(config) => r.map_err(|e| anyhow!("{e}"))?,

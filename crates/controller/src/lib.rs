@@ -32,6 +32,7 @@ pub use api::router;
 pub use control::{ControlError, Controller, NetConfig};
 pub use db::{Db, DbError, OpState};
 pub use ops::OpView;
+pub use vmatrix_serve::ApiLimits;
 
 /// How the controller is set up.
 #[derive(Debug, Clone)]
@@ -55,6 +56,8 @@ pub struct ControllerConfig {
     pub also_listen: Vec<SocketAddr>,
     /// Bridged networking: the service network the instances get addresses on.
     pub network: Option<control::NetConfig>,
+    /// What the API's clients may hold (connections, time to send a request head).
+    pub limits: vmatrix_serve::ApiLimits,
 }
 
 /// Reads the token in `dir/token`, or creates one (mode 0600). Returns it and whether it is new.
@@ -140,15 +143,16 @@ pub async fn serve(
     tokio::spawn(controller.clone().resume_rollouts());
     tracing::info!("controller API on http://{}", config.listen);
     let app = router(controller, config.token);
+    let config_limits = config.limits;
     for (l, a) in more.into_iter().zip(config.also_listen.clone()) {
         tracing::info!("controller API also on http://{a}");
         let app = app.clone();
         tokio::spawn(async move {
-            if let Err(e) = axum::serve(l, app).await {
+            if let Err(e) = vmatrix_serve::serve_api(l, app, config_limits).await {
                 tracing::error!("the API on {a} ended: {e}");
             }
         });
     }
-    axum::serve(listener, app).await?;
+    vmatrix_serve::serve_api(listener, app, config.limits).await?;
     Ok(())
 }

@@ -180,3 +180,37 @@ async fn machines_are_who_their_credentials_say() {
         .collect();
     assert_eq!(joins.len(), 2, "{joins:?}");
 }
+
+/// The controller's API closes a client that sends half a request head, or nothing, once its
+/// head timeout has passed (the agents' API is served the same way, `vmatrix_serve`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_sent_requests_are_closed_within_the_head_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let m = Matrix::new().await;
+    let started = std::time::Instant::now();
+    let mut half = tokio::net::TcpStream::connect(m.api)
+        .await
+        .expect("connect");
+    half.write_all(b"POST /api/v1/agents/heartbeat HTTP/1.1\r\nhost: x\r\ncontent-")
+        .await
+        .expect("write");
+    let mut silent = tokio::net::TcpStream::connect(m.api)
+        .await
+        .expect("connect");
+    let mut buf = [0u8; 256];
+    for (what, s) in [("half a head", &mut half), ("nothing", &mut silent)] {
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("{what}: still open after 10 s"))
+            .unwrap_or(0);
+        assert_eq!(n, 0, "{what}: closed without an answer");
+    }
+    let waited = started.elapsed();
+    assert!(
+        waited >= support::API_HEADER_TIMEOUT - Duration::from_millis(100)
+            && waited < support::API_HEADER_TIMEOUT + Duration::from_secs(3),
+        "closed after {waited:?}"
+    );
+    // The API still answers whole requests.
+    assert!(m.machines().await.is_empty());
+}

@@ -11,10 +11,8 @@
 //! held while its service wakes leaves its body unread in the client's socket), and is not
 //! resent once its first byte went out.
 
-use std::collections::HashMap;
-use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Request bodies of at most this many bytes (and a known length) are read whole.
@@ -66,96 +64,7 @@ impl Limits {
     }
 }
 
-/// Client connections open now, in all and per address.
-pub(crate) struct Connections {
-    limits: Limits,
-    total: AtomicUsize,
-    per_client: Mutex<HashMap<IpAddr, usize>>,
-    /// Connections closed at once because a limit was reached.
-    pub(crate) refused: AtomicU64,
-}
-
-/// Why a connection was not taken.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Refused {
-    Total(usize),
-    PerClient(usize),
-}
-
-impl std::fmt::Display for Refused {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Refused::Total(n) => write!(f, "{n} client connections open (--max-connections)"),
-            Refused::PerClient(n) => write!(
-                f,
-                "{n} connections open from this address (--max-connections-per-client)"
-            ),
-        }
-    }
-}
-
-impl Connections {
-    pub(crate) fn new(limits: Limits) -> Arc<Self> {
-        Arc::new(Self {
-            limits,
-            total: AtomicUsize::new(0),
-            per_client: Mutex::new(HashMap::new()),
-            refused: AtomicU64::new(0),
-        })
-    }
-
-    /// Takes a place for a connection from `ip`, given back when the guard is dropped.
-    pub(crate) fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Connection, Refused> {
-        let mut per = self.per_client.lock().unwrap_or_else(|p| p.into_inner());
-        let total = self.total.load(Ordering::Relaxed);
-        let mine = per.get(&ip).copied().unwrap_or(0);
-        let refusal = if total >= self.limits.max_connections {
-            Some(Refused::Total(total))
-        } else if mine >= self.limits.max_connections_per_client {
-            Some(Refused::PerClient(mine))
-        } else {
-            None
-        };
-        if let Some(r) = refusal {
-            self.refused.fetch_add(1, Ordering::Relaxed);
-            return Err(r);
-        }
-        *per.entry(ip).or_default() += 1;
-        self.total.fetch_add(1, Ordering::Relaxed);
-        Ok(Connection {
-            all: self.clone(),
-            ip,
-        })
-    }
-
-    /// Client connections open now.
-    pub(crate) fn open(&self) -> usize {
-        self.total.load(Ordering::Relaxed)
-    }
-}
-
-/// One client connection's place, given back when dropped.
-pub(crate) struct Connection {
-    all: Arc<Connections>,
-    ip: IpAddr,
-}
-
-impl Drop for Connection {
-    fn drop(&mut self) {
-        let mut per = self
-            .all
-            .per_client
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = per.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                per.remove(&self.ip);
-            }
-        }
-        self.all.total.fetch_sub(1, Ordering::Relaxed);
-    }
-}
+pub(crate) use vmatrix_serve::{Connection, Connections};
 
 /// Bytes of request bodies held in memory, against [`Limits::body_memory`].
 pub(crate) struct BodyBudget {
@@ -256,27 +165,6 @@ pub(crate) fn metrics(c: &Connections, b: &BodyBudget) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn connections_are_counted_per_client_and_in_all() {
-        let limits = Limits {
-            max_connections: 3,
-            max_connections_per_client: 2,
-            ..Limits::default()
-        };
-        let c = Connections::new(limits);
-        let a: IpAddr = "127.0.0.1".parse().unwrap();
-        let b: IpAddr = "127.0.0.2".parse().unwrap();
-        let a1 = c.admit(a).unwrap();
-        let _a2 = c.admit(a).unwrap();
-        assert_eq!(c.admit(a).err(), Some(Refused::PerClient(2)));
-        let _b1 = c.admit(b).unwrap();
-        assert_eq!(c.admit(b).err(), Some(Refused::Total(3)));
-        drop(a1);
-        assert_eq!(c.open(), 2);
-        let _b2 = c.admit(b).unwrap();
-        assert_eq!(c.refused.load(Ordering::Relaxed), 2);
-    }
 
     #[test]
     fn the_body_budget_is_given_back() {

@@ -747,7 +747,10 @@ pub async fn serve(config: SwitchConfig) -> std::io::Result<()> {
         waking: Mutex::new(HashSet::new()),
         admitted: Mutex::new(HashMap::new()),
         controller: client,
-        connections: crate::limits::Connections::new(config.limits),
+        connections: crate::limits::Connections::new(
+            config.limits.max_connections,
+            config.limits.max_connections_per_client,
+        ),
         bodies: crate::limits::BodyBudget::new(config.limits.body_memory),
     });
     let listener = std::net::TcpListener::bind(config.listen)?;

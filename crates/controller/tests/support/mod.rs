@@ -19,6 +19,8 @@ use vmatrix_core::ImageRef;
 use vmatrix_store::Repository;
 
 pub const TOKEN: &str = "component-token";
+/// How long the test controller waits for a request head.
+pub const API_HEADER_TIMEOUT: Duration = Duration::from_secs(2);
 /// What the test machines join with.
 pub const JOIN_TOKEN: &str = "component-join-token";
 
@@ -158,6 +160,11 @@ impl Matrix {
             maintenance_idle: self.maintenance_idle,
             also_listen: Vec::new(),
             network: None,
+            // A short head timeout, so that a test can see it close a half-sent request.
+            limits: vmatrix_controller::ApiLimits {
+                header_timeout: API_HEADER_TIMEOUT,
+                ..vmatrix_controller::ApiLimits::default()
+            },
         };
         self.controller = Some(Process::start(move || async move {
             // The port of a killed controller may take a moment to be free again.
