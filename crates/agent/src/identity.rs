@@ -62,12 +62,22 @@ impl Identity {
     }
 
     /// Joins unless a credential was kept, retrying while the controller cannot be reached
-    /// (it may be starting); a refusal ends the agent with the controller's reason.
+    /// (it may be starting) or the name waits for an operator's approval; any other refusal
+    /// ends the agent with the controller's reason.
     pub(crate) async fn ensure(&self, report: impl Fn() -> AgentReport) -> std::io::Result<()> {
         let mut warned = false;
+        let mut waiting = false;
         while self.current().is_empty() {
             match self.join(&report()).await {
                 Ok(()) => tracing::info!("joined the controller as {}", report().name),
+                // A new name waits for an operator's approval: ask again until it comes.
+                Err(e @ ClientError::Refused { status: 403, .. }) => {
+                    if !waiting {
+                        tracing::warn!("{e}");
+                        waiting = true;
+                    }
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                }
                 Err(e @ ClientError::Refused { .. }) => {
                     return Err(std::io::Error::other(format!(
                         "joining as machine {}: {e}",

@@ -214,6 +214,36 @@ pub async fn machines(client: &ControllerClient, json: bool) -> Result<()> {
         ],
         rows,
     );
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    for p in &reply.pending {
+        println!(
+            "waiting to join: {} (agent at {}, asked {}s ago) — `vmatrix machine approve {}`",
+            p.name,
+            p.address,
+            now_ms.saturating_sub(p.asked_ms) / 1000,
+            p.name
+        );
+    }
+    Ok(())
+}
+
+/// `vmatrix machine approve|forget NAME`.
+pub async fn machine(client: &ControllerClient, action: crate::MachineAction) -> Result<()> {
+    let (name, approve) = match &action {
+        crate::MachineAction::Approve { name } => (name, true),
+        crate::MachineAction::Forget { name } => (name, false),
+    };
+    // Checked here too: the name goes into the URL's path.
+    vmatrix_core::MachineName::new(name.as_str())?;
+    if approve {
+        client.approve_machine(name).await?;
+        println!("approved: machine {name} joins when its agent asks next (within seconds)");
+    } else {
+        client.forget_machine(name).await?;
+        println!("forgotten: machine {name}'s agent must join (and be approved) again");
+    }
     Ok(())
 }
 

@@ -138,6 +138,7 @@ pub struct ControllerArgs<'a> {
     pub policy_flags: &'a crate::policy_file::PolicyFlags,
     pub maintenance_idle: Option<Duration>,
     pub net: crate::network::ControllerNet,
+    pub auto_approve: bool,
 }
 
 pub async fn controller(args: ControllerArgs<'_>, data: &Path) -> Result<()> {
@@ -149,6 +150,7 @@ pub async fn controller(args: ControllerArgs<'_>, data: &Path) -> Result<()> {
         policy_flags,
         maintenance_idle,
         net,
+        auto_approve,
     } = args;
     let network = net.config()?;
     let settings = crate::policy_file::load(policy_file, policy_flags)?;
@@ -193,6 +195,7 @@ pub async fn controller(args: ControllerArgs<'_>, data: &Path) -> Result<()> {
         state,
         token,
         join_token,
+        auto_approve,
         policy,
         settings,
         maintenance_idle,
@@ -361,6 +364,8 @@ pub async fn up(args: UpArgs, data: &Path, accel: vmatrix_vmm::AccelChoice) -> R
         data_s.clone(),
         "--policy".into(),
         args.policy.clone(),
+        // One box: every machine is `up`'s own.
+        "--auto-approve".into(),
     ];
     controller_args.extend(args.policy_flags.to_args());
     if let Some(idle) = args.maintenance_idle {

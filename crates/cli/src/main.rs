@@ -179,6 +179,10 @@ enum Command {
         maintenance_idle: Option<std::time::Duration>,
         #[command(flatten)]
         net: network::ControllerNet,
+        /// Let every new machine name join without an operator's approval (`vmatrix machine
+        /// approve NAME`); `vmatrix up` runs its controller so.
+        #[arg(long)]
+        auto_approve: bool,
     },
     /// Run an agent for one real machine.
     Agent {
@@ -226,11 +230,16 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// List the real machines.
+    /// List the real machines (and the names that wait for an operator's approval to join).
     Machines {
         /// JSON for scripts.
         #[arg(long)]
         json: bool,
+    },
+    /// Decide about a machine's identity: approve a new name, or forget one.
+    Machine {
+        #[command(subcommand)]
+        action: MachineAction,
     },
     /// The matrix: one row per instance.
     Ps {
@@ -388,6 +397,23 @@ enum Command {
         repo: Option<String>,
         #[command(subcommand)]
         command: volume::VolumeCommand,
+    },
+}
+
+/// `vmatrix machine …`.
+#[derive(Subcommand, Debug)]
+pub enum MachineAction {
+    /// Let machine name NAME join (a controller without --auto-approve lists new names as
+    /// waiting in `vmatrix machines`); its agent joins within seconds.
+    Approve {
+        /// The machine's name.
+        name: String,
+    },
+    /// Take machine NAME's credential and approval back: its agent must join, and be
+    /// approved, again (a machine that lost its credential, or one that is gone).
+    Forget {
+        /// The machine's name.
+        name: String,
     },
 }
 
@@ -680,6 +706,7 @@ fn run() -> Result<()> {
             policy_flags,
             maintenance_idle,
             net,
+            auto_approve,
         } => runtime()?.block_on(cluster::controller(
             cluster::ControllerArgs {
                 listen,
@@ -689,6 +716,7 @@ fn run() -> Result<()> {
                 policy_flags: &policy_flags,
                 maintenance_idle,
                 net,
+                auto_approve,
             },
             &data,
         ))?,
@@ -730,6 +758,7 @@ fn run() -> Result<()> {
         }
         Command::Services { json } => runtime()?.block_on(client::services(&client()?, json))?,
         Command::Machines { json } => runtime()?.block_on(client::machines(&client()?, json))?,
+        Command::Machine { action } => runtime()?.block_on(client::machine(&client()?, action))?,
         Command::Ps { json } => runtime()?.block_on(client::ps(&client()?, json))?,
         Command::Events { follow, json } => {
             runtime()?.block_on(client::events(&client()?, follow, json))?

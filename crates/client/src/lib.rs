@@ -165,6 +165,26 @@ impl ControllerClient {
         self.get("/api/v1/machines", SHORT).await
     }
 
+    /// The operator approves machine name `name` to join.
+    pub async fn approve_machine(&self, name: &str) -> Result<serde_json::Value> {
+        self.post(
+            &format!("/api/v1/machines/{name}/approve"),
+            &serde_json::json!({}),
+            SHORT,
+        )
+        .await
+    }
+
+    /// The operator takes machine `name`'s credential and approval back.
+    pub async fn forget_machine(&self, name: &str) -> Result<serde_json::Value> {
+        self.post(
+            &format!("/api/v1/machines/{name}/forget"),
+            &serde_json::json!({}),
+            SHORT,
+        )
+        .await
+    }
+
     /// The instances that are not discarded.
     pub async fn instances(&self) -> Result<Vec<InstanceInfo>> {
         self.get::<InstancesReply>("/api/v1/instances", SHORT)

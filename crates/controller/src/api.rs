@@ -114,8 +114,9 @@ async fn apply(State(x): State<Ctx>, body: axum::body::Bytes) -> Response {
 }
 
 async fn machines(State(x): State<Ctx>) -> Response {
-    match x.c.machine_use() {
-        Ok(list) => Json(MachinesReply {
+    match x.c.machine_use().and_then(|l| Ok((l, x.c.pending()?))) {
+        Ok((list, pending)) => Json(MachinesReply {
+            pending,
             machines: list
                 .into_iter()
                 .map(|(machine, instances)| MachineView {
@@ -127,6 +128,28 @@ async fn machines(State(x): State<Ctx>) -> Response {
                 .collect(),
         })
         .into_response(),
+        Err(e) => fail(e),
+    }
+}
+
+/// `POST /api/v1/machines/{name}/approve`: the operator lets that name join.
+async fn approve(
+    State(x): State<Ctx>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+) -> Response {
+    match x.c.approve(&name) {
+        Ok(()) => Json(serde_json::json!({ "approved": name })).into_response(),
+        Err(e) => fail(e),
+    }
+}
+
+/// `POST /api/v1/machines/{name}/forget`: the operator takes its credential and approval back.
+async fn forget(
+    State(x): State<Ctx>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+) -> Response {
+    match x.c.forget(&name) {
+        Ok(()) => Json(serde_json::json!({ "forgotten": name })).into_response(),
         Err(e) => fail(e),
     }
 }
@@ -400,6 +423,8 @@ pub fn router(c: Arc<Controller>, token: String) -> Router {
     Router::new()
         .route("/api/v1/services", get(services).post(apply))
         .route("/api/v1/machines", get(machines))
+        .route("/api/v1/machines/:name/approve", post(approve))
+        .route("/api/v1/machines/:name/forget", post(forget))
         .route("/api/v1/instances", get(instances))
         .route("/api/v1/instances/:id/console", get(console))
         .route("/api/v1/events", get(events))
@@ -430,7 +455,7 @@ mod tests {
             .skip(1)
             .filter_map(|rest| rest.split('"').next())
             .filter(|p| *p != "/openapi.json")
-            .map(|p| p.replace(":id", "{id}"))
+            .map(|p| p.replace(":id", "{id}").replace(":name", "{name}"))
             .collect();
         assert!(routes.len() >= 10, "{routes:?}");
         for path in routes {

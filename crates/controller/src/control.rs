@@ -103,6 +103,8 @@ pub struct Controller {
     pub(crate) join_token: Mutex<String>,
     /// Each joined machine's credential, by name (the database holds them too).
     pub(crate) credentials: Mutex<HashMap<String, String>>,
+    /// New machine names join without an operator's approval.
+    pub(crate) auto_approve: std::sync::atomic::AtomicBool,
     pub(crate) busy: Mutex<HashSet<InstanceId>>,
     /// When each instance's last operation ended: a heartbeat sent before that is stale for it.
     pub(crate) settled: Mutex<HashMap<InstanceId, Instant>>,
@@ -224,6 +226,7 @@ impl Controller {
             token,
             join_token: Mutex::new(String::new()),
             credentials: Mutex::new(HashMap::new()),
+            auto_approve: std::sync::atomic::AtomicBool::new(false),
             busy: Mutex::new(HashSet::new()),
             settled: Mutex::new(HashMap::new()),
             started: Instant::now(),

@@ -67,6 +67,10 @@ const MIGRATIONS: &[&str] = &[
     // 10: each machine's own credential, given when it joined (bound to its name).
     "CREATE TABLE credentials (machine TEXT PRIMARY KEY, secret TEXT NOT NULL,
         joined_ms INTEGER NOT NULL);",
+    // 11: names an operator approved to join, and names that asked and wait.
+    "CREATE TABLE approved (machine TEXT PRIMARY KEY, at_ms INTEGER NOT NULL);
+     CREATE TABLE pending (machine TEXT PRIMARY KEY, address TEXT NOT NULL,
+        asked_ms INTEGER NOT NULL);",
 ];
 
 /// The version a service runs after a rollout, and the one before.
@@ -308,6 +312,60 @@ impl Db {
              ON CONFLICT(machine) DO NOTHING",
             params![name, secret, now_ms as i64],
         )? > 0)
+    }
+
+    /// Whether an operator approved name `name` to join.
+    pub fn is_approved(&self, name: &str) -> Result<bool> {
+        let n: i64 = self.conn.query_row(
+            "SELECT COUNT(*) FROM approved WHERE machine = ?1",
+            params![name],
+            |r| r.get(0),
+        )?;
+        Ok(n > 0)
+    }
+
+    /// Approves name `name` to join (it leaves the pending list).
+    pub fn approve(&self, name: &str, now_ms: u64) -> Result<()> {
+        self.conn.execute(
+            "INSERT INTO approved (machine, at_ms) VALUES (?1, ?2) ON CONFLICT(machine) DO NOTHING",
+            params![name, now_ms as i64],
+        )?;
+        self.conn
+            .execute("DELETE FROM pending WHERE machine = ?1", params![name])?;
+        Ok(())
+    }
+
+    /// Records that `name` asked to join from `address` and waits.
+    pub fn ask(&self, name: &str, address: &str, now_ms: u64) -> Result<()> {
+        self.conn.execute(
+            "INSERT INTO pending (machine, address, asked_ms) VALUES (?1, ?2, ?3)
+             ON CONFLICT(machine) DO UPDATE SET address = ?2, asked_ms = ?3",
+            params![name, address, now_ms as i64],
+        )?;
+        Ok(())
+    }
+
+    /// Names that asked to join and wait: (name, address, asked_ms).
+    pub fn pending(&self) -> Result<Vec<(String, String, u64)>> {
+        let mut st = self
+            .conn
+            .prepare("SELECT machine, address, asked_ms FROM pending ORDER BY machine")?;
+        let rows = st.query_map([], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u64))
+        })?;
+        Ok(rows.collect::<std::result::Result<_, _>>()?)
+    }
+
+    /// Forgets machine `name`'s credential, approval and request to join; whether it had any.
+    pub fn forget(&self, name: &str) -> Result<bool> {
+        let mut n = 0;
+        for table in ["credentials", "approved", "pending"] {
+            n += self.conn.execute(
+                &format!("DELETE FROM {table} WHERE machine = ?1"),
+                params![name],
+            )?;
+        }
+        Ok(n > 0)
     }
 
     /// Marks a machine as draining (no new placements).

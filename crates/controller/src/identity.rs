@@ -2,7 +2,11 @@
 //! credential of its own, bound to its name; from then on its heartbeats must carry that
 //! credential, and the controller's commands to its agent carry it too. A heartbeat for a
 //! name from anyone else — a forged report, or a second agent started with the same name — is
-//! refused, and so is a second join of a name that has a credential.
+//! refused, and so is a second join of a name that has a credential. A new name joins only once
+//! an operator has approved it (`vmatrix machine approve NAME`; until then it is listed as
+//! pending), unless the controller approves every name (`--auto-approve`, as `vmatrix up` runs
+//! it). `vmatrix machine forget NAME` takes a machine's credential and approval back: its agent
+//! must join — and be approved — again.
 
 use vmatrix_core::api::{AgentReport, JoinReply};
 
@@ -19,6 +23,61 @@ impl Controller {
     /// Sets the token new machines join with (empty: only the operator's token joins one).
     pub fn set_join_token(&self, token: String) {
         *self.join_token.lock().unwrap_or_else(|p| p.into_inner()) = token;
+    }
+
+    /// Lets every new machine name join without an operator's approval.
+    pub fn set_auto_approve(&self, on: bool) {
+        self.auto_approve
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The operator approves machine name `name` to join.
+    pub fn approve(&self, name: &str) -> Result<()> {
+        vmatrix_core::MachineName::new(name)
+            .map_err(|e| ControlError::BadRequest(e.to_string()))?;
+        self.db(|d| d.approve(name, crate::control::now_ms()))?;
+        self.event(
+            "operator",
+            &format!("approve {name}"),
+            "an operator's decision",
+            "ok",
+        );
+        Ok(())
+    }
+
+    /// The operator takes machine `name`'s credential and approval back.
+    pub fn forget(&self, name: &str) -> Result<()> {
+        if !self.db(|d| d.forget(name))? {
+            return Err(ControlError::NotFound(format!(
+                "machine {name} has no credential, approval or request to join"
+            )));
+        }
+        self.credentials
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
+        self.event(
+            "operator",
+            &format!("forget {name}"),
+            "an operator's decision",
+            "ok: its agent must join again",
+        );
+        Ok(())
+    }
+
+    /// Names that asked to join and wait for an operator.
+    pub fn pending(&self) -> Result<Vec<vmatrix_core::api::PendingMachine>> {
+        Ok(self
+            .db(|d| d.pending())?
+            .into_iter()
+            .map(
+                |(name, address, asked_ms)| vmatrix_core::api::PendingMachine {
+                    name,
+                    address,
+                    asked_ms,
+                },
+            )
+            .collect())
     }
 
     /// Loads the machines' credentials from the database (at start).
@@ -50,13 +109,42 @@ impl Controller {
             ControlError::Conflict(format!("making a credential for {}: {e}", report.name))
         })?;
         let name = report.name.clone();
-        if !self.db(|d| d.add_credential(&name, &secret, crate::control::now_ms()))? {
-            return Err(ControlError::Conflict(format!(
+        let taken = || {
+            ControlError::Conflict(format!(
                 "machine {name} has joined already and has its own credential: another agent \
                  with this name is refused. Its agent keeps the credential in its data \
                  directory (agents/{name}/credential); start that agent, or give this one \
-                 another --name"
+                 another --name (or `vmatrix machine forget {name}` if that machine is gone)"
+            ))
+        };
+        let has_credential = self
+            .credentials
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(&name);
+        if has_credential {
+            return Err(taken());
+        }
+        let auto = self.auto_approve.load(std::sync::atomic::Ordering::Relaxed);
+        if !auto && !self.db(|d| d.is_approved(&name))? {
+            let asked_before = self.db(|d| d.pending())?.iter().any(|(n, _, _)| *n == name);
+            self.db(|d| d.ask(&name, &report.address, crate::control::now_ms()))?;
+            if !asked_before {
+                self.event(
+                    &name,
+                    "join",
+                    &format!("agent at {}", report.address),
+                    "pending: an operator approves it",
+                );
+            }
+            return Err(ControlError::Forbidden(format!(
+                "machine {name} waits for an operator's approval: `vmatrix machine approve \
+                 {name}` on the controller's machine (or run the controller with \
+                 --auto-approve)"
             )));
+        }
+        if !self.db(|d| d.add_credential(&name, &secret, crate::control::now_ms()))? {
+            return Err(taken());
         }
         self.credentials
             .lock()

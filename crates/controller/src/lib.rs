@@ -45,6 +45,8 @@ pub struct ControllerConfig {
     pub token: String,
     /// The token new machines join with (empty: only the operator's token joins one).
     pub join_token: String,
+    /// New machine names join without an operator's approval (`vmatrix machine approve`).
+    pub auto_approve: bool,
     /// Run the load-driven policy (else the loop only keeps each service's `min`).
     pub policy: bool,
     /// The policy's settings (the same `vmatrix sim` runs by default).
@@ -108,6 +110,7 @@ pub async fn serve(
     let db = Db::open(&config.state)?;
     let controller = Controller::new(db, config.token.clone());
     controller.set_join_token(config.join_token.clone());
+    controller.set_auto_approve(config.auto_approve);
     controller.load_credentials()?;
     controller.set_policy(config.policy);
     controller.set_settings(config.settings.clone());

@@ -214,3 +214,94 @@ async fn half_sent_requests_are_closed_within_the_head_timeout() {
     // The API still answers whole requests.
     assert!(m.machines().await.is_empty());
 }
+
+/// Without --auto-approve a new name waits (listed as pending) until an operator approves it;
+/// forgetting a machine takes its credential back, and it must be approved again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_machine_joins_once_an_operator_approves_it() {
+    let mut m = Matrix::new().await;
+    m.auto_approve = false;
+    m.kill_controller();
+    m.start_controller().await;
+    let asks = empty_report("rm7", 8);
+    let (got, body) = post(&m, "/api/v1/agents/join", Some(JOIN_TOKEN), &asks).await;
+    assert_eq!(got, 403, "{body}");
+    assert!(body.contains("waits for an operator's approval"), "{body}");
+    let listed: Value = m
+        .http
+        .get(m.url("/api/v1/machines"))
+        .send()
+        .await
+        .expect("machines")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(listed["pending"][0]["name"], "rm7", "{listed}");
+    assert_eq!(listed["pending"][0]["address"], "127.0.0.1:9", "{listed}");
+
+    // Approving is the operator's: not with the join token, nor without a token.
+    let approve = m.url("/api/v1/machines/rm7/approve");
+    let r = reqwest::Client::new()
+        .post(&approve)
+        .bearer_auth(JOIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    let r = m
+        .http
+        .post(&approve)
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let r = m
+        .http
+        .post(m.url("/api/v1/machines/..%2Fx/approve"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    let (got, body) = post(&m, "/api/v1/agents/join", Some(JOIN_TOKEN), &asks).await;
+    assert_eq!(got, 200, "{body}");
+    let credential = serde_json::from_str::<Value>(&body).unwrap()["credential"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (got, body) = post(&m, "/api/v1/agents/heartbeat", Some(&credential), &asks).await;
+    assert_eq!(got, 200, "{body}");
+
+    // Forgotten: its credential is refused, and joining again needs a new approval.
+    let r = m
+        .http
+        .post(m.url("/api/v1/machines/rm7/forget"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let (got, _) = post(&m, "/api/v1/agents/heartbeat", Some(&credential), &asks).await;
+    assert_eq!(got, 401);
+    let (got, _) = post(&m, "/api/v1/agents/join", Some(JOIN_TOKEN), &asks).await;
+    assert_eq!(got, 403);
+
+    // A real agent whose name was approved beforehand joins at once.
+    let r = m
+        .http
+        .post(m.url("/api/v1/machines/rm1/approve"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    m.start_agent("rm1", 2, MachineRole::Dedicated).await;
+    let events = m.events().await;
+    for what in ["approve rm7", "forget rm7", "approve rm1"] {
+        assert!(
+            events.iter().any(|e| e["what"] == what),
+            "{what}: {events:?}"
+        );
+    }
+}

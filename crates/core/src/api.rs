@@ -167,6 +167,20 @@ pub struct MachineView {
 pub struct MachinesReply {
     /// Every machine.
     pub machines: Vec<MachineView>,
+    /// Machines that asked to join and wait for an operator's approval.
+    #[serde(default)]
+    pub pending: Vec<PendingMachine>,
+}
+
+/// A machine that asked to join a controller that wants each new name approved.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PendingMachine {
+    /// The name it asked for.
+    pub name: String,
+    /// Its agent's address.
+    pub address: String,
+    /// When it last asked (ms since the epoch).
+    pub asked_ms: u64,
 }
 
 /// `GET /api/v1/events`.

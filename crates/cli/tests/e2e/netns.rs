@@ -165,6 +165,23 @@ async fn an_instance_migrates_between_hosts_in_network_namespaces() {
             .unwrap();
         agents.push(child);
     }
+    // This controller wants each new machine approved: both wait until the operator says so.
+    wait_for(
+        "both agents waiting for approval",
+        Duration::from_secs(60),
+        async || {
+            let (_, out, _) = cli(d, &api, &["machines", "--json"]).await;
+            let v = serde_json::from_str::<Value>(&out).ok()?;
+            (v["pending"].as_array()?.len() == 2).then_some(())
+        },
+    )
+    .await;
+    let (_, listed, _) = cli(d, &api, &["machines"]).await;
+    assert!(listed.contains("waiting to join: host0"), "{listed}");
+    for h in ["host0", "host1"] {
+        let (ok, out, err) = cli(d, &api, &["machine", "approve", h]).await;
+        assert!(ok && out.contains("approved"), "{out}{err}");
+    }
     wait_for(
         "both agents registered",
         Duration::from_secs(60),

@@ -68,6 +68,8 @@ pub struct Matrix {
     pub http: reqwest::Client,
     /// The policy the controller runs (none: it keeps each service's `min`).
     pub policy: Option<vmatrix_policy::Settings>,
+    /// New machine names join without an operator's approval (the default here).
+    pub auto_approve: bool,
     /// The controller's idle limit for maintenance instances.
     pub maintenance_idle: Option<Duration>,
 }
@@ -124,6 +126,7 @@ impl Matrix {
                 .build()
                 .expect("HTTP client"),
             policy: None,
+            auto_approve: true,
             maintenance_idle: None,
         };
         m.import("guest:v1", b"version one");
@@ -155,6 +158,7 @@ impl Matrix {
             state: self.dir.path().join("state.db"),
             token: TOKEN.into(),
             join_token: JOIN_TOKEN.into(),
+            auto_approve: self.auto_approve,
             policy: self.policy.is_some(),
             settings: self.policy.clone().unwrap_or_default(),
             maintenance_idle: self.maintenance_idle,
