@@ -10,9 +10,9 @@ set -euo pipefail
 
 packages=(qemu-system-x86 busybox-static linux-image-amd64 syslinux syslinux-common syslinux-efi
           mtools dosfstools fdisk cpio kmod zstd curl iproute2 nftables util-linux e2fsprogs ovmf
-          mmdebstrap openssh-client)
+          mmdebstrap openssh-client etcd-server)
 tools=(qemu-system-x86_64 qemu-img qemu-io qemu-nbd busybox mcopy mmd mkfs.fat syslinux sfdisk cpio depmod curl
-       ip bridge nft nsenter mke2fs mmdebstrap ssh ssh-keygen)
+       ip bridge nft nsenter mke2fs mmdebstrap ssh ssh-keygen etcd)
 
 missing_tools() {
   local t
@@ -29,6 +29,18 @@ missing_packages() {
     dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q '^install ok installed$' || echo "$p"
   done
 }
+
+# The unprivileged user each VM's QEMU becomes once it has opened its files (the agent's
+# --qemu-user); it owns nothing and cannot log in.
+qemu_user=vmatrix-qemu
+if ! id -u "$qemu_user" >/dev/null 2>&1; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "install-deps: user $qemu_user is missing: run this script as root to create it" >&2
+    exit 1
+  fi
+  useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin "$qemu_user"
+  echo "install-deps: created user $qemu_user"
+fi
 
 if [ -z "$(missing_tools)" ] && [ -z "$(missing_packages)" ]; then
   echo "install-deps: everything present"

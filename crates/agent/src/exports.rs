@@ -51,8 +51,12 @@ impl Agent {
             }
             let name = short(version);
             let export = Export::new(name.clone(), manifest, self.cache.clone());
-            let socket = self.config.data.join("nbd").join(format!("{name}.sock"));
-            let server = NbdServer::start(export, &socket)?;
+            // An abstract socket: a confined QEMU, which reconnects as its own user after an
+            // agent restart, needs no path into our data; the peer's uid is checked instead.
+            let socket = self.export_socket(&name);
+            let mut uids = vec![0, self.own_uid()];
+            uids.extend(self.hv.vm_uid());
+            let server = NbdServer::start_abstract(export, &socket, uids)?;
             // Reads wait (up to a minute) for the export to come back instead of failing, so
             // a restarting agent does not hurt its guests.
             let url = format!(
@@ -60,7 +64,7 @@ impl Agent {
                 // The protocol node only: the format (raw) is the overlay's backing format.
                 serde_json::json!({ "file": {
                     "driver": "nbd",
-                    "server": {"type": "unix", "path": socket},
+                    "server": {"type": "unix", "path": socket, "abstract": true},
                     "export": name,
                     "reconnect-delay": 60,
                 }})
@@ -82,6 +86,19 @@ impl Agent {
             tracing::warn!("recording the versions in use: {e}");
         }
         Ok(url)
+    }
+
+    /// The abstract socket of export `name`: the same for every agent process on this data
+    /// directory (a restarted agent serves its VMs on the name they know), another for any
+    /// other data directory (other machines of a test on one host).
+    fn export_socket(&self, name: &str) -> String {
+        let place = blake3::hash(self.config.data.as_os_str().as_encoded_bytes()).to_hex();
+        format!("vmatrix/{}/{name}", &place[..16])
+    }
+
+    fn own_uid(&self) -> u32 {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        unsafe { libc::geteuid() }
     }
 
     /// Ends `user`'s use of every export (its system disk's version and its volumes'); an

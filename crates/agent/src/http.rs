@@ -104,6 +104,9 @@ async fn status(State(ctx): State<Ctx>, headers: HeaderMap) -> Response {
     if !authorized(&headers, &ctx.identity) {
         return error(StatusCode::UNAUTHORIZED, UNAUTHORIZED.into());
     }
+    // The controller probes a machine whose heartbeats stopped and counts it heard once it
+    // answers: the lease runs from now (before the answer it records).
+    ctx.agent.renew_lease(crate::lease::boottime_ms());
     Json(ctx.agent.report()).into_response()
 }
 
@@ -166,12 +169,22 @@ async fn bind_when_there(addr: std::net::SocketAddr) -> std::io::Result<tokio::n
 async fn heartbeat(agent: Arc<Agent>, controller: String, identity: Arc<Identity>) {
     let mut client = ControllerClient::new(&controller, Some(identity.current()));
     let mut warned = false;
+    let mut beats = 0u64;
     loop {
         let beat = tokio::time::Instant::now();
+        beats += 1;
+        if beats.is_multiple_of(30) {
+            // Groups of VMs that ended unseen (a QEMU that died while its agent was down).
+            agent.hv.sweep_groups(Duration::from_secs(30));
+        }
+        // The controller records the heartbeat when it arrives, later than this.
+        let sent_at = crate::lease::boottime_ms();
         let report = agent.report();
         match client.heartbeat(&report).await {
             Ok(reply) => {
                 warned = false;
+                agent.renew_lease(sent_at);
+                agent.unfence_placed(&reply.placed);
                 if let Some(view) = reply.network {
                     let agent = agent.clone();
                     // A few `bridge` calls when the hosts change; never on the beat's clock.

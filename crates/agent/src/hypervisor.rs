@@ -43,6 +43,17 @@ pub trait Hypervisor: Send + Sync + 'static {
         dir: &Path,
         pid: u32,
     ) -> Result<Option<Box<dyn Incoming>>, VmmError>;
+    /// The user id VMs run as once started, where it is not this process's (a confined QEMU):
+    /// the machine's exports let it in.
+    fn vm_uid(&self) -> Option<u32> {
+        None
+    }
+    /// Removes the control groups of VMs that ended without this process seeing it (older
+    /// than `older_than`; all empty ones, and the machine's own, when it is zero). Returns how
+    /// many are left.
+    fn sweep_groups(&self, _older_than: Duration) -> usize {
+        0
+    }
     /// Whether process `pid` is alive.
     fn alive(&self, pid: u32) -> bool;
     /// CPU seconds process `pid` has used.
@@ -100,14 +111,69 @@ pub trait Incoming: Send {
     async fn abort(self: Box<Self>);
 }
 
-/// The real hypervisor: QEMU through the vmm crate.
+/// The real hypervisor: QEMU through the vmm crate, each VM under QEMU's sandbox and, where
+/// the agent is root, as an unprivileged user (see `vmatrix_vmm::confine`).
 #[derive(Debug, Default)]
-pub struct Qemu;
+pub struct Qemu {
+    /// The user QEMU becomes once it has opened its files, with its uid.
+    run_as: Option<(String, u32)>,
+    /// The control group (`vmatrix/GROUP/VM`) each QEMU runs in, limited to its spec.
+    cgroup: Option<String>,
+}
+
+impl Qemu {
+    /// QEMU stays this process's user (an agent that is not root cannot change it anyway).
+    pub fn unconfined() -> Self {
+        Self::default()
+    }
+
+    /// Every QEMU becomes `user` once it has opened its files; the user must exist.
+    pub fn confined(user: &str) -> Result<Self, VmmError> {
+        let uid = vmatrix_vmm::confine::user_uid(user).ok_or_else(|| {
+            VmmError::Invalid(format!(
+                "user {user:?}, which QEMU runs as, does not exist: create it (scripts/install-deps.sh \
+                 does: useradd --system --no-create-home --shell /usr/sbin/nologin {user}) or \
+                 name another with --qemu-user"
+            ))
+        })?;
+        if uid == 0 {
+            return Err(VmmError::Invalid(format!(
+                "user {user:?} is root: QEMU must run as an unprivileged user (--qemu-user)"
+            )));
+        }
+        Ok(Self {
+            run_as: Some((user.to_owned(), uid)),
+            cgroup: None,
+        })
+    }
+
+    /// Every QEMU also runs in a control group of its own under `vmatrix/GROUP`, limited to its
+    /// vCPUs and memory (see `vmatrix_vmm::cgroup`); the host must mount the controllers.
+    pub fn in_cgroups(self, group: &str) -> Result<Self, VmmError> {
+        if !vmatrix_vmm::cgroup::available() {
+            return Err(VmmError::Invalid(
+                "QEMU's CPU and memory cannot be limited here: the agent is not root or the host \
+                 mounts no cpu and memory control groups (pass --no-cgroups to run unlimited)"
+                    .into(),
+            ));
+        }
+        Ok(Self {
+            cgroup: Some(group.to_owned()),
+            ..self
+        })
+    }
+
+    fn confine(&self, mut spec: VmSpec) -> VmSpec {
+        spec.run_as = self.run_as.as_ref().map(|(user, _)| user.clone());
+        spec.cgroup = self.cgroup.clone();
+        spec
+    }
+}
 
 #[async_trait]
 impl Hypervisor for Qemu {
     async fn boot(&self, spec: VmSpec, dir: &Path) -> Result<Box<dyn Guest>, VmmError> {
-        Ok(Box::new(Vm::boot(spec, dir).await?))
+        Ok(Box::new(Vm::boot(self.confine(spec), dir).await?))
     }
 
     async fn resume(
@@ -126,7 +192,9 @@ impl Hypervisor for Qemu {
                 .collect();
             vmatrix_vmm::vm::run_tool("qemu-img", &args).await?;
         }
-        Ok(Box::new(Vm::resume(spec, dir, files).await?.0))
+        Ok(Box::new(
+            Vm::resume(self.confine(spec), dir, files).await?.0,
+        ))
     }
 
     async fn incoming(
@@ -135,11 +203,20 @@ impl Hypervisor for Qemu {
         dir: &Path,
         listen: IpAddr,
     ) -> Result<Box<dyn Incoming>, VmmError> {
-        Ok(Box::new(IncomingVm::start(spec, dir, listen).await?))
+        Ok(Box::new(
+            IncomingVm::start(self.confine(spec), dir, listen).await?,
+        ))
     }
 
     async fn adopt(&self, spec: VmSpec, dir: &Path, pid: u32) -> Result<Box<dyn Guest>, VmmError> {
-        let mut vm = Vm::adopt(spec, dir, pid).await?;
+        if vmatrix_vmm::process::stopped(pid) {
+            // Fenced while no agent ran: the controller replaces it (or has); it never runs again.
+            return Err(VmmError::Invalid(format!(
+                "QEMU {pid} of {} was stopped when the machine's lease lapsed (fenced)",
+                spec.instance
+            )));
+        }
+        let mut vm = Vm::adopt(self.confine(spec), dir, pid).await?;
         vm.ensure_running().await?;
         Ok(Box::new(vm))
     }
@@ -150,10 +227,28 @@ impl Hypervisor for Qemu {
         dir: &Path,
         pid: u32,
     ) -> Result<Option<Box<dyn Incoming>>, VmmError> {
-        let vm = Vm::adopt(spec, dir, pid).await?;
+        let vm = Vm::adopt(self.confine(spec), dir, pid).await?;
         Ok(IncomingVm::adopt(vm)
             .await
             .map(|i| Box::new(i) as Box<dyn Incoming>))
+    }
+
+    fn vm_uid(&self) -> Option<u32> {
+        self.run_as.as_ref().map(|(_, uid)| *uid)
+    }
+
+    fn sweep_groups(&self, older_than: Duration) -> usize {
+        let Some(group) = &self.cgroup else {
+            return 0;
+        };
+        let swept = vmatrix_vmm::cgroup::sweep(group, older_than);
+        if swept.removed > 0 {
+            tracing::info!(
+                "removed {} control group(s) of VMs that had ended",
+                swept.removed
+            );
+        }
+        swept.left
     }
 
     fn alive(&self, pid: u32) -> bool {

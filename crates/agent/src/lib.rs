@@ -20,6 +20,7 @@ mod health;
 mod http;
 pub mod hypervisor;
 mod identity;
+pub mod lease;
 mod machine;
 pub mod record;
 mod seed;

@@ -226,6 +226,8 @@ pub struct Agent {
     view: Mutex<Option<vmatrix_core::api::NetworkView>>,
     /// Held while rules are built and applied, so an older snapshot never lands last.
     rules_lock: Mutex<()>,
+    /// The fencing watchdog's end (see [`crate::lease`]); `None`: no fencing (in-process tests).
+    pub(crate) lease: Mutex<Option<Arc<crate::lease::LeaseHolder>>>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -264,11 +266,8 @@ impl Agent {
             &config.data.join("cache"),
             config.cache_bytes,
         )?);
-        for d in ["nbd", "vms"] {
-            std::fs::create_dir_all(config.data.join(d)).map_err(|e| {
-                AgentError::Other(format!("creating {}: {e}", config.data.display()))
-            })?;
-        }
+        std::fs::create_dir_all(config.data.join("vms"))
+            .map_err(|e| AgentError::Other(format!("creating {}: {e}", config.data.display())))?;
         // Disk copies of commits a previous process did not finish.
         if let Ok(entries) = std::fs::read_dir(config.data.join("tmp")) {
             for e in entries.flatten() {
@@ -304,6 +303,7 @@ impl Agent {
             net,
             view: Mutex::new(None),
             rules_lock: Mutex::new(()),
+            lease: Mutex::new(None),
             config,
             hv,
             repo,
@@ -592,6 +592,13 @@ impl Agent {
             }
         }
         crate::record::sweep(&self.vms_dir(), &[]);
+        // The groups of QEMUs just killed go once the kernel has reaped them.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+        while self.hv.sweep_groups(std::time::Duration::ZERO) > 0
+            && std::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
         lock(&self.exports).clear();
         // Nothing runs here any more: nothing is pinned.
         let _ = tokio::task::spawn_blocking(self.pins_writer(Vec::new())).await;

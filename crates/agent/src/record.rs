@@ -177,6 +177,7 @@ pub async fn adopt_left(agent: &Arc<Agent>) -> usize {
         }
     }
     sweep_sparing(&agent.vms_dir(), &keep, &spared);
+    agent.hv.sweep_groups(std::time::Duration::from_secs(30));
     agent.set_ready();
     adopted
 }
@@ -189,33 +190,39 @@ pub fn sweep(vms: &Path, keep: &[u32]) -> usize {
 
 /// [`sweep`], also sparing the QEMUs of the directories in `spared`.
 fn sweep_sparing(vms: &Path, keep: &[u32], spared: &[PathBuf]) -> usize {
-    let needle = format!("{}/", vms.display());
     let mut killed = 0;
-    let Ok(procs) = std::fs::read_dir("/proc") else {
-        return 0;
-    };
-    for p in procs.flatten() {
-        let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        if keep.contains(&pid) {
-            continue;
-        }
-        let Ok(cmdline) = std::fs::read(p.path().join("cmdline")) else {
-            continue;
-        };
-        let cmdline = String::from_utf8_lossy(&cmdline);
+    for (pid, cmdline) in qemus_under(vms) {
         let spare = spared
             .iter()
             .any(|d| cmdline.contains(&format!("{}/", d.display())));
-        if cmdline.starts_with("qemu-system") && cmdline.contains(&needle) && !spare {
-            // SAFETY: plain kill(2) of a process group led by a QEMU we started (its command
-            // line names our directory).
-            unsafe {
-                libc::killpg(pid as libc::pid_t, libc::SIGKILL);
-            }
-            killed += 1;
+        if keep.contains(&pid) || spare {
+            continue;
         }
+        // SAFETY: plain kill(2) of a process group led by a QEMU we started (its command line
+        // names our directory).
+        unsafe {
+            libc::killpg(pid as libc::pid_t, libc::SIGKILL);
+        }
+        killed += 1;
     }
     killed
+}
+
+/// The QEMU processes whose command line names a directory under `vms` (their VM directory
+/// holds their QMP socket): (pid, command line).
+pub(crate) fn qemus_under(vms: &Path) -> Vec<(u32, String)> {
+    let needle = format!("{}/", vms.display());
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    procs
+        .flatten()
+        .filter_map(|p| {
+            let pid = p.file_name().to_str()?.parse::<u32>().ok()?;
+            let cmdline = std::fs::read(p.path().join("cmdline")).ok()?;
+            let cmdline = String::from_utf8_lossy(&cmdline).into_owned();
+            (cmdline.starts_with("qemu-system") && cmdline.contains(&needle))
+                .then_some((pid, cmdline))
+        })
+        .collect()
 }

@@ -22,6 +22,9 @@ pub struct AgentArgs {
     pub repo: Option<String>,
     pub cache_size: u64,
     pub keep_vms: bool,
+    pub qemu_user: String,
+    /// Each QEMU in a control group limited to its spec, where the host allows.
+    pub cgroups: bool,
     pub net: crate::network::AgentNet,
 }
 
@@ -62,7 +65,30 @@ pub async fn agent(args: AgentArgs, data: &Path, accel: vmatrix_vmm::AccelChoice
         cache_bytes: args.cache_size,
         net: args.net.config()?,
     };
-    let agent = vmatrix_agent::Agent::new(config, std::sync::Arc::new(vmatrix_agent::Qemu))?;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let qemu = if unsafe { libc::geteuid() } == 0 {
+        let qemu = vmatrix_agent::Qemu::confined(&args.qemu_user)?;
+        if !args.cgroups {
+            qemu
+        } else if vmatrix_vmm::cgroup::available() {
+            qemu.in_cgroups(&machine_cgroup(&config.name, &config.data))?
+        } else {
+            tracing::warn!(
+                "this host mounts no cpu and memory control groups: QEMU's CPU and memory are \
+                 not limited"
+            );
+            qemu
+        }
+    } else {
+        tracing::info!("not root: QEMU runs as this user, under its sandbox");
+        vmatrix_agent::Qemu::unconfined()
+    };
+    let fence_files = vmatrix_agent::lease::FenceFiles::new(&config.data);
+    let agent = vmatrix_agent::Agent::new(config, std::sync::Arc::new(qemu))?;
+    // Before any VM is adopted or started: from now on they run only while the lease holds.
+    let holder = vmatrix_agent::lease::LeaseHolder::attach(fence_files, Box::new(start_watchdog))
+        .context("starting the fencing watchdog")?;
+    agent.hold_lease(holder);
     tokio::select! {
         r = vmatrix_agent::serve(agent.clone(), args.controller, join_token) => r.context("agent")?,
         _ = crate::shutdown_signal() => {
@@ -71,11 +97,40 @@ pub async fn agent(args: AgentArgs, data: &Path, accel: vmatrix_vmm::AccelChoice
             } else {
                 tracing::info!("agent stopping; its VMs stop with it");
                 agent.stop_all().await;
+                agent.release_lease();
                 agent.remove_network();
             }
         }
     }
     Ok(())
+}
+
+/// Starts `vmatrix fence` for a machine: a process of its own, so that it acts when the agent
+/// itself is stuck. Reaped by a thread when it ends.
+fn start_watchdog(files: &vmatrix_agent::lease::FenceFiles) -> std::io::Result<()> {
+    let dir = files
+        .fifo()
+        .parent()
+        .map(Path::to_owned)
+        .unwrap_or_default();
+    let mut child = std::process::Command::new(std::env::current_exe()?)
+        .arg("fence")
+        .arg("--machine-dir")
+        .arg(&dir)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .spawn()?;
+    std::thread::spawn(move || child.wait());
+    Ok(())
+}
+
+/// A token from the environment variable `var`, or else from `file`.
+fn scoped_token(var: &str, file: &Path) -> Option<String> {
+    std::env::var(var)
+        .ok()
+        .or_else(|| std::fs::read_to_string(file).ok())
+        .map(|t| t.trim().to_owned())
+        .filter(|t| !t.is_empty())
 }
 
 /// The token this machine joins with: `VMATRIX_JOIN_TOKEN`, or the controller's
@@ -164,16 +219,40 @@ pub async fn controller(args: ControllerArgs<'_>, data: &Path) -> Result<()> {
     let dir = data.join("controller");
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let state = match state {
-        Some(s) => PathBuf::from(
-            s.strip_prefix("sqlite:")
-                .ok_or_else(|| anyhow!("--state {s:?}: use sqlite:PATH"))?,
-        ),
-        None => dir.join("state.db"),
+        Some(s) => vmatrix_controller::StateStore::parse(&s).map_err(|e| anyhow!(e))?,
+        None => vmatrix_controller::StateStore::Sqlite(dir.join("state.db")),
     };
-    let (token, new) =
+    let (mut token, mut new) =
         vmatrix_controller::load_or_create_token(&dir).context("creating the API token")?;
-    let (join_token, new_join) =
+    let (mut join_token, mut new_join) =
         vmatrix_controller::load_or_create_join_token(&dir).context("creating the join token")?;
+    let (mut read_token, _) =
+        vmatrix_controller::load_or_create_read_token(&dir).context("creating the read token")?;
+    let (mut switch_token, _) = vmatrix_controller::load_or_create_switch_token(&dir)
+        .context("creating the switch's token")?;
+    if let vmatrix_controller::StateStore::Etcd(url) = &state {
+        // Controllers that share their state share their tokens: the first one's, kept on
+        // etcd, replace the ones made here.
+        let etcd = vmatrix_controller::etcd::Etcd::from_url(url)?;
+        let shared = |name: &str, mine: &str| -> Result<String> {
+            let file = dir.join(name);
+            let etcd = &etcd;
+            let got = vmatrix_controller::share_secret(etcd, name, mine, &file)
+                .with_context(|| format!("sharing the {name} through {url}"))?;
+            Ok(got)
+        };
+        let t = tokio::task::block_in_place(|| -> Result<_> {
+            Ok((
+                shared("token", &token)?,
+                shared("join-token", &join_token)?,
+                shared("read-token", &read_token)?,
+                shared("switch-token", &switch_token)?,
+            ))
+        })?;
+        new &= t.0 == token;
+        new_join &= t.1 == join_token;
+        (token, join_token, read_token, switch_token) = t;
+    }
     if new_join {
         let _ = writeln!(
             std::io::stdout(),
@@ -189,11 +268,26 @@ pub async fn controller(args: ControllerArgs<'_>, data: &Path) -> Result<()> {
             dir.join("token").display()
         );
     }
-    std::fs::write(dir.join("api"), format!("http://{listen}\n"))?;
+    let me = format!("http://{listen}");
+    let apis = match &state {
+        // Controllers that stand by for each other: the file lists them all.
+        vmatrix_controller::StateStore::Etcd(_) => {
+            let now = std::fs::read_to_string(dir.join("api")).unwrap_or_default();
+            let mut list: Vec<&str> = now.trim().split(',').filter(|a| !a.is_empty()).collect();
+            if !list.contains(&me.as_str()) {
+                list.push(&me);
+            }
+            list.join(",")
+        }
+        vmatrix_controller::StateStore::Sqlite(_) => me.clone(),
+    };
+    std::fs::write(dir.join("api"), format!("{apis}\n"))?;
     let config = vmatrix_controller::ControllerConfig {
         listen,
         state,
         token,
+        read_token,
+        switch_token,
         join_token,
         auto_approve,
         policy,
@@ -254,6 +348,10 @@ pub struct UpArgs {
     pub maintenance_idle: Option<Duration>,
     pub net: crate::network::UpNet,
     pub tls: crate::network::TlsFlags,
+    /// Two controllers sharing their state on three etcd members, supervised.
+    pub ha: bool,
+    /// Where `--ha`'s ports start (default: the API port + 100).
+    pub ha_ports: Option<u16>,
 }
 
 pub async fn switch(
@@ -271,11 +369,22 @@ pub async fn switch(
             .map(|s| s.trim().to_owned())
             .map_err(|_| anyhow!("no controller URL: pass --controller URL"))?,
     };
-    let token = required_token(data)?;
+    // Its own token where it has one (it may do nothing but read routes and report load),
+    // else the operator's.
+    let token = match scoped_token(
+        "VMATRIX_SWITCH_TOKEN",
+        &data.join("controller/switch-token"),
+    ) {
+        Some(t) => t,
+        None => required_token(data)?,
+    };
+    let read_token =
+        scoped_token("VMATRIX_READ_TOKEN", &data.join("controller/read-token")).unwrap_or_default();
     let config = vmatrix_switch::SwitchConfig {
         listen,
         controller,
         token,
+        read_token,
         hold_timeout: Duration::from_secs(hold),
         max_held,
         retry_window: Duration::from_secs(10),
@@ -358,8 +467,6 @@ pub async fn up(args: UpArgs, data: &Path, accel: vmatrix_vmm::AccelChoice) -> R
     };
     let mut controller_args: Vec<String> = vec![
         "controller".into(),
-        "--listen".into(),
-        args.listen.to_string(),
         "--data".into(),
         data_s.clone(),
         "--policy".into(),
@@ -377,33 +484,78 @@ pub async fn up(args: UpArgs, data: &Path, accel: vmatrix_vmm::AccelChoice) -> R
     if let Some(f) = &args.policy_file {
         controller_args.extend(["--policy-file".into(), f.display().to_string()]);
     }
-    // Bridged: the agents reach the controller over the underlay.
-    let agents_api = match &topology {
-        Some(t) => {
-            let also = SocketAddr::new(t.host_address().into(), args.listen.port());
-            controller_args.extend([
-                "--also-listen".into(),
-                also.to_string(),
-                "--service-net".into(),
-                t.net.to_string(),
-                "--vni".into(),
-                t.vni().to_string(),
-                "--front-vtep".into(),
-                t.host_address().to_string(),
-            ]);
-            format!("http://{also}")
-        }
-        None => format!("http://{}", args.listen),
+    // With --ha, a second controller standing by.
+    let ha_ports = crate::ha::Ports::new(args.ha_ports, args.listen)?;
+    let listens: Vec<SocketAddr> = if args.ha {
+        ha_ports.check_free(args.listen.ip())?;
+        vec![
+            args.listen,
+            SocketAddr::new(args.listen.ip(), ha_ports.standby()),
+        ]
+    } else {
+        vec![args.listen]
     };
-    let mut children = vec![spawn_self(&controller_args)?];
-    let api = format!("http://{}", args.listen);
-    let client = connect(Some(api.clone()), data)?;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while !client.healthy().await {
-        if tokio::time::Instant::now() > deadline {
-            bail!("the controller did not come up on {api}");
+    // Bridged: the agents reach the controller over the underlay.
+    let mut agents_apis = Vec::new();
+    let mut per_controller = Vec::new();
+    for l in &listens {
+        let mut a = controller_args.clone();
+        a.extend(["--listen".into(), l.to_string()]);
+        match &topology {
+            Some(t) => {
+                let also = SocketAddr::new(t.host_address().into(), l.port());
+                a.extend([
+                    "--also-listen".into(),
+                    also.to_string(),
+                    "--service-net".into(),
+                    t.net.to_string(),
+                    "--vni".into(),
+                    t.vni().to_string(),
+                    "--front-vtep".into(),
+                    t.host_address().to_string(),
+                ]);
+                agents_apis.push(format!("http://{also}"));
+            }
+            None => agents_apis.push(format!("http://{l}")),
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        per_controller.push(a);
+    }
+    let agents_api = agents_apis.join(",");
+    let api = listens
+        .iter()
+        .map(|l| format!("http://{l}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut children = Vec::new();
+    let mut supervisor = None;
+    if args.ha {
+        let state = crate::ha::state_url(ha_ports);
+        let mut kept = Vec::new();
+        for m in crate::ha::members(ha_ports, args.listen, data)? {
+            let c = m.start()?;
+            kept.push((m, c));
+        }
+        crate::ha::wait_etcd(&state, Duration::from_secs(30)).await?;
+        let exe = std::env::current_exe().context("finding the vmatrix binary")?;
+        for (i, mut a) in per_controller.into_iter().enumerate() {
+            a.extend(["--state".into(), state.clone()]);
+            let k = crate::ha::Kept {
+                what: format!("controller {}", i + 1),
+                program: exe.clone(),
+                args: a,
+            };
+            let c = k.start()?;
+            kept.push((k, c));
+            // One at a time: the first makes the tokens the others take from etcd.
+            wait_healthy(&format!("http://{}", listens[i]), data, i == 0).await?;
+        }
+        std::fs::write(data.join("controller/api"), format!("{api}\n"))?;
+        supervisor = Some(crate::ha::Supervisor::start(kept));
+    } else {
+        for a in per_controller {
+            children.push(spawn_self(&a)?);
+        }
+        wait_healthy(&api, data, true).await?;
     }
     // Health needs no token; everything else does, and a fresh controller has just written it.
     let client = connect(Some(api.clone()), data)?;
@@ -553,7 +705,61 @@ pub async fn up(args: UpArgs, data: &Path, accel: vmatrix_vmm::AccelChoice) -> R
             tracing::info!("stopped {n} VM(s) that {name}'s agent had left");
         }
     }
+    // Their control groups once the kernel has reaped them, and `vmatrix` if nothing else
+    // runs under it.
+    let groups: Vec<String> = machines
+        .iter()
+        .map(|(name, _, _)| machine_cgroup(name, &data.join("agents").join(name)))
+        .collect();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    while groups
+        .iter()
+        .map(|g| vmatrix_vmm::cgroup::sweep(g, Duration::ZERO).left)
+        .sum::<usize>()
+        > 0
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    vmatrix_vmm::cgroup::remove_root();
+    if let Some(s) = supervisor {
+        s.stop().await;
+    }
     // The machines' namespaces went with their agents and VMs; this host's part goes now.
     drop(topology);
     Ok(())
+}
+
+/// The control group of machine `name`'s VMs (`vmatrix/NAME-KEY`): unique on this host, as
+/// several matrices (tests) name their machines alike — the key comes from its data directory.
+fn machine_cgroup(name: &str, machine_data: &Path) -> String {
+    let at = std::fs::canonicalize(machine_data).unwrap_or_else(|_| machine_data.to_owned());
+    let key = blake3::hash(at.as_os_str().as_encoded_bytes()).to_hex();
+    format!("{name}-{}", &key[..8])
+}
+
+/// Waits (30 s at most) until the controller at `api` answers; a leader's health, or a
+/// standby's refusal when `leader` is false.
+async fn wait_healthy(api: &str, data: &Path, leader: bool) -> Result<()> {
+    let client = connect(Some(api.to_owned()), data)?;
+    let http = reqwest::Client::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let up = if leader {
+            client.healthy().await
+        } else {
+            http.get(format!("{api}/api/v1/health"))
+                .timeout(Duration::from_secs(2))
+                .send()
+                .await
+                .is_ok()
+        };
+        if up {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("the controller did not come up on {api}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

@@ -5,6 +5,7 @@ mod bench;
 mod client;
 mod cluster;
 mod console;
+mod ha;
 mod image;
 mod lifecycle;
 mod network;
@@ -85,6 +86,15 @@ enum Command {
         net: network::UpNet,
         #[command(flatten)]
         tls: network::TlsFlags,
+        /// High availability: three etcd members (Debian's etcd-server) and two controllers
+        /// sharing their state there (one leads, the other stands by), restarted by `up` when
+        /// they die.
+        #[arg(long)]
+        ha: bool,
+        /// With --ha, the first of 7 ports it uses: the second controller's, then the etcd
+        /// members' client and peer ports (default: the API port + 100).
+        #[arg(long)]
+        ha_ports: Option<u16>,
     },
     /// Run the switch: the front door that follows VMs.
     Switch {
@@ -160,7 +170,9 @@ enum Command {
         /// The API address.
         #[arg(long, default_value = "127.0.0.1:7070")]
         listen: SocketAddr,
-        /// State database: sqlite:PATH (default DATA/controller/state.db).
+        /// Where the state lives: sqlite:PATH (default DATA/controller/state.db), or
+        /// etcd://HOST:PORT[,HOST:PORT…][/PREFIX] for controllers in high availability (one
+        /// leads, the others stand by; see docs/operations.md).
         #[arg(long)]
         state: Option<String>,
         /// switching: the load-driven policy (scale from demand, server drop, consolidation);
@@ -215,8 +227,26 @@ enum Command {
         /// them). A crashed or killed agent always leaves them running for the next one.
         #[arg(long, default_value = "stop", value_parser = ["stop", "keep"])]
         on_exit: String,
+        /// The unprivileged user every QEMU becomes once it has opened its files, when the
+        /// agent runs as root (scripts/install-deps.sh creates vmatrix-qemu). QEMU always runs
+        /// under its seccomp sandbox.
+        #[arg(long, default_value = "vmatrix-qemu")]
+        qemu_user: String,
+        /// Run QEMU without a control group of its own. By default, as root on a host that
+        /// mounts the cpu and memory controllers, each QEMU is limited to its vCPUs plus one
+        /// and its RAM plus a quarter and 384 MiB.
+        #[arg(long, env = "VMATRIX_NO_CGROUPS")]
+        no_cgroups: bool,
         #[command(flatten)]
         net: network::AgentNet,
+    },
+    /// The fencing watchdog of one machine (started by its agent): stops the machine's VMs
+    /// when the agent's lease from the controller lapses.
+    #[command(hide = true)]
+    Fence {
+        /// The machine's data directory (DATA/agents/NAME).
+        #[arg(long)]
+        machine_dir: PathBuf,
     },
     /// Declare the services (replaces the previous set).
     Apply {
@@ -608,8 +638,12 @@ fn run() -> Result<()> {
             maintenance_idle,
             net,
             tls,
+            ha,
+            ha_ports,
         } => runtime()?.block_on(cluster::up(
             cluster::UpArgs {
+                ha,
+                ha_ports,
                 tls,
                 policy,
                 policy_file,
@@ -720,6 +754,11 @@ fn run() -> Result<()> {
             },
             &data,
         ))?,
+        Command::Fence { machine_dir } => vmatrix_agent::lease::watchdog(
+            &vmatrix_agent::lease::FenceFiles::new(&machine_dir),
+            vmatrix_agent::lease::LEASE,
+        )
+        .with_context(|| format!("fencing watchdog of {}", machine_dir.display()))?,
         Command::Agent {
             controller,
             listen,
@@ -730,6 +769,8 @@ fn run() -> Result<()> {
             repo,
             cache_size,
             on_exit,
+            qemu_user,
+            no_cgroups,
             net,
         } => runtime()?.block_on(cluster::agent(
             cluster::AgentArgs {
@@ -743,6 +784,8 @@ fn run() -> Result<()> {
                 repo,
                 cache_size,
                 keep_vms: on_exit == "keep",
+                qemu_user,
+                cgroups: !no_cgroups,
             },
             &data,
             accel,

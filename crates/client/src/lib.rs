@@ -2,8 +2,11 @@
 //! talk to the controller through [`ControllerClient`], with the request and reply types of
 //! `vmatrix_core::api` — nobody reads the controller's JSON by string keys.
 //!
-//! It must never hold state of its own beyond the connection pool, and never retry on its own:
-//! callers decide (an agent's heartbeat simply beats again, the CLI reports the error).
+//! It must never hold state of its own beyond the connection pool and which controller answered
+//! last, and never retry on its own: callers decide (an agent's heartbeat simply beats again, the
+//! CLI reports the error). With several controllers (high availability), a call goes to the
+//! next one only where the last could not have done it: it refused the connection, or it
+//! stands by.
 #![forbid(unsafe_code)]
 
 use std::time::Duration;
@@ -13,7 +16,7 @@ use serde::Serialize;
 use vmatrix_core::api::{
     AgentReport, ApplyRequest, ErrorBody, Event, EventsReply, HeartbeatReply, InstanceInfo,
     InstancesReply, LoadReport, MachinesReply, Operation, OperationReply, RouteTable,
-    ServicesReply,
+    ServicesReply, STANDBY_HEADER,
 };
 use vmatrix_core::ServiceSpec;
 
@@ -51,20 +54,33 @@ pub enum ClientError {
 /// A result of a call to the controller.
 pub type Result<T> = std::result::Result<T, ClientError>;
 
-/// A client of one controller.
+/// A client of the matrix's controller (one of several, where they stand by for each other).
 #[derive(Debug, Clone)]
 pub struct ControllerClient {
-    base: String,
+    bases: Vec<String>,
+    /// Which of `bases` answered last.
+    at: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     token: Option<String>,
     http: reqwest::Client,
 }
 
 impl ControllerClient {
-    /// A client of the controller at `base` (`http://host:port`), with its bearer token if
-    /// known (reads need none). Connecting gives up after 2 s; each call sets its own limit.
+    /// A client of the controller at `base` (`http://host:port`, or several separated by
+    /// commas: controllers in high availability), with its bearer token if known.
+    /// Connecting gives up after 2 s; each call sets its own limit.
     pub fn new(base: &str, token: Option<String>) -> Self {
+        let bases: Vec<String> = base
+            .split(',')
+            .map(|b| b.trim().trim_end_matches('/').to_owned())
+            .filter(|b| !b.is_empty())
+            .collect();
         Self {
-            base: base.trim_end_matches('/').to_owned(),
+            bases: if bases.is_empty() {
+                vec![base.to_owned()]
+            } else {
+                bases
+            },
+            at: Default::default(),
             token,
             http: reqwest::Client::builder()
                 .connect_timeout(Duration::from_secs(2))
@@ -73,9 +89,10 @@ impl ControllerClient {
         }
     }
 
-    /// The controller's URL.
+    /// The URL of the controller that answered last (the first given, before any call).
     pub fn base(&self) -> &str {
-        &self.base
+        let n = self.bases.len();
+        &self.bases[self.at.load(std::sync::atomic::Ordering::Relaxed) % n]
     }
 
     /// The bearer token, if known.
@@ -83,30 +100,58 @@ impl ControllerClient {
         self.token.as_deref()
     }
 
+    /// One call; `repeatable`: sending it twice does no harm (a read, a heartbeat, a load
+    /// report), so one that times out — a frozen controller accepts connections and never
+    /// answers — may go to the next controller too.
     async fn call<T: DeserializeOwned>(
         &self,
         method: reqwest::Method,
         path: &str,
         body: Option<&(impl Serialize + ?Sized)>,
         limit: Duration,
+        repeatable: bool,
     ) -> Result<T> {
-        let mut req = self
-            .http
-            .request(method, format!("{}{path}", self.base))
-            .timeout(limit);
-        if let Some(t) = &self.token {
-            req = req.bearer_auth(t);
-        }
-        if let Some(b) = body {
-            req = req.json(b);
-        }
-        let resp = req
-            .send()
-            .await
-            .map_err(|source| ClientError::Unreachable {
-                base: self.base.clone(),
-                source,
-            })?;
+        let n = self.bases.len();
+        let first = self.at.load(std::sync::atomic::Ordering::Relaxed) % n;
+        let mut tried = 0;
+        let resp = loop {
+            let at = (first + tried) % n;
+            tried += 1;
+            let base = &self.bases[at];
+            let mut req = self
+                .http
+                .request(method.clone(), format!("{base}{path}"))
+                .timeout(limit);
+            if let Some(t) = &self.token {
+                req = req.bearer_auth(t);
+            }
+            if let Some(b) = body {
+                req = req.json(b);
+            }
+            match req.send().await {
+                // Nothing reached it: the next controller may lead (and the next call starts
+                // there, not with another wait on this one).
+                Err(source)
+                    if (source.is_connect() || (repeatable && source.is_timeout()))
+                        && tried < n =>
+                {
+                    self.at
+                        .store((at + 1) % n, std::sync::atomic::Ordering::Relaxed);
+                    continue;
+                }
+                Err(source) => {
+                    return Err(ClientError::Unreachable {
+                        base: base.clone(),
+                        source,
+                    })
+                }
+                Ok(r) if r.headers().contains_key(STANDBY_HEADER) && tried < n => continue,
+                Ok(r) => {
+                    self.at.store(at, std::sync::atomic::Ordering::Relaxed);
+                    break r;
+                }
+            }
+        };
         let status = resp.status();
         if !status.is_success() {
             let message = match resp.json::<ErrorBody>().await {
@@ -125,7 +170,7 @@ impl ControllerClient {
     }
 
     async fn get<T: DeserializeOwned>(&self, path: &str, limit: Duration) -> Result<T> {
-        self.call(reqwest::Method::GET, path, None::<&()>, limit)
+        self.call(reqwest::Method::GET, path, None::<&()>, limit, true)
             .await
     }
 
@@ -135,18 +180,26 @@ impl ControllerClient {
         body: &(impl Serialize + ?Sized),
         limit: Duration,
     ) -> Result<T> {
-        self.call(reqwest::Method::POST, path, Some(body), limit)
+        self.call(reqwest::Method::POST, path, Some(body), limit, false)
             .await
     }
 
-    /// Whether the controller answers.
+    /// Whether a controller answers (the leader, where several stand by for each other).
     pub async fn healthy(&self) -> bool {
-        self.http
-            .get(format!("{}/api/v1/health", self.base))
-            .timeout(Duration::from_secs(2))
-            .send()
-            .await
-            .is_ok_and(|r| r.status().is_success())
+        for (i, base) in self.bases.iter().enumerate() {
+            let ok = self
+                .http
+                .get(format!("{base}/api/v1/health"))
+                .timeout(Duration::from_secs(2))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success());
+            if ok {
+                self.at.store(i, std::sync::atomic::Ordering::Relaxed);
+                return true;
+            }
+        }
+        false
     }
 
     /// The declared services and their drop marks.
@@ -234,7 +287,16 @@ impl ControllerClient {
     /// An agent's heartbeat (this client's token is the machine's credential); the answer says
     /// what the machine must know of the others.
     pub async fn heartbeat(&self, report: &AgentReport) -> Result<HeartbeatReply> {
-        self.post("/api/v1/agents/heartbeat", report, SHORT).await
+        // Short: the machine's lease (10 s) must be renewed through another controller when
+        // this one hangs.
+        self.call(
+            reqwest::Method::POST,
+            "/api/v1/agents/heartbeat",
+            Some(report),
+            HEARTBEAT,
+            true,
+        )
+        .await
     }
 
     /// The switch's route table; with `version`, a long poll of up to `wait` until it differs.
@@ -248,10 +310,20 @@ impl ControllerClient {
 
     /// The switch's load report.
     pub async fn report_load(&self, report: &LoadReport) -> Result<()> {
-        let _: serde_json::Value = self.post("/api/v1/load", report, SHORT).await?;
+        let _: serde_json::Value = self
+            .call(
+                reqwest::Method::POST,
+                "/api/v1/load",
+                Some(report),
+                SHORT,
+                true,
+            )
+            .await?;
         Ok(())
     }
 }
 
 /// The limit of a call that does no waiting of its own.
 const SHORT: Duration = Duration::from_secs(15);
+/// The limit of a heartbeat: well inside a machine's lease, with room for a failover.
+const HEARTBEAT: Duration = Duration::from_secs(4);

@@ -84,10 +84,7 @@ impl Controller {
         // that two activations at once never take the same id and no heartbeat sees the row
         // before it is claimed.
         let (mut row, _busy) = {
-            let db = self
-                .db
-                .lock()
-                .map_err(|_| ControlError::Conflict("state database lock poisoned".into()))?;
+            let mut db = self.lock_db()?;
             let seq = db.next_seq(service)?;
             let id = InstanceId::new(format!("{service}-{seq}"))
                 .map_err(|e| ControlError::Conflict(e.to_string()))?;
@@ -162,6 +159,8 @@ impl Controller {
                 seq,
             };
             db.put_instance(&row)?;
+            // On etcd before the agent hears of it.
+            self.flush_db(&mut db)?;
             (row, busy)
         };
         drop(placing);

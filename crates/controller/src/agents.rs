@@ -38,6 +38,8 @@ impl Controller {
         cmd: &AgentCommand,
         timeout: std::time::Duration,
     ) -> Result<AgentReply> {
+        // A controller that no longer leads commands nothing.
+        self.check_lead()?;
         let url = format!("http://{}/agent/v1/command", machine.address);
         let fail = |message: String| ControlError::Agent {
             machine: machine.name.clone(),

@@ -1,8 +1,9 @@
 //! The REST API under `/api/v1/`, `/openapi.json` and `/metrics`. Transports only parse: each
-//! handler turns the request into a call on the [`Controller`]. Every route needs the bearer
+//! handler turns the request into a call on the [`Controller`]. Every route needs a bearer
 //! token — reads too: the instance list names every endpoint, which would let a client go
 //! around the switch's drop and admission — but `/api/v1/health` (liveness) and
-//! `/openapi.json` (the API's description).
+//! `/openapi.json` (the API's description). Tokens have scopes ([`Tokens`]): the operator's may
+//! do everything, the read-only token only read, the switch's only what a switch does.
 
 // Handlers' helpers return `Result<_, Response>`: a response is the natural error of a handler,
 // and boxing it would only add noise to every call site.
@@ -27,37 +28,116 @@ use crate::ops::OpView;
 #[derive(Clone)]
 struct Ctx {
     c: Arc<Controller>,
-    token: Arc<String>,
+    tokens: Arc<Tokens>,
+}
+
+/// The API's bearer tokens, one per scope; an empty one is none.
+#[derive(Debug, Clone, Default)]
+pub struct Tokens {
+    /// Everything.
+    pub operator: String,
+    /// Reads only (GET), not the console: dashboards, monitoring, scripts.
+    pub read: String,
+    /// A switch's: the route table and load reports.
+    pub switch: String,
+}
+
+impl From<String> for Tokens {
+    /// The operator's token alone.
+    fn from(operator: String) -> Self {
+        Self {
+            operator,
+            ..Self::default()
+        }
+    }
+}
+
+/// What a token lets its holder do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scope {
+    Operator,
+    Read,
+    Switch,
+}
+
+impl Tokens {
+    /// The scope of the bearer in `authorization`, if it is one of these tokens (each compared
+    /// in constant time).
+    fn scope(&self, authorization: Option<&str>) -> Option<Scope> {
+        let matches = |t: &str| vmatrix_core::auth::bearer_matches(authorization, t);
+        // All three compared, whichever matches: the time taken says nothing about which.
+        let (o, r, s) = (
+            matches(&self.operator),
+            matches(&self.read),
+            matches(&self.switch),
+        );
+        if o {
+            Some(Scope::Operator)
+        } else if r {
+            Some(Scope::Read)
+        } else if s {
+            Some(Scope::Switch)
+        } else {
+            None
+        }
+    }
+}
+
+impl Scope {
+    /// Whether this scope may call `method` on `path`; the reason if not.
+    fn allows(self, method: &axum::http::Method, path: &str) -> Result<(), &'static str> {
+        use axum::http::Method;
+        match self {
+            Scope::Operator => Ok(()),
+            // The console types into a guest: not a read.
+            Scope::Read if *method == Method::GET && !path.ends_with("/console") => Ok(()),
+            Scope::Read => Err(
+                "the read-only token may only read (GET, not the console); use the operator's \
+                 token (DATA/controller/token)",
+            ),
+            // Operations: a wake only (checked on the operation itself).
+            Scope::Switch
+                if (*method == Method::GET && path == "/api/v1/routes")
+                    || (*method == Method::POST && path == "/api/v1/load")
+                    || (*method == Method::POST && path == "/api/v1/operations") =>
+            {
+                Ok(())
+            }
+            Scope::Switch => Err(
+                "the switch's token may only read the route table, report load and wake a \
+                 service; use the operator's token (DATA/controller/token)",
+            ),
+        }
+    }
 }
 
 fn err(status: StatusCode, msg: impl Into<String>) -> Response {
     (status, Json(ErrorBody { error: msg.into() })).into_response()
 }
 
-/// Lets a request through to its route only with the bearer token.
+/// Lets a request through to its route only with a bearer token whose scope allows it.
 async fn require_token(
     State(x): State<Ctx>,
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    match check(req.headers(), &x.token) {
-        Ok(()) => next.run(req).await,
-        Err(r) => r,
-    }
-}
-
-fn check(headers: &HeaderMap, token: &str) -> Result<(), Response> {
-    let ok = vmatrix_core::auth::bearer_matches(
-        headers.get("authorization").and_then(|v| v.to_str().ok()),
-        token,
-    );
-    if ok {
-        Ok(())
-    } else {
-        Err(err(
+    let authorization = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok());
+    let Some(scope) = x.tokens.scope(authorization) else {
+        return err(
             StatusCode::UNAUTHORIZED,
             "missing or wrong bearer token: pass --api/VMATRIX_TOKEN, or run the CLI on the controller's machine (it reads DATA/controller/token)",
-        ))
+        );
+    };
+    match scope.allows(req.method(), req.uri().path()) {
+        Ok(()) => {
+            let mut req = req;
+            req.extensions_mut().insert(scope);
+            next.run(req).await
+        }
+        Err(why) => err(StatusCode::FORBIDDEN, why),
     }
 }
 
@@ -186,6 +266,7 @@ async fn events(State(x): State<Ctx>, Query(q): Query<EventsQuery>) -> Response 
 
 async fn operate(
     State(x): State<Ctx>,
+    axum::Extension(scope): axum::Extension<Scope>,
     Query(q): Query<WaitQuery>,
     body: axum::body::Bytes,
 ) -> Response {
@@ -193,6 +274,14 @@ async fn operate(
         Ok(o) => o,
         Err(r) => return r,
     };
+    // A switch wakes a dormant service for a request it holds; it may do nothing else.
+    if scope == Scope::Switch && !matches!(op, Operation::Wake { .. }) {
+        return err(
+            StatusCode::FORBIDDEN,
+            "the switch's token may only wake a service; use the operator's token \
+             (DATA/controller/token)",
+        );
+    }
     // Recorded first, then run by the controller's own task: hanging up changes nothing.
     let id = match x.c.submit(op) {
         Ok(id) => id,
@@ -408,10 +497,10 @@ async fn openapi() -> Response {
 const OPENAPI: &str = include_str!("openapi.json");
 
 /// The controller's router.
-pub fn router(c: Arc<Controller>, token: String) -> Router {
+pub fn router(c: Arc<Controller>, tokens: impl Into<Tokens>) -> Router {
     let ctx = Ctx {
         c,
-        token: Arc::new(token),
+        tokens: Arc::new(tokens.into()),
     };
     // Open, or with credentials of their own: machines join with the join token and report
     // with their own credential (never the operator's token).

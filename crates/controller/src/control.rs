@@ -97,6 +97,8 @@ pub(crate) fn now_ms() -> u64 {
 /// The controller.
 pub struct Controller {
     pub(crate) db: Mutex<Db>,
+    /// On etcd: this controller's lead (nothing is read or written without it).
+    pub(crate) lead: Mutex<Option<Arc<crate::leader::Lead>>>,
     pub(crate) http: reqwest::Client,
     pub(crate) token: String,
     /// What a new machine joins with (besides the operator's token); empty: none.
@@ -147,6 +149,10 @@ pub struct Controller {
     /// Instances booted to be warm standbys: paused as soon as they run (the policy sees them
     /// as standbys already, so that no tick prepares more or takes them for capacity).
     pub(crate) prepared: Mutex<HashSet<InstanceId>>,
+    /// Activations the reconcile loop has under way per service to keep its `min` (manual
+    /// mode): counted as live until they end, since on a busy host a task may not have written
+    /// its instance's row by the next pass (which then started a second one).
+    pub(crate) keeping_min: Mutex<HashMap<String, u32>>,
     /// Maintenance instances: when an admin last used each (console, commit); those idle past
     /// `maintenance_idle` are discarded.
     pub(crate) maintenance_used: Mutex<HashMap<InstanceId, Instant>>,
@@ -218,6 +224,7 @@ impl Controller {
     pub fn new(db: Db, token: String) -> Arc<Self> {
         Arc::new(Self {
             db: Mutex::new(db),
+            lead: Mutex::new(None),
             // No overall timeout: each command gets one derived from its work (see `send`).
             http: reqwest::Client::builder()
                 .connect_timeout(Duration::from_secs(2))
@@ -247,6 +254,7 @@ impl Controller {
             fresh_after: Mutex::new(HashMap::new()),
             placing: Mutex::new(()),
             prepared: Mutex::new(HashSet::new()),
+            keeping_min: Mutex::new(HashMap::new()),
             maintenance_used: Mutex::new(HashMap::new()),
             maintenance_idle: Mutex::new(None),
             network: Mutex::new(None),
@@ -260,11 +268,56 @@ impl Controller {
         &self,
         f: impl FnOnce(&Db) -> std::result::Result<T, DbError>,
     ) -> Result<T> {
+        // SQLite's writes (and etcd's, on etcd) block: a disk busy with someone else's writes
+        // can hold one for seconds, and with it the runtime thread, so that on two cores two
+        // such calls would stall every request — load reports included. The runtime hands
+        // this thread's other work to another one meanwhile.
+        blocking(|| {
+            let mut db = self.lock_db()?;
+            let out = f(&db);
+            self.flush_db(&mut db)?;
+            Ok(out?)
+        })
+    }
+
+    /// The state database, locked — only while this controller leads, on etcd (the check is
+    /// made after the lock is taken: a call that waited for it acts on nothing stale). A
+    /// caller that writes through it must call [`Controller::flush_db`] before it unlocks.
+    pub(crate) fn lock_db(&self) -> Result<std::sync::MutexGuard<'_, Db>> {
         let db = self
             .db
             .lock()
             .map_err(|_| ControlError::Conflict("state database lock poisoned".into()))?;
-        Ok(f(&db)?)
+        self.check_lead()?;
+        Ok(db)
+    }
+
+    /// On etcd, writes what changed to etcd before anyone hears of it; a failure ends this
+    /// controller's lead.
+    pub(crate) fn flush_db(&self, db: &mut Db) -> Result<()> {
+        if let Err(e) = db.flush() {
+            if let Some(l) = self.lead.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+                l.lose(&e.to_string());
+            }
+            return Err(e.into());
+        }
+        self.check_lead()
+    }
+
+    /// Fails unless this controller leads (always true on the embedded store).
+    pub(crate) fn check_lead(&self) -> Result<()> {
+        if let Some(l) = self.lead.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            if !l.valid() {
+                l.lose("its lease ran out");
+                return Err(DbError::Lost("this controller no longer leads".into()).into());
+            }
+        }
+        Ok(())
+    }
+
+    /// Sets this controller's lead on etcd (`None`: the embedded store, no lead needed).
+    pub fn set_lead(&self, lead: Option<Arc<crate::leader::Lead>>) {
+        *self.lead.lock().unwrap_or_else(|e| e.into_inner()) = lead;
     }
 
     /// Appends to the event log (and the process log).
@@ -606,5 +659,17 @@ impl Controller {
             .and_then(|l| l.clone())
             .filter(|(at, _)| at.elapsed() <= max_age)
             .map(|(_, r)| r)
+    }
+}
+
+/// Runs `f`, which blocks, on a multi-threaded runtime's worker without stalling the tasks
+/// queued behind it ([`tokio::task::block_in_place`]); elsewhere (a current-thread runtime,
+/// no runtime) as it is.
+pub(crate) fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
     }
 }

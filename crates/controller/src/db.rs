@@ -1,8 +1,11 @@
-//! The controller's embedded state: SQLite, with numbered schema migrations. Everything the
+//! The controller's state: SQLite, with numbered schema migrations. Everything the
 //! controller knows survives a `kill -9`: services (desired), machines and instances
-//! (observed and placed), and the event log.
+//! (observed and placed), and the event log. Embedded (a file), or on etcd for controllers in
+//! high availability: the same database in memory, every change written to etcd before the
+//! call returns (`mirror.rs`).
 
 use std::path::Path;
+use std::sync::Arc;
 
 use rusqlite::{params, Connection};
 use vmatrix_core::api::MachineState;
@@ -20,6 +23,13 @@ pub enum DbError {
     /// A stored row does not parse.
     #[error("state database holds a bad row: {0}")]
     Bad(String),
+    /// etcd failed.
+    #[error("state on etcd: {0}")]
+    Etcd(#[from] crate::etcd::EtcdError),
+    /// This controller may no longer write its state on etcd (it lost the lead, or a write
+    /// failed and memory may be ahead of etcd): it must stop.
+    #[error("state on etcd: {0}; this controller stops (another takes over, or restart it)")]
+    Lost(String),
 }
 
 type Result<T> = std::result::Result<T, DbError>;
@@ -143,6 +153,35 @@ pub struct InstanceRow {
 /// The state database.
 pub struct Db {
     conn: Connection,
+    /// On etcd: where changes go.
+    mirror: Option<crate::mirror::Mirror>,
+}
+
+/// Migrates `conn` up to schema version `upto`; how many migrations ran.
+fn migrate(conn: &Connection, upto: usize) -> Result<usize> {
+    conn.execute_batch("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")?;
+    let current: i64 = conn.query_row(
+        "SELECT COALESCE(MAX(version), 0) FROM schema_version",
+        [],
+        |r| r.get(0),
+    )?;
+    let mut ran = 0;
+    for (i, m) in MIGRATIONS
+        .iter()
+        .enumerate()
+        .take(upto)
+        .skip(current as usize)
+    {
+        let tx = conn.unchecked_transaction()?;
+        tx.execute_batch(m)?;
+        tx.execute(
+            "INSERT INTO schema_version (version) VALUES (?1)",
+            params![i as i64 + 1],
+        )?;
+        tx.commit()?;
+        ran += 1;
+    }
+    Ok(ran)
 }
 
 impl Db {
@@ -151,28 +190,76 @@ impl Db {
         let conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
-        conn.execute_batch("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")?;
-        let current: i64 = conn.query_row(
-            "SELECT COALESCE(MAX(version), 0) FROM schema_version",
-            [],
-            |r| r.get(0),
-        )?;
-        for (i, m) in MIGRATIONS.iter().enumerate().skip(current as usize) {
-            let tx = conn.unchecked_transaction()?;
-            tx.execute_batch(m)?;
-            tx.execute(
-                "INSERT INTO schema_version (version) VALUES (?1)",
-                params![i as i64 + 1],
-            )?;
-            tx.commit()?;
+        migrate(&conn, MIGRATIONS.len())?;
+        Ok(Self { conn, mirror: None })
+    }
+
+    /// Loads the state kept on etcd (under its prefix) and keeps it there: every change is
+    /// written back, guarded by `guard` (this controller's leadership key), before the call
+    /// that made it returns to [`Db::flush`]'s caller. State written by an older schema is
+    /// migrated and written back whole.
+    pub fn open_etcd(etcd: Arc<crate::etcd::Etcd>, guard: crate::mirror::Guard) -> Result<Self> {
+        let stored = crate::mirror::stored_version(&etcd)?;
+        if stored > MIGRATIONS.len() {
+            return Err(DbError::Bad(format!(
+                "the state under {} on etcd has schema version {stored}, newer than this \
+                 vMatrix's {}: run the newer version",
+                etcd.prefix(),
+                MIGRATIONS.len()
+            )));
         }
-        Ok(Self { conn })
+        let conn = Connection::open_in_memory()?;
+        migrate(&conn, stored)?;
+        conn.execute("DELETE FROM schema_version", [])?;
+        let keys = crate::mirror::load(&etcd, &conn)?;
+        let rows = keys.len();
+        let mut mirror = crate::mirror::Mirror::attach(etcd, guard, &conn, keys)?;
+        let mut db = Self { conn, mirror: None };
+        if migrate(&db.conn, MIGRATIONS.len())? > 0 {
+            mirror.mark_all(&db.conn)?;
+        }
+        db.mirror = Some(mirror);
+        db.flush()?;
+        tracing::info!("state loaded from etcd: {rows} rows, schema version {stored}");
+        Ok(db)
+    }
+
+    /// Writes what changed since the last call to etcd (nothing to do for the embedded store,
+    /// whose statements are durable when they return). An error means this controller must
+    /// stop: it may no longer write its state.
+    pub fn flush(&mut self) -> Result<()> {
+        match &mut self.mirror {
+            Some(m) => m.flush(&self.conn),
+            None => Ok(()),
+        }
+    }
+
+    /// Every row of every table as JSON, in order (tests compare stores with it).
+    pub fn dump(&self) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        for t in crate::mirror::tables(&self.conn)? {
+            let mut st = self
+                .conn
+                .prepare(&format!("SELECT * FROM \"{t}\" ORDER BY rowid"))?;
+            let names: Vec<String> = st.column_names().iter().map(|s| s.to_string()).collect();
+            let mut rows = st.query([])?;
+            while let Some(r) = rows.next()? {
+                let mut obj = serde_json::Map::new();
+                for (i, n) in names.iter().enumerate() {
+                    obj.insert(n.clone(), crate::mirror::to_json(r.get_ref(i)?));
+                }
+                out.push(format!("{t} {}", serde_json::Value::Object(obj)));
+            }
+        }
+        Ok(out)
     }
 
     /// Replaces the desired services.
     pub fn set_services(&self, services: &[ServiceSpec]) -> Result<()> {
         let tx = self.conn.unchecked_transaction()?;
-        tx.execute("DELETE FROM services", [])?;
+        // A WHERE clause: a bare DELETE empties the table without naming its rows, and the
+        // state on etcd learns of changes row by row (mirror.rs).
+        tx.execute("DELETE FROM services WHERE name IS NOT NULL", [])?;
         for s in services {
             let spec = serde_json::to_string(s).map_err(|e| DbError::Bad(e.to_string()))?;
             tx.execute(

@@ -2,7 +2,8 @@
 //! (instances on machines, from agent heartbeats), reconciles the two in a level-triggered loop,
 //! carries out manual operations, logs every action with its reason, and serves the REST API.
 //! State lives in an embedded SQLite database, so a restarted controller rebuilds its view from
-//! it and from the agents' heartbeats.
+//! it and from the agents' heartbeats — or on etcd, where several controllers share it: one
+//! leads, the others stand by (`leader.rs`).
 //!
 //! The controller must never talk to QEMU or guests directly — only to agents — and never make a
 //! placement decision outside the reconcile loop or an operator's explicit request.
@@ -14,9 +15,12 @@ mod console;
 mod control;
 mod cpu;
 mod db;
+pub mod etcd;
 mod identity;
 mod inputs;
+pub mod leader;
 mod maintenance;
+mod mirror;
 mod operate;
 mod ops;
 mod reconcile;
@@ -28,9 +32,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub use api::router;
+pub use api::{router, Tokens};
 pub use control::{ControlError, Controller, NetConfig};
-pub use db::{Db, DbError, OpState};
+pub use db::{Db, DbError, InstanceRow, OpState};
+pub use mirror::Guard;
 pub use ops::OpView;
 pub use vmatrix_serve::ApiLimits;
 
@@ -39,10 +44,16 @@ pub use vmatrix_serve::ApiLimits;
 pub struct ControllerConfig {
     /// API address.
     pub listen: SocketAddr,
-    /// The SQLite database file.
-    pub state: PathBuf,
+    /// Where the state lives.
+    pub state: StateStore,
     /// The operator's bearer token.
     pub token: String,
+    /// A token that may only read (GET; not the console): dashboards, monitoring, scripts.
+    /// Empty: none.
+    pub read_token: String,
+    /// The switch's token: it may read the route table and report load, nothing else.
+    /// Empty: none (the switch then needs the operator's token).
+    pub switch_token: String,
     /// The token new machines join with (empty: only the operator's token joins one).
     pub join_token: String,
     /// New machine names join without an operator's approval (`vmatrix machine approve`).
@@ -63,6 +74,64 @@ pub struct ControllerConfig {
 }
 
 /// Reads the token in `dir/token`, or creates one (mode 0600). Returns it and whether it is new.
+/// Where the controller keeps its state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StateStore {
+    /// An embedded SQLite database file (one controller).
+    Sqlite(PathBuf),
+    /// etcd, `etcd://HOST:PORT[,HOST:PORT…][/PREFIX]`: several controllers, one leads.
+    Etcd(String),
+}
+
+impl StateStore {
+    /// `sqlite:PATH` or `etcd://…`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        if s.starts_with("etcd://") {
+            etcd::Etcd::from_url(s).map_err(|e| e.to_string())?;
+            return Ok(Self::Etcd(s.to_owned()));
+        }
+        match s.strip_prefix("sqlite:") {
+            Some(p) if !p.is_empty() => Ok(Self::Sqlite(PathBuf::from(p))),
+            _ => Err(format!(
+                "--state {s:?}: use sqlite:PATH or etcd://HOST:PORT[,HOST:PORT…][/PREFIX]"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for StateStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Sqlite(p) => write!(f, "sqlite:{}", p.display()),
+            Self::Etcd(u) => f.write_str(u),
+        }
+    }
+}
+
+/// A secret that every controller sharing `etcd` uses: the one stored there, or `mine`
+/// stored there if none is; written to `file` (0600) either way, for the local CLI.
+pub fn share_secret(
+    etcd: &etcd::Etcd,
+    name: &str,
+    mine: &str,
+    file: &Path,
+) -> std::io::Result<String> {
+    let key = format!("{}/secrets/{name}", etcd.prefix());
+    let value = etcd
+        .put_if_absent(&key, mine.as_bytes())
+        .map_err(std::io::Error::other)?;
+    let value = String::from_utf8(value).map_err(std::io::Error::other)?;
+    if std::fs::read_to_string(file)
+        .map(|t| t.trim().to_owned())
+        .ok()
+        .as_deref()
+        != Some(value.as_str())
+    {
+        write_secret(file, &value)?;
+    }
+    Ok(value)
+}
+
 pub fn load_or_create_token(dir: &Path) -> std::io::Result<(String, bool)> {
     load_or_create_secret(&dir.join("token"))
 }
@@ -73,9 +142,17 @@ pub fn load_or_create_join_token(dir: &Path) -> std::io::Result<(String, bool)> 
     load_or_create_secret(&dir.join("join-token"))
 }
 
+/// Reads the read-only token in `dir/read-token`, or creates one (mode 0600).
+pub fn load_or_create_read_token(dir: &Path) -> std::io::Result<(String, bool)> {
+    load_or_create_secret(&dir.join("read-token"))
+}
+
+/// Reads the switch's token in `dir/switch-token`, or creates one (mode 0600).
+pub fn load_or_create_switch_token(dir: &Path) -> std::io::Result<(String, bool)> {
+    load_or_create_secret(&dir.join("switch-token"))
+}
+
 fn load_or_create_secret(path: &Path) -> std::io::Result<(String, bool)> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     if let Ok(t) = std::fs::read_to_string(path) {
         let t = t.trim().to_owned();
         if !t.is_empty() {
@@ -86,15 +163,21 @@ fn load_or_create_secret(path: &Path) -> std::io::Result<(String, bool)> {
         std::fs::create_dir_all(dir)?;
     }
     let token = identity::random_secret()?;
+    write_secret(path, &token)?;
+    Ok((token, true))
+}
+
+fn write_secret(path: &Path, secret: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(0o600)
         .open(path)?;
-    f.write_all(token.as_bytes())?;
-    f.sync_all()?;
-    Ok((token, true))
+    f.write_all(secret.as_bytes())?;
+    f.sync_all()
 }
 
 /// Opens the state, starts the reconcile loop and serves the API until the process ends.
@@ -102,13 +185,51 @@ pub async fn serve(
     config: ControllerConfig,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     // The address first: a controller that cannot serve must not start a second loop.
-    let listener = tokio::net::TcpListener::bind(config.listen).await?;
+    let mut listener = Some(tokio::net::TcpListener::bind(config.listen).await?);
+    // On etcd, the API's address answers from the start: a standby's refusals until this
+    // controller leads, then the API, on the same server — a client's kept-alive connection
+    // to the standby reaches the leader it became.
+    let active: ActiveApi = Default::default();
+    let mut front = None;
+    let (db, lead) = match &config.state {
+        StateStore::Sqlite(path) => (Db::open(path)?, None),
+        StateStore::Etcd(url) => {
+            let etcd = std::sync::Arc::new(etcd::Etcd::from_url(url)?);
+            let me = format!("http://{}", config.listen);
+            let app = switchable(
+                leader::standby_router(etcd.clone(), me.clone()),
+                active.clone(),
+            );
+            let Some(l) = listener.take() else {
+                return Err("the API's address is not bound".into());
+            };
+            let mut serving = tokio::spawn(vmatrix_serve::serve_api(l, app, config.limits));
+            let lead = tokio::select! {
+                l = leader::campaign(etcd.clone(), &me) => l?,
+                r = &mut serving => return Err(format!("the API on {me} ended: {r:?}").into()),
+            };
+            let guard = lead.guard();
+            let db = match tokio::task::spawn_blocking(move || Db::open_etcd(etcd, guard)).await {
+                Ok(Ok(db)) => db,
+                Ok(Err(e)) => {
+                    lead.resign();
+                    return Err(e.into());
+                }
+                Err(e) => {
+                    lead.resign();
+                    return Err(e.to_string().into());
+                }
+            };
+            front = Some(serving);
+            (db, Some(lead))
+        }
+    };
     let mut more = Vec::new();
     for a in &config.also_listen {
         more.push(tokio::net::TcpListener::bind(a).await?);
     }
-    let db = Db::open(&config.state)?;
     let controller = Controller::new(db, config.token.clone());
+    controller.set_lead(lead.clone());
     controller.set_join_token(config.join_token.clone());
     controller.set_auto_approve(config.auto_approve);
     controller.load_credentials()?;
@@ -137,7 +258,7 @@ pub async fn serve(
     controller.event(
         "controller",
         "start",
-        &format!("state {}", config.state.display()),
+        &format!("state {}", config.state),
         "ok",
     );
     tokio::spawn(controller.clone().run_loop(Duration::from_secs(1)));
@@ -145,7 +266,14 @@ pub async fn serve(
     tokio::spawn(controller.clone().fast_loop());
     tokio::spawn(controller.clone().resume_rollouts());
     tracing::info!("controller API on http://{}", config.listen);
-    let app = router(controller, config.token);
+    let app = router(
+        controller,
+        api::Tokens {
+            operator: config.token.clone(),
+            read: config.read_token.clone(),
+            switch: config.switch_token.clone(),
+        },
+    );
     let config_limits = config.limits;
     for (l, a) in more.into_iter().zip(config.also_listen.clone()) {
         tracing::info!("controller API also on http://{a}");
@@ -156,6 +284,53 @@ pub async fn serve(
             }
         });
     }
-    vmatrix_serve::serve_api(listener, app, config.limits).await?;
+    let (Some(lead), Some(serving)) = (lead, front) else {
+        let Some(l) = listener else {
+            return Err("the API's address is not bound".into());
+        };
+        vmatrix_serve::serve_api(l, app, config.limits).await?;
+        return Ok(());
+    };
+    *active.write().unwrap_or_else(|e| e.into_inner()) = Some(app);
+    // Leading on etcd: until the lead is lost; then this process stops (it must not act on
+    // state it may no longer write) and its supervisor starts it again, as a standby.
+    let resign = ResignOnDrop(lead.clone());
+    tokio::select! {
+        r = serving => r.map_err(|e| e.to_string())??,
+        why = lead.lost() => return Err(format!("lost the lead: {why}").into()),
+    }
+    drop(resign);
     Ok(())
+}
+
+/// The API once this controller leads (`None`: it stands by).
+type ActiveApi = std::sync::Arc<std::sync::RwLock<Option<axum::Router>>>;
+
+/// A router that passes every request to the active API, or to `standby` while there is none.
+fn switchable(standby: axum::Router, active: ActiveApi) -> axum::Router {
+    axum::Router::new().fallback(move |req: axum::extract::Request| {
+        let app = active.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let standby = standby.clone();
+        async move {
+            use tower::ServiceExt;
+            let to = app.unwrap_or(standby);
+            match to.oneshot(req).await {
+                Ok(r) => r,
+                Err(never) => match never {},
+            }
+        }
+    })
+}
+
+/// Hands the lead over when the serving future ends or is dropped (a clean stop).
+struct ResignOnDrop(std::sync::Arc<leader::Lead>);
+
+impl Drop for ResignOnDrop {
+    fn drop(&mut self) {
+        if self.0.valid() {
+            let lead = self.0.clone();
+            // Revoking is a blocking call; a drop may run inside the runtime.
+            let _ = std::thread::spawn(move || lead.resign()).join();
+        }
+    }
 }

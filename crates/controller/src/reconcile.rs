@@ -14,6 +14,7 @@ use vmatrix_core::{InstanceId, InstanceState, ServiceSpec, Transition};
 
 use crate::actions::Start;
 use crate::control::{now_ms, ControlError, Controller, Probe, Result, DOWN_AFTER_MS};
+use vmatrix_core::api::{LEASE_MARGIN_MS, LEASE_MS};
 
 impl Controller {
     /// One reconcile pass: replace failed instances, keep every service's `min` running, and
@@ -23,7 +24,10 @@ impl Controller {
         let services = self.services()?;
         let rows = self.db(|d| d.instances())?;
         let machines = self.machines()?;
-        let grace = self.started.elapsed() > Duration::from_millis(DOWN_AFTER_MS * 2);
+        // After a start, every machine gets a whole lease to be heard from (its heartbeats went
+        // nowhere while no controller ran).
+        let grace = self.started.elapsed()
+            > Duration::from_millis((DOWN_AFTER_MS * 2).max(LEASE_MS + LEASE_MARGIN_MS));
         // Standbys on their way that are no longer booting or running (failed, discarded). One
         // made after `rows` were read is not in them yet: kept.
         self.prepared
@@ -37,6 +41,14 @@ impl Controller {
                 None => true,
             });
         let down = self.confirmed_down(&machines);
+        // Replaced only once their lease has lapsed, by a margin: their VMs are stopped by then
+        // (fencing), so two copies of an instance never run.
+        let lapsed: HashSet<String> = self
+            .db(|d| d.machines(now_ms(), LEASE_MS + LEASE_MARGIN_MS))?
+            .into_iter()
+            .filter(|m| m.state == MachineState::Down)
+            .map(|m| m.name)
+            .collect();
         if grace {
             self.settle_orphans(&rows, &machines)?;
         }
@@ -44,8 +56,10 @@ impl Controller {
             if self.is_busy(&row.info.id) {
                 continue;
             }
-            let on_down_machine =
-                row.info.state.is_placed() && grace && down.contains(&row.info.machine);
+            let on_down_machine = row.info.state.is_placed()
+                && grace
+                && down.contains(&row.info.machine)
+                && lapsed.contains(&row.info.machine);
             if on_down_machine {
                 let mut r = row.clone();
                 let why = if r.info.state == InstanceState::Activating && r.saved.is_some() {
@@ -99,14 +113,32 @@ impl Controller {
                 })
                 .count() as u32;
             // A rolling service's instances are the rollout's to start and end.
-            if live < spec.min
+            let name = spec.name.to_string();
+            // Activations under way that may not have their row yet count too.
+            let under_way = self
+                .keeping_min
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&name)
+                .copied()
+                .unwrap_or(0);
+            if live.max(under_way) < spec.min
                 && !self.backing_off(spec.name.as_str())
                 && !self.is_rolling(spec.name.as_str())
             {
-                // One at a time per service: the next tick sees it and starts the next.
-                let (me, name, min) = (self.clone(), spec.name.clone(), spec.min);
+                // One more per pass: the next pass sees it and starts the next.
+                *self
+                    .keeping_min
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .entry(name.clone())
+                    .or_insert(0) += 1;
+                // Counted down when the work ends, fails, panics or never starts.
+                let keeping = KeepingMin(self.clone(), name);
+                let (me, service, min) = (self.clone(), spec.name.clone(), spec.min);
                 self.spawn_work(async move {
-                    me.activate(&name, None, &format!("keep min {min} of {name}"))
+                    let _keeping = keeping;
+                    me.activate(&service, None, &format!("keep min {min} of {service}"))
                         .await
                         .map(drop)
                 });
@@ -346,6 +378,21 @@ impl Controller {
                 tracing::warn!("retention: {e}");
             }
             tokio::time::sleep(Duration::from_secs(3600)).await;
+        }
+    }
+}
+
+/// One activation counted in [`Controller::keeping_min`], counted down when dropped.
+struct KeepingMin(Arc<Controller>, String);
+
+impl Drop for KeepingMin {
+    fn drop(&mut self) {
+        let mut m = self.0.keeping_min.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = m.get_mut(&self.1) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(&self.1);
+            }
         }
     }
 }

@@ -65,8 +65,15 @@ impl Controller {
         if let Ok(mut heard) = self.heard.lock() {
             *heard.entry(report.name.clone()).or_default() += 1;
         }
+        let placed = self
+            .db(|d| d.instances())?
+            .into_iter()
+            .filter(|r| r.info.machine == report.name && r.info.state.is_placed())
+            .map(|r| r.info.id)
+            .collect();
         Ok(HeartbeatReply {
             network: self.network_view(),
+            placed,
         })
     }
 

@@ -113,10 +113,7 @@ impl Controller {
         // The check and the mark are one step under the database lock, where activations
         // choose their slot.
         if let Some((service, n)) = &slot {
-            let db = self
-                .db
-                .lock()
-                .map_err(|_| ControlError::Conflict("state database lock poisoned".into()))?;
+            let db = self.lock_db()?;
             if let Some(h) = db
                 .instances()?
                 .into_iter()

@@ -16,7 +16,7 @@ async fn serve(dir: &std::path::Path) -> String {
         .expect("bind 127.0.0.1");
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
-        axum::serve(listener, router(controller, TOKEN.into()))
+        axum::serve(listener, router(controller, TOKEN.to_owned()))
             .await
             .expect("API serves");
     });

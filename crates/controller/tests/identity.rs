@@ -305,3 +305,88 @@ async fn a_new_machine_joins_once_an_operator_approves_it() {
         );
     }
 }
+
+/// Each token does what its scope allows and no more: the read-only token reads (not the
+/// console) and changes nothing, the switch's reads the route table and reports load, the join
+/// token and a made-up one do nothing; the operator's does everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_token_does_what_its_scope_allows() {
+    use support::{READ_TOKEN, SWITCH_TOKEN};
+    let mut m = Matrix::new().await;
+    m.start_agent("rm1", 2, MachineRole::Dedicated).await;
+    m.apply(WEB).await;
+    m.wait_state("web-1", "running", None, Duration::from_secs(20))
+        .await;
+    // A client of its own: the matrix's carries the operator's token.
+    let http = reqwest::Client::new();
+    let call = async |method: &str, path: &str, bearer: Option<&str>, body: &str| -> u16 {
+        let url = m.url(path);
+        let mut req = match method {
+            "GET" => http.get(url),
+            _ => http
+                .post(url)
+                .header("content-type", "application/json")
+                .body(body.to_owned()),
+        };
+        if let Some(b) = bearer {
+            req = req.bearer_auth(b);
+        }
+        req.send().await.expect("call").status().as_u16()
+    };
+    let stop_web = r#"{"op":"suspend","instance":"web-1"}"#;
+    let load = r#"{"services":{}}"#;
+    let cases: Vec<(&str, &str, Option<&str>, &str, u16)> = vec![
+        ("GET", "/api/v1/instances", Some(READ_TOKEN), "", 200),
+        ("GET", "/api/v1/events", Some(READ_TOKEN), "", 200),
+        ("GET", "/metrics", Some(READ_TOKEN), "", 200),
+        ("GET", "/api/v1/routes", Some(READ_TOKEN), "", 200),
+        (
+            "GET",
+            "/api/v1/instances/web-1/console",
+            Some(READ_TOKEN),
+            "",
+            403,
+        ),
+        (
+            "POST",
+            "/api/v1/operations",
+            Some(READ_TOKEN),
+            stop_web,
+            403,
+        ),
+        (
+            "POST",
+            "/api/v1/services",
+            Some(READ_TOKEN),
+            r#"{"services":[]}"#,
+            403,
+        ),
+        ("GET", "/api/v1/routes", Some(SWITCH_TOKEN), "", 200),
+        ("GET", "/api/v1/instances", Some(SWITCH_TOKEN), "", 403),
+        (
+            "POST",
+            "/api/v1/operations",
+            Some(SWITCH_TOKEN),
+            stop_web,
+            403,
+        ),
+        ("GET", "/api/v1/instances", Some(JOIN_TOKEN), "", 401),
+        ("GET", "/api/v1/instances", Some("made-up"), "", 401),
+        ("GET", "/api/v1/instances", None, "", 401),
+        ("GET", "/api/v1/instances", Some(TOKEN), "", 200),
+    ];
+    for (method, path, bearer, body, want) in cases {
+        let got = call(method, path, bearer, body).await;
+        assert_eq!(got, want, "{method} {path} with {bearer:?}");
+    }
+    // The switch reports load with its token.
+    assert_eq!(
+        call("POST", "/api/v1/load", Some(SWITCH_TOKEN), load).await,
+        200
+    );
+    // Nothing the refused calls asked for happened.
+    let web = m
+        .wait_state("web-1", "running", None, Duration::from_secs(5))
+        .await;
+    assert_eq!(web.id.as_str(), "web-1");
+}

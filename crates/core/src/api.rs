@@ -585,7 +585,19 @@ pub struct HeartbeatReply {
     /// The service network as the machines share it (`None`: user-mode networking).
     #[serde(default)]
     pub network: Option<NetworkView>,
+    /// The instances the controller places on this machine: after its lease lapsed, the
+    /// machine lets these run on and no other (the controller discards the rest).
+    #[serde(default)]
+    pub placed: Vec<InstanceId>,
 }
+
+/// How long a machine's VMs may run after the controller last heard from it (a heartbeat's
+/// sending, or its answer to a probe): past it, the machine stops them itself (fencing).
+pub const LEASE_MS: u64 = 10_000;
+
+/// How long after a silent machine's lease has lapsed the controller replaces its instances:
+/// room for the machine's watchdog to have stopped them.
+pub const LEASE_MARGIN_MS: u64 = 3_000;
 
 /// The shared service network: which hosts carry it (VXLAN tunnel endpoints) — every machine
 /// and the switch's host.
@@ -845,6 +857,10 @@ pub fn work_limit(memory_mib: u32) -> std::time::Duration {
     std::time::Duration::from_secs(60)
         + std::time::Duration::from_millis(u64::from(memory_mib) * 125)
 }
+
+/// The header a standby controller sets on its refusals (503): the client tries the next
+/// controller it knows.
+pub const STANDBY_HEADER: &str = "x-vmatrix-standby";
 
 /// An error body: what failed and what to do.
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -784,7 +784,7 @@ const STANDBY_CANDIDATES: usize = 256;
 /// 4b. Warm standbys, once every service is placed, highest priority first: each on a machine
 /// in use where it can run at once — whose free CPU, plus what lower priorities run there, is
 /// not yet promised to another standby (the most such CPU first). Memory only; none where no
-/// machine in use can give it CPU, and none for a service whose demand is rising.
+/// machine in use can give it CPU, and none for a service that rose within its scale-in window.
 #[allow(clippy::too_many_arguments)]
 fn prepare_standbys(
     s: &Snapshot,
@@ -827,14 +827,14 @@ fn prepare_standbys(
     room.build_index();
     for &si in order {
         let svc = &services[si];
-        // Not while its demand rises (above the least of the scale-out window, with headroom):
-        // a boot then takes CPU from the instances that serve the rise; the rise's scale-in
-        // makes standbys of running instances anyway.
+        // Not while it serves a rise (above the least of the scale-in window, with headroom):
+        // a boot then takes CPU from the instances that serve the rise, and when the rise
+        // passes its scale-in makes standbys of those instances anyway.
         let low = svc
             .demand
             .iter()
             .rev()
-            .take(c.scale_out_window.max(1))
+            .take(c.scale_in_window.max(1))
             .filter(|d| d.is_finite())
             .fold(f64::INFINITY, |a, b| a.min(*b));
         if demand_now(svc) > low * c.headroom {

@@ -275,3 +275,45 @@ fn a_lower_priority_paused_for_a_spike_waits_paused_not_suspended() {
         "{plan:#?}"
     );
 }
+
+/// A step of load taken by the standbys: while the step lasts (within the scale-in window) no
+/// new standby boots beside the instances serving it; once demand has been flat for a whole
+/// scale-in window, standbys are prepared again.
+#[test]
+fn no_new_standby_boots_while_a_step_is_served() {
+    let c = Config::default();
+    let plan_with = |demand: Vec<f64>| {
+        let s = Snapshot {
+            now_s: 0.0,
+            machines: vec![machine("m0", 8, 8192), machine("m1", 8, 8192)],
+            services: vec![service("shop", 10, &demand, 2)],
+            instances: vec![
+                instance("shop-1", 0, 0, InstanceState::Running),
+                instance("shop-2", 0, 0, InstanceState::Running),
+                instance("shop-3", 0, 1, InstanceState::Running),
+            ],
+        };
+        decide(&s, &c)
+    };
+    let prepares = |plan: &[Action]| {
+        plan.iter()
+            .filter(|a| matches!(a, Action::Prepare { .. }))
+            .count()
+    };
+    // 20 req/s, then 120 for longer than the scale-out window but shorter than the scale-in.
+    let mut stepped = vec![20.0; c.scale_in_window];
+    stepped.extend(vec![120.0; c.scale_out_window + 1]);
+    let plan = plan_with(stepped);
+    assert_eq!(
+        prepares(&plan),
+        0,
+        "a standby booted during the step: {plan:#?}"
+    );
+    let flat = vec![120.0; c.scale_in_window + 1];
+    let plan = plan_with(flat);
+    assert_eq!(
+        prepares(&plan),
+        2,
+        "no standbys after a flat window: {plan:#?}"
+    );
+}

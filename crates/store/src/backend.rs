@@ -176,6 +176,13 @@ impl FileBackend {
     }
 
     fn err(&self, action: &'static str, key: &str, source: std::io::Error) -> StoreError {
+        if source.raw_os_error() == Some(libc::ENOSPC) {
+            return StoreError::Full {
+                location: format!("file://{}", self.root.display()),
+                action,
+                key: key.to_owned(),
+            };
+        }
         StoreError::Backend {
             location: format!("file://{}", self.root.display()),
             action,

@@ -22,6 +22,13 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+    /// The repository's disk is full (nothing that failed was published).
+    #[error("repository {location}: {action} {key} failed: no space left on its disk; free some, or run `vmatrix image gc` a second or more after the failure (it removes what a failed import wrote)")]
+    Full {
+        location: String,
+        action: &'static str,
+        key: String,
+    },
     /// An input file is not usable.
     #[error("{path}: {reason}")]
     BadInput { path: PathBuf, reason: String },

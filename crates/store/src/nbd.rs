@@ -20,8 +20,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{UnixListener, UnixStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, WriteHalf};
+use tokio::net::UnixListener;
 use tokio::sync::Mutex;
 
 use crate::cache::ChunkCache;
@@ -158,7 +158,8 @@ impl Export {
 /// A running NBD server; dropping it stops accepting connections.
 #[derive(Debug)]
 pub struct NbdServer {
-    socket: PathBuf,
+    /// The socket file (`None`: an abstract socket, which has none).
+    socket: Option<PathBuf>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -167,11 +168,47 @@ impl NbdServer {
     pub fn start(export: Arc<Export>, socket: &Path) -> Result<Self> {
         let _ = std::fs::remove_file(socket);
         let listener = UnixListener::bind(socket).map_err(io_err("listen on", socket))?;
-        let task = tokio::spawn(async move {
+        Ok(Self {
+            socket: Some(socket.to_owned()),
+            task: Self::serve(listener, export, None),
+        })
+    }
+
+    /// Serves `export` on the abstract unix socket `name` (Linux: no file, nothing to clean up
+    /// or to give permissions to; it goes with this process) to clients running as one of
+    /// `uids` — checked by the kernel's peer credentials, as anyone may connect to an
+    /// abstract socket. QEMU reaches it as `{"type": "unix", "path": NAME, "abstract": true}`.
+    pub fn start_abstract(export: Arc<Export>, name: &str, uids: Vec<u32>) -> Result<Self> {
+        use std::os::linux::net::SocketAddrExt;
+        let shown = Path::new(name);
+        let bound = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())
+            .and_then(|a| std::os::unix::net::UnixListener::bind_addr(&a))
+            .and_then(|l| l.set_nonblocking(true).map(|()| l))
+            .and_then(UnixListener::from_std)
+            .map_err(io_err("listen on abstract socket", shown))?;
+        Ok(Self {
+            socket: None,
+            task: Self::serve(bound, export, Some(uids)),
+        })
+    }
+
+    fn serve(
+        listener: UnixListener,
+        export: Arc<Export>,
+        uids: Option<Vec<u32>>,
+    ) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     return;
                 };
+                if let Some(uids) = &uids {
+                    let peer = stream.peer_cred().map(|c| c.uid());
+                    if !peer.as_ref().is_ok_and(|uid| uids.contains(uid)) {
+                        tracing::warn!(?peer, "NBD: refused a client that is not a VM of ours");
+                        continue;
+                    }
+                }
                 let export = export.clone();
                 tokio::spawn(async move {
                     if let Err(e) = serve_connection(stream, export).await {
@@ -179,29 +216,33 @@ impl NbdServer {
                     }
                 });
             }
-        });
-        Ok(Self {
-            socket: socket.to_owned(),
-            task,
         })
     }
 
-    /// The URL QEMU uses as a backing file.
+    /// The URL QEMU uses as a backing file (a server on a socket file).
     pub fn url(&self, export: &str) -> String {
-        format!("nbd+unix:///{export}?socket={}", self.socket.display())
+        let socket = self.socket.as_deref().unwrap_or(Path::new(""));
+        format!("nbd+unix:///{export}?socket={}", socket.display())
     }
 }
 
 impl Drop for NbdServer {
     fn drop(&mut self) {
         self.task.abort();
-        let _ = std::fs::remove_file(&self.socket);
+        if let Some(socket) = &self.socket {
+            let _ = std::fs::remove_file(socket);
+        }
     }
 }
 
 type Io<T> = std::io::Result<T>;
 
-async fn option_reply(s: &mut UnixStream, option: u32, kind: u32, data: &[u8]) -> Io<()> {
+async fn option_reply<S: AsyncWrite + Unpin>(
+    s: &mut S,
+    option: u32,
+    kind: u32,
+    data: &[u8],
+) -> Io<()> {
     let mut b = Vec::with_capacity(20 + data.len());
     b.extend_from_slice(&REPLY_MAGIC.to_be_bytes());
     b.extend_from_slice(&option.to_be_bytes());
@@ -215,7 +256,19 @@ fn protocol(msg: impl Into<String>) -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::InvalidData, msg.into())
 }
 
-async fn serve_connection(mut s: UnixStream, export: Arc<Export>) -> Io<()> {
+/// Serves one client of `export` on any byte stream (a socket's connection; a test's or a
+/// fuzzer's in-memory pipe) until it disconnects or breaks the protocol.
+pub async fn serve_stream<S>(s: S, export: Arc<Export>) -> Io<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    serve_connection(s, export).await
+}
+
+async fn serve_connection<S>(mut s: S, export: Arc<Export>) -> Io<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let mut hello = Vec::with_capacity(18);
     hello.extend_from_slice(&NBDMAGIC.to_be_bytes());
     hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
@@ -294,7 +347,7 @@ async fn serve_connection(mut s: UnixStream, export: Arc<Export>) -> Io<()> {
     }
 
     // Transmission: requests are read here and answered by tasks as their data is ready.
-    let (mut reader, writer) = s.into_split();
+    let (mut reader, writer) = tokio::io::split(s);
     let writer = Arc::new(Mutex::new(writer));
     loop {
         let mut head = [0u8; 28];
@@ -363,8 +416,8 @@ async fn serve_connection(mut s: UnixStream, export: Arc<Export>) -> Io<()> {
     }
 }
 
-async fn simple_reply(
-    w: &mut tokio::net::unix::OwnedWriteHalf,
+async fn simple_reply<S: AsyncWrite>(
+    w: &mut WriteHalf<S>,
     handle: u64,
     error: u32,
     data: &[u8],

@@ -29,8 +29,11 @@ pub struct SwitchConfig {
     pub listen: SocketAddr,
     /// The controller's URL.
     pub controller: String,
-    /// The controller's bearer token.
+    /// The controller's bearer token (the switch's own, or the operator's); its `/metrics`
+    /// take it too.
     pub token: String,
+    /// A read-only token its `/metrics` also take (monitoring); empty: none.
+    pub read_token: String,
     /// How long a request may wait for a dormant service to wake.
     pub hold_timeout: Duration,
     /// Most requests held per service; more are refused with 503.
@@ -101,8 +104,11 @@ const FRESH_ATTEMPT_TIMEOUT: Duration = Duration::from_millis(1500);
 
 /// How many requests in flight an instance in a live migration counts as beyond its own: new
 /// requests go elsewhere unless the others are that much busier (a request that reaches it at
-/// the switch-over waits out the pause; sending all load elsewhere could overload the rest).
-const MOVING_PENALTY: usize = 2;
+/// the switch-over waits out the pause and the moved guest's cold start; sending all load
+/// elsewhere could overload the rest). At 2, a peer holding one long stream and two requests
+/// already tied with it: the moving instance got 41–46 of ~110 requests in a 2 s move at
+/// 50 req/s on a slow host; at 8, 4–29.
+const MOVING_PENALTY: usize = 8;
 const HOP_BY_HOP: [&str; 8] = [
     "connection",
     "keep-alive",
@@ -141,6 +147,15 @@ fn is_idempotent(m: &Method) -> bool {
 }
 
 impl Switch {
+    /// Whether a request's bearer may read the metrics: they name every instance endpoint (a
+    /// way around drop and admission), so only the switch's token or the read-only one.
+    fn may_read_metrics(&self, headers: &hyper::HeaderMap) -> bool {
+        let given = headers.get("authorization").and_then(|v| v.to_str().ok());
+        let own = vmatrix_core::auth::bearer_matches(given, &self.config.token);
+        let read = vmatrix_core::auth::bearer_matches(given, &self.config.read_token);
+        own || read
+    }
+
     pub(crate) fn backend(&self, addr: &str) -> Arc<BackendState> {
         if let Some(b) = self
             .backends
@@ -376,19 +391,11 @@ impl Switch {
             return Ok(match path.as_str() {
                 // They name every instance endpoint: a way around drop and admission, so
                 // only for the token's holders.
-                "/metrics"
-                    if !vmatrix_core::auth::bearer_matches(
-                        req.headers()
-                            .get("authorization")
-                            .and_then(|v| v.to_str().ok()),
-                        &self.config.token,
-                    ) =>
-                {
-                    reply(
-                        StatusCode::UNAUTHORIZED,
-                        "the switch's metrics need its bearer token (authorization: Bearer TOKEN)",
-                    )
-                }
+                "/metrics" if !self.may_read_metrics(req.headers()) => reply(
+                    StatusCode::UNAUTHORIZED,
+                    "the switch's metrics need its token or the controller's read-only token \
+                     (authorization: Bearer TOKEN)",
+                ),
                 "/metrics" => {
                     let mut text = self.stats.metrics();
                     text.push_str(&self.backend_metrics());

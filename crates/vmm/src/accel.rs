@@ -24,7 +24,7 @@ pub enum Accelerator {
 }
 
 impl Accelerator {
-    /// The `-machine accel=` value.
+    /// The accelerator's name for QEMU.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Kvm => "kvm",

@@ -11,6 +11,8 @@
 
 pub mod accel;
 pub mod args;
+pub mod cgroup;
+pub mod confine;
 pub mod console;
 pub mod error;
 pub mod http;

@@ -204,7 +204,7 @@ impl IncomingVm {
     pub async fn finish(mut self, limit: Duration) -> Result<Vm> {
         let done = async {
             self.vm.wait_incoming(limit).await?;
-            set_nice(self.vm.pid(), 0, Threads::All);
+            self.vm.serve_at_full_priority();
             // The guest first (it is stopped until then), the export it no longer needs after.
             self.vm.cont().await?;
             tracing::debug!(instance = %self.vm.spec.instance, "the migrated guest runs here");
@@ -435,6 +435,57 @@ impl Vm {
         Ok(())
     }
 
+    /// Clears what an outgoing migration leaves in QEMU when its driver died mid-way (an agent
+    /// killed during a move): the migration is cancelled, its disk mirror jobs and their NBD
+    /// nodes removed, and the pause before the switch-over turned off — else the next outgoing
+    /// migration (a suspend) stops at that pause or meets the old jobs. Harmless on a VM that
+    /// never migrated.
+    pub(crate) async fn clear_outgoing_migration(&mut self) {
+        let _ = self.qmp.execute(&MigrateCancel {}).await;
+        if let Ok(jobs) = self.qmp.execute(&QueryBlockJobs {}).await {
+            for j in jobs.iter().filter(|j| j.device.starts_with(MIRROR_JOB)) {
+                let job = j.device.clone();
+                let _ = self
+                    .qmp
+                    .execute(&BlockJobCancel {
+                        device: job.clone(),
+                    })
+                    .await;
+                let _ = self.wait_job_gone(&job, Duration::from_secs(10)).await;
+            }
+        }
+        // The mirrors' NBD client nodes, whether or not their jobs are still listed (a job that
+        // failed when the destination went away is dismissed by QEMU; its target stays, and a
+        // later save fails flushing it: "failed", no reason given).
+        if let Ok(nodes) = self.qmp.execute(&QueryNamedBlockNodes { flat: true }).await {
+            for n in nodes
+                .iter()
+                .filter(|n| n.node_name.starts_with(MIRROR_TARGET))
+            {
+                let _ = self
+                    .qmp
+                    .execute(&BlockdevDel {
+                        node_name: n.node_name.clone(),
+                    })
+                    .await;
+            }
+        }
+        self.no_pause_before_switchover().await;
+    }
+
+    /// Turns off the pause before the switch-over that a live migration asks for.
+    pub(crate) async fn no_pause_before_switchover(&mut self) {
+        let _ = self
+            .qmp
+            .execute(&MigrateSetCapabilities {
+                capabilities: vec![MigrationCapability {
+                    capability: "pause-before-switchover",
+                    state: false,
+                }],
+            })
+            .await;
+    }
+
     async fn clean_up_failed_migration(&mut self, target: &MigrationTarget) {
         for m in self.mirrors(target) {
             let _ = self
@@ -451,6 +502,7 @@ impl Vm {
                 })
                 .await;
         }
+        self.no_pause_before_switchover().await;
         // A migration that failed after the guest stopped leaves it paused.
         if let Ok(s) = self.status().await {
             if !s.running {

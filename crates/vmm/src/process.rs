@@ -2,7 +2,7 @@
 //!
 //! Three layers make sure of it: the guard kills the whole process group on drop (which also
 //! runs when a test panics and unwinds); QEMU runs in its own process group so that kill reaches
-//! anything it forks (the `exec:` migration helper); and the kernel sends SIGKILL to QEMU when
+//! anything it could fork (its sandbox lets it fork nothing, see [`crate::confine`]); and the kernel sends SIGKILL to QEMU when
 //! the thread that spawned it dies (`PR_SET_PDEATHSIG`), which covers an owner killed outright.
 //! The last one is per *thread*: spawn from a thread that lives as long as the VM should (an
 //! async runtime's worker or the test's own thread, not a short-lived blocking-pool thread).
@@ -19,6 +19,7 @@ use std::time::Duration;
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
+use crate::cgroup::Cgroup;
 use crate::error::{io_err, Result, VmmError};
 
 /// How long a QEMU process lives.
@@ -43,22 +44,28 @@ pub struct QemuProcess {
     /// For an adopted process: the argument that identifies it (checked again before any
     /// signal, so that a pid reused by another process is never signalled).
     marker: Option<String>,
+    /// Its control group, removed once it has exited.
+    cgroup: Option<Cgroup>,
 }
 
 impl QemuProcess {
     /// Starts `program` with `args`; its stdout and stderr go to `log`.
     pub fn spawn(program: &str, args: &[String], log: &Path, lifetime: Lifetime) -> Result<Self> {
-        Self::spawn_niced(program, args, log, lifetime, 0)
+        Self::spawn_niced(program, args, log, lifetime, 0, &[], None)
     }
 
     /// [`QemuProcess::spawn`] at nice value `nice` from its first instruction (a QEMU that
-    /// loads an incoming guest yields from its start-up on; only root may raise it back).
+    /// loads an incoming guest yields from its start-up on; only root may raise it back),
+    /// inheriting the descriptors `inherit` under their numbers (e.g. its TAP's), in `cgroup`
+    /// from before its first instruction.
     pub fn spawn_niced(
         program: &str,
         args: &[String],
         log: &Path,
         lifetime: Lifetime,
         nice: i32,
+        inherit: &[i32],
+        cgroup: Option<Cgroup>,
     ) -> Result<Self> {
         let log_file = std::fs::File::create(log).map_err(io_err("create", log))?;
         let log_err = log_file.try_clone().map_err(io_err("open", log))?;
@@ -73,11 +80,26 @@ impl QemuProcess {
         let owner = unsafe { libc::getpid() };
         let nice = if running_as_root() { nice } else { 0 };
         let owned = lifetime == Lifetime::Owner;
-        if owned || nice != 0 {
+        let inherit: Vec<i32> = inherit.to_vec();
+        // Open here, written by the child (our copies close when this returns).
+        let join = match &cgroup {
+            Some(g) => g.join_files()?,
+            None => Vec::new(),
+        };
+        let join_fds = crate::cgroup::raw(&join);
+        if owned || nice != 0 || !inherit.is_empty() || !join_fds.is_empty() {
             // SAFETY: the closure runs between fork and exec and calls only async-signal-safe
-            // functions (prctl, getppid, setpriority), allocating nothing.
+            // functions (write, fcntl, prctl, getppid, setpriority), allocating nothing.
             unsafe {
                 cmd.pre_exec(move || {
+                    crate::cgroup::join_self(&join_fds)?;
+                    // Our descriptors are close-on-exec; the child's copies of these are not
+                    // (this changes only the child's descriptor table).
+                    for fd in &inherit {
+                        if libc::fcntl(*fd, libc::F_SETFD, 0) != 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    }
                     if nice != 0 {
                         libc::setpriority(libc::PRIO_PROCESS, 0, nice);
                     }
@@ -95,10 +117,16 @@ impl QemuProcess {
                 });
             }
         }
-        let child = cmd.spawn().map_err(|source| VmmError::Spawn {
-            program: program.to_owned(),
-            source,
+        let child = cmd.spawn().map_err(|source| {
+            if let Some(g) = &cgroup {
+                g.remove();
+            }
+            VmmError::Spawn {
+                program: program.to_owned(),
+                source,
+            }
         })?;
+        drop(join);
         let pid = child.id().unwrap_or(0);
         tracing::debug!(pid, program, "started QEMU");
         Ok(Self {
@@ -107,6 +135,7 @@ impl QemuProcess {
             log: log.to_owned(),
             lifetime,
             marker: None,
+            cgroup,
         })
     }
 
@@ -119,7 +148,23 @@ impl QemuProcess {
             log: log.to_owned(),
             lifetime: Lifetime::Machine,
             marker: Some(marker.to_owned()),
+            cgroup: None,
         })
+    }
+
+    /// The control group an adopted process runs in (removed once it has exited).
+    pub fn set_cgroup(&mut self, cgroup: Option<Cgroup>) {
+        self.cgroup = cgroup;
+    }
+
+    /// Its control group, if it has one.
+    pub fn cgroup(&self) -> Option<&Cgroup> {
+        self.cgroup.as_ref()
+    }
+
+    /// Its control group's directories, if it has one.
+    pub fn cgroup_dirs(&self) -> &[PathBuf] {
+        self.cgroup.as_ref().map(Cgroup::dirs).unwrap_or_default()
     }
 
     /// The process id (also the process group id).
@@ -144,8 +189,19 @@ impl QemuProcess {
         }
     }
 
-    /// Waits for the process to exit until `deadline`; true if it did.
+    /// Waits for the process to exit until `deadline`; true if it did (its control group is
+    /// gone then too).
     pub async fn wait_exit(&mut self, deadline: Instant) -> bool {
+        let exited = self.wait_exit_only(deadline).await;
+        if exited {
+            if let Some(g) = self.cgroup.take() {
+                g.remove();
+            }
+        }
+        exited
+    }
+
+    async fn wait_exit_only(&mut self, deadline: Instant) -> bool {
         match &mut self.child {
             Some(child) => tokio::time::timeout_at(deadline, child.wait())
                 .await
@@ -202,14 +258,21 @@ fn has_arg(pid: u32, arg: &str) -> bool {
 
 /// Whether process `pid` exists and is not a zombie waiting to be reaped.
 pub fn alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat
-            .rsplit(')')
-            .next()
-            .and_then(|rest| rest.split_whitespace().next())
-            .is_some_and(|state| state != "Z" && state != "X"),
-        Err(_) => false,
-    }
+    state(pid).is_some_and(|s| s != "Z" && s != "X")
+}
+
+/// Whether process `pid` is stopped by a signal (SIGSTOP: a fenced VM, see the agent's lease).
+pub fn stopped(pid: u32) -> bool {
+    state(pid).is_some_and(|s| s == "T")
+}
+
+/// The state letter of process `pid` (`R`, `S`, `T`, `Z`, …).
+fn state(pid: u32) -> Option<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit(')')
+        .next()
+        .and_then(|rest| rest.split_whitespace().next())
+        .map(str::to_owned)
 }
 
 /// The last `lines` lines of a text file, for error messages.

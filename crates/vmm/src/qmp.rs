@@ -75,7 +75,17 @@ impl Qmp {
             events: VecDeque::new(),
             next_id: 1,
         };
-        let greeting = qmp.read_message().await?;
+        // A QEMU that accepted the connection but does not run (stopped with SIGSTOP: a fenced
+        // VM) never greets: bounded by the same deadline.
+        let greeting = match tokio::time::timeout_at(deadline, qmp.read_message()).await {
+            Ok(g) => g?,
+            Err(_) => {
+                return Err(VmmError::QmpConnection {
+                    socket: socket.to_owned(),
+                    detail: "QEMU did not greet before the deadline (is it stopped?)".into(),
+                })
+            }
+        };
         if greeting.get("QMP").is_none() {
             return Err(VmmError::QmpConnection {
                 socket: socket.to_owned(),
@@ -109,6 +119,27 @@ impl Qmp {
     /// Runs one command and returns its typed reply. Events that arrive meanwhile are kept for
     /// [`Qmp::wait_event`] and [`Qmp::take_events`].
     pub async fn execute<C: QmpCommand>(&mut self, cmd: &C) -> Result<C::Reply> {
+        self.execute_passing(cmd, None).await
+    }
+
+    /// Hands QEMU descriptor `fd` under `name` (`getfd`, the descriptor riding along as
+    /// SCM_RIGHTS), for a later `fd:NAME` URI. QEMU gets its own copy.
+    pub async fn pass_fd(&mut self, name: &str, fd: std::os::fd::BorrowedFd<'_>) -> Result<()> {
+        self.execute_passing(
+            &commands::GetFd {
+                fdname: name.to_owned(),
+            },
+            Some(fd),
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn execute_passing<C: QmpCommand>(
+        &mut self,
+        cmd: &C,
+        fd: Option<std::os::fd::BorrowedFd<'_>>,
+    ) -> Result<C::Reply> {
         let id = self.next_id;
         self.next_id += 1;
         let mut request = serde_json::json!({ "execute": C::NAME, "id": id });
@@ -121,10 +152,16 @@ impl Qmp {
         }
         let mut bytes = request.to_string().into_bytes();
         bytes.push(b'\n');
-        self.writer
-            .write_all(&bytes)
-            .await
-            .map_err(|e| self.broken(format!("sending {}: {e}", C::NAME)))?;
+        let sent = match fd {
+            Some(fd) => self.send_with_fd(&bytes, fd).await,
+            None => Ok(0),
+        };
+        let rest = sent.map(|n| bytes.get(n..).unwrap_or_default());
+        let sent = match rest {
+            Ok(rest) => self.writer.write_all(rest).await,
+            Err(e) => Err(e),
+        };
+        sent.map_err(|e| self.broken(format!("sending {}: {e}", C::NAME)))?;
         loop {
             let msg = self.read_message().await?;
             if msg.get("event").is_some() {
@@ -148,6 +185,36 @@ impl Qmp {
                 command: C::NAME,
                 detail: format!("{e} in {ret}"),
             });
+        }
+    }
+
+    /// Sends the start of `bytes` with `fd` attached; returns how many bytes went.
+    async fn send_with_fd(
+        &self,
+        bytes: &[u8],
+        fd: std::os::fd::BorrowedFd<'_>,
+    ) -> std::io::Result<usize> {
+        use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+        use std::os::fd::AsRawFd;
+        let stream: &UnixStream = self.writer.as_ref();
+        let fds = [fd.as_raw_fd()];
+        loop {
+            stream.writable().await?;
+            let sent = stream.try_io(tokio::io::Interest::WRITABLE, || {
+                sendmsg::<()>(
+                    stream.as_raw_fd(),
+                    &[std::io::IoSlice::new(bytes)],
+                    &[ControlMessage::ScmRights(&fds)],
+                    MsgFlags::empty(),
+                    None,
+                )
+                .map_err(std::io::Error::from)
+            });
+            match sent {
+                Ok(n) => return Ok(n),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
         }
     }
 
@@ -186,6 +253,22 @@ pub mod commands {
             }
         };
     }
+
+    /// Receives the descriptor sent along with it under a name (see [`Qmp::pass_fd`]).
+    #[derive(Debug, Serialize)]
+    pub struct GetFd {
+        /// The name an `fd:NAME` URI uses.
+        pub fdname: String,
+    }
+    command!(GetFd, "getfd", Empty);
+
+    /// Forgets a descriptor passed with [`GetFd`] that nothing used.
+    #[derive(Debug, Serialize)]
+    pub struct CloseFd {
+        /// Its name.
+        pub fdname: String,
+    }
+    command!(CloseFd, "closefd", Empty);
 
     /// Leaves capability negotiation mode.
     #[derive(Debug, Serialize)]
@@ -245,7 +328,7 @@ pub mod commands {
     /// Starts an outgoing migration to `uri`.
     #[derive(Debug, Serialize)]
     pub struct Migrate {
-        /// `tcp:HOST:PORT` or `exec:COMMAND`.
+        /// `tcp:HOST:PORT` or `fd:NAME` (a descriptor passed with [`GetFd`]).
         pub uri: String,
     }
     command!(Migrate, "migrate", Empty);
@@ -258,7 +341,7 @@ pub mod commands {
     /// Starts listening for an incoming migration (QEMU started with `-incoming defer`).
     #[derive(Debug, Serialize)]
     pub struct MigrateIncoming {
-        /// `tcp:HOST:PORT` or `exec:COMMAND`.
+        /// `tcp:HOST:PORT` or `fd:NAME` (a descriptor passed with [`GetFd`]).
         pub uri: String,
     }
     command!(MigrateIncoming, "migrate-incoming", Empty);
@@ -441,6 +524,27 @@ pub mod commands {
         pub copy_mode: &'static str,
     }
     command!(BlockdevMirror, "blockdev-mirror", Empty);
+
+    /// Lists the named block nodes (with `flat`, children too).
+    #[derive(Debug, Serialize)]
+    pub struct QueryNamedBlockNodes {
+        /// Every node, not only the top ones.
+        pub flat: bool,
+    }
+    command!(
+        QueryNamedBlockNodes,
+        "query-named-block-nodes",
+        Vec<BlockNodeInfo>
+    );
+
+    /// One block node.
+    #[derive(Debug, Clone, Deserialize)]
+    #[serde(rename_all = "kebab-case")]
+    pub struct BlockNodeInfo {
+        /// Its name.
+        #[serde(default)]
+        pub node_name: String,
+    }
 
     /// Lists block jobs.
     #[derive(Debug, Serialize)]

@@ -9,7 +9,7 @@
 //! ```
 //!
 //! Suspend writes the complete device and memory state to a file through QEMU's migration
-//! stream (`exec:cat > FILE`) and exits; resume starts a new QEMU with `-incoming defer -S`,
+//! stream (into a descriptor of the file passed over QMP: `fd:`) and exits; resume starts a new QEMU with `-incoming defer -S`,
 //! feeds it the file and continues. Together with the overlay, the two files are the whole
 //! instance, so it can resume in another directory, as another machine would.
 
@@ -124,6 +124,12 @@ pub struct VmSpec {
     pub seed: Option<PathBuf>,
     /// Persistent volumes, attached after the seed.
     pub volumes: Vec<crate::volume::VolumeDisk>,
+    /// The unprivileged user QEMU becomes once it has opened its files (`-runas`; see
+    /// [`crate::confine`]); `None`: it stays this process's user.
+    pub run_as: Option<String>,
+    /// The control group QEMU runs in is `vmatrix/GROUP/<the VM directory's name>`, limited to
+    /// the spec's vCPUs and memory ([`crate::cgroup`]); `None`: the caller's group.
+    pub cgroup: Option<String>,
 }
 
 impl VmSpec {
@@ -147,6 +153,8 @@ impl VmSpec {
             hardware: Hardware::default(),
             seed: None,
             volumes: Vec::new(),
+            run_as: None,
+            cgroup: None,
         }
     }
 
@@ -161,16 +169,17 @@ impl VmSpec {
 
 /// A guest NIC on a TAP device attached to this host's service bridge.
 ///
-/// QEMU creates the TAP (named `ifname`) and runs `script` with its name to attach it to the
-/// bridge; the TAP disappears with the QEMU process, so nothing is left behind however QEMU
-/// ends. The guest learns its address from SMBIOS OEM strings (type 11):
+/// The TAP (named `ifname`) is created before QEMU starts and attached to the bridge by running
+/// `script` with its name; QEMU inherits its descriptor (it may not run programs itself: see
+/// [`crate::confine`]). The TAP disappears with the QEMU process, so nothing is left behind
+/// however QEMU ends. The guest learns its address from SMBIOS OEM strings (type 11):
 /// `vmatrix.net.address=A/PREFIX` and `vmatrix.net.gateway=G`. Only the device (virtio-net,
 /// its MAC) is guest-visible hardware: both ends of a move may use different TAP names.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TapSpec {
     /// The TAP device's name on this host (at most 15 bytes).
     pub ifname: String,
-    /// The executable QEMU runs with the TAP's name to attach it (`ip link set … master`).
+    /// The executable run with the TAP's name to attach it (`ip link set … master`).
     pub script: PathBuf,
     /// The instance's address on the service network.
     pub address: std::net::Ipv4Addr,
@@ -194,6 +203,13 @@ impl VmDir {
     /// The directory itself.
     pub fn root(&self) -> &Path {
         &self.root
+    }
+    /// The name of its QEMU's control group: the directory's own name.
+    pub fn cgroup_name(&self) -> String {
+        self.root
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "vm".into())
     }
     /// The instance's qcow2 overlay.
     pub fn disk(&self) -> PathBuf {
@@ -298,9 +314,33 @@ impl Vm {
                 ))
             })?;
         }
-        let args = qemu_args(&spec, &dir, mode)?;
+        // The TAP, created and on the bridge before QEMU starts; our descriptor closes when this
+        // returns, QEMU's copy keeps it.
+        let tap = match &spec.tap {
+            Some(t) => Some(crate::confine::open_tap(&t.ifname, &t.script).await?),
+            None => None,
+        };
+        let tap_fd = tap.as_ref().map(crate::confine::fd_number);
+        let args = qemu_args(&spec, &dir, mode, tap_fd)?;
+        let cgroup = match &spec.cgroup {
+            Some(group) => Some(crate::cgroup::Cgroup::create(
+                group,
+                &dir.cgroup_name(),
+                crate::cgroup::Limits::for_vm(spec.vcpus, spec.memory_mib, nice),
+            )?),
+            None => None,
+        };
         tracing::debug!(instance = %spec.instance, ?args, "starting QEMU");
-        let process = QemuProcess::spawn_niced(QEMU, &args, &dir.qemu_log(), spec.lifetime, nice)?;
+        let process = QemuProcess::spawn_niced(
+            QEMU,
+            &args,
+            &dir.qemu_log(),
+            spec.lifetime,
+            nice,
+            tap_fd.as_slice(),
+            cgroup,
+        )?;
+        drop(tap);
         let deadline = Instant::now() + Duration::from_secs(10);
         let qmp = match Qmp::connect(&dir.qmp(), deadline).await {
             Ok(q) => q,
@@ -337,12 +377,17 @@ impl Vm {
     pub async fn adopt(spec: VmSpec, dir: impl Into<PathBuf>, pid: u32) -> Result<Self> {
         let dir = VmDir::new(dir);
         let marker = qmp_arg(&dir);
-        let process = QemuProcess::adopt(pid, &marker, &dir.qemu_log()).ok_or_else(|| {
+        let mut process = QemuProcess::adopt(pid, &marker, &dir.qemu_log()).ok_or_else(|| {
             VmmError::Invalid(format!(
                 "process {pid} is not the QEMU of {} (gone, or another process)",
                 dir.root().display()
             ))
         })?;
+        process.set_cgroup(
+            spec.cgroup
+                .as_deref()
+                .and_then(|g| crate::cgroup::Cgroup::existing(g, &dir.cgroup_name())),
+        );
         let deadline = Instant::now() + Duration::from_secs(10);
         let qmp = Qmp::connect(&dir.qmp(), deadline).await?;
         let console = Console::open(&dir.console(), &dir.serial());
@@ -371,6 +416,16 @@ impl Vm {
     /// The QEMU process id.
     pub fn pid(&self) -> u32 {
         self.process.pid()
+    }
+    /// Gives every thread of QEMU, and its control group, a serving guest's priority (a
+    /// migration's destination ran at [`crate::process::MIGRATING_NICE`] until its guest ran).
+    pub(crate) fn serve_at_full_priority(&self) {
+        crate::process::set_nice(self.pid(), 0, crate::process::Threads::All);
+        if let Some(g) = self.process.cgroup() {
+            if let Err(e) = g.set_priority(self.spec.vcpus, 0) {
+                tracing::warn!(instance = %self.spec.instance, "{e}");
+            }
+        }
     }
     /// Where the guest's service answers on the host.
     pub fn url(&self) -> String {
@@ -526,17 +581,44 @@ impl Vm {
             std::fs::create_dir_all(parent).map_err(io_err("create directory", parent))?;
         }
         self.pause().await?;
+        // A saved state has no switch-over to pause before (a live move may have asked for it).
+        self.no_pause_before_switchover().await;
         self.qmp
             .execute(&MigrateSetParameters {
                 max_bandwidth: Some(UNTHROTTLED),
                 ..Default::default()
             })
             .await?;
+        // QEMU writes the stream into a file we open and hand it (it can neither run a helper
+        // nor, once it is its own user, open our files).
+        let file = {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(state_file)
+                .map_err(io_err("create", state_file))?
+        };
         self.qmp
-            .execute(&Migrate {
-                uri: format!("exec:cat > {}", shell_quote(state_file)),
-            })
+            .pass_fd(STATE_FD, std::os::fd::AsFd::as_fd(&file))
             .await?;
+        let started = self
+            .qmp
+            .execute(&Migrate {
+                uri: format!("fd:{STATE_FD}"),
+            })
+            .await;
+        if let Err(e) = started {
+            let _ = self
+                .qmp
+                .execute(&CloseFd {
+                    fdname: STATE_FD.into(),
+                })
+                .await;
+            return Err(e);
+        }
         self.wait_migration("suspend", limit).await.map(drop)
     }
 
@@ -545,16 +627,18 @@ impl Vm {
     /// still waits for an incoming migration.
     pub async fn ensure_running(&mut self) -> Result<()> {
         let status = self.status().await?;
-        if status.running {
-            return Ok(());
-        }
         if status.status == "inmigrate" {
             return Err(VmmError::Invalid(format!(
                 "instance {} still waits for an incoming migration",
                 self.spec.instance
             )));
         }
-        let _ = self.qmp.execute(&MigrateCancel {}).await;
+        // Whether or not the guest still runs, an outgoing migration whose driver died leaves
+        // its jobs and settings behind.
+        self.clear_outgoing_migration().await;
+        if self.status().await?.running {
+            return Ok(());
+        }
         self.cont().await
     }
 
@@ -568,7 +652,9 @@ impl Vm {
     /// no end in time — killed at once, as a guest without an agent always is. True when it
     /// shut down cleanly.
     pub async fn discard(mut self, grace: Duration) -> bool {
-        if matches!(self.agent_shutdown().await, Ok(true))
+        // A stopped QEMU (fenced) answers nothing: it is killed at once.
+        if !crate::process::stopped(self.process.pid())
+            && matches!(self.agent_shutdown().await, Ok(true))
             && self.process.wait_exit(Instant::now() + grace).await
         {
             return true;
@@ -603,9 +689,14 @@ impl Vm {
                     return Err(VmmError::Migration {
                         instance: self.spec.instance.clone(),
                         operation,
-                        detail: info
-                            .error_desc
-                            .unwrap_or_else(|| "no reason given".to_owned()),
+                        detail: info.error_desc.unwrap_or_else(|| {
+                            let log = tail(&self.dir.qemu_log(), 5);
+                            if log.trim().is_empty() {
+                                "no reason given".to_owned()
+                            } else {
+                                format!("no reason given; QEMU's log ends: {}", log.trim())
+                            }
+                        }),
                     })
                 }
                 _ => {}
@@ -634,9 +725,14 @@ impl Vm {
         crate::volume::create_volumes(&spec, &dir).await?;
         let mut vm = Self::start(spec, dir, StartMode::Incoming, 0).await?;
         let loaded = async {
+            let file = std::fs::File::open(&suspended.state_file)
+                .map_err(io_err("open", &suspended.state_file))?;
+            vm.qmp
+                .pass_fd(STATE_FD, std::os::fd::AsFd::as_fd(&file))
+                .await?;
             vm.qmp
                 .execute(&MigrateIncoming {
-                    uri: format!("exec:cat {}", shell_quote(&suspended.state_file)),
+                    uri: format!("fd:{STATE_FD}"),
                 })
                 .await?;
             vm.wait_incoming(Duration::from_secs(120)).await?;
@@ -676,6 +772,9 @@ impl Vm {
         }
     }
 }
+
+/// The name under which a state file's descriptor is passed to QEMU.
+const STATE_FD: &str = "vmx-state";
 
 /// Migration bandwidth when we do not want QEMU's default throttle (bytes/s).
 pub(crate) const UNTHROTTLED: u64 = 100 * 1024 * 1024 * 1024;
@@ -739,11 +838,6 @@ pub async fn run_tool(program: &str, args: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// Quotes a path for the `/bin/sh` that runs QEMU's `exec:` migration commands.
-fn shell_quote(path: &Path) -> String {
-    format!("'{}'", path.display().to_string().replace('\'', r"'\''"))
-}
-
 /// A stable MAC per instance, so the guest sees the same NIC after every move.
 pub fn mac_for(instance: &InstanceId) -> String {
     let h = instance
@@ -763,11 +857,6 @@ pub fn mac_for(instance: &InstanceId) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn shell_quoting_survives_quotes() {
-        assert_eq!(shell_quote(Path::new("/a/it's")), r"'/a/it'\''s'");
-    }
 
     #[test]
     fn mac_is_stable_and_local() {

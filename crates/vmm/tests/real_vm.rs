@@ -95,16 +95,47 @@ async fn boots_from_its_own_disk_and_serves_every_route() {
     );
 }
 
+/// QEMU `pid` runs under its seccomp filter and, where we are root, not as root.
+fn assert_confined(pid: u32, as_root: bool) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.split_whitespace().collect::<Vec<_>>())
+            .unwrap_or_default()
+    };
+    assert_eq!(
+        field("Seccomp:"),
+        ["2"],
+        "QEMU {pid} runs without its sandbox"
+    );
+    if as_root {
+        assert!(
+            field("Uid:").iter().all(|u| *u != "0"),
+            "QEMU {pid} still has root's uid: {:?}",
+            field("Uid:")
+        );
+    }
+}
+
 #[tokio::test]
 #[ignore = "boots real QEMU; run by scripts/test"]
 async fn suspend_then_resume_elsewhere_keeps_identity_ram_and_disk() {
     let machine_a = scratch();
     let machine_b = scratch();
-    let spec = spec("suspend-test").await;
+    let mut spec = spec("suspend-test").await;
+    // Confined as an agent confines it: QEMU becomes an unprivileged user once it has opened
+    // its files, so the state goes out and comes back through descriptors we pass it.
+    let as_root = unsafe { libc::geteuid() } == 0;
+    if as_root {
+        spec.run_as = Some("nobody".into());
+    }
     let mut vm = Vm::boot(spec.clone(), machine_a.path())
         .await
         .expect("boot");
     vm.wait_ready(READY).await.expect("ready");
+    assert_confined(vm.pid(), as_root);
     let a = spec.forward;
     assert_eq!(put(a, "/kv/memo", b"in RAM").await.status, 200);
     assert_eq!(put(a, "/disk/memo", b"on disk").await.status, 200);
@@ -135,6 +166,7 @@ async fn suspend_then_resume_elsewhere_keeps_identity_ram_and_disk() {
         .await
         .expect("resumed guest serves");
     assert!(resumed.dir().disk().starts_with(machine_b.path()));
+    assert_confined(resumed.pid(), as_root);
     let b = moved.forward;
     let info: serde_json::Value = serde_json::from_slice(&get(b, "/").await.body).unwrap();
     assert_eq!(info["instance"], "suspend-test");
@@ -152,11 +184,17 @@ async fn suspend_then_resume_elsewhere_keeps_identity_ram_and_disk() {
 async fn live_migration_under_load_keeps_ram_and_disk() {
     let machine_a = scratch();
     let machine_b = scratch();
-    let spec = spec("migrate-test").await;
+    let mut spec = spec("migrate-test").await;
+    // Both ends confined: the destination takes over its files with the descriptors it opened.
+    let as_root = unsafe { libc::geteuid() } == 0;
+    if as_root {
+        spec.run_as = Some("nobody".into());
+    }
     let mut source = Vm::boot(spec.clone(), machine_a.path())
         .await
         .expect("boot");
     source.wait_ready(READY).await.expect("ready");
+    assert_confined(source.pid(), as_root);
     let a = spec.forward;
     assert_eq!(
         put(a, "/disk/before", b"written before the move")
@@ -220,6 +258,7 @@ async fn live_migration_under_load_keeps_ram_and_disk() {
         .finish(Duration::from_secs(60))
         .await
         .expect("destination runs");
+    assert_confined(dest.pid(), as_root);
     eprintln!(
         "live migration (256 MiB guest): total {} ms, downtime {} ms, RAM {} bytes, disk {} bytes, wall {:.3}s",
         report.total_ms,

@@ -5,7 +5,7 @@
 //! running (or suspended) exactly once, with its `/kv` and `/disk` data and its version.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 
@@ -86,28 +86,6 @@ async fn one_copy(data: &Path, id: &str) -> u32 {
     }
 }
 
-/// A process the test started that ends with SIGTERM (an agent then stops its VMs), also if
-/// the test fails.
-struct Terminated(std::process::Child);
-
-impl Drop for Terminated {
-    fn drop(&mut self) {
-        // SAFETY: plain kill(2) of our own child.
-        unsafe {
-            libc::kill(self.0.id() as libc::pid_t, libc::SIGTERM);
-        }
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Submits `args` (a migrate or suspend) and, 0.2 s in, kills the controller with SIGKILL;
 /// then starts a controller again on the same state.
 async fn kill_controller_during(data: &Path, listen: &str, args: &[&str]) -> tokio::process::Child {
@@ -124,17 +102,32 @@ async fn kill_controller_during(data: &Path, listen: &str, args: &[&str]) -> tok
     controller
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "boots real QEMU guests"]
-async fn no_operation_loses_a_server_whatever_is_killed() {
-    let _serial = crate::support::under_load().await;
-    let dir = data_dir();
-    let data = dir.path();
-    let _sweep = VmSweep(data);
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
+/// Waits (up to `within`) until instance `id` settles suspended or running after a kill; a
+/// suspended one must have no QEMU left and is resumed. Returns it running.
+async fn settled_then_running(data: &Path, id: &str, within: Duration) -> Value {
+    let settled = wait_for(&format!("{id} settled"), within, async || {
+        let i = instance(data, id).await;
+        matches!(i["state"].as_str(), Some("suspended" | "running")).then_some(i)
+    })
+    .await;
+    eprintln!("{id} settled {}", settled["state"]);
+    if settled["state"] == "suspended" {
+        assert!(
+            processes(is_qemu_of(data, id)).is_empty(),
+            "a suspended instance has no QEMU"
+        );
+        let (ok, _, err) = cli(data, &["resume", id]).await;
+        assert!(ok, "resume: {err}\n{}", up_log(data));
+    }
+    wait_state(data, id, "running").await
+}
+
+/// `vmatrix up` with two machines, the switch and the manual policy (these tests move
+/// instances themselves); returns it with the controller's address.
+async fn two_machines(data: &Path) -> (crate::support::Up, String) {
+    let listen = format!("127.0.0.1:{}", free_port());
     let switch = format!("127.0.0.1:{}", free_port());
-    let _up = start_up(
+    let up = start_up(
         data,
         &[
             "--machines",
@@ -148,6 +141,17 @@ async fn no_operation_loses_a_server_whatever_is_killed() {
         ],
     )
     .await;
+    (up, listen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "boots real QEMU guests"]
+async fn no_operation_loses_a_server_whatever_is_killed() {
+    let _serial = crate::support::under_load().await;
+    let dir = data_dir();
+    let data = dir.path();
+    let _sweep = VmSweep(data);
+    let (_up, listen) = two_machines(data).await;
     // Two images whose names would once have shared an export socket, with distinct versions.
     let mut prods = Vec::new();
     for (image, version) in [("web-prod:v1", "prod-a"), ("web:prod-v1", "prod-b")] {
@@ -275,20 +279,7 @@ image = "web:prod-v1"
     // 3. The controller dies 0.2 s into a suspend and comes back.
     // (The controller started above is the one killed now; its handle only reaps it.)
     let _controller2 = kill_controller_during(data, &listen, &["suspend", "web-2"]).await;
-    let web2 = wait_for("web-2 settled", Duration::from_secs(60), async || {
-        let i = instance(data, "web-2").await;
-        matches!(i["state"].as_str(), Some("suspended" | "running")).then_some(i)
-    })
-    .await;
-    if web2["state"] == "suspended" {
-        assert!(
-            processes(is_qemu_of(data, "web-2")).is_empty(),
-            "a suspended instance has no QEMU"
-        );
-        let (ok, _, err) = cli(data, &["resume", "web-2"]).await;
-        assert!(ok, "resume: {err}\n{}", up_log(data));
-    }
-    let web2 = wait_state(data, "web-2", "running").await;
+    let web2 = settled_then_running(data, "web-2", Duration::from_secs(60)).await;
     assert_eq!(
         web2["version"],
         v1.as_str(),
@@ -335,26 +326,8 @@ image = "web:prod-v1"
     let (_, cmdline) = processes(agent_of).pop().expect("the agent");
     let last_event = events_count(data, &listen).await;
     kill9("the agent", agent_of);
-    let args: Vec<String> = cmdline
-        .split_whitespace()
-        .skip(1)
-        .map(str::to_owned)
-        .collect();
-    // On the same host: bridged, the machine's network namespace (its VMs keep it alive).
-    let mut again = std::process::Command::new("nsenter");
-    again
-        .arg(format!("--net=/proc/{}/ns/net", pids[0]))
-        .arg(env!("CARGO_BIN_EXE_vmatrix"));
     let agent_log = data.join("agent-again.log");
-    let log = std::fs::File::create(&agent_log).expect("the restarted agent's log");
-    let mut agent = Terminated(
-        again
-            .args(&args)
-            .stdout(std::process::Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start the agent again"),
-    );
+    let mut agent = crate::support::start_agent_again(&cmdline, pids[0], &agent_log);
     let agent_said = || std::fs::read_to_string(&agent_log).unwrap_or_default();
     // The new agent adopts every VM the killed one left and finds them healthy…
     let machines: Value =
@@ -454,4 +427,96 @@ async fn events_since(d: &Path, listen: &str, after: u64) -> Vec<Value> {
         .await
         .expect("json");
     v["events"].as_array().cloned().unwrap_or_default()
+}
+
+/// The agent of machine `machine` in the matrix at `data`.
+fn agent_named<'a>(data: &'a Path, machine: &'a str) -> impl Fn(&str) -> bool + 'a {
+    move |c: &str| {
+        c.contains("vmatrix agent")
+            && c.contains(&format!("--name {machine} "))
+            && c.contains(&data.display().to_string())
+    }
+}
+
+/// Runs `args` (a migrate or a resume) and, 0.2 s in, kills `machine`'s agent with SIGKILL;
+/// starts it again 1 s later in the machine's namespace (found through its fencing watchdog,
+/// which outlives the agent). Returns the restarted agent.
+async fn kill_agent_during(
+    data: &Path,
+    machine: &str,
+    args: &[&str],
+) -> crate::support::Terminated {
+    let (_, cmdline) = processes(agent_named(data, machine))
+        .pop()
+        .expect("the agent");
+    let fence = std::fs::read_to_string(data.join("agents").join(machine).join("fence.pid"))
+        .ok()
+        .and_then(|p| p.trim().parse::<u32>().ok())
+        .expect("the machine's watchdog");
+    let mut op = vmatrix()
+        .arg("--data")
+        .arg(data)
+        .args(args)
+        .spawn()
+        .expect("start the op");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    kill9("the agent", agent_named(data, machine));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let agent = crate::support::start_agent_again(
+        &cmdline,
+        fence,
+        &data.join(format!("agent-{machine}-again.log")),
+    );
+    let _ = op.wait().await;
+    agent
+}
+
+/// An agent killed with SIGKILL 0.2 s into a migration (the source's) and into a resume (the
+/// destination's), started again a second later: the instance ends running exactly once, with
+/// its RAM and disk data (or suspended, and resumes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "boots real QEMU guests"]
+async fn an_agent_killed_mid_migration_or_mid_resume_loses_nothing() {
+    let _serial = crate::support::under_load().await;
+    let dir = data_dir();
+    let data = dir.path();
+    let _sweep = VmSweep(data);
+    let (_up, _) = two_machines(data).await;
+    let services = data.join("services.toml");
+    std::fs::write(
+        &services,
+        "[[service]]\nname = \"web\"\nimage = \"guest:v1\"\nmin = 1\nmax = 1\n",
+    )
+    .expect("services file");
+    let (ok, _, err) = cli(data, &["apply", "-f", &services.display().to_string()]).await;
+    assert!(ok, "apply: {err}");
+    let web = wait_state(data, "web-1", "running").await;
+    put(web["endpoint"].as_str().unwrap_or(""), "one").await;
+    let other = |m: &str| if m == "rm1" { "rm2" } else { "rm1" }.to_owned();
+
+    // 1. The source's agent dies 0.2 s into a migration.
+    let from = web["machine"].as_str().unwrap_or("").to_owned();
+    let to = other(&from);
+    let _a1 = kill_agent_during(data, &from, &["migrate", "web-1", "--to", &to]).await;
+    let settled = wait_for("web-1 settled", Duration::from_secs(90), async || {
+        let i = instance(data, "web-1").await;
+        (i["state"] == "running").then_some(i)
+    })
+    .await;
+    eprintln!(
+        "agent killed mid-migration: web-1 settled running on {}",
+        settled["machine"]
+    );
+    check(settled["endpoint"].as_str().unwrap_or(""), "one").await;
+    one_copy(data, "web-1").await;
+
+    // 2. The destination's agent dies 0.2 s into a resume.
+    let (ok, _, err) = cli(data, &["suspend", "web-1"]).await;
+    assert!(ok, "suspend: {err}\n{}", up_log(data));
+    wait_state(data, "web-1", "suspended").await;
+    let on = other(settled["machine"].as_str().unwrap_or(""));
+    let _a2 = kill_agent_during(data, &on, &["resume", "web-1", "--on", &on]).await;
+    let web = settled_then_running(data, "web-1", Duration::from_secs(90)).await;
+    check(web["endpoint"].as_str().unwrap_or(""), "one").await;
+    one_copy(data, "web-1").await;
 }

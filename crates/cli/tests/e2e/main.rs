@@ -3,7 +3,9 @@
 mod cluster;
 mod debian;
 mod durable;
+mod faults;
 mod formats;
+mod ha;
 mod health;
 mod image;
 mod isolation;

@@ -32,8 +32,11 @@ pub async fn under_load() -> (
 }
 
 /// Held by the tests whose assertions depend on guests keeping up with a steady load (a live
-/// migration without a failed request, a policy reacting to measured demand): on two cores,
-/// two of them at once starve each other's TCG guests. The other tests run beside them.
+/// migration without a failed request, a policy reacting to measured demand, a failover
+/// without a failed request): on two cores, two of them at once starve each other's TCG
+/// guests. Held too by the tests that write hundreds of MiB through the repository (an import,
+/// a gc): their `syncfs` and writeback stalled a guest's request past 10 s and a controller's
+/// load report by seconds in a CI run beside them. The other tests run beside them.
 pub static UNDER_LOAD: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// The `vmatrix` binary under test, killed if the test drops it.
@@ -78,9 +81,10 @@ pub fn snapshot(dir: &Path) -> Vec<(String, u64, std::time::SystemTime)> {
 }
 
 /// GET `url` from the controller whose data directory is `data`, or its switch's `/metrics`,
-/// with its token (every controller route but health needs it).
+/// with the controller's read-only token (every controller route but health needs a token, and
+/// a read needs no more than that one).
 pub async fn api_get(data: &Path, url: &str) -> reqwest::Result<reqwest::Response> {
-    let token = std::fs::read_to_string(data.join("controller/token")).unwrap_or_default();
+    let token = std::fs::read_to_string(data.join("controller/read-token")).unwrap_or_default();
     reqwest::Client::new()
         .get(url)
         .bearer_auth(token.trim())
@@ -124,6 +128,41 @@ pub fn assert_private(dir: &Path) {
     assert!(seen > 0, "nothing under {}", dir.display());
 }
 
+/// Every QEMU of the matrix in `data` runs under its seccomp sandbox and as the agents'
+/// unprivileged user (vmatrix-qemu, which scripts/install-deps.sh creates), never as root;
+/// returns how many there are (at least one).
+pub fn assert_qemus_confined(data: &Path) -> usize {
+    let mine = format!("{}/", data.display());
+    let qemus = processes(|c| c.contains("qemu-system") && c.contains(&mine));
+    assert!(!qemus.is_empty(), "no QEMU of {} runs", data.display());
+    let uid = String::from_utf8(
+        std::process::Command::new("id")
+            .args(["-u", "vmatrix-qemu"])
+            .output()
+            .expect("run id")
+            .stdout,
+    )
+    .expect("utf-8");
+    for (pid, cmd) in &qemus {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|v| v.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
+                .unwrap_or_default()
+        };
+        assert_eq!(field("Seccomp:"), ["2"], "QEMU {pid} has no sandbox: {cmd}");
+        assert_eq!(
+            field("Uid:"),
+            vec![uid.trim().to_owned(); 4],
+            "QEMU {pid} is not vmatrix-qemu: {cmd}"
+        );
+        assert!(cmd.contains("spawn=deny"), "{cmd}");
+    }
+    qemus.len()
+}
+
 /// A running `vmatrix up`. Dropped (a test that ends, or fails), it is stopped as an operator
 /// would stop it — SIGINT, so that it removes its VMs and its network — and whatever a killed
 /// one left in this network namespace (its interfaces and nftables table, named after its API
@@ -147,6 +186,12 @@ impl std::ops::DerefMut for Up {
 }
 
 impl Up {
+    /// The API port, which also names what `up` creates on the host (`vmxr{port}n{i}`: the host
+    /// end of machine `i`'s link to the underlay, rm1 being 0).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
     /// Ctrl-C, as a terminal sends it; waits (60 s at most) until `up` has stopped everything.
     pub async fn interrupt(&mut self) {
         let pid = self.child.id().expect("vmatrix up runs").to_string();
@@ -362,16 +407,25 @@ pub fn processes(pred: impl Fn(&str) -> bool) -> Vec<(u32, String)> {
 /// binds it (and `vmatrix up` also uses the next port on 127.0.0.2…), so ports come from a
 /// per-process range, in steps of two, checked free on every address a test might use.
 pub fn free_port() -> u16 {
+    free_ports(2)
+}
+
+/// The first of `count` consecutive ports that are free on 127.0.0.1–5 (this process's own
+/// range: tests running at once never get the same ones). Below Linux's ephemeral range
+/// (32768–60999): a port the test picks must not be taken meanwhile by some process's outgoing
+/// connection (etcd members open dozens), which made a later bind fail.
+pub fn free_ports(count: u16) -> u16 {
     use std::sync::atomic::{AtomicU16, Ordering};
     static NEXT: AtomicU16 = AtomicU16::new(0);
-    let base = 20_000 + (std::process::id() % 400) as u16 * 100;
+    let base = 10_000 + (std::process::id() % 20) as u16 * 1_000;
+    let step = count.max(2).next_multiple_of(2);
     loop {
-        let n = NEXT.fetch_add(2, Ordering::Relaxed);
-        assert!(n < 10_000, "ran out of test ports");
+        let n = NEXT.fetch_add(step, Ordering::Relaxed);
+        assert!(n + step <= 1_000, "ran out of test ports");
         let port = base.wrapping_add(n);
         let free = (1..=5).all(|h| {
-            [port, port + 1].iter().all(|p| {
-                std::net::TcpListener::bind((std::net::Ipv4Addr::new(127, 0, 0, h), *p)).is_ok()
+            (port..port + step).all(|p| {
+                std::net::TcpListener::bind((std::net::Ipv4Addr::new(127, 0, 0, h), p)).is_ok()
             })
         });
         if free {
@@ -473,4 +527,50 @@ pub fn up_log(data: &Path) -> String {
     let text = std::fs::read_to_string(data.join("up.log")).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+/// A process the test started that ends with SIGTERM (an agent then stops its VMs), also if
+/// the test fails.
+pub struct Terminated(pub std::process::Child);
+
+impl Drop for Terminated {
+    fn drop(&mut self) {
+        // SAFETY: plain kill(2) of our own child.
+        unsafe {
+            libc::kill(self.0.id() as libc::pid_t, libc::SIGTERM);
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts again an agent that was killed, from its command line `cmdline`, in the network
+/// namespace of process `beside` (one of its VMs, which keep the namespace alive; bridged) —
+/// on the same host either way — with its output in `log`.
+pub fn start_agent_again(cmdline: &str, beside: u32, log: &Path) -> Terminated {
+    let args: Vec<String> = cmdline
+        .split_whitespace()
+        .skip(1)
+        .map(str::to_owned)
+        .collect();
+    let mut again = std::process::Command::new("nsenter");
+    again
+        .arg(format!("--net=/proc/{beside}/ns/net"))
+        .arg(env!("CARGO_BIN_EXE_vmatrix"));
+    let log = std::fs::File::create(log).expect("the restarted agent's log");
+    Terminated(
+        again
+            .args(&args)
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start the agent again"),
+    )
 }

@@ -188,28 +188,42 @@ async fn the_switch_hides_moves_wakes_dormant_services_and_drops_fast() {
     let (ok, _, err) = cli(d, &["undrop", "batch"]).await;
     assert!(ok, "{err}");
 
-    // 4. The controller sees the rate the generator sent, within 5%.
-    let r = run_load(&LoadOptions::constant(
+    // 4. The controller sees the rate the generator sent, within 5%: its view (the switch's
+    // last report, the last 5 whole seconds) is sampled over the load's second half — a host
+    // busy with other tests may delay one report by a few seconds, not the count in it.
+    let opts = LoadOptions::constant(
         format!("http://{front}/s/web/health"),
         40.0,
-        Duration::from_secs(9),
-    ))
-    .await;
+        Duration::from_secs(12),
+    );
+    let load = tokio::spawn(async move { run_load(&opts).await });
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let mut samples = Vec::new();
+    while !load.is_finished() {
+        let seen: Value = crate::support::api_get(d, &format!("http://{api}/api/v1/load"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        samples.push(seen["services"]["web"]["rps"].as_f64().unwrap_or(0.0));
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let r = load.await.unwrap();
     assert_eq!(r.failed(), 0, "{r:?}");
-    let seen: Value = crate::support::api_get(d, &format!("http://{api}/api/v1/load"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let rps = seen["services"]["web"]["rps"].as_f64().unwrap_or(0.0);
+    let near = |x: &f64| (x - r.achieved_rps).abs() <= r.achieved_rps * 0.05;
     eprintln!(
-        "load generator achieved {:.1} req/s; the controller saw {rps:.1} req/s for web",
-        r.achieved_rps
+        "load generator achieved {:.1} req/s; the controller saw {:.1}–{:.1} req/s for web \
+         ({} of {} samples within 5%)",
+        r.achieved_rps,
+        samples.iter().copied().fold(f64::INFINITY, f64::min),
+        samples.iter().copied().fold(0.0, f64::max),
+        samples.iter().filter(|x| near(x)).count(),
+        samples.len()
     );
     assert!(
-        (rps - r.achieved_rps).abs() <= r.achieved_rps * 0.05,
-        "controller saw {rps}, generator sent {}",
+        samples.iter().any(near),
+        "the controller saw {samples:?}, the generator sent {}",
         r.achieved_rps
     );
 

@@ -82,6 +82,33 @@ async fn up_stops_every_process_it_started_on_ctrl_c() {
     );
     // State, tokens, logs, the repository and the VM's files: its owner's alone.
     crate::support::assert_private(data.path());
+    // QEMU runs in a control group of its own, limited to its spec (1 vCPU, 256 MiB): CPU to
+    // its vCPUs plus one, memory to its RAM plus a quarter and 384 MiB.
+    let qemu = crate::support::processes(|c| c.contains(&marker) && c.contains("qemu-system"));
+    let groups = cgroups_of(qemu[0].0);
+    assert!(
+        !groups.is_empty(),
+        "QEMU {} is in no vmatrix group",
+        qemu[0].0
+    );
+    for (controller, dir) in &groups {
+        let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
+        match controller.as_str() {
+            "cpu" => assert_eq!(read("cpu.cfs_quota_us").trim(), "200000", "{dir:?}"),
+            "memory" => assert_eq!(
+                read("memory.limit_in_bytes").trim(),
+                ((256 + 64 + 384) << 20).to_string(),
+                "{dir:?}"
+            ),
+            _ => {
+                assert_eq!(read("cpu.max").trim(), "200000 100000", "{dir:?}");
+                assert_eq!(
+                    read("memory.max").trim(),
+                    ((256 + 64 + 384) << 20).to_string()
+                );
+            }
+        }
+    }
 
     // Ctrl-C, as a terminal would send it.
     let pid = child.id().expect("pid").to_string();
@@ -112,6 +139,51 @@ async fn up_stops_every_process_it_started_on_ctrl_c() {
         .filter(|n| n.starts_with("vmx") && n.contains(&port.to_string()))
         .collect();
     assert!(left.is_empty(), "interfaces left behind: {left:?}");
+    // Nor its machine's control groups (`vmatrix/MACHINE.VM`; `vmatrix` itself may hold
+    // another test's).
+    for (_, dir) in &groups {
+        let name = dir.file_name().unwrap().to_string_lossy().into_owned();
+        let machine = format!("{}.", name.split('.').next().unwrap());
+        let left: Vec<String> = std::fs::read_dir(dir.parent().unwrap())
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.starts_with(&machine))
+                    .collect()
+            })
+            .unwrap_or_default();
+        assert!(left.is_empty(), "control groups left behind: {left:?}");
+    }
+}
+
+/// The vmatrix control groups process `pid` is in: (controller, directory) for each v1
+/// hierarchy (`cpu`, `memory`), or ("", directory) on cgroup v2.
+fn cgroups_of(pid: u32) -> Vec<(String, PathBuf)> {
+    let own = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+    own.lines()
+        .filter_map(|l| {
+            let mut parts = l.splitn(3, ':');
+            let (_, names, path) = (parts.next()?, parts.next()?, parts.next()?);
+            if !path.contains("/vmatrix/") {
+                return None;
+            }
+            let rel = path.trim_start_matches('/');
+            let controller = names
+                .split(',')
+                .find(|n| *n == "cpu" || *n == "memory")
+                .unwrap_or("");
+            if names.is_empty() {
+                Some((String::new(), PathBuf::from("/sys/fs/cgroup").join(rel)))
+            } else if controller.is_empty() {
+                None
+            } else {
+                Some((
+                    controller.to_owned(),
+                    PathBuf::from("/sys/fs/cgroup").join(controller).join(rel),
+                ))
+            }
+        })
+        .collect()
 }
 
 /// Command lines of live processes that mention `needle`.

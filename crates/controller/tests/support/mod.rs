@@ -23,6 +23,10 @@ pub const TOKEN: &str = "component-token";
 pub const API_HEADER_TIMEOUT: Duration = Duration::from_secs(2);
 /// What the test machines join with.
 pub const JOIN_TOKEN: &str = "component-join-token";
+/// The read-only token.
+pub const READ_TOKEN: &str = "component-read-token";
+/// The switch's token.
+pub const SWITCH_TOKEN: &str = "component-switch-token";
 
 /// A runtime of its own: dropping it in the background is a crash of what runs on it.
 pub struct Process {
@@ -155,8 +159,10 @@ impl Matrix {
     pub async fn start_controller(&mut self) {
         let config = ControllerConfig {
             listen: self.api,
-            state: self.dir.path().join("state.db"),
+            state: vmatrix_controller::StateStore::Sqlite(self.dir.path().join("state.db")),
             token: TOKEN.into(),
+            read_token: READ_TOKEN.into(),
+            switch_token: SWITCH_TOKEN.into(),
             join_token: JOIN_TOKEN.into(),
             auto_approve: self.auto_approve,
             policy: self.policy.is_some(),

@@ -84,6 +84,7 @@ pub async fn switch(
         listen,
         controller: format!("http://{controller}"),
         token: TOKEN.into(),
+        read_token: String::new(),
         hold_timeout: Duration::from_secs(5),
         max_held: 10,
         retry_window: Duration::from_secs(5),
