@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::ha::Kept;
 use anyhow::{anyhow, bail, Context, Result};
 use vmatrix_core::api::MachineRole;
 
@@ -307,10 +308,6 @@ pub async fn controller(args: ControllerArgs<'_>, data: &Path) -> Result<()> {
 /// A child process of `up`, killed when `up` ends.
 pub(crate) struct Child(pub(crate) tokio::process::Child);
 
-fn spawn_self(args: &[String]) -> Result<Child> {
-    spawn_self_in(args, false)
-}
-
 /// Starts `vmatrix ARGS…` as a child of `up`; with `own_net`, in a new network namespace of its
 /// own (a machine of the bridged model: it and its VMs are the namespace's only users, so it
 /// vanishes with them).
@@ -352,6 +349,8 @@ pub struct UpArgs {
     pub ha: bool,
     /// Where `--ha`'s ports start (default: the API port + 100).
     pub ha_ports: Option<u16>,
+    /// Start again a child that dies.
+    pub restart: bool,
 }
 
 pub async fn switch(
@@ -526,34 +525,32 @@ pub async fn up(args: UpArgs, data: &Path, accel: vmatrix_vmm::AccelChoice) -> R
         .map(|l| format!("http://{l}"))
         .collect::<Vec<_>>()
         .join(",");
-    let mut children = Vec::new();
-    let mut supervisor = None;
+    // Every child, in the order it started: supervised once all have, stopped in reverse.
+    let mut kept: Vec<(Kept, Child)> = Vec::new();
+    let start = |k: Kept, kept: &mut Vec<(Kept, Child)>| -> Result<u32> {
+        let c = k.start()?;
+        let pid =
+            c.0.id()
+                .ok_or_else(|| anyhow!("{} ended at once", k.what))?;
+        kept.push((k, c));
+        Ok(pid)
+    };
     if args.ha {
         let state = crate::ha::state_url(ha_ports);
-        let mut kept = Vec::new();
         for m in crate::ha::members(ha_ports, args.listen, data)? {
-            let c = m.start()?;
-            kept.push((m, c));
+            start(m, &mut kept)?;
         }
         crate::ha::wait_etcd(&state, Duration::from_secs(30)).await?;
-        let exe = std::env::current_exe().context("finding the vmatrix binary")?;
         for (i, mut a) in per_controller.into_iter().enumerate() {
             a.extend(["--state".into(), state.clone()]);
-            let k = crate::ha::Kept {
-                what: format!("controller {}", i + 1),
-                program: exe.clone(),
-                args: a,
-            };
-            let c = k.start()?;
-            kept.push((k, c));
+            start(Kept::this(format!("controller {}", i + 1), a)?, &mut kept)?;
             // One at a time: the first makes the tokens the others take from etcd.
             wait_healthy(&format!("http://{}", listens[i]), data, i == 0).await?;
         }
         std::fs::write(data.join("controller/api"), format!("{api}\n"))?;
-        supervisor = Some(crate::ha::Supervisor::start(kept));
     } else {
         for a in per_controller {
-            children.push(spawn_self(&a)?);
+            start(Kept::this("the controller", a)?, &mut kept)?;
         }
         wait_healthy(&api, data, true).await?;
     }
@@ -588,8 +585,11 @@ pub async fn up(args: UpArgs, data: &Path, accel: vmatrix_vmm::AccelChoice) -> R
             "--accel".into(),
             accel.as_str().into(),
         ];
+        let what = format!("machine {name}'s agent");
         match topology.as_mut() {
-            None => children.push(spawn_self(&agent_args)?),
+            None => {
+                start(Kept::this(what, agent_args)?, &mut kept)?;
+            }
             Some(t) => {
                 agent_args.extend([
                     "--service-net".into(),
@@ -600,12 +600,15 @@ pub async fn up(args: UpArgs, data: &Path, accel: vmatrix_vmm::AccelChoice) -> R
                     t.vni().to_string(),
                 ]);
                 // The machine's own namespace; the agent waits until its address is there.
-                let child = spawn_self_in(&agent_args, true)?;
+                let mut k = Kept::this(what, agent_args)?;
+                let child = spawn_self_in(&k.args, true)?;
                 let pid = child
                     .0
                     .id()
-                    .ok_or_else(|| anyhow!("machine {name}'s agent ended at once"))?;
-                children.push(child);
+                    .ok_or_else(|| anyhow!("{} ended at once", k.what))?;
+                // Held open: an agent started again joins it.
+                k.keep_netns_of(pid)?;
+                kept.push((k, child));
                 t.attach(i, pid)
                     .with_context(|| format!("joining machine {name} to the underlay"))?;
             }
@@ -621,7 +624,8 @@ pub async fn up(args: UpArgs, data: &Path, accel: vmatrix_vmm::AccelChoice) -> R
         data_s.clone(),
     ];
     switch_args.extend(args.tls.to_args());
-    children.push(spawn_self(&switch_args)?);
+    start(Kept::this("the switch", switch_args)?, &mut kept)?;
+    let supervisor = crate::ha::Supervisor::start(kept, args.restart);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         let up = client.machines().await.map_or(0, |r| {
@@ -679,23 +683,9 @@ pub async fn up(args: UpArgs, data: &Path, accel: vmatrix_vmm::AccelChoice) -> R
     );
     let _ = out.flush();
     crate::shutdown_signal().await;
-    tracing::info!("stopping the agents and the controller");
-    for child in children.iter_mut().rev() {
-        if let Some(pid) = child.0.id() {
-            // SAFETY: plain kill(2) on our own child.
-            unsafe {
-                libc::kill(pid as libc::pid_t, libc::SIGTERM);
-            }
-        }
-    }
-    for mut child in children.into_iter().rev() {
-        if tokio::time::timeout(Duration::from_secs(15), child.0.wait())
-            .await
-            .is_err()
-        {
-            let _ = child.0.start_kill();
-        }
-    }
+    tracing::info!("stopping the switch, the agents and the controller");
+    // Each one SIGTERM, the last started first; SIGKILL after 15 s.
+    supervisor.stop().await;
     // An agent that crashed (or was killed) before leaves its VMs running for the next one;
     // `up` is ending, so there is no next one.
     for (name, _, _) in &machines {
@@ -722,9 +712,6 @@ pub async fn up(args: UpArgs, data: &Path, accel: vmatrix_vmm::AccelChoice) -> R
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     vmatrix_vmm::cgroup::remove_root();
-    if let Some(s) = supervisor {
-        s.stop().await;
-    }
     // The machines' namespaces went with their agents and VMs; this host's part goes now.
     drop(topology);
     Ok(())

@@ -3,6 +3,7 @@
 //! other standing by — and the supervision that restarts any of them that dies.
 
 use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -19,16 +20,46 @@ pub(crate) struct Kept {
     pub what: String,
     pub program: PathBuf,
     pub args: Vec<String>,
+    /// The network namespace it runs in, when not `up`'s: a machine's, held open here so that
+    /// it outlives its agent (the agent's VMs serve on in it, and the agent started again
+    /// joins it and takes them back).
+    pub netns: Option<OwnedFd>,
 }
 
 impl Kept {
+    /// `vmatrix ARGS…` (this binary).
+    pub fn this(what: impl Into<String>, args: Vec<String>) -> Result<Self> {
+        Ok(Self {
+            what: what.into(),
+            program: std::env::current_exe().context("finding the vmatrix binary")?,
+            args,
+            netns: None,
+        })
+    }
+
+    /// Its network namespace from now on: the one process `pid` (its first start) runs in.
+    pub fn keep_netns_of(&mut self, pid: u32) -> Result<()> {
+        let path = format!("/proc/{pid}/ns/net");
+        let f = std::fs::File::open(&path)
+            .with_context(|| format!("keeping {}'s network namespace ({path})", self.what))?;
+        self.netns = Some(f.into());
+        Ok(())
+    }
+
     pub fn start(&self) -> Result<Child> {
         let mut cmd = tokio::process::Command::new(&self.program);
         cmd.args(&self.args).kill_on_drop(true);
-        // SAFETY: prctl is async-signal-safe; the child dies with `up` even on kill -9.
+        let netns = self.netns.as_ref().map(AsRawFd::as_raw_fd);
+        // SAFETY: prctl and setns are async-signal-safe; the child dies with `up` even on
+        // kill -9, and joins the namespace before it runs anything of its own.
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                if let Some(fd) = netns {
+                    if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
                 Ok(())
             });
         }
@@ -118,6 +149,7 @@ pub fn members(ports: Ports, listen: SocketAddr, data: &Path) -> Result<Vec<Kept
         out.push(Kept {
             what: format!("etcd member {name}"),
             program: etcd.clone(),
+            netns: None,
             args: vec![
                 format!("--name={name}"),
                 format!("--data-dir={}", dir.display()),
@@ -167,14 +199,15 @@ pub async fn wait_etcd(url: &str, within: Duration) -> Result<()> {
 }
 
 /// Processes kept running: each one that ends is started again (after a pause that grows
-/// while it keeps dying, up to 5 s), until [`Supervisor::stop`].
+/// while it keeps dying, up to 5 s; with `restart` false, only logged), until
+/// [`Supervisor::stop`], which stops them in the reverse of their order.
 pub(crate) struct Supervisor {
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Supervisor {
-    pub fn start(kept: Vec<(Kept, Child)>) -> Self {
+    pub fn start(kept: Vec<(Kept, Child)>, restart: bool) -> Self {
         let (stop, mut stopping) = watch::channel(false);
         let task = tokio::spawn(async move {
             let mut kept: Vec<(Kept, Option<Child>, Duration)> = kept
@@ -197,6 +230,16 @@ impl Supervisor {
                         *pause = Duration::from_millis(200);
                         continue;
                     };
+                    if !restart {
+                        if let Some(mut c) = child.take() {
+                            let _ = c.0.wait().await;
+                            tracing::warn!(
+                                "{} ended ({how}); not started again (--no-restart)",
+                                k.what
+                            );
+                        }
+                        continue;
+                    }
                     tracing::warn!("{} ended ({how}); starting it again in {pause:?}", k.what);
                     tokio::time::sleep(*pause).await;
                     *pause = (*pause * 2).min(Duration::from_secs(5));

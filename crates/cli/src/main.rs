@@ -95,6 +95,11 @@ enum Command {
         /// members' client and peer ports (default: the API port + 100).
         #[arg(long)]
         ha_ports: Option<u16>,
+        /// Leave a child that dies (the controller, an agent, the switch) ended. By default
+        /// `up` starts it again (an agent inside its machine's network namespace, where it takes
+        /// its VMs back); for tests that kill and restart processes themselves.
+        #[arg(long)]
+        no_restart: bool,
     },
     /// Run the switch: the front door that follows VMs.
     Switch {
@@ -640,10 +645,12 @@ fn run() -> Result<()> {
             tls,
             ha,
             ha_ports,
+            no_restart,
         } => runtime()?.block_on(cluster::up(
             cluster::UpArgs {
                 ha,
                 ha_ports,
+                restart: !no_restart,
                 tls,
                 policy,
                 policy_file,

@@ -225,9 +225,11 @@ async fn up_apply_migrate_suspend_resume_and_survive_a_controller_crash() {
             &listen,
             "--switch-listen",
             &front,
-            // Manual mode: this test moves instances itself.
+            // Manual mode: this test moves instances itself, and starts the controller it
+            // kills again itself.
             "--policy",
             "min",
+            "--no-restart",
         ],
     )
     .await;

@@ -138,6 +138,8 @@ async fn two_machines(data: &Path) -> (crate::support::Up, String) {
             &switch,
             "--policy",
             "min",
+            // These tests kill and start processes again themselves.
+            "--no-restart",
         ],
     )
     .await;
@@ -325,7 +327,7 @@ image = "web:prod-v1"
     };
     let (_, cmdline) = processes(agent_of).pop().expect("the agent");
     let last_event = events_count(data, &listen).await;
-    kill9("the agent", agent_of);
+    crate::support::kill9_and_wait("the agent", agent_of).await;
     let agent_log = data.join("agent-again.log");
     let mut agent = crate::support::start_agent_again(&cmdline, pids[0], &agent_log);
     let agent_said = || std::fs::read_to_string(&agent_log).unwrap_or_default();

@@ -297,7 +297,9 @@ pub async fn start_controller(data: &Path, listen: &str) -> tokio::process::Chil
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("start the controller");
-    wait_controller(child, listen).await
+    wait_controller(child, listen)
+        .await
+        .unwrap_or_else(|| panic!("the controller did not answer on {listen}"))
 }
 
 /// Kills the controller of `data` (`up`'s, or one a test started again) with SIGKILL and
@@ -308,35 +310,55 @@ pub async fn kill9_and_restart_controller(data: &Path, listen: &str) -> tokio::p
     let is_it =
         |c: &str| c.contains("vmatrix") && c.contains(" controller ") && c.contains(&marker);
     let (_, cmdline) = processes(is_it).pop().expect("the controller runs");
-    kill9("the controller", is_it);
+    kill9_and_wait("the controller", is_it).await;
     let args: Vec<String> = cmdline
         .split_whitespace()
         .skip(1)
         .map(str::to_owned)
         .collect();
+    // Its log kept, for a failure to show.
+    let log = data.join("controller-again.log");
     let child = vmatrix()
         .args(&args)
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stderr(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log)
+                .map_or_else(|_| std::process::Stdio::null(), std::process::Stdio::from),
+        )
         .spawn()
         .expect("start the controller again");
-    wait_controller(child, listen).await
+    let child = wait_controller(child, listen).await;
+    if child.is_none() {
+        let said = std::fs::read_to_string(&log).unwrap_or_default();
+        let lines: Vec<&str> = said.lines().collect();
+        panic!(
+            "the controller started again did not answer on {listen} within 30 s; it logged:\n{}",
+            lines[lines.len().saturating_sub(30)..].join("\n")
+        );
+    }
+    child.expect("checked")
 }
 
-async fn wait_controller(child: tokio::process::Child, listen: &str) -> tokio::process::Child {
+/// `child` once the controller answers on `listen`, or None after 30 s (`child` dropped: killed).
+async fn wait_controller(
+    mut child: tokio::process::Child,
+    listen: &str,
+) -> Option<tokio::process::Child> {
     let url = format!("http://{listen}/api/v1/health");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while !reqwest::get(&url)
         .await
         .is_ok_and(|r| r.status().is_success())
     {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the controller did not answer on {listen}"
-        );
+        if std::time::Instant::now() > deadline || child.try_wait().is_ok_and(|s| s.is_some()) {
+            return None;
+        }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    child
+    Some(child)
 }
 
 /// Whatever happens to a test, no VM of its machines outlives it: an agent killed with SIGKILL
@@ -366,6 +388,27 @@ pub fn kill9(what: &str, pred: impl Fn(&str) -> bool) {
         .status()
         .expect("run kill");
     assert!(killed.success(), "kill -9 {pid} ({what})");
+}
+
+/// [`kill9`], then waits (10 s at most) until the process has exited: a process that gets
+/// SIGKILL still holds its listening socket and its locks while the kernel tears it down
+/// (longer on a loaded host), and one started again in its place before then finds its port in
+/// use.
+pub async fn kill9_and_wait(what: &str, pred: impl Fn(&str) -> bool) {
+    let (pid, _) = processes(&pred)
+        .first()
+        .cloned()
+        .unwrap_or_else(|| panic!("no process for {what}"));
+    kill9(what, &pred);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    // `processes` leaves zombies out: an exited child not yet reaped has let go of everything.
+    while processes(&pred).iter().any(|(p, _)| *p == pid) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what} ({pid}) still runs 10 s after SIGKILL"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }
 
 /// The QEMU process of instance `id` (its SMBIOS serial is the instance id) in the matrix whose
