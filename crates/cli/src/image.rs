@@ -443,7 +443,7 @@ pub fn run(cmd: ImageCommand, url: &str, data: &Path) -> Result<()> {
             let repo = Repository::open(url)?;
             let r = repo.gc(Duration::from_secs(grace_seconds))?;
             println!(
-                "gc: removed {} version(s) and {} chunk(s), freed {}; kept {} version(s) only because running instances use them, {} live and {} young chunk(s); {} writer(s) running; cleaned {} temporary file(s) and {} stale lease(s); {:.2}s",
+                "gc: removed {} version(s) and {} chunk(s), freed {}; kept {} version(s) only because running instances use them, {} live and {} young chunk(s); {} writer(s) running; cleaned {} temporary file(s), {} chunk(s) a killed GC left aside and {} stale lease(s); {:.2}s",
                 r.removed_manifests,
                 r.removed_chunks,
                 human(r.freed_bytes),
@@ -452,6 +452,7 @@ pub fn run(cmd: ImageCommand, url: &str, data: &Path) -> Result<()> {
                 r.young_chunks,
                 r.active_leases,
                 r.temporaries_removed,
+                r.aside_put_back,
                 r.stale_leases_removed,
                 r.seconds
             );

@@ -134,6 +134,15 @@ impl Backend {
         }
     }
 
+    /// Puts back the objects that a GC killed mid-delete had moved aside (see
+    /// [`FileBackend::put_back_aside`]); returns how many. (S3 deletes move nothing aside.)
+    pub fn put_back_aside(&self) -> Result<u64> {
+        match self {
+            Self::File(f) => f.put_back_aside(),
+            Self::S3(_) => Ok(0),
+        }
+    }
+
     /// Marks an object as just used (its modification time becomes now); false if missing.
     pub fn touch(&self, key: &str) -> Result<bool> {
         match self {
@@ -315,6 +324,60 @@ impl FileBackend {
             }
         }
         Ok(removed)
+    }
+
+    /// A GC deletes a chunk by moving it aside (`KEY.gc-PID`), checking its time there and
+    /// removing it — or putting it back when a writer touched it meanwhile. A GC killed between
+    /// those steps leaves the file aside: garbage nothing would ever remove, or worse, a chunk
+    /// a writer had just come to rely on, missing from its place. Each one whose GC no longer
+    /// runs (its pid is gone from this host, or it was moved a minute ago or more — a GC holds
+    /// one aside for microseconds) is put back, or removed if its place holds the chunk again
+    /// (a writer wrote it anew: the same content). What is put back is an ordinary chunk
+    /// again, removed by this GC if nothing refers to it.
+    fn put_back_aside(&self) -> Result<u64> {
+        use std::os::unix::fs::MetadataExt;
+        let mut put_back = 0;
+        let Ok(dirs) = fs::read_dir(self.root.join("chunks")) else {
+            return Ok(0);
+        };
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        for dir in dirs.flatten() {
+            let Ok(entries) = fs::read_dir(dir.path()) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let Some((chunk, pid)) = name.rsplit_once(".gc-") else {
+                    continue;
+                };
+                let alive = pid.parse::<u32>().is_ok_and(|pid| {
+                    pid != std::process::id() && Path::new(&format!("/proc/{pid}")).exists()
+                });
+                // The time it was moved aside: a rename changes the inode's ctime only.
+                let moved_long_ago = e
+                    .metadata()
+                    .is_ok_and(|m| now.saturating_sub(m.ctime().max(0) as u64) >= 60);
+                if alive && !moved_long_ago {
+                    continue;
+                }
+                let place = dir.path().join(chunk);
+                let done = if place.exists() {
+                    fs::remove_file(e.path())
+                } else {
+                    fs::rename(e.path(), &place)
+                };
+                match done {
+                    Ok(()) => put_back += 1,
+                    Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(err) => {
+                        return Err(self.err("put back", &format!("chunks/{name}"), err));
+                    }
+                }
+            }
+        }
+        Ok(put_back)
     }
 
     fn touch(&self, key: &str) -> Result<bool> {

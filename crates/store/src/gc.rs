@@ -35,6 +35,8 @@ pub struct GcReport {
     pub stale_leases_removed: usize,
     /// Temporary files of killed writers, removed.
     pub temporaries_removed: u64,
+    /// Chunks a killed GC had moved aside, put back (then removed with the rest if unused).
+    pub aside_put_back: u64,
     /// Seconds.
     pub seconds: f64,
 }
@@ -50,7 +52,11 @@ impl Repository {
     /// look at the repository from the future instead of waiting).
     pub fn gc_at(&self, now: SystemTime, grace: Duration) -> Result<GcReport> {
         let started = Instant::now();
-        let mut report = GcReport::default();
+        // First, what a GC killed mid-delete left aside: a chunk again, judged like the rest.
+        let mut report = GcReport {
+            aside_put_back: self.backend.put_back_aside()?,
+            ..GcReport::default()
+        };
         let mut oldest = now;
         for (key, meta) in self.backend.list("leases/")? {
             let started_at = self
