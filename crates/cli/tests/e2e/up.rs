@@ -85,6 +85,14 @@ async fn up_stops_every_process_it_started_on_ctrl_c() {
     // QEMU runs in a control group of its own, limited to its spec (1 vCPU, 256 MiB): CPU to
     // its vCPUs plus one, memory to its RAM plus a quarter and 384 MiB.
     let qemu = crate::support::processes(|c| c.contains(&marker) && c.contains("qemu-system"));
+    // Under TCG its translation cache is capped, so that it fits the memory limit below.
+    if qemu[0].1.contains("-accel tcg") {
+        assert!(
+            qemu[0].1.contains("-accel tcg,tb-size=256"),
+            "{}",
+            qemu[0].1
+        );
+    }
     let groups = cgroups_of(qemu[0].0);
     assert!(
         !groups.is_empty(),
@@ -94,7 +102,11 @@ async fn up_stops_every_process_it_started_on_ctrl_c() {
     for (controller, dir) in &groups {
         let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
         match controller.as_str() {
-            "cpu" => assert_eq!(read("cpu.cfs_quota_us").trim(), "200000", "{dir:?}"),
+            "cpu" => {
+                assert_eq!(read("cpu.cfs_quota_us").trim(), "200000", "{dir:?}");
+                // A serving guest weighs one thread at nice 0 per vCPU.
+                assert_eq!(read("cpu.shares").trim(), "1024", "{dir:?}");
+            }
             "memory" => assert_eq!(
                 read("memory.limit_in_bytes").trim(),
                 ((256 + 64 + 384) << 20).to_string(),
@@ -102,6 +114,7 @@ async fn up_stops_every_process_it_started_on_ctrl_c() {
             ),
             _ => {
                 assert_eq!(read("cpu.max").trim(), "200000 100000", "{dir:?}");
+                assert_eq!(read("cpu.weight").trim(), "100", "{dir:?}");
                 assert_eq!(
                     read("memory.max").trim(),
                     ((256 + 64 + 384) << 20).to_string()
