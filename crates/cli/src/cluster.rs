@@ -308,27 +308,47 @@ pub async fn controller(args: ControllerArgs<'_>, data: &Path) -> Result<()> {
 /// A child process of `up`, killed when `up` ends.
 pub(crate) struct Child(pub(crate) tokio::process::Child);
 
-/// Starts `vmatrix ARGS…` as a child of `up`; with `own_net`, in a new network namespace of its
-/// own (a machine of the bridged model: it and its VMs are the namespace's only users, so it
-/// vanishes with them).
-pub(crate) fn spawn_self_in(args: &[String], own_net: bool) -> Result<Child> {
-    let exe = std::env::current_exe().context("finding the vmatrix binary")?;
-    let mut cmd = tokio::process::Command::new(exe);
+/// The network namespace a child of `up` runs in.
+#[derive(Clone, Copy)]
+pub(crate) enum Netns {
+    /// `up`'s own.
+    Host,
+    /// A new one of its own (a machine of the bridged model: it and its VMs are the
+    /// namespace's only users, so it vanishes with them unless `up` holds it open).
+    New,
+    /// The one this descriptor (of `/proc/PID/ns/net`) names.
+    Join(std::os::fd::RawFd),
+}
+
+/// Starts `program ARGS…` as a child of `up` in `netns`; it dies with `up`, even on kill -9.
+pub(crate) fn spawn_child(program: &Path, args: &[String], netns: Netns) -> Result<Child> {
+    let mut cmd = tokio::process::Command::new(program);
     cmd.args(args).kill_on_drop(true);
-    // SAFETY: prctl and unshare are async-signal-safe; the child dies with this process even
-    // on kill -9.
+    // SAFETY: prctl, unshare and setns are async-signal-safe; the child is in its namespace
+    // before it runs anything of its own.
     unsafe {
         cmd.pre_exec(move || {
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
-            if own_net && libc::unshare(libc::CLONE_NEWNET) != 0 {
+            let rc = match netns {
+                Netns::Host => 0,
+                Netns::New => libc::unshare(libc::CLONE_NEWNET),
+                Netns::Join(fd) => libc::setns(fd, libc::CLONE_NEWNET),
+            };
+            if rc != 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
         });
     }
-    Ok(Child(
-        cmd.spawn().context("starting a vmatrix child process")?,
-    ))
+    Ok(Child(cmd.spawn().with_context(|| {
+        format!("starting {}", program.display())
+    })?))
+}
+
+/// Starts `vmatrix ARGS…` as a child of `up`; with `own_net`, in a new network namespace.
+pub(crate) fn spawn_self_in(args: &[String], own_net: bool) -> Result<Child> {
+    let exe = std::env::current_exe().context("finding the vmatrix binary")?;
+    spawn_child(&exe, args, if own_net { Netns::New } else { Netns::Host })
 }
 
 /// Options of `vmatrix up`.

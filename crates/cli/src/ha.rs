@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use tokio::sync::watch;
 
-use crate::cluster::Child;
+use crate::cluster::{spawn_child, Child, Netns};
 
 /// How many etcd members `up --ha` starts (a majority survives one lost member).
 pub const MEMBERS: u16 = 3;
@@ -47,25 +47,11 @@ impl Kept {
     }
 
     pub fn start(&self) -> Result<Child> {
-        let mut cmd = tokio::process::Command::new(&self.program);
-        cmd.args(&self.args).kill_on_drop(true);
-        let netns = self.netns.as_ref().map(AsRawFd::as_raw_fd);
-        // SAFETY: prctl and setns are async-signal-safe; the child dies with `up` even on
-        // kill -9, and joins the namespace before it runs anything of its own.
-        unsafe {
-            cmd.pre_exec(move || {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
-                if let Some(fd) = netns {
-                    if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                }
-                Ok(())
-            });
-        }
-        Ok(Child(cmd.spawn().with_context(|| {
-            format!("starting {} ({})", self.what, self.program.display())
-        })?))
+        let netns = match &self.netns {
+            Some(fd) => Netns::Join(fd.as_raw_fd()),
+            None => Netns::Host,
+        };
+        spawn_child(&self.program, &self.args, netns).with_context(|| self.what.clone())
     }
 }
 

@@ -162,11 +162,6 @@ impl QemuProcess {
         self.cgroup.as_ref()
     }
 
-    /// Its control group's directories, if it has one.
-    pub fn cgroup_dirs(&self) -> &[PathBuf] {
-        self.cgroup.as_ref().map(Cgroup::dirs).unwrap_or_default()
-    }
-
     /// The process id (also the process group id).
     pub fn pid(&self) -> u32 {
         self.pid

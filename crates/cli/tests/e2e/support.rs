@@ -377,17 +377,18 @@ impl Drop for VmSweep<'_> {
 }
 
 /// Kills with SIGKILL the one live process whose command line satisfies `pred` (`what` names
-/// it in the failure message): a crash, as far as vMatrix can tell.
-pub fn kill9(what: &str, pred: impl Fn(&str) -> bool) {
+/// it in the failure message): a crash, as far as vMatrix can tell. Returns its pid.
+pub fn kill9(what: &str, pred: impl Fn(&str) -> bool) -> u32 {
     let pid = processes(pred)
         .first()
-        .map(|(p, _)| p.to_string())
+        .map(|(p, _)| *p)
         .unwrap_or_else(|| panic!("no process for {what}"));
     let killed = std::process::Command::new("kill")
-        .args(["-9", &pid])
+        .args(["-9", &pid.to_string()])
         .status()
         .expect("run kill");
     assert!(killed.success(), "kill -9 {pid} ({what})");
+    pid
 }
 
 /// [`kill9`], then waits (10 s at most) until the process has exited: a process that gets
@@ -395,11 +396,7 @@ pub fn kill9(what: &str, pred: impl Fn(&str) -> bool) {
 /// (longer on a loaded host), and one started again in its place before then finds its port in
 /// use.
 pub async fn kill9_and_wait(what: &str, pred: impl Fn(&str) -> bool) {
-    let (pid, _) = processes(&pred)
-        .first()
-        .cloned()
-        .unwrap_or_else(|| panic!("no process for {what}"));
-    kill9(what, &pred);
+    let pid = kill9(what, &pred);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     // `processes` leaves zombies out: an exited child not yet reaped has let go of everything.
     while processes(&pred).iter().any(|(p, _)| *p == pid) {
