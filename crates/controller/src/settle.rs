@@ -153,6 +153,40 @@ impl Controller {
         })
     }
 
+    /// Pauses a standby that has just booted (its row says running). Tried three times, a
+    /// second apart, while it is still a standby on its way (an unpause may have made it serve
+    /// meanwhile); after that it counts as a running instance, which the policy scales in.
+    fn spawn_pause_standby(self: &Arc<Self>, id: InstanceId) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let still = || {
+                me.prepared
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .contains(&id)
+            };
+            for attempt in 1..=3 {
+                if !still() {
+                    return;
+                }
+                match me
+                    .pause(&id, true, "warm standby: booted, now paused")
+                    .await
+                {
+                    Ok(_) => break,
+                    Err(e) => {
+                        tracing::warn!("pausing the standby {id} (attempt {attempt} of 3): {e}");
+                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    }
+                }
+            }
+            me.prepared
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&id);
+        });
+    }
+
     /// Whether `machine`'s latest report (since this process started) lists `id`; `None` if
     /// no report came from it yet.
     pub(crate) fn machine_has(&self, machine: &str, id: &InstanceId) -> Option<bool> {
@@ -204,41 +238,20 @@ impl Controller {
                         _ => None,
                     };
                     let Some(step) = step else { continue };
+                    let mut pause_standby = false;
                     match (row.info.state, step) {
                         (S::Activating, Transition::Ready) => {
                             self.activation_succeeded(row.info.service.as_str());
                             // It runs: a saved state it was resumed from is superseded (the
                             // agent removes it).
                             row.saved = None;
-                            let standby = self
+                            // A standby is paused once its row says running (below):
+                            // paused earlier, it would be refused as still activating.
+                            pause_standby = self
                                 .prepared
                                 .lock()
                                 .unwrap_or_else(|e| e.into_inner())
                                 .contains(&row.info.id);
-                            if standby {
-                                let (me, id) = (self.clone(), row.info.id.clone());
-                                tokio::spawn(async move {
-                                    // Unpaused while it booted: it serves instead.
-                                    let still = me
-                                        .prepared
-                                        .lock()
-                                        .unwrap_or_else(|e| e.into_inner())
-                                        .contains(&id);
-                                    if !still {
-                                        return;
-                                    }
-                                    let done = me
-                                        .pause(&id, true, "warm standby: booted, now paused")
-                                        .await;
-                                    if let Err(e) = done {
-                                        tracing::warn!("pausing the standby {id}: {e}");
-                                    }
-                                    me.prepared
-                                        .lock()
-                                        .unwrap_or_else(|e| e.into_inner())
-                                        .remove(&id);
-                                });
-                            }
                         }
                         (S::Activating, Transition::Fail) => {
                             self.activation_failed(row.info.service.as_str())
@@ -251,6 +264,9 @@ impl Controller {
                         row.info.state = row.info.state.next(step)?;
                         row.info.endpoint = inst.endpoint.clone();
                         self.db(|d| d.put_instance(&row))?;
+                    }
+                    if pause_standby {
+                        self.spawn_pause_standby(row.info.id.clone());
                     }
                     let outcome = inst
                         .error
