@@ -140,7 +140,7 @@ pub async fn vmm(accel: AccelChoice, runs: usize, memory_mib: u32, work: &Path) 
         resume_http.values.push(started.elapsed().as_secs_f64());
 
         let c = spec.with_forward(free_addr()?);
-        let incoming = IncomingVm::start(c, run.join("c"), "127.0.0.1".parse()?).await?;
+        let incoming = IncomingVm::start(c, run.join("c"), "127.0.0.1".parse()?, None).await?;
         let report = vm
             .migrate_out(incoming.target())
             .await

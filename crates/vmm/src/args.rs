@@ -110,6 +110,23 @@ pub(crate) fn qemu_args(
     if let Some(user) = &spec.run_as {
         args.extend(["-runas".into(), user.clone()]);
     }
+    if let Some(tls) = &spec.tls {
+        // Loaded when QEMU starts, as the caller (before `-runas`): the key stays unreadable
+        // to the guest's user. One object for each end of a move.
+        let dir = tls.dir.display().to_string().replace(',', ",,");
+        args.extend([
+            "-object".into(),
+            format!(
+                "tls-creds-x509,id={},endpoint=server,verify-peer=on,dir={dir}",
+                crate::migration::TLS_SERVER
+            ),
+            "-object".into(),
+            format!(
+                "tls-creds-x509,id={},endpoint=client,verify-peer=on,dir={dir}",
+                crate::migration::TLS_CLIENT
+            ),
+        ]);
+    }
     if spec.accel == Accelerator::Kvm {
         let cpu = match hw.cpu {
             CpuModel::Baseline => BASELINE_CPU,

@@ -28,7 +28,7 @@ pub mod volume;
 pub use accel::{AccelChoice, Accelerator, ProbeBoot};
 pub use console::{Attached, Console, ConsoleError, Input};
 pub use error::{Result, VmmError};
-pub use migration::{IncomingVm, MigrationFailure, MigrationReport, MigrationTarget};
+pub use migration::{IncomingVm, MigrationFailure, MigrationReport, MigrationTarget, MigrationTls};
 pub use process::Lifetime;
 pub use vm::{
     mac_for, BaseImage, ImageFormat, StopOutcome, SuspendedVm, TapSpec, Vm, VmDir, VmSpec,

@@ -43,6 +43,28 @@ use crate::vm::{
     create_overlay, prepare_dir, StartMode, Vm, VmDir, VmSpec, DISK_NODE, UNTHROTTLED,
 };
 
+/// The id of the TLS credentials a destination listens with.
+pub(crate) const TLS_SERVER: &str = "vmatrix-tls-server";
+/// The id of the TLS credentials a source connects with.
+pub(crate) const TLS_CLIENT: &str = "vmatrix-tls-client";
+const TLS_AUTHZ: &str = "vmatrix-tls-peer";
+
+/// A machine's credentials for the migration data path: both the NBD export of the disk and the
+/// migration stream go through TLS with certificates from the matrix's authority, checked both
+/// ways — the source checks that the destination's certificate names the machine it meant, the
+/// destination admits only the source's certificate (by its distinguished name, `CN=NAME`).
+/// Nothing else that reaches the ports — another process on the host, another machine, a
+/// guest — can write the disk or feed the VM a state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MigrationTls {
+    /// A directory with QEMU's file names: `ca-cert.pem`, `server-cert.pem`,
+    /// `server-key.pem`, `client-cert.pem`, `client-key.pem` (readable by the caller; QEMU
+    /// reads them before it drops to its own user).
+    pub dir: PathBuf,
+    /// The machine's name, which its certificate carries (`CN` and a DNS name).
+    pub name: String,
+}
+
 const MIRROR_JOB: &str = "vmatrix-mirror";
 const MIRROR_TARGET: &str = "vmatrix-mirror-target";
 const EXPORT_ID: &str = "vmatrix-export";
@@ -56,6 +78,8 @@ pub struct MigrationTarget {
     pub export: String,
     /// The destination's migration listener.
     pub migration: SocketAddr,
+    /// Over TLS: the name the destination's certificate carries (`None`: in the clear).
+    pub tls_name: Option<String>,
 }
 
 /// QEMU's figures for a finished live migration.
@@ -103,27 +127,60 @@ pub struct IncomingVm {
 
 impl IncomingVm {
     /// Starts the destination in `dir` with a fresh overlay on the same base, exports its disk
-    /// over NBD and listens for the migration stream, both on `listen`.
-    pub async fn start(spec: VmSpec, dir: impl Into<PathBuf>, listen: IpAddr) -> Result<Self> {
+    /// over NBD and listens for the migration stream, both on `listen`. With the spec's TLS
+    /// credentials both take only a TLS client whose certificate names machine `peer` (any
+    /// certificate of the authority if `None`); without, anyone who reaches them.
+    pub async fn start(
+        spec: VmSpec,
+        dir: impl Into<PathBuf>,
+        listen: IpAddr,
+        peer: Option<&str>,
+    ) -> Result<Self> {
         let dir = VmDir::new(dir);
         prepare_dir(&dir)?;
         create_overlay(&spec, &dir.disk()).await?;
         crate::volume::create_volumes(&spec, &dir).await?;
         let volumes: Vec<String> = spec.volumes.iter().map(|v| v.node()).collect();
+        let tls_name = spec.tls.as_ref().map(|t| t.name.clone());
         // Started at MIGRATING_NICE: loading a guest yields to the guests that serve (its own
         // vCPUs wait anyway).
         let mut vm = Vm::start(spec, dir, StartMode::Incoming, MIGRATING_NICE).await?;
         let listening = async {
             let nbd = SocketAddr::new(listen, free_port(listen)?);
             let migration = SocketAddr::new(listen, free_port(listen)?);
+            let (creds, authz) = match (&tls_name, peer) {
+                (None, _) => (None, None),
+                (Some(_), None) => (Some(TLS_SERVER.to_string()), None),
+                (Some(_), Some(peer)) => {
+                    vm.qmp
+                        .execute(&ObjectAddAuthz {
+                            qom_type: "authz-simple",
+                            id: TLS_AUTHZ.into(),
+                            identity: format!("CN={peer}"),
+                        })
+                        .await?;
+                    (Some(TLS_SERVER.to_string()), Some(TLS_AUTHZ.to_string()))
+                }
+            };
             vm.qmp
                 .execute(&NbdServerStart {
                     addr: SocketAddressLegacy::Inet {
                         host: nbd.ip().to_string(),
                         port: nbd.port().to_string(),
                     },
+                    tls_creds: creds.clone(),
+                    tls_authz: authz.clone(),
                 })
                 .await?;
+            if creds.is_some() {
+                vm.qmp
+                    .execute(&MigrateSetParameters {
+                        tls_creds: creds,
+                        tls_authz: Some(authz.unwrap_or_default()),
+                        ..Default::default()
+                    })
+                    .await?;
+            }
             vm.qmp
                 .execute(&BlockExportAdd {
                     kind: "nbd",
@@ -154,6 +211,7 @@ impl IncomingVm {
                 nbd,
                 export: DISK_NODE.into(),
                 migration,
+                tls_name,
             })
         }
         .await;
@@ -179,6 +237,7 @@ impl IncomingVm {
                     nbd: SocketAddr::from(([127, 0, 0, 1], 0)),
                     export: DISK_NODE.into(),
                     migration: SocketAddr::from(([127, 0, 0, 1], 0)),
+                    tls_name: None,
                 },
                 vm,
             }),
@@ -210,6 +269,8 @@ impl IncomingVm {
             tracing::debug!(instance = %self.vm.spec.instance, "the migrated guest runs here");
             // An adopted destination may have stopped its NBD server already.
             let _ = self.vm.qmp.execute(&NbdServerStop {}).await;
+            // Its next move or suspend sets its own (a file takes none).
+            self.vm.no_migration_tls().await;
             Ok(())
         }
         .await;
@@ -272,6 +333,21 @@ impl Vm {
         started: Instant,
         limit: Duration,
     ) -> Result<MigrationReport> {
+        let tls_creds = match (&target.tls_name, &self.spec.tls) {
+            (None, _) => None,
+            (Some(_), Some(_)) => Some(TLS_CLIENT.to_string()),
+            (Some(name), None) => {
+                return Err(VmmError::Migration {
+                    instance: self.spec.instance.clone(),
+                    operation: "live migration",
+                    detail: format!(
+                        "the destination ({name}) takes it only over TLS, and this QEMU was \
+                         started without the machine's certificate: suspend and resume it \
+                         to move it"
+                    ),
+                })
+            }
+        };
         for m in self.mirrors(target) {
             self.qmp
                 .execute(&BlockdevAddNbd {
@@ -282,6 +358,8 @@ impl Vm {
                         port: target.nbd.port().to_string(),
                     },
                     export: m.export.clone(),
+                    tls_creds: tls_creds.clone(),
+                    tls_hostname: target.tls_name.clone(),
                 })
                 .await?;
             self.qmp
@@ -332,6 +410,9 @@ impl Vm {
             .execute(&MigrateSetParameters {
                 max_bandwidth: Some(UNTHROTTLED),
                 downtime_limit: Some(DOWNTIME_STEPS[0].1),
+                tls_creds: Some(tls_creds.unwrap_or_default()),
+                tls_hostname: Some(target.tls_name.clone().unwrap_or_default()),
+                ..Default::default()
             })
             .await?;
         self.qmp
@@ -359,8 +440,8 @@ impl Vm {
                     tracing::debug!(instance = %self.spec.instance, "allowing {ms} ms of downtime");
                     self.qmp
                         .execute(&MigrateSetParameters {
-                            max_bandwidth: None,
                             downtime_limit: Some(ms),
+                            ..Default::default()
                         })
                         .await?;
                 }
@@ -474,6 +555,19 @@ impl Vm {
     }
 
     /// Turns off the pause before the switch-over that a live migration asks for.
+    /// Clears the migration's TLS parameters (best effort): a saved state goes to a file.
+    pub(crate) async fn no_migration_tls(&mut self) {
+        let _ = self
+            .qmp
+            .execute(&MigrateSetParameters {
+                tls_creds: Some(String::new()),
+                tls_hostname: Some(String::new()),
+                tls_authz: Some(String::new()),
+                ..Default::default()
+            })
+            .await;
+    }
+
     pub(crate) async fn no_pause_before_switchover(&mut self) {
         let _ = self
             .qmp
@@ -503,6 +597,7 @@ impl Vm {
                 .await;
         }
         self.no_pause_before_switchover().await;
+        self.no_migration_tls().await;
         // A migration that failed after the guest stopped leaves it paused.
         if let Ok(s) = self.status().await {
             if !s.running {

@@ -356,6 +356,16 @@ pub mod commands {
         /// Allowed downtime in milliseconds.
         #[serde(skip_serializing_if = "Option::is_none")]
         pub downtime_limit: Option<u64>,
+        /// The id of the TLS credentials object the stream goes through (`""`: none).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub tls_creds: Option<String>,
+        /// The name the destination's certificate must carry (source side).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub tls_hostname: Option<String>,
+        /// The id of the authorization object a client's certificate must pass (destination
+        /// side; `""`: any certificate of the authority).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub tls_authz: Option<String>,
     }
     command!(MigrateSetParameters, "migrate-set-parameters", Empty);
 
@@ -454,9 +464,16 @@ pub mod commands {
 
     /// Starts the built-in NBD server.
     #[derive(Debug, Serialize)]
+    #[serde(rename_all = "kebab-case")]
     pub struct NbdServerStart {
         /// Where to listen.
         pub addr: SocketAddressLegacy,
+        /// The id of the TLS credentials object clients must handshake with.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub tls_creds: Option<String>,
+        /// The id of the authorization object a client's certificate must pass.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub tls_authz: Option<String>,
     }
     command!(NbdServerStart, "nbd-server-start", Empty);
 
@@ -495,8 +512,28 @@ pub mod commands {
         pub server: SocketAddress,
         /// The export to open.
         pub export: String,
+        /// The id of the TLS credentials object to handshake with.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub tls_creds: Option<String>,
+        /// The name the server's certificate must carry.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub tls_hostname: Option<String>,
     }
     command!(BlockdevAddNbd, "blockdev-add", Empty);
+
+    /// Creates an `authz-simple` object: it admits one TLS peer, by its certificate's
+    /// distinguished name.
+    #[derive(Debug, Serialize)]
+    #[serde(rename_all = "kebab-case")]
+    pub struct ObjectAddAuthz {
+        /// Always `authz-simple`.
+        pub qom_type: &'static str,
+        /// Object id.
+        pub id: String,
+        /// The distinguished name admitted, e.g. `CN=rm1`.
+        pub identity: String,
+    }
+    command!(ObjectAddAuthz, "object-add", Empty);
 
     /// Removes a block node.
     #[derive(Debug, Serialize)]
@@ -682,9 +719,13 @@ mod tests {
                 port: "10809".into(),
             },
             export: "disk0".into(),
+            tls_creds: Some("tls0".into()),
+            tls_hostname: None,
         })
         .unwrap();
         assert_eq!(v["node-name"], "target");
+        assert_eq!(v["tls-creds"], "tls0");
+        assert!(v.get("tls-hostname").is_none(), "{v}");
         assert_eq!(v["server"]["type"], "inet");
         assert_eq!(v["server"]["port"], "10809");
         let legacy = serde_json::to_value(NbdServerStart {
@@ -692,8 +733,11 @@ mod tests {
                 host: "127.0.0.1".into(),
                 port: "10809".into(),
             },
+            tls_creds: None,
+            tls_authz: Some("peer".into()),
         })
         .unwrap();
+        assert_eq!(legacy["tls-authz"], "peer");
         assert_eq!(legacy["addr"]["type"], "inet");
         assert_eq!(legacy["addr"]["data"]["port"], "10809");
     }

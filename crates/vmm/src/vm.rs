@@ -130,6 +130,9 @@ pub struct VmSpec {
     /// The control group QEMU runs in is `vmatrix/GROUP/<the VM directory's name>`, limited to
     /// the spec's vCPUs and memory ([`crate::cgroup`]); `None`: the caller's group.
     pub cgroup: Option<String>,
+    /// The machine's certificate, for the live-migration data path (see
+    /// [`crate::migration::MigrationTls`]); `None`: migrations travel in the clear.
+    pub tls: Option<crate::migration::MigrationTls>,
 }
 
 impl VmSpec {
@@ -155,6 +158,7 @@ impl VmSpec {
             volumes: Vec::new(),
             run_as: None,
             cgroup: None,
+            tls: None,
         }
     }
 
@@ -586,6 +590,8 @@ impl Vm {
         self.qmp
             .execute(&MigrateSetParameters {
                 max_bandwidth: Some(UNTHROTTLED),
+                // A file needs no TLS (a live move may have set it).
+                tls_creds: Some(String::new()),
                 ..Default::default()
             })
             .await?;

@@ -206,7 +206,7 @@ async fn live_migration_under_load_keeps_ram_and_disk() {
 
     let moved = spec.with_forward(free_addr());
     let b = moved.forward;
-    let incoming = IncomingVm::start(moved, machine_b.path(), "127.0.0.1".parse().unwrap())
+    let incoming = IncomingVm::start(moved, machine_b.path(), "127.0.0.1".parse().unwrap(), None)
         .await
         .expect("destination waits");
 
@@ -384,4 +384,201 @@ async fn no_qemu_outlives_its_owner() {
         );
         eprintln!("{mode}: QEMU {pid} gone after its owner died");
     }
+}
+
+/// A test authority: QEMU's credential directories for machines it names.
+struct TestAuthority {
+    key: rcgen::KeyPair,
+    cert: rcgen::Certificate,
+}
+
+impl TestAuthority {
+    fn new(name: &str) -> Self {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        p.distinguished_name = rcgen::DistinguishedName::new();
+        p.distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
+        let cert = p.self_signed(&key).expect("self-signed");
+        Self { key, cert }
+    }
+
+    /// `dir` with QEMU's five files for machine `name`.
+    fn issue(&self, dir: &std::path::Path, name: &str) -> vmatrix_vmm::migration::MigrationTls {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut p = rcgen::CertificateParams::new(vec![name.to_string()]).expect("params");
+        p.distinguished_name = rcgen::DistinguishedName::new();
+        p.distinguished_name.push(rcgen::DnType::CommonName, name);
+        p.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let cert = p.signed_by(&key, &self.cert, &self.key).expect("sign");
+        std::fs::create_dir_all(dir).expect("mkdir");
+        for (file, text) in [
+            ("ca-cert.pem", self.cert.pem()),
+            ("server-cert.pem", cert.pem()),
+            ("client-cert.pem", cert.pem()),
+            ("server-key.pem", key.serialize_pem()),
+            ("client-key.pem", key.serialize_pem()),
+        ] {
+            std::fs::write(dir.join(file), text).expect("write");
+        }
+        vmatrix_vmm::migration::MigrationTls {
+            dir: dir.to_owned(),
+            name: name.into(),
+        }
+    }
+}
+
+/// `qemu-img info` of the destination's disk export as an NBD client, with `tls`'s
+/// certificate (or none): whether it was let in, and what qemu-img said.
+fn nbd_client(
+    target: &vmatrix_vmm::MigrationTarget,
+    tls: Option<&vmatrix_vmm::migration::MigrationTls>,
+) -> (bool, String) {
+    let mut cmd = std::process::Command::new("qemu-img");
+    cmd.arg("info");
+    let mut opts = format!(
+        "driver=nbd,server.type=inet,server.host={},server.port={},export={}",
+        target.nbd.ip(),
+        target.nbd.port(),
+        target.export
+    );
+    if let Some(t) = tls {
+        cmd.arg("--object").arg(format!(
+            "tls-creds-x509,id=tls0,endpoint=client,dir={}",
+            t.dir.display()
+        ));
+        opts.push_str(&format!(
+            ",tls-creds=tls0,tls-hostname={}",
+            target.tls_name.as_deref().unwrap_or("")
+        ));
+    }
+    let out = cmd
+        .arg("--image-opts")
+        .arg(opts)
+        .output()
+        .expect("run qemu-img");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).trim().to_string(),
+    )
+}
+
+#[tokio::test]
+#[ignore = "boots real QEMU; run by scripts/test"]
+async fn the_migration_data_path_admits_only_the_source() {
+    let pki = scratch();
+    let authority = TestAuthority::new("the matrix's authority");
+    let rm1 = authority.issue(&pki.path().join("rm1"), "rm1");
+    let rm2 = authority.issue(&pki.path().join("rm2"), "rm2");
+    let rm3 = authority.issue(&pki.path().join("rm3"), "rm3");
+    // A certificate naming the source, from another authority. The forger trusts both (the
+    // matrix's authority certificate is public): the destination is the one to refuse it.
+    let other = TestAuthority::new("another authority");
+    let forged = other.issue(&pki.path().join("forged"), "rm1");
+    std::fs::write(
+        forged.dir.join("ca-cert.pem"),
+        authority.cert.pem() + &other.cert.pem(),
+    )
+    .expect("write");
+
+    let (machine_a, machine_b) = (scratch(), scratch());
+    let mut spec = spec("tls-test").await;
+    let as_root = unsafe { libc::geteuid() } == 0;
+    if as_root {
+        // The keys are the caller's: QEMU reads them before it becomes this user.
+        spec.run_as = Some("nobody".into());
+    }
+    spec.tls = Some(rm1.clone());
+    let mut source = Vm::boot(spec.clone(), machine_a.path())
+        .await
+        .expect("boot");
+    source.wait_ready(READY).await.expect("ready");
+    let a = spec.forward;
+    assert_eq!(put(a, "/kv/memo", b"kept in RAM").await.status, 200);
+
+    let mut moved = spec.with_forward(free_addr());
+    moved.tls = Some(rm2.clone());
+    let b = moved.forward;
+    let incoming = IncomingVm::start(
+        moved,
+        machine_b.path(),
+        "127.0.0.1".parse().unwrap(),
+        Some("rm1"),
+    )
+    .await
+    .expect("destination waits");
+    let target = incoming.target().clone();
+    assert_eq!(target.tls_name.as_deref(), Some("rm2"));
+
+    // The writable disk export: refused in the clear, to another machine of the matrix, and to
+    // a certificate naming the source from another authority; open to the source.
+    for (who, tls) in [
+        ("no certificate", None),
+        ("rm3, of the matrix", Some(&rm3)),
+        ("rm1, of another authority", Some(&forged)),
+    ] {
+        let (let_in, said) = nbd_client(&target, tls);
+        assert!(!let_in, "the disk export let in a client with {who}");
+        eprintln!("NBD client with {who}: refused: {said}");
+    }
+    // The source, trusting both authorities as the forger does: so the refusal above was the
+    // destination's.
+    let source_trusting_both = authority.issue(&pki.path().join("rm1-both"), "rm1");
+    std::fs::write(
+        source_trusting_both.dir.join("ca-cert.pem"),
+        authority.cert.pem() + &other.cert.pem(),
+    )
+    .expect("write");
+    for tls in [&rm1, &source_trusting_both] {
+        let (let_in, said) = nbd_client(&target, Some(tls));
+        assert!(let_in, "the source's certificate was refused: {said}");
+    }
+
+    // The migration listener: a stream in the clear (QEMU's own magic and version) is dropped
+    // at the TLS handshake and the destination still waits for the source.
+    {
+        use tokio::io::AsyncWriteExt;
+        let mut s = tokio::net::TcpStream::connect(target.migration)
+            .await
+            .expect("connect to the migration port");
+        let _ = s.write_all(b"QEVM\x00\x00\x00\x03").await;
+        let _ = s.shutdown().await;
+    }
+
+    let report = match source.migrate_out(&target).await {
+        Ok(r) => r,
+        Err(failure) => panic!("{failure}"),
+    };
+    let mut dest = incoming
+        .finish(Duration::from_secs(60))
+        .await
+        .expect("destination runs");
+    eprintln!(
+        "live migration over TLS (256 MiB guest): total {} ms, downtime {} ms, RAM {} bytes, \
+         disk {} bytes, wall {:.3}s",
+        report.total_ms,
+        report.downtime_ms,
+        report.ram_bytes,
+        report.disk_bytes,
+        report.wall.as_secs_f64()
+    );
+    dest.wait_ready(Duration::from_secs(10))
+        .await
+        .expect("destination serves");
+    assert_eq!(get(b, "/kv/memo").await.body, b"kept in RAM");
+
+    // Its next stop is a file: saved without TLS, and resumed.
+    let saved = dest
+        .save_state(&machine_b.path().join("state"), Duration::from_secs(60))
+        .await
+        .expect("a migrated VM suspends to a file");
+    assert!(saved.state_bytes > 0);
 }
