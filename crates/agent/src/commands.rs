@@ -424,6 +424,7 @@ impl Agent {
     pub(crate) async fn prepare_incoming(
         self: Arc<Self>,
         mut plan: InstancePlan,
+        from: Option<String>,
     ) -> Result<AgentReply> {
         let slot = self.new_slot(&mut plan, InstanceState::Migrating).await?;
         let (version, endpoint, dir) = (slot.version.clone(), slot.endpoint, slot.dir.clone());
@@ -455,7 +456,7 @@ impl Agent {
             let spec = self.vm_setup(&plan, &version, endpoint, &dir).await?;
             Ok::<_, AgentError>(
                 self.hv
-                    .incoming(spec, &dir, self.config.listen.ip())
+                    .incoming(spec, &dir, self.config.listen.ip(), from.as_deref())
                     .await?,
             )
         }
@@ -474,6 +475,7 @@ impl Agent {
                 nbd: t.nbd.to_string(),
                 export: t.export,
                 migration: t.migration.to_string(),
+                tls_name: t.tls_name,
                 endpoint: endpoint.to_string(),
             },
             version,
@@ -491,6 +493,7 @@ impl Agent {
             nbd: parse_addr(&target.nbd)?,
             export: target.export.clone(),
             migration: parse_addr(&target.migration)?,
+            tls_name: target.tls_name.clone(),
         };
         let Held::Guest(guest) =
             self.take(&id, generation, "migrate", Transition::MigrateStarted)?

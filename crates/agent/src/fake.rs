@@ -294,6 +294,7 @@ impl Hypervisor for FakeHypervisor {
         spec: VmSpec,
         _dir: &Path,
         listen: IpAddr,
+        _peer: Option<&str>,
     ) -> Result<Box<dyn Incoming>, VmmError> {
         let listener = TcpListener::bind((listen, 0))
             .await
@@ -485,6 +486,7 @@ impl Incoming for FakeIncoming {
             nbd: self.migration,
             export: "fake".into(),
             migration: self.migration,
+            tls_name: None,
         }
     }
 

@@ -110,6 +110,23 @@ async fn status(State(ctx): State<Ctx>, headers: HeaderMap) -> Response {
     Json(ctx.agent.report()).into_response()
 }
 
+/// Asks the controller for the machine's certificate (for its QEMUs' migration data path).
+/// Without one, this machine's migrations travel in the clear and a destination that has one
+/// refuses them: said, not fatal.
+async fn certify(agent: &Agent, controller: &str, identity: &Identity) {
+    let client = ControllerClient::new(controller, Some(identity.current()));
+    let name = agent.config.name.as_str();
+    match crate::certificate::obtain(&client, &agent.config.data, name).await {
+        Ok(()) => tracing::info!(
+            "machine {name} has its certificate: live migrations to and from it go over TLS"
+        ),
+        Err(e) => tracing::warn!(
+            "{e}; live migrations to and from machine {name} go in the clear until the agent \
+             starts again"
+        ),
+    }
+}
+
 /// Joins the controller (once: the credential is kept in the data directory), adopts the VMs
 /// a previous agent process left, then serves the agent API on its listen address and sends
 /// heartbeats to `controller` until the process ends. `join_token` is used only to join.
@@ -122,7 +139,12 @@ pub async fn serve(
     let listener = bind_when_there(agent.config.listen).await?;
     let identity = Arc::new(Identity::load(&agent.config.data, &controller, join_token));
     // A name that has joined already (another agent runs with it) ends this one here.
+    let joined = identity.current().is_empty();
     identity.ensure(|| agent.report()).await?;
+    if joined || crate::certificate::kept(&agent.config.data, agent.config.name.as_str()).is_none()
+    {
+        certify(&agent, &controller, &identity).await;
+    }
     let ctx = Ctx {
         agent: agent.clone(),
         identity: identity.clone(),
@@ -196,6 +218,7 @@ async fn heartbeat(agent: Arc<Agent>, controller: String, identity: Arc<Identity
                 Ok(()) => {
                     tracing::info!("joined the controller again as {}", report.name);
                     client = ControllerClient::new(&controller, Some(identity.current()));
+                    certify(&agent, &controller, &identity).await;
                 }
                 Err(e) => {
                     if !warned {

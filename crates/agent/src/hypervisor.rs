@@ -24,12 +24,15 @@ pub trait Hypervisor: Send + Sync + 'static {
         dir: &Path,
         files: &SuspendedVm,
     ) -> Result<Box<dyn Guest>, VmmError>;
-    /// Starts a paused destination for an incoming live migration, listening on `listen`.
+    /// Starts a paused destination for an incoming live migration, listening on `listen`;
+    /// with the spec's TLS credentials, only for machine `peer` (see
+    /// [`vmatrix_vmm::MigrationTls`]).
     async fn incoming(
         &self,
         spec: VmSpec,
         dir: &Path,
         listen: IpAddr,
+        peer: Option<&str>,
     ) -> Result<Box<dyn Incoming>, VmmError>;
     /// Takes over the VM a previous agent process left running in `dir` as process `pid`,
     /// and makes sure its guest runs (an interrupted suspend leaves it paused).
@@ -202,9 +205,10 @@ impl Hypervisor for Qemu {
         spec: VmSpec,
         dir: &Path,
         listen: IpAddr,
+        peer: Option<&str>,
     ) -> Result<Box<dyn Incoming>, VmmError> {
         Ok(Box::new(
-            IncomingVm::start(self.confine(spec), dir, listen).await?,
+            IncomingVm::start(self.confine(spec), dir, listen, peer).await?,
         ))
     }
 

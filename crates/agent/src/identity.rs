@@ -98,7 +98,7 @@ impl Identity {
 }
 
 /// Writes `text` to `path` with mode 0600, durably (a temporary file renamed over it).
-fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+pub(crate) fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");

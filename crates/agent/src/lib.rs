@@ -11,6 +11,7 @@
 //! A restart of the agent is not a restart of its VMs: QEMU outlives it, and the next agent
 //! process adopts what the previous one left ([`record`]).
 
+mod certificate;
 mod commands;
 mod commit;
 mod console;

@@ -361,6 +361,7 @@ impl Agent {
         spec.lifetime = Lifetime::Machine;
         spec.hardware = plan.hardware;
         spec.seed = Some(self.vm_dir(&plan.id, plan.generation).join(SEED_FILE));
+        spec.tls = crate::certificate::kept(&self.config.data, self.config.name.as_str());
         if let (Some(attach), Some((_, script))) = (plan.net, &self.net) {
             spec.tap = Some(vmatrix_vmm::TapSpec {
                 ifname: vmatrix_net::tap_name(plan.id.as_str(), plan.generation),
@@ -513,7 +514,7 @@ impl Agent {
         match command {
             AgentCommand::Activate { plan, state } => self.activate(plan, state).await,
             AgentCommand::Suspend { id, generation } => self.suspend(id, generation).await,
-            AgentCommand::PrepareIncoming { plan } => self.prepare_incoming(plan).await,
+            AgentCommand::PrepareIncoming { plan, from } => self.prepare_incoming(plan, from).await,
             AgentCommand::MigrateOut {
                 id,
                 generation,
@@ -749,7 +750,7 @@ fn key_of(c: &AgentCommand) -> TaskKey {
     match c {
         AgentCommand::Activate { plan, .. } => (plan.id.clone(), plan.generation, "activate"),
         AgentCommand::Suspend { id, generation } => (id.clone(), *generation, "suspend"),
-        AgentCommand::PrepareIncoming { plan } => (plan.id.clone(), plan.generation, "prepare"),
+        AgentCommand::PrepareIncoming { plan, .. } => (plan.id.clone(), plan.generation, "prepare"),
         AgentCommand::MigrateOut { id, generation, .. } => (id.clone(), *generation, "migrate-out"),
         AgentCommand::FinishIncoming { id, generation } => (id.clone(), *generation, "finish"),
         AgentCommand::Discard { id, generation } => (id.clone(), *generation, "discard"),

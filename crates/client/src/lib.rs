@@ -284,6 +284,15 @@ impl ControllerClient {
         self.post("/api/v1/agents/join", report, SHORT).await
     }
 
+    /// A machine's certificate for the key behind `csr` (this client's token is the machine's
+    /// credential).
+    pub async fn certificate(
+        &self,
+        csr: &vmatrix_core::api::CertificateRequest,
+    ) -> Result<vmatrix_core::api::CertificateReply> {
+        self.post("/api/v1/agents/certificate", csr, SHORT).await
+    }
+
     /// An agent's heartbeat (this client's token is the machine's credential); the answer says
     /// what the machine must know of the others.
     pub async fn heartbeat(&self, report: &AgentReport) -> Result<HeartbeatReply> {

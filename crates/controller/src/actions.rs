@@ -260,7 +260,14 @@ impl Controller {
                 .await;
         };
         let prep = self
-            .send(&dest, &AgentCommand::PrepareIncoming { plan }, mem)
+            .send(
+                &dest,
+                &AgentCommand::PrepareIncoming {
+                    plan,
+                    from: Some(source.name.to_string()),
+                },
+                mem,
+            )
             .await
             .and_then(|r| match r {
                 AgentReply::Prepared { target, .. } => Ok(target),

@@ -365,6 +365,26 @@ async fn heartbeat(State(x): State<Ctx>, headers: HeaderMap, body: axum::body::B
     }
 }
 
+/// A machine's certificate, for a key it made (with its own credential).
+async fn certificate(
+    State(x): State<Ctx>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let caller = match x.c.machine_with(authorization(&headers)) {
+        Ok(m) => m,
+        Err(e) => return fail(e),
+    };
+    let request: vmatrix_core::api::CertificateRequest = match parse(&body) {
+        Ok(r) => r,
+        Err(r) => return r,
+    };
+    match x.c.certificate(&caller, &request.csr) {
+        Ok(reply) => Json(reply).into_response(),
+        Err(e) => fail(e),
+    }
+}
+
 #[derive(Deserialize)]
 struct RoutesQuery {
     version: Option<String>,
@@ -508,7 +528,8 @@ pub fn router(c: Arc<Controller>, tokens: impl Into<Tokens>) -> Router {
         .route("/api/v1/health", get(|| async { "ok" }))
         .route("/openapi.json", get(openapi))
         .route("/api/v1/agents/join", post(join))
-        .route("/api/v1/agents/heartbeat", post(heartbeat));
+        .route("/api/v1/agents/heartbeat", post(heartbeat))
+        .route("/api/v1/agents/certificate", post(certificate));
     Router::new()
         .route("/api/v1/services", get(services).post(apply))
         .route("/api/v1/machines", get(machines))

@@ -149,6 +149,8 @@ pub struct Controller {
     /// Instances booted to be warm standbys: paused as soon as they run (the policy sees them
     /// as standbys already, so that no tick prepares more or takes them for capacity).
     pub(crate) prepared: Mutex<HashSet<InstanceId>>,
+    /// The matrix's certificate authority, once loaded ([`crate::authority`]).
+    pub(crate) authority: Mutex<Option<Arc<crate::authority::Authority>>>,
     /// Activations the reconcile loop has under way per service to keep its `min` (manual
     /// mode): counted as live until they end, since on a busy host a task may not have written
     /// its instance's row by the next pass (which then started a second one).
@@ -254,6 +256,7 @@ impl Controller {
             fresh_after: Mutex::new(HashMap::new()),
             placing: Mutex::new(()),
             prepared: Mutex::new(HashSet::new()),
+            authority: Mutex::new(None),
             keeping_min: Mutex::new(HashMap::new()),
             maintenance_used: Mutex::new(HashMap::new()),
             maintenance_idle: Mutex::new(None),

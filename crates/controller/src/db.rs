@@ -7,7 +7,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use rusqlite::{params, Connection};
+use rusqlite::{params, Connection, OptionalExtension};
 use vmatrix_core::api::MachineState;
 use vmatrix_core::api::{
     Event, InstanceInfo, MachineInfo, MachineRole, Purpose, RolloutStatus, SavedState,
@@ -81,6 +81,9 @@ const MIGRATIONS: &[&str] = &[
     "CREATE TABLE approved (machine TEXT PRIMARY KEY, at_ms INTEGER NOT NULL);
      CREATE TABLE pending (machine TEXT PRIMARY KEY, address TEXT NOT NULL,
         asked_ms INTEGER NOT NULL);",
+    // 12: the matrix's certificate authority (one row): it signs each machine's certificate.
+    "CREATE TABLE authority (id INTEGER PRIMARY KEY CHECK (id = 1), cert TEXT NOT NULL,
+        key TEXT NOT NULL);",
 ];
 
 /// The version a service runs after a rollout, and the one before.
@@ -398,6 +401,24 @@ impl Db {
             "INSERT INTO credentials (machine, secret, joined_ms) VALUES (?1, ?2, ?3)
              ON CONFLICT(machine) DO NOTHING",
             params![name, secret, now_ms as i64],
+        )? > 0)
+    }
+
+    /// The matrix's authority: (certificate, key), PEM.
+    pub fn authority(&self) -> Result<Option<(String, String)>> {
+        Ok(self
+            .conn
+            .query_row("SELECT cert, key FROM authority WHERE id = 1", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .optional()?)
+    }
+
+    /// Records the matrix's authority unless there is one (two controllers may race).
+    pub fn add_authority(&self, cert: &str, key: &str) -> Result<bool> {
+        Ok(self.conn.execute(
+            "INSERT INTO authority (id, cert, key) VALUES (1, ?1, ?2) ON CONFLICT(id) DO NOTHING",
+            params![cert, key],
         )? > 0)
     }
 

@@ -11,6 +11,7 @@
 mod actions;
 mod agents;
 mod api;
+mod authority;
 mod console;
 mod control;
 mod cpu;

@@ -390,3 +390,90 @@ async fn each_token_does_what_its_scope_allows() {
         .await;
     assert_eq!(web.id.as_str(), "web-1");
 }
+
+/// The subject's common name and the DNS names of a PEM certificate.
+fn names_in(pem: &str) -> (String, Vec<String>) {
+    let p = rcgen::CertificateParams::from_ca_cert_pem(pem).expect("a certificate");
+    let cn = match p.distinguished_name.get(&rcgen::DnType::CommonName) {
+        Some(rcgen::DnValue::Utf8String(s)) => s.clone(),
+        other => panic!("common name: {other:?}"),
+    };
+    let dns = p
+        .subject_alt_names
+        .iter()
+        .map(|s| match s {
+            rcgen::SanType::DnsName(n) => n.to_string(),
+            other => format!("{other:?}"),
+        })
+        .collect();
+    (cn, dns)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_machines_certificate_names_the_machine_its_credential_belongs_to() {
+    let mut m = Matrix::new().await;
+    m.start_agent("rm1", 2, MachineRole::Dedicated).await;
+    m.start_agent("rm2", 2, MachineRole::Dedicated).await;
+    // Each agent asked for its certificate when it joined, and keeps it with the authority's,
+    // under the names QEMU reads; the key never left the machine.
+    let mut authority = None;
+    for name in ["rm1", "rm2"] {
+        let dir = m.dir.path().join("agents").join(name).join("tls");
+        let read = |f: &str| {
+            std::fs::read_to_string(dir.join(f)).unwrap_or_else(|e| panic!("{name}: {f}: {e}"))
+        };
+        assert_eq!(
+            names_in(&read("server-cert.pem")),
+            (name.into(), vec![name.into()])
+        );
+        assert_eq!(read("server-cert.pem"), read("client-cert.pem"));
+        assert!(read("server-key.pem").contains("PRIVATE KEY"));
+        let ca = read("ca-cert.pem");
+        assert_eq!(*authority.get_or_insert(ca.clone()), ca, "one authority");
+        use std::os::unix::fs::PermissionsExt;
+        let mode =
+            |p: std::path::PathBuf| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(dir.clone()), 0o700);
+        assert_eq!(mode(dir.join("server-key.pem")), 0o600);
+    }
+
+    // rm2's credential with a request that names rm1: the certificate names rm2.
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut p = rcgen::CertificateParams::new(vec!["rm1".to_string()]).unwrap();
+    p.distinguished_name = rcgen::DistinguishedName::new();
+    p.distinguished_name.push(rcgen::DnType::CommonName, "rm1");
+    let csr = p.serialize_request(&key).unwrap().pem().unwrap();
+    let ask = |bearer: Option<String>, csr: String| {
+        let mut req = m
+            .http
+            .post(m.url("/api/v1/agents/certificate"))
+            .json(&serde_json::json!({ "csr": csr }));
+        if let Some(b) = bearer {
+            req = req.bearer_auth(b);
+        }
+        async move {
+            let r = req.send().await.expect("post");
+            (r.status().as_u16(), r.text().await.unwrap_or_default())
+        }
+    };
+    let (status, body) = ask(Some(m.credential("rm2")), csr.clone()).await;
+    assert_eq!(status, 200, "{body}");
+    let reply: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        names_in(reply["certificate"].as_str().unwrap()),
+        ("rm2".into(), vec!["rm2".into()])
+    );
+    // No machine's credential (none, the operator's token, the join token): refused.
+    for bearer in [None, Some(TOKEN.to_string()), Some(JOIN_TOKEN.to_string())] {
+        let (status, body) = ask(bearer.clone(), csr.clone()).await;
+        assert_eq!(status, 401, "{bearer:?}: {body}");
+    }
+    // Not a signed request.
+    let (status, body) = ask(
+        Some(m.credential("rm1")),
+        "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n".into(),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("PKCS#10"), "{body}");
+}

@@ -468,6 +468,25 @@ pub struct JoinReply {
     pub credential: String,
 }
 
+/// A machine asks the matrix's authority for its certificate (with its own credential): a
+/// PKCS#10 request, PEM, for a key the machine made and keeps. Whatever names it holds, the
+/// certificate names the machine the credential belongs to.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CertificateRequest {
+    /// The certificate signing request, PEM.
+    pub csr: String,
+}
+
+/// The machine's certificate and the authority's, both PEM: what its QEMUs prove themselves
+/// with, and trust, on the live-migration data path.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CertificateReply {
+    /// The machine's certificate (`CN` and a DNS name: its name).
+    pub certificate: String,
+    /// The matrix's authority certificate.
+    pub authority: String,
+}
+
 /// The body of an agent's answer to a command.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CommandReply {
@@ -482,7 +501,7 @@ impl AgentCommand {
     /// The instance the command is about (none for a volume's).
     pub fn instance(&self) -> Option<&InstanceId> {
         match self {
-            Self::Activate { plan, .. } | Self::PrepareIncoming { plan } => Some(&plan.id),
+            Self::Activate { plan, .. } | Self::PrepareIncoming { plan, .. } => Some(&plan.id),
             Self::Suspend { id, .. }
             | Self::MigrateOut { id, .. }
             | Self::FinishIncoming { id, .. }
@@ -657,6 +676,9 @@ pub enum AgentCommand {
     PrepareIncoming {
         /// What will arrive.
         plan: InstancePlan,
+        /// The machine it comes from: the only one the data path admits (over TLS).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        from: Option<String>,
     },
     /// Send a running instance to a destination prepared with `PrepareIncoming`.
     MigrateOut {
@@ -748,6 +770,9 @@ pub struct MigrationTargetBody {
     pub export: String,
     /// Migration listener `host:port`.
     pub migration: String,
+    /// Over TLS: the name the destination's certificate carries (absent: in the clear).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_name: Option<String>,
     /// The endpoint the instance will serve on there.
     pub endpoint: String,
 }

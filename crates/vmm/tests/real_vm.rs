@@ -397,8 +397,7 @@ impl TestAuthority {
         let key = rcgen::KeyPair::generate().expect("key");
         let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
         p.distinguished_name = rcgen::DistinguishedName::new();
-        p.distinguished_name
-            .push(rcgen::DnType::CommonName, name);
+        p.distinguished_name.push(rcgen::DnType::CommonName, name);
         p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
         p.key_usages = vec![
             rcgen::KeyUsagePurpose::KeyCertSign,

@@ -159,6 +159,12 @@ pub fn assert_qemus_confined(data: &Path) -> usize {
             "QEMU {pid} is not vmatrix-qemu: {cmd}"
         );
         assert!(cmd.contains("spawn=deny"), "{cmd}");
+        // The machine's certificate, for the migration data path (its agent got it at join).
+        assert!(
+            cmd.contains("tls-creds-x509,id=vmatrix-tls-server,endpoint=server,verify-peer=on")
+                && cmd.contains(&format!("dir={mine}")),
+            "QEMU {pid} has no TLS credentials for migrations: {cmd}"
+        );
     }
     qemus.len()
 }

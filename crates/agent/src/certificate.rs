@@ -1,0 +1,74 @@
+//! The machine's certificate for the live-migration data path: the agent makes a key, asks
+//! the matrix's authority (the controller, with the machine's credential) to sign it, and keeps
+//! both in `DATA/tls` (0700; files 0600, root's: QEMU reads them before it drops to its own
+//! user) under the names QEMU's TLS credentials look for. Asked again after every join: a
+//! controller that lost its state has a new authority.
+
+use std::path::{Path, PathBuf};
+
+use vmatrix_client::ControllerClient;
+use vmatrix_core::api::CertificateRequest;
+use vmatrix_vmm::MigrationTls;
+
+/// The directory, under the agent's data directory.
+pub(crate) fn dir(data: &Path) -> PathBuf {
+    data.join("tls")
+}
+
+/// The machine's credentials, if it has them.
+pub(crate) fn kept(data: &Path, name: &str) -> Option<MigrationTls> {
+    let dir = dir(data);
+    // The authority's file is written last: with it, the others are there.
+    dir.join("ca-cert.pem").exists().then(|| MigrationTls {
+        dir,
+        name: name.to_owned(),
+    })
+}
+
+/// Makes a key, has it signed as machine `name` through `client` (carrying the machine's
+/// credential) and keeps both in `data`.
+pub(crate) async fn obtain(
+    client: &ControllerClient,
+    data: &Path,
+    name: &str,
+) -> std::io::Result<()> {
+    let fail = |what: &str, e: &dyn std::fmt::Display| {
+        std::io::Error::other(format!("the machine's certificate: {what}: {e}"))
+    };
+    let key = rcgen::KeyPair::generate().map_err(|e| fail("making a key", &e))?;
+    let mut params = rcgen::CertificateParams::new(vec![name.to_owned()])
+        .map_err(|e| fail("its request", &e))?;
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, name);
+    let csr = params
+        .serialize_request(&key)
+        .and_then(|r| r.pem())
+        .map_err(|e| fail("its request", &e))?;
+    let reply = client
+        .certificate(&CertificateRequest { csr })
+        .await
+        .map_err(|e| fail("asking the controller", &e))?;
+    let dir = dir(data);
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)?;
+    }
+    // The authority's file goes last, and first away: without it the rest is not used.
+    let _ = std::fs::remove_file(dir.join("ca-cert.pem"));
+    let key_pem = key.serialize_pem();
+    for (file, text) in [
+        ("server-key.pem", key_pem.as_str()),
+        ("client-key.pem", key_pem.as_str()),
+        ("server-cert.pem", reply.certificate.as_str()),
+        ("client-cert.pem", reply.certificate.as_str()),
+        ("ca-cert.pem", reply.authority.as_str()),
+    ] {
+        crate::identity::write_private(&dir.join(file), text)?;
+    }
+    Ok(())
+}
