@@ -581,3 +581,70 @@ async fn the_migration_data_path_admits_only_the_source() {
         .expect("a migrated VM suspends to a file");
     assert!(saved.state_bytes > 0);
 }
+
+/// A tmpfs this test mounts, unmounted when it ends (pass or fail).
+struct Mounted(std::path::PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[tokio::test]
+#[ignore = "boots real QEMU and mounts a tmpfs (root); run by scripts/test"]
+async fn a_suspend_onto_a_full_disk_fails_and_the_guest_runs_on() {
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: mounting a small filesystem needs root");
+        return;
+    }
+    let dir = scratch();
+    let small = dir.path().join("small");
+    std::fs::create_dir_all(&small).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=16m,mode=0700", "tmpfs"])
+        .arg(&small)
+        .status()
+        .expect("run mount");
+    assert!(mounted.success(), "mount a tmpfs at {}", small.display());
+    let _small = Mounted(small.clone());
+
+    let spec = spec("full-disk-test").await;
+    let mut vm = Vm::boot(spec.clone(), dir.path().join("vm"))
+        .await
+        .expect("boot");
+    vm.wait_ready(READY).await.expect("ready");
+    let a = spec.forward;
+    assert_eq!(put(a, "/kv/memo", b"kept in RAM").await.status, 200);
+
+    // 256 MiB of guest RAM onto 16 MiB: the save fails, the guest runs on as it was, and no
+    // partial state is left to be taken for a saved one.
+    let started = Instant::now();
+    let err = vm
+        .save_state(&small.join("state"), Duration::from_secs(60))
+        .await
+        .expect_err("a save onto a full disk");
+    eprintln!(
+        "suspend onto a full 16 MiB disk: failed after {:.2}s: {err}",
+        started.elapsed().as_secs_f64()
+    );
+    assert!(!small.join("state").exists(), "a partial state was left");
+    assert!(
+        vm.status().await.expect("status").running,
+        "the guest was left stopped"
+    );
+    assert_eq!(get(a, "/kv/memo").await.body, b"kept in RAM");
+
+    // With room, the same VM suspends.
+    let saved = vm
+        .save_state(&dir.path().join("state"), Duration::from_secs(60))
+        .await
+        .expect("a save with room");
+    assert!(saved.state_bytes > 0);
+    eprintln!(
+        "then onto a disk with room: {} bytes in {:.2}s",
+        saved.state_bytes,
+        saved.elapsed.as_secs_f64()
+    );
+    vm.kill().await;
+}
