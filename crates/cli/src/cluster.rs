@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::ha::Kept;
+use crate::ha::{Kept, Kind};
 use anyhow::{anyhow, bail, Context, Result};
 use vmatrix_core::api::MachineRole;
 
@@ -563,14 +563,20 @@ pub async fn up(args: UpArgs, data: &Path, accel: vmatrix_vmm::AccelChoice) -> R
         crate::ha::wait_etcd(&state, Duration::from_secs(30)).await?;
         for (i, mut a) in per_controller.into_iter().enumerate() {
             a.extend(["--state".into(), state.clone()]);
-            start(Kept::this(format!("controller {}", i + 1), a)?, &mut kept)?;
+            start(
+                Kept::this(Kind::Controller, format!("controller {}", i + 1), a)?,
+                &mut kept,
+            )?;
             // One at a time: the first makes the tokens the others take from etcd.
             wait_healthy(&format!("http://{}", listens[i]), data, i == 0).await?;
         }
         std::fs::write(data.join("controller/api"), format!("{api}\n"))?;
     } else {
         for a in per_controller {
-            start(Kept::this("the controller", a)?, &mut kept)?;
+            start(
+                Kept::this(Kind::Controller, "the controller", a)?,
+                &mut kept,
+            )?;
         }
         wait_healthy(&api, data, true).await?;
     }
@@ -608,7 +614,7 @@ pub async fn up(args: UpArgs, data: &Path, accel: vmatrix_vmm::AccelChoice) -> R
         let what = format!("machine {name}'s agent");
         match topology.as_mut() {
             None => {
-                start(Kept::this(what, agent_args)?, &mut kept)?;
+                start(Kept::this(Kind::Agent, what, agent_args)?, &mut kept)?;
             }
             Some(t) => {
                 agent_args.extend([
@@ -620,7 +626,7 @@ pub async fn up(args: UpArgs, data: &Path, accel: vmatrix_vmm::AccelChoice) -> R
                     t.vni().to_string(),
                 ]);
                 // The machine's own namespace; the agent waits until its address is there.
-                let mut k = Kept::this(what, agent_args)?;
+                let mut k = Kept::this(Kind::Agent, what, agent_args)?;
                 let child = spawn_self_in(&k.args, true)?;
                 let pid = child
                     .0
@@ -644,7 +650,10 @@ pub async fn up(args: UpArgs, data: &Path, accel: vmatrix_vmm::AccelChoice) -> R
         data_s.clone(),
     ];
     switch_args.extend(args.tls.to_args());
-    start(Kept::this("the switch", switch_args)?, &mut kept)?;
+    start(
+        Kept::this(Kind::Switch, "the switch", switch_args)?,
+        &mut kept,
+    )?;
     let supervisor = crate::ha::Supervisor::start(kept, args.restart);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {

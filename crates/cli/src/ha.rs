@@ -15,8 +15,19 @@ use crate::cluster::{spawn_child, Child, Netns};
 /// How many etcd members `up --ha` starts (a majority survives one lost member).
 pub const MEMBERS: u16 = 3;
 
+/// What a kept process is. `up` stops one kind at a time, in the reverse of their order, and
+/// every process of a kind at once (machines stop their VMs side by side).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    Etcd,
+    Controller,
+    Agent,
+    Switch,
+}
+
 /// One process `up` keeps running: what it is and how to start it again.
 pub(crate) struct Kept {
+    pub kind: Kind,
     pub what: String,
     pub program: PathBuf,
     pub args: Vec<String>,
@@ -28,8 +39,9 @@ pub(crate) struct Kept {
 
 impl Kept {
     /// `vmatrix ARGS…` (this binary).
-    pub fn this(what: impl Into<String>, args: Vec<String>) -> Result<Self> {
+    pub fn this(kind: Kind, what: impl Into<String>, args: Vec<String>) -> Result<Self> {
         Ok(Self {
+            kind,
             what: what.into(),
             program: std::env::current_exe().context("finding the vmatrix binary")?,
             args,
@@ -133,6 +145,7 @@ pub fn members(ports: Ports, listen: SocketAddr, data: &Path) -> Result<Vec<Kept
         let dir = data.join("etcd").join(&name);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         out.push(Kept {
+            kind: Kind::Etcd,
             what: format!("etcd member {name}"),
             program: etcd.clone(),
             netns: None,
@@ -238,23 +251,19 @@ impl Supervisor {
                     };
                 }
             }
-            // Stopping: the last started first (controllers before their etcd).
-            for (_, child, _) in kept.iter_mut().rev() {
-                if let Some(c) = child.as_mut() {
-                    if let Some(pid) = c.0.id() {
-                        // SAFETY: plain kill(2) on our own child.
-                        unsafe {
-                            libc::kill(pid as libc::pid_t, libc::SIGTERM);
-                        }
-                    }
-                    if tokio::time::timeout(Duration::from_secs(15), c.0.wait())
-                        .await
-                        .is_err()
-                    {
-                        let _ = c.0.start_kill();
-                        let _ = c.0.wait().await;
-                    }
-                }
+            // Stopping: the last started kind first (controllers before their etcd), every
+            // process of a kind at once.
+            let mut left: Vec<(Kind, Child)> = kept
+                .into_iter()
+                .filter_map(|(k, child, _)| child.map(|c| (k.kind, c)))
+                .collect();
+            while let Some(kind) = left.last().map(|(k, _)| *k) {
+                let at = left
+                    .iter()
+                    .rposition(|(k, _)| *k != kind)
+                    .map_or(0, |i| i + 1);
+                let group: Vec<Child> = left.drain(at..).map(|(_, c)| c).collect();
+                futures::future::join_all(group.into_iter().map(stop_child)).await;
             }
         });
         Self { stop, task }
@@ -264,5 +273,22 @@ impl Supervisor {
     pub async fn stop(self) {
         let _ = self.stop.send(true);
         let _ = self.task.await;
+    }
+}
+
+/// SIGTERM, then SIGKILL if it has not ended 15 s later; waits for it.
+async fn stop_child(mut c: Child) {
+    if let Some(pid) = c.0.id() {
+        // SAFETY: plain kill(2) on our own child.
+        unsafe {
+            libc::kill(pid as libc::pid_t, libc::SIGTERM);
+        }
+    }
+    if tokio::time::timeout(Duration::from_secs(15), c.0.wait())
+        .await
+        .is_err()
+    {
+        let _ = c.0.start_kill();
+        let _ = c.0.wait().await;
     }
 }

@@ -473,12 +473,14 @@ async fn kill_agent_during(
     agent
 }
 
-/// An agent killed with SIGKILL 0.2 s into a migration (the source's) and into a resume (the
-/// destination's), started again a second later: the instance ends running exactly once, with
-/// its RAM and disk data (or suspended, and resumes).
+/// An agent killed with SIGKILL 0.2 s into a migration (the source's), into a resume (the
+/// destination's), into a suspend and into a commit, started again a second later: the instance
+/// ends running exactly once, with its RAM and disk data (or suspended, and resumes); the
+/// repository verifies, and the killed commit left neither a half-published tag nor its disk
+/// copy.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "boots real QEMU guests"]
-async fn an_agent_killed_mid_migration_or_mid_resume_loses_nothing() {
+async fn an_agent_killed_mid_operation_loses_nothing() {
     let _serial = crate::support::under_load().await;
     let dir = data_dir();
     let data = dir.path();
@@ -521,4 +523,57 @@ async fn an_agent_killed_mid_migration_or_mid_resume_loses_nothing() {
     let web = settled_then_running(data, "web-1", Duration::from_secs(90)).await;
     check(web["endpoint"].as_str().unwrap_or(""), "one").await;
     one_copy(data, "web-1").await;
+
+    // 3. Its agent dies 0.2 s into a suspend.
+    let on = web["machine"].as_str().unwrap_or("").to_owned();
+    let _a3 = kill_agent_during(data, &on, &["suspend", "web-1"]).await;
+    let web = settled_then_running(data, "web-1", Duration::from_secs(90)).await;
+    eprintln!(
+        "agent killed mid-suspend: web-1 running on {}",
+        web["machine"]
+    );
+    check(web["endpoint"].as_str().unwrap_or(""), "one").await;
+    one_copy(data, "web-1").await;
+
+    // 4. Its agent dies 0.2 s into a commit of its disk.
+    let on = web["machine"].as_str().unwrap_or("").to_owned();
+    let _a4 = kill_agent_during(
+        data,
+        &on,
+        &["commit", "web-1", "--tag", "guest:killed", "-m", "killed"],
+    )
+    .await;
+    let web = settled_then_running(data, "web-1", Duration::from_secs(90)).await;
+    check(web["endpoint"].as_str().unwrap_or(""), "one").await;
+    one_copy(data, "web-1").await;
+    let (ok, out, err) = cli(data, &["image", "verify"]).await;
+    assert!(ok, "verify after a commit's agent was killed: {out}{err}");
+    let (_, tags, _) = cli(data, &["image", "ls"]).await;
+    eprintln!(
+        "agent killed mid-commit: web-1 running on {}; guest:killed {}",
+        web["machine"],
+        if tags.contains("killed") {
+            "published whole (the kill came after)"
+        } else {
+            "not published"
+        }
+    );
+    // The disk copy the killed commit made is gone once its agent is back.
+    let scratch = data.join("agents").join(&on).join("tmp");
+    let left: Vec<String> = std::fs::read_dir(&scratch)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(left.is_empty(), "left in {}: {left:?}", scratch.display());
+    // And a commit now succeeds.
+    let (ok, out, err) = cli(
+        data,
+        &["commit", "web-1", "--tag", "guest:after", "-m", "after"],
+    )
+    .await;
+    assert!(ok, "a commit after the kill: {err}\n{}", up_log(data));
+    eprintln!("commit after the kill: {}", out.trim());
 }
