@@ -333,6 +333,10 @@ fn authorization(headers: &HeaderMap) -> Option<&str> {
 
 /// A machine's first report, with the join token: its credential.
 async fn join(State(x): State<Ctx>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
+    // Who asks first: no body is read for a caller without the join token.
+    if let Err(e) = x.c.may_join(authorization(&headers)) {
+        return fail(e);
+    }
     let report: AgentReport = match parse(&body) {
         Ok(r) => r,
         Err(r) => return r,

@@ -87,9 +87,9 @@ impl Controller {
         Ok(())
     }
 
-    /// `POST /api/v1/agents/join`: a machine's first report, with the join token or the
-    /// operator's as `authorization`. A name that has a credential already is refused.
-    pub fn join(&self, report: &AgentReport, authorization: Option<&str>) -> Result<JoinReply> {
+    /// Whether `authorization` carries the join token (or the operator's): checked before a
+    /// joining machine's report is read.
+    pub(crate) fn may_join(&self, authorization: Option<&str>) -> Result<()> {
         let join = self
             .join_token
             .lock()
@@ -104,6 +104,13 @@ impl Controller {
                     .into(),
             ));
         }
+        Ok(())
+    }
+
+    /// `POST /api/v1/agents/join`: a machine's first report, with the join token or the
+    /// operator's as `authorization`. A name that has a credential already is refused.
+    pub fn join(&self, report: &AgentReport, authorization: Option<&str>) -> Result<JoinReply> {
+        self.may_join(authorization)?;
         report.validate().map_err(ControlError::BadRequest)?;
         let secret = random_secret().map_err(|e| {
             ControlError::Conflict(format!("making a credential for {}: {e}", report.name))

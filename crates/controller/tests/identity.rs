@@ -468,6 +468,15 @@ async fn a_machines_certificate_names_the_machine_its_credential_belongs_to() {
         let (status, body) = ask(bearer.clone(), csr.clone()).await;
         assert_eq!(status, 401, "{bearer:?}: {body}");
     }
+    // A join without the join token is refused before its body is read (401, not 400).
+    let r = reqwest::Client::new()
+        .post(m.url("/api/v1/agents/join"))
+        .body("not a report")
+        .send()
+        .await
+        .expect("post");
+    let status = r.status().as_u16();
+    assert_eq!(status, 401, "{}", r.text().await.unwrap_or_default());
     // Not a signed request.
     let (status, body) = ask(
         Some(m.credential("rm1")),
