@@ -574,7 +574,7 @@ async fn the_migration_data_path_admits_only_the_source() {
         .expect("destination serves");
     assert_eq!(get(b, "/kv/memo").await.body, b"kept in RAM");
 
-    // Its next stop is a file: saved without TLS, and resumed.
+    // Its next stop is a file: saved without TLS (the move had set it).
     let saved = dest
         .save_state(&machine_b.path().join("state"), Duration::from_secs(60))
         .await
