@@ -10,7 +10,7 @@ set -euo pipefail
 
 packages=(qemu-system-x86 busybox-static linux-image-amd64 syslinux syslinux-common syslinux-efi
           mtools dosfstools fdisk cpio kmod zstd curl iproute2 nftables util-linux e2fsprogs ovmf
-          mmdebstrap openssh-client etcd-server)
+          mmdebstrap openssh-client etcd-server python3-venv)
 tools=(qemu-system-x86_64 qemu-img qemu-io qemu-nbd busybox mcopy mmd mkfs.fat syslinux sfdisk cpio depmod curl
        ip bridge nft nsenter mke2fs mmdebstrap ssh ssh-keygen etcd)
 
@@ -18,6 +18,7 @@ missing_tools() {
   local t
   for t in "${tools[@]}"; do command -v "$t" >/dev/null 2>&1 || echo "$t"; done
   ls /boot/vmlinuz-* >/dev/null 2>&1 || echo "kernel(/boot/vmlinuz-*)"
+  python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || echo "python3-venv(scripts/api-fuzz)"
   [ -f /usr/lib/syslinux/mbr/mbr.bin ] || echo "syslinux-mbr"
   [ -f /usr/lib/SYSLINUX.EFI/efi64/syslinux.efi ] || echo "syslinux-efi"
   [ -f /usr/share/OVMF/OVMF_CODE_4M.fd ] || echo "ovmf"
