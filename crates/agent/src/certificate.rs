@@ -11,7 +11,7 @@ use vmatrix_core::api::CertificateRequest;
 use vmatrix_vmm::MigrationTls;
 
 /// The directory, under the agent's data directory.
-pub(crate) fn dir(data: &Path) -> PathBuf {
+fn dir(data: &Path) -> PathBuf {
     data.join("tls")
 }
 
@@ -25,24 +25,16 @@ pub(crate) fn kept(data: &Path, name: &str) -> Option<MigrationTls> {
     })
 }
 
-/// Makes a key, has it signed as machine `name` through `client` (carrying the machine's
-/// credential) and keeps both in `data`.
-pub(crate) async fn obtain(
-    client: &ControllerClient,
-    data: &Path,
-    name: &str,
-) -> std::io::Result<()> {
+/// Makes a key, has it signed through `client` (carrying the machine's credential: the
+/// certificate names that machine) and keeps both in `data`.
+pub(crate) async fn obtain(client: &ControllerClient, data: &Path) -> std::io::Result<()> {
     let fail = |what: &str, e: &dyn std::fmt::Display| {
         std::io::Error::other(format!("the machine's certificate: {what}: {e}"))
     };
     let key = rcgen::KeyPair::generate().map_err(|e| fail("making a key", &e))?;
-    let mut params = rcgen::CertificateParams::new(vec![name.to_owned()])
-        .map_err(|e| fail("its request", &e))?;
-    params.distinguished_name = rcgen::DistinguishedName::new();
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, name);
-    let csr = params
+    // The request only proves the key: the controller names the certificate after the
+    // machine whose credential asks, whatever a request says.
+    let csr = rcgen::CertificateParams::default()
         .serialize_request(&key)
         .and_then(|r| r.pem())
         .map_err(|e| fail("its request", &e))?;

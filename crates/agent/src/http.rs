@@ -116,7 +116,7 @@ async fn status(State(ctx): State<Ctx>, headers: HeaderMap) -> Response {
 async fn certify(agent: &Agent, controller: &str, identity: &Identity) {
     let client = ControllerClient::new(controller, Some(identity.current()));
     let name = agent.config.name.as_str();
-    match crate::certificate::obtain(&client, &agent.config.data, name).await {
+    match crate::certificate::obtain(&client, &agent.config.data).await {
         Ok(()) => tracing::info!(
             "machine {name} has its certificate: live migrations to and from it go over TLS"
         ),
@@ -139,10 +139,9 @@ pub async fn serve(
     let listener = bind_when_there(agent.config.listen).await?;
     let identity = Arc::new(Identity::load(&agent.config.data, &controller, join_token));
     // A name that has joined already (another agent runs with it) ends this one here.
-    let joined = identity.current().is_empty();
+    let joins = identity.current().is_empty();
     identity.ensure(|| agent.report()).await?;
-    if joined || crate::certificate::kept(&agent.config.data, agent.config.name.as_str()).is_none()
-    {
+    if joins || crate::certificate::kept(&agent.config.data, agent.config.name.as_str()).is_none() {
         certify(&agent, &controller, &identity).await;
     }
     let ctx = Ctx {

@@ -713,7 +713,8 @@ pub async fn up(args: UpArgs, data: &Path, accel: vmatrix_vmm::AccelChoice) -> R
     let _ = out.flush();
     crate::shutdown_signal().await;
     tracing::info!("stopping the switch, the agents and the controller");
-    // Each one SIGTERM, the last started first; SIGKILL after 15 s.
+    // One kind at a time, the last started first, all of a kind at once: SIGTERM, SIGKILL
+    // after 15 s.
     supervisor.stop().await;
     // An agent that crashed (or was killed) before leaves its VMs running for the next one;
     // `up` is ending, so there is no next one.

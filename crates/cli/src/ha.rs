@@ -199,7 +199,7 @@ pub async fn wait_etcd(url: &str, within: Duration) -> Result<()> {
 
 /// Processes kept running: each one that ends is started again (after a pause that grows
 /// while it keeps dying, up to 5 s; with `restart` false, only logged), until
-/// [`Supervisor::stop`], which stops them in the reverse of their order.
+/// [`Supervisor::stop`], which stops them kind by kind in the reverse of their order.
 pub(crate) struct Supervisor {
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,

@@ -176,7 +176,9 @@ impl Controller {
                     Ok(_) => break,
                     Err(e) => {
                         tracing::warn!("pausing the standby {id} (attempt {attempt} of 3): {e}");
-                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                        if attempt < 3 {
+                            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                        }
                     }
                 }
             }
