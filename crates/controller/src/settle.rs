@@ -176,6 +176,14 @@ impl Controller {
                     Ok(_) => break,
                     Err(e) => {
                         tracing::warn!("pausing the standby {id} (attempt {attempt} of 3): {e}");
+                        // In the event log too: a standby left unpaused is otherwise invisible
+                        // there (a refusal returns before `pause` records anything).
+                        me.event(
+                            "controller",
+                            &format!("pause {id}"),
+                            "warm standby: booted, now paused",
+                            &format!("refused (attempt {attempt} of 3): {e}"),
+                        );
                         if attempt < 3 {
                             tokio::time::sleep(std::time::Duration::from_secs(1)).await;
                         }
