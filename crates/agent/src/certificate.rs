@@ -64,3 +64,23 @@ pub(crate) async fn obtain(client: &ControllerClient, data: &Path) -> std::io::R
     }
     Ok(())
 }
+
+/// The agent's API over TLS with the machine's kept certificate (`kept`), to the controller
+/// alone: a client certificate from the same authority that names the controller.
+pub(crate) fn api_server(
+    kept: &MigrationTls,
+) -> Result<std::sync::Arc<rustls::ServerConfig>, vmatrix_serve::TlsError> {
+    let read = |file: &str| {
+        let path = kept.dir.join(file);
+        std::fs::read_to_string(&path)
+            .map_err(|e| vmatrix_serve::TlsError(format!("{}: {e}", path.display())))
+    };
+    vmatrix_serve::tls::server_config(
+        &read("server-cert.pem")?,
+        &read("server-key.pem")?,
+        &vmatrix_serve::Callers::Named {
+            authority: read("ca-cert.pem")?,
+            name: vmatrix_core::api::CONTROLLER_TLS_NAME.to_owned(),
+        },
+    )
+}

@@ -110,20 +110,96 @@ async fn status(State(ctx): State<Ctx>, headers: HeaderMap) -> Response {
     Json(ctx.agent.report()).into_response()
 }
 
-/// Asks the controller for the machine's certificate (for its QEMUs' migration data path).
-/// Without one, this machine's migrations travel in the clear and a destination that has one
-/// refuses them: said, not fatal.
-async fn certify(agent: &Agent, controller: &str, identity: &Identity) {
-    let client = ControllerClient::new(controller, Some(identity.current()));
+/// How the agent reaches the controller: its URL (several, comma-separated, for controllers
+/// in high availability) and, for `https://`, the authority whose certificate the
+/// controller's must come from (the controller's `DATA/controller/tls/ca-cert.pem`). Over
+/// HTTPS the agent's own API serves HTTPS too, with the machine's certificate, to the
+/// controller alone.
+#[derive(Debug, Clone)]
+pub struct ControllerLink {
+    url: String,
+    authority: Option<String>,
+}
+
+impl ControllerLink {
+    /// Checks that an `https` URL comes with an authority, and that the authority is one.
+    pub fn new(url: &str, authority: Option<String>) -> std::io::Result<Self> {
+        let bad = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, m);
+        let https = url.split(',').any(|u| u.trim().starts_with("https://"));
+        match &authority {
+            None if https => {
+                return Err(bad(format!(
+                    "the controller is at {url}: give its authority's certificate with --ca \
+                     FILE (its DATA/controller/tls/ca-cert.pem)"
+                )))
+            }
+            Some(_) if url.split(',').any(|u| u.trim().starts_with("http://")) => {
+                return Err(bad(format!(
+                    "--ca is given but the controller is at {url}: use its https:// URL"
+                )))
+            }
+            Some(a) => {
+                ControllerClient::trusting(url, None, Some(a))
+                    .map_err(|e| bad(format!("--ca: {e}")))?;
+            }
+            None => {}
+        }
+        Ok(Self {
+            url: url.to_owned(),
+            authority,
+        })
+    }
+
+    /// The controller's URL.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Whether the control plane runs over TLS.
+    pub fn secure(&self) -> bool {
+        self.authority.is_some()
+    }
+
+    /// A client of the controller carrying `token`.
+    pub(crate) fn client(&self, token: String) -> ControllerClient {
+        match ControllerClient::trusting(&self.url, Some(token.clone()), self.authority.as_deref())
+        {
+            Ok(c) => c,
+            // Checked in `new`: not reached.
+            Err(e) => {
+                tracing::error!("a client of the controller: {e}");
+                ControllerClient::new(&self.url, Some(token))
+            }
+        }
+    }
+}
+
+/// Asks the controller for the machine's certificate (for its QEMUs' migration data path and,
+/// over HTTPS, its API). Without one, this machine's migrations travel in the clear and a
+/// destination that has one refuses them: said, not fatal — unless the control plane runs over
+/// TLS and no certificate is kept either (the agent's API cannot serve then).
+async fn certify(agent: &Agent, link: &ControllerLink, identity: &Identity) -> std::io::Result<()> {
+    let client = link.client(identity.current());
     let name = agent.config.name.as_str();
     match crate::certificate::obtain(&client, &agent.config.data).await {
-        Ok(()) => tracing::info!(
-            "machine {name} has its certificate: live migrations to and from it go over TLS"
-        ),
-        Err(e) => tracing::warn!(
-            "{e}; live migrations to and from machine {name} go in the clear until the agent \
-             starts again"
-        ),
+        Ok(()) => {
+            tracing::info!(
+                "machine {name} has its certificate: live migrations to and from it go over TLS"
+            );
+            Ok(())
+        }
+        Err(e) if link.secure() && crate::certificate::kept(&agent.config.data, name).is_none() => {
+            Err(std::io::Error::other(format!(
+                "{e}: the agent's API serves HTTPS with the machine's certificate and there is none"
+            )))
+        }
+        Err(e) => {
+            tracing::warn!(
+                "{e}; live migrations to and from machine {name} go in the clear (or with the \
+                 certificate kept) until the agent starts again"
+            );
+            Ok(())
+        }
     }
 }
 
@@ -132,18 +208,27 @@ async fn certify(agent: &Agent, controller: &str, identity: &Identity) {
 /// heartbeats to `controller` until the process ends. `join_token` is used only to join.
 pub async fn serve(
     agent: Arc<Agent>,
-    controller: String,
+    link: ControllerLink,
     join_token: String,
 ) -> std::io::Result<()> {
     // The address first: an agent that cannot serve must not touch the VMs it would adopt.
     let listener = bind_when_there(agent.config.listen).await?;
-    let identity = Arc::new(Identity::load(&agent.config.data, &controller, join_token));
+    let identity = Arc::new(Identity::load(&agent.config.data, &link, join_token));
     // A name that has joined already (another agent runs with it) ends this one here.
     let joins = identity.current().is_empty();
     identity.ensure(|| agent.report()).await?;
-    if joins || crate::certificate::kept(&agent.config.data, agent.config.name.as_str()).is_none() {
-        certify(&agent, &controller, &identity).await;
+    // Over TLS at every start: the certificate also serves the API, and the authority may
+    // have been replaced.
+    let name = agent.config.name.as_str();
+    if joins || link.secure() || crate::certificate::kept(&agent.config.data, name).is_none() {
+        certify(&agent, &link, &identity).await?;
     }
+    let tls = match crate::certificate::kept(&agent.config.data, name) {
+        Some(kept) if link.secure() => {
+            Some(crate::certificate::api_server(&kept).map_err(std::io::Error::other)?)
+        }
+        _ => None,
+    };
     let ctx = Ctx {
         agent: agent.clone(),
         identity: identity.clone(),
@@ -159,12 +244,12 @@ pub async fn serve(
     // alive); commands wait until the VMs a previous process left are adopted, and heartbeats
     // start only then (a report without them would make the controller think them lost).
     let limits = vmatrix_serve::ApiLimits::default();
-    let server = tokio::spawn(vmatrix_serve::serve_api(listener, app, limits));
+    let server = tokio::spawn(vmatrix_serve::serve_api(listener, app, limits, tls));
     let adopted = crate::record::adopt_left(&agent).await;
     if adopted > 0 {
         tracing::info!(machine = %agent.config.name, "adopted {adopted} VM(s)");
     }
-    tokio::spawn(heartbeat(agent, controller, identity));
+    tokio::spawn(heartbeat(agent, link, identity));
     server
         .await
         .map_err(|e| std::io::Error::other(format!("the agent API task ended: {e}")))?
@@ -187,8 +272,9 @@ async fn bind_when_there(addr: std::net::SocketAddr) -> std::io::Result<tokio::n
     }
 }
 
-async fn heartbeat(agent: Arc<Agent>, controller: String, identity: Arc<Identity>) {
-    let mut client = ControllerClient::new(&controller, Some(identity.current()));
+async fn heartbeat(agent: Arc<Agent>, link: ControllerLink, identity: Arc<Identity>) {
+    let controller = link.url().to_owned();
+    let mut client = link.client(identity.current());
     let mut warned = false;
     let mut beats = 0u64;
     loop {
@@ -216,8 +302,10 @@ async fn heartbeat(agent: Arc<Agent>, controller: String, identity: Arc<Identity
             Err(ClientError::Refused { status: 401, .. }) => match identity.join(&report).await {
                 Ok(()) => {
                     tracing::info!("joined the controller again as {}", report.name);
-                    client = ControllerClient::new(&controller, Some(identity.current()));
-                    certify(&agent, &controller, &identity).await;
+                    client = link.client(identity.current());
+                    if let Err(e) = certify(&agent, &link, &identity).await {
+                        tracing::warn!("{e}");
+                    }
                 }
                 Err(e) => {
                     if !warned {
@@ -235,5 +323,30 @@ async fn heartbeat(agent: Arc<Agent>, controller: String, identity: Arc<Identity
         }
         // A fixed period from the start of each beat, whatever the controller's latency.
         tokio::time::sleep_until(beat + Duration::from_secs(1)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ControllerLink;
+
+    fn authority() -> String {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.self_signed(&key).unwrap().pem()
+    }
+
+    #[test]
+    fn an_https_controller_needs_an_authority_and_only_it_does() {
+        let e = ControllerLink::new("https://10.0.0.1:7070", None).unwrap_err();
+        assert!(e.to_string().contains("--ca"), "{e}");
+        let e = ControllerLink::new("http://10.0.0.1:7070", Some(authority())).unwrap_err();
+        assert!(e.to_string().contains("https://"), "{e}");
+        let e = ControllerLink::new("https://10.0.0.1:7070", Some("not PEM".into())).unwrap_err();
+        assert!(e.to_string().contains("--ca"), "{e}");
+        let link = ControllerLink::new("https://a:1,https://b:1", Some(authority())).unwrap();
+        assert!(link.secure());
+        assert!(!ControllerLink::new("http://a:1", None).unwrap().secure());
     }
 }

@@ -20,7 +20,11 @@ pub(crate) struct Identity {
 
 impl Identity {
     /// The credential kept in `data`, if any; `join_token` asks for a new one.
-    pub(crate) fn load(data: &std::path::Path, controller: &str, join_token: String) -> Self {
+    pub(crate) fn load(
+        data: &std::path::Path,
+        link: &crate::http::ControllerLink,
+        join_token: String,
+    ) -> Self {
         let path = data.join("credential");
         let kept = std::fs::read_to_string(&path)
             .map(|s| s.trim().to_owned())
@@ -28,7 +32,7 @@ impl Identity {
         Self {
             path,
             current: RwLock::new(kept),
-            joiner: ControllerClient::new(controller, Some(join_token)),
+            joiner: link.client(join_token),
         }
     }
 

@@ -27,7 +27,7 @@ pub mod record;
 mod seed;
 mod volumes;
 
-pub use http::serve;
+pub use http::{serve, ControllerLink};
 pub use hypervisor::{Hypervisor, Qemu};
 pub use machine::{work_limit, Agent, AgentConfig, AgentError, CommandFailure, FailureKind};
 pub use record::{adopt_left, sweep};

@@ -30,8 +30,9 @@ pub fn required_token(data: &Path) -> Result<String> {
     })
 }
 
-/// A client of the controller at `--api`, or at the URL the controller wrote in DATA.
-pub fn connect(api: Option<String>, data: &Path) -> Result<ControllerClient> {
+/// A client of the controller at `--api`, or at the URL the controller wrote in DATA; over
+/// HTTPS trusting `ca` (else the authority the controller keeps in DATA).
+pub fn connect(api: Option<String>, ca: Option<&Path>, data: &Path) -> Result<ControllerClient> {
     let base = match api {
         Some(a) => a,
         None => std::fs::read_to_string(data.join("controller/api"))
@@ -43,7 +44,12 @@ pub fn connect(api: Option<String>, data: &Path) -> Result<ControllerClient> {
                 )
             })?,
     };
-    Ok(ControllerClient::new(&base, token(data)))
+    let authority = crate::trust::authority(ca, data, &base)?;
+    Ok(ControllerClient::trusting(
+        &base,
+        token(data),
+        authority.as_deref(),
+    )?)
 }
 
 /// Submits an operation and follows it to its end. The controller runs it as its own task:

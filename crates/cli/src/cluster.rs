@@ -27,6 +27,8 @@ pub struct AgentArgs {
     /// Each QEMU in a control group limited to its spec, where the host allows.
     pub cgroups: bool,
     pub net: crate::network::AgentNet,
+    /// The authority of an https controller (`--ca`).
+    pub ca: Option<PathBuf>,
 }
 
 pub async fn agent(args: AgentArgs, data: &Path, accel: vmatrix_vmm::AccelChoice) -> Result<()> {
@@ -39,6 +41,8 @@ pub async fn agent(args: AgentArgs, data: &Path, accel: vmatrix_vmm::AccelChoice
         other => bail!("--role {other:?}: use dedicated or shared"),
     };
     let join_token = join_token(data)?;
+    let authority = crate::trust::authority(args.ca.as_deref(), data, &args.controller)?;
+    let link = vmatrix_agent::ControllerLink::new(&args.controller, authority)?;
     let guest = data.join("guest/reference.img.parts");
     let accel = vmatrix_vmm::accel::resolve(
         accel,
@@ -91,7 +95,7 @@ pub async fn agent(args: AgentArgs, data: &Path, accel: vmatrix_vmm::AccelChoice
         .context("starting the fencing watchdog")?;
     agent.hold_lease(holder);
     tokio::select! {
-        r = vmatrix_agent::serve(agent.clone(), args.controller, join_token) => r.context("agent")?,
+        r = vmatrix_agent::serve(agent.clone(), link, join_token) => r.context("agent")?,
         _ = crate::shutdown_signal() => {
             if args.keep_vms {
                 tracing::info!("agent stopping; its VMs keep running for the next agent (--on-exit keep)");
@@ -187,6 +191,7 @@ fn lock_machine_data(dir: &Path, name: &str) -> Result<std::fs::File> {
 
 /// Options of `vmatrix controller`.
 pub struct ControllerArgs<'a> {
+    pub api_tls: crate::trust::ApiTls,
     pub listen: SocketAddr,
     pub state: Option<String>,
     pub policy: &'a str,
@@ -199,6 +204,7 @@ pub struct ControllerArgs<'a> {
 
 pub async fn controller(args: ControllerArgs<'_>, data: &Path) -> Result<()> {
     let ControllerArgs {
+        api_tls,
         listen,
         state,
         policy,
@@ -269,7 +275,7 @@ pub async fn controller(args: ControllerArgs<'_>, data: &Path) -> Result<()> {
             dir.join("token").display()
         );
     }
-    let me = format!("http://{listen}");
+    let me = format!("{}://{listen}", api_tls.scheme());
     let apis = match &state {
         // Controllers that stand by for each other: the file lists them all.
         vmatrix_controller::StateStore::Etcd(_) => {
@@ -297,6 +303,7 @@ pub async fn controller(args: ControllerArgs<'_>, data: &Path) -> Result<()> {
         also_listen: net.also_listen.clone(),
         network,
         limits: vmatrix_controller::ApiLimits::default(),
+        tls: api_tls.config(data),
     };
     tokio::select! {
         r = vmatrix_controller::serve(config) => r.map_err(|e| anyhow!("{e}"))?,
@@ -365,6 +372,8 @@ pub struct UpArgs {
     pub maintenance_idle: Option<Duration>,
     pub net: crate::network::UpNet,
     pub tls: crate::network::TlsFlags,
+    /// How the controller serves its API.
+    pub api_tls: crate::trust::ApiTls,
     /// Two controllers sharing their state on three etcd members, supervised.
     pub ha: bool,
     /// Where `--ha`'s ports start (default: the API port + 100).
@@ -373,15 +382,31 @@ pub struct UpArgs {
     pub restart: bool,
 }
 
-pub async fn switch(
-    controller: Option<String>,
-    listen: SocketAddr,
-    hold: u64,
-    max_held: usize,
-    tls: Option<vmatrix_switch::TlsConfig>,
-    limits: vmatrix_switch::Limits,
-    data: &Path,
-) -> Result<()> {
+/// Options of `vmatrix switch`.
+pub struct SwitchArgs<'a> {
+    /// The controller's URL (default: the one in the data directory).
+    pub controller: Option<String>,
+    pub listen: SocketAddr,
+    /// Seconds a request may wait for a dormant service.
+    pub hold: u64,
+    pub max_held: usize,
+    /// HTTPS for clients.
+    pub tls: Option<vmatrix_switch::TlsConfig>,
+    pub limits: vmatrix_switch::Limits,
+    /// The authority of an https controller (`--ca`).
+    pub ca: Option<&'a Path>,
+}
+
+pub async fn switch(args: SwitchArgs<'_>, data: &Path) -> Result<()> {
+    let SwitchArgs {
+        controller,
+        listen,
+        hold,
+        max_held,
+        tls,
+        limits,
+        ca,
+    } = args;
     let controller = match controller {
         Some(c) => c,
         None => std::fs::read_to_string(data.join("controller/api"))
@@ -399,9 +424,11 @@ pub async fn switch(
     };
     let read_token =
         scoped_token("VMATRIX_READ_TOKEN", &data.join("controller/read-token")).unwrap_or_default();
+    let controller_authority = crate::trust::authority(ca, data, &controller)?;
     let config = vmatrix_switch::SwitchConfig {
         listen,
         controller,
+        controller_authority,
         token,
         read_token,
         hold_timeout: Duration::from_secs(hold),
@@ -494,6 +521,8 @@ pub async fn up(args: UpArgs, data: &Path, accel: vmatrix_vmm::AccelChoice) -> R
         "--auto-approve".into(),
     ];
     controller_args.extend(args.policy_flags.to_args());
+    controller_args.extend(args.api_tls.to_args());
+    let scheme = args.api_tls.scheme();
     if let Some(idle) = args.maintenance_idle {
         controller_args.extend([
             "--maintenance-idle".into(),
@@ -533,16 +562,16 @@ pub async fn up(args: UpArgs, data: &Path, accel: vmatrix_vmm::AccelChoice) -> R
                     "--front-vtep".into(),
                     t.host_address().to_string(),
                 ]);
-                agents_apis.push(format!("http://{also}"));
+                agents_apis.push(format!("{scheme}://{also}"));
             }
-            None => agents_apis.push(format!("http://{l}")),
+            None => agents_apis.push(format!("{scheme}://{l}")),
         }
         per_controller.push(a);
     }
     let agents_api = agents_apis.join(",");
     let api = listens
         .iter()
-        .map(|l| format!("http://{l}"))
+        .map(|l| format!("{scheme}://{l}"))
         .collect::<Vec<_>>()
         .join(",");
     // Every child, in the order it started: supervised once all have, stopped in reverse.
@@ -568,7 +597,7 @@ pub async fn up(args: UpArgs, data: &Path, accel: vmatrix_vmm::AccelChoice) -> R
                 &mut kept,
             )?;
             // One at a time: the first makes the tokens the others take from etcd.
-            wait_healthy(&format!("http://{}", listens[i]), data, i == 0).await?;
+            wait_healthy(&format!("{scheme}://{}", listens[i]), data, i == 0).await?;
         }
         std::fs::write(data.join("controller/api"), format!("{api}\n"))?;
     } else {
@@ -581,7 +610,7 @@ pub async fn up(args: UpArgs, data: &Path, accel: vmatrix_vmm::AccelChoice) -> R
         wait_healthy(&api, data, true).await?;
     }
     // Health needs no token; everything else does, and a fresh controller has just written it.
-    let client = connect(Some(api.clone()), data)?;
+    let client = connect(Some(api.clone()), None, data)?;
     // Dedicated machines rm1… on 127.0.0.2…, then shared ones sm1… after them.
     let machines: Vec<(String, u32, &str)> = (1..=args.machines)
         .map(|i| (format!("rm{i}"), i + 1, "dedicated"))
@@ -758,18 +787,14 @@ fn machine_cgroup(name: &str, machine_data: &Path) -> String {
 /// Waits (30 s at most) until the controller at `api` answers; a leader's health, or a
 /// standby's refusal when `leader` is false.
 async fn wait_healthy(api: &str, data: &Path, leader: bool) -> Result<()> {
-    let client = connect(Some(api.to_owned()), data)?;
-    let http = reqwest::Client::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let up = if leader {
-            client.healthy().await
-        } else {
-            http.get(format!("{api}/api/v1/health"))
-                .timeout(Duration::from_secs(2))
-                .send()
-                .await
-                .is_ok()
+        // Over HTTPS the controller writes its authority's certificate as it starts: until
+        // then there is nothing to trust it with.
+        let up = match connect(Some(api.to_owned()), None, data) {
+            Ok(client) if leader => client.healthy().await,
+            Ok(client) => client.answers().await,
+            Err(_) => false,
         };
         if up {
             return Ok(());

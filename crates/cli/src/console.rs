@@ -38,22 +38,31 @@ pub async fn console(client: &ControllerClient, id: &InstanceId, read_only: bool
             .headers_mut()
             .insert("authorization", format!("Bearer {t}").parse()?);
     }
-    let (socket, _) = tokio_tungstenite::connect_async(request)
-        .await
-        .map_err(|e| match e {
-            tokio_tungstenite::tungstenite::Error::Http(r) => {
-                let why = r
-                    .body()
-                    .as_deref()
-                    .and_then(|b| serde_json::from_slice::<vmatrix_core::api::ErrorBody>(b).ok())
-                    .map_or_else(|| r.status().to_string(), |b| b.error);
-                anyhow!("console of {id}: {why}")
-            }
-            other => anyhow!(
-                "console of {id}: {other} (is the controller at {} up?)",
-                client.base()
-            ),
-        })?;
+    let connector = match client.authority() {
+        Some(a) => Some(tokio_tungstenite::Connector::Rustls(std::sync::Arc::new(
+            vmatrix_serve::tls::client_config(a, None, None)?,
+        ))),
+        None => None,
+    };
+    let (socket, _) =
+        tokio_tungstenite::connect_async_tls_with_config(request, None, false, connector)
+            .await
+            .map_err(|e| match e {
+                tokio_tungstenite::tungstenite::Error::Http(r) => {
+                    let why = r
+                        .body()
+                        .as_deref()
+                        .and_then(|b| {
+                            serde_json::from_slice::<vmatrix_core::api::ErrorBody>(b).ok()
+                        })
+                        .map_or_else(|| r.status().to_string(), |b| b.error);
+                    anyhow!("console of {id}: {why}")
+                }
+                other => anyhow!(
+                    "console of {id}: {other} (is the controller at {} up?)",
+                    client.base()
+                ),
+            })?;
     let (mut tx, mut rx) = socket.split();
     let hello: ConsoleHello = match rx.next().await {
         Some(Ok(Message::Text(t))) => serde_json::from_str(&t).context("the console's greeting")?,

@@ -13,6 +13,7 @@ mod policy_file;
 mod sim;
 mod suite;
 mod switch_bench;
+mod trust;
 mod volume;
 
 use std::net::SocketAddr;
@@ -40,6 +41,10 @@ struct Cli {
     /// The controller's API URL (default: the one `vmatrix up` wrote in the data directory).
     #[arg(long, global = true, env = "VMATRIX_API")]
     api: Option<String>,
+    /// The authority an https controller's certificate must come from (PEM; default: the
+    /// controller's DATA/controller/tls/ca-cert.pem).
+    #[arg(long, global = true, env = "VMATRIX_CA")]
+    ca: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -86,6 +91,8 @@ enum Command {
         net: network::UpNet,
         #[command(flatten)]
         tls: network::TlsFlags,
+        #[command(flatten)]
+        api_tls: trust::ApiTls,
         /// High availability: three etcd members (Debian's etcd-server) and two controllers
         /// sharing their state there (one leads, the other stands by), restarted by `up` when
         /// they die.
@@ -200,6 +207,8 @@ enum Command {
         /// approve NAME`); `vmatrix up` runs its controller so.
         #[arg(long)]
         auto_approve: bool,
+        #[command(flatten)]
+        api_tls: trust::ApiTls,
     },
     /// Run an agent for one real machine.
     Agent {
@@ -622,7 +631,8 @@ fn run() -> Result<()> {
         Some(d) => d,
         None => default_data_dir()?,
     };
-    let client = || client::connect(cli.api.clone(), &data);
+    let ca = cli.ca.clone();
+    let client = || client::connect(cli.api.clone(), ca.as_deref(), &data);
     let op = |o: Operation| -> Result<()> {
         let c = client()?;
         let msg = runtime()?.block_on(client::operate(&c, o))?;
@@ -643,11 +653,13 @@ fn run() -> Result<()> {
             maintenance_idle,
             net,
             tls,
+            api_tls,
             ha,
             ha_ports,
             no_restart,
         } => runtime()?.block_on(cluster::up(
             cluster::UpArgs {
+                api_tls,
                 ha,
                 ha_ports,
                 restart: !no_restart,
@@ -675,12 +687,15 @@ fn run() -> Result<()> {
             tls,
             limits,
         } => runtime()?.block_on(cluster::switch(
-            controller,
-            listen,
-            hold_timeout,
-            max_held,
-            tls.config()?,
-            limits.limits()?,
+            cluster::SwitchArgs {
+                controller,
+                listen,
+                hold: hold_timeout,
+                max_held,
+                tls: tls.config()?,
+                limits: limits.limits()?,
+                ca: cli.ca.as_deref(),
+            },
             &data,
         ))?,
         Command::Load {
@@ -748,8 +763,10 @@ fn run() -> Result<()> {
             maintenance_idle,
             net,
             auto_approve,
+            api_tls,
         } => runtime()?.block_on(cluster::controller(
             cluster::ControllerArgs {
+                api_tls,
                 listen,
                 state,
                 policy: &policy,
@@ -793,6 +810,7 @@ fn run() -> Result<()> {
                 keep_vms: on_exit == "keep",
                 qemu_user,
                 cgroups: !no_cgroups,
+                ca: cli.ca.clone(),
             },
             &data,
             accel,

@@ -24,14 +24,18 @@ use vmatrix_core::ServiceSpec;
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// The controller could not be reached or did not answer in time.
-    #[error("cannot reach the controller at {base}: {source}; is `vmatrix up` running?")]
+    #[error("cannot reach the controller at {base}: {detail}; {hint}")]
     Unreachable {
         /// The controller's URL.
         base: String,
-        /// What the transport said.
-        #[source]
-        source: reqwest::Error,
+        /// What the transport said, causes included (a TLS refusal says why).
+        detail: String,
+        /// What to check.
+        hint: &'static str,
     },
+    /// The TLS configuration could not be made (the authority's certificate is not one).
+    #[error(transparent)]
+    Tls(#[from] vmatrix_serve::TlsError),
     /// The controller answered with an error.
     #[error("{message}")]
     Refused {
@@ -61,14 +65,50 @@ pub struct ControllerClient {
     /// Which of `bases` answered last.
     at: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     token: Option<String>,
+    /// The authority an https controller's certificate must come from (PEM).
+    authority: Option<std::sync::Arc<str>>,
     http: reqwest::Client,
 }
 
 impl ControllerClient {
     /// A client of the controller at `base` (`http://host:port`, or several separated by
     /// commas: controllers in high availability), with its bearer token if known.
-    /// Connecting gives up after 2 s; each call sets its own limit.
+    /// Connecting gives up after 2 s; each call sets its own limit. An `https://` controller
+    /// needs [`ControllerClient::trusting`] its authority.
     pub fn new(base: &str, token: Option<String>) -> Self {
+        Self::with_http(
+            base,
+            token,
+            None,
+            reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(2))
+                .build()
+                .expect("a plain HTTP client builds"),
+        )
+    }
+
+    /// [`ControllerClient::new`] over TLS where the URL says `https://`: the controller's
+    /// certificate must come from `authority` (PEM: the controller's
+    /// `DATA/controller/tls/ca-cert.pem`) and name the URL's host. `None`: plain HTTP only.
+    pub fn trusting(base: &str, token: Option<String>, authority: Option<&str>) -> Result<Self> {
+        let Some(authority) = authority else {
+            return Ok(Self::new(base, token));
+        };
+        let tls = vmatrix_serve::tls::client_config(authority, None, None)?;
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(2))
+            .use_preconfigured_tls(tls)
+            .build()
+            .map_err(|e| vmatrix_serve::TlsError(format!("an HTTPS client: {e}")))?;
+        Ok(Self::with_http(base, token, Some(authority.into()), http))
+    }
+
+    fn with_http(
+        base: &str,
+        token: Option<String>,
+        authority: Option<std::sync::Arc<str>>,
+        http: reqwest::Client,
+    ) -> Self {
         let bases: Vec<String> = base
             .split(',')
             .map(|b| b.trim().trim_end_matches('/').to_owned())
@@ -82,10 +122,8 @@ impl ControllerClient {
             },
             at: Default::default(),
             token,
-            http: reqwest::Client::builder()
-                .connect_timeout(Duration::from_secs(2))
-                .build()
-                .expect("a plain HTTP client builds"),
+            authority,
+            http,
         }
     }
 
@@ -93,6 +131,11 @@ impl ControllerClient {
     pub fn base(&self) -> &str {
         let n = self.bases.len();
         &self.bases[self.at.load(std::sync::atomic::Ordering::Relaxed) % n]
+    }
+
+    /// The authority an https controller's certificate must come from (PEM), if given.
+    pub fn authority(&self) -> Option<&str> {
+        self.authority.as_deref()
     }
 
     /// The bearer token, if known.
@@ -142,7 +185,16 @@ impl ControllerClient {
                 Err(source) => {
                     return Err(ClientError::Unreachable {
                         base: base.clone(),
-                        source,
+                        detail: vmatrix_core::with_causes(&source),
+                        hint: if base.starts_with("https://") && self.authority.is_none() {
+                            "an https controller needs its authority: set VMATRIX_CA (or --ca) \
+                             to its DATA/controller/tls/ca-cert.pem"
+                        } else if base.starts_with("https://") {
+                            "is it up, and does its certificate come from the authority given \
+                             (VMATRIX_CA or --ca) and name this URL's host (--tls-name)?"
+                        } else {
+                            "is `vmatrix up` running?"
+                        },
                     })
                 }
                 Ok(r) if r.headers().contains_key(STANDBY_HEADER) && tried < n => continue,
@@ -182,6 +234,16 @@ impl ControllerClient {
     ) -> Result<T> {
         self.call(reqwest::Method::POST, path, Some(body), limit, false)
             .await
+    }
+
+    /// Whether the first controller answers at all (a standby's refusal counts).
+    pub async fn answers(&self) -> bool {
+        self.http
+            .get(format!("{}/api/v1/health", self.bases[0]))
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await
+            .is_ok()
     }
 
     /// Whether a controller answers (the leader, where several stand by for each other).

@@ -40,13 +40,12 @@ impl Controller {
     ) -> Result<AgentReply> {
         // A controller that no longer leads commands nothing.
         self.check_lead()?;
-        let url = format!("http://{}/agent/v1/command", machine.address);
+        let (url, http) = self.agent_url(machine, "http", "/agent/v1/command")?;
         let fail = |message: String| ControlError::Agent {
             machine: machine.name.clone(),
             message,
         };
-        let resp = self
-            .http
+        let resp = http
             .post(&url)
             .bearer_auth(self.agent_bearer(&machine.name))
             .timeout(timeout)
@@ -55,7 +54,7 @@ impl Controller {
             .await
             .map_err(|e| ControlError::Unreachable {
                 machine: machine.name.clone(),
-                message: e.to_string(),
+                message: vmatrix_core::with_causes(&e),
             })?;
         let status = resp.status();
         if status.is_success() {

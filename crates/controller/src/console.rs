@@ -34,10 +34,11 @@ impl Controller {
             )));
         }
         let machine = self.machine(&row.info.machine)?;
-        let url = format!(
-            "ws://{}/agent/v1/console/{id}?write={write}",
-            machine.address
-        );
+        let (url, _) = self.agent_url(
+            &machine,
+            "ws",
+            &format!("/agent/v1/console/{id}?write={write}"),
+        )?;
         let mut request = url
             .into_client_request()
             .map_err(|e| ControlError::Conflict(format!("console of {id}: {e}")))?;
@@ -47,7 +48,14 @@ impl Controller {
                 ControlError::Conflict("the agents' token is not a header value".into())
             })?;
         request.headers_mut().insert("authorization", bearer);
-        let connect = tokio_tungstenite::connect_async(request);
+        let connector = match self.secured.get() {
+            Some(s) => Some(tokio_tungstenite::Connector::Rustls(std::sync::Arc::new(
+                s.agent_tls(&machine.name)?,
+            ))),
+            None => None,
+        };
+        let connect =
+            tokio_tungstenite::connect_async_tls_with_config(request, None, false, connector);
         let (socket, _) = tokio::time::timeout(std::time::Duration::from_secs(10), connect)
             .await
             .map_err(|_| ControlError::Unreachable {

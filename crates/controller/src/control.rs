@@ -151,6 +151,8 @@ pub struct Controller {
     pub(crate) prepared: Mutex<HashSet<InstanceId>>,
     /// The matrix's certificate authority, once loaded ([`crate::authority`]).
     pub(crate) authority: Mutex<Option<Arc<crate::authority::Authority>>>,
+    /// The API's and the agent calls' TLS, where the API serves HTTPS (set once, at start).
+    pub(crate) secured: std::sync::OnceLock<Arc<crate::authority::Secured>>,
     /// Activations the reconcile loop has under way per service to keep its `min` (manual
     /// mode): counted as live until they end, since on a busy host a task may not have written
     /// its instance's row by the next pass (which then started a second one).
@@ -257,6 +259,7 @@ impl Controller {
             placing: Mutex::new(()),
             prepared: Mutex::new(HashSet::new()),
             authority: Mutex::new(None),
+            secured: std::sync::OnceLock::new(),
             keeping_min: Mutex::new(HashMap::new()),
             maintenance_used: Mutex::new(HashMap::new()),
             maintenance_idle: Mutex::new(None),

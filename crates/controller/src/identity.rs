@@ -203,4 +203,25 @@ impl Controller {
             .cloned()
             .unwrap_or_default()
     }
+
+    /// The URL of `path` on `machine`'s agent (`https` where the API serves HTTPS: the agents
+    /// then serve it too) and the client to call it with (over TLS, one that takes only
+    /// that machine's certificate).
+    pub(crate) fn agent_url(
+        &self,
+        machine: &vmatrix_core::api::MachineInfo,
+        scheme: &str,
+        path: &str,
+    ) -> Result<(String, reqwest::Client)> {
+        match self.secured.get() {
+            Some(s) => Ok((
+                format!("{scheme}s://{}{path}", machine.address),
+                s.agent_client(&machine.name)?,
+            )),
+            None => Ok((
+                format!("{scheme}://{}{path}", machine.address),
+                self.http.clone(),
+            )),
+        }
+    }
 }

@@ -34,6 +34,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use api::{router, Tokens};
+pub use authority::ControllerTls;
 pub use control::{ControlError, Controller, NetConfig};
 pub use db::{Db, DbError, InstanceRow, OpState};
 pub use mirror::Guard;
@@ -72,6 +73,9 @@ pub struct ControllerConfig {
     pub network: Option<control::NetConfig>,
     /// What the API's clients may hold (connections, time to send a request head).
     pub limits: vmatrix_serve::ApiLimits,
+    /// HTTPS: the API, and the agents' APIs it calls, over TLS with the matrix's authority
+    /// kept in this directory (none: plain HTTP, for a network that is trusted anyway).
+    pub tls: Option<ControllerTls>,
 }
 
 /// Reads the token in `dir/token`, or creates one (mode 0600). Returns it and whether it is new.
@@ -168,7 +172,7 @@ fn load_or_create_secret(path: &Path) -> std::io::Result<(String, bool)> {
     Ok((token, true))
 }
 
-fn write_secret(path: &Path, secret: &str) -> std::io::Result<()> {
+pub(crate) fn write_secret(path: &Path, secret: &str) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new()
@@ -187,6 +191,19 @@ pub async fn serve(
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     // The address first: a controller that cannot serve must not start a second loop.
     let mut listener = Some(tokio::net::TcpListener::bind(config.listen).await?);
+    let secured = match &config.tls {
+        Some(t) => {
+            let listens: Vec<SocketAddr> = std::iter::once(config.listen)
+                .chain(config.also_listen.iter().copied())
+                .collect();
+            Some(std::sync::Arc::new(authority::Secured::prepare(
+                t, &listens,
+            )?))
+        }
+        None => None,
+    };
+    let tls = secured.as_ref().map(|s| s.server.clone());
+    let scheme = if tls.is_some() { "https" } else { "http" };
     // On etcd, the API's address answers from the start: a standby's refusals until this
     // controller leads, then the API, on the same server — a client's kept-alive connection
     // to the standby reaches the leader it became.
@@ -196,7 +213,7 @@ pub async fn serve(
         StateStore::Sqlite(path) => (Db::open(path)?, None),
         StateStore::Etcd(url) => {
             let etcd = std::sync::Arc::new(etcd::Etcd::from_url(url)?);
-            let me = format!("http://{}", config.listen);
+            let me = format!("{scheme}://{}", config.listen);
             let app = switchable(
                 leader::standby_router(etcd.clone(), me.clone()),
                 active.clone(),
@@ -204,7 +221,8 @@ pub async fn serve(
             let Some(l) = listener.take() else {
                 return Err("the API's address is not bound".into());
             };
-            let mut serving = tokio::spawn(vmatrix_serve::serve_api(l, app, config.limits));
+            let mut serving =
+                tokio::spawn(vmatrix_serve::serve_api(l, app, config.limits, tls.clone()));
             let lead = tokio::select! {
                 l = leader::campaign(etcd.clone(), &me) => l?,
                 r = &mut serving => return Err(format!("the API on {me} ended: {r:?}").into()),
@@ -231,6 +249,9 @@ pub async fn serve(
     }
     let controller = Controller::new(db, config.token.clone());
     controller.set_lead(lead.clone());
+    if let Some(s) = secured {
+        let _ = controller.secured.set(s);
+    }
     controller.set_join_token(config.join_token.clone());
     controller.set_auto_approve(config.auto_approve);
     controller.load_credentials()?;
@@ -266,7 +287,7 @@ pub async fn serve(
     tokio::spawn(controller.clone().prune_loop());
     tokio::spawn(controller.clone().fast_loop());
     tokio::spawn(controller.clone().resume_rollouts());
-    tracing::info!("controller API on http://{}", config.listen);
+    tracing::info!("controller API on {scheme}://{}", config.listen);
     let app = router(
         controller,
         api::Tokens {
@@ -277,10 +298,11 @@ pub async fn serve(
     );
     let config_limits = config.limits;
     for (l, a) in more.into_iter().zip(config.also_listen.clone()) {
-        tracing::info!("controller API also on http://{a}");
+        tracing::info!("controller API also on {scheme}://{a}");
         let app = app.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            if let Err(e) = vmatrix_serve::serve_api(l, app, config_limits).await {
+            if let Err(e) = vmatrix_serve::serve_api(l, app, config_limits, tls).await {
                 tracing::error!("the API on {a} ended: {e}");
             }
         });
@@ -289,7 +311,7 @@ pub async fn serve(
         let Some(l) = listener else {
             return Err("the API's address is not bound".into());
         };
-        vmatrix_serve::serve_api(l, app, config.limits).await?;
+        vmatrix_serve::serve_api(l, app, config.limits, tls).await?;
         return Ok(());
     };
     *active.write().unwrap_or_else(|e| e.into_inner()) = Some(app);

@@ -194,9 +194,11 @@ impl Controller {
     }
 
     pub(crate) async fn probe(&self, machine: MachineInfo) {
-        let answered = self
-            .http
-            .get(format!("http://{}/agent/v1/status", machine.address))
+        let Ok((url, http)) = self.agent_url(&machine, "http", "/agent/v1/status") else {
+            return;
+        };
+        let answered = http
+            .get(url)
             .bearer_auth(self.agent_bearer(&machine.name))
             .timeout(Duration::from_secs(3))
             .send()

@@ -887,6 +887,10 @@ pub fn work_limit(memory_mib: u32) -> std::time::Duration {
 /// controller it knows.
 pub const STANDBY_HEADER: &str = "x-vmatrix-standby";
 
+/// The name the controller's certificate carries (besides its addresses) and the only caller
+/// an agent's API takes over TLS. No machine can bear it: machine names have no dots.
+pub const CONTROLLER_TLS_NAME: &str = "controller.vmatrix";
+
 /// An error body: what failed and what to do.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ErrorBody {

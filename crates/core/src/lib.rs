@@ -24,3 +24,19 @@ pub use spec::{
 };
 pub use state::{IllegalTransition, InstanceState, Transition};
 pub use volume::{VolumePlan, VolumeSpec};
+
+/// An error with its causes, each once: `reqwest`'s and `hyper`'s own messages name only what
+/// was attempted ("error sending request for url …"), the why is in the sources.
+pub fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let s = c.to_string();
+        if !out.contains(&s) {
+            out.push_str(": ");
+            out.push_str(&s);
+        }
+        cause = c.source();
+    }
+    out
+}

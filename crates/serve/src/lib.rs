@@ -3,7 +3,8 @@
 //! send its first byte and a whole request head within a time limit or be closed. The switch
 //! takes its client connections through [`Connections`]; the controller's and the agents' APIs
 //! are served by [`serve_api`], which adds the head timeout to axum's router (`axum::serve` has
-//! none: 300 half-sent requests held 300 sockets for as long as their clients liked).
+//! none: 300 half-sent requests held 300 sockets for as long as their clients liked), over TLS
+//! where given ([`tls`]: the handshake within the same limit as the head).
 //!
 //! This crate must never read a request's content or decide anything about it: it only bounds
 //! what a client may hold.
@@ -13,6 +14,9 @@ use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+pub mod tls;
+pub use tls::{Callers, TlsError};
 
 /// Connections open now, in all and per address, against their limits.
 pub struct Connections {
@@ -131,14 +135,16 @@ impl Default for ApiLimits {
     }
 }
 
-/// Serves `app` on `listener` (HTTP/1.1, with upgrades: WebSockets) within `limits` until
-/// accepting fails for good.
+/// Serves `app` on `listener` (HTTP/1.1, with upgrades: WebSockets) within `limits`, over
+/// TLS with `tls` where given, until accepting fails for good.
 pub async fn serve_api(
     listener: tokio::net::TcpListener,
     app: axum::Router,
     limits: ApiLimits,
+    tls: Option<Arc<rustls::ServerConfig>>,
 ) -> std::io::Result<()> {
     let connections = Connections::new(limits.max_connections, limits.max_connections_per_client);
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(a) => a,
@@ -157,6 +163,7 @@ pub async fn serve_api(
             }
         };
         let app = app.clone();
+        let acceptor = acceptor.clone();
         tokio::spawn(async move {
             let _place = place;
             // The first byte within the limit too: hyper's head timer starts with the head.
@@ -164,16 +171,36 @@ pub async fn serve_api(
                 Ok(Ok(())) => {}
                 _ => return,
             }
-            let service = hyper_util::service::TowerToHyperService::new(app);
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(limits.header_timeout)
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                .with_upgrades();
-            if let Err(e) = conn.await {
-                tracing::debug!("connection from {peer}: {e}");
+            let Some(acceptor) = acceptor else {
+                return serve_connection(stream, app, limits, peer).await;
+            };
+            // The handshake within the same limit: a client that stops halfway is closed.
+            match tokio::time::timeout(limits.header_timeout, acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => serve_connection(tls, app, limits, peer).await,
+                Ok(Err(e)) => tracing::debug!("TLS handshake with {peer}: {e}"),
+                Err(_) => tracing::debug!("TLS handshake with {peer}: not done within the limit"),
             }
         });
+    }
+}
+
+/// One connection's requests, each head within the limit.
+async fn serve_connection<I>(
+    io: I,
+    app: axum::Router,
+    limits: ApiLimits,
+    peer: std::net::SocketAddr,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper_util::service::TowerToHyperService::new(app);
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .serve_connection(hyper_util::rt::TokioIo::new(io), service)
+        .with_upgrades();
+    if let Err(e) = conn.await {
+        tracing::debug!("connection from {peer}: {e}");
     }
 }
 
@@ -210,7 +237,7 @@ mod tests {
             max_connections: 100,
             max_connections_per_client: 3,
         };
-        tokio::spawn(serve_api(listener, app, limits));
+        tokio::spawn(serve_api(listener, app, limits, None));
 
         let mut whole = tokio::net::TcpStream::connect(addr).await.unwrap();
         whole

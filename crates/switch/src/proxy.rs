@@ -29,6 +29,9 @@ pub struct SwitchConfig {
     pub listen: SocketAddr,
     /// The controller's URL.
     pub controller: String,
+    /// The authority the controller's certificate must come from (PEM), for an `https`
+    /// controller.
+    pub controller_authority: Option<String>,
     /// The controller's bearer token (the switch's own, or the operator's); its `/metrics`
     /// take it too.
     pub token: String,
@@ -739,7 +742,12 @@ pub async fn serve(config: SwitchConfig) -> std::io::Result<()> {
     }));
     let stats = Arc::new(Stats::default());
     let controller = config.controller.trim_end_matches('/').to_owned();
-    let client = ControllerClient::new(&controller, Some(config.token.clone()));
+    let client = ControllerClient::trusting(
+        &controller,
+        Some(config.token.clone()),
+        config.controller_authority.as_deref(),
+    )
+    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("--ca: {e}")))?;
     tokio::spawn(crate::follow::watch_routes(client.clone(), tx));
     tokio::spawn(crate::follow::report_load(client.clone(), stats.clone()));
     let switch = Arc::new(Switch {

@@ -133,10 +133,16 @@ pub(crate) async fn switch_requests(d: &Path, front: &str, service: &str) -> Opt
     metric(d, front, &series).await
 }
 
-/// The value of one `series` (name and labels, as printed) at `http://{at}/metrics`, read with
-/// the data directory `d`'s token (`None` while it does not answer or lacks the series).
+/// The value of one `series` (name and labels, as printed) at `{at}/metrics` (`at`: an
+/// address, served over HTTP — a switch — or a URL), read with the data directory `d`'s token
+/// (`None` while it does not answer or lacks the series).
 pub(crate) async fn metric(d: &Path, at: &str, series: &str) -> Option<f64> {
-    let m = crate::support::api_get(d, &format!("http://{at}/metrics"))
+    let base = if at.contains("://") {
+        at.to_owned()
+    } else {
+        format!("http://{at}")
+    };
+    let m = crate::support::api_get(d, &format!("{base}/metrics"))
         .await
         .ok()?
         .text()
@@ -177,7 +183,7 @@ pub(crate) async fn wait_for<T>(
 async fn events_after(d: &Path, listen: &str, mut after: u64) -> Vec<Value> {
     let mut all = Vec::new();
     loop {
-        let url = format!("http://{listen}/api/v1/events?after={after}");
+        let url = format!("https://{listen}/api/v1/events?after={after}");
         let Ok(r) = crate::support::api_get(d, &url).await else {
             return all;
         };
@@ -442,8 +448,8 @@ async fn unauthenticated_changes_are_refused_and_bad_files_point_at_the_line() {
     );
     assert_eq!(mode & 0o777, 0o600, "the token file is private");
 
-    let url = format!("http://{listen}/api/v1");
-    let client = reqwest::Client::new();
+    let url = format!("https://{listen}/api/v1");
+    let client = crate::support::client(d);
     for (path, body) in [
         ("services", serde_json::json!({"services": []})),
         (
@@ -482,7 +488,7 @@ async fn unauthenticated_changes_are_refused_and_bad_files_point_at_the_line() {
         assert_eq!(r.status(), 401, "GET {path} without a token");
     }
     let r = client
-        .get(format!("http://{listen}/metrics"))
+        .get(format!("https://{listen}/metrics"))
         .send()
         .await
         .unwrap();
@@ -510,7 +516,7 @@ async fn unauthenticated_changes_are_refused_and_bad_files_point_at_the_line() {
         "{e}"
     );
     let openapi: Value = client
-        .get(format!("http://{listen}/openapi.json"))
+        .get(format!("https://{listen}/openapi.json"))
         .send()
         .await
         .unwrap()
@@ -519,7 +525,7 @@ async fn unauthenticated_changes_are_refused_and_bad_files_point_at_the_line() {
         .unwrap();
     assert!(openapi["paths"]["/api/v1/operations"].is_object());
     let metrics = client
-        .get(format!("http://{listen}/metrics"))
+        .get(format!("https://{listen}/metrics"))
         .bearer_auth(token.trim())
         .send()
         .await

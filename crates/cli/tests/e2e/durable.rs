@@ -333,7 +333,7 @@ image = "web:prod-v1"
     let agent_said = || std::fs::read_to_string(&agent_log).unwrap_or_default();
     // The new agent adopts every VM the killed one left and finds them healthy…
     let machines: Value =
-        crate::support::api_get(data, &format!("http://{listen}/api/v1/machines"))
+        crate::support::api_get(data, &format!("https://{listen}/api/v1/machines"))
             .await
             .expect("machines")
             .json()
@@ -352,7 +352,7 @@ image = "web:prod-v1"
             if let Ok(Some(status)) = agent.0.try_wait() {
                 panic!("the restarted agent exited ({status}):\n{}", agent_said());
             }
-            let url = format!("http://{address}/agent/v1/status");
+            let url = format!("https://{address}/agent/v1/status");
             let report: Value = crate::support::agent_get(data, machine, &url)
                 .await
                 .ok()?
@@ -368,12 +368,14 @@ image = "web:prod-v1"
     .await;
     // …and the controller takes in three of its heartbeats that say so.
     let series = format!("vmatrix_heartbeats_total{{machine=\"{machine}\"}}");
-    let seen = metric(data, &listen, &series).await.unwrap_or(0.0);
+    let seen = metric(data, &format!("https://{listen}"), &series)
+        .await
+        .unwrap_or(0.0);
     wait_for(
         &format!("three heartbeats of {machine} after its adoption"),
         Duration::from_secs(30),
         async || {
-            metric(data, &listen, &series)
+            metric(data, &format!("https://{listen}"), &series)
                 .await
                 .filter(|n| *n >= seen + 3.0)
         },
@@ -421,7 +423,7 @@ async fn events_count(d: &Path, listen: &str) -> u64 {
 }
 
 async fn events_since(d: &Path, listen: &str, after: u64) -> Vec<Value> {
-    let url = format!("http://{listen}/api/v1/events?after={after}&limit=10000");
+    let url = format!("https://{listen}/api/v1/events?after={after}&limit=10000");
     let v: Value = crate::support::api_get(d, &url)
         .await
         .expect("events")

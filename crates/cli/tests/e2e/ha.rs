@@ -11,8 +11,8 @@ use crate::support::{data_dir, kill9, processes, up_log};
 
 /// Whether the controller at `api` leads (its health answers 200), stands by (503 with the
 /// standby header) or neither (`None`: not answering).
-async fn leads(api: &str) -> Option<bool> {
-    let r = reqwest::Client::new()
+async fn leads(d: &Path, api: &str) -> Option<bool> {
+    let r = crate::support::client(d)
         .get(format!("{api}/api/v1/health"))
         .timeout(Duration::from_secs(2))
         .send()
@@ -57,7 +57,7 @@ async fn ha_web(d: &Path) -> (OneWeb, String, String) {
     // Polled: on a busy host a health call may take longer than its 2 s.
     let t = Instant::now();
     loop {
-        let roles = [leads(&apis[0]).await, leads(&apis[1]).await];
+        let roles = [leads(d, &apis[0]).await, leads(d, &apis[1]).await];
         match roles {
             [Some(true), Some(false)] => return (w, apis[0].clone(), apis[1].clone()),
             [Some(false), Some(true)] => return (w, apis[1].clone(), apis[0].clone()),
@@ -73,7 +73,7 @@ async fn ha_web(d: &Path) -> (OneWeb, String, String) {
 
 /// The controller process of the matrix at `d` that serves `api`.
 fn controller_at<'a>(d: &'a Path, api: &str) -> impl Fn(&str) -> bool + 'a {
-    let listen = format!("--listen {} ", api.trim_start_matches("http://"));
+    let listen = format!("--listen {} ", api.trim_start_matches("https://"));
     let marker = d.display().to_string();
     move |c: &str| {
         c.contains("vmatrix")
@@ -116,7 +116,7 @@ async fn the_standby_controller_leads_when_the_leader_is_killed() {
     let (mut took, mut back, mut who) = (None, None, "");
     while !traffic.is_finished() {
         assert!(!stopped(w.qemu), "the instance's machine was fenced");
-        let now = [leads(&standby).await, leads(&leader).await];
+        let now = [leads(d, &standby).await, leads(d, &leader).await];
         // A controller leads again: the standby, or the killed one `up` started again (they
         // race for the expired lease).
         if took.is_none() && now.contains(&Some(true)) {
@@ -184,7 +184,7 @@ async fn a_frozen_leader_is_replaced_and_stops_when_thawed() {
         Duration::from_millis(100),
         async || {
             assert!(!stopped(w.qemu), "the instance's machine was fenced");
-            leads(&standby).await == Some(true)
+            leads(d, &standby).await == Some(true)
         },
     )
     .await;
@@ -208,7 +208,7 @@ async fn a_frozen_leader_is_replaced_and_stops_when_thawed() {
             "the old leader did not come back as a standby",
             Duration::from_secs(30),
             Duration::from_millis(100),
-            async || leads(&leader).await == Some(false),
+            async || leads(d, &leader).await == Some(false),
         )
         .await;
     // The new leader still leads (polled: a health call may time out on a busy host).
@@ -217,7 +217,7 @@ async fn a_frozen_leader_is_replaced_and_stops_when_thawed() {
         "the new leader does not answer",
         Duration::from_secs(10),
         Duration::from_millis(100),
-        async || match leads(&standby).await {
+        async || match leads(d, &standby).await {
             Some(false) => panic!("the new leader stood down\n{}", up_log(d)),
             answer => answer == Some(true),
         },

@@ -36,9 +36,14 @@ pub(crate) async fn console(d: &Path, id: &str) -> Socket {
             "authorization",
             format!("Bearer {}", token.trim()).parse().expect("header"),
         );
-        let (mut s, _) = tokio_tungstenite::connect_async(req)
-            .await
-            .expect("console");
+        let authority = std::fs::read_to_string(d.join("controller/tls/ca-cert.pem"))
+            .expect("the controller's authority");
+        let tls = vmatrix_serve::tls::client_config(&authority, None, None).expect("TLS");
+        let connector = tokio_tungstenite::Connector::Rustls(std::sync::Arc::new(tls));
+        let (mut s, _) =
+            tokio_tungstenite::connect_async_tls_with_config(req, None, false, Some(connector))
+                .await
+                .expect("console");
         let hello: Value = match s.next().await {
             Some(Ok(Message::Text(t))) => serde_json::from_str(&t).expect("hello"),
             other => panic!("no console greeting: {other:?}"),

@@ -130,7 +130,7 @@ async fn an_instance_migrates_between_hosts_in_network_namespaces() {
     // first, they die with SIGKILL and this stops their VMs.
     let _sweep = crate::support::VmSweep(d);
     let api_addr = format!("10.77.{n}.1:7070");
-    let api = format!("http://{api_addr}");
+    let api = format!("https://{api_addr}");
     let mut controller = vmatrix()
         .arg("--data")
         .arg(d)

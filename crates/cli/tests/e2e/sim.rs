@@ -279,7 +279,7 @@ async fn sim_runs_exactly_the_settings_the_controller_runs() {
                 .stderr(std::process::Stdio::null())
                 .spawn()
                 .expect("start the controller");
-            let url = format!("http://{listen}/api/v1/policy");
+            let url = format!("https://{listen}/api/v1/policy");
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
             let settings = loop {
                 if let Ok(r) = crate::support::api_get(&d, &url).await {

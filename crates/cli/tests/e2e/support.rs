@@ -85,14 +85,21 @@ pub fn snapshot(dir: &Path) -> Vec<(String, u64, std::time::SystemTime)> {
 /// a read needs no more than that one).
 pub async fn api_get(data: &Path, url: &str) -> reqwest::Result<reqwest::Response> {
     let token = std::fs::read_to_string(data.join("controller/read-token")).unwrap_or_default();
-    reqwest::Client::new()
-        .get(url)
-        .bearer_auth(token.trim())
-        .send()
-        .await
+    client(data).get(url).bearer_auth(token.trim()).send().await
 }
 
-/// GET `url` from the agent of machine `machine` (of the matrix in `data`) with that
+/// A client that trusts the authority of the controller of `data` (it serves HTTPS), and
+/// nothing before the controller has written it.
+pub fn client(data: &Path) -> reqwest::Client {
+    let mut b = reqwest::Client::builder().tls_built_in_root_certs(false);
+    if let Ok(pem) = std::fs::read_to_string(data.join("controller/tls/ca-cert.pem")) {
+        b = b.add_root_certificate(reqwest::Certificate::from_pem(pem.as_bytes()).expect("PEM"));
+    }
+    b.build().expect("a client")
+}
+
+/// GET `url` (https) from the agent of machine `machine` (of the matrix in `data`) as the
+/// controller does: with the controller's certificate, expecting the machine's, and with the
 /// machine's credential (the only bearer an agent's API takes).
 pub async fn agent_get(
     data: &Path,
@@ -101,7 +108,18 @@ pub async fn agent_get(
 ) -> reqwest::Result<reqwest::Response> {
     let credential = std::fs::read_to_string(data.join("agents").join(machine).join("credential"))
         .unwrap_or_default();
-    reqwest::Client::new()
+    let tls = data.join("controller/tls");
+    let read = |f: &str| std::fs::read_to_string(tls.join(f)).expect(f);
+    let config = vmatrix_serve::tls::client_config(
+        &read("ca-cert.pem"),
+        Some(machine),
+        Some((&read("controller-cert.pem"), &read("controller-key.pem"))),
+    )
+    .expect("the controller's TLS");
+    reqwest::Client::builder()
+        .use_preconfigured_tls(config)
+        .build()
+        .expect("a client")
         .get(url)
         .bearer_auth(credential.trim())
         .send()
@@ -303,7 +321,7 @@ pub async fn start_controller(data: &Path, listen: &str) -> tokio::process::Chil
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("start the controller");
-    wait_controller(child, listen)
+    wait_controller(child, data, listen)
         .await
         .unwrap_or_else(|| panic!("the controller did not answer on {listen}"))
 }
@@ -336,7 +354,7 @@ pub async fn kill9_and_restart_controller(data: &Path, listen: &str) -> tokio::p
         )
         .spawn()
         .expect("start the controller again");
-    let child = wait_controller(child, listen).await;
+    let child = wait_controller(child, data, listen).await;
     if child.is_none() {
         let said = std::fs::read_to_string(&log).unwrap_or_default();
         let lines: Vec<&str> = said.lines().collect();
@@ -351,14 +369,20 @@ pub async fn kill9_and_restart_controller(data: &Path, listen: &str) -> tokio::p
 /// `child` once the controller answers on `listen`, or None after 30 s (`child` dropped: killed).
 async fn wait_controller(
     mut child: tokio::process::Child,
+    data: &Path,
     listen: &str,
 ) -> Option<tokio::process::Child> {
-    let url = format!("http://{listen}/api/v1/health");
+    let url = format!("https://{listen}/api/v1/health");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while !reqwest::get(&url)
-        .await
-        .is_ok_and(|r| r.status().is_success())
-    {
+    // The authority's certificate appears as the controller starts.
+    let answers = async || {
+        client(data)
+            .get(&url)
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+    };
+    while !answers().await {
         if std::time::Instant::now() > deadline || child.try_wait().is_ok_and(|s| s.is_some()) {
             return None;
         }

@@ -257,7 +257,7 @@ async fn a_second_agent_with_a_machines_name_is_refused() {
     let d = data.path();
     let (mut up, _front) = crate::support::start_matrix(d, &["--machines", "1"]).await;
     let api = std::fs::read_to_string(d.join("controller/api")).unwrap();
-    let at = api.trim().trim_start_matches("http://").to_owned();
+    let at = api.trim().to_owned();
     let series = "vmatrix_heartbeats_total{machine=\"rm1\"}";
     let other = data_dir();
     let join_token = std::fs::read_to_string(d.join("controller/join-token")).unwrap();
@@ -277,6 +277,8 @@ async fn a_second_agent_with_a_machines_name_is_refused() {
             ])
             .args(["--controller", api.trim(), "--repo"])
             .arg(d.join("repo"))
+            .arg("--ca")
+            .arg(d.join("controller/tls/ca-cert.pem"))
             .env("VMATRIX_JOIN_TOKEN", join_token.trim())
             .stdin(Stdio::null())
             .output();

@@ -76,6 +76,8 @@ pub struct Matrix {
     pub auto_approve: bool,
     /// The controller's idle limit for maintenance instances.
     pub maintenance_idle: Option<Duration>,
+    /// The control plane over TLS (the API over HTTPS, the agents' APIs too).
+    pub tls: bool,
 }
 
 /// A loopback port free right now on `ip`.
@@ -103,6 +105,11 @@ pub async fn wait_for<T>(what: &str, limit: Duration, mut f: impl AsyncFnMut() -
 impl Matrix {
     /// A repository with `guest:v1`, and a controller in manual mode (keep `min`).
     pub async fn new() -> Self {
+        Self::with_tls(false).await
+    }
+
+    /// [`Matrix::new`], the control plane over TLS where `tls`.
+    pub async fn with_tls(tls: bool) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("vmx-comp-")
             .tempdir_in("/tmp")
@@ -118,20 +125,11 @@ impl Matrix {
             controller: None,
             agents: HashMap::new(),
             // Every route but health needs the token.
-            http: reqwest::Client::builder()
-                .default_headers(
-                    [(
-                        reqwest::header::AUTHORIZATION,
-                        format!("Bearer {TOKEN}").parse().expect("header"),
-                    )]
-                    .into_iter()
-                    .collect(),
-                )
-                .build()
-                .expect("HTTP client"),
+            http: Self::client_trusting(None),
             policy: None,
             auto_approve: true,
             maintenance_idle: None,
+            tls,
         };
         m.import("guest:v1", b"version one");
         m.start_controller().await;
@@ -152,7 +150,36 @@ impl Matrix {
     }
 
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.api)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}{path}", self.api)
+    }
+
+    /// Where the controller keeps its authority and certificate over TLS.
+    pub fn tls_dir(&self) -> std::path::PathBuf {
+        self.dir.path().join("controller-tls")
+    }
+
+    /// The authority's certificate (PEM), once the controller has made it.
+    pub fn authority(&self) -> Option<String> {
+        std::fs::read_to_string(self.tls_dir().join("ca-cert.pem")).ok()
+    }
+
+    /// A client with the operator's token that trusts `authority` only.
+    pub fn client_trusting(authority: Option<&str>) -> reqwest::Client {
+        let mut b = reqwest::Client::builder().default_headers(
+            [(
+                reqwest::header::AUTHORIZATION,
+                format!("Bearer {TOKEN}").parse().expect("header"),
+            )]
+            .into_iter()
+            .collect(),
+        );
+        if let Some(a) = authority {
+            b = b
+                .tls_built_in_root_certs(false)
+                .add_root_certificate(reqwest::Certificate::from_pem(a.as_bytes()).expect("PEM"));
+        }
+        b.build().expect("HTTP client")
     }
 
     /// Starts a controller on the state (again, after a kill) and waits for its API.
@@ -175,6 +202,10 @@ impl Matrix {
                 header_timeout: API_HEADER_TIMEOUT,
                 ..vmatrix_controller::ApiLimits::default()
             },
+            tls: self.tls.then(|| vmatrix_controller::ControllerTls {
+                dir: self.tls_dir(),
+                names: Vec::new(),
+            }),
         };
         self.controller = Some(Process::start(move || async move {
             // The port of a killed controller may take a moment to be free again.
@@ -185,6 +216,14 @@ impl Matrix {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }));
+        if self.tls {
+            let dir = self.tls_dir();
+            let authority = wait_for("the authority", Duration::from_secs(15), async || {
+                std::fs::read_to_string(dir.join("ca-cert.pem")).ok()
+            })
+            .await;
+            self.http = Self::client_trusting(Some(&authority));
+        }
         let url = self.url("/api/v1/health");
         let http = self.http.clone();
         wait_for(
@@ -233,11 +272,13 @@ impl Matrix {
             net: None,
         };
         let agent = Agent::new(config, Arc::new(self.fake.clone())).expect("agent");
-        let (a, controller) = (agent.clone(), format!("http://{}", self.api));
+        let link = vmatrix_agent::ControllerLink::new(&self.url(""), self.authority())
+            .expect("the controller's link");
+        let a = agent.clone();
         let process = Process::start(move || async move {
             for _ in 0..100 {
                 if let Err(e) =
-                    vmatrix_agent::serve(a.clone(), controller.clone(), JOIN_TOKEN.into()).await
+                    vmatrix_agent::serve(a.clone(), link.clone(), JOIN_TOKEN.into()).await
                 {
                     tracing::debug!("agent: {e}");
                 }
@@ -245,6 +286,12 @@ impl Matrix {
             }
         });
         self.agents.insert(name.into(), (process, agent));
+        // A machine started again is "up" at once (its last heartbeat is recent): wait for
+        // its API to take connections too.
+        wait_for("the agent's API", Duration::from_secs(15), async || {
+            tokio::net::TcpStream::connect(listen).await.ok()
+        })
+        .await;
         let name = name.to_owned();
         wait_for(
             "the agent to register",

@@ -83,6 +83,7 @@ pub async fn switch(
     tokio::spawn(vmatrix_switch::serve(vmatrix_switch::SwitchConfig {
         listen,
         controller: format!("http://{controller}"),
+        controller_authority: None,
         token: TOKEN.into(),
         read_token: String::new(),
         hold_timeout: Duration::from_secs(5),
