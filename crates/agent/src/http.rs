@@ -162,8 +162,27 @@ impl ControllerLink {
 
     /// A client of the controller carrying `token`.
     pub(crate) fn client(&self, token: String) -> ControllerClient {
-        match ControllerClient::trusting(&self.url, Some(token.clone()), self.authority.as_deref())
-        {
+        self.client_as(token, None)
+    }
+
+    /// A client of the controller carrying `token`, presenting the machine's certificate
+    /// (kept in `data`, where there is one) over TLS.
+    pub(crate) fn machine_client(&self, token: String, data: &std::path::Path) -> ControllerClient {
+        let dir = data.join("tls");
+        let read = |f: &str| std::fs::read_to_string(dir.join(f)).ok();
+        match (read("client-cert.pem"), read("client-key.pem")) {
+            (Some(c), Some(k)) if self.secure() => self.client_as(token, Some((&c, &k))),
+            _ => self.client(token),
+        }
+    }
+
+    fn client_as(&self, token: String, identity: Option<(&str, &str)>) -> ControllerClient {
+        match ControllerClient::trusting_as(
+            &self.url,
+            Some(token.clone()),
+            self.authority.as_deref(),
+            identity,
+        ) {
             Ok(c) => c,
             // Checked in `new`: not reached.
             Err(e) => {
@@ -274,7 +293,8 @@ async fn bind_when_there(addr: std::net::SocketAddr) -> std::io::Result<tokio::n
 
 async fn heartbeat(agent: Arc<Agent>, link: ControllerLink, identity: Arc<Identity>) {
     let controller = link.url().to_owned();
-    let mut client = link.client(identity.current());
+    let data = agent.config.data.clone();
+    let mut client = link.machine_client(identity.current(), &data);
     let mut warned = false;
     let mut beats = 0u64;
     loop {
@@ -302,10 +322,10 @@ async fn heartbeat(agent: Arc<Agent>, link: ControllerLink, identity: Arc<Identi
             Err(ClientError::Refused { status: 401, .. }) => match identity.join(&report).await {
                 Ok(()) => {
                     tracing::info!("joined the controller again as {}", report.name);
-                    client = link.client(identity.current());
                     if let Err(e) = certify(&agent, &link, &identity).await {
                         tracing::warn!("{e}");
                     }
+                    client = link.machine_client(identity.current(), &data);
                 }
                 Err(e) => {
                     if !warned {

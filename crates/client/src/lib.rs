@@ -91,10 +91,21 @@ impl ControllerClient {
     /// certificate must come from `authority` (PEM: the controller's
     /// `DATA/controller/tls/ca-cert.pem`) and name the URL's host. `None`: plain HTTP only.
     pub fn trusting(base: &str, token: Option<String>, authority: Option<&str>) -> Result<Self> {
+        Self::trusting_as(base, token, authority, None)
+    }
+
+    /// [`ControllerClient::trusting`], presenting `identity` (certificate and key, PEM: a
+    /// machine's, which its heartbeats must come with over TLS).
+    pub fn trusting_as(
+        base: &str,
+        token: Option<String>,
+        authority: Option<&str>,
+        identity: Option<(&str, &str)>,
+    ) -> Result<Self> {
         let Some(authority) = authority else {
             return Ok(Self::new(base, token));
         };
-        let tls = vmatrix_serve::tls::client_config(authority, None, None)?;
+        let tls = vmatrix_serve::tls::client_config(authority, None, identity)?;
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(2))
             .use_preconfigured_tls(tls)

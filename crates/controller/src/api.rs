@@ -348,11 +348,21 @@ async fn join(State(x): State<Ctx>, headers: HeaderMap, body: axum::body::Bytes)
 }
 
 /// A machine's report, with its own credential: who sends it is known before the body is read.
-async fn heartbeat(State(x): State<Ctx>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
+/// Over TLS it also comes with the machine's certificate: a credential alone, stolen, is not
+/// enough.
+async fn heartbeat(
+    State(x): State<Ctx>,
+    peer: Option<axum::Extension<vmatrix_serve::PeerCertificate>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
     let caller = match x.c.machine_with(authorization(&headers)) {
         Ok(m) => m,
         Err(e) => return fail(e),
     };
+    if let Err(e) = x.c.check_certificate(&caller, peer.as_ref().map(|p| &p.0)) {
+        return fail(e);
+    }
     let report: AgentReport = match parse(&body) {
         Ok(r) => r,
         Err(r) => return r,

@@ -210,7 +210,14 @@ impl Secured {
             crate::write_secret(&path, text).map_err(|e| file_error(&path, e))?;
         }
         let server =
-            vmatrix_serve::tls::server_config(&cert, &key, &vmatrix_serve::Callers::Anyone)
+            // Agents present their machines' certificates (a heartbeat must), the CLI none.
+            vmatrix_serve::tls::server_config(
+                &cert,
+                &key,
+                &vmatrix_serve::Callers::Optional {
+                    authority: pem.clone(),
+                },
+            )
                 .map_err(|e| ControlError::Conflict(e.to_string()))?;
         tracing::info!("the API serves HTTPS as {}", names.join(", "));
         Ok(Self {

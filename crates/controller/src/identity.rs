@@ -204,6 +204,30 @@ impl Controller {
             .unwrap_or_default()
     }
 
+    /// Over TLS, whether the connection of `machine`'s call came with that machine's
+    /// certificate (the authority checked it at the handshake).
+    pub(crate) fn check_certificate(
+        &self,
+        machine: &str,
+        peer: Option<&vmatrix_serve::PeerCertificate>,
+    ) -> Result<()> {
+        if self.secured.get().is_none() {
+            return Ok(());
+        }
+        match peer {
+            Some(p) if p.names(machine) => Ok(()),
+            Some(_) => Err(ControlError::Forbidden(format!(
+                "the client certificate is not machine {machine}'s: a machine's calls come with \
+                 its own certificate"
+            ))),
+            // 403, not 401: a 401 makes an agent join again, which changes nothing here.
+            None => Err(ControlError::Forbidden(format!(
+                "over TLS machine {machine}'s heartbeats come with its certificate (the agent \
+                 keeps it in its data directory, tls/): none was presented"
+            ))),
+        }
+    }
+
     /// The URL of `path` on `machine`'s agent (`https` where the API serves HTTPS: the agents
     /// then serve it too) and the client to call it with (over TLS, one that takes only
     /// that machine's certificate).

@@ -184,6 +184,50 @@ async fn the_control_plane_runs_over_mutual_tls() {
     assert!(format!("{e:?}").contains("NotValidForName"), "{e:?}");
 }
 
+/// Over TLS a heartbeat needs the machine's certificate besides its credential: a stolen
+/// credential alone, or with another machine's certificate, is refused (and changes nothing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_heartbeat_comes_with_its_machines_certificate() {
+    let mut m = Matrix::with_tls(true).await;
+    m.start_agent("rm1", 2, MachineRole::Dedicated).await;
+    m.start_agent("rm2", 3, MachineRole::Dedicated).await;
+    let authority = m.authority().unwrap();
+    let files = |name: &str| {
+        let dir = m.dir.path().join("agents").join(name).join("tls");
+        (
+            std::fs::read_to_string(dir.join("client-cert.pem")).unwrap(),
+            std::fs::read_to_string(dir.join("client-key.pem")).unwrap(),
+        )
+    };
+    let (rm1, rm2) = (files("rm1"), files("rm2"));
+    let report = m.agent("rm1").report();
+    let beat = async |identity: Option<(&str, &str)>| {
+        let tls = vmatrix_serve::tls::client_config(&authority, None, identity).unwrap();
+        let r = reqwest::Client::builder()
+            .use_preconfigured_tls(tls)
+            .build()
+            .unwrap()
+            .post(m.url("/api/v1/agents/heartbeat"))
+            .bearer_auth(m.credential("rm1"))
+            .json(&report)
+            .send()
+            .await
+            .expect("an answer");
+        (r.status().as_u16(), r.text().await.unwrap_or_default())
+    };
+    let (status, body) = beat(None).await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("certificate"), "{body}");
+    let (status, body) = beat(Some((&rm2.0, &rm2.1))).await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("not machine rm1's"), "{body}");
+    let (status, body) = beat(Some((&rm1.0, &rm1.1))).await;
+    assert_eq!(status, 200, "{body}");
+    // The agents' own heartbeats go on being taken in.
+    let machines = m.machines().await;
+    assert!(machines.iter().all(|x| x["state"] == "up"), "{machines:?}");
+}
+
 /// A controller started again keeps its authority (the agents' certificates stay valid), and
 /// agents started again go on over TLS: a migration between them succeeds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

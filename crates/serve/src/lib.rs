@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 pub mod tls;
-pub use tls::{Callers, TlsError};
+pub use tls::{Callers, PeerCertificate, TlsError};
 
 /// Connections open now, in all and per address, against their limits.
 pub struct Connections {
@@ -176,7 +176,20 @@ pub async fn serve_api(
             };
             // The handshake within the same limit: a client that stops halfway is closed.
             match tokio::time::timeout(limits.header_timeout, acceptor.accept(stream)).await {
-                Ok(Ok(tls)) => serve_connection(tls, app, limits, peer).await,
+                Ok(Ok(tls)) => {
+                    // A client's verified certificate goes with each of its requests.
+                    let presented = tls
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|c| c.first())
+                        .map(|c| PeerCertificate(c.as_ref().into()));
+                    let app = match presented {
+                        Some(p) => app.layer(axum::Extension(p)),
+                        None => app,
+                    };
+                    serve_connection(tls, app, limits, peer).await
+                }
                 Ok(Err(e)) => tracing::debug!("TLS handshake with {peer}: {e}"),
                 Err(_) => tracing::debug!("TLS handshake with {peer}: not done within the limit"),
             }

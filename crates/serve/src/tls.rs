@@ -51,8 +51,12 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 /// Who may call a server.
 #[derive(Debug, Clone)]
 pub enum Callers {
-    /// Anyone (callers prove themselves with bearer tokens): the controller's API.
+    /// Anyone (callers prove themselves with bearer tokens).
     Anyone,
+    /// Anyone; a client certificate, where one is presented, must come from the authority in
+    /// `authority` (PEM), and the handlers see it ([`PeerCertificate`]): the controller's API,
+    /// where the agents present their machines' certificates and the CLI none.
+    Optional { authority: String },
     /// Only a client whose certificate the authority in `authority` (PEM) signed and that is
     /// valid for DNS name `name`: an agent's API takes only the controller.
     Named { authority: String, name: String },
@@ -72,6 +76,14 @@ pub fn server_config(
         .map_err(|e| TlsError(format!("protocol versions: {e}")))?;
     let builder = match callers {
         Callers::Anyone => builder.with_no_client_auth(),
+        Callers::Optional { authority } => {
+            let roots = roots("the callers' authority", authority)?;
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+                .allow_unauthenticated()
+                .build()
+                .map_err(|e| TlsError(format!("the callers' authority: {e}")))?;
+            builder.with_client_cert_verifier(verifier)
+        }
         Callers::Named { authority, name } => {
             let roots = roots("the callers' authority", authority)?;
             let inner = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
@@ -87,6 +99,23 @@ pub fn server_config(
         .map_err(|e| TlsError(format!("the server's certificate with its key: {e}")))?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
+}
+
+/// The certificate (DER) a client presented and the authority verified, as a request
+/// extension of every request on that connection.
+#[derive(Debug, Clone)]
+pub struct PeerCertificate(pub Arc<[u8]>);
+
+impl PeerCertificate {
+    /// Whether the certificate is valid for DNS name `name` (a machine's).
+    pub fn names(&self, name: &str) -> bool {
+        let Ok(name) = ServerName::try_from(name.to_owned()) else {
+            return false;
+        };
+        let der = CertificateDer::from(&self.0[..]);
+        webpki::EndEntityCert::try_from(&der)
+            .is_ok_and(|c| c.verify_is_valid_for_subject_name(&name).is_ok())
+    }
 }
 
 /// A client verifier that also requires the certificate to be valid for one name: every
