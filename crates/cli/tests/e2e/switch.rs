@@ -200,7 +200,7 @@ async fn the_switch_hides_moves_wakes_dormant_services_and_drops_fast() {
     tokio::time::sleep(Duration::from_secs(6)).await;
     let mut samples = Vec::new();
     while !load.is_finished() {
-        let seen: Value = crate::support::api_get(d, &format!("http://{api}/api/v1/load"))
+        let seen: Value = crate::support::api_get(d, &format!("https://{api}/api/v1/load"))
             .await
             .unwrap()
             .json()
