@@ -8,7 +8,7 @@ mod support;
 use std::time::Duration;
 
 use serde_json::Value;
-use support::{wait_for, Matrix, JOIN_TOKEN, TOKEN};
+use support::{names_in, wait_for, Matrix, JOIN_TOKEN, TOKEN};
 use vmatrix_core::api::{AgentReport, MachineRole};
 
 const WEB: &str = "[[service]]\nname = \"web\"\nimage = \"guest:v1\"\nmin = 1\nmax = 1\n";
@@ -389,24 +389,6 @@ async fn each_token_does_what_its_scope_allows() {
         .wait_state("web-1", "running", None, Duration::from_secs(5))
         .await;
     assert_eq!(web.id.as_str(), "web-1");
-}
-
-/// The subject's common name and the DNS names of a PEM certificate.
-fn names_in(pem: &str) -> (String, Vec<String>) {
-    let p = rcgen::CertificateParams::from_ca_cert_pem(pem).expect("a certificate");
-    let cn = match p.distinguished_name.get(&rcgen::DnType::CommonName) {
-        Some(rcgen::DnValue::Utf8String(s)) => s.clone(),
-        other => panic!("common name: {other:?}"),
-    };
-    let dns = p
-        .subject_alt_names
-        .iter()
-        .map(|s| match s {
-            rcgen::SanType::DnsName(n) => n.to_string(),
-            other => format!("{other:?}"),
-        })
-        .collect();
-    (cn, dns)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,29 +7,21 @@ mod support;
 
 use std::time::Duration;
 
-use support::{Matrix, TOKEN};
+use support::{names_in, Matrix, TOKEN};
 use vmatrix_core::api::{MachineRole, Operation};
 use vmatrix_core::InstanceId;
 
 const WEB: &str = "[[service]]\nname = \"web\"\nimage = \"guest:v1\"\nmin = 1\nmax = 1\n";
 
-/// The subject's common name and the names (DNS or IP) of a PEM certificate.
-fn names_in(pem: &str) -> (String, Vec<String>) {
-    let p = rcgen::CertificateParams::from_ca_cert_pem(pem).expect("a certificate");
-    let cn = match p.distinguished_name.get(&rcgen::DnType::CommonName) {
-        Some(rcgen::DnValue::Utf8String(s)) => s.clone(),
-        other => panic!("common name: {other:?}"),
-    };
-    let names = p
-        .subject_alt_names
-        .iter()
-        .map(|s| match s {
-            rcgen::SanType::DnsName(n) => n.to_string(),
-            rcgen::SanType::IpAddress(ip) => ip.to_string(),
-            other => format!("{other:?}"),
-        })
-        .collect();
-    (cn, names)
+/// Migrates web-1 from `from` to the other of rm1 and rm2 and checks it runs there.
+async fn migrate_away(m: &Matrix, from: &str) {
+    let to = if from == "rm1" { "rm2" } else { "rm1" };
+    m.done(Operation::Migrate {
+        instance: InstanceId::new("web-1").unwrap(),
+        to: to.into(),
+    })
+    .await;
+    assert_eq!(m.running("web-1").await.machine, to);
 }
 
 /// `GET https://ADDR/agent/v1/status` with machine `machine`'s credential, trusting the
@@ -68,13 +60,7 @@ async fn the_control_plane_runs_over_mutual_tls() {
     let web = m
         .wait_state("web-1", "running", None, Duration::from_secs(20))
         .await;
-    let to = if web.machine == "rm1" { "rm2" } else { "rm1" };
-    m.done(Operation::Migrate {
-        instance: InstanceId::new("web-1").unwrap(),
-        to: to.into(),
-    })
-    .await;
-    assert_eq!(m.running("web-1").await.machine, to);
+    migrate_away(&m, &web.machine).await;
 
     // The controller's certificate: from the authority, for its names and its address.
     let dir = m.tls_dir();
@@ -247,11 +233,5 @@ async fn the_authority_outlives_restarts() {
         m.kill_agent(name);
         m.start_agent(name, host, MachineRole::Dedicated).await;
     }
-    let to = if web.machine == "rm1" { "rm2" } else { "rm1" };
-    m.done(Operation::Migrate {
-        instance: InstanceId::new("web-1").unwrap(),
-        to: to.into(),
-    })
-    .await;
-    assert_eq!(m.running("web-1").await.machine, to);
+    migrate_away(&m, &web.machine).await;
 }

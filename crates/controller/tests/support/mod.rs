@@ -477,3 +477,22 @@ impl Drop for Matrix {
         }
     }
 }
+
+/// The subject's common name and the names (DNS or IP) of a PEM certificate.
+pub fn names_in(pem: &str) -> (String, Vec<String>) {
+    let p = rcgen::CertificateParams::from_ca_cert_pem(pem).expect("a certificate");
+    let cn = match p.distinguished_name.get(&rcgen::DnType::CommonName) {
+        Some(rcgen::DnValue::Utf8String(s)) => s.clone(),
+        other => panic!("common name: {other:?}"),
+    };
+    let names = p
+        .subject_alt_names
+        .iter()
+        .map(|s| match s {
+            rcgen::SanType::DnsName(n) => n.to_string(),
+            rcgen::SanType::IpAddress(ip) => ip.to_string(),
+            other => format!("{other:?}"),
+        })
+        .collect();
+    (cn, names)
+}
