@@ -7,7 +7,7 @@ use std::net::{SocketAddr, TcpListener};
 use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, Context, Result};
 use vmatrix_core::InstanceId;
 use vmatrix_vmm::{AccelChoice, IncomingVm, ProbeBoot, Vm, VmSpec};
 
@@ -225,46 +225,14 @@ fn changed_copy(src: &Path, dst: &Path, fraction: f64) -> Result<u64> {
     Ok(changed)
 }
 
-fn dir_bytes(dir: &Path) -> u64 {
-    let mut total = 0;
-    let mut stack = vec![dir.to_owned()];
-    while let Some(d) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            match e.metadata() {
-                Ok(m) if m.is_dir() => stack.push(e.path()),
-                Ok(m) => total += m.len(),
-                Err(_) => {}
-            }
-        }
-    }
-    total
-}
-
-fn restic(repo: &Path, args: &[&str]) -> Result<std::time::Duration> {
-    let started = std::time::Instant::now();
-    let out = std::process::Command::new("restic")
-        .arg("--repo")
-        .arg(repo)
-        .args(["--no-cache", "--quiet"])
-        .args(args)
-        .env("RESTIC_PASSWORD", "vmatrix-bench")
-        .output()
-        .context("running restic (apt-get install restic)")?;
-    if !out.status.success() {
-        bail!(
-            "restic {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(started.elapsed())
-}
-
 /// `vmatrix bench store`: the repository against restic, and lazy activation against a small
 /// image and against copy-then-boot.
-pub async fn store(accel: AccelChoice, size: u64, work: &Path) -> Result<()> {
+pub async fn store(
+    accel: AccelChoice,
+    size: u64,
+    work: &Path,
+    opts: crate::bench_store::IngestOptions,
+) -> Result<()> {
     use std::sync::Arc;
     use vmatrix_core::ImageRef;
     use vmatrix_store::{cache::ChunkCache, nbd, ExportFormat, Repository};
@@ -282,7 +250,7 @@ pub async fn store(accel: AccelChoice, size: u64, work: &Path) -> Result<()> {
     let v2 = root.join("guest-big-v2.img");
     let changed = changed_copy(&big.disk, &v2, 0.03)?;
 
-    for d in ["repo", "restic", "cache-small", "cache-big", "vms", "copy"] {
+    for d in ["repo", "cache-small", "cache-big", "vms", "copy"] {
         let _ = std::fs::remove_dir_all(root.join(d));
     }
     let repo = Arc::new(Repository::open_or_init(&format!(
@@ -291,65 +259,19 @@ pub async fn store(accel: AccelChoice, size: u64, work: &Path) -> Result<()> {
     ))?);
     let r = |s: &str| ImageRef::parse(s).expect("valid ref");
     let mib = |b: u64| b as f64 / 1048576.0;
-    let mut rows: Vec<[String; 4]> = Vec::new();
 
-    eprintln!("(a) ingest {} MiB …", size >> 20);
+    eprintln!(
+        "(a, b) ingest {} MiB and a changed version: whole processes, {} rounds after a \
+         warm-up, {} s apart …",
+        size >> 20,
+        opts.rounds,
+        opts.pause.as_secs()
+    );
+    let mut rows = crate::bench_store::ingest(&big.disk, &v2, size, changed * 4096, &root, opts)?;
     let scratch = root.join("tmp");
-    let ours =
-        tokio::task::block_in_place(|| repo.import(&big.disk, &r("big:v1"), &scratch, &|_| {}))?;
-    let ours_v1_bytes = dir_bytes(&root.join("repo"));
-    restic(&root.join("restic"), &["init", "--repository-version", "2"])?;
-    let restic_v1 = restic(
-        &root.join("restic"),
-        &["backup", big.disk.to_str().unwrap_or_default()],
-    )?;
-    let restic_v1_bytes = dir_bytes(&root.join("restic"));
-    let tput = |secs: f64| format!("{:.0} MiB/s", mib(size) / secs);
-    rows.push([
-        format!("(a) ingest {} MiB image: throughput", size >> 20),
-        tput(ours.seconds),
-        tput(restic_v1.as_secs_f64()),
-        String::new(),
-    ]);
-    rows.push([
-        "(a) stored bytes".into(),
-        format!("{:.1} MiB", mib(ours_v1_bytes)),
-        format!("{:.1} MiB", mib(restic_v1_bytes)),
-        String::new(),
-    ]);
-
-    eprintln!("(b) second version, {changed} blocks of 4 KiB changed …");
-    let ours2 = tokio::task::block_in_place(|| repo.import(&v2, &r("big:v2"), &scratch, &|_| {}))?;
-    let ours_added = dir_bytes(&root.join("repo")) - ours_v1_bytes;
-    let restic_v2 = restic(
-        &root.join("restic"),
-        &["backup", v2.to_str().unwrap_or_default()],
-    )?;
-    let restic_added = dir_bytes(&root.join("restic")) - restic_v1_bytes;
-    let pct = |b: u64| {
-        format!(
-            "{:.1} MiB ({:.1}% of the image)",
-            mib(b),
-            b as f64 * 100.0 / size as f64
-        )
-    };
-    rows.push([
-        format!(
-            "(b) v2 with {:.1}% of blocks changed: added",
-            changed as f64 * 4096.0 * 100.0 / size as f64
-        ),
-        pct(ours_added),
-        pct(restic_added),
-        String::new(),
-    ]);
-    rows.push([
-        "(b) v2 time".into(),
-        format!("{:.2} s", ours2.seconds),
-        format!("{:.2} s", restic_v2.as_secs_f64()),
-        String::new(),
-    ]);
 
     eprintln!("(c) activation to first HTTP answer …");
+    tokio::task::block_in_place(|| repo.import(&big.disk, &r("big:v1"), &scratch, &|_| {}))?;
     tokio::task::block_in_place(|| repo.import(&small.disk, &r("small:v1"), &scratch, &|_| {}))?;
     let accel = vmatrix_vmm::accel::resolve(
         accel,
@@ -420,10 +342,16 @@ pub async fn store(accel: AccelChoice, size: u64, work: &Path) -> Result<()> {
     let _ = std::fs::remove_file(&copy);
 
     println!(
-        "\nstore benchmark: image {} MiB, accelerator {}, restic {}\n",
+        "\nstore benchmark: image {} MiB, accelerator {}, restic {}; ingest: whole processes \
+         (`vmatrix image import` and `restic backup` with its cache), a fresh repository each \
+         round on the file system of {}, page cache warm for both, runs alternated {} s apart, \
+         {} rounds after a warm-up\n",
         size >> 20,
         accel.as_str(),
-        tool_version("restic", "version", 1)
+        tool_version("restic", "version", 1),
+        work.display(),
+        opts.pause.as_secs(),
+        opts.rounds
     );
     println!("| measure | vmatrix | restic | note |");
     println!("| --- | --- | --- | --- |");

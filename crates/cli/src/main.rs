@@ -2,6 +2,7 @@
 //! hands each subcommand to the library crates; it holds no logic of its own beyond printing.
 
 mod bench;
+mod bench_store;
 mod client;
 mod cluster;
 mod console;
@@ -492,6 +493,12 @@ enum BenchCommand {
         /// Where to keep the images and repositories (reused between runs).
         #[arg(long, default_value = "/tmp")]
         work: PathBuf,
+        /// Rounds of the ingest comparison counted (after a warm-up round).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Seconds between runs (write-back of the last one settles).
+        #[arg(long, default_value_t = 15)]
+        pause: u64,
     },
 }
 
@@ -916,9 +923,20 @@ fn run() -> Result<()> {
             runtime()?.block_on(switch_bench::backend(a))?
         }
         Command::Bench(BenchCommand::Policy(p)) => bench::policy(&p)?,
-        Command::Bench(BenchCommand::Store { size, work }) => {
-            runtime()?.block_on(bench::store(accel, size, &work))?
-        }
+        Command::Bench(BenchCommand::Store {
+            size,
+            work,
+            rounds,
+            pause,
+        }) => runtime()?.block_on(bench::store(
+            accel,
+            size,
+            &work,
+            bench_store::IngestOptions {
+                rounds: rounds.max(1),
+                pause: std::time::Duration::from_secs(pause),
+            },
+        ))?,
         Command::Guest(GuestCommand::Build {
             out,
             os,

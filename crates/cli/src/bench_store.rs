@@ -1,0 +1,315 @@
+//! `vmatrix bench store`'s ingest comparison, measured as a user sees it: whole processes
+//! (`vmatrix image import` against `restic backup`, each as its user runs it, durability
+//! included), each into a fresh repository on the same file system, the two alternated with a
+//! pause between runs, over several rounds after a warm-up round that is not counted (it also
+//! leaves the file system with deletes behind it); medians and ranges; the blocks really used
+//! (`du`) beside the logical bytes, and the files written (on S3, one request each).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+/// How the comparison runs.
+#[derive(Debug, Clone, Copy)]
+pub struct IngestOptions {
+    /// Rounds counted (after one warm-up round).
+    pub rounds: usize,
+    /// Pause before each run (the disk settles: write-back of the last run ends).
+    pub pause: Duration,
+}
+
+/// Blocks really used, logical bytes and files under `dir`.
+#[derive(Debug, Clone, Copy, Default)]
+struct Usage {
+    du: u64,
+    logical: u64,
+    files: u64,
+}
+
+fn usage(dir: &Path) -> Usage {
+    use std::os::unix::fs::MetadataExt;
+    let mut u = Usage::default();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            match e.metadata() {
+                Ok(m) if m.is_dir() => stack.push(e.path()),
+                Ok(m) => {
+                    u.du += m.blocks() * 512;
+                    u.logical += m.len();
+                    u.files += 1;
+                }
+                Err(_) => {}
+            }
+        }
+    }
+    u
+}
+
+/// One side of the comparison.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Vmatrix,
+    Restic,
+}
+
+/// What one side did in one round: the first version, then the changed one.
+#[derive(Debug, Clone, Copy)]
+struct Round {
+    v1_seconds: f64,
+    v2_seconds: f64,
+    after_v1: Usage,
+    after_v2: Usage,
+}
+
+/// Runs `cmd` to its end; its wall time, or its error output.
+fn timed(what: &str, cmd: &mut Command) -> Result<f64> {
+    let started = Instant::now();
+    let out = cmd.output().with_context(|| format!("running {what}"))?;
+    let took = started.elapsed().as_secs_f64();
+    if !out.status.success() {
+        bail!(
+            "{what} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(took)
+}
+
+struct Setup {
+    exe: PathBuf,
+    root: PathBuf,
+    v1: PathBuf,
+    v2: PathBuf,
+}
+
+impl Setup {
+    fn repo(&self, side: Side) -> PathBuf {
+        self.root.join(match side {
+            Side::Vmatrix => "ingest-vmatrix",
+            Side::Restic => "ingest-restic",
+        })
+    }
+
+    /// A fresh repository for `side` (restic's made by `restic init`, not timed: a user makes
+    /// it once).
+    fn fresh(&self, side: Side) -> Result<()> {
+        for d in [self.repo(side), self.root.join("ingest-restic-cache")] {
+            if d.exists() {
+                std::fs::remove_dir_all(&d).with_context(|| format!("removing {}", d.display()))?;
+            }
+        }
+        if side == Side::Restic {
+            timed(
+                "restic init",
+                self.restic().args(["init", "--repository-version", "2"]),
+            )?;
+        }
+        Ok(())
+    }
+
+    fn restic(&self) -> Command {
+        let mut c = Command::new("restic");
+        c.arg("--repo")
+            .arg(self.repo(Side::Restic))
+            // Its cache on, as a user has it, in the same file system, fresh each round.
+            .arg("--cache-dir")
+            .arg(self.root.join("ingest-restic-cache"))
+            .arg("--quiet")
+            .env("RESTIC_PASSWORD", "vmatrix-bench");
+        c
+    }
+
+    /// Stores `image` as version `tag` with `side`, as a whole process: its wall time.
+    fn store(&self, side: Side, image: &Path, tag: &str) -> Result<f64> {
+        match side {
+            Side::Vmatrix => timed(
+                "vmatrix image import",
+                Command::new(&self.exe)
+                    .args(["image", "--repo"])
+                    .arg(format!("file://{}", self.repo(side).display()))
+                    .args(["import", &format!("big:{tag}")])
+                    .arg(image)
+                    .env("VMATRIX_LOG", "warn"),
+            ),
+            Side::Restic => timed("restic backup", self.restic().arg("backup").arg(image)),
+        }
+    }
+
+    fn round(&self, side: Side, pause: Duration) -> Result<Round> {
+        self.fresh(side)?;
+        settle(pause);
+        let v1_seconds = self.store(side, &self.v1, "v1")?;
+        let after_v1 = usage(&self.repo(side));
+        settle(pause);
+        let v2_seconds = self.store(side, &self.v2, "v2")?;
+        let after_v2 = usage(&self.repo(side));
+        Ok(Round {
+            v1_seconds,
+            v2_seconds,
+            after_v1,
+            after_v2,
+        })
+    }
+}
+
+/// Writes back what is dirty, then waits `pause`.
+fn settle(pause: Duration) {
+    // SAFETY: sync has no preconditions.
+    unsafe { libc::sync() };
+    std::thread::sleep(pause);
+}
+
+/// Reads `file` once (its pages in the cache for every run alike).
+fn warm(file: &Path) -> Result<()> {
+    let mut f = std::fs::File::open(file).with_context(|| format!("reading {}", file.display()))?;
+    std::io::copy(&mut f, &mut std::io::sink())?;
+    Ok(())
+}
+
+/// The median and the range of `v`, formatted with `f`.
+fn spread(v: &[f64], f: impl Fn(f64) -> String) -> String {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let median = if s.is_empty() {
+        0.0
+    } else if s.len() % 2 == 1 {
+        s[s.len() / 2]
+    } else {
+        (s[s.len() / 2 - 1] + s[s.len() / 2]) / 2.0
+    };
+    match (s.first(), s.last()) {
+        (Some(lo), Some(hi)) if s.len() > 1 => format!("{} ({}–{})", f(median), f(*lo), f(*hi)),
+        _ => f(median),
+    }
+}
+
+/// The ingest comparison of `v1` (`size` bytes) and `v2` (its changed copy, `changed` bytes
+/// differ) under `root`: table rows (measure, vmatrix, restic, note).
+pub fn ingest(
+    v1: &Path,
+    v2: &Path,
+    size: u64,
+    changed: u64,
+    root: &Path,
+    opts: IngestOptions,
+) -> Result<Vec<[String; 4]>> {
+    let setup = Setup {
+        exe: std::env::current_exe().context("finding the vmatrix binary")?,
+        root: root.to_owned(),
+        v1: v1.to_owned(),
+        v2: v2.to_owned(),
+    };
+    warm(v1)?;
+    warm(v2)?;
+    let mut results: Vec<(Side, Round)> = Vec::new();
+    for round in 0..=opts.rounds {
+        // Alternated: each side goes first in every other round.
+        let order = if round % 2 == 0 {
+            [Side::Vmatrix, Side::Restic]
+        } else {
+            [Side::Restic, Side::Vmatrix]
+        };
+        for side in order {
+            eprintln!(
+                "  round {round}{}: {side:?} …",
+                if round == 0 { " (warm-up)" } else { "" }
+            );
+            let r = setup.round(side, opts.pause)?;
+            eprintln!(
+                "    v1 {:.2} s, v2 {:.2} s, du {:.0} MiB",
+                r.v1_seconds,
+                r.v2_seconds,
+                r.after_v1.du as f64 / 1048576.0
+            );
+            if round > 0 {
+                results.push((side, r));
+            }
+        }
+    }
+    for side in [Side::Vmatrix, Side::Restic] {
+        let _ = std::fs::remove_dir_all(setup.repo(side));
+    }
+    let _ = std::fs::remove_dir_all(root.join("ingest-restic-cache"));
+
+    let mib = |b: f64| b / 1048576.0;
+    let of = |side: Side, f: &dyn Fn(&Round) -> f64| -> Vec<f64> {
+        results
+            .iter()
+            .filter(|(s, _)| *s == side)
+            .map(|(_, r)| f(r))
+            .collect()
+    };
+    let row = |what: String, f: &dyn Fn(&Round) -> f64, fmt: &dyn Fn(f64) -> String, note: &str| {
+        [
+            what,
+            spread(&of(Side::Vmatrix, f), fmt),
+            spread(&of(Side::Restic, f), fmt),
+            note.to_owned(),
+        ]
+    };
+    let gib = size as f64 / (1u64 << 30) as f64;
+    let tput = move |secs: f64| format!("{:.0} MiB/s", mib(size as f64) / secs);
+    let mibs = |b: f64| format!("{:.0} MiB", mib(b));
+    let rows =
+        vec![
+        row(
+            format!("ingest {:.0} MiB, whole process: throughput", mib(size as f64)),
+            &|r| r.v1_seconds,
+            &tput,
+            "median (range) of the wall time; restic encrypts and authenticates, vmatrix does not",
+        ),
+        row(
+            "ingest: disk used (du)".into(),
+            &|r| r.after_v1.du as f64,
+            &mibs,
+            "blocks really used",
+        ),
+        row(
+            "ingest: logical bytes".into(),
+            &|r| r.after_v1.logical as f64,
+            &mibs,
+            "",
+        ),
+        row(
+            "ingest: files written per GiB".into(),
+            &|r| r.after_v1.files as f64 / gib,
+            &|n| format!("{n:.0}"),
+            "on S3, one PUT each",
+        ),
+        row(
+            format!(
+                "v2 with {:.1}% of blocks changed: disk added (du)",
+                changed as f64 * 100.0 / size as f64
+            ),
+            &|r| r.after_v2.du.saturating_sub(r.after_v1.du) as f64,
+            &mibs,
+            "",
+        ),
+        row(
+            "v2: wall time".into(),
+            &|r| r.v2_seconds,
+            &|s| format!("{s:.2} s"),
+            "",
+        ),
+    ];
+    Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::spread;
+
+    #[test]
+    fn spread_is_the_median_and_the_range() {
+        let f = |x: f64| format!("{x:.0}");
+        assert_eq!(spread(&[3.0, 1.0, 2.0], f), "2 (1–3)");
+        assert_eq!(spread(&[4.0, 1.0], f), "2 (1–4)");
+        assert_eq!(spread(&[5.0], f), "5");
+    }
+}
