@@ -75,6 +75,23 @@ impl Backend {
         }
     }
 
+    /// Reads `len` bytes at `offset` of an object (a `pread` here, a ranged GET on S3); `None`
+    /// if the object does not exist. A range past the object's end is an error.
+    pub fn get_range(&self, key: &str, offset: u64, len: usize) -> Result<Option<Vec<u8>>> {
+        match self {
+            Self::File(f) => f.get_range(key, offset, len),
+            Self::S3(b) => b.get_range(key, offset, len),
+        }
+    }
+
+    /// Requests sent to the store so far by this handle (S3 only; 0 for a directory).
+    pub fn requests(&self) -> u64 {
+        match self {
+            Self::File(_) => 0,
+            Self::S3(b) => b.requests(),
+        }
+    }
+
     /// Writes an object atomically (durable only after [`Backend::sync`]).
     pub fn put(&self, key: &str, data: &[u8]) -> Result<()> {
         match self {
@@ -208,6 +225,19 @@ impl FileBackend {
         }
     }
 
+    fn get_range(&self, key: &str, offset: u64, len: usize) -> Result<Option<Vec<u8>>> {
+        use std::os::unix::fs::FileExt;
+        let f = match fs::File::open(self.path(key)?) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(self.err("open", key, e)),
+        };
+        let mut buf = vec![0u8; len];
+        f.read_exact_at(&mut buf, offset)
+            .map_err(|e| self.err("read a range of", key, e))?;
+        Ok(Some(buf))
+    }
+
     fn put(&self, key: &str, data: &[u8], durable: bool) -> Result<()> {
         let path = self.path(key)?;
         let dir = path.parent().unwrap_or(&self.root).to_owned();
@@ -326,18 +356,17 @@ impl FileBackend {
         Ok(removed)
     }
 
-    /// A GC deletes a chunk by moving it aside (`KEY.gc-PID`), checking its time there and
+    /// A GC deletes a pack by moving it aside (`KEY.gc-PID`), checking its time there and
     /// removing it — or putting it back when a writer touched it meanwhile. A GC killed between
-    /// those steps leaves the file aside: garbage nothing would ever remove, or worse, a chunk
+    /// those steps leaves the file aside: garbage nothing would ever remove, or worse, a pack
     /// a writer had just come to rely on, missing from its place. Each one whose GC no longer
     /// runs (its pid is gone from this host, or it was moved a minute ago or more — a GC holds
-    /// one aside for microseconds) is put back, or removed if its place holds the chunk again
-    /// (a writer wrote it anew: the same content). What is put back is an ordinary chunk
+    /// one aside for microseconds) is put back, or removed if its place holds the pack again. What is put back is an ordinary pack
     /// again, removed by this GC if nothing refers to it.
     fn put_back_aside(&self) -> Result<u64> {
         use std::os::unix::fs::MetadataExt;
         let mut put_back = 0;
-        let Ok(dirs) = fs::read_dir(self.root.join("chunks")) else {
+        let Ok(dirs) = fs::read_dir(self.root.join("packs")) else {
             return Ok(0);
         };
         let now = SystemTime::now()
@@ -372,7 +401,7 @@ impl FileBackend {
                     Ok(()) => put_back += 1,
                     Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
                     Err(err) => {
-                        return Err(self.err("put back", &format!("chunks/{name}"), err));
+                        return Err(self.err("put back", &format!("packs/{name}"), err));
                     }
                 }
             }
@@ -436,6 +465,9 @@ mod tests {
     fn put_get_list_delete() {
         let (_d, b) = backend();
         b.put("chunks/ab/abc", b"one").unwrap();
+        assert_eq!(b.get_range("chunks/ab/abc", 1, 2).unwrap().unwrap(), b"ne");
+        assert!(b.get_range("chunks/ab/abc", 2, 2).is_err(), "past the end");
+        assert_eq!(b.get_range("chunks/ab/none", 0, 1).unwrap(), None);
         b.put_durable("tags/web/v1", b"two").unwrap();
         assert_eq!(b.get("chunks/ab/abc").unwrap().unwrap(), b"one");
         assert_eq!(b.get("chunks/ab/none").unwrap(), None);

@@ -106,14 +106,7 @@ impl ChunkCache {
             }
             self.forget(id);
         }
-        let stored =
-            self.repo
-                .backend()
-                .get(&id.key())?
-                .ok_or_else(|| crate::StoreError::Corrupt {
-                    what: format!("chunk {id}"),
-                    reason: "it is missing from the repository".into(),
-                })?;
+        let stored = self.repo.read_stored(id)?;
         let fetched = stored.len() as u64;
         let data = crate::chunk::decode(id, &stored)?;
         self.stats.fetches.fetch_add(1, Ordering::Relaxed);
@@ -122,6 +115,34 @@ impl ChunkCache {
             .fetch_add(fetched, Ordering::Relaxed);
         self.insert(id, &data)?;
         Ok(data)
+    }
+
+    /// Fetches the chunks of `ids` not cached yet, with one ranged read per run of them that
+    /// lies back to back in a pack (a guest reading ahead). Best effort: a chunk that cannot
+    /// be read now is left for [`ChunkCache::get`], which says why.
+    pub fn prefetch(&self, ids: &[ChunkId]) {
+        let mut want: Vec<ChunkId> = ids
+            .iter()
+            .filter(|id| !self.contains(id))
+            .copied()
+            .collect();
+        want.dedup();
+        if want.is_empty() {
+            return;
+        }
+        let Ok(stored) = self.repo.read_stored_many(&want) else {
+            return;
+        };
+        for (id, blob) in want.iter().zip(&stored) {
+            let Ok(data) = crate::chunk::decode(id, blob) else {
+                continue;
+            };
+            self.stats.fetches.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .fetched_bytes
+                .fetch_add(blob.len() as u64, Ordering::Relaxed);
+            let _ = self.insert(id, &data);
+        }
     }
 
     fn touch(&self, id: &ChunkId) {
@@ -204,8 +225,16 @@ mod tests {
         let raw = dir.path().join("d.raw");
         std::fs::write(&raw, &disk).unwrap();
         let image = ImageRef::parse("d:v1").unwrap();
-        // Stored as a saved state: chunked like a disk, without asking qemu-img what it is.
-        repo.import_state(&raw, &image, &|_| {}).unwrap();
+        // Stored as a raw disk, without asking qemu-img what it is.
+        repo.import_raw(
+            &raw,
+            disk.len() as u64,
+            &image,
+            crate::import::Provenance::default(),
+            std::time::Instant::now(),
+            &|_| {},
+        )
+        .unwrap();
         let (_, m) = repo.resolve(&image).unwrap();
         let ids: Vec<ChunkId> = m.chunks.iter().flatten().copied().collect();
 

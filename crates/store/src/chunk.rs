@@ -46,11 +46,6 @@ impl ChunkId {
     pub fn from_hex(s: &str) -> Option<Self> {
         blake3::Hash::from_hex(s).ok().map(|h| Self(*h.as_bytes()))
     }
-    /// The object key: `chunks/<first 4 hex digits>/<hash>`.
-    pub fn key(&self) -> String {
-        let hex = self.to_hex();
-        format!("chunks/{}/{}", &hex[..4], hex)
-    }
 }
 
 impl fmt::Debug for ChunkId {
@@ -86,12 +81,6 @@ pub fn encode(data: &[u8]) -> Vec<u8> {
     out.extend_from_slice(&(data.len() as u32).to_le_bytes());
     out.extend_from_slice(&payload);
     out
-}
-
-/// Whether a stored object of this size can be a chunk at all (a file cut short by a crash
-/// is treated as absent and written again).
-pub fn plausible_size(len: u64) -> bool {
-    len >= HEADER as u64
 }
 
 /// Decodes a stored chunk and checks it against its address.
@@ -166,13 +155,5 @@ mod tests {
         d[65535] = 0;
         d[3] = 1;
         assert!(!is_zero(&d));
-    }
-
-    #[test]
-    fn keys_are_sharded_by_prefix() {
-        let id = ChunkId::of(b"x");
-        let key = id.key();
-        assert!(key.starts_with(&format!("chunks/{}/", &id.to_hex()[..4])));
-        assert_eq!(ChunkId::from_hex(&id.to_hex()), Some(id));
     }
 }

@@ -3,6 +3,7 @@
 //! the destination, and publishes the identical manifest (same bytes, same id) under the same
 //! tag; [`CopyReport`] says what it moved.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
@@ -10,10 +11,15 @@ use std::time::Instant;
 use serde::Serialize;
 use vmatrix_core::ImageRef;
 
-use crate::chunk::{self, ChunkId};
+use crate::chunk::ChunkId;
 use crate::error::{Result, StoreError};
+use crate::import::Relied;
+use crate::index;
 use crate::manifest::Manifest;
 use crate::repo::{Progress, Repository};
+
+/// Chunks a copy worker takes at a time (read from the source in runs).
+const BATCH: usize = 64;
 
 /// What a push or pull did.
 #[derive(Debug, Clone, Serialize)]
@@ -49,39 +55,64 @@ impl Repository {
         let mut unique: Vec<ChunkId> = manifest.chunks.iter().flatten().copied().collect();
         unique.sort();
         unique.dedup();
+        // Read the source in the order it stores them: long ranged reads.
+        source.in_storage_order(&mut unique)?;
+        let dest_index = self.reload_index()?;
+        let writer = self.pack_writer();
+        let touched: Mutex<HashMap<u32, bool>> = Mutex::new(HashMap::new());
+        let relied: Mutex<Vec<Relied>> = Mutex::new(Vec::new());
         let next = AtomicU64::new(0);
+        let done = AtomicU64::new(0);
         let copied = AtomicU64::new(0);
         let bytes = AtomicU64::new(0);
         let failure: Mutex<Option<StoreError>> = Mutex::new(None);
         let workers = std::thread::available_parallelism().map_or(2, |n| n.get()) * 2;
+        let batches: Vec<&[ChunkId]> = unique.chunks(BATCH).collect();
         std::thread::scope(|scope| {
             for _ in 0..workers {
                 scope.spawn(|| loop {
                     let i = next.fetch_add(1, Ordering::Relaxed) as usize;
-                    let Some(chunk) = unique.get(i) else { return };
+                    let Some(batch) = batches.get(i) else { return };
                     if failure.lock().map(|f| f.is_some()).unwrap_or(true) {
                         return;
                     }
                     let result = (|| -> Result<()> {
-                        let key = chunk.key();
-                        if let Some(m) = self.backend.head(&key)? {
-                            if chunk::plausible_size(m.size) && self.backend.touch(&key)? {
-                                return Ok(());
+                        let mut lacking = Vec::new();
+                        for chunk in *batch {
+                            if let Some(loc) = dest_index.first(chunk) {
+                                let known =
+                                    touched.lock().ok().and_then(|t| t.get(&loc.pack).copied());
+                                let pack = dest_index.pack(loc.pack);
+                                let there = match known {
+                                    Some(t) => t,
+                                    None => {
+                                        let t = self.touch_pack(&pack)?;
+                                        if let Ok(mut m) = touched.lock() {
+                                            m.insert(loc.pack, t);
+                                        }
+                                        t
+                                    }
+                                };
+                                if there {
+                                    if let Ok(mut r) = relied.lock() {
+                                        r.push(Relied {
+                                            index: 0,
+                                            chunk: *chunk,
+                                            pack,
+                                        });
+                                    }
+                                    continue;
+                                }
                             }
+                            lacking.push(*chunk);
                         }
-                        let stored =
-                            source
-                                .backend
-                                .get(&key)?
-                                .ok_or_else(|| StoreError::Corrupt {
-                                    what: format!("chunk {chunk} in {}", source.backend.location()),
-                                    reason: "it is missing".into(),
-                                })?;
-                        // Never spread damage: check before copying.
-                        chunk::decode(chunk, &stored)?;
-                        self.backend.put(&key, &stored)?;
-                        copied.fetch_add(1, Ordering::Relaxed);
-                        bytes.fetch_add(stored.len() as u64, Ordering::Relaxed);
+                        // Checked against their ids as they are read: never spread damage.
+                        let stored = source.read_stored_many(&lacking)?;
+                        for (chunk, blob) in lacking.iter().zip(&stored) {
+                            writer.add(*chunk, blob)?;
+                            copied.fetch_add(1, Ordering::Relaxed);
+                            bytes.fetch_add(blob.len() as u64, Ordering::Relaxed);
+                        }
                         Ok(())
                     })();
                     if let Err(e) = result {
@@ -90,19 +121,23 @@ impl Repository {
                         }
                         return;
                     }
-                    progress(i as u64 + 1);
+                    progress(
+                        done.fetch_add(batch.len() as u64, Ordering::Relaxed) + batch.len() as u64,
+                    );
                 });
             }
         });
         if let Some(e) = failure.into_inner().ok().flatten() {
             return Err(e);
         }
-        self.backend.sync()?;
+        let packs = writer.finish()?;
+        index::write(&self.backend, index::of(&packs))?;
+        self.learn(&packs);
         // Everything is in place; a final look guards against a concurrent gc as in import.
-        let all: Vec<(usize, ChunkId)> = unique.iter().map(|c| (0, *c)).collect();
-        if let Some((_, missing)) = self.missing_of(&all)?.first() {
+        let relied = relied.into_inner().unwrap_or_default();
+        if let Some(missing) = self.missing_of(&relied)?.first() {
             return Err(StoreError::ChunkVanished {
-                chunk: missing.to_hex(),
+                chunk: missing.chunk.to_hex(),
             });
         }
         let (new_id, bytes_m) = manifest.to_bytes();

@@ -3,14 +3,18 @@
 //! into place at the end; [`ExportFormat`] chooses which.
 
 use std::fs;
-use std::io::{Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use vmatrix_core::ImageRef;
 
+use crate::chunk::ChunkId;
 use crate::error::{io_err, Result};
 use crate::repo::{Progress, Repository};
 use crate::scratch::{convert_to, tempfile_in};
+
+/// Chunks read per batch (4 MiB of image at most).
+const EXPORT_BATCH: usize = 64;
 
 /// Export format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,25 +41,30 @@ impl Repository {
             .unwrap_or(Path::new("."));
         let raw_tmp = tempfile_in(dir, "export")?;
         {
-            let mut f = fs::File::create(&raw_tmp.0).map_err(io_err("create", &raw_tmp.0))?;
+            let f = fs::File::create(&raw_tmp.0).map_err(io_err("create", &raw_tmp.0))?;
             f.set_len(manifest.virtual_size)
                 .map_err(io_err("size", &raw_tmp.0))?;
             let mut done = 0u64;
-            for (index, id) in manifest.chunks.iter().enumerate() {
-                let len = manifest.chunk_len(index) as u64;
-                if let Some(id) = id {
-                    let data = self.read_chunk(id)?;
-                    f.seek(SeekFrom::Start(
-                        index as u64 * u64::from(manifest.chunk_size),
-                    ))
-                    .map_err(io_err("seek in", &raw_tmp.0))?;
-                    f.write_all(&data).map_err(io_err("write", &raw_tmp.0))?;
+            // A batch at a time: runs of chunks stored back to back come in one read.
+            let stored: Vec<(usize, ChunkId)> = manifest
+                .chunks
+                .iter()
+                .enumerate()
+                .filter_map(|(i, c)| Some((i, (*c)?)))
+                .collect();
+            let ranges = manifest.ranges();
+            for batch in stored.chunks(EXPORT_BATCH) {
+                let ids: Vec<ChunkId> = batch.iter().map(|(_, id)| *id).collect();
+                let data = self.read_chunks(&ids)?;
+                for ((index, _), data) in batch.iter().zip(&data) {
+                    let (offset, _) = ranges[*index];
+                    f.write_all_at(data, offset)
+                        .map_err(io_err("write", &raw_tmp.0))?;
+                    done += data.len() as u64;
                 }
-                done += len;
-                if index.is_multiple_of(64) {
-                    progress(done);
-                }
+                progress(done);
             }
+            done = manifest.virtual_size;
             f.sync_all().map_err(io_err("sync", &raw_tmp.0))?;
             progress(done);
         }

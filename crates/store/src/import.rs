@@ -5,10 +5,12 @@
 //! `import_raw` path with its publish/write-back steps (the writer's half of the protocol in
 //! [`crate::repo`]), [`ImportReport`], and [`inspect`], which says what a source file is.
 
+use std::collections::{HashMap, HashSet};
 use std::fs;
-use std::io::{Read, Seek, SeekFrom};
+use std::io::Read;
+use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -17,7 +19,9 @@ use vmatrix_core::ImageRef;
 
 use crate::chunk::{self, ChunkId, CHUNK_SIZE};
 use crate::error::{io_err, Result, StoreError};
+use crate::index::{self, Index};
 use crate::manifest::{Boot, Manifest, ManifestKind, MANIFEST_FORMAT, MANIFEST_VERSION};
+use crate::pack::{PackId, PackWriter};
 use crate::repo::{host_name, unix_now, Progress, Repository};
 use crate::scratch::{convert, tempfile_in};
 
@@ -73,6 +77,10 @@ pub struct ImportReport {
     pub new_stored_bytes: u64,
     /// Chunks that were already there.
     pub reused_chunks: u64,
+    /// Pack files written.
+    pub new_packs: u64,
+    /// Requests sent to the repository's store (S3; 0 for a directory).
+    pub requests: u64,
     /// Seconds.
     pub seconds: f64,
 }
@@ -260,8 +268,16 @@ impl Repository {
             author,
             message,
         } = from;
+        let requests_before = self.backend.requests();
         let _lease = self.take_lease(&format!("import {image}"))?;
-        let chunks = self.store_chunks(raw_path, size, progress)?;
+        // Saved states are cut by content (see `Cutting`); disks, and the disk overlays of
+        // suspended instances (whose clusters stay in place), at fixed offsets.
+        let cutting = if kind == ManifestKind::State && base.is_none() {
+            Cutting::ContentDefined
+        } else {
+            Cutting::Fixed
+        };
+        let chunks = self.store_chunks(raw_path, size, cutting, progress)?;
 
         let previous = match self.resolve(image) {
             Ok((id, m)) => Some((id, m)),
@@ -278,10 +294,13 @@ impl Repository {
             new_raw_bytes: chunks.new_raw_bytes,
             new_stored_bytes: chunks.new_stored_bytes,
             reused_chunks: chunks.reused,
+            new_packs: chunks.new_packs,
+            requests: 0,
             seconds: 0.0,
         };
         if let Some((id, old)) = &previous {
             if old.chunks == chunks.ids
+                && old.lengths.is_some() == (cutting == Cutting::ContentDefined)
                 && old.virtual_size == size
                 && old.kind == kind
                 && old.base.as_deref() == base
@@ -305,30 +324,34 @@ impl Repository {
             author: author.map(str::to_owned),
             message: message.map(str::to_owned),
             virtual_size: size,
-            chunk_size: CHUNK_SIZE as u32,
+            chunk_size: match cutting {
+                Cutting::Fixed => CHUNK_SIZE as u32,
+                Cutting::ContentDefined => CDC_MAX,
+            },
             boot: Boot::Bios,
             source_format: source_format.to_owned(),
             chunks: chunks.ids,
+            lengths: (cutting == Cutting::ContentDefined).then_some(chunks.lengths),
             base: base.map(str::to_owned),
         };
         report.version = self.publish(image, &manifest, raw_path, &chunks.touched)?;
         report.published = true;
+        report.requests = self.backend.requests() - requests_before;
         report.seconds = started.elapsed().as_secs_f64();
         Ok(report)
     }
 
-    /// Makes the chunks durable, makes sure the ones we only touched are still there (writing
-    /// back from `raw` any that a concurrent GC took), then publishes the manifest and moves the
-    /// tag.
+    /// Makes sure the packs holding the chunks we reused are still there (writing back from
+    /// `raw` the chunks of any that a concurrent GC took), then publishes the manifest and
+    /// moves the tag. The packs this import wrote are durable already.
     fn publish(
         &self,
         image: &ImageRef,
         manifest: &Manifest,
         raw: &Path,
-        touched: &[(usize, ChunkId)],
+        touched: &[Relied],
     ) -> Result<String> {
-        self.backend.sync()?;
-        let mut pending: Vec<(usize, ChunkId)> = touched.to_vec();
+        let mut pending: Vec<Relied> = touched.to_vec();
         // Look twice: the second look, a moment later, also sees GC deletions that were
         // already in flight during the first.
         for round in 0..4 {
@@ -344,12 +367,12 @@ impl Repository {
                 "{} reused chunk(s) vanished during the import (gc); writing them again",
                 missing.len()
             );
-            self.write_back(raw, manifest, &missing)?;
-            self.backend.sync()?;
-            pending = missing;
+            pending = self.write_back(raw, manifest, &missing)?;
             if round == 3 {
-                if let Some((_, id)) = self.missing_of(&pending)?.first() {
-                    return Err(StoreError::ChunkVanished { chunk: id.to_hex() });
+                if let Some(r) = self.missing_of(&pending)?.first() {
+                    return Err(StoreError::ChunkVanished {
+                        chunk: r.chunk.to_hex(),
+                    });
                 }
             }
         }
@@ -360,73 +383,117 @@ impl Repository {
         Ok(id)
     }
 
-    pub(crate) fn missing_of(&self, chunks: &[(usize, ChunkId)]) -> Result<Vec<(usize, ChunkId)>> {
+    /// The chunks of `relied` whose pack is gone.
+    pub(crate) fn missing_of(&self, relied: &[Relied]) -> Result<Vec<Relied>> {
+        let mut gone: HashMap<PackId, bool> = HashMap::new();
         let mut missing = Vec::new();
-        for &(index, id) in chunks {
-            match self.backend.head(&id.key())? {
-                Some(m) if chunk::plausible_size(m.size) => {}
-                _ => missing.push((index, id)),
+        for r in relied {
+            let is_gone = match gone.get(&r.pack) {
+                Some(&g) => g,
+                None => {
+                    let g = self.backend.head(&r.pack.key())?.is_none();
+                    gone.insert(r.pack, g);
+                    g
+                }
+            };
+            if is_gone {
+                missing.push(*r);
             }
         }
         Ok(missing)
     }
 
-    /// Re-reads chunks from the source and writes them again.
+    /// Re-reads chunks from the source and writes them again, into new packs; where they are
+    /// now.
     fn write_back(
         &self,
         raw: &Path,
         manifest: &Manifest,
-        chunks: &[(usize, ChunkId)],
-    ) -> Result<()> {
-        let mut f = fs::File::open(raw).map_err(io_err("open", raw))?;
-        for &(index, id) in chunks {
-            let mut data = vec![0u8; manifest.chunk_len(index)];
-            f.seek(SeekFrom::Start(
-                index as u64 * u64::from(manifest.chunk_size),
-            ))
-            .map_err(io_err("seek in", raw))?;
-            f.read_exact(&mut data).map_err(io_err("read", raw))?;
-            if ChunkId::of(&data) != id {
+        chunks: &[Relied],
+    ) -> Result<Vec<Relied>> {
+        let f = fs::File::open(raw).map_err(io_err("open", raw))?;
+        let writer = self.pack_writer();
+        for r in chunks {
+            let (offset, len) = manifest.chunk_range(r.index);
+            let mut data = vec![0u8; len];
+            f.read_exact_at(&mut data, offset)
+                .map_err(io_err("read", raw))?;
+            if ChunkId::of(&data) != r.chunk {
                 return Err(StoreError::BadInput {
                     path: raw.to_owned(),
                     reason: "the file changed while it was being imported; import it again".into(),
                 });
             }
-            self.backend.put(&id.key(), &chunk::encode(&data))?;
+            writer.add(r.chunk, &chunk::encode(&data))?;
         }
-        Ok(())
+        let packs = writer.finish()?;
+        index::write(&self.backend, index::of(&packs))?;
+        self.learn(&packs);
+        let mut now_in: HashMap<ChunkId, PackId> = HashMap::new();
+        for p in &packs {
+            for e in &p.entries {
+                now_in.insert(e.chunk, p.id);
+            }
+        }
+        Ok(chunks
+            .iter()
+            .filter_map(|r| {
+                Some(Relied {
+                    pack: *now_in.get(&r.chunk)?,
+                    ..*r
+                })
+            })
+            .collect())
     }
 
-    /// Cuts `raw` into chunks on all cores: zero chunks are skipped, existing chunks touched,
-    /// new ones compressed and written.
-    fn store_chunks(&self, raw: &Path, size: u64, progress: Progress<'_>) -> Result<StoredChunks> {
-        let count = size.div_ceil(CHUNK_SIZE as u64) as usize;
-        let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    /// Cuts `raw` into chunks on all cores: zero chunks are skipped, chunks the index knows
+    /// are reused (their pack touched), new ones compressed and appended to packs, each pack
+    /// written durably as it fills; then one index file names the new packs.
+    fn store_chunks(
+        &self,
+        raw: &Path,
+        size: u64,
+        cutting: Cutting,
+        progress: Progress<'_>,
+    ) -> Result<StoredChunks> {
+        // Hashing and compression keep every core busy; one more thread covers the time a
+        // worker spends writing a full pack.
+        let workers = std::thread::available_parallelism().map_or(2, |n| n.get()) + 1;
         let (work_tx, work_rx) = mpsc::sync_channel::<(usize, Vec<u8>)>(workers * 4);
         let work_rx = Mutex::new(work_rx);
-        let (done_tx, done_rx) = mpsc::channel::<Result<(usize, ChunkOutcome)>>();
+        let (done_tx, done_rx) = mpsc::channel::<Result<(usize, usize, ChunkOutcome)>>();
         let abort = AtomicBool::new(false);
         let read_bytes = AtomicU64::new(0);
-        let mut file = fs::File::open(raw).map_err(io_err("open", raw))?;
+        // Chunks cut, once the reader is through (usize::MAX until then).
+        let cut = AtomicUsize::new(usize::MAX);
+        let file = fs::File::open(raw).map_err(io_err("open", raw))?;
+        // What other writers stored up to now.
+        let index = self.reload_index()?;
+        let sink = Sink {
+            index: &index,
+            writer: self.pack_writer(),
+            written: Mutex::new(HashSet::new()),
+            touched: Mutex::new(HashMap::new()),
+        };
 
-        std::thread::scope(|scope| {
+        let stored = std::thread::scope(|scope| {
             let abort = &abort;
             let read_bytes = &read_bytes;
+            let cut = &cut;
+            let sink = &sink;
             let reader_done = done_tx.clone();
             scope.spawn(move || {
-                for index in 0..count {
+                let sent = cut_chunks(file, size, cutting, |index, buf| {
                     if abort.load(Ordering::Relaxed) {
-                        return;
+                        return false;
                     }
-                    let len = (size - index as u64 * CHUNK_SIZE as u64).min(CHUNK_SIZE as u64);
-                    let mut buf = vec![0u8; len as usize];
-                    if let Err(e) = file.read_exact(&mut buf) {
+                    read_bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
+                    work_tx.send((index, buf)).is_ok()
+                });
+                match sent {
+                    Ok(n) => cut.store(n, Ordering::SeqCst),
+                    Err(e) => {
                         let _ = reader_done.send(Err(io_err("read", raw)(e)));
-                        return;
-                    }
-                    read_bytes.fetch_add(len, Ordering::Relaxed);
-                    if work_tx.send((index, buf)).is_err() {
-                        return;
                     }
                 }
             });
@@ -439,7 +506,7 @@ impl Repository {
                     if abort.load(Ordering::Relaxed) {
                         return;
                     }
-                    let outcome = self.store_one(&data).map(|o| (index, o));
+                    let outcome = self.store_one(&data, sink).map(|o| (index, data.len(), o));
                     if done_tx.send(outcome).is_err() {
                         return;
                     }
@@ -447,31 +514,37 @@ impl Repository {
             }
             drop(done_tx);
 
-            let mut out = StoredChunks {
-                ids: vec![None; count],
-                ..Default::default()
-            };
+            let mut out = StoredChunks::default();
             let mut received: usize = 0;
             let mut failure = None;
             for result in done_rx.iter() {
                 match result {
-                    Ok((index, outcome)) => {
+                    Ok((index, len, outcome)) => {
                         received += 1;
+                        if out.ids.len() <= index {
+                            out.ids.resize(index + 1, None);
+                            out.lengths.resize(index + 1, 0);
+                        }
+                        out.lengths[index] = len as u32;
                         match outcome {
-                            ChunkOutcome::Zero(len) => out.zero_bytes += len as u64,
-                            ChunkOutcome::Reused(id) => {
+                            ChunkOutcome::Zero => out.zero_bytes += len as u64,
+                            ChunkOutcome::Reused(chunk, pack) => {
                                 out.reused += 1;
-                                out.touched.push((index, id));
-                                out.ids[index] = Some(id);
+                                out.touched.push(Relied { index, chunk, pack });
+                                out.ids[index] = Some(chunk);
                             }
-                            ChunkOutcome::New(id, raw_len, stored_len) => {
+                            ChunkOutcome::Again(chunk) => {
+                                out.reused += 1;
+                                out.ids[index] = Some(chunk);
+                            }
+                            ChunkOutcome::New(id, stored_len) => {
                                 out.new_chunks += 1;
-                                out.new_raw_bytes += raw_len as u64;
+                                out.new_raw_bytes += len as u64;
                                 out.new_stored_bytes += stored_len as u64;
                                 out.ids[index] = Some(id);
                             }
                         }
-                        if received.is_multiple_of(64) || received == count {
+                        if received.is_multiple_of(64) {
                             progress(read_bytes.load(Ordering::Relaxed));
                         }
                     }
@@ -481,40 +554,95 @@ impl Repository {
                     }
                 }
             }
+            progress(read_bytes.load(Ordering::Relaxed));
+            let count = cut.load(Ordering::SeqCst);
             match failure {
                 Some(e) => Err(e),
-                None if received != count => Err(StoreError::Io {
+                None if received != count || out.ids.len() != count => Err(StoreError::Io {
                     action: "read all chunks of",
                     path: raw.to_owned(),
                     source: std::io::Error::other(format!("{received} of {count} chunks")),
                 }),
                 None => Ok(out),
             }
-        })
+        });
+        // On failure the packs written so far stay unreferenced: gc removes them.
+        let mut stored = stored?;
+        let packs = sink.writer.finish()?;
+        index::write(&self.backend, index::of(&packs))?;
+        self.learn(&packs);
+        stored.new_packs = packs.len() as u64;
+        Ok(stored)
     }
 
-    fn store_one(&self, data: &[u8]) -> Result<ChunkOutcome> {
+    fn store_one(&self, data: &[u8], sink: &Sink<'_>) -> Result<ChunkOutcome> {
         if chunk::is_zero(data) {
-            return Ok(ChunkOutcome::Zero(data.len()));
+            return Ok(ChunkOutcome::Zero);
         }
         let id = ChunkId::of(data);
-        let key = id.key();
-        if let Some(meta) = self.backend.head(&key)? {
-            if chunk::plausible_size(meta.size) && self.backend.touch(&key)? {
-                return Ok(ChunkOutcome::Reused(id));
+        if let Some(loc) = sink.index.first(&id) {
+            let known = sink
+                .touched
+                .lock()
+                .ok()
+                .and_then(|t| t.get(&loc.pack).copied());
+            let pack = sink.index.pack(loc.pack);
+            // One touch per pack and import; a pack found gone means writing the chunk anew.
+            let there = match known {
+                Some(there) => there,
+                None => {
+                    let there = self.touch_pack(&pack)?;
+                    if let Ok(mut t) = sink.touched.lock() {
+                        t.insert(loc.pack, there);
+                    }
+                    there
+                }
+            };
+            if there {
+                return Ok(ChunkOutcome::Reused(id, pack));
             }
         }
+        if !sink
+            .written
+            .lock()
+            .map(|mut w| w.insert(id))
+            .unwrap_or(true)
+        {
+            return Ok(ChunkOutcome::Again(id));
+        }
         let stored = chunk::encode(data);
-        self.backend.put(&key, &stored)?;
-        Ok(ChunkOutcome::New(id, data.len(), stored.len()))
+        sink.writer.add(id, &stored)?;
+        Ok(ChunkOutcome::New(id, stored.len()))
     }
+}
+
+/// A chunk an import relies on without writing it: where it is in the image, and the pack
+/// that holds it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Relied {
+    pub(crate) index: usize,
+    pub(crate) chunk: ChunkId,
+    pub(crate) pack: PackId,
+}
+
+/// Where one import's chunks go.
+struct Sink<'a> {
+    index: &'a Index,
+    writer: PackWriter<'a>,
+    /// Chunks this import wrote (a chunk met twice is written once).
+    written: Mutex<HashSet<ChunkId>>,
+    /// Packs touched, by their number in the index, and whether they were still there.
+    touched: Mutex<HashMap<u32, bool>>,
 }
 
 #[derive(Debug, Default)]
 struct StoredChunks {
     ids: Vec<Option<ChunkId>>,
-    /// Chunks that already existed and were only touched, with their index.
-    touched: Vec<(usize, ChunkId)>,
+    /// Each chunk's length.
+    lengths: Vec<u32>,
+    /// Chunks that already existed, with the packs that hold them.
+    touched: Vec<Relied>,
+    new_packs: u64,
     zero_bytes: u64,
     reused: u64,
     new_chunks: u64,
@@ -523,7 +651,72 @@ struct StoredChunks {
 }
 
 enum ChunkOutcome {
-    Zero(usize),
-    Reused(ChunkId),
-    New(ChunkId, usize, usize),
+    Zero,
+    /// Already stored, in this pack.
+    Reused(ChunkId, PackId),
+    /// Met earlier in this import.
+    Again(ChunkId),
+    /// Written, and its stored size.
+    New(ChunkId, usize),
+}
+
+/// How an import cuts its source into chunks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Cutting {
+    /// [`CHUNK_SIZE`] pieces at fixed offsets: disks keep data in place, and lazy activation
+    /// finds a disk offset's chunk by division.
+    Fixed,
+    /// Content-defined (FastCDC), for saved states: a QEMU migration stream writes each page
+    /// behind a header and skips zero pages, so one page turning non-zero shifts everything
+    /// after it; content-defined cuts find the same chunks again after the shift.
+    ContentDefined,
+}
+
+/// Content-defined chunk sizes: at least, on average, at most. Chosen by measurement
+/// (docs/architecture.md): small enough that a page dirtied here and there costs little,
+/// large enough that a state is a few thousand chunks.
+pub(crate) const CDC_MIN: u32 = 4 * 1024;
+pub(crate) const CDC_AVG: u32 = 16 * 1024;
+pub(crate) const CDC_MAX: u32 = 64 * 1024;
+
+/// Reads `file` (`size` bytes) cut as `cutting` says, handing each chunk with its number to
+/// `each` until it says stop; the number of chunks cut.
+fn cut_chunks(
+    mut file: fs::File,
+    size: u64,
+    cutting: Cutting,
+    mut each: impl FnMut(usize, Vec<u8>) -> bool,
+) -> std::io::Result<usize> {
+    match cutting {
+        Cutting::Fixed => {
+            let count = size.div_ceil(CHUNK_SIZE as u64) as usize;
+            for index in 0..count {
+                let len = (size - index as u64 * CHUNK_SIZE as u64).min(CHUNK_SIZE as u64);
+                let mut buf = vec![0u8; len as usize];
+                file.read_exact(&mut buf)?;
+                if !each(index, buf) {
+                    return Ok(index);
+                }
+            }
+            Ok(count)
+        }
+        Cutting::ContentDefined => {
+            let mut index = 0;
+            let mut total = 0u64;
+            for c in fastcdc::v2020::StreamCDC::new(file, CDC_MIN, CDC_AVG, CDC_MAX) {
+                let c = c.map_err(|e| std::io::Error::other(e.to_string()))?;
+                total += c.length as u64;
+                if !each(index, c.data) {
+                    return Ok(index);
+                }
+                index += 1;
+            }
+            if total != size {
+                return Err(std::io::Error::other(format!(
+                    "read {total} bytes, expected {size}: the file changed while it was imported"
+                )));
+            }
+            Ok(index)
+        }
+    }
 }

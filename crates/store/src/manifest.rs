@@ -56,7 +56,8 @@ pub struct Manifest {
     pub parent: Option<String>,
     /// Size of the virtual disk (or state) in bytes.
     pub virtual_size: u64,
-    /// Chunk size in bytes; every chunk but the last has exactly this size.
+    /// Chunk size in bytes: every chunk but the last has exactly this size — unless
+    /// `lengths` is present, when it is the largest a chunk may be.
     pub chunk_size: u32,
     /// Boot settings.
     #[serde(default)]
@@ -71,6 +72,10 @@ pub struct Manifest {
     /// in manifests written before it existed, whose ids therefore do not change).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base: Option<String>,
+    /// Each chunk's length, for content-defined chunks (saved states); absent for fixed
+    /// chunks (disks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lengths: Option<Vec<u32>>,
     /// Who committed it (`vmatrix commit`); absent for imports.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub author: Option<String>,
@@ -128,6 +133,21 @@ impl Manifest {
                 m.format_version
             )));
         }
+        if let Some(lengths) = &m.lengths {
+            let total: u64 = lengths.iter().map(|&l| u64::from(l)).sum();
+            if lengths.len() != m.chunks.len()
+                || total != m.virtual_size
+                || lengths.iter().any(|&l| l == 0 || l > m.chunk_size)
+            {
+                return Err(corrupt(format!(
+                    "{} chunk lengths for {} chunks, {total} bytes of {}",
+                    lengths.len(),
+                    m.chunks.len(),
+                    m.virtual_size
+                )));
+            }
+            return Ok(m);
+        }
         let expected = m.virtual_size.div_ceil(u64::from(m.chunk_size.max(1)));
         if m.chunk_size == 0 || m.chunks.len() as u64 != expected {
             return Err(corrupt(format!(
@@ -145,10 +165,52 @@ impl Manifest {
         format!("manifests/{id}.json")
     }
 
+    /// Where each chunk starts, and its length, in order.
+    pub fn ranges(&self) -> Vec<(u64, usize)> {
+        match &self.lengths {
+            Some(lengths) => {
+                let mut at = 0;
+                lengths
+                    .iter()
+                    .map(|&l| {
+                        let r = (at, l as usize);
+                        at += u64::from(l);
+                        r
+                    })
+                    .collect()
+            }
+            None => (0..self.chunks.len())
+                .map(|i| self.chunk_range(i))
+                .collect(),
+        }
+    }
+
+    /// Whether chunk `index` of the image is found by division (fixed-size chunks: disks,
+    /// which lazy activation serves).
+    pub fn fixed_chunks(&self) -> bool {
+        self.lengths.is_none()
+    }
+
     /// Bytes of chunk `index` (the last chunk may be short).
     pub fn chunk_len(&self, index: usize) -> usize {
+        self.chunk_range(index).1
+    }
+
+    /// Where chunk `index` starts in the image, and its length.
+    pub fn chunk_range(&self, index: usize) -> (u64, usize) {
+        if let Some(lengths) = &self.lengths {
+            let start = lengths[..index.min(lengths.len())]
+                .iter()
+                .map(|&l| u64::from(l))
+                .sum();
+            return (start, lengths.get(index).copied().unwrap_or(0) as usize);
+        }
         let start = index as u64 * u64::from(self.chunk_size);
-        (self.virtual_size - start).min(u64::from(self.chunk_size)) as usize
+        let len = self
+            .virtual_size
+            .saturating_sub(start)
+            .min(u64::from(self.chunk_size));
+        (start, len as usize)
     }
 }
 
@@ -158,6 +220,7 @@ mod tests {
 
     fn sample() -> Manifest {
         Manifest {
+            lengths: None,
             base: None,
             format: MANIFEST_FORMAT.into(),
             format_version: MANIFEST_VERSION,

@@ -33,6 +33,7 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -41,7 +42,9 @@ use vmatrix_core::ImageRef;
 use crate::backend::Backend;
 use crate::chunk::{self, ChunkId, CHUNK_SIZE};
 use crate::error::{Result, StoreError};
+use crate::index::Index;
 use crate::manifest::Manifest;
+use crate::pack::{PackId, PackWriter, WrittenPack, MAX_PACK_SIZE, PACK_TARGET};
 
 pub use crate::copy::CopyReport;
 pub use crate::export::ExportFormat;
@@ -52,6 +55,13 @@ pub use crate::verify::VerifyReport;
 /// A lease older than this belongs to a writer that died; GC ignores it.
 pub const LEASE_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
 const CONFIG_KEY: &str = "config.json";
+/// The most bytes one ranged read of [`Repository::read_chunks`] asks for.
+const READ_RUN_MAX: u64 = 4 * 1024 * 1024;
+
+/// The key of a pack's touch marker (S3).
+pub(crate) fn touch_key(pack: &PackId) -> String {
+    format!("touched/{}", pack.to_hex())
+}
 
 /// Progress callback: bytes done so far.
 pub type Progress<'a> = &'a (dyn Fn(u64) + Sync);
@@ -62,12 +72,22 @@ struct RepoConfig {
     format: String,
     format_version: u32,
     chunk_size: u32,
+    /// Packs are closed once they reach this many bytes.
+    pack_size: u32,
 }
+
+/// The repository format this code writes and reads: 2 stores chunks in pack files (1 kept
+/// one file per chunk).
+const FORMAT_VERSION: u32 = 2;
 
 /// A dormant-image repository.
 #[derive(Debug)]
 pub struct Repository {
     pub(crate) backend: Backend,
+    /// The index as last read (readers reload it when a chunk is not where it said).
+    index: Mutex<Option<Arc<Index>>>,
+    /// Packs are closed at this size.
+    pack_size: usize,
 }
 
 /// One tagged image.
@@ -111,6 +131,17 @@ pub(crate) fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// A string no other call, process or host produces.
+pub(crate) fn nonce() -> String {
+    format!(
+        "{}-{}-{:?}-{}",
+        std::process::id(),
+        host_name(),
+        SystemTime::now(),
+        crate::backend::TMP_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    )
+}
+
 pub(crate) fn host_name() -> String {
     fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_owned())
@@ -130,30 +161,46 @@ impl Repository {
 
     /// Opens an existing repository on `backend`.
     pub fn open_backend(backend: Backend) -> Result<Self> {
-        let repo = Self { backend };
-        repo.check_config()?;
+        let mut repo = Self::new(backend);
+        repo.pack_size = repo.check_config()?;
         Ok(repo)
     }
 
     /// Opens the repository on `backend`, creating it if there is none.
     pub fn open_or_init_backend(backend: Backend) -> Result<Self> {
-        let repo = Self { backend };
+        Self::open_or_init_with(backend, PACK_TARGET)
+    }
+
+    /// [`Repository::open_or_init_backend`], a new repository closing its packs at
+    /// `pack_size` bytes (restic's `--pack-size`; at least 64 KiB). An existing repository
+    /// keeps its own.
+    pub fn open_or_init_with(backend: Backend, pack_size: usize) -> Result<Self> {
+        let mut repo = Self::new(backend);
         match repo.backend.get(CONFIG_KEY)? {
-            Some(_) => repo.check_config()?,
+            Some(_) => repo.pack_size = repo.check_config()?,
             None => {
+                let pack_size = pack_size.clamp(CHUNK_SIZE, MAX_PACK_SIZE);
                 let config = RepoConfig {
                     format: "vmatrix-repository".into(),
-                    format_version: 1,
+                    format_version: FORMAT_VERSION,
                     chunk_size: CHUNK_SIZE as u32,
+                    pack_size: pack_size as u32,
                 };
                 let bytes = serde_json::to_vec_pretty(&config).expect("config serialises");
                 repo.backend.put_durable(CONFIG_KEY, &bytes)?;
+                repo.pack_size = pack_size;
             }
         }
         Ok(repo)
     }
 
-    fn check_config(&self) -> Result<()> {
+    /// A writer of packs into this repository.
+    pub(crate) fn pack_writer(&self) -> PackWriter<'_> {
+        PackWriter::new(&self.backend, self.pack_size)
+    }
+
+    /// Checks `config.json`; the pack size it sets.
+    fn check_config(&self) -> Result<usize> {
         let location = self.backend.location();
         let bytes = self
             .backend
@@ -168,7 +215,16 @@ impl Repository {
                 location: location.clone(),
                 detail: format!("config.json is not valid: {e}"),
             })?;
-        if config.format != "vmatrix-repository" || config.format_version != 1 {
+        if config.format == "vmatrix-repository" && config.format_version == 1 {
+            return Err(StoreError::NotARepository {
+                location,
+                detail: "it is in format 1 (one file per chunk), which this vmatrix no longer \
+                         reads: export its images with the vmatrix that made it and import them \
+                         into a new repository"
+                    .into(),
+            });
+        }
+        if config.format != "vmatrix-repository" || config.format_version != FORMAT_VERSION {
             return Err(StoreError::NotARepository {
                 location,
                 detail: format!(
@@ -177,7 +233,44 @@ impl Repository {
                 ),
             });
         }
-        Ok(())
+        Ok((config.pack_size as usize).clamp(CHUNK_SIZE, MAX_PACK_SIZE))
+    }
+
+    fn new(backend: Backend) -> Self {
+        Self {
+            backend,
+            index: Mutex::new(None),
+            pack_size: PACK_TARGET,
+        }
+    }
+
+    /// The index as last read (read now if it never was).
+    pub(crate) fn index(&self) -> Result<Arc<Index>> {
+        if let Some(i) = self.index.lock().ok().and_then(|g| g.clone()) {
+            return Ok(i);
+        }
+        self.reload_index()
+    }
+
+    /// Reads the index again (other writers add to it; gc moves chunks).
+    pub(crate) fn reload_index(&self) -> Result<Arc<Index>> {
+        let fresh = Arc::new(Index::load(&self.backend)?);
+        if let Ok(mut g) = self.index.lock() {
+            *g = Some(fresh.clone());
+        }
+        Ok(fresh)
+    }
+
+    /// Adds packs this handle wrote to its index.
+    pub(crate) fn learn(&self, packs: &[WrittenPack]) {
+        if let Ok(mut g) = self.index.lock() {
+            if let Some(i) = g.as_mut() {
+                let i = Arc::make_mut(i);
+                for p in packs {
+                    i.add(p.id, &p.entries);
+                }
+            }
+        }
     }
 
     /// The backend.
@@ -221,14 +314,157 @@ impl Repository {
 
     /// Reads one chunk and checks it against its id.
     pub fn read_chunk(&self, id: &ChunkId) -> Result<Vec<u8>> {
-        let stored = self
-            .backend
-            .get(&id.key())?
-            .ok_or_else(|| StoreError::Corrupt {
-                what: format!("chunk {id}"),
-                reason: "it is missing".into(),
-            })?;
+        let stored = self.read_stored(id)?;
         chunk::decode(id, &stored)
+    }
+
+    /// A chunk's stored bytes (checked against its id), from wherever the index says it is:
+    /// when no known place holds it, the index is read again once (a gc may have moved it).
+    pub(crate) fn read_stored(&self, id: &ChunkId) -> Result<Vec<u8>> {
+        let mut damage = None;
+        for attempt in 0..2 {
+            let index = if attempt == 0 {
+                self.index()?
+            } else {
+                self.reload_index()?
+            };
+            for loc in index.locations(id) {
+                let pack = index.pack(loc.pack);
+                match self
+                    .backend
+                    .get_range(&pack.key(), u64::from(loc.offset), loc.len as usize)
+                {
+                    Ok(Some(stored)) => match chunk::decode(id, &stored) {
+                        Ok(_) => return Ok(stored),
+                        Err(e) => damage = Some(e),
+                    },
+                    Ok(None) => {}
+                    Err(e) => damage = Some(e),
+                }
+            }
+        }
+        Err(damage.unwrap_or_else(|| StoreError::Corrupt {
+            what: format!("chunk {id}"),
+            reason: "it is missing (no pack holds it)".into(),
+        }))
+    }
+
+    /// Reads several chunks, one ranged read for each run of them that lies back to back in a
+    /// pack (what a guest reading its disk in order, or an export, asks for). A run that fails
+    /// is read chunk by chunk, with [`Repository::read_chunk`]'s fallbacks.
+    pub fn read_chunks(&self, ids: &[ChunkId]) -> Result<Vec<Vec<u8>>> {
+        self.read_many(ids, false)
+    }
+
+    /// [`Repository::read_chunks`], giving the stored (compressed) bytes, each checked.
+    pub(crate) fn read_stored_many(&self, ids: &[ChunkId]) -> Result<Vec<Vec<u8>>> {
+        self.read_many(ids, true)
+    }
+
+    fn read_many(&self, ids: &[ChunkId], stored: bool) -> Result<Vec<Vec<u8>>> {
+        let index = self.index()?;
+        let one = |id: &ChunkId| -> Result<Vec<u8>> {
+            if stored {
+                self.read_stored(id)
+            } else {
+                self.read_chunk(id)
+            }
+        };
+        let mut out = Vec::with_capacity(ids.len());
+        let mut i = 0;
+        while i < ids.len() {
+            let Some(first) = index.first(&ids[i]) else {
+                out.push(one(&ids[i])?);
+                i += 1;
+                continue;
+            };
+            let mut end = i + 1;
+            let mut run_len = u64::from(first.len);
+            while end < ids.len() && run_len < READ_RUN_MAX {
+                match index.first(&ids[end]) {
+                    Some(l)
+                        if l.pack == first.pack
+                            && u64::from(l.offset) == u64::from(first.offset) + run_len =>
+                    {
+                        run_len += u64::from(l.len);
+                        end += 1;
+                    }
+                    _ => break,
+                }
+            }
+            let pack = index.pack(first.pack);
+            let bytes = self
+                .backend
+                .get_range(&pack.key(), u64::from(first.offset), run_len as usize)
+                .ok()
+                .flatten();
+            let mut at = 0usize;
+            for id in &ids[i..end] {
+                let len = index.first(id).map_or(0, |l| l.len as usize);
+                let blob = bytes.as_ref().and_then(|b| b.get(at..at + len));
+                at += len;
+                let checked = blob.and_then(|b| {
+                    let data = chunk::decode(id, b).ok()?;
+                    Some(if stored { b.to_vec() } else { data })
+                });
+                match checked {
+                    Some(d) => out.push(d),
+                    None => out.push(one(id)?),
+                }
+            }
+            i = end;
+        }
+        Ok(out)
+    }
+
+    /// Sorts chunks by where they are stored, so that [`Repository::read_chunks`] reads them
+    /// in long runs.
+    pub(crate) fn in_storage_order(&self, ids: &mut [ChunkId]) -> Result<()> {
+        let index = self.index()?;
+        ids.sort_by_key(|id| {
+            index
+                .first(id)
+                .map_or((u32::MAX, 0), |l| (l.pack, l.offset))
+        });
+        Ok(())
+    }
+
+    /// Marks a pack as relied on by a running writer (see the protocol above); false if it is
+    /// gone. A directory sets the file's time; S3, which cannot touch an object without
+    /// rewriting it, puts an empty marker `touched/<pack>` beside it, and gc takes the later of
+    /// the two times.
+    pub(crate) fn touch_pack(&self, pack: &PackId) -> Result<bool> {
+        match &self.backend {
+            Backend::File(_) => self.backend.touch(&pack.key()),
+            Backend::S3(_) => {
+                self.backend.put(&touch_key(pack), b"")?;
+                Ok(self.backend.head(&pack.key())?.is_some())
+            }
+        }
+    }
+
+    /// Deletes a pack if neither it nor its touch marker changed since `cutoff`; the bytes
+    /// freed, or `None` when a writer touched it (or it is gone).
+    pub(crate) fn delete_pack_if_older(
+        &self,
+        pack: &PackId,
+        cutoff: SystemTime,
+    ) -> Result<Option<u64>> {
+        match &self.backend {
+            Backend::File(_) => self.backend.delete_if_older(&pack.key(), cutoff),
+            Backend::S3(_) => {
+                if let Some(m) = self.backend.head(&touch_key(pack))? {
+                    if m.modified >= cutoff {
+                        return Ok(None);
+                    }
+                }
+                let freed = self.backend.delete_if_older(&pack.key(), cutoff)?;
+                if freed.is_some() {
+                    self.backend.delete(&touch_key(pack))?;
+                }
+                Ok(freed)
+            }
+        }
     }
 
     pub(crate) fn take_lease(&self, what: &str) -> Result<LeaseGuard<'_>> {
@@ -238,18 +474,8 @@ impl Repository {
             host: host_name(),
             what: what.to_owned(),
         };
-        let nonce = blake3::hash(
-            format!(
-                "{}-{}-{:?}-{}",
-                lease.pid,
-                lease.host,
-                SystemTime::now(),
-                // Two leases taken at once in one process (several agents in one) differ.
-                crate::backend::TMP_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-            )
-            .as_bytes(),
-        )
-        .to_hex();
+        // Two leases taken at once in one process (several agents in one) differ.
+        let nonce = blake3::hash(nonce().as_bytes()).to_hex();
         let key = format!("leases/{}.json", &nonce[..16]);
         self.backend
             .put_durable(&key, &serde_json::to_vec(&lease).expect("lease serialises"))?;

@@ -25,6 +25,7 @@ pub struct S3Backend {
     bucket: String,
     prefix: String,
     runtime: tokio::runtime::Runtime,
+    requests: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for S3Backend {
@@ -118,6 +119,7 @@ impl S3Backend {
             bucket: bucket.to_owned(),
             prefix: prefix.to_owned(),
             runtime,
+            requests: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -143,8 +145,32 @@ impl S3Backend {
         }
     }
 
+    /// Runs one request.
     fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.requests
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.runtime.block_on(f)
+    }
+
+    /// Requests sent so far.
+    pub(crate) fn requests(&self) -> u64 {
+        self.requests.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub(crate) fn get_range(&self, key: &str, offset: u64, len: usize) -> Result<Option<Vec<u8>>> {
+        let path = self.path(key);
+        let got = self.block_on(self.store.get_range(&path, offset..offset + len as u64));
+        match got {
+            Ok(b) if b.len() == len => Ok(Some(b.to_vec())),
+            Ok(b) => Err(StoreError::Backend {
+                location: self.location(),
+                action: "read a range of",
+                key: key.to_owned(),
+                source: std::io::Error::other(format!("{} bytes of {len}", b.len())),
+            }),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(self.err("read a range of", key, e)),
+        }
     }
 
     pub(crate) fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {

@@ -11,6 +11,7 @@ use vmatrix_core::ImageRef;
 
 use crate::chunk::{self, ChunkId};
 use crate::error::Result;
+use crate::index::Loc;
 use crate::repo::{Progress, Repository};
 
 /// What verify found.
@@ -79,36 +80,61 @@ impl Repository {
             }
         }
         report.chunks = users.len();
-        let ids: Vec<ChunkId> = users.keys().copied().collect();
+        // Pack by pack: one read each, chunks checked against their ids.
+        let index = self.reload_index()?;
+        let mut bad_found: Vec<(ChunkId, Option<String>)> = Vec::new();
+        let mut by_pack: HashMap<u32, Vec<(ChunkId, Loc)>> = HashMap::new();
+        for id in users.keys() {
+            match index.first(id) {
+                Some(loc) => by_pack.entry(loc.pack).or_default().push((*id, loc)),
+                None => bad_found.push((*id, None)),
+            }
+        }
+        let groups: Vec<(u32, Vec<(ChunkId, Loc)>)> = by_pack.into_iter().collect();
         let next = AtomicU64::new(0);
         let checked = AtomicU64::new(0);
-        let bad = Mutex::new(Vec::<(ChunkId, Option<String>)>::new());
+        let bad = Mutex::new(bad_found);
         let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
         std::thread::scope(|scope| {
             for _ in 0..workers {
                 scope.spawn(|| loop {
                     let i = next.fetch_add(1, Ordering::Relaxed) as usize;
-                    let Some(id) = ids.get(i) else { return };
-                    let problem = match self.backend.get(&id.key()) {
-                        Ok(None) => Some(None),
-                        Ok(Some(stored)) => chunk::decode(id, &stored)
-                            .err()
-                            .map(|e| Some(e.to_string())),
-                        Err(e) => Some(Some(e.to_string())),
+                    let Some((slot, chunks)) = groups.get(i) else {
+                        return;
                     };
-                    if let Some(p) = problem {
-                        if let Ok(mut b) = bad.lock() {
-                            b.push((*id, p));
+                    let pack = index.pack(*slot);
+                    let read = self.backend.get(&pack.key());
+                    for (id, loc) in chunks {
+                        let problem = match &read {
+                            Ok(Some(bytes)) => {
+                                let at = loc.offset as usize;
+                                match bytes.get(at..at + loc.len as usize) {
+                                    Some(blob) => {
+                                        chunk::decode(id, blob).err().map(|e| Some(e.to_string()))
+                                    }
+                                    None => Some(Some(format!("pack {pack} is cut short"))),
+                                }
+                            }
+                            Ok(None) => Some(None),
+                            Err(e) => Some(Some(e.to_string())),
+                        };
+                        // Another copy elsewhere may be whole.
+                        let problem = problem.filter(|_| {
+                            index.locations(id).len() < 2 || self.read_stored(id).is_err()
+                        });
+                        if let Some(p) = problem {
+                            if let Ok(mut b) = bad.lock() {
+                                b.push((*id, p));
+                            }
                         }
                     }
-                    let n = checked.fetch_add(1, Ordering::Relaxed) + 1;
-                    if n.is_multiple_of(256) {
-                        progress(n);
-                    }
+                    let n = checked.fetch_add(chunks.len() as u64, Ordering::Relaxed)
+                        + chunks.len() as u64;
+                    progress(n);
                 });
             }
         });
-        progress(ids.len() as u64);
+        progress(users.len() as u64);
         let mut bad = bad.into_inner().unwrap_or_default();
         bad.sort();
         for (id, problem) in bad {

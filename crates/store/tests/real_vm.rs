@@ -221,3 +221,160 @@ async fn a_state_suspended_into_the_repository_resumes_on_another_machine() {
     assert_eq!(got.body, b"42 items in cart");
     resumed.kill().await;
 }
+
+/// A way to cut bytes into pieces: (offset, length) of each.
+type Cut = dyn Fn(&[u8]) -> Vec<(usize, usize)>;
+
+/// What `cutting` would store of `second` that `first` does not already hold: new non-zero
+/// bytes (before compression), as the repository would count them.
+fn new_bytes_under(first: &[u8], second: &[u8], cut: &Cut) -> u64 {
+    let seen: std::collections::HashSet<[u8; 32]> = cut(first)
+        .into_iter()
+        .map(|(at, len)| *blake3::hash(&first[at..at + len]).as_bytes())
+        .collect();
+    let mut new = std::collections::HashSet::new();
+    let mut bytes = 0;
+    for (at, len) in cut(second) {
+        let piece = &second[at..at + len];
+        if piece.iter().all(|&b| b == 0) {
+            continue;
+        }
+        let h = *blake3::hash(piece).as_bytes();
+        if !seen.contains(&h) && new.insert(h) {
+            bytes += len as u64;
+        }
+    }
+    bytes
+}
+
+fn fixed(size: usize) -> impl Fn(&[u8]) -> Vec<(usize, usize)> {
+    move |d: &[u8]| {
+        (0..d.len())
+            .step_by(size)
+            .map(|at| (at, size.min(d.len() - at)))
+            .collect()
+    }
+}
+
+fn content_defined(avg: u32) -> impl Fn(&[u8]) -> Vec<(usize, usize)> {
+    move |d: &[u8]| {
+        fastcdc::v2020::FastCDC::new(d, avg / 4, avg, avg * 4)
+            .map(|c| (c.offset, c.length))
+            .collect()
+    }
+}
+
+/// Two saved states of one idle 256 MiB guest, a few seconds apart: the second adds under 10%
+/// of the guest's RAM to the repository. Also prints what fixed and other content-defined
+/// chunk sizes would have added, the measurement behind the choice of cutting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "boots real QEMU; run by scripts/test"]
+async fn the_second_saved_state_of_an_idle_guest_adds_little() {
+    let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("guest/reference.img");
+    let guest = vmatrix_guest::build(&vmatrix_guest::BuildOptions::new(out)).expect("guest");
+    let dir = tempfile::Builder::new()
+        .prefix("vmx-states-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let repo =
+        Repository::open_or_init(&format!("file://{}", dir.path().join("repo").display())).unwrap();
+    let accel = vmatrix_vmm::accel::resolve(
+        AccelChoice::from_env().unwrap(),
+        Some(&ProbeBoot {
+            kernel: guest.kernel.clone(),
+            initrd: guest.initrd.clone(),
+        }),
+    )
+    .await;
+    let forward = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let spec = VmSpec::new(
+        InstanceId::new("idle-1").unwrap(),
+        &guest.disk,
+        forward,
+        accel,
+    );
+    let ram = u64::from(spec.memory_mib) * MIB;
+    let mut vm = Vm::boot(spec.clone(), dir.path().join("vm"))
+        .await
+        .expect("boot");
+    vm.wait_ready(Duration::from_secs(90)).await.expect("ready");
+
+    let mut states = Vec::new();
+    let mut reports = Vec::new();
+    for n in 1..=2 {
+        let file = dir.path().join(format!("state-{n}.bin"));
+        vm.save_state(&file, Duration::from_secs(120))
+            .await
+            .expect("save the state");
+        let image = ImageRef::parse(&format!("idle-1:suspend-{n}")).unwrap();
+        let report =
+            tokio::task::block_in_place(|| repo.import_state(&file, &image, &|_| {})).unwrap();
+        eprintln!(
+            "state {n}: {:.1} MiB, {:.1} MiB zero, {} chunks new ({:.1} MiB, {:.1} MiB stored), {} reused",
+            report.logical_bytes as f64 / MIB as f64,
+            report.zero_bytes as f64 / MIB as f64,
+            report.new_chunks,
+            report.new_raw_bytes as f64 / MIB as f64,
+            report.new_stored_bytes as f64 / MIB as f64,
+            report.reused_chunks
+        );
+        states.push(std::fs::read(&file).unwrap());
+        reports.push(report);
+        // Idle, serving: it answers, then is left alone a few seconds.
+        vm.cont().await.expect("continue");
+        let got = vmatrix_vmm::http::request(forward, "GET", "/", &[], Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert_eq!(got.status, 200);
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    }
+    vm.kill().await;
+
+    let (a, b) = (&states[0], &states[1]);
+    for (label, bytes) in [
+        ("fixed 4 KiB", new_bytes_under(a, b, &fixed(4096))),
+        ("fixed 64 KiB", new_bytes_under(a, b, &fixed(65536))),
+        (
+            "content-defined, 8 KiB average",
+            new_bytes_under(a, b, &content_defined(8192)),
+        ),
+        (
+            "content-defined, 16 KiB average",
+            new_bytes_under(a, b, &content_defined(16384)),
+        ),
+        (
+            "content-defined, 64 KiB average",
+            new_bytes_under(a, b, &content_defined(65536)),
+        ),
+    ] {
+        eprintln!(
+            "second state, {label}: {:.1} MiB new before compression ({:.1}% of RAM)",
+            bytes as f64 / MIB as f64,
+            bytes as f64 * 100.0 / ram as f64
+        );
+    }
+    let added = reports[1].new_stored_bytes;
+    assert!(
+        added * 10 < ram,
+        "the second state added {:.1} MiB, not under 10% of {} MiB of RAM",
+        added as f64 / MIB as f64,
+        ram / MIB
+    );
+    let back = dir.path().join("back.bin");
+    tokio::task::block_in_place(|| {
+        repo.export(
+            &ImageRef::parse("idle-1:suspend-2").unwrap(),
+            &back,
+            ExportFormat::Raw,
+            &|_| {},
+        )
+    })
+    .unwrap();
+    assert!(
+        std::fs::read(&back).unwrap() == *b,
+        "the state comes back byte for byte"
+    );
+}

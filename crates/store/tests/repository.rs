@@ -11,6 +11,7 @@ use std::time::{Duration, SystemTime};
 
 use support::{Fixture, Kind};
 use vmatrix_core::ImageRef;
+use vmatrix_store::pack::{self, PackId};
 use vmatrix_store::ExportFormat;
 
 const MIB: usize = 1024 * 1024;
@@ -206,26 +207,42 @@ fn verify_names_corrupt_and_missing_chunks(kind: Kind) {
     disk_like(&raw, 8 * MIB, 3);
     repo.import(&raw, &r("disk:v1"), dir.path(), &|_| {})
         .unwrap();
+    let of_disk = fx.pack_keys();
+    let other = dir.path().join("other.raw");
+    disk_like(&other, MIB, 4);
+    let other_report = repo
+        .import(&other, &r("other:v1"), dir.path(), &|_| {})
+        .unwrap();
     assert!(repo.verify(None, &|_| {}).unwrap().is_clean());
 
-    let keys = fx.chunk_keys();
+    // One blob of disk:v1 damaged in place; every pack of other:v1 gone.
     let backend = repo.backend();
-    let corrupt = &keys[0];
-    let mut bytes = backend.get(corrupt).unwrap().unwrap();
-    let mid = bytes.len() / 2;
-    bytes[mid] ^= 0x55;
-    backend.put(corrupt, &bytes).unwrap();
-    let missing = &keys[1];
-    backend.delete(missing).unwrap();
+    let key = &of_disk[0];
+    let id = PackId::from_key(key).unwrap();
+    let size = backend.head(key).unwrap().unwrap().size;
+    let entries = pack::read_trailer(backend, &id, size).unwrap();
+    let victim = entries[entries.len() / 2];
+    let mut bytes = backend.get(key).unwrap().unwrap();
+    bytes[(victim.offset + victim.len / 2) as usize] ^= 0x55;
+    backend.put(key, &bytes).unwrap();
+    let other_packs: Vec<String> = fx
+        .pack_keys()
+        .into_iter()
+        .filter(|k| !of_disk.contains(k))
+        .collect();
+    assert!(!other_packs.is_empty());
+    for k in &other_packs {
+        backend.delete(k).unwrap();
+    }
 
     let report = repo.verify(Some(&r("disk:v1")), &|_| {}).unwrap();
-    assert!(!report.is_clean());
-    let name = |k: &str| k.rsplit('/').next().unwrap().to_owned();
     assert_eq!(report.corrupt.len(), 1, "{report:?}");
-    assert_eq!(report.corrupt[0].0, name(corrupt));
+    assert_eq!(report.corrupt[0].0, victim.chunk.to_hex());
     assert_eq!(report.corrupt[0].2, vec!["disk:v1".to_string()]);
-    assert_eq!(report.missing.len(), 1, "{report:?}");
-    assert_eq!(report.missing[0].0, name(missing));
+    assert!(report.missing.is_empty(), "{report:?}");
+    let all = repo.verify(None, &|_| {}).unwrap();
+    assert_eq!(all.missing.len() as u64, other_report.new_chunks, "{all:?}");
+    assert!(all.missing.iter().all(|(_, who)| who == &["other:v1"]));
     let out = dir.path().join("out.raw");
     let err = repo
         .export(&r("disk:v1"), &out, ExportFormat::Raw, &|_| {})
@@ -256,114 +273,130 @@ fn gc_frees_unreferenced_data_and_keeps_tagged_versions(kind: Kind) {
     assert_eq!(fs::read(&out).unwrap(), fs::read(&a).unwrap());
 }
 
-/// A GC killed between moving a chunk aside and removing it (or putting it back) left the file
-/// aside for ever: the next GC puts back every one whose GC no longer runs — a chunk a version
-/// refers to is whole again, one nothing refers to goes with the rest — and leaves alone the
-/// one a running GC holds.
+/// A GC killed between moving a pack aside and removing it (or putting it back) left the file
+/// aside for ever: the next GC puts back every one whose GC no longer runs — a pack a version
+/// needs is whole again, one nothing needs goes with the rest — and leaves alone the one a
+/// running GC holds.
 #[test]
 #[ignore = "needs qemu-img (real tier)"]
-fn chunks_a_killed_gc_left_aside_are_put_back() {
+fn packs_a_killed_gc_left_aside_are_put_back() {
     let fx = Fixture::new(Kind::File);
     let (dir, repo) = (&fx.dir, &fx.repo);
-    let a = dir.path().join("a.raw");
-    let b = dir.path().join("b.raw");
-    disk_like(&a, 4 * MIB, 21);
-    disk_like(&b, 4 * MIB, 22);
-    repo.import(&a, &r("a:v1"), dir.path(), &|_| {}).unwrap();
-    let of_a = fx.chunk_keys();
-    repo.import(&b, &r("b:v1"), dir.path(), &|_| {}).unwrap();
-    let only_b: Vec<String> = fx
-        .chunk_keys()
-        .into_iter()
-        .filter(|k| !of_a.contains(k))
-        .collect();
+    let mut packs_of = Vec::new();
+    for (name, seed) in [("a", 21), ("b", 22), ("c", 23)] {
+        let before = fx.pack_keys();
+        let raw = dir.path().join(format!("{name}.raw"));
+        disk_like(&raw, MIB, seed);
+        repo.import(&raw, &r(&format!("{name}:v1")), dir.path(), &|_| {})
+            .unwrap();
+        let new: Vec<String> = fx
+            .pack_keys()
+            .into_iter()
+            .filter(|k| !before.contains(k))
+            .collect();
+        assert!(!new.is_empty(), "{name} wrote a pack");
+        packs_of.push(new);
+    }
     repo.remove(&r("b:v1")).unwrap();
+    repo.remove(&r("c:v1")).unwrap();
     let root = dir.path().join("repo");
     let aside = |key: &str, pid: u32| {
         let to = root.join(format!("{key}.gc-{pid}"));
         fs::rename(root.join(key), &to).unwrap();
         to
     };
-    // Killed GCs (no such pid) had moved a live chunk and a garbage one aside; a running GC
+    // Killed GCs (no such pid) had moved a live pack and a garbage one aside; a running GC
     // (pid 1 runs) holds another.
     let dead = u32::MAX;
-    let live_aside = aside(&of_a[0], dead);
-    let garbage_aside = aside(&only_b[0], dead);
-    let held = aside(&only_b[1], 1);
+    let (live, garbage, held) = (&packs_of[0][0], &packs_of[1][0], &packs_of[2][0]);
+    let live_aside = aside(live, dead);
+    let garbage_aside = aside(garbage, dead);
+    let held_aside = aside(held, 1);
     assert!(!repo.verify(Some(&r("a:v1")), &|_| {}).unwrap().is_clean());
 
     let report = repo.gc_at(later(), Duration::from_secs(3600)).unwrap();
     assert_eq!(report.aside_put_back, 2, "{report:?}");
     assert!(!live_aside.exists() && !garbage_aside.exists());
-    assert!(root.join(&of_a[0]).exists(), "the live chunk is back");
-    assert!(
-        !root.join(&only_b[0]).exists(),
-        "garbage put back is removed"
-    );
-    assert!(held.exists(), "a running GC's chunk was taken from it");
+    assert!(root.join(live).exists(), "the live pack is back");
+    assert!(!root.join(garbage).exists(), "garbage put back is removed");
+    assert!(held_aside.exists(), "a running GC's pack was taken from it");
     assert!(repo.verify(Some(&r("a:v1")), &|_| {}).unwrap().is_clean());
     let out = dir.path().join("a.out");
     repo.export(&r("a:v1"), &out, ExportFormat::Raw, &|_| {})
         .unwrap();
-    assert_eq!(fs::read(&out).unwrap(), fs::read(&a).unwrap());
+    assert_eq!(
+        fs::read(&out).unwrap(),
+        fs::read(dir.path().join("a.raw")).unwrap()
+    );
 }
 
+/// GC with no grace, over and over, while an import relies on packs of a version that just
+/// became garbage: whichever wins each pack (gc takes it first and the import writes the chunks
+/// again, or the import's touch keeps it), nothing is lost. Whether gc gets to a pack before
+/// the import touches it is a matter of timing, so the race is run again (a fresh version each
+/// time) until gc has taken packs from under a running import; every attempt must lose nothing.
 fn gc_racing_an_import_loses_nothing(kind: Kind) {
     let fx = Fixture::new(kind);
     let (dir, repo) = (&fx.dir, &fx.repo);
-    let v1 = dir.path().join("v1.raw");
-    disk_like(&v1, 24 * MIB, 21);
-    repo.import(&v1, &r("svc:v1"), dir.path(), &|_| {}).unwrap();
-    // v1 becomes garbage: with no grace, GC may take every chunk of it that is older than the
-    // import below — unless the import's protocol protects the chunks it reuses.
-    repo.remove(&r("svc:v1")).unwrap();
-    let v2 = dir.path().join("v2.raw");
-    change_blocks(&v1, &v2, 0.01, true);
-    // Stored times have whole-second precision: start once v1's chunks are a second old.
-    let newest = fx
-        .repo
-        .backend()
-        .list("chunks/")
-        .unwrap()
-        .iter()
-        .map(|(_, m)| m.modified)
-        .max()
-        .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while SystemTime::now() < newest + Duration::from_secs(1) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the clock does not advance"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-
-    let mut rounds = 0;
-    let mut removed = 0;
-    std::thread::scope(|s| {
-        let import = s.spawn(|| repo.import(&v2, &r("svc:v2"), dir.path(), &|_| {}));
-        while !import.is_finished() {
-            removed += repo.gc(Duration::ZERO).unwrap().removed_chunks;
-            rounds += 1;
+    let mut raced = Vec::new();
+    for attempt in 0..8u64 {
+        let v1 = dir.path().join(format!("v1-{attempt}.raw"));
+        disk_like(&v1, 32 * MIB, 21 + attempt);
+        let name = format!("svc{attempt}");
+        repo.import(&v1, &r(&format!("{name}:v1")), dir.path(), &|_| {})
+            .unwrap();
+        // v1 becomes garbage: with no grace, GC may take every pack of it that is older than
+        // the import below — unless the import's protocol protects the packs it reuses.
+        repo.remove(&r(&format!("{name}:v1"))).unwrap();
+        let v2 = dir.path().join(format!("v2-{attempt}.raw"));
+        change_blocks(&v1, &v2, 0.01, true);
+        // Stored times have whole-second precision: start once v1's packs are a second old.
+        let newest = fx
+            .repo
+            .backend()
+            .list("packs/")
+            .unwrap()
+            .iter()
+            .map(|(_, m)| m.modified)
+            .max()
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while SystemTime::now() < newest + Duration::from_secs(1) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the clock does not advance"
+            );
+            std::thread::sleep(Duration::from_millis(20));
         }
-        let report = import.join().unwrap().expect("the import succeeds");
-        assert!(report.published);
-    });
-    removed += repo.gc(Duration::ZERO).unwrap().removed_chunks;
-    eprintln!(
-        "{kind:?}: gc ran {rounds} time(s) during the import and removed {removed} chunk(s) of v1"
-    );
-    assert!(rounds > 0);
-    assert!(
-        removed > 0,
-        "the race did not happen: gc removed nothing of v1"
-    );
-    let verify = repo.verify(None, &|_| {}).unwrap();
-    assert!(verify.is_clean(), "{verify:?}");
-    let out = dir.path().join("v2.out");
-    repo.export(&r("svc:v2"), &out, ExportFormat::Raw, &|_| {})
-        .unwrap();
-    assert_eq!(fs::read(&out).unwrap(), fs::read(&v2).unwrap());
+
+        let mut rounds = 0;
+        let mut removed = 0;
+        std::thread::scope(|s| {
+            let import =
+                s.spawn(|| repo.import(&v2, &r(&format!("{name}:v2")), dir.path(), &|_| {}));
+            while !import.is_finished() {
+                removed += repo.gc(Duration::ZERO).unwrap().removed_chunks;
+                rounds += 1;
+            }
+            let report = import.join().unwrap().expect("the import succeeds");
+            assert!(report.published);
+        });
+        eprintln!(
+            "{kind:?}, attempt {attempt}: gc ran {rounds} time(s) during the import and \
+             removed {removed} chunk(s) of v1"
+        );
+        let verify = repo.verify(None, &|_| {}).unwrap();
+        assert!(verify.is_clean(), "{verify:?}");
+        let out = dir.path().join("v2.out");
+        repo.export(&r(&format!("{name}:v2")), &out, ExportFormat::Raw, &|_| {})
+            .unwrap();
+        assert_eq!(fs::read(&out).unwrap(), fs::read(&v2).unwrap());
+        raced.push(removed);
+        if removed > 0 {
+            return;
+        }
+    }
+    panic!("the race never happened: gc removed nothing of v1 during an import ({raced:?})");
 }
 
 #[test]

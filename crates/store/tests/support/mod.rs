@@ -94,6 +94,10 @@ impl Drop for S3Server {
     }
 }
 
+/// The tests' repositories close packs at 1 MiB, so that a few MiB of test data make several
+/// packs, as gigabytes do at the default size.
+pub const PACK_SIZE: usize = 1024 * 1024;
+
 /// A repository on `kind`, with scratch space.
 pub struct Fixture {
     pub dir: tempfile::TempDir,
@@ -110,8 +114,12 @@ impl Fixture {
             .unwrap();
         let (repo, server) = match kind {
             Kind::File => (
-                Repository::open_or_init(&format!("file://{}", dir.path().join("repo").display()))
-                    .unwrap(),
+                Repository::open_or_init_with(
+                    Backend::open(&format!("file://{}", dir.path().join("repo").display()))
+                        .unwrap(),
+                    PACK_SIZE,
+                )
+                .unwrap(),
                 None,
             ),
             Kind::S3 => {
@@ -121,7 +129,7 @@ impl Fixture {
                     S3Backend::with_settings("images", "repo", server.settings()).unwrap(),
                 );
                 (
-                    Repository::open_or_init_backend(backend).unwrap(),
+                    Repository::open_or_init_with(backend, PACK_SIZE).unwrap(),
                     Some(server),
                 )
             }
@@ -138,11 +146,11 @@ impl Fixture {
         self.dir.path()
     }
 
-    /// Every stored chunk's key.
-    pub fn chunk_keys(&self) -> Vec<String> {
+    /// Every pack's key.
+    pub fn pack_keys(&self) -> Vec<String> {
         self.repo
             .backend()
-            .list("chunks/")
+            .list("packs/")
             .unwrap()
             .into_iter()
             .map(|(k, _)| k)
