@@ -3,7 +3,6 @@
 //! the destination, and publishes the identical manifest (same bytes, same id) under the same
 //! tag; [`CopyReport`] says what it moved.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
@@ -16,7 +15,7 @@ use crate::error::{Result, StoreError};
 use crate::import::Relied;
 use crate::index;
 use crate::manifest::Manifest;
-use crate::repo::{Progress, Repository};
+use crate::repo::{Progress, Repository, Touched};
 
 /// Chunks a copy worker takes at a time (read from the source in runs).
 const BATCH: usize = 64;
@@ -59,7 +58,7 @@ impl Repository {
         source.in_storage_order(&mut unique)?;
         let dest_index = self.reload_index()?;
         let writer = self.pack_writer();
-        let touched: Mutex<HashMap<u32, bool>> = Mutex::new(HashMap::new());
+        let touched = Touched::default();
         let relied: Mutex<Vec<Relied>> = Mutex::new(Vec::new());
         let next = AtomicU64::new(0);
         let done = AtomicU64::new(0);
@@ -80,20 +79,8 @@ impl Repository {
                         let mut lacking = Vec::new();
                         for chunk in *batch {
                             if let Some(loc) = dest_index.first(chunk) {
-                                let known =
-                                    touched.lock().ok().and_then(|t| t.get(&loc.pack).copied());
                                 let pack = dest_index.pack(loc.pack);
-                                let there = match known {
-                                    Some(t) => t,
-                                    None => {
-                                        let t = self.touch_pack(&pack)?;
-                                        if let Ok(mut m) = touched.lock() {
-                                            m.insert(loc.pack, t);
-                                        }
-                                        t
-                                    }
-                                };
-                                if there {
+                                if self.rely_on(&touched, loc.pack, &pack)? {
                                     if let Ok(mut r) = relied.lock() {
                                         r.push(Relied {
                                             index: 0,

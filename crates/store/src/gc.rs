@@ -66,7 +66,7 @@ impl Repository {
         let started = Instant::now();
         // First, what a GC killed mid-delete left aside: a chunk again, judged like the rest.
         let mut report = GcReport {
-            aside_put_back: self.backend.put_back_aside()?,
+            aside_put_back: self.put_back_aside()?,
             ..GcReport::default()
         };
         let mut oldest = now;

@@ -12,7 +12,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use serde::Serialize;
 use vmatrix_core::ImageRef;
@@ -22,7 +22,7 @@ use crate::error::{io_err, Result, StoreError};
 use crate::index::{self, Index};
 use crate::manifest::{Boot, Manifest, ManifestKind, MANIFEST_FORMAT, MANIFEST_VERSION};
 use crate::pack::{PackId, PackWriter};
-use crate::repo::{host_name, unix_now, Progress, Repository};
+use crate::repo::{host_name, unix_now, Progress, Repository, Touched};
 use crate::scratch::{convert, tempfile_in};
 
 /// Where a stored version comes from: recorded in its manifest.
@@ -351,30 +351,24 @@ impl Repository {
         raw: &Path,
         touched: &[Relied],
     ) -> Result<String> {
+        // One look suffices: gc takes a pack out of reach before it judges its time, so a
+        // pack seen here after our touch is one gc will leave (or put back).
         let mut pending: Vec<Relied> = touched.to_vec();
-        // Look twice: the second look, a moment later, also sees GC deletions that were
-        // already in flight during the first.
-        for round in 0..4 {
+        for round in 0..3 {
             let missing = self.missing_of(&pending)?;
             if missing.is_empty() {
-                if round >= 1 {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(200));
-                continue;
+                break;
+            }
+            if round == 2 {
+                return Err(StoreError::ChunkVanished {
+                    chunk: missing[0].chunk.to_hex(),
+                });
             }
             tracing::info!(
                 "{} reused chunk(s) vanished during the import (gc); writing them again",
                 missing.len()
             );
             pending = self.write_back(raw, manifest, &missing)?;
-            if round == 3 {
-                if let Some(r) = self.missing_of(&pending)?.first() {
-                    return Err(StoreError::ChunkVanished {
-                        chunk: r.chunk.to_hex(),
-                    });
-                }
-            }
         }
         let (id, bytes) = manifest.to_bytes();
         self.backend.put_durable(&Manifest::key(&id), &bytes)?;
@@ -473,7 +467,7 @@ impl Repository {
             index: &index,
             writer: self.pack_writer(),
             written: Mutex::new(HashSet::new()),
-            touched: Mutex::new(HashMap::new()),
+            touched: Touched::default(),
         };
 
         let stored = std::thread::scope(|scope| {
@@ -581,24 +575,8 @@ impl Repository {
         }
         let id = ChunkId::of(data);
         if let Some(loc) = sink.index.first(&id) {
-            let known = sink
-                .touched
-                .lock()
-                .ok()
-                .and_then(|t| t.get(&loc.pack).copied());
             let pack = sink.index.pack(loc.pack);
-            // One touch per pack and import; a pack found gone means writing the chunk anew.
-            let there = match known {
-                Some(there) => there,
-                None => {
-                    let there = self.touch_pack(&pack)?;
-                    if let Ok(mut t) = sink.touched.lock() {
-                        t.insert(loc.pack, there);
-                    }
-                    there
-                }
-            };
-            if there {
+            if self.rely_on(&sink.touched, loc.pack, &pack)? {
                 return Ok(ChunkOutcome::Reused(id, pack));
             }
         }
@@ -631,8 +609,8 @@ struct Sink<'a> {
     writer: PackWriter<'a>,
     /// Chunks this import wrote (a chunk met twice is written once).
     written: Mutex<HashSet<ChunkId>>,
-    /// Packs touched, by their number in the index, and whether they were still there.
-    touched: Mutex<HashMap<u32, bool>>,
+    /// Packs touched.
+    touched: Touched,
 }
 
 #[derive(Debug, Default)]

@@ -107,7 +107,12 @@ impl Default for PackBuilder {
 impl PackBuilder {
     /// An empty pack.
     pub fn new() -> Self {
-        let mut buf = Vec::new();
+        Self::with_capacity(0)
+    }
+
+    /// An empty pack with room for `bytes` (a full pack's worth: no copying as it grows).
+    pub fn with_capacity(bytes: usize) -> Self {
+        let mut buf = Vec::with_capacity(bytes);
         buf.extend_from_slice(MAGIC);
         buf.extend_from_slice(&[FORMAT, 0, 0, 0]);
         Self {
@@ -216,6 +221,9 @@ pub fn read_trailer(backend: &Backend, pack: &PackId, size: u64) -> Result<Vec<E
     parse_trailer(pack, &tail, size)
 }
 
+/// Room beyond a pack's target size: its last chunk and its trailer.
+const ROOM: usize = 256 * 1024;
+
 /// A pack written, with what it holds.
 #[derive(Debug, Clone)]
 pub struct WrittenPack {
@@ -243,7 +251,7 @@ impl<'a> PackWriter<'a> {
         Self {
             backend,
             target,
-            current: Mutex::new(PackBuilder::new()),
+            current: Mutex::new(PackBuilder::with_capacity(target + ROOM)),
             written: Mutex::new(Vec::new()),
         }
     }
@@ -254,7 +262,10 @@ impl<'a> PackWriter<'a> {
             let mut cur = self.current.lock().map_err(|_| poisoned())?;
             cur.add(chunk, stored);
             if cur.len() >= self.target {
-                Some(std::mem::take(&mut *cur))
+                Some(std::mem::replace(
+                    &mut *cur,
+                    PackBuilder::with_capacity(self.target + ROOM),
+                ))
             } else {
                 None
             }

@@ -30,7 +30,7 @@
 //! Which operations may run at the same time as which is tabled in the
 //! [crate docs](crate#concurrent-operations).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -57,6 +57,21 @@ pub const LEASE_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
 const CONFIG_KEY: &str = "config.json";
 /// The most bytes one ranged read of [`Repository::read_chunks`] asks for.
 const READ_RUN_MAX: u64 = 4 * 1024 * 1024;
+
+/// What a pack copied aside by an S3 gc is called after (its key, then this).
+const S3_ASIDE: &str = ".gc-aside";
+
+/// Packs a writer has touched (by their number in its index), and whether each was there.
+#[derive(Debug, Default)]
+pub(crate) struct Touched(Mutex<HashMap<u32, bool>>);
+
+fn poisoned(what: &str) -> StoreError {
+    StoreError::Io {
+        action: "keep track of packs (a thread panicked)",
+        path: what.into(),
+        source: std::io::Error::other("poisoned lock"),
+    }
+}
 
 /// The key of a pack's touch marker (S3).
 pub(crate) fn touch_key(pack: &PackId) -> String {
@@ -429,42 +444,103 @@ impl Repository {
         Ok(())
     }
 
+    /// Whether a writer may rely on a chunk stored in `pack` (number `slot` in its index):
+    /// the first time a writer relies on a pack it touches it, so gc leaves it alone; a pack
+    /// found gone means writing the chunk anew. The writer's final look
+    /// ([`Repository::missing_of`]) checks every pack it relied on.
+    pub(crate) fn rely_on(&self, touched: &Touched, slot: u32, pack: &PackId) -> Result<bool> {
+        {
+            let mut seen = touched.0.lock().map_err(|_| poisoned("touch"))?;
+            if let Some(&there) = seen.get(&slot) {
+                return Ok(there);
+            }
+            // Others go ahead meanwhile: the final look catches a pack found gone.
+            seen.insert(slot, true);
+        }
+        let there = self.touch_pack(pack)?;
+        if !there {
+            touched
+                .0
+                .lock()
+                .map_err(|_| poisoned("touch"))?
+                .insert(slot, false);
+        }
+        Ok(there)
+    }
+
     /// Marks a pack as relied on by a running writer (see the protocol above); false if it is
     /// gone. A directory sets the file's time; S3, which cannot touch an object without
-    /// rewriting it, puts an empty marker `touched/<pack>` beside it, and gc takes the later of
-    /// the two times.
-    pub(crate) fn touch_pack(&self, pack: &PackId) -> Result<bool> {
+    /// rewriting it, gets an empty marker `touched/<pack>` (gc takes the later of the two
+    /// times) — one request; whether the pack is still there is left to the final look.
+    fn touch_pack(&self, pack: &PackId) -> Result<bool> {
         match &self.backend {
             Backend::File(_) => self.backend.touch(&pack.key()),
             Backend::S3(_) => {
                 self.backend.put(&touch_key(pack), b"")?;
-                Ok(self.backend.head(&pack.key())?.is_some())
+                Ok(true)
             }
         }
     }
 
-    /// Deletes a pack if neither it nor its touch marker changed since `cutoff`; the bytes
-    /// freed, or `None` when a writer touched it (or it is gone).
+    /// Deletes a pack unless a writer touched it since `cutoff`; the bytes freed, or `None`
+    /// when a writer touched it (or it is gone). The pack is taken out of reach *before* its
+    /// time is judged — moved aside in a directory, copied aside and deleted on S3 — and put
+    /// back if a writer touched it: a touch that lands before the judgement keeps the pack,
+    /// one after it finds the pack gone (and the writer writes its chunks anew).
     pub(crate) fn delete_pack_if_older(
         &self,
         pack: &PackId,
         cutoff: SystemTime,
     ) -> Result<Option<u64>> {
+        let key = pack.key();
         match &self.backend {
-            Backend::File(_) => self.backend.delete_if_older(&pack.key(), cutoff),
-            Backend::S3(_) => {
-                if let Some(m) = self.backend.head(&touch_key(pack))? {
-                    if m.modified >= cutoff {
-                        return Ok(None);
-                    }
+            Backend::File(_) => self.backend.delete_if_older(&key, cutoff),
+            Backend::S3(s3) => {
+                let aside = format!("{key}{S3_ASIDE}");
+                if !s3.copy(&key, &aside)? {
+                    return Ok(None);
                 }
-                let freed = self.backend.delete_if_older(&pack.key(), cutoff)?;
-                if freed.is_some() {
-                    self.backend.delete(&touch_key(pack))?;
+                let size = self.backend.head(&aside)?.map_or(0, |m| m.size);
+                self.backend.delete(&key)?;
+                let touched = self
+                    .backend
+                    .head(&touch_key(pack))?
+                    .is_some_and(|m| m.modified >= cutoff);
+                if touched {
+                    s3.copy(&aside, &key)?;
+                    self.backend.delete(&aside)?;
+                    return Ok(None);
                 }
-                Ok(freed)
+                self.backend.delete(&aside)?;
+                self.backend.delete(&touch_key(pack))?;
+                Ok(Some(size))
             }
         }
+    }
+
+    /// Puts back the packs a gc killed mid-delete left aside (see
+    /// [`Backend::put_back_aside`]); on S3, copies aside a minute old or more (a gc holds one
+    /// for milliseconds). How many.
+    pub(crate) fn put_back_aside(&self) -> Result<u64> {
+        let Backend::S3(s3) = &self.backend else {
+            return self.backend.put_back_aside();
+        };
+        let now = SystemTime::now();
+        let mut put_back = 0;
+        for (aside, meta) in self.backend.list("packs/")? {
+            let Some(key) = aside.strip_suffix(S3_ASIDE) else {
+                continue;
+            };
+            if now.duration_since(meta.modified).unwrap_or_default() < Duration::from_secs(60) {
+                continue;
+            }
+            if self.backend.head(key)?.is_none() {
+                s3.copy(&aside, key)?;
+            }
+            self.backend.delete(&aside)?;
+            put_back += 1;
+        }
+        Ok(put_back)
     }
 
     pub(crate) fn take_lease(&self, what: &str) -> Result<LeaseGuard<'_>> {

@@ -231,6 +231,15 @@ impl S3Backend {
         }
     }
 
+    /// Copies an object inside the store (no bytes through us); false if `from` is missing.
+    pub(crate) fn copy(&self, from: &str, to: &str) -> Result<bool> {
+        match self.block_on(self.store.copy(&self.path(from), &self.path(to))) {
+            Ok(()) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(self.err("copy", from, e)),
+        }
+    }
+
     pub(crate) fn touch(&self, key: &str) -> Result<bool> {
         match self.get(key)? {
             Some(bytes) => self.put(key, &bytes).map(|()| true),

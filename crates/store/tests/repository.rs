@@ -41,6 +41,7 @@ on_both_backends!(
     verify_names_corrupt_and_missing_chunks,
     gc_frees_unreferenced_data_and_keeps_tagged_versions,
     gc_racing_an_import_loses_nothing,
+    gc_repacks_what_falls_below_the_fill_threshold,
 );
 
 /// Two hours from now: old enough for GC, young enough that running writers' leases count.
@@ -328,6 +329,102 @@ fn packs_a_killed_gc_left_aside_are_put_back() {
         fs::read(&out).unwrap(),
         fs::read(dir.path().join("a.raw")).unwrap()
     );
+}
+
+/// A version half of whose chunks changed, then the first version removed: gc drops the packs
+/// nothing needs, rewrites those too empty to keep, removes what a writer that died before
+/// writing its index left; a reader that read the index before gc finds every chunk
+/// afterwards, and everything verifies and exports byte for byte.
+fn gc_repacks_what_falls_below_the_fill_threshold(kind: Kind) {
+    let fx = Fixture::new(kind);
+    let (dir, repo) = (&fx.dir, &fx.repo);
+    let v1 = dir.path().join("v1.raw");
+    disk_like(&v1, 8 * MIB, 51);
+    repo.import(&v1, &r("app:v1"), dir.path(), &|_| {}).unwrap();
+    let v2 = dir.path().join("v2.raw");
+    // Scattered changes: most packs of v1 keep some live chunks and lose others.
+    change_blocks(&v1, &v2, 0.3, false);
+    repo.import(&v2, &r("app:v2"), dir.path(), &|_| {}).unwrap();
+    repo.remove(&r("app:v1")).unwrap();
+    // A writer that died after writing a pack and before its index.
+    let mut orphan = pack::PackBuilder::new();
+    orphan.add(
+        vmatrix_store::chunk::ChunkId::of(b"orphan"),
+        &vmatrix_store::chunk::encode(b"orphan"),
+    );
+    let orphan_key = PackId::random().key();
+    repo.backend().put(&orphan_key, &orphan.finish().0).unwrap();
+
+    // Another handle reads v2 through the index as it is now.
+    let reader = fx.reopen();
+    let (_, m2) = reader.resolve(&r("app:v2")).unwrap();
+    let first = m2.chunks.iter().flatten().next().copied().unwrap();
+    reader.read_chunk(&first).unwrap();
+
+    let before = fx.pack_bytes();
+    let report = repo.gc_at(later(), Duration::from_secs(3600)).unwrap();
+    let after = fx.pack_bytes();
+    eprintln!("{kind:?}: {report:?}; pack bytes {before} -> {after}");
+    assert_eq!(report.removed_manifests, 1, "{report:?}");
+    assert!(report.repacked_packs > 0, "{report:?}");
+    assert!(report.rewritten_bytes > 0, "{report:?}");
+    assert!(report.removed_chunks > 0, "{report:?}");
+    assert!(after < before, "gc freed nothing: {before} -> {after}");
+    assert!(
+        repo.backend().head(&orphan_key).unwrap().is_none(),
+        "the dead writer's pack stays"
+    );
+    assert_eq!(
+        repo.backend().list("index/").unwrap().len(),
+        1,
+        "the index is folded into one file"
+    );
+
+    // The reader's index still names packs gc removed: it finds the chunks anyway.
+    let out = dir.path().join("v2-stale.out");
+    reader
+        .export(&r("app:v2"), &out, ExportFormat::Raw, &|_| {})
+        .unwrap();
+    assert_eq!(fs::read(&out).unwrap(), fs::read(&v2).unwrap());
+    assert!(repo.verify(None, &|_| {}).unwrap().is_clean());
+    // A second gc finds nothing more to do.
+    let again = repo.gc_at(later(), Duration::from_secs(3600)).unwrap();
+    assert_eq!(
+        (again.removed_packs, again.repacked_packs),
+        (0, 0),
+        "{again:?}"
+    );
+}
+
+/// On S3 an import is a few requests per pack, not one per chunk: at most 100 per GiB
+/// imported at the default pack size.
+#[test]
+#[ignore = "needs the s3s-fs server and qemu-img; run by scripts/test"]
+fn an_import_to_s3_sends_few_requests_per_gib() {
+    let fx = Fixture::with_pack_size(Kind::S3, pack::PACK_TARGET);
+    let (dir, repo) = (&fx.dir, &fx.repo);
+    let raw = dir.path().join("disk.raw");
+    disk_like(&raw, 384 * MIB, 61);
+    let v2 = dir.path().join("v2.raw");
+    change_blocks(&raw, &v2, 0.03, true);
+    for (file, image) in [(&raw, "big:v1"), (&v2, "big:v2")] {
+        let report = repo.import(file, &r(image), dir.path(), &|_| {}).unwrap();
+        let per_gib = report.requests as f64 / (report.logical_bytes as f64 / (1u64 << 30) as f64);
+        eprintln!(
+            "S3 import of {image}, {} MiB: {} requests ({per_gib:.0} per GiB), {} packs written, \
+             {} chunks new, {} reused",
+            report.logical_bytes >> 20,
+            report.requests,
+            report.new_packs,
+            report.new_chunks,
+            report.reused_chunks
+        );
+        assert!(report.requests >= report.new_packs, "{report:?}");
+        assert!(
+            per_gib <= 100.0,
+            "{per_gib:.0} requests per GiB: {report:?}"
+        );
+    }
 }
 
 /// GC with no grace, over and over, while an import relies on packs of a version that just

@@ -108,6 +108,11 @@ pub struct Fixture {
 
 impl Fixture {
     pub fn new(kind: Kind) -> Self {
+        Self::with_pack_size(kind, PACK_SIZE)
+    }
+
+    /// A repository whose packs close at `pack_size` bytes.
+    pub fn with_pack_size(kind: Kind, pack_size: usize) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("vmx-store-")
             .tempdir_in("/tmp")
@@ -117,7 +122,7 @@ impl Fixture {
                 Repository::open_or_init_with(
                     Backend::open(&format!("file://{}", dir.path().join("repo").display()))
                         .unwrap(),
-                    PACK_SIZE,
+                    pack_size,
                 )
                 .unwrap(),
                 None,
@@ -129,7 +134,7 @@ impl Fixture {
                     S3Backend::with_settings("images", "repo", server.settings()).unwrap(),
                 );
                 (
-                    Repository::open_or_init_with(backend, PACK_SIZE).unwrap(),
+                    Repository::open_or_init_with(backend, pack_size).unwrap(),
                     Some(server),
                 )
             }
@@ -140,6 +145,33 @@ impl Fixture {
             kind,
             _server: server,
         }
+    }
+
+    /// A second handle on the same repository (another process, as far as the repository
+    /// can tell: its own index, read when it first needs it).
+    pub fn reopen(&self) -> Repository {
+        let backend = match &self._server {
+            None => Backend::open(&format!(
+                "file://{}",
+                self.dir.path().join("repo").display()
+            ))
+            .unwrap(),
+            Some(server) => {
+                Backend::S3(S3Backend::with_settings("images", "repo", server.settings()).unwrap())
+            }
+        };
+        Repository::open_backend(backend).unwrap()
+    }
+
+    /// Bytes in packs.
+    pub fn pack_bytes(&self) -> u64 {
+        self.repo
+            .backend()
+            .list("packs/")
+            .unwrap()
+            .iter()
+            .map(|(_, m)| m.size)
+            .sum()
     }
 
     pub fn path(&self) -> &Path {
