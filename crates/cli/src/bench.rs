@@ -269,6 +269,10 @@ pub async fn store(
     );
     let mut rows = crate::bench_store::ingest(&big.disk, &v2, size, changed * 4096, &root, opts)?;
     let scratch = root.join("tmp");
+    eprintln!("(a) S3: requests per GiB imported …");
+    rows.extend(tokio::task::block_in_place(|| {
+        crate::bench_store::s3_requests(&big.disk, &v2, &root)
+    })?);
 
     eprintln!("(c) activation to first HTTP answer …");
     tokio::task::block_in_place(|| repo.import(&big.disk, &r("big:v1"), &scratch, &|_| {}))?;

@@ -20,6 +20,11 @@ pub enum ImageCommand {
         /// Print the summary as JSON.
         #[arg(long)]
         json: bool,
+        /// Pack file size of a repository this import creates (64K to 1G; an existing
+        /// repository keeps its own). Larger packs mean fewer objects (S3 requests), smaller
+        /// ones less rewriting when gc repacks.
+        #[arg(long, default_value = "16M", value_parser = vmatrix_core::volume::parse_size)]
+        pack_size: u64,
     },
     /// Write the exact bytes of NAME:TAG to FILE.
     Export {
@@ -193,10 +198,21 @@ fn copy(source: &Repository, dest: &Repository, image: &ImageRef) -> Result<()> 
 
 pub fn run(cmd: ImageCommand, url: &str, data: &Path) -> Result<()> {
     match cmd {
-        ImageCommand::Import { image, file, json } => {
+        ImageCommand::Import {
+            image,
+            file,
+            json,
+            pack_size,
+        } => {
             let image = parse_ref(&image)?;
             let size = vmatrix_store::repo::inspect(&file)?.virtual_size;
-            let repo = Repository::open_or_init(url)?;
+            if !(64 << 10..=1 << 30).contains(&pack_size) {
+                anyhow::bail!("--pack-size {pack_size} is out of range: give 64K to 1G");
+            }
+            let repo = Repository::open_or_init_with(
+                vmatrix_store::Backend::open(url)?,
+                pack_size as usize,
+            )?;
             let bar = bar(size, &format!("importing {image}"));
             let report = repo.import(&file, &image, &data.join("tmp"), &|done| {
                 bar.set_position(done)
@@ -220,12 +236,13 @@ pub fn run(cmd: ImageCommand, url: &str, data: &Path) -> Result<()> {
                 );
             }
             println!(
-                "  logical {}  zero {}  new {} in {} chunks (stored {})  reused {} chunks",
+                "  logical {}  zero {}  new {} in {} chunks (stored {} in {} pack(s))  reused {} chunks",
                 human(report.logical_bytes),
                 human(report.zero_bytes),
                 human(report.new_raw_bytes),
                 report.new_chunks,
                 human(report.new_stored_bytes),
+                report.new_packs,
                 report.reused_chunks
             );
             println!(
@@ -326,12 +343,21 @@ pub fn run(cmd: ImageCommand, url: &str, data: &Path) -> Result<()> {
                 human(m.virtual_size),
                 m.virtual_size
             );
-            println!(
-                "chunks:       {} of {} KiB ({} all-zero, not stored)",
-                m.chunks.len(),
-                m.chunk_size / 1024,
-                m.chunks.len() - stored
-            );
+            if m.fixed_chunks() {
+                println!(
+                    "chunks:       {} of {} KiB ({} all-zero, not stored)",
+                    m.chunks.len(),
+                    m.chunk_size / 1024,
+                    m.chunks.len() - stored
+                );
+            } else {
+                println!(
+                    "chunks:       {} cut by content, {} on average ({} all-zero, not stored)",
+                    m.chunks.len(),
+                    human(m.virtual_size / m.chunks.len().max(1) as u64),
+                    m.chunks.len() - stored
+                );
+            }
             println!("created:      {} (unix) by {}", m.created, m.created_by);
             println!("parent:       {}", m.parent.as_deref().unwrap_or("-"));
             println!("source:       {}", m.source_format);
@@ -443,10 +469,14 @@ pub fn run(cmd: ImageCommand, url: &str, data: &Path) -> Result<()> {
             let repo = Repository::open(url)?;
             let r = repo.gc(Duration::from_secs(grace_seconds))?;
             println!(
-                "gc: removed {} version(s) and {} chunk(s), freed {}; kept {} version(s) only because running instances use them, {} live and {} young chunk(s); {} writer(s) running; cleaned {} temporary file(s), {} chunk(s) a killed GC left aside and {} stale lease(s); {:.2}s",
+                "gc: removed {} version(s) and {} chunk(s), freed {}; {} of {} pack(s) removed, {} of them rewritten ({} of live chunks moved); kept {} version(s) only because running instances use them, {} live and {} young chunk(s); {} writer(s) running; cleaned {} temporary file(s), {} pack(s) a killed GC left aside and {} stale lease(s); {:.2}s",
                 r.removed_manifests,
                 r.removed_chunks,
                 human(r.freed_bytes),
+                r.removed_packs,
+                r.packs,
+                r.repacked_packs,
+                human(r.rewritten_bytes),
                 r.pinned_manifests,
                 r.live_chunks,
                 r.young_chunks,

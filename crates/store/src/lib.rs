@@ -1,12 +1,14 @@
 //! The dormant repository: server VM images stored once, shared between images and versions,
-//! checked end to end. Disks are cut into fixed 64 KiB chunks addressed by BLAKE3, all-zero
-//! chunks cost nothing, the rest is compressed with zstd on all cores. A version is an immutable
-//! manifest named by its own hash; tags move.
+//! checked end to end. Disks are cut into fixed 64 KiB chunks addressed by BLAKE3 (saved states
+//! by content), all-zero chunks cost nothing, the rest is compressed with zstd on all cores and
+//! appended to pack files ([`pack`]) that an [`index`] maps. A version is an immutable manifest
+//! named by its own hash; tags move.
 //!
-//! Guarantees: a manifest is published only after every chunk it names is durable, so a crash at
-//! any moment leaves a repository that verifies clean; GC never removes what a tagged version or a
-//! running import needs (protocol in [`repo`]). This crate must never modify a published object,
-//! and never decide which image runs where.
+//! Guarantees: a manifest is published only after every chunk it names is durable and indexed,
+//! so a crash at any moment leaves a repository that verifies clean; GC never removes what a
+//! tagged version or a running import needs, and moves what it repacks before the old pack goes
+//! (protocol in [`repo`]). This crate must never modify a published object, and never decide
+//! which image runs where.
 //!
 //! ## Concurrent operations
 //!
@@ -26,24 +28,24 @@
 //!
 //! - (a) Nothing locks a tag: when import, copy, tag or remove act on one tag at once, the last
 //!   tag write wins, and a version that loses its tag is left for gc as in (d). A chunk written
-//!   twice is harmless (same key, same bytes, atomic put).
-//! - (b) Import holds a lease for its whole run and touches every chunk it reuses; gc's cutoff is
-//!   at most `min(gc's start, the oldest live lease's start) − grace`, so a chunk a running import
-//!   relies on is never older than the cutoff, whatever the grace (zero included). Before it
-//!   publishes, import looks twice, 0.2 s apart, for reused chunks gc removed in the last instant
-//!   and writes them back from its source. A lease older than [`repo::LEASE_MAX_AGE`] (24 h)
-//!   counts as a dead writer's and no longer holds the cutoff back.
-//! - (c) Copy holds a lease in the repository it writes into and touches reused chunks as import
-//!   does, but looks once, without write-back: a chunk missing at that look makes it fail with
-//!   [`StoreError::ChunkVanished`] (run it again). On S3, where gc's time check and delete are two
-//!   requests, import's second look is what catches a deletion still in flight at the first;
-//!   copy has no second look.
+//!   twice (two writers at once) is harmless: two copies in two packs, gc drops the spare.
+//! - (b) Import holds a lease for its whole run and touches every pack it reuses a chunk from;
+//!   gc's cutoff is at most `min(gc's start, the oldest live lease's start) − grace`, so a pack a
+//!   running import relies on is never older than the cutoff, whatever the grace (zero
+//!   included). Before it publishes, import looks once for reused packs gc removed in the last
+//!   instant and writes their chunks back from its source. A lease older than
+//!   [`repo::LEASE_MAX_AGE`] (24 h) counts as a dead writer's and no longer holds the cutoff
+//!   back.
+//! - (c) Copy holds a lease in the repository it writes into and touches reused packs as import
+//!   does, and looks once, without write-back: a pack missing at that look makes it fail with
+//!   [`StoreError::ChunkVanished`] (run it again).
 //! - (d) Readers hold no lease and touch nothing: export, an NBD export serving chunks its
 //!   [`cache::ChunkCache`] does not hold yet, copy reading its source repository, and verify. gc
 //!   keeps a version whose tag it lists (a tag removed after that only counts at the next gc) or
 //!   whose manifest is younger than the cutoff: published less than `grace` before gc started
 //!   (or before the oldest running writer started) — the clock starts at publication, not when
-//!   the tag goes. So a reader is safe while its version stays tagged. Once the version is
+//!   the tag goes. So a reader is safe while its version stays tagged: a chunk gc moved to a new
+//!   pack is found there (the reader reads the index again when a pack is gone). Once the version is
 //!   untagged (remove, or tag, import or copy moving its tag), a gc may remove its chunks
 //!   mid-read: export fails and leaves its output file untouched, copy fails and publishes
 //!   nothing, an NBD read fails, verify reports the chunks missing. A reader never gets wrong

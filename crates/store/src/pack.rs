@@ -14,9 +14,10 @@
 //!   end − 4  "VMXT"
 //! ```
 //!
-//! [`PackWriter`] collects blobs from any number of threads and writes each full pack durably
-//! (file synced with its directory, or an S3 PUT) on the thread that filled it, so writing
-//! overlaps with the other threads' hashing and compression.
+//! [`PackWriter`] collects blobs from any number of threads and writes each full pack on the
+//! thread that filled it, so writing overlaps with the other threads' hashing and compression;
+//! the kernel starts putting each pack on disk at once, and [`PackWriter::finish`] waits until
+//! all are durable (files and directories synced; an S3 PUT is durable when it returns).
 
 use std::fmt;
 use std::sync::Mutex;
@@ -91,10 +92,15 @@ pub struct Entry {
     pub len: u32,
 }
 
+/// A pack's bytes in memory: page-aligned, and (once finished) a whole number of pages long,
+/// so a directory backend can write it with `O_DIRECT`, straight from this buffer to the disk.
+pub type PackBytes = aligned_vec::AVec<u8, aligned_vec::ConstAlign<PAGE>>;
+const PAGE: usize = 4096;
+
 /// A pack being filled in memory.
 #[derive(Debug)]
 pub struct PackBuilder {
-    buf: Vec<u8>,
+    buf: PackBytes,
     entries: Vec<Entry>,
 }
 
@@ -112,7 +118,7 @@ impl PackBuilder {
 
     /// An empty pack with room for `bytes` (a full pack's worth: no copying as it grows).
     pub fn with_capacity(bytes: usize) -> Self {
-        let mut buf = Vec::with_capacity(bytes);
+        let mut buf = PackBytes::with_capacity(PAGE, bytes);
         buf.extend_from_slice(MAGIC);
         buf.extend_from_slice(&[FORMAT, 0, 0, 0]);
         Self {
@@ -141,8 +147,9 @@ impl PackBuilder {
         self.entries.is_empty()
     }
 
-    /// The pack's bytes (with its trailer) and its entries.
-    pub fn finish(mut self) -> (Vec<u8>, Vec<Entry>) {
+    /// The pack's bytes (with its trailer, padded before it to a whole number of pages) and
+    /// its entries.
+    pub fn finish(mut self) -> (PackBytes, Vec<Entry>) {
         let mut toc = Vec::with_capacity(self.entries.len() * ENTRY);
         for e in &self.entries {
             toc.extend_from_slice(&e.chunk.0);
@@ -150,6 +157,9 @@ impl PackBuilder {
             toc.extend_from_slice(&e.len.to_le_bytes());
         }
         let trailer = zstd::bulk::compress(&toc, 3).unwrap_or(toc);
+        let end = self.buf.len() + trailer.len() + 8;
+        self.buf
+            .resize(self.buf.len() + (PAGE - end % PAGE) % PAGE, 0);
         self.buf.extend_from_slice(&trailer);
         self.buf
             .extend_from_slice(&(trailer.len() as u32).to_le_bytes());
@@ -235,8 +245,8 @@ pub struct WrittenPack {
     pub size: u64,
 }
 
-/// Collects stored chunks from many threads into packs, writing each full pack durably on the
-/// thread that filled it.
+/// Collects stored chunks from many threads into packs, writing each full pack on the thread
+/// that filled it; durable once [`PackWriter::finish`] returns.
 #[derive(Debug)]
 pub struct PackWriter<'a> {
     backend: &'a Backend,
@@ -282,7 +292,9 @@ impl<'a> PackWriter<'a> {
         }
         let id = PackId::random();
         let (bytes, entries) = pack.finish();
-        self.backend.put_durable(&id.key(), &bytes)?;
+        // Written now, its way to the disk started; `finish` waits for all of them at once, so
+        // no thread waits on the disk while there is hashing and compressing to do.
+        self.backend.put_soon(&id.key(), &bytes)?;
         self.written
             .lock()
             .map_err(|_| poisoned())?
@@ -294,11 +306,14 @@ impl<'a> PackWriter<'a> {
         Ok(())
     }
 
-    /// Writes the last, partial pack; every pack written, each durable.
+    /// Writes the last, partial pack and waits until every pack is durable; the packs.
     pub fn finish(self) -> Result<Vec<WrittenPack>> {
         let last = std::mem::take(&mut *self.current.lock().map_err(|_| poisoned())?);
         self.write(last)?;
-        self.written.into_inner().map_err(|_| poisoned())
+        let written = self.written.into_inner().map_err(|_| poisoned())?;
+        let keys: Vec<String> = written.iter().map(|p| p.id.key()).collect();
+        self.backend.make_durable(&keys)?;
+        Ok(written)
     }
 }
 
@@ -332,7 +347,9 @@ mod tests {
             let at = e.offset as usize;
             assert_eq!(&bytes[at..at + e.len as usize], &blob[..]);
         }
-        let mut cut = bytes.clone();
+        assert_eq!(bytes.len() % 4096, 0, "whole pages");
+        assert_eq!(bytes.as_ptr() as usize % 4096, 0, "page-aligned");
+        let mut cut = bytes.to_vec();
         cut.truncate(bytes.len() - 3);
         assert!(parse_trailer(&id, &cut, cut.len() as u64).is_err());
         assert_eq!(PackId::from_key(&id.key()), Some(id));

@@ -6,26 +6,33 @@
 //!
 //! ## Concurrency protocol (writers and GC)
 //!
-//! Writers (import) and GC never lock each other out; they agree through object times:
+//! Writers (import, copy) and GC never lock each other out; they agree through object times:
 //!
 //! 1. A writer first publishes a **lease** `leases/<id>.json` holding its start time, and
 //!    deletes it when done (a lease older than [`LEASE_MAX_AGE`] is a crashed writer's and is
 //!    ignored).
-//! 2. For every chunk it needs, a writer either writes it (new, so its time is now) or
-//!    **touches** the existing one (its time becomes now). Either way, every chunk a running
-//!    writer relies on is younger than that writer's start.
-//! 3. Before publishing its manifest the writer syncs, then checks (twice, 0.2 s apart) that
-//!    every chunk it touched still exists; one that GC removed in the instant between GC's look
-//!    and the touch is read again from the source and written back.
-//! 4. The manifest is published (durably), then the tag.
+//! 2. For every chunk it needs, a writer either writes it into a new pack (so its time is now)
+//!    or **touches** the pack that holds it, the first time it relies on that pack (its time
+//!    becomes now; on S3 a marker `touched/<pack>` is written instead). Either way, every pack a
+//!    running writer relies on is younger than that writer's start.
+//! 3. Its packs are durable as they are written; then one index file names them.
+//! 4. Before publishing its manifest the writer checks once that every pack it touched still
+//!    exists; the chunks of one that GC removed in the instant between GC's look and the touch
+//!    are read again from the source and written back.
+//! 5. The manifest is published (durably), then the tag.
 //!
 //! GC computes `cutoff = min(its own start, oldest live lease's start) − grace`, marks every
-//! chunk referenced by a tagged manifest or by any manifest younger than the cutoff, then deletes
-//! unmarked chunks and untagged manifests **older than the cutoff**. A chunk a writer relies on
-//! is never older than the cutoff, so GC cannot take it. Because the listing GC works from is a
-//! little stale, each candidate is first moved aside and its time read *after* the move
-//! ([`Backend::delete_if_older`]): a writer's touch that lands before the move makes GC put the
-//! chunk back; one that lands after it fails, and the writer writes the chunk again.
+//! chunk referenced by a tagged or pinned manifest or by any manifest younger than the cutoff,
+//! deletes untagged manifests older than the cutoff, then judges only **packs older than the
+//! cutoff** (by the later of their time and their touch marker's): one with nothing live goes,
+//! one under 70% live has its live chunks copied into new packs first.
+//! A pack a writer relies on is never older than the cutoff, so GC cannot take it. Because the
+//! listing GC works from is a little stale, each candidate is first taken out of reach — moved
+//! aside ([`Backend::delete_if_older`]), or on S3 copied aside and deleted — and its time read
+//! *after* that: a writer's touch that lands before makes GC put the pack back; one that lands
+//! after it finds the pack gone (the final look of step 4), and the writer writes the chunks
+//! again. New packs and an index naming them are durable before any old pack goes, so readers
+//! holding an older index find moved chunks by reading the index again.
 //!
 //! Which operations may run at the same time as which is tabled in the
 //! [crate docs](crate#concurrent-operations).

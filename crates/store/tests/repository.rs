@@ -438,7 +438,13 @@ fn gc_racing_an_import_loses_nothing(kind: Kind) {
     let mut raced = Vec::new();
     for attempt in 0..8u64 {
         let v1 = dir.path().join(format!("v1-{attempt}.raw"));
-        disk_like(&v1, 32 * MIB, 21 + attempt);
+        // S3's gc takes longer to reach its first delete (every listing is a request): a
+        // larger version keeps the import busy touching packs for longer.
+        let size = match kind {
+            Kind::File => 32 * MIB,
+            Kind::S3 => 128 * MIB,
+        };
+        disk_like(&v1, size, 21 + attempt);
         let name = format!("svc{attempt}");
         repo.import(&v1, &r(&format!("{name}:v1")), dir.path(), &|_| {})
             .unwrap();
