@@ -127,7 +127,7 @@ impl Repository {
                 chunk: missing.chunk.to_hex(),
             });
         }
-        let (new_id, bytes_m) = manifest.to_bytes();
+        let (new_id, bytes_m) = manifest.to_stored();
         debug_assert_eq!(new_id, id);
         self.backend
             .put_durable(&Manifest::key(&new_id), &bytes_m)?;

@@ -12,6 +12,7 @@ use crate::backend::{Backend, ObjectMeta};
 use crate::chunk::{self, ChunkId};
 use crate::error::{Result, StoreError};
 use crate::index::{self, Index};
+use crate::manifest::Manifest;
 use crate::pack::{self, PackId};
 use crate::repo::{Lease, Repository, LEASE_MAX_AGE};
 
@@ -103,10 +104,7 @@ impl Repository {
             .list("manifests/")?
             .into_iter()
             .filter_map(|(key, meta)| {
-                let id = key
-                    .strip_prefix("manifests/")?
-                    .strip_suffix(".json")?
-                    .to_owned();
+                let id = Manifest::id_of_key(&key)?.to_owned();
                 let rooted =
                     tagged.contains_key(&id) || pinned.contains(&id) || meta.modified >= cutoff;
                 Some((key, id, rooted))

@@ -370,7 +370,7 @@ impl Repository {
             );
             pending = self.write_back(raw, manifest, &missing)?;
         }
-        let (id, bytes) = manifest.to_bytes();
+        let (id, bytes) = manifest.to_stored();
         self.backend.put_durable(&Manifest::key(&id), &bytes)?;
         self.backend
             .put_durable(&Self::tag_key(image), id.as_bytes())?;

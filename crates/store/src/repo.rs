@@ -331,7 +331,7 @@ impl Repository {
             .ok_or_else(|| StoreError::NotFound {
                 what: format!("version {id}"),
             })?;
-        Manifest::from_bytes(id, &bytes)
+        Manifest::from_stored(id, &bytes)
     }
 
     /// Reads one chunk and checks it against its id.

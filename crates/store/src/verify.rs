@@ -12,6 +12,7 @@ use vmatrix_core::ImageRef;
 use crate::chunk::{self, ChunkId};
 use crate::error::Result;
 use crate::index::Loc;
+use crate::manifest::Manifest;
 use crate::repo::{Progress, Repository};
 
 /// What verify found.
@@ -51,10 +52,7 @@ impl Repository {
                     versions.insert(id, names);
                 }
                 for (key, _) in self.backend.list("manifests/")? {
-                    if let Some(id) = key
-                        .strip_prefix("manifests/")
-                        .and_then(|k| k.strip_suffix(".json"))
-                    {
+                    if let Some(id) = Manifest::id_of_key(&key) {
                         versions.entry(id.to_owned()).or_insert_with(|| {
                             vec![format!("untagged version {}", &id[..12.min(id.len())])]
                         });

@@ -134,13 +134,18 @@ async fn bad_input_gets_one_line_and_leaves_the_repository_alone() {
     assert_eq!(snapshot(&repo), before);
 }
 
-/// The chunk files under `repo` (they sit in `chunks/xx/`).
-fn chunk_files(repo: &Path) -> usize {
-    std::fs::read_dir(repo.join("chunks"))
+/// The pack files under `repo` (they sit in `packs/xx/`; temporary files do not count, packs a
+/// GC moved aside do).
+fn pack_files(repo: &Path) -> usize {
+    std::fs::read_dir(repo.join("packs"))
         .map(|d| {
             d.flatten()
                 .filter_map(|e| std::fs::read_dir(e.path()).ok())
-                .map(|d| d.count())
+                .map(|d| {
+                    d.flatten()
+                        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+                        .count()
+                })
                 .sum()
         })
         .unwrap_or(0)
@@ -166,21 +171,21 @@ async fn an_import_killed_midway_leaves_a_clean_repository() {
         .stderr(std::fs::File::create(&stderr).unwrap())
         .spawn()
         .unwrap();
-    // Kill it once it has written some chunks, while it still runs.
+    // Kill it once it has written some packs (of 12), while it still runs.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while chunk_files(&repo) < 20 {
+    while pack_files(&repo) < 2 {
         if let Some(status) = child.try_wait().unwrap() {
             panic!(
-                "the import ended ({status}) before it could be killed, with {} chunk(s) \
+                "the import ended ({status}) before it could be killed, with {} pack(s) \
                  written: {}",
-                chunk_files(&repo),
+                pack_files(&repo),
                 std::fs::read_to_string(&stderr).unwrap_or_default()
             );
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "the import wrote {} chunk(s) in 60 s",
-            chunk_files(&repo)
+            "the import wrote {} pack(s) in 60 s",
+            pack_files(&repo)
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -191,8 +196,8 @@ async fn an_import_killed_midway_leaves_a_clean_repository() {
         Some(9),
         "the import was not ended by the SIGKILL: {status}"
     );
-    let written = chunk_files(&repo);
-    eprintln!("import killed ({status}) after writing {written} chunk(s)");
+    let written = pack_files(&repo);
+    eprintln!("import killed ({status}) after writing {written} pack(s)");
     // Interrupted: it published nothing.
     let (ok, out, err) = run(&["show", "big:v1"], &repo).await;
     assert!(
@@ -210,12 +215,12 @@ async fn an_import_killed_midway_leaves_a_clean_repository() {
     let (ok, out, err) = run(&["import", "big:v1", disk.to_str().unwrap()], &repo).await;
     assert!(ok, "re-import: {err}");
     eprintln!("re-import after the kill: {out}");
-    // Chunks hold whole disks (and saved guest RAM): nobody but their owner reads them.
+    // Packs hold whole disks (and saved guest RAM): nobody but their owner reads them.
     crate::support::assert_private(&repo);
-    let whole = chunk_files(&repo);
+    let whole = pack_files(&repo);
     assert!(
         written < whole,
-        "the killed import had already written all {whole} chunk(s)"
+        "the killed import had already written all {whole} pack(s)"
     );
     let (ok, out, err) = run(&["verify", "big:v1"], &repo).await;
     assert!(ok, "{out}{err}");
@@ -236,8 +241,9 @@ async fn past_the_second_of(t: std::time::SystemTime) {
     }
 }
 
-/// A GC killed with SIGKILL while it removes chunks: what it left verifies clean, every image
-/// still exports its exact bytes, and the next GC finishes the work.
+/// A GC killed with SIGKILL while it removes packs: what it left verifies clean, every image
+/// still exports its exact bytes, and the next GC finishes the work. The repository has small
+/// packs (256 KiB), so that a GC has many to remove and can be caught in the middle.
 #[tokio::test]
 #[ignore = "needs qemu-img (real tier)"]
 async fn a_gc_killed_midway_leaves_a_clean_repository() {
@@ -248,9 +254,19 @@ async fn a_gc_killed_midway_leaves_a_clean_repository() {
     let repo = dir.path().join("repo");
     let keep = dir.path().join("keep.raw");
     write_disk(&keep, 16, 3);
-    let (ok, _, err) = run(&["import", "keep:v1", keep.to_str().unwrap()], &repo).await;
+    let (ok, _, err) = run(
+        &[
+            "import",
+            "keep:v1",
+            keep.to_str().unwrap(),
+            "--pack-size",
+            "256K",
+        ],
+        &repo,
+    )
+    .await;
     assert!(ok, "{err}");
-    let kept = chunk_files(&repo);
+    let kept = pack_files(&repo);
     let mut killed_midway = 0;
     for round in 0..5u8 {
         // Garbage: an image imported and untagged.
@@ -260,7 +276,7 @@ async fn a_gc_killed_midway_leaves_a_clean_repository() {
         assert!(ok, "{err}");
         let (ok, _, err) = run(&["rm", "junk:v1"], &repo).await;
         assert!(ok, "{err}");
-        let before = chunk_files(&repo);
+        let before = pack_files(&repo);
         let mut gc = vmatrix()
             .args(["image", "--repo"])
             .arg(&repo)
@@ -269,25 +285,25 @@ async fn a_gc_killed_midway_leaves_a_clean_repository() {
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
-        // Killed as soon as it has removed a chunk.
+        // Killed as soon as it has removed a pack.
         let ended = loop {
             if let Some(status) = gc.try_wait().unwrap() {
                 break Some(status);
             }
-            if chunk_files(&repo) < before {
+            if pack_files(&repo) < before {
                 gc.start_kill().unwrap();
                 break None;
             }
             tokio::time::sleep(Duration::from_millis(1)).await;
         };
         let status = gc.wait().await.unwrap();
-        let left = chunk_files(&repo);
+        let left = pack_files(&repo);
         match ended {
             Some(s) => eprintln!("round {round}: the GC ended ({s}) before it could be killed"),
             None => {
                 assert_eq!(status.signal(), Some(9), "{status}");
                 eprintln!(
-                    "round {round}: GC killed with {} of {before} chunk(s) left",
+                    "round {round}: GC killed with {} of {before} pack(s) left",
                     left
                 );
                 if left > kept {
@@ -306,14 +322,14 @@ async fn a_gc_killed_midway_leaves_a_clean_repository() {
         killed_midway > 0,
         "no GC was caught in the middle of its work"
     );
-    // A chunk a killed GC had moved aside (it stays `KEY.gc-PID`, counted above) is put back by
+    // A pack a killed GC had moved aside (it stays `KEY.gc-PID`, counted above) is put back by
     // the next GC and removed with the rest if nothing refers to it (a full run saw 2 such
     // files left for ever before that); what it left in a `.tmp-` file is as young as its kill:
     // gone at the next GC that starts in a later second.
     past_the_second_of(std::time::SystemTime::now()).await;
     let (ok, out, err) = run(&["gc", "--grace-seconds", "0"], &repo).await;
     assert!(ok, "{out}{err}");
-    assert_eq!(chunk_files(&repo), kept, "the last GC left garbage: {out}");
+    assert_eq!(pack_files(&repo), kept, "the last GC left garbage: {out}");
     eprintln!(
         "reliability: | kill -9 of a GC (5 rounds, {killed_midway} killed mid-way) | 0 | 0 | \
          n/a | the next GC finished the work; every image verified and exported exactly |"
@@ -382,10 +398,8 @@ async fn an_import_onto_a_full_disk_fails_cleanly() {
     past_the_second_of(failed_at).await;
     let (ok, out, err) = run(&["gc", "--grace-seconds", "0"], &repo).await;
     assert!(ok, "gc on a full disk: {out}{err}");
-    assert!(
-        !out.contains("removed 0 version(s) and 0 chunk(s)"),
-        "{out}"
-    );
+    // What the failed import wrote is in packs no index names: gone now.
+    assert!(!out.contains("; 0 of "), "{out}");
     let again = dir.path().join("again.raw");
     write_disk(&again, 8, 6);
     let (ok, _, err) = run(&["import", "again:v1", again.to_str().unwrap()], &repo).await;
