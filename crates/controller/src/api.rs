@@ -26,8 +26,8 @@ use crate::control::{ControlError, Controller};
 use crate::ops::OpView;
 
 #[derive(Clone)]
-struct Ctx {
-    c: Arc<Controller>,
+pub(crate) struct Ctx {
+    pub(crate) c: Arc<Controller>,
     tokens: Arc<Tokens>,
 }
 
@@ -151,25 +151,28 @@ fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Response> {
         .map_err(|e| err(StatusCode::BAD_REQUEST, format!("bad request body: {e}")))
 }
 
+/// The services as applied, and beside them which are dropped and by whom.
+pub(crate) fn services_reply(c: &Controller) -> Result<ServicesReply, ControlError> {
+    let (services, dropped) = (c.services()?, c.dropped()?);
+    Ok(ServicesReply {
+        services,
+        dropped: dropped
+            .into_iter()
+            .map(|(name, by_policy)| {
+                let who = if by_policy {
+                    DropOwner::Policy
+                } else {
+                    DropOwner::Operator
+                };
+                (name, who)
+            })
+            .collect(),
+    })
+}
+
 async fn services(State(x): State<Ctx>) -> Response {
-    // The specs as applied, and beside them which services are dropped and by whom.
-    let listed = x.c.services().and_then(|specs| Ok((specs, x.c.dropped()?)));
-    match listed {
-        Ok((services, dropped)) => Json(ServicesReply {
-            services,
-            dropped: dropped
-                .into_iter()
-                .map(|(name, by_policy)| {
-                    let who = if by_policy {
-                        DropOwner::Policy
-                    } else {
-                        DropOwner::Operator
-                    };
-                    (name, who)
-                })
-                .collect(),
-        })
-        .into_response(),
+    match services_reply(&x.c) {
+        Ok(reply) => Json(reply).into_response(),
         Err(e) => fail(e),
     }
 }
@@ -193,21 +196,26 @@ async fn apply(State(x): State<Ctx>, body: axum::body::Bytes) -> Response {
     }
 }
 
+/// Every machine with how it is used, and the machines waiting for approval.
+pub(crate) fn machines_reply(c: &Controller) -> Result<MachinesReply, ControlError> {
+    let (list, pending) = (c.machine_use()?, c.pending()?);
+    Ok(MachinesReply {
+        pending,
+        machines: list
+            .into_iter()
+            .map(|(machine, instances)| MachineView {
+                free: is_free(&machine, instances),
+                cpu_load: c.cpu_load(&machine.name),
+                machine,
+                instances,
+            })
+            .collect(),
+    })
+}
+
 async fn machines(State(x): State<Ctx>) -> Response {
-    match x.c.machine_use().and_then(|l| Ok((l, x.c.pending()?))) {
-        Ok((list, pending)) => Json(MachinesReply {
-            pending,
-            machines: list
-                .into_iter()
-                .map(|(machine, instances)| MachineView {
-                    free: is_free(&machine, instances),
-                    cpu_load: x.c.cpu_load(&machine.name),
-                    machine,
-                    instances,
-                })
-                .collect(),
-        })
-        .into_response(),
+    match machines_reply(&x.c) {
+        Ok(reply) => Json(reply).into_response(),
         Err(e) => fail(e),
     }
 }
@@ -543,7 +551,10 @@ pub fn router(c: Arc<Controller>, tokens: impl Into<Tokens>) -> Router {
         .route("/openapi.json", get(openapi))
         .route("/api/v1/agents/join", post(join))
         .route("/api/v1/agents/heartbeat", post(heartbeat))
-        .route("/api/v1/agents/certificate", post(certificate));
+        .route("/api/v1/agents/certificate", post(certificate))
+        // The dashboard's page and assets hold no data: everything it shows comes from the
+        // API with the operator's token.
+        .merge(crate::dashboard::assets());
     Router::new()
         .route("/api/v1/services", get(services).post(apply))
         .route("/api/v1/machines", get(machines))
@@ -559,6 +570,7 @@ pub fn router(c: Arc<Controller>, tokens: impl Into<Tokens>) -> Router {
         .route("/api/v1/policy", get(policy))
         .route("/api/v1/rollouts", get(rollouts))
         .route("/metrics", get(metrics))
+        .route("/api/v1/stream", get(crate::dashboard::stream))
         .route_layer(axum::middleware::from_fn_with_state(
             ctx.clone(),
             require_token,

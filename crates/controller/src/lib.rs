@@ -15,6 +15,7 @@ mod authority;
 mod console;
 mod control;
 mod cpu;
+mod dashboard;
 mod db;
 pub mod etcd;
 mod identity;

@@ -1118,3 +1118,21 @@ mod tests {
         }
     }
 }
+
+/// One message of `GET /api/v1/stream` (server-sent events, one a second): the matrix as the
+/// dashboard draws it. The first carries the last events; each later one only those since.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DashboardSnapshot {
+    /// When it was taken (Unix ms).
+    pub at_ms: u64,
+    /// Machines and how they are used.
+    pub machines: MachinesReply,
+    /// Every instance that is not discarded.
+    pub instances: Vec<InstanceInfo>,
+    /// The services as applied, and which are dropped.
+    pub services: ServicesReply,
+    /// The switch's latest load report.
+    pub load: LoadReport,
+    /// Events since the previous message (oldest first).
+    pub events: Vec<Event>,
+}

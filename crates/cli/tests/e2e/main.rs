@@ -1,6 +1,7 @@
 //! End-to-end tests of the `vmatrix` binary, in one place with shared helpers.
 
 mod cluster;
+mod dashboard;
 mod debian;
 mod durable;
 mod faults;
