@@ -110,6 +110,19 @@ async fn status(State(ctx): State<Ctx>, headers: HeaderMap) -> Response {
     Json(ctx.agent.report()).into_response()
 }
 
+/// `GET /metrics`: the machine's use, per instance, and its commands' durations (with the
+/// machine's credential, as every call to the agent).
+async fn metrics(State(ctx): State<Ctx>, headers: HeaderMap) -> Response {
+    if !authorized(&headers, &ctx.identity) {
+        return error(StatusCode::UNAUTHORIZED, UNAUTHORIZED.into());
+    }
+    (
+        [("content-type", vmatrix_core::metrics::CONTENT_TYPE)],
+        ctx.agent.metrics_text(),
+    )
+        .into_response()
+}
+
 /// How the agent reaches the controller: its URL (several, comma-separated, for controllers
 /// in high availability) and, for `https://`, the authority whose certificate the
 /// controller's must come from (the controller's `DATA/controller/tls/ca-cert.pem`). Over
@@ -256,6 +269,7 @@ pub async fn serve(
         .route("/agent/v1/command", post(command))
         .route("/agent/v1/status", get(status))
         .route("/agent/v1/console/:id", get(console))
+        .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(1 << 20))
         .with_state(ctx);
     tracing::info!(machine = %agent.config.name, "agent listening on {}", agent.config.listen);

@@ -61,6 +61,10 @@ pub trait Hypervisor: Send + Sync + 'static {
     fn alive(&self, pid: u32) -> bool;
     /// CPU seconds process `pid` has used.
     fn cpu_seconds(&self, pid: u32) -> f64;
+    /// Resident memory of process `pid`, bytes (0: unknown).
+    fn memory_bytes(&self, _pid: u32) -> u64 {
+        0
+    }
 }
 
 /// A running VM.
@@ -262,6 +266,10 @@ impl Hypervisor for Qemu {
     fn cpu_seconds(&self, pid: u32) -> f64 {
         cpu_seconds(pid)
     }
+
+    fn memory_bytes(&self, pid: u32) -> u64 {
+        memory_bytes(pid)
+    }
 }
 
 #[async_trait]
@@ -319,6 +327,22 @@ impl Incoming for IncomingVm {
     async fn abort(self: Box<Self>) {
         IncomingVm::abort(*self).await
     }
+}
+
+/// Resident memory of a process, bytes (`/proc/PID/statm`'s second field, in pages); 0 when
+/// it cannot be read.
+pub fn memory_bytes(pid: u32) -> u64 {
+    let Ok(statm) = std::fs::read_to_string(format!("/proc/{pid}/statm")) else {
+        return 0;
+    };
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as u64;
+    pages * page
 }
 
 /// CPU seconds (user + system) a process has used.

@@ -23,6 +23,7 @@ pub mod hypervisor;
 mod identity;
 pub mod lease;
 mod machine;
+mod metrics;
 pub mod record;
 mod seed;
 mod volumes;

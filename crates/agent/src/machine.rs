@@ -228,6 +228,8 @@ pub struct Agent {
     rules_lock: Mutex<()>,
     /// The fencing watchdog's end (see [`crate::lease`]); `None`: no fencing (in-process tests).
     pub(crate) lease: Mutex<Option<Arc<crate::lease::LeaseHolder>>>,
+    /// How long its commands take ([`crate::metrics`]).
+    pub(crate) metrics: crate::metrics::AgentMetrics,
 }
 
 impl std::fmt::Debug for Agent {
@@ -304,6 +306,7 @@ impl Agent {
             view: Mutex::new(None),
             rules_lock: Mutex::new(()),
             lease: Mutex::new(None),
+            metrics: Default::default(),
             config,
             hv,
             repo,
@@ -476,7 +479,13 @@ impl Agent {
                 Some(t) => t.result.clone(),
                 None => {
                     let me = self.clone();
-                    let task = tokio::spawn(async move { me.run(command).await });
+                    let name = crate::metrics::command_name(&command);
+                    let task = tokio::spawn(async move {
+                        let started = Instant::now();
+                        let r = me.clone().run(command).await;
+                        me.metrics.command_ended(name, started.elapsed(), &r);
+                        r
+                    });
                     let result = async move {
                         match task.await {
                             Ok(r) => r.map_err(CommandFailure::from),
@@ -563,6 +572,11 @@ impl Agent {
                     self.hv.cpu_seconds(s.pid)
                 } else {
                     0.0
+                },
+                memory_bytes: if s.pid > 0 {
+                    self.hv.memory_bytes(s.pid)
+                } else {
+                    0
                 },
                 error: s.error.clone(),
                 version: s.version.clone(),

@@ -390,6 +390,11 @@ impl ControllerClient {
         .await
     }
 
+    /// The switch's latest load report, as the controller has it.
+    pub async fn load(&self) -> Result<LoadReport> {
+        self.get("/api/v1/load", SHORT).await
+    }
+
     /// The switch's load report.
     pub async fn report_load(&self, report: &LoadReport) -> Result<()> {
         let _: serde_json::Value = self

@@ -54,6 +54,23 @@ impl Controller {
         why: &str,
         kind: Start,
     ) -> Result<InstanceInfo> {
+        let started = Instant::now();
+        let r = self
+            .timed("activate", self.activate_now(service, on, why, kind))
+            .await;
+        if let Ok(i) = &r {
+            self.metrics.starting(&i.id, started, "activate");
+        }
+        r
+    }
+
+    async fn activate_now(
+        &self,
+        service: &vmatrix_core::ServiceName,
+        on: Option<&str>,
+        why: &str,
+        kind: Start,
+    ) -> Result<InstanceInfo> {
         let spec = self.spec_of(service)?;
         // The version a finished rollout pinned the service to, while the spec still names
         // that image: new instances run exactly it, wherever its tag has moved since.
@@ -211,6 +228,10 @@ impl Controller {
 
     /// Live-migrates a running instance to machine `to`.
     pub async fn migrate(&self, id: &InstanceId, to: &str, why: &str) -> Result<String> {
+        self.timed("migrate", self.migrate_now(id, to, why)).await
+    }
+
+    async fn migrate_now(&self, id: &InstanceId, to: &str, why: &str) -> Result<String> {
         let _busy = self.claim(id)?;
         let mut row = self.row(id)?;
         if row.info.state != InstanceState::Running {
@@ -341,6 +362,7 @@ impl Controller {
                 row.info.state = row.info.state.next(Transition::Moved)?;
                 self.db(|d| d.put_instance(&row))?;
                 let (total, down) = out;
+                self.metrics.migrated(total, down);
                 let outcome = format!(
                     "ok in {:.2}s (QEMU total {total} ms, downtime {down} ms{answered})",
                     started.elapsed().as_secs_f64()
@@ -389,6 +411,10 @@ impl Controller {
 
     /// Suspends a running instance into the repository.
     pub async fn suspend(&self, id: &InstanceId, why: &str) -> Result<String> {
+        self.timed("suspend", self.suspend_now(id, why)).await
+    }
+
+    async fn suspend_now(&self, id: &InstanceId, why: &str) -> Result<String> {
         let _busy = self.claim(id)?;
         let mut row = self.row(id)?;
         if row.info.purpose == Purpose::Maintenance {
@@ -462,6 +488,11 @@ impl Controller {
     /// its CPU at once) or lets a paused one serve again. Milliseconds: the VM stays where it
     /// is; the switch routes only to running instances. A failure leaves it as it was.
     pub async fn pause(&self, id: &InstanceId, pause: bool, why: &str) -> Result<String> {
+        let name = if pause { "pause" } else { "unpause" };
+        self.timed(name, self.pause_now(id, pause, why)).await
+    }
+
+    async fn pause_now(&self, id: &InstanceId, pause: bool, why: &str) -> Result<String> {
         if !pause {
             // A standby still on its way (booting, or up and not paused yet): it serves as soon
             // as it is up instead of being paused then.
@@ -556,6 +587,15 @@ impl Controller {
 
     /// Resumes a suspended instance (on `on`, or where placement says).
     pub async fn resume(&self, id: &InstanceId, on: Option<&str>, why: &str) -> Result<String> {
+        let started = Instant::now();
+        let r = self.timed("resume", self.resume_now(id, on, why)).await;
+        if r.is_ok() {
+            self.metrics.starting(id, started, "resume");
+        }
+        r
+    }
+
+    async fn resume_now(&self, id: &InstanceId, on: Option<&str>, why: &str) -> Result<String> {
         let _busy = self.claim(id)?;
         let mut row = self.row(id)?;
         let Some(saved) = row
@@ -630,6 +670,10 @@ impl Controller {
 
     /// Throws an instance away.
     pub async fn discard(&self, id: &InstanceId, why: &str) -> Result<String> {
+        self.timed("discard", self.discard_now(id, why)).await
+    }
+
+    async fn discard_now(&self, id: &InstanceId, why: &str) -> Result<String> {
         let _busy = self.claim(id)?;
         let mut row = self.row(id)?;
         // Discard is legal from failed, suspended, activating and running; a row stuck in
@@ -706,6 +750,10 @@ impl Controller {
 
     /// Moves every instance off a machine and stops placing there.
     pub async fn drain(&self, machine: &str, why: &str) -> Result<String> {
+        self.timed("drain", self.drain_now(machine, why)).await
+    }
+
+    async fn drain_now(&self, machine: &str, why: &str) -> Result<String> {
         if !self.db(|d| d.set_draining(machine, true))? {
             return Err(ControlError::NotFound(format!("no machine {machine}")));
         }
@@ -791,6 +839,15 @@ impl Controller {
         let changed = self.db(|d| d.set_dropped(service, dropped, who == "policy"))?;
         let what = if dropped { "drop" } else { "undrop" };
         if changed {
+            if dropped {
+                let priority = self.spec_of(service).map_or(0, |s| s.priority);
+                let by = if who == "policy" {
+                    "policy"
+                } else {
+                    "operator"
+                };
+                self.metrics.dropped(priority, by);
+            }
             self.event(who, &format!("{what} {service}"), why, "ok");
         }
         Ok(format!(

@@ -484,52 +484,11 @@ async fn policy(State(x): State<Ctx>) -> Response {
 }
 
 async fn metrics(State(x): State<Ctx>) -> Response {
-    let mut out = String::new();
-    out.push_str("# HELP vmatrix_machines Machines by state.\n# TYPE vmatrix_machines gauge\n");
-    if let Ok(ms) = x.c.machine_use() {
-        for state in [
-            vmatrix_core::api::MachineState::Up,
-            vmatrix_core::api::MachineState::Down,
-            vmatrix_core::api::MachineState::Draining,
-        ] {
-            let n = ms.iter().filter(|(m, _)| m.state == state).count();
-            out.push_str(&format!("vmatrix_machines{{state=\"{state}\"}} {n}\n"));
-        }
-        let free = ms.iter().filter(|(m, n)| is_free(m, *n)).count();
-        out.push_str(&format!(
-            "# HELP vmatrix_load_reports_missing_total Policy ticks without a fresh load report from the switch (demand unknown: no scale-in).\n\
-             # TYPE vmatrix_load_reports_missing_total counter\nvmatrix_load_reports_missing_total {}\n",
-            x.c.load_missing()
-        ));
-        out.push_str(&format!(
-            "# HELP vmatrix_machines_free Machines up and running nothing: they can be powered down.\n\
-             # TYPE vmatrix_machines_free gauge\nvmatrix_machines_free {free}\n"
-        ));
-    }
-    out.push_str("# HELP vmatrix_instances Instances by service and state.\n# TYPE vmatrix_instances gauge\n");
-    if let Ok(is) = x.c.instances() {
-        let mut counts = std::collections::BTreeMap::new();
-        for i in is {
-            *counts
-                .entry((i.service.to_string(), i.state.as_str()))
-                .or_insert(0u64) += 1;
-        }
-        for ((service, state), n) in counts {
-            out.push_str(&format!(
-                "vmatrix_instances{{service=\"{service}\",state=\"{state}\"}} {n}\n"
-            ));
-        }
-    }
-    out.push_str(
-        "# HELP vmatrix_heartbeats_total Heartbeats taken in per machine since this controller started.\n\
-         # TYPE vmatrix_heartbeats_total counter\n",
-    );
-    for (machine, n) in x.c.heartbeats() {
-        out.push_str(&format!(
-            "vmatrix_heartbeats_total{{machine=\"{machine}\"}} {n}\n"
-        ));
-    }
-    ([("content-type", "text/plain; version=0.0.4")], out).into_response()
+    (
+        [("content-type", vmatrix_core::metrics::CONTENT_TYPE)],
+        x.c.metrics_text(),
+    )
+        .into_response()
 }
 
 async fn openapi() -> Response {

@@ -173,6 +173,8 @@ pub struct Controller {
     pub(crate) volume_busy: Mutex<HashSet<(String, u32)>>,
     /// Services whose automatic activations fail in a row, and until when they wait.
     pub(crate) backoff: Mutex<HashMap<String, Backoff>>,
+    /// Operation durations and the like, observed as they end ([`crate::metrics`]).
+    pub(crate) metrics: crate::metrics::ControlMetrics,
 }
 
 /// The longest wait between two automatic activations of a service that keep failing.
@@ -255,6 +257,7 @@ impl Controller {
             work: Arc::new(tokio::sync::Semaphore::new(16)),
             probes: Mutex::new(HashMap::new()),
             backoff: Mutex::new(HashMap::new()),
+            metrics: Default::default(),
             fresh_after: Mutex::new(HashMap::new()),
             placing: Mutex::new(()),
             prepared: Mutex::new(HashSet::new()),

@@ -119,5 +119,6 @@ fn snapshot(cur: &mut Cursor) -> Result<DashboardSnapshot, String> {
         services: crate::api::services_reply(c).map_err(|e| e.to_string())?,
         load: c.load(),
         events,
+        usage: c.instance_usage(),
     })
 }

@@ -22,6 +22,7 @@ mod identity;
 mod inputs;
 pub mod leader;
 mod maintenance;
+mod metrics;
 mod mirror;
 mod operate;
 mod ops;

@@ -148,6 +148,17 @@ impl Controller {
         message: Option<&str>,
         author: &str,
     ) -> Result<String> {
+        self.timed("commit", self.commit_now(id, tag, message, author))
+            .await
+    }
+
+    async fn commit_now(
+        &self,
+        id: &InstanceId,
+        tag: &ImageRef,
+        message: Option<&str>,
+        author: &str,
+    ) -> Result<String> {
         let _busy = self.claim(id)?;
         let row = self.row(id)?;
         if !matches!(

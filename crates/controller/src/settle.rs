@@ -252,6 +252,7 @@ impl Controller {
                     match (row.info.state, step) {
                         (S::Activating, Transition::Ready) => {
                             self.activation_succeeded(row.info.service.as_str());
+                            self.metrics.started(&row.info.id, true);
                             // It runs: a saved state it was resumed from is superseded (the
                             // agent removes it).
                             row.saved = None;
@@ -264,6 +265,7 @@ impl Controller {
                                 .contains(&row.info.id);
                         }
                         (S::Activating, Transition::Fail) => {
+                            self.metrics.started(&row.info.id, false);
                             self.activation_failed(row.info.service.as_str())
                         }
                         _ => {}

@@ -189,6 +189,54 @@ async fn a_migration_ends_once_the_instance_answers_at_its_new_place() {
         ("rm2", InstanceState::Running)
     );
     m.put_kv(&now.endpoint, "k", "v").await;
+    // The metrics count what happened, on the controller and on both machines.
+    // (What each instance uses comes with its machine's next heartbeat.)
+    let usage =
+        "vmatrix_instance_cpu_seconds_total{instance=\"web-1\",service=\"web\",machine=\"rm2\"}";
+    let text = wait_for(
+        "web-1's use on rm2 in the metrics",
+        Duration::from_secs(10),
+        async || {
+            let r = m.http.get(m.url("/metrics")).send().await.ok()?;
+            let kind = r.headers()["content-type"]
+                .to_str()
+                .unwrap_or_default()
+                .to_owned();
+            assert!(kind.starts_with("application/openmetrics-text"), "{kind}");
+            let text = r.text().await.ok()?;
+            text.contains(usage).then_some(text)
+        },
+    )
+    .await;
+    for series in [
+        "vmatrix_operation_seconds_count{operation=\"migrate\",outcome=\"ok\"} 1\n",
+        "vmatrix_instance_ready_seconds_count{how=\"activate\"} 1\n",
+        "vmatrix_migration_downtime_seconds_count 1\n",
+        "vmatrix_machine_instances{machine=\"rm1\"} 0\n",
+        "vmatrix_machine_instances{machine=\"rm2\"} 1\n",
+        "vmatrix_instances{service=\"web\",state=\"running\"} 1\n",
+        "vmatrix_instance_cpu_seconds_total{instance=\"web-1\",service=\"web\",machine=\"rm2\"}",
+        "vmatrix_services_dropped{priority=",
+        "# EOF",
+    ] {
+        assert!(text.contains(series), "{series:?} missing:\n{text}");
+    }
+    let source = m.agent("rm1").metrics_text();
+    for series in [
+        "vmatrix_agent_command_seconds_count{command=\"migrate-out\",outcome=\"ok\"} 1\n",
+        "vmatrix_agent_migration_downtime_seconds_count 1\n",
+        "vmatrix_agent_vcpus 8\n",
+    ] {
+        assert!(source.contains(series), "{series:?} missing:\n{source}");
+    }
+    let dest = m.agent("rm2").metrics_text();
+    for series in [
+        "vmatrix_agent_command_seconds_count{command=\"finish-incoming\",outcome=\"ok\"} 1\n",
+        "vmatrix_agent_instances{state=\"running\"} 1\n",
+        "vmatrix_agent_instance_memory_bytes{instance=\"web-1\",service=\"web\"}",
+    ] {
+        assert!(dest.contains(series), "{series:?} missing:\n{dest}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

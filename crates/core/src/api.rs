@@ -528,6 +528,9 @@ pub struct AgentInstance {
     pub endpoint: String,
     /// CPU seconds used by its QEMU so far.
     pub cpu_seconds: f64,
+    /// Resident memory of its QEMU, bytes (0: not known; agents before it was reported).
+    #[serde(default)]
+    pub memory_bytes: u64,
     /// Why it failed, if it did.
     pub error: Option<String>,
     /// The image version it runs (pinned).
@@ -1135,4 +1138,18 @@ pub struct DashboardSnapshot {
     pub load: LoadReport,
     /// Events since the previous message (oldest first).
     pub events: Vec<Event>,
+    /// What each instance uses, as its machine last reported (the figures `/metrics` gives).
+    #[serde(default)]
+    pub usage: std::collections::BTreeMap<InstanceId, InstanceUse>,
+}
+
+/// What an instance uses, as its machine last reported.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InstanceUse {
+    /// The machine that reported it.
+    pub machine: String,
+    /// CPU seconds its QEMU has used.
+    pub cpu_seconds: f64,
+    /// Resident memory of its QEMU, bytes.
+    pub memory_bytes: u64,
 }

@@ -10,6 +10,7 @@ pub mod auth;
 pub mod hardware;
 pub mod health;
 mod image;
+pub mod metrics;
 mod names;
 mod spec;
 mod state;

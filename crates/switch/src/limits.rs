@@ -125,41 +125,29 @@ impl Drop for Reservation {
     }
 }
 
-/// Where the switch stands against its limits, in the Prometheus text format.
-pub(crate) fn metrics(c: &Connections, b: &BodyBudget) -> String {
-    let rows: [(&str, &str, &str, u64); 4] = [
-        (
-            "vmatrix_switch_client_connections",
-            "gauge",
-            "Client connections open.",
-            c.open() as u64,
-        ),
-        (
-            "vmatrix_switch_connections_refused_total",
-            "counter",
-            "Client connections closed at once: a connection limit was reached.",
-            c.refused.load(Ordering::Relaxed),
-        ),
-        (
-            "vmatrix_switch_request_body_bytes",
-            "gauge",
-            "Bytes of request bodies held in memory.",
-            b.used() as u64,
-        ),
-        (
-            "vmatrix_switch_body_memory_refused_total",
-            "counter",
-            "Requests refused: the request body memory was spent.",
-            b.refused.load(Ordering::Relaxed),
-        ),
-    ];
-    let mut o = String::new();
-    for (name, kind, help, v) in rows {
-        o.push_str(&format!(
-            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"
-        ));
-    }
-    o
+/// Where the switch stands against its limits.
+pub(crate) fn sample(c: &Connections, b: &BodyBudget, out: &mut vmatrix_core::metrics::Sampled) {
+    let one = |v: u64| [(Vec::new(), v)];
+    out.gauge(
+        "vmatrix_switch_client_connections",
+        "Client connections open.",
+        one(c.open() as u64),
+    )
+    .counter(
+        "vmatrix_switch_connections_refused",
+        "Client connections closed at once: a connection limit was reached.",
+        one(c.refused.load(Ordering::Relaxed)),
+    )
+    .gauge(
+        "vmatrix_switch_request_body_bytes",
+        "Bytes of request bodies held in memory.",
+        one(b.used() as u64),
+    )
+    .counter(
+        "vmatrix_switch_body_memory_refused",
+        "Requests refused: the request body memory was spent.",
+        one(b.refused.load(Ordering::Relaxed)),
+    );
 }
 
 #[cfg(test)]

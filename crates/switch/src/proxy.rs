@@ -180,22 +180,36 @@ impl Switch {
             .clone()
     }
 
-    /// Requests sent to each backend address (every instance the switch ever routed to).
-    fn backend_metrics(&self) -> String {
-        let name = "vmatrix_switch_backend_requests_total";
-        let mut o = format!(
-            "# HELP {name} Requests sent to each instance endpoint (retries included).\n# TYPE {name} counter\n"
-        );
-        let map = self.backends.read().unwrap_or_else(|p| p.into_inner());
-        let mut rows: Vec<(&String, u64)> = map
-            .iter()
-            .map(|(a, b)| (a, b.sent.load(Ordering::Relaxed)))
-            .collect();
-        rows.sort();
-        for (addr, n) in rows {
-            o.push_str(&format!("{name}{{backend=\"{addr}\"}} {n}\n"));
+    /// Requests sent to each backend address (every instance the switch ever routed to), with
+    /// the instance and service that hold the address now (empty: none does).
+    fn sample_backends(&self, table: &Table, out: &mut vmatrix_core::metrics::Sampled) {
+        let mut holder: HashMap<&str, (&str, &str)> = HashMap::new();
+        for (service, route) in &table.services {
+            for (id, addr) in &route.backends {
+                holder.insert(addr.as_str(), (id.as_str(), service.as_str()));
+            }
         }
-        o
+        let map = self.backends.read().unwrap_or_else(|p| p.into_inner());
+        let mut rows: Vec<(vmatrix_core::metrics::Labels, u64)> = map
+            .iter()
+            .map(|(addr, b)| {
+                let (id, service) = holder.get(addr.as_str()).copied().unwrap_or_default();
+                (
+                    vec![
+                        ("backend", addr.clone()),
+                        ("instance", id.to_owned()),
+                        ("service", service.to_owned()),
+                    ],
+                    b.sent.load(Ordering::Relaxed),
+                )
+            })
+            .collect();
+        rows.sort_by(|a, b| a.0.cmp(&b.0));
+        out.counter(
+            "vmatrix_switch_backend_requests",
+            "Requests sent to each instance endpoint (retries included).",
+            rows,
+        );
     }
 
     /// Least outstanding requests among the backends not to avoid; one in a live migration
@@ -400,13 +414,16 @@ impl Switch {
                      (authorization: Bearer TOKEN)",
                 ),
                 "/metrics" => {
-                    let mut text = self.stats.metrics();
-                    text.push_str(&self.backend_metrics());
-                    text.push_str(&crate::limits::metrics(&self.connections, &self.bodies));
-                    let mut r = Response::new(whole(text));
+                    let mut sampled = vmatrix_core::metrics::Sampled::default();
+                    self.stats.sample(&mut sampled);
+                    self.sample_backends(&table, &mut sampled);
+                    crate::limits::sample(&self.connections, &self.bodies, &mut sampled);
+                    let mut registry = vmatrix_core::metrics::registry();
+                    registry.register_collector(Box::new(sampled));
+                    let mut r = Response::new(whole(vmatrix_core::metrics::render(&registry)));
                     r.headers_mut().insert(
                         "content-type",
-                        HeaderValue::from_static("text/plain; version=0.0.4"),
+                        HeaderValue::from_static(vmatrix_core::metrics::CONTENT_TYPE),
                     );
                     r
                 }

@@ -39,6 +39,8 @@ struct Service {
     dropped: u64,
     concurrency: u64,
     buckets: [u64; 16],
+    /// The sum of every request's latency, ms (the histogram's sum).
+    latency_ms: f64,
     /// (second since start, count) ring.
     window: [(u64, u64); WINDOW + 1],
 }
@@ -54,6 +56,7 @@ impl Default for Service {
             dropped: 0,
             concurrency: 0,
             buckets: [0; 16],
+            latency_ms: 0.0,
             window: [(u64::MAX, 0); WINDOW + 1],
         }
     }
@@ -131,6 +134,7 @@ impl Stats {
             }
             let i = BUCKETS_MS.iter().position(|b| ms <= *b).unwrap_or(15);
             s.buckets[i] += 1;
+            s.latency_ms += ms;
         });
     }
 
@@ -193,74 +197,90 @@ impl Stats {
         out
     }
 
-    /// Prometheus text exposition of every counter.
-    pub fn metrics(&self) -> String {
+    /// Every service's counters and latency histogram, read now (the request path keeps only
+    /// its plain counters: nothing is encoded between scrapes).
+    pub fn sample(&self, out: &mut vmatrix_core::metrics::Sampled) {
+        use vmatrix_core::metrics::{Labels, SampledHistogram};
         let map = self.services.lock().unwrap_or_else(|p| p.into_inner());
-        let mut o = String::new();
-        let series = [
-            (
-                "vmatrix_switch_requests_total",
-                "counter",
-                "Requests per service.",
-            ),
-            (
-                "vmatrix_switch_errors_total",
-                "counter",
-                "Failed requests per service.",
-            ),
-            (
-                "vmatrix_switch_held_total",
-                "counter",
-                "Requests held while the service woke.",
-            ),
-            (
-                "vmatrix_switch_held_seconds_total",
-                "counter",
-                "Time requests spent held.",
-            ),
-            (
-                "vmatrix_switch_dropped_total",
-                "counter",
-                "Requests refused (dropped service or full queue), by priority.",
-            ),
-            ("vmatrix_switch_in_flight", "gauge", "Requests in flight."),
-        ];
-        for (name, kind, help) in series {
-            o.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
-            for (svc, s) in map.iter() {
-                let v = match name {
-                    "vmatrix_switch_requests_total" => s.requests as f64,
-                    "vmatrix_switch_errors_total" => s.errors as f64,
-                    "vmatrix_switch_held_total" => s.held as f64,
-                    "vmatrix_switch_held_seconds_total" => s.held_ms / 1000.0,
-                    "vmatrix_switch_dropped_total" => s.dropped as f64,
-                    _ => s.concurrency as f64,
-                };
-                let extra = if name == "vmatrix_switch_dropped_total" {
-                    format!(",priority=\"{}\"", s.priority)
-                } else {
-                    String::new()
-                };
-                o.push_str(&format!("{name}{{service=\"{svc}\"{extra}}} {v}\n"));
-            }
+        let by = |f: fn(&Service) -> u64| -> Vec<(Labels, u64)> {
+            map.iter()
+                .map(|(svc, s)| (vec![("service", svc.clone())], f(s)))
+                .collect()
+        };
+        out.counter(
+            "vmatrix_switch_requests",
+            "Requests per service.",
+            by(|s| s.requests),
+        )
+        .counter(
+            "vmatrix_switch_errors",
+            "Failed requests per service.",
+            by(|s| s.errors),
+        )
+        .counter(
+            "vmatrix_switch_held",
+            "Requests held while the service woke.",
+            by(|s| s.held),
+        )
+        .counter(
+            "vmatrix_switch_held_seconds",
+            "Time requests spent held.",
+            map.iter()
+                .map(|(svc, s)| (vec![("service", svc.clone())], s.held_ms / 1000.0)),
+        )
+        .counter(
+            "vmatrix_switch_dropped",
+            "Requests refused (dropped service or full queue), by service and priority.",
+            map.iter().map(|(svc, s)| {
+                (
+                    vec![
+                        ("service", svc.clone()),
+                        ("priority", s.priority.to_string()),
+                    ],
+                    s.dropped,
+                )
+            }),
+        )
+        .gauge(
+            "vmatrix_switch_in_flight",
+            "Requests in flight.",
+            by(|s| s.concurrency),
+        );
+        // Requests dropped per priority, summed over its services (what the dashboard charts).
+        let mut per_priority: BTreeMap<i32, u64> = BTreeMap::new();
+        for s in map.values() {
+            *per_priority.entry(s.priority).or_default() += s.dropped;
         }
-        o.push_str("# HELP vmatrix_switch_latency_seconds Request latency.\n# TYPE vmatrix_switch_latency_seconds histogram\n");
-        for (svc, s) in map.iter() {
-            let mut acc = 0;
-            for (i, b) in BUCKETS_MS.iter().enumerate() {
-                acc += s.buckets[i];
-                let le = if b.is_infinite() {
-                    "+Inf".to_string()
-                } else {
-                    format!("{}", b / 1000.0)
-                };
-                o.push_str(&format!("vmatrix_switch_latency_seconds_bucket{{service=\"{svc}\",le=\"{le}\"}} {acc}\n"));
-            }
-            o.push_str(&format!(
-                "vmatrix_switch_latency_seconds_count{{service=\"{svc}\"}} {acc}\n"
-            ));
-        }
-        o
+        out.counter(
+            "vmatrix_switch_dropped_by_priority",
+            "Requests refused, summed per priority.",
+            per_priority
+                .into_iter()
+                .map(|(p, n)| (vec![("priority", p.to_string())], n)),
+        );
+        out.histogram(
+            "vmatrix_switch_latency_seconds",
+            "Request latency.",
+            map.iter().map(|(svc, s)| {
+                let mut acc = 0;
+                let buckets = BUCKETS_MS
+                    .iter()
+                    .zip(s.buckets)
+                    .map(|(b, n)| {
+                        acc += n;
+                        (b / 1000.0, acc)
+                    })
+                    .collect();
+                (
+                    vec![("service", svc.clone())],
+                    SampledHistogram {
+                        sum: s.latency_ms / 1000.0,
+                        count: acc,
+                        buckets,
+                    },
+                )
+            }),
+        );
     }
 }
 
@@ -285,8 +305,22 @@ mod tests {
         assert_eq!(w.dropped, 1);
         assert_eq!(w.p50_ms, 5.0);
         assert_eq!(w.p99_ms, 1000.0);
-        assert!(s
-            .metrics()
-            .contains("vmatrix_switch_requests_total{service=\"web\"} 101"));
+        let mut sampled = vmatrix_core::metrics::Sampled::default();
+        s.sample(&mut sampled);
+        let mut r = vmatrix_core::metrics::registry();
+        r.register_collector(Box::new(sampled));
+        let text = vmatrix_core::metrics::render(&r);
+        assert!(
+            text.contains("vmatrix_switch_requests_total{service=\"web\"} 101\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("vmatrix_switch_dropped_by_priority_total{priority=\"0\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("vmatrix_switch_latency_seconds_count{service=\"web\"} 100\n"),
+            "{text}"
+        );
     }
 }

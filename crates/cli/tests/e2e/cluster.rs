@@ -133,7 +133,8 @@ pub(crate) async fn switch_requests(d: &Path, front: &str, service: &str) -> Opt
     metric(d, front, &series).await
 }
 
-/// The value of one `series` (name and labels, as printed) at `{at}/metrics` (`at`: an
+/// The value of one `series` (name and labels, as printed, or up to the comma after its first
+/// labels) at `{at}/metrics` (`at`: an
 /// address, served over HTTP — a switch — or a URL), read with the data directory `d`'s token
 /// (`None` while it does not answer or lacks the series).
 pub(crate) async fn metric(d: &Path, at: &str, series: &str) -> Option<f64> {
@@ -148,11 +149,16 @@ pub(crate) async fn metric(d: &Path, at: &str, series: &str) -> Option<f64> {
         .text()
         .await
         .ok()?;
-    m.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))?
-        .trim()
-        .parse()
-        .ok()
+    m.lines().find_map(|l| {
+        let rest = l.strip_prefix(series)?;
+        // A series given up to a comma names its first labels only: any others follow.
+        let value = if series.ends_with(',') {
+            rest.split_once("} ")?.1
+        } else {
+            rest.strip_prefix(' ')?
+        };
+        value.trim().parse().ok()
+    })
 }
 
 /// Waits (30 s at most) until the switch at `front` has carried `n` requests of `service`.

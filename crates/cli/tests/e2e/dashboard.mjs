@@ -73,6 +73,10 @@ try {
   await event.first().waitFor({ timeout: 30000 });
   found.event = (await event.first().textContent()).trim();
   found.result = (await page.locator("#result").textContent()).trim();
+  // What it uses at its new place, as its machine reports (the figures /metrics gives).
+  const use = page.locator(`.machine[data-machine="${to}"] .cell[data-instance="${id}"] .use`, { hasText: "MiB resident" });
+  await use.waitFor({ timeout: 30000 });
+  found.use = (await use.textContent()).trim();
 
   // 4. Forget the token: the action controls ask for it again and send nothing.
   await page.getByRole("button", { name: "Forget token" }).click();

@@ -45,13 +45,13 @@ async fn the_dashboard_shows_the_matrix_and_migrates_from_the_page() {
         .collect();
     let api = std::fs::read_to_string(d.join("controller/api")).expect("api file");
     let api = api.trim();
-    let machines: Value = crate::support::api_get(d, &format!("{api}/api/v1/machines"))
+    let machines_json: Value = crate::support::api_get(d, &format!("{api}/api/v1/machines"))
         .await
         .expect("machines")
         .json()
         .await
         .expect("machines JSON");
-    let machines: Vec<String> = machines["machines"]
+    let machines: Vec<String> = machines_json["machines"]
         .as_array()
         .expect("machines")
         .iter()
@@ -102,6 +102,81 @@ async fn the_dashboard_shows_the_matrix_and_migrates_from_the_page() {
         .find(|i| i["id"] == id)
         .expect("the moved instance");
     assert_eq!(moved["machine"], to, "{moved}");
+    // The metrics behind the page, with a real QEMU: the controller's…
+    let metric = |text: &str, series: &str| -> Option<f64> {
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix(series)?
+                    .rsplit_once(' ')
+                    .map(|(_, v)| v.to_owned())
+            })?
+            .parse()
+            .ok()
+    };
+    let text = crate::support::api_get(d, &format!("{api}/metrics"))
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    let resident = metric(
+        &text,
+        &format!(
+            "vmatrix_instance_memory_bytes{{instance=\"{id}\",service=\"web\",machine=\"{to}\"}}"
+        ),
+    )
+    .unwrap_or_else(|| panic!("no memory figure of {id} on {to}:\n{text}"));
+    // A 256 MiB guest booted to HTTP has touched tens of MiB at least.
+    assert!(resident > 16.0 * 1048576.0, "{resident}");
+    for series in [
+        "vmatrix_operation_seconds_count{operation=\"migrate\",outcome=\"ok\"}",
+        "vmatrix_migration_downtime_seconds_count",
+        "vmatrix_instance_ready_seconds_count{how=\"activate\"}",
+    ] {
+        assert!(metric(&text, series) >= Some(1.0), "{series}:\n{text}");
+    }
+    // …and the machines' own: the source counted the move, the destination holds it.
+    let agent = |m: &str| {
+        let m = m.to_owned();
+        let machines: Value = machines_json.clone();
+        async move {
+            let addr = machines["machines"]
+                .as_array()
+                .and_then(|a| a.iter().find(|x| x["name"] == m.as_str()))
+                .and_then(|x| x["address"].as_str())
+                .expect("the machine's address")
+                .to_owned();
+            crate::support::agent_get(d, &m, &format!("https://{addr}/metrics"))
+                .await
+                .expect("GET the agent's /metrics")
+                .text()
+                .await
+                .expect("agent metrics")
+        }
+    };
+    let from = found["moved"]["from"].as_str().expect("moved from");
+    let source = agent(from).await;
+    assert!(
+        metric(&source, "vmatrix_agent_migration_downtime_seconds_count") >= Some(1.0),
+        "{source}"
+    );
+    let dest = agent(to).await;
+    let rss = metric(
+        &dest,
+        &format!("vmatrix_agent_instance_memory_bytes{{instance=\"{id}\",service=\"web\"}}"),
+    );
+    assert!(rss > Some(16.0 * 1048576.0), "{dest}");
+    let cpu = metric(
+        &dest,
+        &format!("vmatrix_agent_instance_cpu_seconds_total{{instance=\"{id}\",service=\"web\"}}"),
+    );
+    assert!(cpu > Some(0.0), "{dest}");
+    eprintln!(
+        "metrics: {id} on {to}: {:.0} MiB resident, {:.1} CPU s; the page said {:?}",
+        resident / 1048576.0,
+        cpu.unwrap_or_default(),
+        found["use"]
+    );
     assert!(
         std::fs::metadata(&shot)
             .map(|m| m.len() > 10_000)

@@ -92,7 +92,8 @@ async fn sent_to(d: &Path, front: &str) -> Vec<(String, u64)> {
     text.lines()
         .filter_map(|l| l.strip_prefix("vmatrix_switch_backend_requests_total{backend=\""))
         .filter_map(|l| {
-            let (addr, n) = l.split_once("\"} ")?;
+            let (addr, _) = l.split_once('"')?;
+            let (_, n) = l.rsplit_once("} ")?;
             Some((addr.to_owned(), n.trim().parse().ok()?))
         })
         .collect()

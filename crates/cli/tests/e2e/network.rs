@@ -151,7 +151,7 @@ async fn connections_survive_a_live_migration_across_vxlan_hosts() {
     // Move once the load is under way (2 s of it).
     crate::cluster::wait_switch_requests(d, &front, "web", before + 100.0).await;
     let endpoint = moving["endpoint"].as_str().unwrap().to_owned();
-    let to_moving = format!("vmatrix_switch_backend_requests_total{{backend=\"{endpoint}\"}}");
+    let to_moving = format!("vmatrix_switch_backend_requests_total{{backend=\"{endpoint}\",");
     let sent_before = crate::cluster::metric(d, &front, &to_moving).await;
     let move_began = load_started.elapsed().as_secs_f64();
     let (ok, moved, err) = cli(d, &["migrate", &id, "--to", to]).await;

@@ -182,7 +182,10 @@ async fn warm_standbys_serve_a_step_of_load_at_once() {
         "the standbys ran {unpaused:?} after the step (a cold boot takes 7-9 s)"
     );
     let (_, events, _) = cli(d, &["events"]).await;
-    // The fast path (on the load report, not the tick) unpaused at least one.
+    // Unpaused by the policy: by its fast path (on the load report) or, when the step came
+    // just before a tick, by the tick — which of the two ran first is a matter of scheduling on
+    // a busy host. That the fast path acts on its own is the component test's
+    // (crates/controller/tests/standbys.rs); here what counts is the latency above.
     let moves: Vec<&str> = events
         .lines()
         .filter(|l| {
@@ -191,10 +194,15 @@ async fn warm_standbys_serve_a_step_of_load_at_once() {
                 .any(|w| l.contains(w))
         })
         .collect();
+    let fast = events.contains("unpause a warm standby");
     assert!(
-        events.contains("unpause a warm standby"),
-        "no unpause by the fast path:\n{}",
+        fast || events.contains("scale out from a warm standby"),
+        "no unpause of a standby by the policy:\n{}",
         moves.join("\n")
+    );
+    eprintln!(
+        "unpaused by {}",
+        if fast { "the fast path" } else { "the tick" }
     );
     let _ = up.start_kill();
     let _ = up.wait().await;

@@ -10,6 +10,9 @@ const $ = (id) => document.getElementById(id);
 let token = sessionStorage.getItem(TOKEN_KEY) || "";
 let last = null;                // the latest snapshot
 const where = new Map();        // instance -> machine, to animate moves
+const cpuSeen = new Map();      // instance → {t, cpu}: the last CPU seconds its machine reported
+const cpuRate = new Map();      // instance → busy fraction of a core between the last two
+let usage = {};                 // instance → {machine, cpu_seconds, memory_bytes} (as /metrics)
 const history = [];             // {t, load: {svc: rps}, count: {svc: n}, machines: n}
 const events = [];              // the feed, oldest first
 let stream = null;              // the running fetch's controller
@@ -208,12 +211,29 @@ function render(snap) {
   for (const [name, l] of Object.entries(snap.load.services || {})) load[name] = l.rps;
   history.push({ t: snap.at_ms, load, count: counts, machines: snap.machines.machines.filter((m) => m.instances > 0).length });
   while (history.length && history[0].t < snap.at_ms - HISTORY_MS) history.shift();
+  usage = snap.usage || {};
+  for (const [id, u] of Object.entries(usage)) {
+    const seen = cpuSeen.get(id);
+    if (seen && u.cpu_seconds !== seen.cpu) {
+      const dt = (snap.at_ms - seen.t) / 1000;
+      if (dt > 0) cpuRate.set(id, Math.max(0, (u.cpu_seconds - seen.cpu) / dt));
+    }
+    if (!seen || u.cpu_seconds !== seen.cpu) cpuSeen.set(id, { t: snap.at_ms, cpu: u.cpu_seconds });
+  }
   for (const e of snap.events) events.push(e);
   while (events.length > 1000) events.shift();
   renderMatrix(snap, svc);
   renderDormant(snap, svc);
   renderLoad(snap, svc);
   renderEvents(snap);
+}
+
+// What an instance uses: CPU (share of one core, from its machine's reports) and resident memory.
+function useText(id) {
+  const u = usage[id];
+  if (!u) return "";
+  const cpu = cpuRate.has(id) ? Math.round(cpuRate.get(id) * 100) + "% CPU · " : "";
+  return cpu + Math.round(u.memory_bytes / 1048576) + " MiB resident";
 }
 
 function cell(i, machines) {
@@ -239,6 +259,7 @@ function cell(i, machines) {
   },
   el("div", { class: "id" }, i.id),
   el("div", { class: "sub" }, i.state + " · " + (i.version ? i.version.slice(0, 8) : "…") + (i.purpose !== "live" ? " · " + i.purpose : "")),
+  el("div", { class: "use" }, useText(i.id)),
   el("div", { class: "acts" }, choice, el("button", { type: "button", onclick: run, "aria-label": "Do the chosen action on " + i.id, "data-key": "do-" + i.id }, "Do")));
   c.style.setProperty("--svc", hue(i.service));
   return c;
@@ -257,6 +278,9 @@ function renderMatrix(snap, svc) {
       if (!col) continue;
       col.querySelector(".cpu").textContent = "CPU " + Math.round(m.cpu_load * 100) + "%";
       col.querySelector(".cpu-bar > span").style.width = Math.max(0, Math.min(1, m.cpu_load)) * 100 + "%";
+    }
+    for (const c of box.querySelectorAll(".cell[data-instance]")) {
+      c.querySelector(".use").textContent = useText(c.dataset.instance);
     }
     return;
   }
