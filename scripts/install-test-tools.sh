@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs, once, the test-only tools: s3s-fs, a real S3-compatible server (built from
 # crates.io) that the S3 backend tests start on loopback; Debian's chromium and playwright-core
-# (from npm) for the dashboard's browser test. Idempotent, as root; cached under
+# (from npm) for the dashboard's browser test; systemd-analyze for the units. Idempotent, as root; cached under
 # ~/.cache/vmatrix/tools. About 3 minutes the first time, nothing afterwards.
 set -euo pipefail
 tools="${HOME}/.cache/vmatrix/tools"
@@ -17,6 +17,8 @@ missing=()
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 command -v node >/dev/null 2>&1 || missing+=(nodejs)
 command -v npm >/dev/null 2>&1 || missing+=(npm)
+# systemd-analyze checks the units in dist/systemd.
+command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "install-test-tools: installing ${missing[*]} (Debian packages)"
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null

@@ -6,6 +6,9 @@ mod bench_store;
 mod client;
 mod cluster;
 mod console;
+mod demo;
+mod demo_run;
+mod demo_trace;
 mod ha;
 mod image;
 mod lifecycle;
@@ -421,6 +424,10 @@ enum Command {
     },
     /// Simulate policies over demand traces and compare them (machine-hours, drops, moves).
     Sim(Box<sim::SimArgs>),
+    /// The idea in a few minutes: finance and sports replay a trading day and a match day
+    /// through the switch on a small pool, with a malfunction and a rollout along the way; a
+    /// live view, then a summary against static provisioning and the lower bound.
+    Demo(demo::DemoArgs),
     /// Measure parts of vMatrix on this machine and print the figures.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -745,6 +752,7 @@ fn run() -> Result<()> {
             }
         }
         Command::Sim(args) => sim::run(*args)?,
+        Command::Demo(args) => runtime()?.block_on(demo::run(args, &data))?,
         Command::Drop { service } => op(Operation::Drop { service })?,
         Command::Undrop { service } => op(Operation::Undrop { service })?,
         Command::Unpin { instance } => op(Operation::Unpin { instance })?,

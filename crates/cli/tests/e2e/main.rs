@@ -3,6 +3,7 @@
 mod cluster;
 mod dashboard;
 mod debian;
+mod demo;
 mod durable;
 mod faults;
 mod formats;
@@ -20,5 +21,6 @@ mod sim_real;
 mod standby;
 mod support;
 mod switch;
+mod units;
 mod up;
 mod volumes;

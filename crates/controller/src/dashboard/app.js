@@ -349,10 +349,14 @@ function chart(series, label) {
   svg.setAttribute("preserveAspectRatio", "none");
   svg.setAttribute("role", "img");
   svg.setAttribute("aria-label", label);
-  const t0 = Date.now() - HISTORY_MS;
+  // The time axis spans what the page has seen (a minute at least, ten at most): a page opened
+  // a moment ago draws its few points across the chart, not in a corner.
+  const end = history.length ? history[history.length - 1].t : Date.now();
+  const span = Math.min(HISTORY_MS, Math.max(60000, end - (history.length ? history[0].t : end)));
+  const t0 = end - span;
   const max = Math.max(1, ...series.flatMap((s) => s.points.map((p) => p[1])));
   for (const s of series) {
-    const pts = s.points.map(([t, v]) => `${((t - t0) / HISTORY_MS * 300).toFixed(1)},${(88 - v / max * 84).toFixed(1)}`);
+    const pts = s.points.map(([t, v]) => `${((t - t0) / span * 300).toFixed(1)},${(88 - v / max * 84).toFixed(1)}`);
     const line = document.createElementNS(ns, "polyline");
     line.setAttribute("class", s.class);
     line.setAttribute("points", pts.join(" "));
@@ -375,10 +379,10 @@ function renderLoad(snap, svc) {
     return el("div", { class: "svc-load", "data-service": s.name },
       el("div", { class: "row" }, el("strong", {}, s.name),
         el("span", {}, l.rps.toFixed(1) + " req/s · " + n + " instance(s) · priority " + s.priority + (dropped ? " · dropped by " + dropped : "")), toggle),
-      chart([{ class: "capacity", points: capacity }, { class: "demand", points: demand }], s.name + ": demand against capacity, last 10 minutes"),
+      chart([{ class: "capacity", points: capacity }, { class: "demand", points: demand }], s.name + ": demand against capacity, up to the last 10 minutes"),
       el("div", { class: "legend" }, "solid: requests/s · dashed: capacity of its running instances"));
   })));
-  $("machines-chart").replaceChildren(chart([{ class: "used", points: history.map((h) => [h.t, h.machines]) }], "machines running instances, last 10 minutes"));
+  $("machines-chart").replaceChildren(chart([{ class: "used", points: history.map((h) => [h.t, h.machines]) }], "machines running instances, up to the last 10 minutes"));
   const byPriority = new Map();
   for (const s of svc.values()) {
     const e = byPriority.get(s.priority) || { names: [], dropped: 0 };
