@@ -472,21 +472,62 @@ fn gc_racing_an_import_loses_nothing(kind: Kind) {
             std::thread::sleep(Duration::from_millis(20));
         }
 
-        let mut rounds = 0;
-        let mut removed = 0;
-        std::thread::scope(|s| {
-            let import =
-                s.spawn(|| repo.import(&v2, &r(&format!("{name}:v2")), dir.path(), &|_| {}));
-            while !import.is_finished() {
-                removed += repo.gc(Duration::ZERO).unwrap().removed_chunks;
-                rounds += 1;
+        // GC runs over and over; the import starts as soon as gc has begun on v1's packs (one
+        // of them is gone from packs/: taken aside, or deleted), so that gc goes on judging the
+        // rest while the import relies on them. Only what gc removed in rounds that ended after
+        // the import began counts as raced.
+        let v1_packs: Vec<String> = fx
+            .repo
+            .backend()
+            .list("packs/")
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let (rounds, removed) = std::thread::scope(|s| {
+            let gc = s.spawn(|| {
+                let mut rounds = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let start = std::time::Instant::now();
+                    let removed = repo.gc(Duration::ZERO).unwrap().removed_chunks;
+                    rounds.push((start, std::time::Instant::now(), removed));
+                }
+                rounds
+            });
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            while std::time::Instant::now() < deadline && !gc.is_finished() {
+                let now: Vec<String> = fx
+                    .repo
+                    .backend()
+                    .list("packs/")
+                    .unwrap()
+                    .into_iter()
+                    .map(|(k, _)| k)
+                    .collect();
+                if v1_packs.iter().any(|p| !now.contains(p)) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(2));
             }
-            let report = import.join().unwrap().expect("the import succeeds");
+            let began = std::time::Instant::now();
+            let report = repo
+                .import(&v2, &r(&format!("{name}:v2")), dir.path(), &|_| {})
+                .expect("the import succeeds");
             assert!(report.published);
+            let finished = std::time::Instant::now();
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            let all = gc.join().unwrap();
+            let during: Vec<_> = all
+                .iter()
+                .filter(|(start, end, _)| *start < finished && *end > began)
+                .collect();
+            let removed: usize = during.iter().map(|(_, _, n)| *n).sum();
+            (during.len(), removed)
         });
         eprintln!(
-            "{kind:?}, attempt {attempt}: gc ran {rounds} time(s) during the import and \
-             removed {removed} chunk(s) of v1"
+            "{kind:?}, attempt {attempt}: {rounds} gc round(s) overlapped the import, \
+             removing {removed} chunk(s) of v1"
         );
         let verify = repo.verify(None, &|_| {}).unwrap();
         assert!(verify.is_clean(), "{verify:?}");
