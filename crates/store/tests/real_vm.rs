@@ -16,6 +16,35 @@ use vmatrix_vmm::{AccelChoice, BaseImage, ProbeBoot, Vm, VmSpec};
 
 const MIB: u64 = 1024 * 1024;
 
+/// The reference guest, a scratch directory (named `prefix…`) with a file repository in it,
+/// and the accelerator it boots on here.
+async fn reference_setup(
+    prefix: &str,
+) -> (
+    vmatrix_guest::GuestImage,
+    tempfile::TempDir,
+    Repository,
+    vmatrix_vmm::Accelerator,
+) {
+    let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("guest/reference.img");
+    let guest = vmatrix_guest::build(&vmatrix_guest::BuildOptions::new(out)).expect("guest");
+    let dir = tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in("/tmp")
+        .unwrap();
+    let repo =
+        Repository::open_or_init(&format!("file://{}", dir.path().join("repo").display())).unwrap();
+    let accel = vmatrix_vmm::accel::resolve(
+        AccelChoice::from_env().unwrap(),
+        Some(&ProbeBoot {
+            kernel: guest.kernel.clone(),
+            initrd: guest.initrd.clone(),
+        }),
+    )
+    .await;
+    (guest, dir, repo, accel)
+}
+
 #[tokio::test]
 #[ignore = "boots real QEMU; run by scripts/test"]
 async fn the_guest_boots_through_the_lazy_export_fetching_only_what_it_reads() {
@@ -112,22 +141,7 @@ async fn the_guest_boots_through_the_lazy_export_fetching_only_what_it_reads() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "boots real QEMU; run by scripts/test"]
 async fn a_state_suspended_into_the_repository_resumes_on_another_machine() {
-    let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("guest/reference.img");
-    let guest = vmatrix_guest::build(&vmatrix_guest::BuildOptions::new(out)).expect("guest");
-    let dir = tempfile::Builder::new()
-        .prefix("vmx-state-")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let repo =
-        Repository::open_or_init(&format!("file://{}", dir.path().join("repo").display())).unwrap();
-    let accel = vmatrix_vmm::accel::resolve(
-        AccelChoice::from_env().unwrap(),
-        Some(&ProbeBoot {
-            kernel: guest.kernel.clone(),
-            initrd: guest.initrd.clone(),
-        }),
-    )
-    .await;
+    let (guest, dir, repo, accel) = reference_setup("vmx-state-").await;
     let free = || {
         TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -270,22 +284,7 @@ fn content_defined(avg: u32) -> impl Fn(&[u8]) -> Vec<(usize, usize)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "boots real QEMU; run by scripts/test"]
 async fn the_second_saved_state_of_an_idle_guest_adds_little() {
-    let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("guest/reference.img");
-    let guest = vmatrix_guest::build(&vmatrix_guest::BuildOptions::new(out)).expect("guest");
-    let dir = tempfile::Builder::new()
-        .prefix("vmx-states-")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let repo =
-        Repository::open_or_init(&format!("file://{}", dir.path().join("repo").display())).unwrap();
-    let accel = vmatrix_vmm::accel::resolve(
-        AccelChoice::from_env().unwrap(),
-        Some(&ProbeBoot {
-            kernel: guest.kernel.clone(),
-            initrd: guest.initrd.clone(),
-        }),
-    )
-    .await;
+    let (guest, dir, repo, accel) = reference_setup("vmx-states-").await;
     let forward = TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
