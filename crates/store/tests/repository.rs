@@ -474,16 +474,18 @@ fn gc_racing_an_import_loses_nothing(kind: Kind) {
 
         // GC runs over and over; the import starts as soon as gc has begun on v1's packs (one
         // of them is gone from packs/: taken aside, or deleted), so that gc goes on judging the
-        // rest while the import relies on them. Only what gc removed in rounds that ended after
-        // the import began counts as raced.
-        let v1_packs: Vec<String> = fx
-            .repo
-            .backend()
-            .list("packs/")
-            .unwrap()
-            .into_iter()
-            .map(|(k, _)| k)
-            .collect();
+        // rest while the import relies on them. Only what gc removed in rounds that overlapped
+        // the import counts as raced.
+        let packs = || -> Vec<String> {
+            fx.repo
+                .backend()
+                .list("packs/")
+                .unwrap()
+                .into_iter()
+                .map(|(k, _)| k)
+                .collect()
+        };
+        let v1_packs = packs();
         let stop = std::sync::atomic::AtomicBool::new(false);
         let (rounds, removed) = std::thread::scope(|s| {
             let gc = s.spawn(|| {
@@ -497,14 +499,7 @@ fn gc_racing_an_import_loses_nothing(kind: Kind) {
             });
             let deadline = std::time::Instant::now() + Duration::from_secs(30);
             while std::time::Instant::now() < deadline && !gc.is_finished() {
-                let now: Vec<String> = fx
-                    .repo
-                    .backend()
-                    .list("packs/")
-                    .unwrap()
-                    .into_iter()
-                    .map(|(k, _)| k)
-                    .collect();
+                let now = packs();
                 if v1_packs.iter().any(|p| !now.contains(p)) {
                     break;
                 }
