@@ -476,16 +476,7 @@ fn gc_racing_an_import_loses_nothing(kind: Kind) {
         // of them is gone from packs/: taken aside, or deleted), so that gc goes on judging the
         // rest while the import relies on them. Only what gc removed in rounds that overlapped
         // the import counts as raced.
-        let packs = || -> Vec<String> {
-            fx.repo
-                .backend()
-                .list("packs/")
-                .unwrap()
-                .into_iter()
-                .map(|(k, _)| k)
-                .collect()
-        };
-        let v1_packs = packs();
+        let v1_packs = fx.pack_keys();
         let stop = std::sync::atomic::AtomicBool::new(false);
         let (rounds, removed) = std::thread::scope(|s| {
             let gc = s.spawn(|| {
@@ -499,7 +490,7 @@ fn gc_racing_an_import_loses_nothing(kind: Kind) {
             });
             let deadline = std::time::Instant::now() + Duration::from_secs(30);
             while std::time::Instant::now() < deadline && !gc.is_finished() {
-                let now = packs();
+                let now = fx.pack_keys();
                 if v1_packs.iter().any(|p| !now.contains(p)) {
                     break;
                 }
