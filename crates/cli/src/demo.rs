@@ -41,7 +41,7 @@ pub struct DemoArgs {
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub switch_listen: SocketAddr,
     /// Where to write the summary (default: DATA/demo-summary.txt; the same in JSON beside it,
-    /// .json).
+    /// .json). The demo's own matrix lives in DATA/demo, made afresh at every run.
     #[arg(long)]
     pub summary: Option<PathBuf>,
     /// Leave the matrix running after the summary, for the dashboard (Ctrl-C stops it).
@@ -134,7 +134,7 @@ impl Counts {
 }
 
 /// Runs the demo.
-pub async fn run(args: DemoArgs, data: &Path) -> Result<()> {
+pub async fn run(args: DemoArgs, home: &Path) -> Result<()> {
     if !(args.speed > 0.0 && args.speed.is_finite()) {
         bail!(
             "--speed {}: give trace seconds per real second, > 0",
@@ -152,6 +152,22 @@ pub async fn run(args: DemoArgs, data: &Path) -> Result<()> {
     }
     let seconds = (args.minutes * 60.0).round() as usize;
     let demand = Demand::new(args.speed, seconds, args.peak_rps);
+    for addr in [args.listen, args.switch_listen] {
+        if std::net::TcpListener::bind(addr).is_err() {
+            bail!(
+                "{addr} is in use: is a `vmatrix up` running? stop it, or pass --listen / \
+                 --switch-listen"
+            );
+        }
+    }
+    // A matrix of its own, fresh every run, beside (never in) the data directory's own matrix:
+    // a previous run's state would replay its instances and events.
+    let owned = home.join("demo");
+    let data = owned.as_path();
+    if data.exists() {
+        std::fs::remove_dir_all(data)
+            .with_context(|| format!("removing the previous demo's {}", data.display()))?;
+    }
     std::fs::create_dir_all(data).with_context(|| format!("creating {}", data.display()))?;
     println!(
         "vMatrix demo: {} machines of 2 vCPUs; finance (priority 10) and sports (priority 5), \
@@ -164,8 +180,8 @@ pub async fn run(args: DemoArgs, data: &Path) -> Result<()> {
     import_images(data).await?;
     let policy = data.join("demo-policy.toml");
     std::fs::write(&policy, POLICY).context("writing the demo's policy file")?;
-    let up = start_up(&args, data, &policy)?;
-    let client = wait_for_api(data, &up).await?;
+    let mut up = start_up(&args, data, &policy)?;
+    let client = wait_for_api(data, &mut up).await?;
     let services =
         vmatrix_core::parse_services("demo services", SERVICES, &|_| Err("no includes".into()))
             .map_err(|e| anyhow::anyhow!("the demo's services: {e}"))?;
@@ -189,7 +205,7 @@ pub async fn run(args: DemoArgs, data: &Path) -> Result<()> {
     let out = args
         .summary
         .clone()
-        .unwrap_or_else(|| data.join("demo-summary.txt"));
+        .unwrap_or_else(|| home.join("demo-summary.txt"));
     std::fs::write(&out, &text).with_context(|| format!("writing {}", out.display()))?;
     let json = out.with_extension("json");
     std::fs::write(&json, serde_json::to_string_pretty(&report)?)
@@ -241,11 +257,6 @@ async fn import_images(data: &Path) -> Result<()> {
 }
 
 fn start_up(args: &DemoArgs, data: &Path, policy: &Path) -> Result<Up> {
-    for addr in [args.listen, args.switch_listen] {
-        if std::net::TcpListener::bind(addr).is_err() {
-            bail!("{addr} is in use: is a `vmatrix up` running? stop it, or pass --listen / --switch-listen");
-        }
-    }
     let log = data.join("demo-up.log");
     let out = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
     let exe = std::env::current_exe().context("finding the vmatrix binary")?;
@@ -278,10 +289,15 @@ fn start_up(args: &DemoArgs, data: &Path, policy: &Path) -> Result<Up> {
     Ok(Up(Some(child)))
 }
 
-async fn wait_for_api(data: &Path, up: &Up) -> Result<ControllerClient> {
+async fn wait_for_api(data: &Path, up: &mut Up) -> Result<ControllerClient> {
     let deadline = Instant::now() + Duration::from_secs(180);
-    let _ = up;
     loop {
+        if let Some(Ok(Some(status))) = up.0.as_mut().map(|c| c.try_wait()) {
+            bail!(
+                "`vmatrix up` ended ({status}) before its controller answered; see {}",
+                data.join("demo-up.log").display()
+            );
+        }
         if let Ok(c) = crate::client::connect(None, None, data) {
             if c.healthy().await && c.machines().await.is_ok() {
                 return Ok(c);

@@ -38,7 +38,7 @@ async fn the_demo_switches_drops_recovers_rolls_out_and_beats_static() {
     .expect("the demo took over 10 minutes")
     .expect("run vmatrix demo");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let log = std::fs::read_to_string(d.join("demo-up.log")).unwrap_or_default();
+    let log = std::fs::read_to_string(d.join("demo/demo-up.log")).unwrap_or_default();
     let tail: String = log.lines().rev().take(40).collect::<Vec<_>>().join("\n");
     assert!(
         out.status.success(),
