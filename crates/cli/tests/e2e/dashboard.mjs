@@ -89,6 +89,21 @@ try {
 
   await page.screenshot({ path: process.env.VMX_SHOT, fullPage: true });
   found.screenshot = process.env.VMX_SHOT;
+
+  // 5. On a phone's screen (390 × 844): one column, nothing wider than the screen, the cells and
+  // their controls still there.
+  await page.setViewportSize({ width: 390, height: 844 });
+  await page.waitForTimeout(300);
+  const phone = await page.evaluate(() => ({
+    overflow: document.documentElement.scrollWidth - window.innerWidth,
+    cut: [...document.querySelectorAll(".machine")].filter((m) => m.getBoundingClientRect().right > window.innerWidth + 1).length,
+    cell: !!document.querySelector(".cell[data-instance] select"),
+  }));
+  check(phone.overflow <= 1, "the page is " + phone.overflow + " px wider than a phone's screen");
+  check(phone.cut === 0, phone.cut + " machine column(s) reach past a phone's screen");
+  check(phone.cell, "no instance cell with its menu on a phone's screen");
+  found.phone = phone;
+  await page.screenshot({ path: process.env.VMX_SHOT.replace(/\.png$/, "-phone.png"), fullPage: true });
   check(errors.length === 0, "errors in the page: " + errors.join("; "));
   console.log(JSON.stringify(found));
 } finally {
