@@ -125,6 +125,16 @@ impl Controller {
     pub fn metrics_text(&self) -> String {
         let mut s = Sampled::default();
         let instances = self.instances().unwrap_or_default();
+        let services = self.services().unwrap_or_default();
+        // One pass each: a scrape stays linear in instances and services.
+        let memory_of: HashMap<&str, u64> = services
+            .iter()
+            .map(|s| (s.name.as_str(), u64::from(s.memory_mib) << 20))
+            .collect();
+        let service_of: HashMap<&InstanceId, String> = instances
+            .iter()
+            .map(|i| (&i.id, i.service.to_string()))
+            .collect();
         if let Ok(reply) = crate::api::machines_reply(self) {
             let ms = &reply.machines;
             s.gauge(
@@ -168,7 +178,7 @@ impl Controller {
                 ms.iter().map(|m| {
                     (
                         vec![("machine", m.machine.name.clone())],
-                        self.placed_memory(&m.machine.name, &instances),
+                        placed_memory(&m.machine.name, &instances, &memory_of),
                     )
                 }),
             );
@@ -188,14 +198,9 @@ impl Controller {
         );
         let usage = self.instance_usage();
         let labels = |id: &InstanceId, machine: &str| -> Labels {
-            let service = instances
-                .iter()
-                .find(|i| &i.id == id)
-                .map(|i| i.service.to_string())
-                .unwrap_or_default();
             vec![
                 ("instance", id.to_string()),
-                ("service", service),
+                ("service", service_of.get(id).cloned().unwrap_or_default()),
                 ("machine", machine.to_owned()),
             ]
         };
@@ -213,7 +218,6 @@ impl Controller {
                 .iter()
                 .map(|(id, u)| (labels(id, &u.machine), u.memory_bytes)),
         );
-        let services = self.services().unwrap_or_default();
         let load = self.load();
         s.gauge(
             "vmatrix_service_demand_rps",
@@ -299,18 +303,6 @@ impl Controller {
         metrics::render(&registry)
     }
 
-    /// Memory (bytes) the services of the instances placed on `machine` declare.
-    fn placed_memory(&self, machine: &str, instances: &[vmatrix_core::api::InstanceInfo]) -> u64 {
-        instances
-            .iter()
-            .filter(|i| i.machine == machine && i.state.is_placed())
-            .map(|i| {
-                self.spec_of(&i.service)
-                    .map_or(0, |s| u64::from(s.memory_mib) << 20)
-            })
-            .sum()
-    }
-
     /// What each instance uses, as its machine last reported (instances of machines this
     /// process has heard from).
     pub(crate) fn instance_usage(&self) -> BTreeMap<InstanceId, vmatrix_core::api::InstanceUse> {
@@ -331,4 +323,17 @@ impl Controller {
             })
             .collect()
     }
+}
+
+/// Memory (bytes) the services of the instances placed on `machine` declare.
+fn placed_memory(
+    machine: &str,
+    instances: &[vmatrix_core::api::InstanceInfo],
+    memory_of: &HashMap<&str, u64>,
+) -> u64 {
+    instances
+        .iter()
+        .filter(|i| i.machine == machine && i.state.is_placed())
+        .map(|i| memory_of.get(i.service.as_str()).copied().unwrap_or(0))
+        .sum()
 }
