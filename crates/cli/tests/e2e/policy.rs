@@ -47,7 +47,7 @@ async fn the_policy_scales_out_drops_the_lower_priority_and_scales_back_in() {
             "--scale-out",
             "5s",
             "--scale-in",
-            "60s",
+            "30s",
             "--forecast",
             "off",
             "--listen",

@@ -22,13 +22,38 @@ pub async fn host_alone() -> tokio::sync::RwLockWriteGuard<'static, ()> {
     HOST.write().await
 }
 
-/// A share of the host and [`UNDER_LOAD`], in that order.
-pub async fn under_load() -> (
-    tokio::sync::RwLockReadGuard<'static, ()>,
-    tokio::sync::MutexGuard<'static, ()>,
-) {
+/// A share of the host and [`UNDER_LOAD`], in that order; says on release how long the test
+/// waited for them and held them (the suite's time is the sum of the holds: the tests to
+/// shorten are the ones that hold longest).
+pub async fn under_load() -> Serial {
+    let asked = std::time::Instant::now();
     let host = share_host().await;
-    (host, UNDER_LOAD.lock().await)
+    let lock = UNDER_LOAD.lock().await;
+    Serial {
+        _host: host,
+        _lock: lock,
+        asked,
+        got: std::time::Instant::now(),
+    }
+}
+
+/// [`UNDER_LOAD`] held by one test.
+pub struct Serial {
+    _host: tokio::sync::RwLockReadGuard<'static, ()>,
+    _lock: tokio::sync::MutexGuard<'static, ()>,
+    asked: std::time::Instant,
+    got: std::time::Instant,
+}
+
+impl Drop for Serial {
+    fn drop(&mut self) {
+        eprintln!(
+            "[under_load] {}: waited {:.1} s, held {:.1} s",
+            std::thread::current().name().unwrap_or("?"),
+            (self.got - self.asked).as_secs_f64(),
+            self.got.elapsed().as_secs_f64()
+        );
+    }
 }
 
 /// Held by the tests whose assertions depend on guests keeping up with a steady load (a live
