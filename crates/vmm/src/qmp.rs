@@ -76,21 +76,31 @@ impl Qmp {
             next_id: 1,
         };
         // A QEMU that accepted the connection but does not run (stopped with SIGSTOP: a fenced
-        // VM) never greets: bounded by the same deadline.
-        let greeting = match tokio::time::timeout_at(deadline, qmp.read_message()).await {
-            Ok(g) => g?,
-            Err(_) => {
+        // VM) never greets: bounded by the same deadline. An event can come before the greeting:
+        // a client that connects while QEMU starts may get the guest's first RESUME before
+        // QEMU's main loop has handled the connection (seen under load); it is kept.
+        loop {
+            let message = match tokio::time::timeout_at(deadline, qmp.read_message()).await {
+                Ok(m) => m?,
+                Err(_) => {
+                    return Err(VmmError::QmpConnection {
+                        socket: socket.to_owned(),
+                        detail: "QEMU did not greet before the deadline (is it stopped?)".into(),
+                    })
+                }
+            };
+            if message.get("QMP").is_some() {
+                break;
+            }
+            if message.get("event").is_none() {
                 return Err(VmmError::QmpConnection {
                     socket: socket.to_owned(),
-                    detail: "QEMU did not greet before the deadline (is it stopped?)".into(),
-                })
+                    detail: format!("expected a QMP greeting, got {message}"),
+                });
             }
-        };
-        if greeting.get("QMP").is_none() {
-            return Err(VmmError::QmpConnection {
-                socket: socket.to_owned(),
-                detail: format!("expected a QMP greeting, got {greeting}"),
-            });
+            if let Ok(ev) = serde_json::from_value(message) {
+                qmp.events.push_back(ev);
+            }
         }
         qmp.execute(&commands::QmpCapabilities {}).await?;
         Ok(qmp)
@@ -619,10 +629,12 @@ mod tests {
     use tokio::io::AsyncBufReadExt;
     use tokio::net::UnixListener;
 
-    /// A scripted fake QEMU: answers each request line with the next scripted reply (events may
-    /// precede it) and records what it was sent.
-    async fn fake_qemu(
+    /// A scripted fake QEMU: sends `early` (events a real QEMU may send before its greeting),
+    /// greets, answers each request line with the next scripted reply (events may precede it)
+    /// and records what it was sent.
+    async fn fake_qemu_with(
         path: PathBuf,
+        early: Vec<Value>,
         script: Vec<Vec<Value>>,
     ) -> tokio::task::JoinHandle<Vec<Value>> {
         let listener = UnixListener::bind(&path).unwrap();
@@ -630,6 +642,9 @@ mod tests {
             let (stream, _) = listener.accept().await.unwrap();
             let (r, mut w) = stream.into_split();
             let mut lines = BufReader::new(r).lines();
+            for event in early {
+                w.write_all(format!("{event}\n").as_bytes()).await.unwrap();
+            }
             w.write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\n")
                 .await
                 .unwrap();
@@ -649,6 +664,48 @@ mod tests {
             }
             seen
         })
+    }
+
+    async fn fake_qemu(
+        path: PathBuf,
+        script: Vec<Vec<Value>>,
+    ) -> tokio::task::JoinHandle<Vec<Value>> {
+        fake_qemu_with(path, Vec::new(), script).await
+    }
+
+    #[tokio::test]
+    async fn an_event_before_the_greeting_is_kept_not_taken_for_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("qmp.sock");
+        let server = fake_qemu_with(
+            sock.clone(),
+            vec![serde_json::json!({"event": "RESUME", "timestamp": {}})],
+            vec![vec![serde_json::json!({"return": {}})]],
+        )
+        .await;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut qmp = Qmp::connect(&sock, deadline).await.unwrap();
+        let ev = qmp.wait_event("RESUME", deadline).await.unwrap();
+        assert!(ev.is_some(), "the early event is kept");
+        drop(qmp);
+        let seen = server.await.unwrap();
+        assert_eq!(seen[0]["execute"], "qmp_capabilities");
+    }
+
+    #[tokio::test]
+    async fn a_reply_before_the_greeting_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("qmp.sock");
+        let _server = fake_qemu_with(
+            sock.clone(),
+            vec![serde_json::json!({"return": {}})],
+            Vec::new(),
+        )
+        .await;
+        let Err(err) = Qmp::connect(&sock, Instant::now() + Duration::from_secs(5)).await else {
+            panic!("a reply taken for a greeting");
+        };
+        assert!(err.to_string().contains("expected a QMP greeting"), "{err}");
     }
 
     #[tokio::test]
