@@ -445,6 +445,120 @@ pub async fn switch(args: SwitchArgs<'_>, data: &Path) -> Result<()> {
 }
 
 pub async fn up(args: UpArgs, data: &Path, accel: vmatrix_vmm::AccelChoice) -> Result<()> {
+    // From here on Ctrl-C and SIGTERM stop the matrix cleanly, also while it starts (one that
+    // came before `up` listened for it killed it half-started: its bridge stayed behind).
+    let mut stop = crate::Stop::install()?;
+    let started = tokio::select! {
+        r = start(&args, data, accel) => r?,
+        () = stop.recv() => {
+            tracing::info!("stopped while starting; what had started is removed");
+            return Ok(());
+        }
+    };
+    let ready = tokio::select! {
+        r = started.wait_machines() => r,
+        () = stop.recv() => {
+            tracing::info!("stopped while the machines joined");
+            started.shutdown().await;
+            return Ok(());
+        }
+    };
+    if let Err(e) = ready {
+        started.shutdown().await;
+        return Err(e);
+    }
+    // `up` runs until Ctrl-C whatever happens to its stdout: a closed pipe must not end the
+    // matrix (println! would panic on it), so the status lines ignore write errors.
+    let mut out = std::io::stdout();
+    let _ = out.write_all(started.banner.as_bytes());
+    let _ = out.flush();
+    stop.recv().await;
+    started.shutdown().await;
+    Ok(())
+}
+
+/// What `up` started, stopped in order by [`Started::shutdown`].
+struct Started {
+    supervisor: crate::ha::Supervisor,
+    topology: Option<crate::network::Topology>,
+    machines: Vec<(String, u32, &'static str)>,
+    client: vmatrix_client::ControllerClient,
+    data: std::path::PathBuf,
+    /// What `up` prints once every machine has joined.
+    banner: String,
+}
+
+impl Started {
+    /// Waits (60 s at most) until every machine has joined.
+    async fn wait_machines(&self) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let up = self.client.machines().await.map_or(0, |r| {
+                r.machines
+                    .iter()
+                    .filter(|m| m.machine.state == vmatrix_core::api::MachineState::Up)
+                    .count()
+            });
+            if up >= self.machines.len() {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!(
+                    "only {up} of {} machines registered within 60 s",
+                    self.machines.len()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Stops the switch, the agents and the controller, then removes what is left of them.
+    async fn shutdown(self) {
+        let Started {
+            supervisor,
+            topology,
+            machines,
+            data,
+            ..
+        } = self;
+        tracing::info!("stopping the switch, the agents and the controller");
+        // One kind at a time, the last started first, all of a kind at once: SIGTERM, SIGKILL
+        // after 15 s.
+        supervisor.stop().await;
+        // An agent that crashed (or was killed) before leaves its VMs running for the next one;
+        // `up` is ending, so there is no next one.
+        for (name, _, _) in &machines {
+            let vms = data.join("agents").join(name).join("vms");
+            let n = vmatrix_agent::sweep(&vms, &[]);
+            if n > 0 {
+                tracing::info!("stopped {n} VM(s) that {name}'s agent had left");
+            }
+        }
+        // Their control groups once the kernel has reaped them, and `vmatrix` if nothing else
+        // runs under it.
+        let groups: Vec<String> = machines
+            .iter()
+            .map(|(name, _, _)| machine_cgroup(name, &data.join("agents").join(name)))
+            .collect();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+        while groups
+            .iter()
+            .map(|g| vmatrix_vmm::cgroup::sweep(g, Duration::ZERO).left)
+            .sum::<usize>()
+            > 0
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        vmatrix_vmm::cgroup::remove_root();
+        // The machines' namespaces went with their agents and VMs; this host's part goes now.
+        drop(topology);
+    }
+}
+
+/// Starts everything `up` runs: the reference guest in the repository, the network, the
+/// controller(s), an agent per machine and the switch, under a supervisor.
+async fn start(args: &UpArgs, data: &Path, accel: vmatrix_vmm::AccelChoice) -> Result<Started> {
     if args.shared > 250 || args.machines + args.shared > 250 {
         bail!(
             "--machines {} --shared {}: at most 250 machines in all (127.0.0.2…)",
@@ -684,31 +798,8 @@ pub async fn up(args: UpArgs, data: &Path, accel: vmatrix_vmm::AccelChoice) -> R
         &mut kept,
     )?;
     let supervisor = crate::ha::Supervisor::start(kept, args.restart);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let up = client.machines().await.map_or(0, |r| {
-            r.machines
-                .iter()
-                .filter(|m| m.machine.state == vmatrix_core::api::MachineState::Up)
-                .count()
-        });
-        if up >= machines.len() {
-            break;
-        }
-        if tokio::time::Instant::now() > deadline {
-            bail!(
-                "only {up} of {} machines registered within 60 s",
-                machines.len()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    // `up` runs until Ctrl-C whatever happens to its stdout: a closed pipe must not end the
-    // matrix (println! would panic on it), so the status lines ignore write errors.
-    let mut out = std::io::stdout();
-    let _ = writeln!(
-        out,
-        "networking: {}",
+    let mut banner = format!(
+        "networking: {}\n",
         match &topology {
             Some(t) => format!(
                 "bridged; service network {} over VXLAN {}, each machine a network namespace on \
@@ -720,9 +811,8 @@ pub async fn up(args: UpArgs, data: &Path, accel: vmatrix_vmm::AccelChoice) -> R
             None => "user-mode NAT (forwarded ports on 127.0.0.x)".into(),
         }
     );
-    let _ = writeln!(
-        out,
-        "vMatrix is up: API {api}, switch http://{}, {} machines (rm1..rm{}{}), accelerator {}, data {}",
+    banner.push_str(&format!(
+        "vMatrix is up: API {api}, switch http://{}, {} machines (rm1..rm{}{}), accelerator {}, data {}\n",
         args.switch_listen,
         args.machines,
         args.machines,
@@ -733,47 +823,19 @@ pub async fn up(args: UpArgs, data: &Path, accel: vmatrix_vmm::AccelChoice) -> R
         },
         accel.as_str(),
         data.display()
-    );
-    let _ = writeln!(
-        out,
-        "try: vmatrix apply -f examples/services.toml && curl http://{}/s/sports/   (Ctrl-C stops everything)",
+    ));
+    banner.push_str(&format!(
+        "try: vmatrix apply -f examples/services.toml && curl http://{}/s/sports/   (Ctrl-C stops everything)\n",
         args.switch_listen
-    );
-    let _ = out.flush();
-    crate::shutdown_signal().await;
-    tracing::info!("stopping the switch, the agents and the controller");
-    // One kind at a time, the last started first, all of a kind at once: SIGTERM, SIGKILL
-    // after 15 s.
-    supervisor.stop().await;
-    // An agent that crashed (or was killed) before leaves its VMs running for the next one;
-    // `up` is ending, so there is no next one.
-    for (name, _, _) in &machines {
-        let vms = data.join("agents").join(name).join("vms");
-        let n = vmatrix_agent::sweep(&vms, &[]);
-        if n > 0 {
-            tracing::info!("stopped {n} VM(s) that {name}'s agent had left");
-        }
-    }
-    // Their control groups once the kernel has reaped them, and `vmatrix` if nothing else
-    // runs under it.
-    let groups: Vec<String> = machines
-        .iter()
-        .map(|(name, _, _)| machine_cgroup(name, &data.join("agents").join(name)))
-        .collect();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
-    while groups
-        .iter()
-        .map(|g| vmatrix_vmm::cgroup::sweep(g, Duration::ZERO).left)
-        .sum::<usize>()
-        > 0
-        && tokio::time::Instant::now() < deadline
-    {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    vmatrix_vmm::cgroup::remove_root();
-    // The machines' namespaces went with their agents and VMs; this host's part goes now.
-    drop(topology);
-    Ok(())
+    ));
+    Ok(Started {
+        supervisor,
+        topology,
+        machines,
+        client,
+        data: data.to_owned(),
+        banner,
+    })
 }
 
 /// The control group of machine `name`'s VMs (`vmatrix/NAME-KEY`): unique on this host, as

@@ -2,6 +2,9 @@
 //! hands each subcommand to the library crates; it holds no logic of its own beyond printing.
 
 mod bench;
+mod bench_activation;
+mod bench_moves;
+mod bench_stats;
 mod bench_store;
 mod client;
 mod cluster;
@@ -13,6 +16,7 @@ mod ha;
 mod image;
 mod lifecycle;
 mod network;
+mod own_matrix;
 mod policy_file;
 mod sim;
 mod suite;
@@ -491,8 +495,14 @@ enum BenchCommand {
     /// The policy at scale: 10,000 machines, 1,000 services, 100,000 instances, a week of
     /// 1-minute ticks through the simulator; prints the wall time and `decide` per tick.
     Policy(bench::PolicyBench),
-    /// The repository against restic (ingest, second version) and lazy activation against a
-    /// 64 MiB image and copy-then-boot.
+    /// Lazy activation from the repository against copy-then-boot, for a big image and a
+    /// 64 MiB one, with real guests.
+    Activation(bench_activation::ActivationBench),
+    /// Live migration, suspend and resume through a real `vmatrix up` as a client sees them:
+    /// the client-visible stall of a move and the first request to a dormant service.
+    Moves(bench_moves::MovesBench),
+    /// The repository against restic and borg: ingest, a changed version, disk used, and the
+    /// requests an import sends to S3.
     Store {
         /// Size of the big image.
         #[arg(long, default_value = "4G", value_parser = vmatrix_core::volume::parse_size)]
@@ -931,13 +941,16 @@ fn run() -> Result<()> {
             runtime()?.block_on(switch_bench::backend(a))?
         }
         Command::Bench(BenchCommand::Policy(p)) => bench::policy(&p)?,
+        Command::Bench(BenchCommand::Moves(m)) => runtime()?.block_on(bench_moves::moves(&m))?,
+        Command::Bench(BenchCommand::Activation(a)) => {
+            runtime()?.block_on(bench_activation::activation(accel, &a))?
+        }
         Command::Bench(BenchCommand::Store {
             size,
             work,
             rounds,
             pause,
         }) => runtime()?.block_on(bench::store(
-            accel,
             size,
             &work,
             bench_store::IngestOptions {
@@ -994,5 +1007,30 @@ pub(crate) async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term => {}
+    }
+}
+
+/// Ctrl-C and SIGTERM, listened for from the moment it is made: from then on neither kills
+/// the process; [`Stop::recv`] says when one came.
+pub(crate) struct Stop {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl Stop {
+    pub(crate) fn install() -> Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Self {
+            interrupt: signal(SignalKind::interrupt()).context("listening for Ctrl-C")?,
+            terminate: signal(SignalKind::terminate()).context("listening for SIGTERM")?,
+        })
+    }
+
+    /// Waits for Ctrl-C or SIGTERM (one that came since [`Stop::install`] counts).
+    pub(crate) async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
+        }
     }
 }

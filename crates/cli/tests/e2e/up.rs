@@ -305,3 +305,87 @@ async fn a_second_agent_with_a_machines_name_is_refused() {
     .await;
     up.interrupt().await;
 }
+
+/// SIGTERM while `up` is still starting (its bridge made, its machines not yet joined) stops
+/// it as cleanly as once it is up: no process, interface or namespace of it stays behind. (A
+/// signal that came before `up` listened for it killed it half-started, and its bridge stayed.)
+#[tokio::test]
+#[ignore = "needs root (bridged networking); run by scripts/test"]
+async fn up_stopped_while_it_starts_leaves_nothing_behind() {
+    let _host = crate::support::share_host().await;
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("not root: no bridge to watch for");
+        return;
+    }
+    let data = data_dir();
+    let port = crate::support::free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut child = vmatrix()
+        .arg("--data")
+        .arg(data.path())
+        .args([
+            "up",
+            "--machines",
+            "2",
+            "--network",
+            "bridge",
+            "--listen",
+            &listen,
+            "--switch-listen",
+            &format!("127.0.0.1:{}", crate::support::free_port()),
+        ])
+        .args(crate::support::net_args(&["--listen", &listen]))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start vmatrix up");
+    let ours = || -> Vec<String> {
+        std::fs::read_dir("/sys/class/net")
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("vmx") && n.contains(&port.to_string()))
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while ours().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "up made no bridge within 120 s"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "up ended before it made its bridge"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let pid = child.id().expect("pid").to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let exit = tokio::time::timeout(Duration::from_secs(60), child.wait())
+        .await
+        .expect("vmatrix up did not stop within 60 s of SIGTERM")
+        .expect("wait");
+    assert!(exit.success(), "vmatrix up exited with {exit}");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        assert!(
+            !line.contains("vMatrix is up"),
+            "stopped too late to test a stop while starting: {line}"
+        );
+    }
+    let marker = data.path().display().to_string();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !processes_mentioning(&marker).is_empty() || !ours().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "left behind: {:?} {:?}",
+            processes_mentioning(&marker),
+            ours()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
