@@ -1,7 +1,7 @@
 //! `vmatrix bench store`'s ingest comparison, measured as a user sees it: whole processes
-//! (`vmatrix image import` against `restic backup`, each as its user runs it, durability
-//! included), each into a fresh repository on the same file system, the two alternated with a
-//! pause between runs, over several rounds after a warm-up round that is not counted (it also
+//! (`vmatrix image import` against `restic backup` and `borg create`, each as its user runs it,
+//! durability included), each into a fresh repository on the same file system, the sides
+//! alternated with a pause between runs, over several rounds after a warm-up round that is not counted (it also
 //! leaves the file system with deletes behind it); medians and ranges; the blocks really used
 //! (`du`) beside the logical bytes, and the files written (on S3, one request each).
 
@@ -10,6 +10,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+
+use crate::bench_stats::Runs;
 
 /// How the comparison runs.
 #[derive(Debug, Clone, Copy)]
@@ -53,10 +55,38 @@ fn usage(dir: &Path) -> Usage {
 
 /// One side of the comparison.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Side {
+pub enum Side {
     Vmatrix,
     Restic,
+    Borg,
 }
+
+impl Side {
+    pub fn name(self) -> &'static str {
+        match self {
+            Side::Vmatrix => "vmatrix",
+            Side::Restic => "restic",
+            Side::Borg => "borg",
+        }
+    }
+
+    /// Installed (restic and borg are Debian packages; a side that is missing is left out).
+    fn available(self) -> bool {
+        match self {
+            Side::Vmatrix => true,
+            Side::Restic => crate::bench_stats::tool_version("restic", "version", 1) != "?",
+            Side::Borg => crate::bench_stats::tool_version("borg", "--version", 1) != "?",
+        }
+    }
+}
+
+/// What the sides do differently by design, named under the table.
+pub const DIFFERENCES: &str = "restic encrypts and authenticates everything (AES-256 and \
+    Poly1305) and compresses with zstd in its default `auto` mode, on all cores; borg 1.2 runs \
+    unencrypted (`--encryption none`) with `--compression zstd,1`, on one thread (borg 1.x does \
+    not compress or hash in parallel); vmatrix does not encrypt (chunks are addressed and checked \
+    by their BLAKE3 hash) and compresses with zstd level 1, on all cores. Chunking: vmatrix \
+    fixed 64 KiB chunks for disks, restic content-defined (~1 MiB), borg content-defined (~2 MiB)";
 
 /// What one side did in one round: the first version, then the changed one.
 #[derive(Debug, Clone, Copy)]
@@ -90,25 +120,37 @@ struct Setup {
 
 impl Setup {
     fn repo(&self, side: Side) -> PathBuf {
-        self.root.join(match side {
-            Side::Vmatrix => "ingest-vmatrix",
-            Side::Restic => "ingest-restic",
-        })
+        self.root.join(format!("ingest-{}", side.name()))
     }
 
-    /// A fresh repository for `side` (restic's made by `restic init`, not timed: a user makes
-    /// it once).
+    fn cache(&self, side: Side) -> PathBuf {
+        self.root.join(format!("ingest-{}-cache", side.name()))
+    }
+
+    /// A fresh repository for `side` (restic's and borg's made by their `init`, not timed: a
+    /// user makes it once), with a fresh cache.
     fn fresh(&self, side: Side) -> Result<()> {
-        for d in [self.repo(side), self.root.join("ingest-restic-cache")] {
+        for d in [self.repo(side), self.cache(side)] {
             if d.exists() {
                 std::fs::remove_dir_all(&d).with_context(|| format!("removing {}", d.display()))?;
             }
         }
-        if side == Side::Restic {
-            timed(
-                "restic init",
-                self.restic().args(["init", "--repository-version", "2"]),
-            )?;
+        match side {
+            Side::Vmatrix => {}
+            Side::Restic => {
+                timed(
+                    "restic init",
+                    self.restic().args(["init", "--repository-version", "2"]),
+                )?;
+            }
+            Side::Borg => {
+                timed(
+                    "borg init",
+                    self.borg()
+                        .args(["init", "--encryption", "none"])
+                        .arg(self.repo(side)),
+                )?;
+            }
         }
         Ok(())
     }
@@ -119,9 +161,18 @@ impl Setup {
             .arg(self.repo(Side::Restic))
             // Its cache on, as a user has it, in the same file system, fresh each round.
             .arg("--cache-dir")
-            .arg(self.root.join("ingest-restic-cache"))
+            .arg(self.cache(Side::Restic))
             .arg("--quiet")
             .env("RESTIC_PASSWORD", "vmatrix-bench");
+        c
+    }
+
+    fn borg(&self) -> Command {
+        let mut c = Command::new("borg");
+        // Its cache and keys in the same file system, fresh each round; no questions.
+        c.env("BORG_BASE_DIR", self.cache(Side::Borg))
+            .env("BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK", "yes")
+            .env("BORG_RELOCATED_REPO_ACCESS_IS_OK", "yes");
         c
     }
 
@@ -138,6 +189,13 @@ impl Setup {
                     .env("VMATRIX_LOG", "warn"),
             ),
             Side::Restic => timed("restic backup", self.restic().arg("backup").arg(image)),
+            Side::Borg => timed(
+                "borg create",
+                self.borg()
+                    .args(["create", "--compression", "zstd,1"])
+                    .arg(format!("{}::{tag}", self.repo(side).display()))
+                    .arg(image),
+            ),
         }
     }
 
@@ -172,25 +230,8 @@ fn warm(file: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The median and the range of `v`, formatted with `f`.
-fn spread(v: &[f64], f: impl Fn(f64) -> String) -> String {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    let median = if s.is_empty() {
-        0.0
-    } else if s.len() % 2 == 1 {
-        s[s.len() / 2]
-    } else {
-        (s[s.len() / 2 - 1] + s[s.len() / 2]) / 2.0
-    };
-    match (s.first(), s.last()) {
-        (Some(lo), Some(hi)) if s.len() > 1 => format!("{} ({}–{})", f(median), f(*lo), f(*hi)),
-        _ => f(median),
-    }
-}
-
 /// The ingest comparison of `v1` (`size` bytes) and `v2` (its changed copy, `changed` bytes
-/// differ) under `root`: table rows (measure, vmatrix, restic, note).
+/// differ) under `root`: table rows (measure, one column per side, note) and the sides measured.
 pub fn ingest(
     v1: &Path,
     v2: &Path,
@@ -198,27 +239,34 @@ pub fn ingest(
     changed: u64,
     root: &Path,
     opts: IngestOptions,
-) -> Result<Vec<[String; 4]>> {
+) -> Result<(Vec<Vec<String>>, Vec<Side>)> {
     let setup = Setup {
         exe: std::env::current_exe().context("finding the vmatrix binary")?,
         root: root.to_owned(),
         v1: v1.to_owned(),
         v2: v2.to_owned(),
     };
+    let sides: Vec<Side> = [Side::Vmatrix, Side::Restic, Side::Borg]
+        .into_iter()
+        .filter(|s| {
+            let there = s.available();
+            if !there {
+                eprintln!("  {} is not installed: left out", s.name());
+            }
+            there
+        })
+        .collect();
     warm(v1)?;
     warm(v2)?;
     let mut results: Vec<(Side, Round)> = Vec::new();
     for round in 0..=opts.rounds {
-        // Alternated: each side goes first in every other round.
-        let order = if round % 2 == 0 {
-            [Side::Vmatrix, Side::Restic]
-        } else {
-            [Side::Restic, Side::Vmatrix]
-        };
-        for side in order {
+        // Alternated: each side goes first in turn.
+        for k in 0..sides.len() {
+            let side = sides[(round + k) % sides.len()];
             eprintln!(
-                "  round {round}{}: {side:?} …",
-                if round == 0 { " (warm-up)" } else { "" }
+                "  round {round}{}: {} …",
+                if round == 0 { " (warm-up)" } else { "" },
+                side.name()
             );
             let r = setup.round(side, opts.pause)?;
             eprintln!(
@@ -232,43 +280,57 @@ pub fn ingest(
             }
         }
     }
-    for side in [Side::Vmatrix, Side::Restic] {
-        let _ = std::fs::remove_dir_all(setup.repo(side));
+    for side in &sides {
+        let _ = std::fs::remove_dir_all(setup.repo(*side));
+        let _ = std::fs::remove_dir_all(setup.cache(*side));
     }
-    let _ = std::fs::remove_dir_all(root.join("ingest-restic-cache"));
 
     let mib = |b: f64| b / 1048576.0;
-    let of = |side: Side, f: &dyn Fn(&Round) -> f64| -> Vec<f64> {
-        results
-            .iter()
-            .filter(|(s, _)| *s == side)
-            .map(|(_, r)| f(r))
-            .collect()
+    let of = |side: Side, f: &dyn Fn(&Round) -> f64| -> Runs {
+        Runs(
+            results
+                .iter()
+                .filter(|(s, _)| *s == side)
+                .map(|(_, r)| f(r))
+                .collect(),
+        )
     };
     let row = |what: String, f: &dyn Fn(&Round) -> f64, fmt: &dyn Fn(f64) -> String, note: &str| {
-        [
-            what,
-            spread(&of(Side::Vmatrix, f), fmt),
-            spread(&of(Side::Restic, f), fmt),
-            note.to_owned(),
-        ]
+        let mut r = vec![what];
+        r.extend(sides.iter().map(|s| of(*s, f).spread(fmt)));
+        r.push(note.to_owned());
+        r
     };
     let gib = size as f64 / (1u64 << 30) as f64;
     let tput = |bytes_per_s: f64| format!("{:.0} MiB/s", mib(bytes_per_s));
     let mibs = |b: f64| format!("{:.0} MiB", mib(b));
-    let rows =
-        vec![
+    let wall = of(Side::Vmatrix, &|r| r.v1_seconds).median();
+    let ratios: Vec<String> = sides
+        .iter()
+        .skip(1)
+        .map(|s| {
+            format!(
+                "{:.2}× {}'s",
+                of(*s, &|r| r.v1_seconds).median() / wall,
+                s.name()
+            )
+        })
+        .collect();
+    let rows = vec![
         row(
-            format!("ingest {:.0} MiB, whole process: throughput", mib(size as f64)),
-            &|r| size as f64 / r.v1_seconds,
-            &tput,
-            "median (range) over the rounds; restic encrypts and authenticates, vmatrix does not",
-        ),
-        row(
-            "ingest: wall time".into(),
+            format!("ingest {:.0} MiB: wall time", mib(size as f64)),
             &|r| r.v1_seconds,
             &|s| format!("{s:.2} s"),
-            "durability included: each ends once its data is on disk",
+            &format!(
+                "vmatrix's speed: {}; each ends once its data is on disk",
+                ratios.join(", ")
+            ),
+        ),
+        row(
+            "ingest: throughput".into(),
+            &|r| size as f64 / r.v1_seconds,
+            &tput,
+            "",
         ),
         row(
             "ingest: disk used (du)".into(),
@@ -304,7 +366,7 @@ pub fn ingest(
             "",
         ),
     ];
-    Ok(rows)
+    Ok((rows, sides))
 }
 
 /// The s3s-fs binary the tests use: `$VMATRIX_S3S_FS`, or where
@@ -403,17 +465,4 @@ pub fn s3_requests(v1: &Path, v2: &Path, root: &Path) -> Result<Vec<[String; 4]>
     drop(repo);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(rows)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::spread;
-
-    #[test]
-    fn spread_is_the_median_and_the_range() {
-        let f = |x: f64| format!("{x:.0}");
-        assert_eq!(spread(&[3.0, 1.0, 2.0], f), "2 (1–3)");
-        assert_eq!(spread(&[4.0, 1.0], f), "2 (1–4)");
-        assert_eq!(spread(&[5.0], f), "5");
-    }
 }

@@ -18,6 +18,7 @@ use vmatrix_core::api::{Event, InstanceInfo, LoadReport, Operation};
 use vmatrix_core::{ImageRef, InstanceState, ServiceName};
 
 use crate::demo_trace::{Demand, DAY_START_MIN};
+use crate::own_matrix::Up;
 
 /// `vmatrix demo`.
 #[derive(Debug, clap::Args)]
@@ -75,30 +76,6 @@ const POLICY: &str = "[policy]\nheadroom = 1.1\nscale_out_s = 4\nscale_in_s = 30
 /// When, as a share of the replay, the demo breaks an instance and rolls a version out.
 const ROLLOUT_AT: f64 = 0.18;
 const MALFUNCTION_AT: f64 = 0.35;
-
-/// The `vmatrix up` child: stopped (SIGTERM, then waited for) when dropped.
-struct Up(Option<std::process::Child>);
-
-impl Drop for Up {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.0.take() {
-            // `up` stops every process it started on SIGTERM.
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(child.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-            let deadline = Instant::now() + Duration::from_secs(60);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = child.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
 
 /// What the demo counted from the controller's events.
 #[derive(Debug, Default, Clone, serde::Serialize)]
@@ -181,7 +158,7 @@ pub async fn run(args: DemoArgs, home: &Path) -> Result<()> {
     let policy = data.join("demo-policy.toml");
     std::fs::write(&policy, POLICY).context("writing the demo's policy file")?;
     let mut up = start_up(&args, data, &policy)?;
-    let client = wait_for_api(data, &mut up).await?;
+    let client = up.wait_for_api().await?;
     let services =
         vmatrix_core::parse_services("demo services", SERVICES, &|_| Err("no includes".into()))
             .map_err(|e| anyhow::anyhow!("the demo's services: {e}"))?;
@@ -257,60 +234,31 @@ async fn import_images(data: &Path) -> Result<()> {
 }
 
 fn start_up(args: &DemoArgs, data: &Path, policy: &Path) -> Result<Up> {
-    let log = data.join("demo-up.log");
-    let out = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-    let exe = std::env::current_exe().context("finding the vmatrix binary")?;
-    let child = std::process::Command::new(exe)
-        .arg("--data")
-        .arg(data)
-        .args([
-            "up",
-            "--machines",
-            &args.machines.to_string(),
-            "--vcpus",
-            "2",
-            "--memory",
-            "2048",
-            "--policy",
-            "switching",
-            "--listen",
-            &args.listen.to_string(),
-            "--switch-listen",
-            &args.switch_listen.to_string(),
-        ])
-        .arg("--policy-file")
-        .arg(policy)
-        .stdin(std::process::Stdio::null())
-        .stdout(out.try_clone()?)
-        .stderr(out)
-        .spawn()
-        .context("starting vmatrix up")?;
-    println!("matrix: starting (`vmatrix up`, log in {})", log.display());
-    Ok(Up(Some(child)))
-}
-
-async fn wait_for_api(data: &Path, up: &mut Up) -> Result<ControllerClient> {
-    let deadline = Instant::now() + Duration::from_secs(180);
-    loop {
-        if let Some(Ok(Some(status))) = up.0.as_mut().map(|c| c.try_wait()) {
-            bail!(
-                "`vmatrix up` ended ({status}) before its controller answered; see {}",
-                data.join("demo-up.log").display()
-            );
-        }
-        if let Ok(c) = crate::client::connect(None, None, data) {
-            if c.healthy().await && c.machines().await.is_ok() {
-                return Ok(c);
-            }
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "the controller did not answer within 3 minutes; see {}",
-                data.join("demo-up.log").display()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    let mut up: Vec<String> = [
+        "--machines",
+        &args.machines.to_string(),
+        "--vcpus",
+        "2",
+        "--memory",
+        "2048",
+        "--policy",
+        "switching",
+        "--listen",
+        &args.listen.to_string(),
+        "--switch-listen",
+        &args.switch_listen.to_string(),
+        "--policy-file",
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    up.push(policy.display().to_string());
+    let child = Up::start(data, &up, &data.join("demo-up.log"))?;
+    println!(
+        "matrix: starting (`vmatrix up`, log in {})",
+        data.join("demo-up.log").display()
+    );
+    Ok(child)
 }
 
 /// Waits until every machine has joined and sports runs (finance, min 0, waits for load).

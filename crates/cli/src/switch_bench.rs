@@ -13,6 +13,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use vmatrix_core::InstanceId;
 
 use crate::bench::free_addr;
+use crate::bench_stats::{section, table, Runs};
 use crate::network::{Topology, UpNet};
 
 /// Options of `vmatrix bench switch`.
@@ -157,15 +158,6 @@ async fn start_backend(b: &SwitchBench) -> Result<Backend> {
         _process: Some(child),
         _topology: Some(topo),
     })
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
 }
 
 type BenchResponse = hyper::Response<http_body_util::Full<bytes::Bytes>>;
@@ -356,9 +348,15 @@ async fn measure(b: &SwitchBench) -> Result<()> {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+    // A short warm-up of each (connections opened, workers and caches warm), not counted.
+    for (_, url) in &sides {
+        tokio::task::block_in_place(|| wrk(url, connections, 2))?;
+    }
     let mut rows = Vec::new();
     for round in 1..=rounds {
-        for (name, url) in &sides {
+        // Each first in turn.
+        for k in 0..sides.len() {
+            let (name, url) = &sides[(round as usize + k) % sides.len()];
             let (rps, p99) = tokio::task::block_in_place(|| wrk(url, connections, seconds))?;
             eprintln!("round {round}: {name}: {rps:.0} req/s, p99 {p99:.2} ms");
             rows.push((*name, round, rps, p99));
@@ -381,26 +379,49 @@ async fn measure(b: &SwitchBench) -> Result<()> {
     let _ = switch.wait().await;
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     println!(
-        "\nswitch benchmark: wrk -t2 -c{connections} -d{seconds}s; backend {}; {cores} cores shared \
-         by wrk, both proxies and the backend; one worker per core each; {rounds} alternating rounds\n",
-        backend.where_
+        "{}",
+        section(
+            "The switch against nginx",
+            &format!(
+                "vmatrix bench switch --connections {connections} --seconds {seconds} --rounds {rounds}"
+            ),
+            &format!(
+                "both whole processes in front of the same backend ({}), each with one worker \
+                 per core (nginx `worker_processes auto` with a keep-alive upstream, the switch's \
+                 runtime per core), driven by the same `wrk -t2 -c{connections} -d{seconds}s \
+                 --latency`; the {cores} cores shared by \
+                 wrk, the proxy under test and the backend; the two alternated, {rounds} rounds. \
+                 Median (min–max) of wrk's requests/s and 99th-percentile latency. What differs: \
+                 the switch also counts every request per service and instance, and looks the \
+                 service up in its route table (`/s/NAME/`); nginx forwards to one upstream.",
+                backend.where_
+            )
+        )
     );
-    println!("| proxy | round | requests/s | p99 latency |");
-    println!("| --- | --- | --- | --- |");
-    for (name, round, rps, p99) in &rows {
-        println!("| {name} | {round} | {rps:.0} | {p99:.2} ms |");
-    }
+    let mut table_rows = Vec::new();
     let mut medians = Vec::new();
     for (name, _) in &sides {
         let mine: Vec<_> = rows.iter().filter(|r| r.0 == *name).collect();
-        let rps = median(mine.iter().map(|r| r.2).collect());
-        let p99 = median(mine.iter().map(|r| r.3).collect());
-        println!("| {name} | median | {rps:.0} | {p99:.2} ms |");
-        medians.push((rps, p99));
+        let rps = Runs(mine.iter().map(|r| r.2).collect());
+        let p99 = Runs(mine.iter().map(|r| r.3).collect());
+        table_rows.push(vec![
+            name.to_string(),
+            rps.spread(|x| format!("{x:.0}")),
+            p99.spread(|x| format!("{x:.2} ms")),
+            rps.count().to_string(),
+        ]);
+        medians.push((rps.median(), p99.median()));
     }
+    println!(
+        "{}",
+        table(
+            &["proxy", "requests/s", "p99 latency", "rounds"],
+            &table_rows
+        )
+    );
     if let [(n_rps, n_p99), (s_rps, s_p99)] = medians[..] {
         println!(
-            "\nswitch ÷ nginx: requests/s {:.2}, p99 {:.2} (target: requests/s ≥ 1, p99 ≤ 1)",
+            "- switch ÷ nginx: requests/s {:.2}, p99 {:.2} (target: requests/s ≥ 1, p99 ≤ 1).\n",
             s_rps / n_rps,
             s_p99 / n_p99
         );

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use crate::model::{Config, Sharing};
 
 /// The policy's settings. `Settings::default()` is the configuration chosen on the tuning part
-/// of the traces (docs/benchmarks.md): the default of `vmatrix up` and of `vmatrix sim` alike.
+/// of the traces (docs/benchmarks.md; how they were chosen: docs/measurements.md): the default of `vmatrix up` and of `vmatrix sim` alike.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Settings {

@@ -1,15 +1,18 @@
 //! Export: [`Repository::export`] writes the exact bytes of a version to a local file, raw
 //! (sparse where chunks are zero) or qcow2 through `qemu-img`, via a temporary file renamed
-//! into place at the end; [`ExportFormat`] chooses which.
+//! into place at the end; [`ExportFormat`] chooses which. Batches are read, decompressed and
+//! written by a thread per core.
 
 use std::fs;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 use vmatrix_core::ImageRef;
 
 use crate::chunk::ChunkId;
-use crate::error::{io_err, Result};
+use crate::error::{io_err, Result, StoreError};
 use crate::repo::{Progress, Repository};
 use crate::scratch::{convert_to, tempfile_in};
 
@@ -26,7 +29,8 @@ pub enum ExportFormat {
 }
 
 impl Repository {
-    /// Writes the exact bytes of `image` to `out` (raw, sparse; or qcow2), atomically.
+    /// Writes the exact bytes of `image` to `out` (raw, sparse; or qcow2), atomically and
+    /// durably (synced before it is renamed into place).
     pub fn export(
         &self,
         image: &ImageRef,
@@ -34,40 +38,12 @@ impl Repository {
         format: ExportFormat,
         progress: Progress<'_>,
     ) -> Result<u64> {
-        let (_, manifest) = self.resolve(image)?;
         let dir = out
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or(Path::new("."));
         let raw_tmp = tempfile_in(dir, "export")?;
-        {
-            let f = fs::File::create(&raw_tmp.0).map_err(io_err("create", &raw_tmp.0))?;
-            f.set_len(manifest.virtual_size)
-                .map_err(io_err("size", &raw_tmp.0))?;
-            let mut done = 0u64;
-            // A batch at a time: runs of chunks stored back to back come in one read.
-            let stored: Vec<(usize, ChunkId)> = manifest
-                .chunks
-                .iter()
-                .enumerate()
-                .filter_map(|(i, c)| Some((i, (*c)?)))
-                .collect();
-            let ranges = manifest.ranges();
-            for batch in stored.chunks(EXPORT_BATCH) {
-                let ids: Vec<ChunkId> = batch.iter().map(|(_, id)| *id).collect();
-                let data = self.read_chunks(&ids)?;
-                for ((index, _), data) in batch.iter().zip(&data) {
-                    let (offset, _) = ranges[*index];
-                    f.write_all_at(data, offset)
-                        .map_err(io_err("write", &raw_tmp.0))?;
-                    done += data.len() as u64;
-                }
-                progress(done);
-            }
-            done = manifest.virtual_size;
-            f.sync_all().map_err(io_err("sync", &raw_tmp.0))?;
-            progress(done);
-        }
+        let size = self.write_raw(image, &raw_tmp.0, true, progress)?;
         match format {
             ExportFormat::Raw => {
                 fs::rename(&raw_tmp.0, out).map_err(io_err("rename into place", out))?;
@@ -78,6 +54,85 @@ impl Repository {
                 fs::rename(&q.0, out).map_err(io_err("rename into place", out))?;
             }
         }
+        Ok(size)
+    }
+
+    /// Writes the exact bytes of `image` to the raw file `out` as fast as it can, not synced:
+    /// a copy to boot from at once, not to keep (what copy-then-boot activation does; the
+    /// benchmark's baseline).
+    pub fn export_to_boot(
+        &self,
+        image: &ImageRef,
+        out: &Path,
+        progress: Progress<'_>,
+    ) -> Result<u64> {
+        self.write_raw(image, out, false, progress)
+    }
+
+    /// `image`'s bytes into the raw file `path` (created or truncated), sparse where chunks are
+    /// zero, batches read and written by a thread per core; synced if `sync`.
+    fn write_raw(
+        &self,
+        image: &ImageRef,
+        path: &Path,
+        sync: bool,
+        progress: Progress<'_>,
+    ) -> Result<u64> {
+        let (_, manifest) = self.resolve(image)?;
+        let f = fs::File::create(path).map_err(io_err("create", path))?;
+        f.set_len(manifest.virtual_size)
+            .map_err(io_err("size", path))?;
+        // A batch at a time: runs of chunks stored back to back come in one read.
+        let stored: Vec<(usize, ChunkId)> = manifest
+            .chunks
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| Some((i, (*c)?)))
+            .collect();
+        let ranges = manifest.ranges();
+        let batches: Vec<&[(usize, ChunkId)]> = stored.chunks(EXPORT_BATCH).collect();
+        let next = AtomicUsize::new(0);
+        let done = AtomicU64::new(0);
+        let failure: Mutex<Option<StoreError>> = Mutex::new(None);
+        let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+        std::thread::scope(|scope| {
+            for _ in 0..workers {
+                scope.spawn(|| loop {
+                    let Some(batch) = batches.get(next.fetch_add(1, Ordering::Relaxed)) else {
+                        return;
+                    };
+                    if failure.lock().map(|f| f.is_some()).unwrap_or(true) {
+                        return;
+                    }
+                    let result = (|| -> Result<()> {
+                        let ids: Vec<ChunkId> = batch.iter().map(|(_, id)| *id).collect();
+                        let data = self.read_chunks(&ids)?;
+                        for ((index, _), data) in batch.iter().zip(&data) {
+                            let (offset, _) = ranges[*index];
+                            f.write_all_at(data, offset)
+                                .map_err(io_err("write", path))?;
+                            let total = done.fetch_add(data.len() as u64, Ordering::Relaxed)
+                                + data.len() as u64;
+                            progress(total);
+                        }
+                        Ok(())
+                    })();
+                    if let Err(e) = result {
+                        if let Ok(mut slot) = failure.lock() {
+                            slot.get_or_insert(e);
+                        }
+                        return;
+                    }
+                });
+            }
+        });
+        if let Some(e) = failure.into_inner().ok().flatten() {
+            return Err(e);
+        }
+        if sync {
+            f.sync_all().map_err(io_err("sync", path))?;
+        }
+        progress(manifest.virtual_size);
         Ok(manifest.virtual_size)
     }
 }

@@ -145,6 +145,17 @@ fn raw_and_qcow2_come_back_byte_for_byte(kind: Kind) {
             .unwrap();
         assert_eq!(fs::read(&out).unwrap(), fs::read(&raw).unwrap(), "{tag}");
     }
+    // The unsynced copy copy-then-boot makes, written by a thread per core: the same bytes,
+    // and progress ends at the whole size.
+    let out = dir.path().join("to-boot.raw");
+    let last = std::sync::atomic::AtomicU64::new(0);
+    let size = repo
+        .export_to_boot(&r("disk:raw"), &out, &|n| {
+            last.fetch_max(n, std::sync::atomic::Ordering::Relaxed);
+        })
+        .unwrap();
+    assert_eq!(fs::read(&out).unwrap(), fs::read(&raw).unwrap(), "to boot");
+    assert_eq!(last.into_inner(), size);
     let out = dir.path().join("out.qcow2");
     repo.export(&r("disk:raw"), &out, ExportFormat::Qcow2, &|_| {})
         .unwrap();

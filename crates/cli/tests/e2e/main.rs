@@ -1,5 +1,6 @@
 //! End-to-end tests of the `vmatrix` binary, in one place with shared helpers.
 
+mod bench;
 mod cluster;
 mod dashboard;
 mod debian;

@@ -2,7 +2,7 @@
 //! profile around the 16:00 close: a rise to its daily peak, then a fall), time-compressed
 //! tenfold, through `vmatrix up` with a load generator that follows it and through `vmatrix
 //! sim` with the same policy file, services file and machines. Instance-seconds, starts,
-//! resumes and the served fraction are printed side by side (docs/benchmarks.md) and must agree
+//! resumes and the served fraction are printed side by side (docs/measurements.md) and must agree
 //! within 15%. (The simulator counts demand beyond `capacity_rps` per instance as lost; a real
 //! guest serves more than its nominal capacity and loses requests only to time-outs, so the
 //! real matrix serves a larger share: the docs say how much.)
