@@ -273,7 +273,8 @@ pub async fn store(size: u64, work: &Path, opts: crate::bench_store::IngestOptio
                  included (each syncs before it ends); a fresh repository for each side in \
                  every round, on the same file system ({}); the sides alternated (each first in \
                  turn), {} s apart after a `sync`, {} counted rounds after a warm-up round; the \
-                 source images read once before (page cache warm for every side alike). The \
+                 source image read just before each run (in the page cache for every side alike: \
+                 borg drops what it reads from the cache). The \
                  image: the reference guest padded with realistic data to {} MiB; the second \
                  version has {:.1}% of its blocks rewritten in clustered runs. Median (min–max). \
                  What differs, by design: {}.",
