@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
 use vmatrix_core::InstanceId;
-use vmatrix_vmm::{AccelChoice, IncomingVm, ProbeBoot, Vm, VmSpec};
+use vmatrix_vmm::{AccelChoice, IncomingVm, Vm, VmSpec};
 
 use crate::bench_stats::{tool_version, Runs};
 
@@ -75,14 +75,7 @@ pub async fn vmm(accel: AccelChoice, runs: usize, memory_mib: u32, work: &Path) 
         image = Some(cold);
     }
     let image = image.ok_or_else(|| anyhow!("--runs must be at least 1"))?;
-    let accel = vmatrix_vmm::accel::resolve(
-        accel,
-        Some(&ProbeBoot {
-            kernel: image.kernel.clone(),
-            initrd: image.initrd.clone(),
-        }),
-    )
-    .await;
+    let accel = crate::resolve_accel(accel, &image).await;
 
     let mut boot = Series::new("boot to HTTP", "s");
     let mut suspend = Series::new("suspend to file", "s");

@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use vmatrix_core::{ImageRef, InstanceId};
 use vmatrix_store::{cache::ChunkCache, nbd, Repository};
-use vmatrix_vmm::{AccelChoice, ProbeBoot, Vm, VmSpec};
+use vmatrix_vmm::{AccelChoice, Vm, VmSpec};
 
 use crate::bench::free_addr;
 use crate::bench_stats::{drop_page_cache, secs, section, table, Runs};
@@ -92,14 +92,7 @@ pub async fn activation(accel: AccelChoice, b: &ActivationBench) -> Result<()> {
         let image = ImageRef::parse(image)?;
         tokio::task::block_in_place(|| repo.import(disk, &image, &scratch, &|_| {}))?;
     }
-    let accel = vmatrix_vmm::accel::resolve(
-        accel,
-        Some(&ProbeBoot {
-            kernel: small.kernel.clone(),
-            initrd: small.initrd.clone(),
-        }),
-    )
-    .await;
+    let accel = crate::resolve_accel(accel, &small).await;
     let mut results: Vec<(Method, Measured)> = Method::ALL
         .iter()
         .map(|m| (*m, Measured::default()))

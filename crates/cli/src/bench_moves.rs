@@ -275,22 +275,38 @@ async fn first_request(http: &reqwest::Client, url: &str) -> Result<f64> {
     }
 }
 
-async fn running(client: &ControllerClient) -> Result<InstanceInfo> {
-    let deadline = Instant::now() + Duration::from_secs(60);
+/// Polls `look` every 100 ms until it gives a value; after `secs`, says that `what` did not
+/// happen.
+async fn poll<T>(
+    what: &str,
+    secs: u64,
+    mut look: impl AsyncFnMut() -> Result<Option<T>>,
+) -> Result<T> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
     loop {
-        if let Some(i) = client
-            .instances()
-            .await?
-            .into_iter()
-            .find(|i| i.service.as_str() == SERVICE && i.state == InstanceState::Running)
-        {
-            return Ok(i);
+        if let Some(v) = look().await? {
+            return Ok(v);
         }
         if Instant::now() > deadline {
-            bail!("{SERVICE} has no running instance after a minute: `vmatrix events` says why");
+            bail!("{what} after {secs} s: `vmatrix events` says why");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+async fn running(client: &ControllerClient) -> Result<InstanceInfo> {
+    poll(
+        &format!("{SERVICE} has no running instance"),
+        60,
+        async || {
+            Ok(client
+                .instances()
+                .await?
+                .into_iter()
+                .find(|i| i.service.as_str() == SERVICE && i.state == InstanceState::Running))
+        },
+    )
+    .await
 }
 
 async fn wait_state(
@@ -298,31 +314,20 @@ async fn wait_state(
     id: &InstanceId,
     state: InstanceState,
 ) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while Instant::now() < deadline {
-        if client
+    poll(&format!("{id} not {state:?}"), 60, async || {
+        Ok(client
             .instances()
             .await?
             .iter()
             .any(|i| i.id == *id && i.state == state)
-        {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    bail!("{id} not {state:?} after a minute")
+            .then_some(()))
+    })
+    .await
 }
 
 async fn wait_machines(client: &ControllerClient, n: usize) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let m = client.machines().await?;
-        if m.machines.len() >= n {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("{n} machines did not join within 2 minutes");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    poll(&format!("{n} machines have not joined"), 120, async || {
+        Ok((client.machines().await?.machines.len() >= n).then_some(()))
+    })
+    .await
 }

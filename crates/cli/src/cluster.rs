@@ -603,14 +603,7 @@ async fn start(args: &UpArgs, data: &Path, accel: vmatrix_vmm::AccelChoice) -> R
             "unchanged"
         }
     );
-    let accel = vmatrix_vmm::accel::resolve(
-        accel,
-        Some(&vmatrix_vmm::ProbeBoot {
-            kernel: guest.kernel.clone(),
-            initrd: guest.initrd.clone(),
-        }),
-    )
-    .await;
+    let accel = crate::resolve_accel(accel, &guest).await;
     let data_s = data.display().to_string();
     // Bad settings fail here, before anything starts.
     crate::policy_file::load(args.policy_file.as_deref(), &args.policy_flags)?;

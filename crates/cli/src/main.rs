@@ -1034,3 +1034,18 @@ impl Stop {
         }
     }
 }
+
+/// The accelerator `choice` comes to on this host, probed (for `auto`) by booting `guest`.
+pub(crate) async fn resolve_accel(
+    choice: vmatrix_vmm::AccelChoice,
+    guest: &vmatrix_guest::GuestImage,
+) -> vmatrix_vmm::Accelerator {
+    vmatrix_vmm::accel::resolve(
+        choice,
+        Some(&vmatrix_vmm::ProbeBoot {
+            kernel: guest.kernel.clone(),
+            initrd: guest.initrd.clone(),
+        }),
+    )
+    .await
+}

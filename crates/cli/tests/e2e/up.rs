@@ -124,17 +124,7 @@ async fn up_stops_every_process_it_started_on_ctrl_c() {
     }
 
     // Ctrl-C, as a terminal would send it.
-    let pid = child.id().expect("pid").to_string();
-    assert!(std::process::Command::new("kill")
-        .args(["-INT", &pid])
-        .status()
-        .unwrap()
-        .success());
-    let exit = tokio::time::timeout(Duration::from_secs(30), child.wait())
-        .await
-        .expect("vmatrix up did not stop within 30s of Ctrl-C")
-        .expect("wait");
-    assert!(exit.success(), "vmatrix up exited with {exit}");
+    stop_up(&mut child, "-INT", 30).await;
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while !processes_mentioning(&marker).is_empty() {
         assert!(
@@ -145,12 +135,7 @@ async fn up_stops_every_process_it_started_on_ctrl_c() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // Nor any interface of its network (bridged, as root: named after the API port).
-    let left: Vec<String> = std::fs::read_dir("/sys/class/net")
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with("vmx") && n.contains(&port.to_string()))
-        .collect();
+    let left = links_of(port);
     assert!(left.is_empty(), "interfaces left behind: {left:?}");
     // Nor its machine's control groups (`vmatrix/MACHINE.VM`; `vmatrix` itself may hold
     // another test's).
@@ -339,14 +324,7 @@ async fn up_stopped_while_it_starts_leaves_nothing_behind() {
         .stderr(Stdio::null())
         .spawn()
         .expect("start vmatrix up");
-    let ours = || -> Vec<String> {
-        std::fs::read_dir("/sys/class/net")
-            .unwrap()
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| n.starts_with("vmx") && n.contains(&port.to_string()))
-            .collect()
-    };
+    let ours = || links_of(port);
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     while ours().is_empty() {
         assert!(
@@ -359,17 +337,7 @@ async fn up_stopped_while_it_starts_leaves_nothing_behind() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let pid = child.id().expect("pid").to_string();
-    assert!(std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
-    let exit = tokio::time::timeout(Duration::from_secs(60), child.wait())
-        .await
-        .expect("vmatrix up did not stop within 60 s of SIGTERM")
-        .expect("wait");
-    assert!(exit.success(), "vmatrix up exited with {exit}");
+    stop_up(&mut child, "-TERM", 60).await;
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     while let Ok(Some(line)) = lines.next_line().await {
         assert!(
@@ -388,4 +356,29 @@ async fn up_stopped_while_it_starts_leaves_nothing_behind() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// The network interfaces of the `up` whose API listens on `port` (named after it).
+fn links_of(port: u16) -> Vec<String> {
+    std::fs::read_dir("/sys/class/net")
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("vmx") && n.contains(&port.to_string()))
+        .collect()
+}
+
+/// Sends `signal` (as `kill` spells it) to `up` and waits `secs` at most for it to end well.
+async fn stop_up(child: &mut tokio::process::Child, signal: &str, secs: u64) {
+    let pid = child.id().expect("pid").to_string();
+    assert!(std::process::Command::new("kill")
+        .args([signal, &pid])
+        .status()
+        .unwrap()
+        .success());
+    let exit = tokio::time::timeout(Duration::from_secs(secs), child.wait())
+        .await
+        .unwrap_or_else(|_| panic!("vmatrix up did not stop within {secs} s of kill {signal}"))
+        .expect("wait");
+    assert!(exit.success(), "vmatrix up exited with {exit}");
 }
