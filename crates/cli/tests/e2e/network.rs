@@ -231,7 +231,7 @@ async fn connections_survive_a_live_migration_across_vxlan_hosts() {
     // once the instance has answered its health check there, and until then the switch keeps
     // it marked as moving, so new requests go to its peer. The peer then serves the whole
     // 50 req/s (each forks a shell in the guest): on a fast host the max was 87–177 ms, on a
-    // host a third slower (2026-12-04) 136–404 ms in 9 runs, the same code. This test has the
+    // host a third slower (2026-12-04) 136–407 ms in 9 runs, the same code. This test has the
     // host to itself (`HOST`). Control groups that ignored the destination's nice value took
     // the max to 434–839 ms on the fast host, a guest that spun after its move to seconds.
     eprintln!(
