@@ -47,10 +47,16 @@ impl Process {
         Self { rt: Some(rt) }
     }
 
-    /// Kills it: every task stops where it is, nothing runs after.
+    /// Kills it: every task stops where it is, nothing runs after, and what the tasks held (a
+    /// listening socket) is gone when this returns — `shutdown_background` alone drops them
+    /// later, and an agent started again at once could find its address still taken, fail to
+    /// bind and retry while a test's command was refused. (The runtime ends on a thread of its
+    /// own: a runtime cannot be shut down waiting from inside another.)
     pub fn kill(&mut self) {
         if let Some(rt) = self.rt.take() {
-            rt.shutdown_background();
+            std::thread::spawn(move || rt.shutdown_timeout(Duration::from_secs(10)))
+                .join()
+                .expect("the runtime shuts down");
         }
     }
 }
