@@ -322,8 +322,11 @@ async fn child_owner_of_a_vm() {
         return;
     };
     let pid_file = std::env::var("VMATRIX_TEST_PID_FILE").expect("pid file");
-    let dir = scratch();
-    let vm = Vm::boot(spec("orphan-test").await, dir.path())
+    // The VM's directory is inside the parent's scratch directory: a child killed with SIGKILL
+    // removes nothing, the parent's directory goes with the parent's test.
+    let dir = std::path::Path::new(&pid_file).with_file_name("vm");
+    std::fs::create_dir_all(&dir).expect("the VM's directory");
+    let vm = Vm::boot(spec("orphan-test").await, &dir)
         .await
         .expect("boot");
     // Written whole, then renamed: the parent never reads half a number.
