@@ -56,6 +56,20 @@ async fn wait_running(agent: &Agent) {
     panic!("not running within 5 s: {:?}", agent.report());
 }
 
+/// Discards web-1 at `generation` and waits for its VM to be gone: a test ends with no VM of
+/// its agent at work (one still running could write into the temporary directory as it is
+/// removed, and leave part of it behind).
+async fn discard_web1(agent: &Arc<Agent>, fake: &FakeHypervisor, generation: u64) {
+    agent
+        .handle(AgentCommand::Discard {
+            id: InstanceId::new("web-1").expect("id"),
+            generation,
+        })
+        .await
+        .expect("discard");
+    assert!(fake.pids().is_empty(), "no VM left: {:?}", fake.pids());
+}
+
 fn plan(generation: u64) -> InstancePlan {
     InstancePlan {
         id: InstanceId::new("web-1").expect("id"),
@@ -107,6 +121,7 @@ async fn the_same_activation_twice_is_one_vm_and_stale_generations_are_refused()
         .expect("a record");
     assert_eq!(record.pid, fake.pids()[0]);
     assert_eq!(record.phase, vmatrix_agent::record::Phase::Running);
+    discard_web1(&agent, &fake, 2).await;
 }
 
 #[tokio::test]
@@ -209,4 +224,5 @@ async fn an_unreadable_record_is_left_alone_and_a_superseded_one_goes() {
     );
     assert!(agent.config.data.join("vms/web-1-g2/vm.json").exists());
     assert_eq!(fake.pids().len(), 1);
+    discard_web1(&agent, &fake, 2).await;
 }
