@@ -60,63 +60,39 @@ impl Repository {
         let writer = self.pack_writer();
         let touched = Touched::default();
         let relied: Mutex<Vec<Relied>> = Mutex::new(Vec::new());
-        let next = AtomicU64::new(0);
         let done = AtomicU64::new(0);
         let copied = AtomicU64::new(0);
         let bytes = AtomicU64::new(0);
-        let failure: Mutex<Option<StoreError>> = Mutex::new(None);
-        let workers = std::thread::available_parallelism().map_or(2, |n| n.get()) * 2;
         let batches: Vec<&[ChunkId]> = unique.chunks(BATCH).collect();
-        std::thread::scope(|scope| {
-            for _ in 0..workers {
-                scope.spawn(|| loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed) as usize;
-                    let Some(batch) = batches.get(i) else { return };
-                    if failure.lock().map(|f| f.is_some()).unwrap_or(true) {
-                        return;
+        // Twice the cores: the threads mostly wait on the stores.
+        crate::parallel::try_each(&batches, crate::parallel::workers(2), |batch| {
+            let mut lacking = Vec::new();
+            for chunk in *batch {
+                if let Some(loc) = dest_index.first(chunk) {
+                    let pack = dest_index.pack(loc.pack);
+                    if self.rely_on(&touched, loc.pack, &pack)? {
+                        if let Ok(mut r) = relied.lock() {
+                            r.push(Relied {
+                                index: 0,
+                                chunk: *chunk,
+                                pack,
+                            });
+                        }
+                        continue;
                     }
-                    let result = (|| -> Result<()> {
-                        let mut lacking = Vec::new();
-                        for chunk in *batch {
-                            if let Some(loc) = dest_index.first(chunk) {
-                                let pack = dest_index.pack(loc.pack);
-                                if self.rely_on(&touched, loc.pack, &pack)? {
-                                    if let Ok(mut r) = relied.lock() {
-                                        r.push(Relied {
-                                            index: 0,
-                                            chunk: *chunk,
-                                            pack,
-                                        });
-                                    }
-                                    continue;
-                                }
-                            }
-                            lacking.push(*chunk);
-                        }
-                        // Checked against their ids as they are read: never spread damage.
-                        let stored = source.read_stored_many(&lacking)?;
-                        for (chunk, blob) in lacking.iter().zip(&stored) {
-                            writer.add(*chunk, blob)?;
-                            copied.fetch_add(1, Ordering::Relaxed);
-                            bytes.fetch_add(blob.len() as u64, Ordering::Relaxed);
-                        }
-                        Ok(())
-                    })();
-                    if let Err(e) = result {
-                        if let Ok(mut f) = failure.lock() {
-                            f.get_or_insert(e);
-                        }
-                        return;
-                    }
-                    progress(
-                        done.fetch_add(batch.len() as u64, Ordering::Relaxed) + batch.len() as u64,
-                    );
-                });
+                }
+                lacking.push(*chunk);
             }
-        });
-        if let Some(e) = failure.into_inner().ok().flatten() {
-            return Err(e);
-        }
+            // Checked against their ids as they are read: never spread damage.
+            let stored = source.read_stored_many(&lacking)?;
+            for (chunk, blob) in lacking.iter().zip(&stored) {
+                writer.add(*chunk, blob)?;
+                copied.fetch_add(1, Ordering::Relaxed);
+                bytes.fetch_add(blob.len() as u64, Ordering::Relaxed);
+            }
+            progress(done.fetch_add(batch.len() as u64, Ordering::Relaxed) + batch.len() as u64);
+            Ok(())
+        })?;
         let packs = writer.finish()?;
         index::write(&self.backend, index::of(&packs))?;
         self.learn(&packs);

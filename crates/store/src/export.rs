@@ -6,13 +6,12 @@
 use std::fs;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use vmatrix_core::ImageRef;
 
 use crate::chunk::ChunkId;
-use crate::error::{io_err, Result, StoreError};
+use crate::error::{io_err, Result};
 use crate::repo::{Progress, Repository};
 use crate::scratch::{convert_to, tempfile_in};
 
@@ -91,44 +90,20 @@ impl Repository {
             .collect();
         let ranges = manifest.ranges();
         let batches: Vec<&[(usize, ChunkId)]> = stored.chunks(EXPORT_BATCH).collect();
-        let next = AtomicUsize::new(0);
         let done = AtomicU64::new(0);
-        let failure: Mutex<Option<StoreError>> = Mutex::new(None);
-        let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
-        std::thread::scope(|scope| {
-            for _ in 0..workers {
-                scope.spawn(|| loop {
-                    let Some(batch) = batches.get(next.fetch_add(1, Ordering::Relaxed)) else {
-                        return;
-                    };
-                    if failure.lock().map(|f| f.is_some()).unwrap_or(true) {
-                        return;
-                    }
-                    let result = (|| -> Result<()> {
-                        let ids: Vec<ChunkId> = batch.iter().map(|(_, id)| *id).collect();
-                        let data = self.read_chunks(&ids)?;
-                        for ((index, _), data) in batch.iter().zip(&data) {
-                            let (offset, _) = ranges[*index];
-                            f.write_all_at(data, offset)
-                                .map_err(io_err("write", path))?;
-                            let total = done.fetch_add(data.len() as u64, Ordering::Relaxed)
-                                + data.len() as u64;
-                            progress(total);
-                        }
-                        Ok(())
-                    })();
-                    if let Err(e) = result {
-                        if let Ok(mut slot) = failure.lock() {
-                            slot.get_or_insert(e);
-                        }
-                        return;
-                    }
-                });
+        crate::parallel::try_each(&batches, crate::parallel::workers(1), |batch| {
+            let ids: Vec<ChunkId> = batch.iter().map(|(_, id)| *id).collect();
+            let data = self.read_chunks(&ids)?;
+            for ((index, _), data) in batch.iter().zip(&data) {
+                let (offset, _) = ranges[*index];
+                f.write_all_at(data, offset)
+                    .map_err(io_err("write", path))?;
+                let total =
+                    done.fetch_add(data.len() as u64, Ordering::Relaxed) + data.len() as u64;
+                progress(total);
             }
-        });
-        if let Some(e) = failure.into_inner().ok().flatten() {
-            return Err(e);
-        }
+            Ok(())
+        })?;
         if sync {
             f.sync_all().map_err(io_err("sync", path))?;
         }

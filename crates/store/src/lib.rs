@@ -72,6 +72,7 @@ pub mod index;
 pub mod manifest;
 pub mod nbd;
 pub mod pack;
+mod parallel;
 mod pins;
 pub mod repo;
 pub mod s3;
