@@ -41,11 +41,7 @@ impl Series {
                 crate::bench_stats::secs(x)
             }
         };
-        vec![
-            self.name.to_string(),
-            self.values.spread(f),
-            self.values.count().to_string(),
-        ]
+        self.values.row(self.name, f)
     }
 }
 

@@ -169,39 +169,24 @@ async fn measure(b: &MovesBench, client: &ControllerClient, front: &str) -> Resu
             secs(cold),
             "1".into(),
         ],
-        vec![
-            "suspend into the repository (the operation, end to end)".into(),
-            suspend.spread(secs),
-            suspend.count().to_string(),
-        ],
-        vec![
-            "first request to a suspended service (held while it resumes)".into(),
-            resume.spread(secs),
-            resume.count().to_string(),
-        ],
-        vec![
-            "live migration: the operation, end to end".into(),
-            op_wall.spread(secs),
-            op_wall.count().to_string(),
-        ],
-        vec![
-            "live migration: QEMU's downtime (guest paused)".into(),
-            downtime.spread(secs),
-            downtime.count().to_string(),
-        ],
-        vec![
+        suspend.row(
+            "suspend into the repository (the operation, end to end)",
+            secs,
+        ),
+        resume.row(
+            "first request to a suspended service (held while it resumes)",
+            secs,
+        ),
+        op_wall.row("live migration: the operation, end to end", secs),
+        downtime.row("live migration: QEMU's downtime (guest paused)", secs),
+        stall.row(
             format!(
                 "client-visible stall: slowest request of a {} s window with a migration",
                 b.window
             ),
-            stall.spread(secs),
-            stall.count().to_string(),
-        ],
-        vec![
-            "… the same, window without a migration".into(),
-            still.spread(secs),
-            still.count().to_string(),
-        ],
+            secs,
+        ),
+        still.row("… the same, window without a migration", secs),
         vec![
             "p99 latency, window with a migration / without".into(),
             format!("{} / {}", p99_move.spread(secs), p99_still.spread(secs)),

@@ -45,6 +45,11 @@ impl Runs {
     pub fn count(&self) -> usize {
         self.sorted().len()
     }
+
+    /// A table row: `label`, the spread formatted by `f`, how many runs.
+    pub fn row(&self, label: impl Into<String>, f: impl Fn(f64) -> String) -> Vec<String> {
+        vec![label.into(), self.spread(f), self.count().to_string()]
+    }
 }
 
 /// A Markdown table.
